@@ -1,0 +1,268 @@
+//! Configuration: a documented serde struct with defaults, read from TOML, overridden by CLI
+//! flags, then validated once into values the server trusts (`docs/CONFIG.md` lists every key).
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::auth::AuthConfig;
+use crate::protocol::OpLimits;
+
+/// The whole server configuration. Keys mirror the `serve` flags.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// WebSocket listener address (every shard binds it with SO_REUSEPORT).
+    pub listen: SocketAddr,
+    /// Number of shards; 0 means one per available CPU.
+    pub shards: usize,
+    /// CPUs to pin shards to, e.g. "0-3,6"; empty means chosen by `placement`.
+    pub cpus: String,
+    /// `max-spread` (default), `max-pack`, `fixed` (needs `cpus`) or `unbound` (no pinning).
+    pub placement: Placement,
+    /// HS256/384/512 shared secret. Also from env `PRESENCED_JWT_SECRET`.
+    pub jwt_secret: Option<String>,
+    /// Interval advertised in `welcome` and used for server pings.
+    pub heartbeat_ms: u64,
+    /// How long shutdown waits for sessions to close before exiting.
+    pub shutdown_deadline_ms: u64,
+    pub auth: AuthConfig,
+    pub limits: Limits,
+    pub mesh: MeshConfig,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Placement {
+    MaxSpread,
+    MaxPack,
+    Fixed,
+    Unbound,
+}
+
+/// Per-connection and per-handshake limits (`[limits]`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest inbound message answered normally; larger ones get a `too_large` error.
+    pub max_message_bytes: usize,
+    /// Messages larger than this close the connection with 1009.
+    pub max_frame_bytes: usize,
+    /// Users plus groups one connection may subscribe to.
+    pub max_subscriptions: usize,
+    /// Users named in one `subscribe`/`unsubscribe` op.
+    pub max_users_per_op: usize,
+    /// Bytes in a user or group id.
+    pub max_id_bytes: usize,
+    /// Characters in a status text.
+    pub max_text_chars: usize,
+    /// Largest upgrade request head (request line plus headers).
+    pub max_header_bytes: usize,
+    /// Time allowed from accept to a complete upgrade request.
+    pub handshake_timeout_ms: u64,
+    /// Replies (acks, errors, pongs) queued for a client that does not read them; past this the
+    /// connection is closed with 4008.
+    pub max_pending_replies: usize,
+    /// Distinct users (and groups) with an undelivered event queued for one connection; newer
+    /// events for a queued user replace the older one, so this bounds a slow client's backlog.
+    pub max_pending_events: usize,
+}
+
+/// Inter-shard channels (`[mesh]`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MeshConfig {
+    /// Capacity of each shard's inbox.
+    pub inbox_capacity: usize,
+    /// Messages a shard holds per peer while that peer's inbox is full; past this they are
+    /// dropped and counted in `mesh_dropped`.
+    pub overflow_max: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:8080".parse().expect("constant address parses"),
+            shards: 0,
+            cpus: String::new(),
+            placement: Placement::MaxSpread,
+            jwt_secret: None,
+            heartbeat_ms: 25_000,
+            shutdown_deadline_ms: 5_000,
+            auth: AuthConfig::default(),
+            limits: Limits::default(),
+            mesh: MeshConfig::default(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        let ops = OpLimits::default();
+        Limits {
+            max_message_bytes: 16 * 1024,
+            max_frame_bytes: 1024 * 1024,
+            max_subscriptions: 1000,
+            max_users_per_op: ops.max_users_per_op,
+            max_id_bytes: ops.max_id_bytes,
+            max_text_chars: ops.max_text_chars,
+            max_header_bytes: 8 * 1024,
+            handshake_timeout_ms: 5_000,
+            max_pending_replies: 1024,
+            max_pending_events: 4096,
+        }
+    }
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        MeshConfig {
+            inbox_capacity: 64 * 1024,
+            overflow_max: 1024 * 1024,
+        }
+    }
+}
+
+/// A configuration error, naming the key at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl Config {
+    /// Reads a TOML file. Unknown keys and wrong types are errors naming the key.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+        Config::from_toml(&text).map_err(|e| ConfigError(format!("{}: {}", path.display(), e.0)))
+    }
+
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError(e.to_string().trim_end().to_owned()))
+    }
+
+    /// Checks relations between values; call after merging flags.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: &str| Err(ConfigError(format!("{key}: {why}")));
+        let l = &self.limits;
+        if self.shards > usize::from(u16::MAX) {
+            return bad("shards", "at most 65535");
+        }
+        if self.placement == Placement::Fixed && self.cpus.is_empty() {
+            return bad("placement", "`fixed` needs `cpus`");
+        }
+        if !self.cpus.is_empty() {
+            parse_cpu_list(&self.cpus).map_err(|e| ConfigError(format!("cpus: {e}")))?;
+        }
+        if self.heartbeat_ms < 100 {
+            return bad("heartbeat_ms", "at least 100");
+        }
+        if l.max_message_bytes == 0 || l.max_message_bytes > l.max_frame_bytes {
+            return bad(
+                "limits.max_message_bytes",
+                "must be between 1 and limits.max_frame_bytes",
+            );
+        }
+        for (key, v) in [
+            ("limits.max_subscriptions", l.max_subscriptions),
+            ("limits.max_users_per_op", l.max_users_per_op),
+            ("limits.max_id_bytes", l.max_id_bytes),
+            ("limits.max_pending_replies", l.max_pending_replies),
+            ("limits.max_pending_events", l.max_pending_events),
+            ("mesh.inbox_capacity", self.mesh.inbox_capacity),
+        ] {
+            if v == 0 {
+                return bad(key, "must be at least 1");
+            }
+        }
+        if l.max_header_bytes < 256 {
+            return bad("limits.max_header_bytes", "at least 256");
+        }
+        if let Some(s) = &self.jwt_secret {
+            if s.len() < 16 {
+                return bad("jwt_secret", "at least 16 bytes");
+            }
+        }
+        Ok(())
+    }
+
+    /// Shards to run: the configured count, or one per available CPU.
+    pub fn shard_count(&self) -> usize {
+        if self.shards > 0 {
+            self.shards
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+    }
+
+    pub fn op_limits(&self) -> OpLimits {
+        OpLimits {
+            max_users_per_op: self.limits.max_users_per_op,
+            max_id_bytes: self.limits.max_id_bytes,
+            max_text_chars: self.limits.max_text_chars,
+            ..OpLimits::default()
+        }
+    }
+}
+
+/// Parses "0-3,6" into [0, 1, 2, 3, 6].
+pub fn parse_cpu_list(list: &str) -> Result<Vec<usize>, String> {
+    let mut cpus = Vec::new();
+    for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let num = |s: &str| {
+            s.trim()
+                .parse::<usize>()
+                .map_err(|_| format!("`{s}` is not a CPU number"))
+        };
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (num(a)?, num(b)?);
+                if a > b {
+                    return Err(format!("empty range `{part}`"));
+                }
+                cpus.extend(a..=b);
+            }
+            None => cpus.push(num(part)?),
+        }
+    }
+    if cpus.is_empty() {
+        return Err("no CPUs listed".into());
+    }
+    Ok(cpus)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_round_trip() {
+        let c = Config::default();
+        c.validate().unwrap();
+        let text = toml::to_string(&c).unwrap();
+        let back = Config::from_toml(&text).unwrap();
+        assert_eq!(back.listen, c.listen);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = Config::from_toml("listne = \"x\"").unwrap_err().0;
+        assert!(e.contains("listne"), "{e}");
+        let e = Config::from_toml("[limits]\nmax_message_bytes = \"big\"")
+            .unwrap_err()
+            .0;
+        assert!(e.contains("max_message_bytes"), "{e}");
+        let c = Config::from_toml("[limits]\nmax_message_bytes = 2000000").unwrap();
+        assert!(c.validate().unwrap_err().0.starts_with("limits.max_message_bytes"));
+        let c = Config::from_toml("placement = \"fixed\"").unwrap();
+        assert!(c.validate().unwrap_err().0.starts_with("placement"));
+    }
+
+    #[test]
+    fn cpu_lists() {
+        assert_eq!(parse_cpu_list("0-2,5").unwrap(), vec![0, 1, 2, 5]);
+        assert!(parse_cpu_list("3-1").is_err());
+        assert!(parse_cpu_list("x").is_err());
+        assert!(parse_cpu_list("").is_err());
+    }
+}

@@ -1,0 +1,211 @@
+//! Accepting sockets and the upgrade handshake.
+//!
+//! Every shard accepts on its own SO_REUSEPORT listener. The accepting shard reads the upgrade
+//! request (bounded in size and time), authenticates the token, and — when another shard owns
+//! the user — hands the socket and any bytes already read to that owner over the mesh. The owner
+//! answers the upgrade and serves the connection, so all of a user's devices live on one shard.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::rc::Rc;
+use std::time::Duration;
+
+use futures_lite::AsyncReadExt;
+use glommio::net::{TcpListener, TcpStream};
+
+use super::conn::{self, Setup};
+use super::http::{self, Reject};
+use crate::auth::Claims;
+use crate::metrics::ShardMetrics;
+use crate::presence::DeviceType;
+use crate::shard::mesh::{Handoff, MeshMsg};
+use crate::shard::Shard;
+
+/// Accepts until `stop` fires, one handshake task per socket.
+pub async fn accept_loop(
+    shard: Rc<Shard>,
+    listener: TcpListener,
+    stop: glommio::channels::local_channel::LocalReceiver<()>,
+) {
+    loop {
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            stop.recv().await;
+            None
+        })
+        .await;
+        match accepted {
+            None => return,
+            Some(Ok(stream)) => {
+                glommio::spawn_local(handshake(shard.clone(), stream)).detach();
+            }
+            Some(Err(e)) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(shard = shard.ix, error = %e, "accept failed");
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+/// What the handshake learned, for the owner shard.
+struct Accepted {
+    claims: Claims,
+    key: String,
+    device: Option<String>,
+    device_type: DeviceType,
+    early: Vec<u8>,
+}
+
+async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) {
+    let Ok(peer) = stream.peer_addr() else { return };
+    let limits = &shard.cfg.limits;
+    let deadline = Duration::from_millis(limits.handshake_timeout_ms);
+    let head = futures_lite::future::or(read_head(&mut stream, limits.max_header_bytes), async {
+        glommio::timer::sleep(deadline).await;
+        Err(Reject::new(408, "upgrade request not received in time"))
+    })
+    .await;
+    let accepted = head.and_then(|(buf, req)| authenticate(&shard, buf, req));
+    let accepted = match accepted {
+        Ok(a) => a,
+        Err(reject) => {
+            let counter = match reject.status {
+                401 | 403 => &shard.metrics.handshakes_unauthorized,
+                408 => &shard.metrics.handshakes_timed_out,
+                _ => &shard.metrics.handshakes_bad_request,
+            };
+            ShardMetrics::inc(counter);
+            tracing::debug!(peer = %peer, status = reject.status, reason = reject.reason, "upgrade refused");
+            conn::reject(&mut stream, reject.status, reject.reason).await;
+            return;
+        }
+    };
+    let owner = shard.owner(&accepted.claims.sub);
+    if owner == shard.ix {
+        let setup = Setup {
+            stream,
+            peer,
+            claims: accepted.claims,
+            key: accepted.key,
+            device: accepted.device,
+            device_type: accepted.device_type,
+            early: accepted.early,
+        };
+        conn::serve(shard, setup).await;
+        return;
+    }
+    // SAFETY-free hand-off: duplicate the descriptor into an owned one for the owner shard,
+    // then drop this shard's stream (which closes only its own descriptor).
+    let fd = match dup(&stream) {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::warn!(error = %e, "dup failed during hand-off");
+            conn::reject(&mut stream, 503, "server busy").await;
+            return;
+        }
+    };
+    drop(stream);
+    ShardMetrics::inc(&shard.metrics.handoffs_out);
+    let handoff = Handoff {
+        fd,
+        peer,
+        claims: accepted.claims,
+        key: accepted.key,
+        device: accepted.device,
+        device_type: Some(accepted.device_type.as_str().to_owned()),
+        early: accepted.early,
+    };
+    shard.mesh.send(owner, MeshMsg::Handoff(Box::new(handoff)));
+}
+
+/// The owner's side of a hand-off.
+pub fn adopt(shard: &Rc<Shard>, h: Handoff) {
+    ShardMetrics::inc(&shard.metrics.handoffs_in);
+    // SAFETY: `h.fd` is an open socket descriptor owned by this message; ownership moves into
+    // the stream, which closes it on drop.
+    let stream = unsafe { TcpStream::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(h.fd)) };
+    let device_type = h
+        .device_type
+        .as_deref()
+        .and_then(DeviceType::parse)
+        .unwrap_or_default();
+    let setup = Setup {
+        stream,
+        peer: h.peer,
+        claims: h.claims,
+        key: h.key,
+        device: h.device,
+        device_type,
+        early: h.early,
+    };
+    glommio::spawn_local(conn::serve(shard.clone(), setup)).detach();
+}
+
+fn dup(stream: &TcpStream) -> std::io::Result<OwnedFd> {
+    // SAFETY: dup on a valid descriptor we hold; the result is a new descriptor we own.
+    let fd = unsafe { libc::fcntl(stream.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by fcntl and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Reads until the request head is complete, within `max` bytes.
+async fn read_head(
+    stream: &mut TcpStream,
+    max: usize,
+) -> Result<(Vec<u8>, http::UpgradeRequest), Reject> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 2048];
+    loop {
+        let n = stream
+            .read(&mut chunk)
+            .await
+            .map_err(|_| Reject::new(400, "read error"))?;
+        if n == 0 {
+            return Err(Reject::new(400, "connection closed during upgrade"));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(req) = http::parse_upgrade(&buf)? {
+            return Ok((buf, req));
+        }
+        if buf.len() >= max {
+            return Err(Reject::new(431, "upgrade request head too large"));
+        }
+    }
+}
+
+/// Token, device and impersonation checks on a parsed request.
+fn authenticate(
+    shard: &Shard,
+    mut buf: Vec<u8>,
+    req: http::UpgradeRequest,
+) -> Result<Accepted, Reject> {
+    if req.as_user.is_some() {
+        return Err(Reject::new(
+            403,
+            "impersonation (?as=) needs the admin API, which is not enabled in this build",
+        ));
+    }
+    let token = req.token.as_deref().ok_or(Reject::new(401, "missing token"))?;
+    let claims = shard
+        .verifier
+        .verify(token)
+        .map_err(|e| Reject::new(401, e.reason()))?;
+    let device_type = match claims.device_type.as_deref().or(req.device_type.as_deref()) {
+        None => DeviceType::Other,
+        Some(t) => DeviceType::parse(t).ok_or(Reject::new(
+            400,
+            "unknown device_type (web, ios, android, desktop, other)",
+        ))?,
+    };
+    let device = claims.device.clone().or(req.device);
+    let early = buf.split_off(req.head_len);
+    Ok(Accepted {
+        claims,
+        key: req.key,
+        device,
+        device_type,
+        early,
+    })
+}

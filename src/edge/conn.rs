@@ -1,0 +1,473 @@
+//! Serving one WebSocket connection on the shard that owns its user, for its whole life.
+//!
+//! One task per connection, driven by a single hand-written poll loop: read whatever the socket
+//! has, decode frames, handle ops, then write whatever the outbox holds. Deliveries from the
+//! shard go into the connection's [`Outbox`] and wake the task; nothing else is allocated per
+//! connection, and an idle connection holds no read or write buffer.
+
+use std::cell::{Cell, RefCell};
+use std::future::poll_fn;
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use glommio::net::TcpStream;
+use hashbrown::HashMap;
+
+use super::http;
+use super::outbox::{Key, Outbox, Queued};
+use crate::auth::Claims;
+use crate::metrics::ShardMetrics;
+use crate::presence::{DeviceType, GroupId, SessionId, SessionInfo, Status, UserId};
+use crate::protocol::ops::{self, ErrorCode, Op, Request};
+use crate::protocol::ws::{self, Decoder, Inbound};
+use crate::protocol::{events, RequestId};
+use crate::shard::{now_ms, Shard};
+
+/// Whether a subscription has received its snapshot yet. Live updates reach a connection only
+/// once its snapshot has, so a client always sees the snapshot first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SubState {
+    Pending,
+    Live,
+}
+
+/// The part of a connection the shard reaches: its outbox, its subscriptions, and a way to wake
+/// or close it.
+pub struct ConnHandle {
+    pub id: SessionId,
+    pub user: UserId,
+    outbox: RefCell<Outbox>,
+    waker: RefCell<Option<Waker>>,
+    /// Set to close the connection with this code and reason at the next poll.
+    close: Cell<Option<(u16, &'static str)>>,
+    pub watching: RefCell<HashMap<UserId, SubState>>,
+    pub watching_groups: RefCell<HashMap<GroupId, SubState>>,
+    /// Token expiry (seconds since epoch); moved by `refresh`.
+    pub expires_at: Cell<u64>,
+    /// The session's own status (for `activity` from invisible sessions).
+    pub status: Cell<Status>,
+}
+
+impl ConnHandle {
+    fn new(id: SessionId, user: UserId, expires_at: u64, shard: &Shard) -> ConnHandle {
+        ConnHandle {
+            id,
+            user,
+            outbox: RefCell::new(Outbox::new(
+                shard.cfg.limits.max_pending_replies,
+                shard.cfg.limits.max_pending_events,
+            )),
+            waker: RefCell::new(None),
+            close: Cell::new(None),
+            watching: RefCell::new(HashMap::new()),
+            watching_groups: RefCell::new(HashMap::new()),
+            expires_at: Cell::new(expires_at),
+            status: Cell::new(Status::Online),
+        }
+    }
+
+    /// Queues an event (coalescing by key) and wakes the connection.
+    pub fn push_event(&self, key: Key, frame: Bytes, metrics: &ShardMetrics) {
+        match self.outbox.borrow_mut().push_event(key, frame) {
+            Queued::New => {}
+            Queued::Coalesced => ShardMetrics::inc(&metrics.coalesced),
+            Queued::Dropped => ShardMetrics::inc(&metrics.outbox_dropped),
+        }
+        self.wake();
+    }
+
+    /// Queues a reply. A client that sends ops but never reads the answers is closed (4008).
+    pub fn push_reply(&self, frame: Bytes) {
+        if self.outbox.borrow_mut().push_reply(frame).is_err() {
+            self.request_close(4008, "replies not read");
+        }
+        self.wake();
+    }
+
+    pub fn cancel(&self, key: &Key) {
+        self.outbox.borrow_mut().cancel(key);
+    }
+
+    /// Asks the connection to close with `code`; the first request wins.
+    pub fn request_close(&self, code: u16, reason: &'static str) {
+        if self.close.get().is_none() {
+            self.close.set(Some((code, reason)));
+        }
+        self.wake();
+    }
+
+    /// Backlog length (frames waiting to be written).
+    pub fn backlog(&self) -> usize {
+        self.outbox.borrow().len()
+    }
+
+    fn wake(&self) {
+        if let Some(w) = self.waker.borrow().as_ref() {
+            w.wake_by_ref();
+        }
+    }
+}
+
+/// An authenticated, upgraded-to-be socket arriving at its owner shard.
+pub struct Setup {
+    pub stream: TcpStream,
+    pub peer: SocketAddr,
+    pub claims: Claims,
+    pub key: String,
+    pub device: Option<String>,
+    pub device_type: DeviceType,
+    pub early: Vec<u8>,
+}
+
+/// Bytes read per `read` call (a stack buffer; the decoder copies what it keeps).
+const READ_CHUNK: usize = 4096;
+/// Bytes gathered from the outbox into one write.
+const WRITE_BATCH: usize = 64 * 1024;
+/// Read/write rounds per poll before yielding, so one busy connection cannot starve the shard.
+const ROUNDS_PER_POLL: usize = 16;
+/// How long a closed connection waits for the peer's close before dropping the socket.
+const LINGER: Duration = Duration::from_secs(2);
+
+struct Io {
+    stream: TcpStream,
+    decoder: Decoder,
+    wbuf: Vec<u8>,
+    wpos: usize,
+    close_sent: bool,
+}
+
+/// Serves the connection until it closes, then removes the session and its subscriptions.
+pub async fn serve(shard: Rc<Shard>, setup: Setup) {
+    let now = now_ms();
+    let id = shard.next_session_id();
+    let user: UserId = setup.claims.sub.as_str().into();
+    let conn = Rc::new(ConnHandle::new(id, user.clone(), setup.claims.exp, &shard));
+    let limits = &shard.cfg.limits;
+    let mut io = Io {
+        stream: setup.stream,
+        decoder: Decoder::new(limits.max_message_bytes, limits.max_frame_bytes),
+        wbuf: http::switching_protocols(&setup.key),
+        wpos: 0,
+        close_sent: false,
+    };
+    let session = format!("{id:x}");
+    conn.push_reply(events::welcome(
+        &session,
+        &user,
+        usize::from(shard.ix),
+        shard.cfg.heartbeat_ms,
+    ));
+    let info = SessionInfo {
+        device: setup.device.map(Into::into),
+        device_type: setup.device_type,
+        region: setup.claims.region.as_deref().map(Into::into),
+        groups: setup.claims.groups.iter().map(|g| GroupId::from(g.as_str())).collect(),
+        roles: setup.claims.roles.iter().map(|r| Arc::from(r.as_str())).collect(),
+        ip: setup.peer.ip(),
+        connected_at_ms: now,
+    };
+    shard.conns.borrow_mut().insert(id, conn.clone());
+    ShardMetrics::inc(&shard.metrics.connections);
+    ShardMetrics::inc(&shard.metrics.handshakes_ok);
+    let change = shard
+        .registry
+        .borrow_mut()
+        .connect(&user, id, Status::Online, info, now);
+    if let Some(change) = change {
+        shard.publish(change);
+    }
+    tracing::debug!(session = %session, user = %user, peer = %setup.peer, "session open");
+    // Frames the client sent along with its upgrade request are handled before anything else.
+    io.decoder.feed(&setup.early);
+    decode_all(&shard, &conn, &mut io.decoder);
+
+    let clean = poll_fn(|cx| drive(&shard, &conn, &mut io, cx)).await;
+    if clean {
+        linger(&mut io.stream).await;
+    }
+
+    shard.conns.borrow_mut().remove(&id);
+    shard.unwatch_all(&conn);
+    let change = shard.registry.borrow_mut().disconnect(&user, id, now_ms());
+    if let Some(change) = change {
+        shard.publish(change);
+    }
+    shard.metrics.connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    tracing::debug!(session = %session, user = %user, "session closed");
+}
+
+/// After our close frame: stop sending, let the peer's close (or EOF) arrive so the kernel does
+/// not reset the connection under the frame we just sent.
+async fn linger(stream: &mut TcpStream) {
+    let _ = stream.close().await; // shutdown(Write)
+    let drain = async {
+        let mut sink = [0u8; 512];
+        while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+    };
+    let _ = glommio::timer::timeout(LINGER, async {
+        drain.await;
+        Ok(())
+    })
+    .await;
+}
+
+/// One poll of the connection. `Ready(true)`: we sent a close frame (linger); `Ready(false)`:
+/// the peer went away or the socket failed.
+fn drive(shard: &Shard, conn: &ConnHandle, io: &mut Io, cx: &mut Context<'_>) -> Poll<bool> {
+    {
+        let mut slot = conn.waker.borrow_mut();
+        if !slot.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            *slot = Some(cx.waker().clone());
+        }
+    }
+    for _ in 0..ROUNDS_PER_POLL {
+        let mut progress = false;
+        if !io.close_sent {
+            let mut chunk = [0u8; READ_CHUNK];
+            match Pin::new(&mut io.stream).poll_read(cx, &mut chunk) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(false),
+                Poll::Ready(Ok(n)) => {
+                    io.decoder.feed(&chunk[..n]);
+                    progress = true;
+                    decode_all(shard, conn, &mut io.decoder);
+                }
+                Poll::Pending => {}
+            }
+        }
+        if !io.close_sent {
+            if let Some((code, reason)) = conn.close.take() {
+                // Close promptly: what is still queued will not be read by a closing client.
+                io.wbuf.extend_from_slice(&ws::close_frame(code, reason));
+                io.close_sent = true;
+            } else if io.wpos == io.wbuf.len() {
+                fill(shard, conn, io);
+            }
+        }
+        if io.wpos < io.wbuf.len() {
+            match Pin::new(&mut io.stream).poll_write(cx, &io.wbuf[io.wpos..]) {
+                Poll::Ready(Ok(n)) if n > 0 => {
+                    io.wpos += n;
+                    progress = true;
+                }
+                Poll::Ready(_) => return Poll::Ready(false),
+                Poll::Pending => {}
+            }
+        }
+        if io.close_sent && io.wpos == io.wbuf.len() {
+            return Poll::Ready(true);
+        }
+        if !progress {
+            return Poll::Pending;
+        }
+    }
+    cx.waker().wake_by_ref(); // yield: more to do, but let other connections run first
+    Poll::Pending
+}
+
+/// Moves frames from the outbox into the (empty) write buffer, up to [`WRITE_BATCH`] bytes.
+fn fill(shard: &Shard, conn: &ConnHandle, io: &mut Io) {
+    io.wbuf.clear();
+    io.wpos = 0;
+    if io.wbuf.capacity() > WRITE_BATCH * 2 {
+        io.wbuf = Vec::new(); // a huge snapshot went out; don't keep its buffer
+    }
+    let mut outbox = conn.outbox.borrow_mut();
+    let mut delivered = 0;
+    while io.wbuf.len() < WRITE_BATCH {
+        let Some((frame, event)) = outbox.pop() else {
+            break;
+        };
+        io.wbuf.extend_from_slice(&frame);
+        delivered += u64::from(event);
+    }
+    if io.wbuf.is_empty() && io.wbuf.capacity() > 0 {
+        io.wbuf = Vec::new(); // idle: hold no buffer
+    }
+    ShardMetrics::add(&shard.metrics.deliveries, delivered);
+}
+
+fn decode_all(shard: &Shard, conn: &ConnHandle, decoder: &mut Decoder) {
+    loop {
+        match decoder.next() {
+            Ok(Some(item)) => {
+                let handled =
+                    std::panic::catch_unwind(AssertUnwindSafe(|| on_inbound(shard, conn, item)));
+                if handled.is_err() {
+                    // Only this connection is affected; the shard's state is per-user and the
+                    // op either completed or did not start its mesh sends.
+                    ShardMetrics::inc(&shard.metrics.conn_panics);
+                    conn.request_close(1011, "internal error");
+                    return;
+                }
+            }
+            Ok(None) => return,
+            Err(e) => {
+                ShardMetrics::inc(&shard.metrics.protocol_closes);
+                let reason = match e.close_code() {
+                    1009 => "message too big",
+                    1007 => "invalid UTF-8",
+                    _ => "protocol error",
+                };
+                conn.request_close(e.close_code(), reason);
+                return;
+            }
+        }
+    }
+}
+
+fn on_inbound(shard: &Shard, conn: &ConnHandle, item: Inbound) {
+    match item {
+        Inbound::Text(bytes) => {
+            ShardMetrics::inc(&shard.metrics.ops);
+            let text = std::str::from_utf8(&bytes).expect("the decoder validated UTF-8");
+            match ops::parse(text, &shard.op_limits) {
+                Ok(req) => handle_op(shard, conn, req),
+                Err(e) => error(shard, conn, e.id.as_ref(), e.code, &e.message),
+            }
+        }
+        Inbound::Binary(_) => error(
+            shard,
+            conn,
+            None,
+            ErrorCode::BadRequest,
+            "binary frames are not supported: send JSON text frames",
+        ),
+        Inbound::TooLarge(n) => error(
+            shard,
+            conn,
+            None,
+            ErrorCode::TooLarge,
+            &format!(
+                "message of {n} bytes exceeds the limit of {} bytes",
+                shard.cfg.limits.max_message_bytes
+            ),
+        ),
+        Inbound::Ping(payload) => conn.push_reply(ws::pong_frame(&payload)),
+        Inbound::Pong => {}
+        Inbound::Close(code) => {
+            let code = code
+                .map(|(c, _)| c)
+                .filter(|c| ws::is_valid_close_code(*c))
+                .unwrap_or(1000);
+            conn.request_close(code, "");
+        }
+    }
+}
+
+fn error(shard: &Shard, conn: &ConnHandle, id: Option<&RequestId>, code: ErrorCode, msg: &str) {
+    ShardMetrics::inc(&shard.metrics.op_errors);
+    conn.push_reply(events::error(id, code, msg));
+}
+
+fn handle_op(shard: &Shard, conn: &ConnHandle, req: Request) {
+    #[cfg(feature = "fault-injection")]
+    if let Op::Activity { kind, .. } = &req.op {
+        assert!(&**kind != "__panic", "fault injection: panic while handling an op");
+    }
+    let id = req.id.as_ref();
+    let max_subs = shard.cfg.limits.max_subscriptions;
+    let held = || conn.watching.borrow().len() + conn.watching_groups.borrow().len();
+    match req.op {
+        Op::Subscribe(users) => {
+            let mut fresh: Vec<&UserId> = users
+                .iter()
+                .filter(|u| !conn.watching.borrow().contains_key(*u))
+                .collect();
+            fresh.sort_unstable();
+            fresh.dedup();
+            if held() + fresh.len() > max_subs {
+                let msg = format!("at most {max_subs} subscriptions per connection");
+                return error(shard, conn, id, ErrorCode::TooManySubscriptions, &msg);
+            }
+            conn.push_reply(events::ack(id));
+            shard.watch_users(conn, &users);
+        }
+        Op::Unsubscribe(users) => {
+            shard.unwatch_users(conn, &users);
+            conn.push_reply(events::ack(id));
+        }
+        Op::SubscribeGroup(group) => {
+            if !conn.watching_groups.borrow().contains_key(&group) && held() + 1 > max_subs {
+                let msg = format!("at most {max_subs} subscriptions per connection");
+                return error(shard, conn, id, ErrorCode::TooManySubscriptions, &msg);
+            }
+            conn.push_reply(events::ack(id));
+            shard.watch_group(conn, &group);
+        }
+        Op::UnsubscribeGroup(group) => {
+            shard.unwatch_group(conn, &group);
+            conn.push_reply(events::ack(id));
+        }
+        Op::SetStatus { status, text } => {
+            let change =
+                shard
+                    .registry
+                    .borrow_mut()
+                    .set_status(&conn.user, conn.id, status, text, now_ms());
+            match change {
+                Ok(change) => {
+                    conn.status.set(status);
+                    conn.push_reply(events::ack(id));
+                    if let Some(change) = change {
+                        shard.publish(change);
+                    }
+                }
+                Err(e) => unreachable!("a live connection's session is registered: {e}"),
+            }
+        }
+        Op::Activity { kind, to } => {
+            if conn.status.get() == Status::Invisible {
+                let msg = "invisible sessions cannot send activity";
+                return error(shard, conn, id, ErrorCode::Forbidden, msg);
+            }
+            conn.push_reply(events::ack(id));
+            let ts = now_ms();
+            let user = conn.user.clone();
+            match to {
+                None => {
+                    let watchers = shard.registry.borrow().watchers(&user);
+                    for w in watchers {
+                        let msg = crate::shard::mesh::MeshMsg::Activity {
+                            user: user.clone(),
+                            kind: kind.clone(),
+                            ts,
+                            to: None,
+                        };
+                        shard.mesh.send(w, msg);
+                    }
+                }
+                Some(to) => {
+                    let owner = shard.owner(&to);
+                    let msg = crate::shard::mesh::MeshMsg::Activity {
+                        user,
+                        kind,
+                        ts,
+                        to: Some(to),
+                    };
+                    shard.mesh.send(owner, msg);
+                }
+            }
+        }
+        Op::Refresh(token) => match shard.verifier.verify_refresh(&token, &conn.user) {
+            Ok(claims) => {
+                conn.expires_at.set(claims.exp);
+                conn.push_reply(events::ack(id));
+            }
+            Err(e) => error(shard, conn, id, ErrorCode::Forbidden, e.reason()),
+        },
+        Op::Ping => conn.push_reply(events::pong(id, now_ms())),
+    }
+}
+
+/// Writes a complete HTTP error response and closes the socket (handshake failures).
+pub async fn reject(stream: &mut TcpStream, status: u16, reason: &str) {
+    let _ = stream.write_all(&http::error_response(status, reason)).await;
+    let _ = stream.close().await;
+}

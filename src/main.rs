@@ -1,0 +1,199 @@
+//! The `presenced` binary: `serve`, `token`, `check-config`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use base64::Engine;
+use clap::{Args, Parser, Subcommand};
+use presenced::auth::{mint_hs256, TokenSpec, Verifier};
+use presenced::config::{Config, Placement};
+
+#[derive(Parser)]
+#[command(name = "presenced", version, about = "Thread-per-core real-time presence server")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the server.
+    Serve(ServeArgs),
+    /// Print a signed HS256 token (for trying things out and for tests).
+    Token(TokenArgs),
+    /// Validate a config file and print the effective configuration.
+    CheckConfig {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// TOML config file; flags override its keys.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// WebSocket listen address [default: 127.0.0.1:8080].
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Shard count [default: one per available CPU].
+    #[arg(long)]
+    shards: Option<usize>,
+    /// CPUs to pin shards to, e.g. "0-3,6".
+    #[arg(long)]
+    cpus: Option<String>,
+    /// max-spread, max-pack, fixed or unbound.
+    #[arg(long, value_parser = parse_placement)]
+    placement: Option<Placement>,
+    /// HS256/384/512 shared secret.
+    #[arg(long, env = "PRESENCED_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+    /// Heartbeat interval advertised to clients.
+    #[arg(long)]
+    heartbeat_ms: Option<u64>,
+}
+
+#[derive(Args)]
+struct TokenArgs {
+    #[arg(long, env = "PRESENCED_JWT_SECRET", hide_env_values = true)]
+    secret: String,
+    #[arg(long)]
+    sub: String,
+    /// Comma-separated groups.
+    #[arg(long, value_delimiter = ',')]
+    groups: Vec<String>,
+    /// Comma-separated roles.
+    #[arg(long, value_delimiter = ',')]
+    roles: Vec<String>,
+    /// Lifetime, e.g. 30s, 15m, 1h, 7d.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    ttl: Duration,
+    #[arg(long)]
+    device: Option<String>,
+    #[arg(long)]
+    device_type: Option<String>,
+    #[arg(long)]
+    region: Option<String>,
+}
+
+fn parse_placement(s: &str) -> Result<Placement, String> {
+    toml::Value::String(s.to_owned())
+        .try_into()
+        .map_err(|_| format!("`{s}`: expected max-spread, max-pack, fixed or unbound"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Serve(args) => serve(args),
+        Cmd::Token(args) => {
+            let spec = TokenSpec {
+                sub: args.sub,
+                groups: args.groups,
+                roles: args.roles,
+                ttl: args.ttl,
+                device: args.device,
+                device_type: args.device_type,
+                region: args.region,
+            };
+            println!("{}", mint_hs256(&args.secret, &spec));
+            Ok(())
+        }
+        Cmd::CheckConfig { config } => check_config(&config),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("presenced: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(path: Option<&PathBuf>) -> Result<Config, String> {
+    match path {
+        Some(p) => Config::from_file(p).map_err(|e| e.to_string()),
+        None => Ok(Config::default()),
+    }
+}
+
+fn check_config(path: &PathBuf) -> Result<(), String> {
+    let cfg = load(Some(path))?;
+    cfg.validate().map_err(|e| e.to_string())?;
+    Verifier::new(cfg.jwt_secret.as_deref(), &cfg.auth).map_err(|e| e.to_string())?;
+    let mut shown = cfg.clone();
+    if shown.jwt_secret.is_some() {
+        shown.jwt_secret = Some("<redacted>".into());
+    }
+    print!("{}", toml::to_string(&shown).map_err(|e| e.to_string())?);
+    Ok(())
+}
+
+fn serve(args: ServeArgs) -> Result<(), String> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let mut cfg = load(args.config.as_ref())?;
+    if let Some(v) = args.listen {
+        cfg.listen = v;
+    }
+    if let Some(v) = args.shards {
+        cfg.shards = v;
+    }
+    if let Some(v) = args.cpus {
+        cfg.cpus = v;
+        if args.placement.is_none() {
+            cfg.placement = Placement::Fixed;
+        }
+    }
+    if let Some(v) = args.placement {
+        cfg.placement = v;
+    }
+    if let Some(v) = args.jwt_secret {
+        cfg.jwt_secret = Some(v);
+    }
+    if let Some(v) = args.heartbeat_ms {
+        cfg.heartbeat_ms = v;
+    }
+    let no_key = cfg.jwt_secret.is_none() && cfg.auth.keys.is_empty() && cfg.auth.jwks.is_none();
+    let generated = no_key.then(|| {
+        let bytes: [u8; 32] = rand::random();
+        let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+        cfg.jwt_secret = Some(secret.clone());
+        secret
+    });
+    cfg.validate().map_err(|e| e.to_string())?;
+    let verifier =
+        Verifier::new(cfg.jwt_secret.as_deref(), &cfg.auth).map_err(|e| e.to_string())?;
+    let server = presenced::start(cfg, verifier).map_err(|e| e.to_string())?;
+    if let Some(secret) = generated {
+        print_quickstart(&secret, server.addr);
+    }
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])
+    .map_err(|e| format!("installing signal handlers: {e}"))?;
+    if let Some(sig) = signals.forever().next() {
+        tracing::info!(signal = sig, "shutting down");
+    }
+    server.shutdown();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn print_quickstart(secret: &str, addr: SocketAddr) {
+    let token = mint_hs256(secret, &TokenSpec::new("alice", Duration::from_secs(3600)));
+    println!(
+        "\nNo JWT key configured: generated an HS256 secret for this run only.\n\
+         \n  secret:  {secret}\n\
+         \n  example token for user `alice` (valid 1h):\n  {token}\n\
+         \n  connect: ws://{addr}/ws?token={token}\n\
+         \n  more tokens: presenced token --secret {secret} --sub bob\n"
+    );
+}

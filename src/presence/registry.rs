@@ -1,0 +1,294 @@
+//! The per-shard presence registry: the users this shard owns, their sessions, their aggregate
+//! state and who watches them (SPEC §3).
+//!
+//! Pure: every operation takes `now_ms` and returns what must be told to whom (a [`Change`]);
+//! the shard turns that into mesh messages. Invariants, checked by the unit tests and by the
+//! proptest reference model at the bottom of this file:
+//! - a user's `seq` grows by exactly one per change of (status, text, devices), never otherwise;
+//! - `last_seen` is set when a user goes from visible to offline;
+//! - an entry exists while it has sessions, watchers, or history (`seq > 0`) worth remembering.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use hashbrown::HashMap;
+
+use super::state::{Aggregate, DeviceType, GroupId, PresenceState, SessionId, Status, UserId};
+use super::watchers::{ShardIx, Watchers};
+
+/// What the token and the upgrade request said about a session. Kept for the admin API and for
+/// group membership; never sent to ordinary subscribers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionInfo {
+    pub device: Option<Arc<str>>,
+    pub device_type: DeviceType,
+    pub region: Option<Arc<str>>,
+    pub groups: Arc<[GroupId]>,
+    pub roles: Arc<[Arc<str>]>,
+    pub ip: IpAddr,
+    pub connected_at_ms: u64,
+}
+
+/// One live session of a user.
+#[derive(Clone, Debug)]
+pub struct Session {
+    pub id: SessionId,
+    pub status: Status,
+    pub text: Option<Arc<str>>,
+    /// Per-user counter stamped on every status change, so "the latest set text wins" among
+    /// sessions of equal status does not depend on a clock.
+    stamp: u64,
+    pub info: SessionInfo,
+}
+
+/// The part of a user's presence that subscribers see; `seq` moves exactly when this changes.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+struct View {
+    status: Aggregate,
+    text: Option<Arc<str>>,
+    devices: u32,
+    /// Groups carried by at least one visible session, sorted: where the user is a visible member.
+    groups: Vec<GroupId>,
+}
+
+#[derive(Debug, Default)]
+struct UserEntry {
+    sessions: Vec<Session>,
+    view: View,
+    seq: u64,
+    last_seen: Option<u64>,
+    /// When `view` last changed, so a snapshot carries the time of the state it shows.
+    changed_at_ms: u64,
+    stamps: u64,
+    watchers: Watchers,
+}
+
+impl UserEntry {
+    fn state(&self, user: &UserId, now_ms: u64) -> PresenceState {
+        PresenceState {
+            user: user.clone(),
+            status: self.view.status,
+            text: self.view.text.clone(),
+            devices: self.view.devices,
+            last_seen: self.last_seen,
+            ts: if self.seq == 0 { now_ms } else { self.changed_at_ms },
+            seq: self.seq,
+        }
+    }
+
+    fn compute_view(&self) -> View {
+        let mut view = View::default();
+        let mut best_stamp = 0;
+        for s in &self.sessions {
+            let Some(agg) = s.status.visible() else {
+                continue;
+            };
+            view.devices += 1;
+            if agg > view.status || (agg == view.status && s.stamp >= best_stamp) {
+                view.status = agg;
+                view.text = s.text.clone();
+                best_stamp = s.stamp;
+            }
+            for g in s.info.groups.iter() {
+                if let Err(pos) = view.groups.binary_search(g) {
+                    view.groups.insert(pos, g.clone());
+                }
+            }
+        }
+        view
+    }
+
+    fn forgettable(&self) -> bool {
+        self.sessions.is_empty() && self.watchers.is_empty() && self.seq == 0
+    }
+}
+
+/// A change of a user's aggregate state, with everyone who must hear of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    pub state: PresenceState,
+    /// Shards with subscribers of this user: one mesh message each.
+    pub watchers: Vec<ShardIx>,
+    /// Group feeds affected: `(group, still_member)`. A member gets `state`; a user who stopped
+    /// being a visible member gets `state.left_group()`.
+    pub groups: Vec<(GroupId, bool)>,
+}
+
+/// Why an operation on the registry was refused.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryError {
+    #[error("unknown session")]
+    UnknownSession,
+}
+
+/// The users owned by one shard.
+#[derive(Debug, Default)]
+pub struct Registry {
+    users: HashMap<UserId, UserEntry>,
+    sessions: usize,
+}
+
+impl Registry {
+    pub fn new() -> Registry {
+        Registry::default()
+    }
+
+    /// A new session of `user`, starting with `status`.
+    pub fn connect(
+        &mut self,
+        user: &UserId,
+        id: SessionId,
+        status: Status,
+        info: SessionInfo,
+        now_ms: u64,
+    ) -> Option<Change> {
+        let entry = self.users.entry_ref(user).or_default();
+        debug_assert!(entry.sessions.iter().all(|s| s.id != id), "session ids are unique");
+        entry.stamps += 1;
+        entry.sessions.push(Session {
+            id,
+            status,
+            text: None,
+            stamp: entry.stamps,
+            info,
+        });
+        self.sessions += 1;
+        Self::recompute(user, entry, now_ms)
+    }
+
+    /// The session ended (closed, dropped, kicked). Unknown sessions are ignored.
+    pub fn disconnect(&mut self, user: &str, id: SessionId, now_ms: u64) -> Option<Change> {
+        let (user, entry) = self.users.get_key_value_mut(user)?;
+        let pos = entry.sessions.iter().position(|s| s.id == id)?;
+        entry.sessions.swap_remove(pos);
+        self.sessions -= 1;
+        let user = user.clone();
+        let change = Self::recompute(&user, entry, now_ms);
+        self.forget_if_empty(&user);
+        change
+    }
+
+    /// `set_status` from one session.
+    pub fn set_status(
+        &mut self,
+        user: &str,
+        id: SessionId,
+        status: Status,
+        text: Option<Arc<str>>,
+        now_ms: u64,
+    ) -> Result<Option<Change>, RegistryError> {
+        let (user, entry) = self
+            .users
+            .get_key_value_mut(user)
+            .ok_or(RegistryError::UnknownSession)?;
+        entry.stamps += 1;
+        let stamp = entry.stamps;
+        let session = entry
+            .sessions
+            .iter_mut()
+            .find(|s| s.id == id)
+            .ok_or(RegistryError::UnknownSession)?;
+        session.status = status;
+        session.text = text;
+        session.stamp = stamp;
+        let user = user.clone();
+        Ok(Self::recompute(&user, entry, now_ms))
+    }
+
+    /// A subscription from `shard`: count it and return the snapshot to send back.
+    pub fn watch(&mut self, user: &UserId, shard: ShardIx, now_ms: u64) -> PresenceState {
+        let entry = self.users.entry_ref(user).or_default();
+        entry.watchers.add(shard);
+        entry.state(user, now_ms)
+    }
+
+    /// A subscription from `shard` ended. Returns false for an unwatch with no matching watch.
+    pub fn unwatch(&mut self, user: &str, shard: ShardIx) -> bool {
+        let Some(entry) = self.users.get_mut(user) else {
+            return false;
+        };
+        let known = entry.watchers.remove(shard);
+        self.forget_if_empty(user);
+        known
+    }
+
+    /// The current state of `user` (offline with `seq` 0 if never seen).
+    pub fn snapshot(&self, user: &UserId, now_ms: u64) -> PresenceState {
+        match self.users.get(user) {
+            Some(entry) => entry.state(user, now_ms),
+            None => UserEntry::default().state(user, now_ms),
+        }
+    }
+
+    /// Sessions of `user` on this shard (all of them: a user's sessions live on its owner).
+    pub fn sessions(&self, user: &str) -> &[Session] {
+        self.users.get(user).map_or(&[], |e| &e.sessions)
+    }
+
+    /// Watching shards of `user` (for ephemeral `activity` events).
+    pub fn watchers(&self, user: &str) -> Vec<ShardIx> {
+        self.users
+            .get(user)
+            .map_or_else(Vec::new, |e| e.watchers.shards().collect())
+    }
+
+    /// Users with at least one visible session.
+    pub fn online_users(&self) -> usize {
+        self.users.values().filter(|e| e.view.devices > 0).count()
+    }
+
+    /// Sessions of all users on this shard.
+    pub fn session_count(&self) -> usize {
+        self.sessions
+    }
+
+    /// Entries held (online, watched or remembered offline users).
+    pub fn user_count(&self) -> usize {
+        self.users.len()
+    }
+
+    fn forget_if_empty(&mut self, user: &str) {
+        if self.users.get(user).is_some_and(UserEntry::forgettable) {
+            self.users.remove(user);
+        }
+    }
+
+    fn recompute(user: &UserId, entry: &mut UserEntry, now_ms: u64) -> Option<Change> {
+        let new = entry.compute_view();
+        if new == entry.view {
+            return None;
+        }
+        let old = std::mem::replace(&mut entry.view, new);
+        let visible_changed = old.status != entry.view.status
+            || old.text != entry.view.text
+            || old.devices != entry.view.devices;
+        // Group membership can change on its own only through sessions that are visible, which
+        // also changes `devices`; so a group-only difference cannot happen. Assert it.
+        assert!(visible_changed, "group membership changes only with devices");
+        entry.seq += 1;
+        entry.changed_at_ms = now_ms;
+        if old.status != Aggregate::Offline && entry.view.status == Aggregate::Offline {
+            entry.last_seen = Some(now_ms);
+        }
+        let mut groups: Vec<(GroupId, bool)> = entry
+            .view
+            .groups
+            .iter()
+            .map(|g| (g.clone(), true))
+            .collect();
+        for g in old.groups {
+            if entry.view.groups.binary_search(&g).is_err() {
+                groups.push((g, false));
+            }
+        }
+        Some(Change {
+            state: entry.state(user, now_ms),
+            watchers: entry.watchers.shards().collect(),
+            groups,
+        })
+    }
+}
+
+#[cfg(test)]
+#[path = "registry_tests.rs"]
+mod tests;

@@ -1,0 +1,283 @@
+//! Unit tests and a proptest reference model for the registry.
+
+use super::*;
+use proptest::prelude::*;
+use std::net::Ipv4Addr;
+
+fn info(groups: &[&str]) -> SessionInfo {
+    SessionInfo {
+        device: None,
+        device_type: DeviceType::Web,
+        region: None,
+        groups: groups.iter().map(|g| GroupId::from(*g)).collect(),
+        roles: Arc::from([]),
+        ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        connected_at_ms: 0,
+    }
+}
+
+fn uid(s: &str) -> UserId {
+    UserId::from(s)
+}
+
+#[test]
+fn two_devices_then_offline_with_last_seen() {
+    let mut r = Registry::new();
+    let alice = uid("alice");
+    let c1 = r.connect(&alice, 1, Status::Online, info(&[]), 10).unwrap();
+    assert_eq!((c1.state.devices, c1.state.seq), (1, 1));
+    let c2 = r.connect(&alice, 2, Status::Online, info(&[]), 20).unwrap();
+    assert_eq!((c2.state.devices, c2.state.seq), (2, 2));
+    let c3 = r.disconnect("alice", 1, 30).unwrap();
+    assert_eq!(c3.state.status, Aggregate::Online);
+    assert_eq!(c3.state.last_seen, None);
+    let c4 = r.disconnect("alice", 2, 40).unwrap();
+    assert_eq!(c4.state.status, Aggregate::Offline);
+    assert_eq!(c4.state.last_seen, Some(40));
+    assert_eq!(c4.state.seq, 4);
+    // Remembered while offline: a later subscriber sees last_seen and the same seq.
+    let snap = r.snapshot(&alice, 50);
+    assert_eq!((snap.seq, snap.last_seen, snap.ts), (4, Some(40), 40));
+}
+
+#[test]
+fn invisible_hides_and_ranking_is_online_busy_away() {
+    let mut r = Registry::new();
+    let bob = uid("bob");
+    assert!(r.connect(&bob, 1, Status::Invisible, info(&[]), 1).is_none());
+    assert_eq!(r.snapshot(&bob, 1).status, Aggregate::Offline);
+    let c = r.set_status("bob", 1, Status::Away, None, 2).unwrap().unwrap();
+    assert_eq!(c.state.status, Aggregate::Away);
+    let c = r.connect(&bob, 2, Status::Busy, info(&[]), 3).unwrap();
+    assert_eq!(c.state.status, Aggregate::Busy);
+    let c = r.connect(&bob, 3, Status::Online, info(&[]), 4).unwrap();
+    assert_eq!(c.state.status, Aggregate::Online);
+    let c = r.set_status("bob", 3, Status::Invisible, None, 5).unwrap().unwrap();
+    assert_eq!((c.state.status, c.state.devices), (Aggregate::Busy, 2));
+}
+
+#[test]
+fn text_follows_the_deciding_session_and_same_state_is_no_change() {
+    let mut r = Registry::new();
+    let u = uid("u");
+    r.connect(&u, 1, Status::Online, info(&[]), 1);
+    let c = r
+        .set_status("u", 1, Status::Online, Some("lunch".into()), 2)
+        .unwrap()
+        .unwrap();
+    assert_eq!(c.state.text.as_deref(), Some("lunch"));
+    let again = r.set_status("u", 1, Status::Online, Some("lunch".into()), 3);
+    assert_eq!(again, Ok(None), "no seq for a no-op");
+    assert_eq!(
+        r.set_status("u", 9, Status::Away, None, 4),
+        Err(RegistryError::UnknownSession)
+    );
+}
+
+#[test]
+fn watchers_are_reported_and_counted() {
+    let mut r = Registry::new();
+    let u = uid("u");
+    let snap = r.watch(&u, 3, 7);
+    assert_eq!((snap.seq, snap.status, snap.ts), (0, Aggregate::Offline, 7));
+    r.watch(&u, 3, 7);
+    r.watch(&u, 1, 7);
+    let c = r.connect(&u, 1, Status::Online, info(&[]), 8).unwrap();
+    assert_eq!(c.watchers, vec![3, 1]);
+    assert!(r.unwatch("u", 3));
+    assert!(r.unwatch("u", 3));
+    assert!(!r.unwatch("u", 3));
+    assert_eq!(r.watchers("u"), vec![1]);
+}
+
+#[test]
+fn never_seen_watched_user_is_forgotten_on_unwatch() {
+    let mut r = Registry::new();
+    r.watch(&uid("ghost"), 0, 1);
+    assert_eq!(r.user_count(), 1);
+    r.unwatch("ghost", 0);
+    assert_eq!(r.user_count(), 0);
+}
+
+#[test]
+fn group_membership_follows_visible_sessions() {
+    let mut r = Registry::new();
+    let u = uid("u");
+    let c = r.connect(&u, 1, Status::Online, info(&["a", "b"]), 1).unwrap();
+    assert_eq!(c.groups, vec![("a".into(), true), ("b".into(), true)]);
+    let c = r.connect(&u, 2, Status::Online, info(&["c"]), 2).unwrap();
+    assert_eq!(c.groups.len(), 3);
+    let c = r.set_status("u", 1, Status::Invisible, None, 3).unwrap().unwrap();
+    let mut g = c.groups.clone();
+    g.sort();
+    assert_eq!(
+        g,
+        vec![("a".into(), false), ("b".into(), false), ("c".into(), true)]
+    );
+    let left = c.state.left_group();
+    assert_eq!((left.status, left.devices, left.seq), (Aggregate::Offline, 0, c.state.seq));
+}
+
+// ---- Reference model -------------------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+enum Op {
+    Connect { user: u8, status: Status, groups: u8 },
+    Disconnect { user: u8, nth: u8 },
+    SetStatus { user: u8, nth: u8, status: Status, text: Option<u8> },
+    Watch { user: u8, shard: u8 },
+    Unwatch { user: u8, shard: u8 },
+}
+
+fn status() -> impl Strategy<Value = Status> {
+    prop_oneof![
+        Just(Status::Online),
+        Just(Status::Away),
+        Just(Status::Busy),
+        Just(Status::Invisible)
+    ]
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (0..4u8, status(), 0..4u8).prop_map(|(user, status, groups)| Op::Connect {
+            user,
+            status,
+            groups
+        }),
+        (0..4u8, 0..4u8).prop_map(|(user, nth)| Op::Disconnect { user, nth }),
+        (0..4u8, 0..4u8, status(), proptest::option::of(0..3u8)).prop_map(
+            |(user, nth, status, text)| Op::SetStatus { user, nth, status, text }
+        ),
+        (0..4u8, 0..3u8).prop_map(|(user, shard)| Op::Watch { user, shard }),
+        (0..4u8, 0..3u8).prop_map(|(user, shard)| Op::Unwatch { user, shard }),
+    ]
+}
+
+/// The simplest possible model: a flat list of sessions, aggregate recomputed from scratch.
+#[derive(Default)]
+struct Model {
+    /// (user, session id, status, text, order of last status change, groups bitmask)
+    sessions: Vec<(u8, u64, Status, Option<u8>, u64, u8)>,
+    seq: [u64; 4],
+    last_seen: [Option<u64>; 4],
+    watches: Vec<(u8, u8)>,
+    last: [(Aggregate, Option<u8>, u32, u8); 4],
+}
+
+impl Model {
+    fn view(&self, user: u8) -> (Aggregate, Option<u8>, u32, u8) {
+        let vis: Vec<_> = self
+            .sessions
+            .iter()
+            .filter(|s| s.0 == user && s.2 != Status::Invisible)
+            .collect();
+        let Some(top) = vis
+            .iter()
+            .max_by_key(|s| (s.2.visible().unwrap(), s.4))
+        else {
+            return (Aggregate::Offline, None, 0, 0);
+        };
+        let groups = vis.iter().fold(0, |m, s| m | s.5);
+        (top.2.visible().unwrap(), top.3, vis.len() as u32, groups)
+    }
+}
+
+fn group_set(mask: u8) -> Vec<&'static str> {
+    ["g0", "g1"]
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| mask & (1 << i) != 0)
+        .map(|(_, g)| *g)
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+    #[test]
+    fn registry_matches_reference_model(ops in proptest::collection::vec(op(), 1..80)) {
+        let mut reg = Registry::new();
+        let mut model = Model::default();
+        let users: Vec<UserId> = (0..4).map(|i| uid(&format!("u{i}"))).collect();
+        let mut next_id = 0u64;
+        for (step, op) in ops.into_iter().enumerate() {
+            let now = 100 + step as u64;
+            let (user, change) = match op {
+                Op::Connect { user, status, groups } => {
+                    next_id += 1;
+                    model.sessions.push((user, next_id, status, None, step as u64, groups));
+                    let c = reg.connect(&users[user as usize], next_id, status, info(&group_set(groups)), now);
+                    (user, c)
+                }
+                Op::Disconnect { user, nth } => {
+                    let ids: Vec<u64> = model.sessions.iter().filter(|s| s.0 == user).map(|s| s.1).collect();
+                    if ids.is_empty() { continue; }
+                    let id = ids[nth as usize % ids.len()];
+                    model.sessions.retain(|s| s.1 != id);
+                    (user, reg.disconnect(&users[user as usize], id, now))
+                }
+                Op::SetStatus { user, nth, status, text } => {
+                    let ids: Vec<u64> = model.sessions.iter().filter(|s| s.0 == user).map(|s| s.1).collect();
+                    if ids.is_empty() { continue; }
+                    let id = ids[nth as usize % ids.len()];
+                    let s = model.sessions.iter_mut().find(|s| s.1 == id).unwrap();
+                    s.2 = status;
+                    s.3 = text;
+                    s.4 = step as u64;
+                    let text = text.map(|t| Arc::<str>::from(format!("t{t}")));
+                    (user, reg.set_status(&users[user as usize], id, status, text, now).unwrap())
+                }
+                Op::Watch { user, shard } => {
+                    model.watches.push((user, shard));
+                    let snap = reg.watch(&users[user as usize], shard as u16, now);
+                    prop_assert_eq!(snap.seq, model.seq[user as usize]);
+                    prop_assert_eq!(snap.last_seen, model.last_seen[user as usize]);
+                    continue;
+                }
+                Op::Unwatch { user, shard } => {
+                    let known = model.watches.iter().position(|w| *w == (user, shard));
+                    if let Some(p) = known { model.watches.remove(p); }
+                    prop_assert_eq!(reg.unwatch(&users[user as usize], shard as u16), known.is_some());
+                    continue;
+                }
+            };
+            let u = user as usize;
+            let before = model.last[u];
+            let after = model.view(user);
+            if before == after {
+                prop_assert!(change.is_none(), "no change expected at step {}", step);
+                continue;
+            }
+            let change = change.expect("a change of the view must be reported");
+            model.seq[u] += 1;
+            if before.0 != Aggregate::Offline && after.0 == Aggregate::Offline {
+                model.last_seen[u] = Some(now);
+            }
+            model.last[u] = after;
+            prop_assert_eq!(change.state.seq, model.seq[u]);
+            prop_assert_eq!(change.state.status, after.0);
+            prop_assert_eq!(change.state.text.as_deref().map(str::to_owned), after.1.map(|t| format!("t{t}")));
+            prop_assert_eq!(change.state.devices, after.2);
+            prop_assert_eq!(change.state.last_seen, model.last_seen[u]);
+            let mut shards: Vec<u16> = model.watches.iter().filter(|w| w.0 == user).map(|w| w.1 as u16).collect();
+            shards.sort();
+            shards.dedup();
+            let mut got = change.watchers.clone();
+            got.sort();
+            prop_assert_eq!(got, shards);
+            // Every group in before ∪ after is reported, with membership per `after`.
+            let mut expect_groups: Vec<(GroupId, bool)> = group_set(before.3 | after.3)
+                .into_iter()
+                .map(|g| (GroupId::from(g), group_set(after.3).contains(&g)))
+                .collect();
+            expect_groups.sort();
+            let mut got_groups = change.groups.clone();
+            got_groups.sort();
+            prop_assert_eq!(got_groups, expect_groups);
+        }
+        // Totals agree at the end.
+        prop_assert_eq!(reg.session_count(), model.sessions.len());
+        let online = (0..4u8).filter(|u| model.view(*u).2 > 0).count();
+        prop_assert_eq!(reg.online_users(), online);
+    }
+}

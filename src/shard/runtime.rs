@@ -1,0 +1,246 @@
+//! Starting and stopping the shards: one glommio executor per shard, each with its own
+//! SO_REUSEPORT listener and mesh inbox.
+
+use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::rc::Rc;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use glommio::{LocalExecutorBuilder, Placement as GPlacement, PoolPlacement};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use super::mesh::{Mesh, MeshMsg};
+use super::{now_ms, Shard};
+use crate::auth::Verifier;
+use crate::config::{parse_cpu_list, Config, Placement};
+use crate::edge::accept;
+use crate::metrics::{MetricsSnapshot, ShardMetrics};
+
+/// Memory glommio registers with io_uring per shard. We do no file DMA, so the minimum will do
+/// (and stays well inside small `RLIMIT_MEMLOCK` budgets).
+const IO_MEMORY: usize = 64 * 1024;
+/// Mesh messages handled per wake-up before yielding to connections.
+const INBOX_BATCH: usize = 256;
+/// Listen backlog per shard.
+const LISTEN_BACKLOG: i32 = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cpu placement: {0}")]
+    Placement(String),
+    #[error("shard {shard} failed to start: {why}")]
+    Shard { shard: usize, why: String },
+}
+
+/// A running server: its address, and a way to stop it.
+pub struct ServerHandle {
+    pub addr: SocketAddr,
+    /// CPU of each shard (None = unpinned).
+    pub cpus: Vec<Option<usize>>,
+    inboxes: Vec<flume::Sender<MeshMsg>>,
+    threads: Vec<glommio::ExecutorJoinHandle<()>>,
+    metrics: Vec<Arc<ShardMetrics>>,
+}
+
+impl ServerHandle {
+    pub fn shards(&self) -> usize {
+        self.inboxes.len()
+    }
+
+    /// Per-shard counters, read from another thread.
+    pub fn metrics(&self) -> Vec<MetricsSnapshot> {
+        self.metrics.iter().map(|m| m.snapshot()).collect()
+    }
+
+    pub fn metrics_total(&self) -> MetricsSnapshot {
+        MetricsSnapshot::sum(&self.metrics())
+    }
+
+    /// Asks every shard to stop: no new connections, sessions closed with 1001.
+    pub fn begin_shutdown(&self) {
+        for inbox in &self.inboxes {
+            let _ = inbox.send(MeshMsg::Shutdown);
+        }
+    }
+
+    /// Waits for every shard thread to finish.
+    pub fn join(self) {
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+
+    pub fn shutdown(self) {
+        self.begin_shutdown();
+        self.join();
+    }
+}
+
+/// The CPU each shard is pinned to, per the configured placement.
+pub fn plan_cpus(cfg: &Config, shards: usize) -> Result<Vec<Option<usize>>, StartError> {
+    let err = |e: glommio::GlommioError<()>| StartError::Placement(e.to_string());
+    if !cfg.cpus.is_empty() && cfg.placement != Placement::Unbound {
+        let list = parse_cpu_list(&cfg.cpus).map_err(StartError::Placement)?;
+        return Ok((0..shards).map(|i| Some(list[i % list.len()])).collect());
+    }
+    let pool = match cfg.placement {
+        Placement::Unbound => return Ok(vec![None; shards]),
+        Placement::Fixed => unreachable!("validate() requires cpus for fixed placement"),
+        Placement::MaxSpread => PoolPlacement::MaxSpread(shards, None),
+        Placement::MaxPack => PoolPlacement::MaxPack(shards, None),
+    };
+    let mut gen = pool.generate_cpu_set().map_err(err)?;
+    Ok((0..shards)
+        .map(|_| gen.next().cpu_binding().and_then(|c| c.into_iter().next()))
+        .collect())
+}
+
+/// Binds the listener socket a shard accepts on.
+fn bind(addr: SocketAddr, listen: bool) -> std::io::Result<Socket> {
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    sock.set_reuse_port(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    if listen {
+        sock.listen(LISTEN_BACKLOG)?;
+    }
+    Ok(sock)
+}
+
+/// Starts the shards and returns once every one is accepting.
+pub fn start(cfg: Config, verifier: Verifier) -> Result<ServerHandle, StartError> {
+    let shards = cfg.shard_count();
+    let cpus = plan_cpus(&cfg, shards)?;
+    // Port 0: reserve a real port with a bound, non-listening socket (it receives no
+    // connections), so every shard can bind the same port; dropped once they all have.
+    let reserve = bind(cfg.listen, false).map_err(|source| StartError::Listen {
+        addr: cfg.listen,
+        source,
+    })?;
+    let addr = reserve
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .unwrap_or(cfg.listen);
+
+    let cfg = Arc::new(cfg);
+    let verifier = Arc::new(verifier);
+    let (senders, receivers): (Vec<_>, Vec<_>) = (0..shards)
+        .map(|_| flume::bounded::<MeshMsg>(cfg.mesh.inbox_capacity))
+        .unzip();
+    let metrics: Vec<Arc<ShardMetrics>> = (0..shards).map(|_| Arc::default()).collect();
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<usize, String>>();
+    let mut threads = Vec::with_capacity(shards);
+    for (ix, inbox) in receivers.into_iter().enumerate() {
+        let placement = cpus[ix].map_or(GPlacement::Unbound, GPlacement::Fixed);
+        let (cfg, verifier, senders, metrics, ready) = (
+            cfg.clone(),
+            verifier.clone(),
+            senders.clone(),
+            metrics[ix].clone(),
+            ready_tx.clone(),
+        );
+        let cpu = cpus[ix];
+        let handle = LocalExecutorBuilder::new(placement)
+            .name(&format!("shard-{ix}"))
+            .io_memory(IO_MEMORY)
+            .spawn(move || async move {
+                let listener = match bind(addr, true) {
+                    // SAFETY: a freshly bound, listening socket whose ownership moves here.
+                    Ok(s) => unsafe { glommio::net::TcpListener::from_raw_fd(s.into_raw_fd()) },
+                    Err(e) => {
+                        let _ = ready.send(Err(format!("listen on {addr}: {e}")));
+                        return;
+                    }
+                };
+                let ix16 = u16::try_from(ix).expect("validate() caps shards at u16::MAX");
+                let mesh = Mesh::new(ix16, senders, cfg.mesh.overflow_max, metrics.clone());
+                let shard = Rc::new(Shard::new(ix16, cpu, cfg, verifier, mesh, metrics));
+                let (stop_tx, stop_rx) = glommio::channels::local_channel::new_bounded(1);
+                glommio::spawn_local(accept::accept_loop(shard.clone(), listener, stop_rx))
+                    .detach();
+                let _ = ready.send(Ok(ix));
+                run_inbox(&shard, inbox).await;
+                let _ = stop_tx.try_send(());
+                drain_sessions(&shard).await;
+            })
+            .map_err(|e| StartError::Shard {
+                shard: ix,
+                why: e.to_string(),
+            })?;
+        threads.push(handle);
+    }
+    drop(ready_tx);
+    for _ in 0..shards {
+        match ready_rx.recv() {
+            Ok(Ok(_)) => {}
+            Ok(Err(why)) => return Err(StartError::Shard { shard: 0, why }),
+            Err(_) => {
+                return Err(StartError::Shard {
+                    shard: 0,
+                    why: "a shard thread exited during start-up".into(),
+                })
+            }
+        }
+    }
+    drop(reserve);
+    tracing::info!(%addr, shards, ?cpus, "accepting WebSocket connections");
+    Ok(ServerHandle {
+        addr,
+        cpus,
+        inboxes: senders,
+        threads,
+        metrics,
+    })
+}
+
+/// The shard's mesh loop: handles messages until `Shutdown`.
+async fn run_inbox(shard: &Rc<Shard>, inbox: flume::Receiver<MeshMsg>) {
+    loop {
+        let Ok(first) = inbox.recv_async().await else {
+            return;
+        };
+        let now = now_ms();
+        let mut next = Some(first);
+        let mut handled = 0;
+        while let Some(msg) = next.take() {
+            match msg {
+                MeshMsg::Shutdown => return,
+                MeshMsg::Handoff(h) => {
+                    if shard.stopping.get() {
+                        continue; // dropping closes the socket
+                    }
+                    accept::adopt(shard, *h)
+                }
+                msg => shard.handle(msg, now),
+            }
+            handled += 1;
+            if handled < INBOX_BATCH {
+                next = inbox.try_recv().ok();
+            }
+        }
+        if handled >= INBOX_BATCH {
+            glommio::yield_if_needed().await;
+        }
+    }
+}
+
+/// Closes every session with 1001 and waits (up to the deadline) for them to go.
+async fn drain_sessions(shard: &Rc<Shard>) {
+    shard.stopping.set(true);
+    let conns: Vec<_> = shard.conns.borrow().values().cloned().collect();
+    for c in conns {
+        c.request_close(1001, "server shutting down");
+    }
+    let deadline = Instant::now() + Duration::from_millis(shard.cfg.shutdown_deadline_ms);
+    while !shard.conns.borrow().is_empty() && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
+}

@@ -1,0 +1,264 @@
+//! Test helpers: start a real server on port 0, mint tokens, talk to it over real sockets with a
+//! real WebSocket client (tungstenite) or raw HTTP.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use presenced::auth::{mint_hs256, TokenSpec, Verifier};
+use presenced::config::{Config, Placement};
+use presenced::ServerHandle;
+use serde_json::{json, Value};
+use tungstenite::client::IntoClientRequest;
+use tungstenite::protocol::WebSocket;
+use tungstenite::Message;
+
+pub const SECRET: &str = "integration-test-secret-0123456789";
+/// How long a test waits for an expected frame before failing.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub struct TestServer {
+    handle: Option<ServerHandle>,
+    pub addr: SocketAddr,
+}
+
+impl TestServer {
+    /// A server with `shards` unpinned shards on 127.0.0.1:0.
+    pub fn start(shards: usize) -> TestServer {
+        TestServer::with(shards, |_| {})
+    }
+
+    pub fn with(shards: usize, tweak: impl FnOnce(&mut Config)) -> TestServer {
+        let mut cfg = Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            shards,
+            placement: Placement::Unbound,
+            jwt_secret: Some(SECRET.into()),
+            ..Config::default()
+        };
+        tweak(&mut cfg);
+        cfg.validate().expect("test config is valid");
+        let verifier = Verifier::new(cfg.jwt_secret.as_deref(), &cfg.auth).expect("verifier");
+        let handle = presenced::start(cfg, verifier).expect("server starts");
+        TestServer {
+            addr: handle.addr,
+            handle: Some(handle),
+        }
+    }
+
+    pub fn handle(&self) -> &ServerHandle {
+        self.handle.as_ref().unwrap()
+    }
+
+    pub fn token(&self, sub: &str) -> String {
+        mint_hs256(SECRET, &TokenSpec::new(sub, Duration::from_secs(3600)))
+    }
+
+    pub fn token_in_groups(&self, sub: &str, groups: &[&str]) -> String {
+        let mut spec = TokenSpec::new(sub, Duration::from_secs(3600));
+        spec.groups = groups.iter().map(|g| g.to_string()).collect();
+        mint_hs256(SECRET, &spec)
+    }
+
+    /// Connects as `sub` and reads the welcome.
+    pub fn connect(&self, sub: &str) -> Client {
+        self.connect_token(&self.token(sub))
+    }
+
+    pub fn connect_token(&self, token: &str) -> Client {
+        Client::connect(self.addr, token)
+    }
+
+    /// Sends a raw upgrade request and returns the HTTP status line's code and the body.
+    pub fn raw_upgrade(&self, target: &str, headers: &str) -> (u16, String) {
+        raw_request(
+            self.addr,
+            &format!(
+                "GET {target} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                 Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{headers}\r\n"
+            ),
+        )
+    }
+
+    /// Upgrade status for a token given as a bearer header.
+    pub fn status_for(&self, token: &str) -> (u16, String) {
+        self.raw_upgrade("/ws", &format!("Authorization: Bearer {token}\r\n"))
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            h.shutdown();
+        }
+    }
+}
+
+/// Writes `request`, reads the response head and body until the server closes.
+pub fn raw_request(addr: SocketAddr, request: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                out.extend_from_slice(&buf[..n]);
+                if out.starts_with(b"HTTP/1.1 101") && out.windows(4).any(|w| w == b"\r\n\r\n") {
+                    break; // upgraded: the connection stays open
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let code = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.trim().to_owned())
+        .unwrap_or_default();
+    (code, body)
+}
+
+/// A user name that hashes to `shard` of `shards`.
+pub fn user_on(shard: u16, shards: usize, prefix: &str) -> String {
+    (0..)
+        .map(|i| format!("{prefix}{i}"))
+        .find(|u| presenced::shard::owner_of(u, shards) == shard)
+        .unwrap()
+}
+
+pub struct Client {
+    pub ws: WebSocket<TcpStream>,
+    pub welcome: Value,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr, token: &str) -> Client {
+        let mut req = format!("ws://{addr}/ws").into_client_request().unwrap();
+        req.headers_mut()
+            .insert("Authorization", format!("Bearer {token}").parse().unwrap());
+        let stream = TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        let (ws, _) = tungstenite::client::client(req, stream).expect("upgrade succeeds");
+        let mut c = Client {
+            ws,
+            welcome: Value::Null,
+        };
+        c.welcome = c.recv();
+        assert_eq!(c.welcome["type"], "welcome", "first frame is the welcome");
+        c
+    }
+
+    pub fn shard(&self) -> u64 {
+        self.welcome["shard"].as_u64().unwrap()
+    }
+
+    pub fn send(&mut self, v: Value) {
+        self.ws.send(Message::text(v.to_string())).unwrap();
+    }
+
+    pub fn send_raw(&mut self, m: Message) {
+        self.ws.send(m).unwrap();
+    }
+
+    /// The next JSON frame (pings and pongs skipped); panics after [`WAIT`].
+    pub fn recv(&mut self) -> Value {
+        loop {
+            match self.ws.read().expect("a frame before the timeout") {
+                Message::Text(t) => return serde_json::from_str(&t).unwrap(),
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("unexpected frame {other:?}"),
+            }
+        }
+    }
+
+    /// Reads frames until one matches, failing after [`WAIT`].
+    pub fn recv_until(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            let v = self.recv();
+            if pred(&v) {
+                return v;
+            }
+        }
+    }
+
+    /// The next `presence` event for `user` (direct, untagged).
+    pub fn presence_of(&mut self, user: &str) -> Value {
+        self.recv_until(&format!("presence of {user}"), |v| {
+            v["type"] == "presence" && v["user"] == user && v.get("group").is_none()
+        })
+    }
+
+    /// Sends `op` with an id and returns the reply carrying that id.
+    pub fn request(&mut self, mut op: Value) -> Value {
+        let id = format!("r{}", rand_id());
+        op["id"] = json!(id);
+        self.send(op);
+        self.recv_until(&format!("reply {id}"), |v| v["id"] == id.as_str())
+    }
+
+    /// Subscribes and returns the snapshot of each user, in order of arrival.
+    pub fn subscribe(&mut self, users: &[&str]) -> Vec<Value> {
+        let ack = self.request(json!({"op":"subscribe","users":users}));
+        assert_eq!(ack["type"], "ack", "{ack}");
+        users.iter().map(|u| self.presence_of(u)).collect()
+    }
+
+    pub fn set_status(&mut self, status: &str, text: Option<&str>) {
+        let mut op = json!({"op":"set_status","status":status});
+        if let Some(t) = text {
+            op["text"] = json!(t);
+        }
+        assert_eq!(self.request(op)["type"], "ack");
+    }
+
+    /// Asserts no JSON frame arrives within `d`.
+    pub fn expect_silence(&mut self, d: Duration) {
+        self.ws.get_ref().set_read_timeout(Some(d)).unwrap();
+        match self.ws.read() {
+            Ok(Message::Text(t)) => panic!("unexpected frame {t}"),
+            Ok(_) | Err(_) => {}
+        }
+        self.ws.get_ref().set_read_timeout(Some(WAIT)).unwrap();
+    }
+
+    /// Reads until the server's close frame; returns its code.
+    pub fn close_code(&mut self) -> u16 {
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            match self.ws.read() {
+                Ok(Message::Close(Some(f))) => return f.code.into(),
+                Ok(Message::Close(None)) => return 1005,
+                Ok(_) => continue,
+                Err(e) => panic!("no close frame: {e}"),
+            }
+        }
+        panic!("no close frame in time");
+    }
+
+    pub fn close(mut self) {
+        let _ = self.ws.close(None);
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            if self.ws.read().is_err() {
+                break;
+            }
+        }
+    }
+}
+
+fn rand_id() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
