@@ -253,7 +253,11 @@ mod tests {
             .0;
         assert!(e.contains("max_message_bytes"), "{e}");
         let c = Config::from_toml("[limits]\nmax_message_bytes = 2000000").unwrap();
-        assert!(c.validate().unwrap_err().0.starts_with("limits.max_message_bytes"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .0
+            .starts_with("limits.max_message_bytes"));
         let c = Config::from_toml("placement = \"fixed\"").unwrap();
         assert!(c.validate().unwrap_err().0.starts_with("placement"));
     }

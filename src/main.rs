@@ -11,7 +11,11 @@ use presenced::auth::{mint_hs256, TokenSpec, Verifier};
 use presenced::config::{Config, Placement};
 
 #[derive(Parser)]
-#[command(name = "presenced", version, about = "Thread-per-core real-time presence server")]
+#[command(
+    name = "presenced",
+    version,
+    about = "Thread-per-core real-time presence server"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -134,8 +138,7 @@ fn check_config(path: &PathBuf) -> Result<(), String> {
 fn serve(args: ServeArgs) -> Result<(), String> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
     let mut cfg = load(args.config.as_ref())?;

@@ -26,7 +26,10 @@ fn users_on_different_shards_see_each_other() {
     assert_eq!(snap[0]["devices"], 1);
     bob.set_status("busy", Some("in a call"));
     let ev = alice.presence_of(&b);
-    assert_eq!((ev["status"].as_str(), ev["text"].as_str()), (Some("busy"), Some("in a call")));
+    assert_eq!(
+        (ev["status"].as_str(), ev["text"].as_str()),
+        (Some("busy"), Some("in a call"))
+    );
     assert!(ev["seq"].as_u64() > snap[0]["seq"].as_u64());
 
     bob.subscribe(&[&a]);
@@ -44,7 +47,10 @@ fn offline_users_snapshot_then_come_online() {
     assert!(snap[0].get("last_seen").is_none());
     let _c = server.connect("nobody-yet");
     let ev = watcher.presence_of("nobody-yet");
-    assert_eq!((ev["status"].as_str(), ev["devices"].as_u64()), (Some("online"), Some(1)));
+    assert_eq!(
+        (ev["status"].as_str(), ev["devices"].as_u64()),
+        (Some("online"), Some(1))
+    );
 }
 
 #[test]
@@ -55,7 +61,11 @@ fn multi_device_aggregation_and_last_seen() {
     let d1 = server.connect("carol");
     assert_eq!(w.presence_of("carol")["devices"], 1);
     let mut d2 = server.connect("carol");
-    assert_eq!(d1.shard(), d2.shard(), "all devices of a user live on one shard");
+    assert_eq!(
+        d1.shard(),
+        d2.shard(),
+        "all devices of a user live on one shard"
+    );
     assert_eq!(w.presence_of("carol")["devices"], 2);
 
     d2.set_status("away", None);
@@ -64,13 +74,21 @@ fn multi_device_aggregation_and_last_seen() {
 
     d1.close();
     let ev = w.presence_of("carol");
-    assert_eq!((ev["status"].as_str(), ev["devices"].as_u64()), (Some("away"), Some(1)));
+    assert_eq!(
+        (ev["status"].as_str(), ev["devices"].as_u64()),
+        (Some("away"), Some(1))
+    );
     assert!(ev.get("last_seen").is_none());
 
     d2.close();
     let ev = w.presence_of("carol");
-    assert_eq!((ev["status"].as_str(), ev["devices"].as_u64()), (Some("offline"), Some(0)));
-    let last_seen = ev["last_seen"].as_u64().expect("last_seen when going offline");
+    assert_eq!(
+        (ev["status"].as_str(), ev["devices"].as_u64()),
+        (Some("offline"), Some(0))
+    );
+    let last_seen = ev["last_seen"]
+        .as_u64()
+        .expect("last_seen when going offline");
     assert!(last_seen > 1_700_000_000_000);
 
     // A later subscriber's snapshot carries last_seen too.
@@ -88,7 +106,10 @@ fn invisible_hides_and_busy_outranks_away() {
     w.presence_of("dave");
     d1.set_status("invisible", None);
     let ev = w.presence_of("dave");
-    assert_eq!((ev["status"].as_str(), ev["devices"].as_u64()), (Some("offline"), Some(0)));
+    assert_eq!(
+        (ev["status"].as_str(), ev["devices"].as_u64()),
+        (Some("offline"), Some(0))
+    );
 
     let mut d2 = server.connect("dave");
     assert_eq!(w.presence_of("dave")["status"], "online");
@@ -96,7 +117,10 @@ fn invisible_hides_and_busy_outranks_away() {
     assert_eq!(w.presence_of("dave")["status"], "away");
     d1.set_status("busy", None);
     let ev = w.presence_of("dave");
-    assert_eq!((ev["status"].as_str(), ev["devices"].as_u64()), (Some("busy"), Some(2)));
+    assert_eq!(
+        (ev["status"].as_str(), ev["devices"].as_u64()),
+        (Some("busy"), Some(2))
+    );
     d2.set_status("online", None);
     assert_eq!(w.presence_of("dave")["status"], "online");
     // An invisible session cannot leak through activity.
@@ -109,7 +133,9 @@ fn invisible_hides_and_busy_outranks_away() {
 fn seq_strictly_increases_for_every_subscriber() {
     let server = TestServer::start(2);
     let target = user_on(1, 2, "flapper");
-    let mut watchers: Vec<_> = (0..4).map(|i| server.connect(&format!("seqw{i}"))).collect();
+    let mut watchers: Vec<_> = (0..4)
+        .map(|i| server.connect(&format!("seqw{i}")))
+        .collect();
     let mut last = Vec::new();
     for w in &mut watchers {
         last.push(w.subscribe(&[&target])[0]["seq"].as_u64().unwrap());
@@ -168,7 +194,10 @@ fn handoff_keeps_bytes_sent_with_the_upgrade_request() {
         assert!(text.contains(r#""type":"pong""#));
     }
     let m = server.handle().metrics_total();
-    assert!(m.handoffs_in > 0, "at least one connection was handed off: {m:?}");
+    assert!(
+        m.handoffs_in > 0,
+        "at least one connection was handed off: {m:?}"
+    );
     assert_eq!(m.handoffs_in, m.handoffs_out);
 }
 
@@ -178,15 +207,24 @@ fn unsubscribe_stops_events_and_activity_reaches_subscribers() {
     let mut w = server.connect("uw");
     let mut e = server.connect("erin");
     w.subscribe(&["erin"]);
-    assert_eq!(e.request(json!({"op":"activity","kind":"typing"}))["type"], "ack");
+    assert_eq!(
+        e.request(json!({"op":"activity","kind":"typing"}))["type"],
+        "ack"
+    );
     let ev = w.recv_until("activity", |v| v["type"] == "activity");
-    assert_eq!((ev["user"].as_str(), ev["kind"].as_str()), (Some("erin"), Some("typing")));
+    assert_eq!(
+        (ev["user"].as_str(), ev["kind"].as_str()),
+        (Some("erin"), Some("typing"))
+    );
     // Directed activity reaches every session of the target, subscribed or not.
     e.request(json!({"op":"activity","kind":"poke","to":"uw"}));
     let ev = w.recv_until("poke", |v| v["kind"] == "poke");
     assert_eq!(ev["user"], "erin");
 
-    assert_eq!(w.request(json!({"op":"unsubscribe","users":["erin"]}))["type"], "ack");
+    assert_eq!(
+        w.request(json!({"op":"unsubscribe","users":["erin"]}))["type"],
+        "ack"
+    );
     e.set_status("busy", None);
     w.expect_silence(Duration::from_millis(300));
     let pong = w.request(json!({"op":"ping"}));

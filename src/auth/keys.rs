@@ -17,6 +17,9 @@ use super::{AuthSetupError, KeyConfig};
 const RSA_MODULUS_BITS_MIN: usize = 2048;
 /// Largest RSA modulus the RustCrypto verifier accepts; bigger keys would fail every token.
 const RSA_MODULUS_BITS_MAX: usize = 4096;
+/// RSA public exponent bounds of the RustCrypto verifier (`e = 1` would make signatures trivial).
+const RSA_EXPONENT_MIN: u64 = 3;
+const RSA_EXPONENT_MAX: u64 = (1 << 33) - 1;
 /// Size of an Ed25519 public key (RFC 8032).
 const ED25519_PUBLIC_KEY_LEN: usize = 32;
 
@@ -77,50 +80,27 @@ pub(crate) fn load_pem(index: usize, cfg: &KeyConfig) -> Result<LoadedKey, AuthS
 /// encryption (`"use": "enc"`) are skipped: identity providers publish them in the same set.
 pub(crate) fn load_jwks(path: &Path) -> Result<Vec<(String, LoadedKey)>, AuthSetupError> {
     let shown = path.display();
-    let text = std::fs::read(path)
-        .map_err(|e| AuthSetupError::at("auth.jwks", format!("cannot read {shown}: {e}")))?;
+    let fail = |what: String| AuthSetupError::at("auth.jwks", what);
+    let text = std::fs::read(path).map_err(|e| fail(format!("cannot read {shown}: {e}")))?;
     let keys = match serde_json::from_slice::<Value>(&text) {
         Ok(Value::Object(mut set)) => match set.remove("keys") {
             Some(Value::Array(keys)) => keys,
-            _ => {
-                return Err(AuthSetupError::at(
-                    "auth.jwks",
-                    format!("{shown}: no `keys` array"),
-                ))
-            }
+            _ => return Err(fail(format!("{shown}: no `keys` array"))),
         },
-        Ok(_) => {
-            return Err(AuthSetupError::at(
-                "auth.jwks",
-                format!("{shown}: not a JWK set"),
-            ))
-        }
-        Err(e) => {
-            return Err(AuthSetupError::at(
-                "auth.jwks",
-                format!("{shown}: invalid JSON: {e}"),
-            ));
-        }
+        Ok(_) => return Err(fail(format!("{shown}: not a JWK set"))),
+        Err(e) => return Err(fail(format!("{shown}: invalid JSON: {e}"))),
     };
     if keys.is_empty() {
-        return Err(AuthSetupError::at("auth.jwks", format!("{shown}: no keys")));
+        return Err(fail(format!("{shown}: no keys")));
     }
     let mut loaded = Vec::with_capacity(keys.len());
     for (index, jwk) in keys.iter().enumerate() {
         let Value::Object(jwk) = jwk else {
-            return Err(AuthSetupError::at(
-                "auth.jwks",
-                format!("key #{index}: not an object"),
-            ));
+            return Err(fail(format!("key #{index}: not an object")));
         };
         let kid = match str_field(jwk, "kid") {
             Ok(Some(kid)) if !kid.is_empty() => kid,
-            _ => {
-                return Err(AuthSetupError::at(
-                    "auth.jwks",
-                    format!("key #{index}: no `kid`"),
-                ))
-            }
+            _ => return Err(fail(format!("key #{index}: no `kid`"))),
         };
         let at = || format!("auth.jwks: key `{kid}`");
         if str_field(jwk, "use").map_err(|e| AuthSetupError::at(at(), e))? == Some("enc") {
@@ -204,14 +184,35 @@ fn probe(key: &DecodingKey, alg: Algorithm) -> Result<(), String> {
             let n = URL_SAFE_NO_PAD
                 .decode(&rsa.n)
                 .map_err(|_| "invalid RSA modulus")?;
-            let bits = significant_bits(&n);
-            if !(RSA_MODULUS_BITS_MIN..=RSA_MODULUS_BITS_MAX).contains(&bits) {
-                return Err(format!(
-                    "RSA modulus is {bits} bits; accepted: \
-                     {RSA_MODULUS_BITS_MIN}..={RSA_MODULUS_BITS_MAX}"
-                ));
-            }
+            let e = URL_SAFE_NO_PAD
+                .decode(&rsa.e)
+                .map_err(|_| "invalid RSA exponent")?;
+            check_rsa(&n, &e)?;
         }
+    }
+    Ok(())
+}
+
+/// What the RustCrypto verifier demands of `n` and `e` (plus our minimum size), checked once
+/// here rather than failed on every token.
+fn check_rsa(n: &[u8], e: &[u8]) -> Result<(), String> {
+    let bits = significant_bits(n);
+    if !(RSA_MODULUS_BITS_MIN..=RSA_MODULUS_BITS_MAX).contains(&bits) {
+        return Err(format!(
+            "RSA modulus is {bits} bits; accepted: {RSA_MODULUS_BITS_MIN}..={RSA_MODULUS_BITS_MAX}"
+        ));
+    }
+    if n.last().is_some_and(|low| low % 2 == 0) {
+        return Err("RSA modulus is even".into());
+    }
+    let exponent = match significant_bits(e) {
+        0..=64 => e.iter().fold(0u64, |acc, &b| acc << 8 | u64::from(b)),
+        _ => u64::MAX,
+    };
+    if exponent % 2 == 0 || !(RSA_EXPONENT_MIN..=RSA_EXPONENT_MAX).contains(&exponent) {
+        return Err(format!(
+            "RSA exponent must be odd and in {RSA_EXPONENT_MIN}..={RSA_EXPONENT_MAX}"
+        ));
     }
     Ok(())
 }

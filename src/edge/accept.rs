@@ -187,7 +187,10 @@ fn authenticate(
             "impersonation (?as=) needs the admin API, which is not enabled in this build",
         ));
     }
-    let token = req.token.as_deref().ok_or(Reject::new(401, "missing token"))?;
+    let token = req
+        .token
+        .as_deref()
+        .ok_or(Reject::new(401, "missing token"))?;
     let claims = shard
         .verifier
         .verify(token)

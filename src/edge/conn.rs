@@ -168,8 +168,18 @@ pub async fn serve(shard: Rc<Shard>, setup: Setup) {
         device: setup.device.map(Into::into),
         device_type: setup.device_type,
         region: setup.claims.region.as_deref().map(Into::into),
-        groups: setup.claims.groups.iter().map(|g| GroupId::from(g.as_str())).collect(),
-        roles: setup.claims.roles.iter().map(|r| Arc::from(r.as_str())).collect(),
+        groups: setup
+            .claims
+            .groups
+            .iter()
+            .map(|g| GroupId::from(g.as_str()))
+            .collect(),
+        roles: setup
+            .claims
+            .roles
+            .iter()
+            .map(|r| Arc::from(r.as_str()))
+            .collect(),
         ip: setup.peer.ip(),
         connected_at_ms: now,
     };
@@ -199,7 +209,10 @@ pub async fn serve(shard: Rc<Shard>, setup: Setup) {
     if let Some(change) = change {
         shard.publish(change);
     }
-    shard.metrics.connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    shard
+        .metrics
+        .connections
+        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     tracing::debug!(session = %session, user = %user, "session closed");
 }
 
@@ -295,7 +308,7 @@ fn fill(shard: &Shard, conn: &ConnHandle, io: &mut Io) {
 
 fn decode_all(shard: &Shard, conn: &ConnHandle, decoder: &mut Decoder) {
     loop {
-        match decoder.next() {
+        match decoder.decode() {
             Ok(Some(item)) => {
                 let handled =
                     std::panic::catch_unwind(AssertUnwindSafe(|| on_inbound(shard, conn, item)));
@@ -369,7 +382,10 @@ fn error(shard: &Shard, conn: &ConnHandle, id: Option<&RequestId>, code: ErrorCo
 fn handle_op(shard: &Shard, conn: &ConnHandle, req: Request) {
     #[cfg(feature = "fault-injection")]
     if let Op::Activity { kind, .. } = &req.op {
-        assert!(&**kind != "__panic", "fault injection: panic while handling an op");
+        assert!(
+            &**kind != "__panic",
+            "fault injection: panic while handling an op"
+        );
     }
     let id = req.id.as_ref();
     let max_subs = shard.cfg.limits.max_subscriptions;
@@ -468,6 +484,8 @@ fn handle_op(shard: &Shard, conn: &ConnHandle, req: Request) {
 
 /// Writes a complete HTTP error response and closes the socket (handshake failures).
 pub async fn reject(stream: &mut TcpStream, status: u16, reason: &str) {
-    let _ = stream.write_all(&http::error_response(status, reason)).await;
+    let _ = stream
+        .write_all(&http::error_response(status, reason))
+        .await;
     let _ = stream.close().await;
 }

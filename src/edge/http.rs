@@ -42,9 +42,7 @@ pub fn parse_upgrade(buf: &[u8]) -> Result<Option<UpgradeRequest>, Reject> {
     let head_len = match req.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => {
-            return Err(Reject::new(431, "too many headers"))
-        }
+        Err(httparse::Error::TooManyHeaders) => return Err(Reject::new(431, "too many headers")),
         Err(_) => return Err(Reject::new(400, "malformed HTTP request")),
     };
     if req.method != Some("GET") {
@@ -64,7 +62,8 @@ pub fn parse_upgrade(buf: &[u8]) -> Result<Option<UpgradeRequest>, Reject> {
     };
     let (mut upgrade, mut connection, mut version) = (false, false, false);
     for h in req.headers.iter() {
-        let value = std::str::from_utf8(h.value).map_err(|_| Reject::new(400, "non-UTF-8 header"))?;
+        let value =
+            std::str::from_utf8(h.value).map_err(|_| Reject::new(400, "non-UTF-8 header"))?;
         let name = h.name;
         if name.eq_ignore_ascii_case("upgrade") {
             upgrade |= has_token(value, "websocket");
@@ -87,7 +86,10 @@ pub fn parse_upgrade(buf: &[u8]) -> Result<Option<UpgradeRequest>, Reject> {
         return Err(Reject::new(400, "not a WebSocket upgrade request"));
     }
     if !version {
-        return Err(Reject::new(400, "unsupported Sec-WebSocket-Version (13 required)"));
+        return Err(Reject::new(
+            400,
+            "unsupported Sec-WebSocket-Version (13 required)",
+        ));
     }
     let key_ok = base64::engine::general_purpose::STANDARD
         .decode(&out.key)
@@ -110,7 +112,9 @@ pub fn parse_upgrade(buf: &[u8]) -> Result<Option<UpgradeRequest>, Reject> {
 
 /// Whether a comma-separated header value holds `token` (case-insensitive).
 fn has_token(value: &str, token: &str) -> bool {
-    value.split(',').any(|t| t.trim().eq_ignore_ascii_case(token))
+    value
+        .split(',')
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
 /// `101 Switching Protocols` for `key`.
@@ -160,7 +164,10 @@ mod tests {
 
     #[test]
     fn parses_a_browser_upgrade_with_query_token() {
-        let text = req("Origin: https://app\r\n", "/ws?token=a%2Eb&device=d1&device_type=ios");
+        let text = req(
+            "Origin: https://app\r\n",
+            "/ws?token=a%2Eb&device=d1&device_type=ios",
+        );
         let mut bytes = text.clone().into_bytes();
         bytes.extend_from_slice(b"\x81\x80early");
         let r = parse_upgrade(&bytes).unwrap().unwrap();
@@ -168,7 +175,11 @@ mod tests {
         assert_eq!(r.device.as_deref(), Some("d1"));
         assert_eq!(r.device_type.as_deref(), Some("ios"));
         assert_eq!(r.origin.as_deref(), Some("https://app"));
-        assert_eq!(r.head_len, text.len(), "bytes after the head are left for the socket");
+        assert_eq!(
+            r.head_len,
+            text.len(),
+            "bytes after the head are left for the socket"
+        );
     }
 
     #[test]
@@ -185,8 +196,14 @@ mod tests {
         let status = |s: &str| parse_upgrade(s.as_bytes()).unwrap_err().status;
         assert_eq!(status(&req("", "/other")), 404);
         assert_eq!(status(&req("", "/ws").replacen("GET", "POST", 1)), 405);
-        assert_eq!(status(&req("", "/ws").replace("Upgrade: websocket\r\n", "")), 400);
-        assert_eq!(status(&req("", "/ws").replace("Version: 13", "Version: 8")), 400);
+        assert_eq!(
+            status(&req("", "/ws").replace("Upgrade: websocket\r\n", "")),
+            400
+        );
+        assert_eq!(
+            status(&req("", "/ws").replace("Version: 13", "Version: 8")),
+            400
+        );
         assert_eq!(status(&req("", "/ws").replace(KEY, "short")), 400);
         assert_eq!(status("\x00\x01garbage\r\n\r\n"), 400);
         let many: String = (0..40).map(|i| format!("X-{i}: y\r\n")).collect();

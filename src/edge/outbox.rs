@@ -139,9 +139,18 @@ mod tests {
     #[test]
     fn replies_first_then_events_and_newest_state_wins() {
         let mut o = Outbox::new(4, 8);
-        assert_eq!(o.push_event(key("a"), Bytes::from_static(b"a1")), Queued::New);
-        assert_eq!(o.push_event(key("b"), Bytes::from_static(b"b1")), Queued::New);
-        assert_eq!(o.push_event(key("a"), Bytes::from_static(b"a2")), Queued::Coalesced);
+        assert_eq!(
+            o.push_event(key("a"), Bytes::from_static(b"a1")),
+            Queued::New
+        );
+        assert_eq!(
+            o.push_event(key("b"), Bytes::from_static(b"b1")),
+            Queued::New
+        );
+        assert_eq!(
+            o.push_event(key("a"), Bytes::from_static(b"a2")),
+            Queued::Coalesced
+        );
         o.push_reply(Bytes::from_static(b"ack")).unwrap();
         let got: Vec<Bytes> = std::iter::from_fn(|| o.pop().map(|p| p.0)).collect();
         assert_eq!(got, vec!["ack", "a2", "b1"]);

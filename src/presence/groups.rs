@@ -107,16 +107,25 @@ mod tests {
     fn snapshot_holds_visible_members_and_updates_reach_watchers() {
         let mut g = Groups::new();
         let team: GroupId = "team".into();
-        assert!(g.member_update(&team, &state("b", Aggregate::Online, 1)).is_empty());
+        assert!(g
+            .member_update(&team, &state("b", Aggregate::Online, 1))
+            .is_empty());
         g.member_update(&team, &state("a", Aggregate::Away, 1));
         let snap = g.watch(&team, 2);
         assert_eq!(
             snap.iter().map(|s| &*s.user).collect::<Vec<_>>(),
             vec!["a", "b"]
         );
-        assert_eq!(g.member_update(&team, &state("a", Aggregate::Offline, 2)), vec![2]);
+        assert_eq!(
+            g.member_update(&team, &state("a", Aggregate::Offline, 2)),
+            vec![2]
+        );
         assert_eq!(g.member_count("team"), 1);
-        assert!(g.member_update(&team, &state("b", Aggregate::Busy, 0)).is_empty(), "stale");
+        assert!(
+            g.member_update(&team, &state("b", Aggregate::Busy, 0))
+                .is_empty(),
+            "stale"
+        );
         assert!(g.unwatch("team", 2));
         assert!(!g.unwatch("team", 2));
         g.member_update(&team, &state("b", Aggregate::Offline, 3));

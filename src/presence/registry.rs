@@ -71,7 +71,11 @@ impl UserEntry {
             text: self.view.text.clone(),
             devices: self.view.devices,
             last_seen: self.last_seen,
-            ts: if self.seq == 0 { now_ms } else { self.changed_at_ms },
+            ts: if self.seq == 0 {
+                now_ms
+            } else {
+                self.changed_at_ms
+            },
             seq: self.seq,
         }
     }
@@ -143,7 +147,10 @@ impl Registry {
         now_ms: u64,
     ) -> Option<Change> {
         let entry = self.users.entry_ref(user).or_default();
-        debug_assert!(entry.sessions.iter().all(|s| s.id != id), "session ids are unique");
+        debug_assert!(
+            entry.sessions.iter().all(|s| s.id != id),
+            "session ids are unique"
+        );
         entry.stamps += 1;
         entry.sessions.push(Session {
             id,
@@ -264,7 +271,10 @@ impl Registry {
             || old.devices != entry.view.devices;
         // Group membership can change on its own only through sessions that are visible, which
         // also changes `devices`; so a group-only difference cannot happen. Assert it.
-        assert!(visible_changed, "group membership changes only with devices");
+        assert!(
+            visible_changed,
+            "group membership changes only with devices"
+        );
         entry.seq += 1;
         entry.changed_at_ms = now_ms;
         if old.status != Aggregate::Offline && entry.view.status == Aggregate::Offline {

@@ -44,15 +44,23 @@ fn two_devices_then_offline_with_last_seen() {
 fn invisible_hides_and_ranking_is_online_busy_away() {
     let mut r = Registry::new();
     let bob = uid("bob");
-    assert!(r.connect(&bob, 1, Status::Invisible, info(&[]), 1).is_none());
+    assert!(r
+        .connect(&bob, 1, Status::Invisible, info(&[]), 1)
+        .is_none());
     assert_eq!(r.snapshot(&bob, 1).status, Aggregate::Offline);
-    let c = r.set_status("bob", 1, Status::Away, None, 2).unwrap().unwrap();
+    let c = r
+        .set_status("bob", 1, Status::Away, None, 2)
+        .unwrap()
+        .unwrap();
     assert_eq!(c.state.status, Aggregate::Away);
     let c = r.connect(&bob, 2, Status::Busy, info(&[]), 3).unwrap();
     assert_eq!(c.state.status, Aggregate::Busy);
     let c = r.connect(&bob, 3, Status::Online, info(&[]), 4).unwrap();
     assert_eq!(c.state.status, Aggregate::Online);
-    let c = r.set_status("bob", 3, Status::Invisible, None, 5).unwrap().unwrap();
+    let c = r
+        .set_status("bob", 3, Status::Invisible, None, 5)
+        .unwrap()
+        .unwrap();
     assert_eq!((c.state.status, c.state.devices), (Aggregate::Busy, 2));
 }
 
@@ -103,11 +111,16 @@ fn never_seen_watched_user_is_forgotten_on_unwatch() {
 fn group_membership_follows_visible_sessions() {
     let mut r = Registry::new();
     let u = uid("u");
-    let c = r.connect(&u, 1, Status::Online, info(&["a", "b"]), 1).unwrap();
+    let c = r
+        .connect(&u, 1, Status::Online, info(&["a", "b"]), 1)
+        .unwrap();
     assert_eq!(c.groups, vec![("a".into(), true), ("b".into(), true)]);
     let c = r.connect(&u, 2, Status::Online, info(&["c"]), 2).unwrap();
     assert_eq!(c.groups.len(), 3);
-    let c = r.set_status("u", 1, Status::Invisible, None, 3).unwrap().unwrap();
+    let c = r
+        .set_status("u", 1, Status::Invisible, None, 3)
+        .unwrap()
+        .unwrap();
     let mut g = c.groups.clone();
     g.sort();
     assert_eq!(
@@ -115,18 +128,39 @@ fn group_membership_follows_visible_sessions() {
         vec![("a".into(), false), ("b".into(), false), ("c".into(), true)]
     );
     let left = c.state.left_group();
-    assert_eq!((left.status, left.devices, left.seq), (Aggregate::Offline, 0, c.state.seq));
+    assert_eq!(
+        (left.status, left.devices, left.seq),
+        (Aggregate::Offline, 0, c.state.seq)
+    );
 }
 
 // ---- Reference model -------------------------------------------------------------------------
 
 #[derive(Clone, Debug)]
 enum Op {
-    Connect { user: u8, status: Status, groups: u8 },
-    Disconnect { user: u8, nth: u8 },
-    SetStatus { user: u8, nth: u8, status: Status, text: Option<u8> },
-    Watch { user: u8, shard: u8 },
-    Unwatch { user: u8, shard: u8 },
+    Connect {
+        user: u8,
+        status: Status,
+        groups: u8,
+    },
+    Disconnect {
+        user: u8,
+        nth: u8,
+    },
+    SetStatus {
+        user: u8,
+        nth: u8,
+        status: Status,
+        text: Option<u8>,
+    },
+    Watch {
+        user: u8,
+        shard: u8,
+    },
+    Unwatch {
+        user: u8,
+        shard: u8,
+    },
 }
 
 fn status() -> impl Strategy<Value = Status> {
@@ -147,7 +181,12 @@ fn op() -> impl Strategy<Value = Op> {
         }),
         (0..4u8, 0..4u8).prop_map(|(user, nth)| Op::Disconnect { user, nth }),
         (0..4u8, 0..4u8, status(), proptest::option::of(0..3u8)).prop_map(
-            |(user, nth, status, text)| Op::SetStatus { user, nth, status, text }
+            |(user, nth, status, text)| Op::SetStatus {
+                user,
+                nth,
+                status,
+                text
+            }
         ),
         (0..4u8, 0..3u8).prop_map(|(user, shard)| Op::Watch { user, shard }),
         (0..4u8, 0..3u8).prop_map(|(user, shard)| Op::Unwatch { user, shard }),
@@ -172,10 +211,7 @@ impl Model {
             .iter()
             .filter(|s| s.0 == user && s.2 != Status::Invisible)
             .collect();
-        let Some(top) = vis
-            .iter()
-            .max_by_key(|s| (s.2.visible().unwrap(), s.4))
-        else {
+        let Some(top) = vis.iter().max_by_key(|s| (s.2.visible().unwrap(), s.4)) else {
             return (Aggregate::Offline, None, 0, 0);
         };
         let groups = vis.iter().fold(0, |m, s| m | s.5);

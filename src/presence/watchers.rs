@@ -27,7 +27,10 @@ impl Watchers {
             return false;
         };
         let count = &mut self.0[pos].1;
-        assert!(*count > 0, "a watcher entry is removed when its count reaches zero");
+        assert!(
+            *count > 0,
+            "a watcher entry is removed when its count reaches zero"
+        );
         *count -= 1;
         if *count == 0 {
             self.0.swap_remove(pos);

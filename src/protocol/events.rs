@@ -198,7 +198,11 @@ mod tests {
         let mut cur = Cursor::new(bytes);
         let (header, len) = FrameHeader::parse(&mut cur).unwrap().unwrap();
         let body = &bytes[cur.position() as usize..];
-        assert_eq!(body.len() as u64, len, "frame length covers exactly the payload");
+        assert_eq!(
+            body.len() as u64,
+            len,
+            "frame length covers exactly the payload"
+        );
         (header, serde_json::from_slice(body).unwrap())
     }
 

@@ -150,8 +150,16 @@ pub fn parse(text: &str, limits: &OpLimits) -> Result<Request, OpError> {
                 .ok()
                 .and_then(|i| i.id)
                 .filter(valid_id);
-            let what = if e.is_data() { "bad field" } else { "invalid JSON" };
-            return Err(OpError::new(id, ErrorCode::BadRequest, format!("{what}: {e}")));
+            let what = if e.is_data() {
+                "bad field"
+            } else {
+                "invalid JSON"
+            };
+            return Err(OpError::new(
+                id,
+                ErrorCode::BadRequest,
+                format!("{what}: {e}"),
+            ));
         }
     };
     let id = raw.id.as_ref().filter(|i| valid_id(i)).cloned();
@@ -225,9 +233,7 @@ pub fn parse(text: &str, limits: &OpLimits) -> Result<Request, OpError> {
             Op::SetStatus { status, text }
         }
         "activity" => {
-            let kind = raw
-                .kind
-                .ok_or_else(|| bad("missing field `kind`".into()))?;
+            let kind = raw.kind.ok_or_else(|| bad("missing field `kind`".into()))?;
             if kind.is_empty() || kind.chars().count() > limits.max_kind_chars {
                 return Err(bad(format!(
                     "`kind` must be 1 to {} characters",

@@ -40,7 +40,10 @@ fn parses_every_op() {
             to: Some("bob".into())
         }
     );
-    assert_eq!(ok(r#"{"op":"refresh","token":"t"}"#).op, Op::Refresh("t".into()));
+    assert_eq!(
+        ok(r#"{"op":"refresh","token":"t"}"#).op,
+        Op::Refresh("t".into())
+    );
     assert_eq!(ok(r#"{"op":"ping"}"#).op, Op::Ping);
 }
 
@@ -63,7 +66,11 @@ fn bad_input_is_a_typed_error_with_the_id_when_known() {
 
     let e = err(r#"{"op":"subscribe","users":"alice","id":7}"#);
     assert_eq!(e.code, ErrorCode::BadRequest);
-    assert_eq!(e.id.unwrap().get(), "7", "id echoed even when a field has the wrong type");
+    assert_eq!(
+        e.id.unwrap().get(),
+        "7",
+        "id echoed even when a field has the wrong type"
+    );
 
     let e = err(r#"{"op":"fly","id":"x"}"#);
     assert_eq!(e.code, ErrorCode::UnknownOp);
@@ -72,7 +79,10 @@ fn bad_input_is_a_typed_error_with_the_id_when_known() {
     assert_eq!(err(r#"{"id":1}"#).message, "missing field `op`");
     assert_eq!(err(r#"{"op":5}"#).message, "`op` must be a string");
     assert_eq!(err(r#"[1,2]"#).code, ErrorCode::BadRequest);
-    assert_eq!(err(r#"{"op":"subscribe"}"#).message, "missing field `users`");
+    assert_eq!(
+        err(r#"{"op":"subscribe"}"#).message,
+        "missing field `users`"
+    );
     assert!(err(r#"{"op":"set_status","status":"sleeping"}"#)
         .message
         .contains("unknown status"));

@@ -113,15 +113,21 @@ impl Decoder {
     }
 
     /// The next complete inbound item, `Ok(None)` when more bytes are needed.
-    pub fn next(&mut self) -> Result<Option<Inbound>, CodecError> {
+    pub fn decode(&mut self) -> Result<Option<Inbound>, CodecError> {
         loop {
             if self.current.is_none() && !self.start_frame()? {
                 self.release_if_idle();
                 return Ok(None);
             }
-            let cur = self.current.as_mut().expect("start_frame set the current frame");
+            let cur = self
+                .current
+                .as_mut()
+                .expect("start_frame set the current frame");
             let take = cur.remaining.min(self.buf.len() as u64) as usize;
-            let mask = cur.header.mask.expect("start_frame requires masked client frames");
+            let mask = cur
+                .header
+                .mask
+                .expect("start_frame requires masked client frames");
             let mut chunk = self.buf.split_to(take);
             for (i, b) in chunk.iter_mut().enumerate() {
                 *b ^= mask[(self.mask_pos + i) & 3];
@@ -156,7 +162,9 @@ impl Decoder {
         };
         let consumed = cursor.position() as usize;
         if header.rsv1 || header.rsv2 || header.rsv3 {
-            return Err(CodecError::Protocol("reserved bits set without an extension"));
+            return Err(CodecError::Protocol(
+                "reserved bits set without an extension",
+            ));
         }
         if header.mask.is_none() {
             return Err(CodecError::Protocol("client frames must be masked"));
@@ -227,7 +235,10 @@ impl Decoder {
         if !cur.header.is_final {
             return Ok(None);
         }
-        let msg = self.message.take().expect("data frames belong to a message");
+        let msg = self
+            .message
+            .take()
+            .expect("data frames belong to a message");
         Ok(Some(match (msg.text, msg.data) {
             (true, Some(data)) => {
                 std::str::from_utf8(&data).map_err(|_| CodecError::BadUtf8)?;

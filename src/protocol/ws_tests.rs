@@ -22,7 +22,7 @@ fn text(p: &str) -> Vec<u8> {
 
 fn drain(d: &mut Decoder) -> Vec<Inbound> {
     let mut out = Vec::new();
-    while let Some(item) = d.next().unwrap() {
+    while let Some(item) = d.decode().unwrap() {
         out.push(item);
     }
     out
@@ -48,7 +48,10 @@ fn decodes_whole_and_byte_by_byte() {
         got.extend(drain(&mut d));
     }
     assert_eq!(got.len(), 2);
-    assert_eq!(got[0], Inbound::Text(Bytes::from_static(br#"{"op":"ping"}"#)));
+    assert_eq!(
+        got[0],
+        Inbound::Text(Bytes::from_static(br#"{"op":"ping"}"#))
+    );
 }
 
 #[test]
@@ -80,14 +83,21 @@ fn oversized_messages_are_skipped_then_the_next_one_decodes() {
             Inbound::Text(Bytes::from_static(b"ok"))
         ]
     );
-    assert!(d.held_bytes() <= IDLE_BUF_KEEP, "buffers are released once idle");
+    assert!(
+        d.held_bytes() <= IDLE_BUF_KEEP,
+        "buffers are released once idle"
+    );
 }
 
 #[test]
 fn fragmented_message_over_the_soft_limit_is_too_large() {
     let part = "y".repeat(600);
     let mut wire = client_frame(OpCode::Data(Data::Text), false, part.as_bytes());
-    wire.extend(client_frame(OpCode::Data(Data::Continue), true, part.as_bytes()));
+    wire.extend(client_frame(
+        OpCode::Data(Data::Continue),
+        true,
+        part.as_bytes(),
+    ));
     let mut d = Decoder::new(1024, 4096);
     d.feed(&wire);
     assert_eq!(drain(&mut d), vec![Inbound::TooLarge(1200)]);
@@ -96,23 +106,38 @@ fn fragmented_message_over_the_soft_limit_is_too_large() {
 #[test]
 fn violations_are_errors_with_close_codes() {
     let cases: Vec<(Vec<u8>, u16)> = vec![
-        (client_frame(OpCode::Data(Data::Text), true, &vec![b'a'; 5000]), 1009),
-        (client_frame(OpCode::Data(Data::Text), true, &[0xff, 0xfe]), 1007),
+        (
+            client_frame(OpCode::Data(Data::Text), true, &vec![b'a'; 5000]),
+            1009,
+        ),
+        (
+            client_frame(OpCode::Data(Data::Text), true, &[0xff, 0xfe]),
+            1007,
+        ),
         (client_frame(OpCode::Data(Data::Continue), true, b"x"), 1002),
-        (client_frame(OpCode::Control(Control::Ping), false, b"x"), 1002),
-        (client_frame(OpCode::Data(Data::Reserved(3)), true, b"x"), 1002),
-        ({
-            let mut f = Vec::new();
-            header(OpCode::Data(Data::Text)).format(2, &mut f).unwrap();
-            f.extend_from_slice(b"hi");
-            f
-        }, 1002),
+        (
+            client_frame(OpCode::Control(Control::Ping), false, b"x"),
+            1002,
+        ),
+        (
+            client_frame(OpCode::Data(Data::Reserved(3)), true, b"x"),
+            1002,
+        ),
+        (
+            {
+                let mut f = Vec::new();
+                header(OpCode::Data(Data::Text)).format(2, &mut f).unwrap();
+                f.extend_from_slice(b"hi");
+                f
+            },
+            1002,
+        ),
     ];
     for (wire, code) in cases {
         let mut d = Decoder::new(1024, 4096);
         d.feed(&wire);
         let err = loop {
-            match d.next() {
+            match d.decode() {
                 Ok(Some(_)) => continue,
                 Ok(None) => panic!("expected an error for close code {code}"),
                 Err(e) => break e,
@@ -127,12 +152,22 @@ fn close_frames_parse_and_encode() {
     let mut payload = 4000u16.to_be_bytes().to_vec();
     payload.extend_from_slice(b"bye");
     let mut d = Decoder::new(1024, 4096);
-    d.feed(&client_frame(OpCode::Control(Control::Close), true, &payload));
-    assert_eq!(drain(&mut d), vec![Inbound::Close(Some((4000, "bye".into())))]);
+    d.feed(&client_frame(
+        OpCode::Control(Control::Close),
+        true,
+        &payload,
+    ));
+    assert_eq!(
+        drain(&mut d),
+        vec![Inbound::Close(Some((4000, "bye".into())))]
+    );
     let f = close_frame(4003, &"é".repeat(100));
     assert!(f.len() <= 2 + 125);
     assert_eq!(&f[2..4], &4003u16.to_be_bytes());
-    assert!(std::str::from_utf8(&f[4..]).is_ok(), "reason cut on a char boundary");
+    assert!(
+        std::str::from_utf8(&f[4..]).is_ok(),
+        "reason cut on a char boundary"
+    );
     assert!(is_valid_close_code(1000) && is_valid_close_code(4001));
     assert!(!is_valid_close_code(1005) && !is_valid_close_code(999));
 }
@@ -145,7 +180,7 @@ proptest::proptest! {
         for c in chunks {
             d.feed(&c);
             loop {
-                match d.next() {
+                match d.decode() {
                     Ok(Some(_)) => continue,
                     Ok(None) => break,
                     Err(e) => { proptest::prop_assert!(e.close_code() >= 1002); return Ok(()); }

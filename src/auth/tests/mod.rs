@@ -1,8 +1,9 @@
 //! Unit tests for `auth`: HMAC tokens (`hmac`), RSA/EC/Ed keys from PEM files and JWKS
-//! (`asymmetric`), and config mistakes reported at startup (`setup`). Keys are the fixed test-only
-//! fixtures in `tests/fixtures/keys/`, so no key is generated at test time.
+//! (`asymmetric`), config mistakes reported at startup (`setup`), hostile input (`fuzz`). Keys are
+//! the fixed test-only fixtures in `tests/fixtures/keys/`, so no key is generated at test time.
 
 mod asymmetric;
+mod fuzz;
 mod hmac;
 mod setup;
 

@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use base64::Engine as _;
+
 use super::{fixture, TempFile, SECRET};
 use crate::auth::{AuthConfig, KeyConfig, Verifier};
 
@@ -166,6 +168,15 @@ fn jwks_errors_name_the_key() {
     assert!(
         err.starts_with("auth.jwks: key `k9`: RSA modulus is 17 bits; accepted: 2048..=4096"),
         "{err}"
+    );
+    // An odd 2048-bit modulus, so that only the exponent is wrong.
+    let n = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode([0xC7u8; 256]);
+    let (_f, err) = with_jwks(&format!(
+        r#"{{"keys":[{{"kty":"RSA","kid":"k10","n":"{n}","e":"AQ"}}]}}"#
+    ));
+    assert_eq!(
+        err,
+        "auth.jwks: key `k10`: RSA exponent must be odd and in 3..=8589934591"
     );
     let (_f, err) = with_jwks(r#"{"keys":[{"kty":"RSA","n":"AQAB","e":"AQAB"}]}"#);
     assert_eq!(err, "auth.jwks: key #0: no `kid`");

@@ -1,0 +1,168 @@
+//! Proves the binary's entry points as a newcomer uses them: `serve` with no configuration prints
+//! a working secret, token and URL (the README walk-through, over real sockets); `token` mints a
+//! token the server accepts; `check-config` prints the effective config or names the bad key.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+const BIN: &str = env!("CARGO_BIN_EXE_presenced");
+
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn serve_with_no_config_prints_a_working_quickstart() {
+    let port = free_port();
+    let mut child = Running(
+        Command::new(BIN)
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--shards",
+                "2",
+            ])
+            .args(["--placement", "unbound"])
+            .env_remove("PRESENCED_JWT_SECRET")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = BufReader::new(child.0.stdout.take().unwrap());
+    let (mut secret, mut url) = (None, None);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for line in stdout.lines() {
+        let line = line.unwrap();
+        if let Some(s) = line.trim().strip_prefix("secret:") {
+            secret = Some(s.trim().to_owned());
+        }
+        if let Some(u) = line.trim().strip_prefix("connect:") {
+            url = Some(u.trim().to_owned());
+            break;
+        }
+        assert!(Instant::now() < deadline, "quickstart not printed");
+    }
+    let (secret, url) = (secret.expect("secret printed"), url.expect("url printed"));
+    let token = url.split("token=").nth(1).unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+
+    // The walk-through: alice (printed token) watches bob (token from `presenced token`).
+    let mut alice = common::Client::connect(addr, token);
+    assert_eq!(alice.welcome["user"], "alice");
+    let out = Command::new(BIN)
+        .args([
+            "token", "--secret", &secret, "--sub", "bob", "--groups", "team,ops",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let bob_token = String::from_utf8(out.stdout).unwrap();
+    alice.subscribe(&["bob"]);
+    let _bob = common::Client::connect(addr, bob_token.trim());
+    let ev = alice.presence_of("bob");
+    assert_eq!(
+        (ev["status"].as_str(), ev["devices"].as_u64()),
+        (Some("online"), Some(1))
+    );
+    assert_eq!(alice.request(json!({"op":"ping"}))["type"], "pong");
+}
+
+#[test]
+fn sigterm_closes_sessions_with_1001_and_exits_zero() {
+    let port = free_port();
+    let secret = "a-secret-for-the-sigterm-test";
+    let mut child = Running(
+        Command::new(BIN)
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--shards",
+                "2",
+            ])
+            .args(["--placement", "unbound", "--jwt-secret", secret])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let token = presenced::auth::mint_hs256(
+        secret,
+        &presenced::auth::TokenSpec::new("leaver", Duration::from_secs(60)),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut c = common::Client::connect(addr, &token);
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
+    assert_eq!(c.close_code(), 1001);
+    let status = child.0.wait().unwrap();
+    assert!(status.success(), "exit status {status}");
+}
+
+#[test]
+fn check_config_prints_effective_config_or_names_the_bad_key() {
+    let dir = std::env::temp_dir().join(format!("presenced-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good.toml");
+    std::fs::File::create(&good)
+        .unwrap()
+        .write_all(b"listen = \"0.0.0.0:9000\"\njwt_secret = \"0123456789abcdef0123\"\n[limits]\nmax_subscriptions = 50\n")
+        .unwrap();
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success());
+    assert!(text.contains("listen = \"0.0.0.0:9000\"") && text.contains("max_subscriptions = 50"));
+    assert!(
+        !text.contains("0123456789abcdef0123"),
+        "the secret is redacted"
+    );
+
+    for (body, key) in [
+        ("lisen = \"x\"\n", "lisen"),
+        ("[limits]\nmax_subscriptions = \"many\"\n", "max_subscriptions"),
+        ("jwt_secret = \"short\"\n", "jwt_secret"),
+        ("jwt_secret = \"0123456789abcdef0123\"\n[[auth.keys]]\nalg = \"RS256\"\npem = \"/nonexistent.pem\"\n", "auth.keys[0]"),
+    ] {
+        let bad = dir.join("bad.toml");
+        std::fs::write(&bad, body).unwrap();
+        let out = Command::new(BIN)
+            .args(["check-config", "--config"])
+            .arg(&bad)
+            .output()
+            .unwrap();
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(!out.status.success(), "{body} should fail");
+        assert!(err.contains(key), "error `{err}` should name `{key}`");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
