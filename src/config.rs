@@ -27,6 +27,10 @@ pub struct Config {
     pub heartbeat_ms: u64,
     /// How long shutdown waits for sessions to close before exiting.
     pub shutdown_deadline_ms: u64,
+    /// Origins allowed to open WebSockets (exact match, e.g. "https://app.example.com"); empty
+    /// allows all. Requests without an Origin header (non-browser clients) are allowed.
+    pub allowed_origins: Vec<String>,
+    pub tls: TlsConfig,
     pub auth: AuthConfig,
     pub limits: Limits,
     pub mesh: MeshConfig,
@@ -39,6 +43,35 @@ pub enum Placement {
     MaxPack,
     Fixed,
     Unbound,
+}
+
+/// TLS for the WebSocket listener (`[tls]`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain. TLS is on when `cert` and `key` are set.
+    pub cert: Option<std::path::PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: Option<std::path::PathBuf>,
+    /// Address for TLS connections. Unset: `listen` itself speaks TLS. Set: TLS here, plain
+    /// WebSocket stays on `listen` (side by side).
+    pub listen: Option<SocketAddr>,
+}
+
+impl TlsConfig {
+    pub fn enabled(&self) -> bool {
+        self.cert.is_some() || self.key.is_some()
+    }
+}
+
+/// What to do when a user opens more than `max_sessions_per_user` sessions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionPolicy {
+    /// Close the new session with 4009.
+    RejectNew,
+    /// Close the user's oldest session with 4009 and admit the new one.
+    EvictOldest,
 }
 
 /// Per-connection and per-handshake limits (`[limits]`).
@@ -61,6 +94,18 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// Time allowed from accept to a complete upgrade request.
     pub handshake_timeout_ms: u64,
+    /// Sessions (devices) one user may hold; 0 means no limit.
+    pub max_sessions_per_user: usize,
+    /// `reject_new` or `evict_oldest`, past `max_sessions_per_user`.
+    pub session_policy: SessionPolicy,
+    /// Upgrades per second per client IP, per shard, with a burst of the same size; 0 disables.
+    pub handshake_rate_per_ip: u32,
+    /// Client IPs one shard tracks for the handshake rate limit.
+    pub max_tracked_ips: usize,
+    /// Ops per second per connection, with a burst of the same size; 0 disables.
+    pub ops_per_second: u32,
+    /// Open connections one shard serves; past it, upgrades get 503.
+    pub max_connections_per_shard: usize,
     /// Replies (acks, errors, pongs) queued for a client that does not read them; past this the
     /// connection is closed with 4008.
     pub max_pending_replies: usize,
@@ -90,6 +135,8 @@ impl Default for Config {
             jwt_secret: None,
             heartbeat_ms: 25_000,
             shutdown_deadline_ms: 5_000,
+            allowed_origins: Vec::new(),
+            tls: TlsConfig::default(),
             auth: AuthConfig::default(),
             limits: Limits::default(),
             mesh: MeshConfig::default(),
@@ -109,6 +156,12 @@ impl Default for Limits {
             max_text_chars: ops.max_text_chars,
             max_header_bytes: 8 * 1024,
             handshake_timeout_ms: 5_000,
+            max_sessions_per_user: 16,
+            session_policy: SessionPolicy::EvictOldest,
+            handshake_rate_per_ip: 50,
+            max_tracked_ips: 100_000,
+            ops_per_second: 50,
+            max_connections_per_shard: 500_000,
             max_pending_replies: 1024,
             max_pending_events: 4096,
         }
@@ -170,10 +223,24 @@ impl Config {
             ("limits.max_pending_replies", l.max_pending_replies),
             ("limits.max_pending_events", l.max_pending_events),
             ("mesh.inbox_capacity", self.mesh.inbox_capacity),
+            ("limits.max_tracked_ips", l.max_tracked_ips),
+            (
+                "limits.max_connections_per_shard",
+                l.max_connections_per_shard,
+            ),
         ] {
             if v == 0 {
                 return bad(key, "must be at least 1");
             }
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return bad("tls", "`cert` and `key` go together");
+        }
+        if self.tls.listen.is_some() && !self.tls.enabled() {
+            return bad("tls.listen", "needs `tls.cert` and `tls.key`");
+        }
+        if self.tls.listen == Some(self.listen) {
+            return bad("tls.listen", "must differ from `listen`");
         }
         if l.max_header_bytes < 256 {
             return bad("limits.max_header_bytes", "at least 256");

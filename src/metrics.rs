@@ -43,6 +43,12 @@ counters! {
     handshakes_bad_request,
     /// Clients that did not finish the upgrade request in time.
     handshakes_timed_out,
+    /// Upgrades refused by the per-IP handshake rate limit (429).
+    handshakes_rate_limited,
+    /// Upgrades refused for their Origin (403).
+    handshakes_forbidden,
+    /// Upgrades refused because the shard was full or stopping (503).
+    handshakes_unavailable,
     /// Accepted sockets handed to their owner shard.
     handoffs_out,
     /// Sockets received from another shard.
@@ -51,6 +57,20 @@ counters! {
     ops,
     /// Ops answered with an `error`.
     op_errors,
+    /// Ops refused by the per-connection rate limit (`rate_limited`).
+    ops_rate_limited,
+    /// Connections closed for sustained op-rate abuse (4008).
+    rate_abuse_closes,
+    /// Frames waiting in connection outboxes right now (gauge).
+    outbox_pending,
+    /// Sessions refused (reject_new) or evicted (evict_oldest) by the per-user limit (4009).
+    session_limit_closes,
+    /// Connections closed because their token expired (4001).
+    token_expiry_closes,
+    /// Connections closed after two silent heartbeat intervals.
+    heartbeat_timeouts,
+    /// Liveness pings sent.
+    pings_sent,
     /// Events written to client connections (presence, activity, snapshots).
     deliveries,
     /// Undelivered events replaced by a newer state of the same user.
@@ -82,5 +102,12 @@ impl ShardMetrics {
 
     pub fn set(counter: &AtomicU64, v: u64) {
         counter.store(v, Relaxed);
+    }
+}
+
+impl ShardMetrics {
+    /// Lowers a gauge.
+    pub fn sub(counter: &AtomicU64, n: u64) {
+        counter.fetch_sub(n, Relaxed);
     }
 }

@@ -5,6 +5,7 @@
 //! the user — hands the socket and any bytes already read to that owner over the mesh. The owner
 //! answers the upgrade and serves the connection, so all of a user's devices live on one shard.
 
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::rc::Rc;
 use std::time::Duration;
@@ -64,13 +65,17 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) {
         Err(Reject::new(408, "upgrade request not received in time"))
     })
     .await;
-    let accepted = head.and_then(|(buf, req)| authenticate(&shard, buf, req));
+    let accepted = head
+        .and_then(|(buf, req)| admit(&shard, peer, &req).map(|()| (buf, req)))
+        .and_then(|(buf, req)| authenticate(&shard, buf, req));
     let accepted = match accepted {
         Ok(a) => a,
         Err(reject) => {
             let counter = match reject.status {
-                401 | 403 => &shard.metrics.handshakes_unauthorized,
+                401 => &shard.metrics.handshakes_unauthorized,
+                403 => &shard.metrics.handshakes_forbidden,
                 408 => &shard.metrics.handshakes_timed_out,
+                429 => &shard.metrics.handshakes_rate_limited,
                 _ => &shard.metrics.handshakes_bad_request,
             };
             ShardMetrics::inc(counter);
@@ -173,6 +178,27 @@ async fn read_head(
             return Err(Reject::new(431, "upgrade request head too large"));
         }
     }
+}
+
+/// Cheap checks before the token is verified: the per-IP rate limit and the Origin allowlist.
+fn admit(shard: &Shard, peer: SocketAddr, req: &http::UpgradeRequest) -> Result<(), Reject> {
+    if !shard
+        .ip_limiter
+        .borrow_mut()
+        .allow(peer.ip(), crate::shard::now_ms())
+    {
+        return Err(Reject::new(
+            429,
+            "too many connection attempts from this address",
+        ));
+    }
+    let allowed = &shard.cfg.allowed_origins;
+    if let Some(origin) = &req.origin {
+        if !allowed.is_empty() && !allowed.iter().any(|a| a.eq_ignore_ascii_case(origin)) {
+            return Err(Reject::new(403, "origin not allowed"));
+        }
+    }
+    Ok(())
 }
 
 /// Token, device and impersonation checks on a parsed request.

@@ -22,7 +22,9 @@ use hashbrown::HashMap;
 
 use super::http;
 use super::outbox::{Key, Outbox, Queued};
+use super::ratelimit::{OpLimiter, OpVerdict};
 use crate::auth::Claims;
+use crate::config::SessionPolicy;
 use crate::metrics::ShardMetrics;
 use crate::presence::{DeviceType, GroupId, SessionId, SessionInfo, Status, UserId};
 use crate::protocol::ops::{self, ErrorCode, Op, Request};
@@ -38,6 +40,15 @@ pub enum SubState {
     Live,
 }
 
+/// A request to close: the code, a short reason, and whether to flush queued frames first
+/// (graceful shutdown) or close at once (kick, violation, eviction).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CloseRequest {
+    pub code: u16,
+    pub reason: &'static str,
+    pub flush: bool,
+}
+
 /// The part of a connection the shard reaches: its outbox, its subscriptions, and a way to wake
 /// or close it.
 pub struct ConnHandle {
@@ -45,18 +56,22 @@ pub struct ConnHandle {
     pub user: UserId,
     outbox: RefCell<Outbox>,
     waker: RefCell<Option<Waker>>,
-    /// Set to close the connection with this code and reason at the next poll.
-    close: Cell<Option<(u16, &'static str)>>,
+    /// Set to close the connection at the next poll; the first request wins.
+    close: Cell<Option<CloseRequest>>,
     pub watching: RefCell<HashMap<UserId, SubState>>,
     pub watching_groups: RefCell<HashMap<GroupId, SubState>>,
     /// Token expiry (seconds since epoch); moved by `refresh`.
     pub expires_at: Cell<u64>,
     /// The session's own status (for `activity` from invisible sessions).
     pub status: Cell<Status>,
+    /// When bytes last arrived from the client (ms since epoch), for liveness.
+    pub last_rx_ms: Cell<u64>,
+    limiter: RefCell<OpLimiter>,
+    metrics: Arc<ShardMetrics>,
 }
 
 impl ConnHandle {
-    fn new(id: SessionId, user: UserId, expires_at: u64, shard: &Shard) -> ConnHandle {
+    fn new(id: SessionId, user: UserId, expires_at: u64, shard: &Shard, now: u64) -> ConnHandle {
         ConnHandle {
             id,
             user,
@@ -70,13 +85,16 @@ impl ConnHandle {
             watching_groups: RefCell::new(HashMap::new()),
             expires_at: Cell::new(expires_at),
             status: Cell::new(Status::Online),
+            last_rx_ms: Cell::new(now),
+            limiter: RefCell::new(OpLimiter::new(shard.cfg.limits.ops_per_second, now)),
+            metrics: shard.metrics.clone(),
         }
     }
 
     /// Queues an event (coalescing by key) and wakes the connection.
     pub fn push_event(&self, key: Key, frame: Bytes, metrics: &ShardMetrics) {
         match self.outbox.borrow_mut().push_event(key, frame) {
-            Queued::New => {}
+            Queued::New => ShardMetrics::inc(&metrics.outbox_pending),
             Queued::Coalesced => ShardMetrics::inc(&metrics.coalesced),
             Queued::Dropped => ShardMetrics::inc(&metrics.outbox_dropped),
         }
@@ -87,23 +105,40 @@ impl ConnHandle {
     pub fn push_reply(&self, frame: Bytes) {
         if self.outbox.borrow_mut().push_reply(frame).is_err() {
             self.request_close(4008, "replies not read");
+        } else {
+            ShardMetrics::inc(&self.metrics.outbox_pending);
         }
         self.wake();
     }
 
     pub fn cancel(&self, key: &Key) {
-        self.outbox.borrow_mut().cancel(key);
+        if self.outbox.borrow_mut().cancel(key) {
+            ShardMetrics::sub(&self.metrics.outbox_pending, 1);
+        }
     }
 
-    /// Asks the connection to close with `code`; the first request wins.
+    /// Asks the connection to close at once with `code`; the first request wins.
     pub fn request_close(&self, code: u16, reason: &'static str) {
+        self.close_with(CloseRequest {
+            code,
+            reason,
+            flush: false,
+        });
+    }
+
+    /// Whether a close has been requested (the connection is on its way out).
+    pub fn closing(&self) -> bool {
+        self.close.get().is_some()
+    }
+
+    pub fn close_with(&self, req: CloseRequest) {
         if self.close.get().is_none() {
-            self.close.set(Some((code, reason)));
+            self.close.set(Some(req));
         }
         self.wake();
     }
 
-    /// Backlog length (frames waiting to be written).
+    /// Frames waiting to be written.
     pub fn backlog(&self) -> usize {
         self.outbox.borrow().len()
     }
@@ -112,6 +147,15 @@ impl ConnHandle {
         if let Some(w) = self.waker.borrow().as_ref() {
             w.wake_by_ref();
         }
+    }
+}
+
+impl Drop for ConnHandle {
+    fn drop(&mut self) {
+        ShardMetrics::sub(
+            &self.metrics.outbox_pending,
+            self.outbox.get_mut().len() as u64,
+        );
     }
 }
 
@@ -143,12 +187,64 @@ struct Io {
     close_sent: bool,
 }
 
+/// Why the owner shard refuses a connection before answering its upgrade.
+fn admission(shard: &Shard) -> Result<(), (u16, &'static str)> {
+    if shard.stopping.get() {
+        return Err((503, "server shutting down"));
+    }
+    if shard.conns.borrow().len() >= shard.cfg.limits.max_connections_per_shard {
+        return Err((503, "server full"));
+    }
+    Ok(())
+}
+
+/// Applies `max_sessions_per_user` to a new session of `user`. False: refuse the new one.
+fn session_limit(shard: &Shard, user: &str) -> bool {
+    let limits = &shard.cfg.limits;
+    let max = limits.max_sessions_per_user;
+    let mut ids: Vec<SessionId> = shard
+        .registry
+        .borrow()
+        .sessions(user)
+        .iter()
+        .map(|s| s.id)
+        .collect();
+    if max == 0 || ids.len() < max {
+        return true;
+    }
+    if limits.session_policy == SessionPolicy::RejectNew {
+        ShardMetrics::inc(&shard.metrics.session_limit_closes);
+        return false;
+    }
+    // Ids grow per shard and all of a user's sessions are on this shard: smallest = oldest.
+    ids.sort_unstable();
+    let conns = shard.conns.borrow();
+    for id in &ids[..=ids.len() - max] {
+        if let Some(c) = conns.get(id) {
+            ShardMetrics::inc(&shard.metrics.session_limit_closes);
+            c.request_close(4009, "session evicted: too many sessions for this user");
+        }
+    }
+    true
+}
+
 /// Serves the connection until it closes, then removes the session and its subscriptions.
-pub async fn serve(shard: Rc<Shard>, setup: Setup) {
+pub async fn serve(shard: Rc<Shard>, mut setup: Setup) {
+    if let Err((status, reason)) = admission(&shard) {
+        ShardMetrics::inc(&shard.metrics.handshakes_unavailable);
+        reject(&mut setup.stream, status, reason).await;
+        return;
+    }
     let now = now_ms();
     let id = shard.next_session_id();
     let user: UserId = setup.claims.sub.as_str().into();
-    let conn = Rc::new(ConnHandle::new(id, user.clone(), setup.claims.exp, &shard));
+    let conn = Rc::new(ConnHandle::new(
+        id,
+        user.clone(),
+        setup.claims.exp,
+        &shard,
+        now,
+    ));
     let limits = &shard.cfg.limits;
     let mut io = Io {
         stream: setup.stream,
@@ -157,63 +253,73 @@ pub async fn serve(shard: Rc<Shard>, setup: Setup) {
         wpos: 0,
         close_sent: false,
     };
-    let session = format!("{id:x}");
-    conn.push_reply(events::welcome(
-        &session,
-        &user,
-        usize::from(shard.ix),
-        shard.cfg.heartbeat_ms,
-    ));
-    let info = SessionInfo {
-        device: setup.device.map(Into::into),
-        device_type: setup.device_type,
-        region: setup.claims.region.as_deref().map(Into::into),
-        groups: setup
-            .claims
-            .groups
-            .iter()
-            .map(|g| GroupId::from(g.as_str()))
-            .collect(),
-        roles: setup
-            .claims
-            .roles
-            .iter()
-            .map(|r| Arc::from(r.as_str()))
-            .collect(),
-        ip: setup.peer.ip(),
-        connected_at_ms: now,
-    };
-    shard.conns.borrow_mut().insert(id, conn.clone());
-    ShardMetrics::inc(&shard.metrics.connections);
     ShardMetrics::inc(&shard.metrics.handshakes_ok);
-    let change = shard
-        .registry
-        .borrow_mut()
-        .connect(&user, id, Status::Online, info, now);
-    if let Some(change) = change {
-        shard.publish(change);
+    let admitted = session_limit(&shard, &user);
+    let session = format!("{id:x}");
+    if admitted {
+        conn.push_reply(events::welcome(
+            &session,
+            &user,
+            usize::from(shard.ix),
+            shard.cfg.heartbeat_ms,
+        ));
+        let info = SessionInfo {
+            device: setup.device.map(Into::into),
+            device_type: setup.device_type,
+            region: setup.claims.region.as_deref().map(Into::into),
+            groups: setup
+                .claims
+                .groups
+                .iter()
+                .map(|g| GroupId::from(g.as_str()))
+                .collect(),
+            roles: setup
+                .claims
+                .roles
+                .iter()
+                .map(|r| Arc::from(r.as_str()))
+                .collect(),
+            ip: setup.peer.ip(),
+            connected_at_ms: now,
+        };
+        shard.conns.borrow_mut().insert(id, conn.clone());
+        shard.expiries.borrow_mut().insert((setup.claims.exp, id));
+        ShardMetrics::inc(&shard.metrics.connections);
+        let change = shard
+            .registry
+            .borrow_mut()
+            .connect(&user, id, Status::Online, info, now);
+        if let Some(change) = change {
+            shard.publish(change);
+        }
+        tracing::debug!(session = %session, user = %user, peer = %setup.peer, "session open");
+        // Frames the client sent along with its upgrade request are handled before anything.
+        io.decoder.feed(&setup.early);
+        decode_all(&shard, &conn, &mut io.decoder);
+    } else {
+        conn.request_close(4009, "too many sessions for this user");
     }
-    tracing::debug!(session = %session, user = %user, peer = %setup.peer, "session open");
-    // Frames the client sent along with its upgrade request are handled before anything else.
-    io.decoder.feed(&setup.early);
-    decode_all(&shard, &conn, &mut io.decoder);
 
     let clean = poll_fn(|cx| drive(&shard, &conn, &mut io, cx)).await;
+    // The session ends now, not after the linger: subscribers learn at once.
+    if admitted {
+        shard.conns.borrow_mut().remove(&id);
+        shard
+            .expiries
+            .borrow_mut()
+            .remove(&(conn.expires_at.get(), id));
+        shard.unwatch_all(&conn);
+        let change = shard.registry.borrow_mut().disconnect(&user, id, now_ms());
+        if let Some(change) = change {
+            shard.publish(change);
+        }
+        ShardMetrics::sub(&shard.metrics.connections, 1);
+        tracing::debug!(session = %session, user = %user, "session closed");
+    }
+    drop(conn);
     if clean {
         linger(&mut io.stream).await;
     }
-
-    shard.conns.borrow_mut().remove(&id);
-    shard.unwatch_all(&conn);
-    let change = shard.registry.borrow_mut().disconnect(&user, id, now_ms());
-    if let Some(change) = change {
-        shard.publish(change);
-    }
-    shard
-        .metrics
-        .connections
-        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    tracing::debug!(session = %session, user = %user, "session closed");
 }
 
 /// After our close frame: stop sending, let the peer's close (or EOF) arrive so the kernel does
@@ -247,6 +353,7 @@ fn drive(shard: &Shard, conn: &ConnHandle, io: &mut Io, cx: &mut Context<'_>) ->
             match Pin::new(&mut io.stream).poll_read(cx, &mut chunk) {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(false),
                 Poll::Ready(Ok(n)) => {
+                    conn.last_rx_ms.set(now_ms());
                     io.decoder.feed(&chunk[..n]);
                     progress = true;
                     decode_all(shard, conn, &mut io.decoder);
@@ -255,12 +362,16 @@ fn drive(shard: &Shard, conn: &ConnHandle, io: &mut Io, cx: &mut Context<'_>) ->
             }
         }
         if !io.close_sent {
-            if let Some((code, reason)) = conn.close.take() {
-                // Close promptly: what is still queued will not be read by a closing client.
-                io.wbuf.extend_from_slice(&ws::close_frame(code, reason));
-                io.close_sent = true;
-            } else if io.wpos == io.wbuf.len() {
-                fill(shard, conn, io);
+            let drained = io.wpos == io.wbuf.len();
+            match conn.close.get() {
+                // Close at once, or (graceful shutdown) once everything queued is written.
+                Some(req) if !req.flush || (drained && conn.backlog() == 0) => {
+                    io.wbuf
+                        .extend_from_slice(&ws::close_frame(req.code, req.reason));
+                    io.close_sent = true;
+                }
+                _ if drained => fill(shard, conn, io),
+                _ => {}
             }
         }
         if io.wpos < io.wbuf.len() {
@@ -292,14 +403,16 @@ fn fill(shard: &Shard, conn: &ConnHandle, io: &mut Io) {
         io.wbuf = Vec::new(); // a huge snapshot went out; don't keep its buffer
     }
     let mut outbox = conn.outbox.borrow_mut();
-    let mut delivered = 0;
+    let (mut delivered, mut popped) = (0, 0);
     while io.wbuf.len() < WRITE_BATCH {
         let Some((frame, event)) = outbox.pop() else {
             break;
         };
         io.wbuf.extend_from_slice(&frame);
         delivered += u64::from(event);
+        popped += 1;
     }
+    ShardMetrics::sub(&shard.metrics.outbox_pending, popped);
     if io.wbuf.is_empty() && io.wbuf.capacity() > 0 {
         io.wbuf = Vec::new(); // idle: hold no buffer
     }
@@ -339,6 +452,22 @@ fn on_inbound(shard: &Shard, conn: &ConnHandle, item: Inbound) {
     match item {
         Inbound::Text(bytes) => {
             ShardMetrics::inc(&shard.metrics.ops);
+            let verdict = conn
+                .limiter
+                .borrow_mut()
+                .check(shard.cfg.limits.ops_per_second, now_ms());
+            match verdict {
+                OpVerdict::Allow => {}
+                OpVerdict::Limited => {
+                    ShardMetrics::inc(&shard.metrics.ops_rate_limited);
+                    let msg = "too many ops: slow down";
+                    return error(shard, conn, None, ErrorCode::RateLimited, msg);
+                }
+                OpVerdict::Abuse => {
+                    ShardMetrics::inc(&shard.metrics.rate_abuse_closes);
+                    return conn.request_close(4008, "rate limit abuse");
+                }
+            }
             let text = std::str::from_utf8(&bytes).expect("the decoder validated UTF-8");
             match ops::parse(text, &shard.op_limits) {
                 Ok(req) => handle_op(shard, conn, req),
@@ -473,6 +602,9 @@ fn handle_op(shard: &Shard, conn: &ConnHandle, req: Request) {
         }
         Op::Refresh(token) => match shard.verifier.verify_refresh(&token, &conn.user) {
             Ok(claims) => {
+                let mut expiries = shard.expiries.borrow_mut();
+                expiries.remove(&(conn.expires_at.get(), conn.id));
+                expiries.insert((claims.exp, conn.id));
                 conn.expires_at.set(claims.exp);
                 conn.push_reply(events::ack(id));
             }

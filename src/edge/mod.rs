@@ -10,3 +10,4 @@ pub mod accept;
 pub mod conn;
 pub mod http;
 pub mod outbox;
+pub mod ratelimit;

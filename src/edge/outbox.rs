@@ -100,11 +100,13 @@ impl Outbox {
         frame
     }
 
-    /// Forgets undelivered events for `key` (after an unsubscribe).
-    pub fn cancel(&mut self, key: &Key) {
+    /// Forgets undelivered events for `key` (after an unsubscribe). True if one was dropped.
+    pub fn cancel(&mut self, key: &Key) -> bool {
         if self.pending.remove(key).is_some() {
             self.order.retain(|k| k != key);
+            return true;
         }
+        false
     }
 
     pub fn is_empty(&self) -> bool {

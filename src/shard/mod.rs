@@ -6,10 +6,12 @@
 //! always through the mesh — a shard's own inbox included, so every operation on a key is
 //! handled in one FIFO order and no handler ever re-enters another.
 
+pub mod clock;
 pub mod mesh;
 pub mod runtime;
 
 use std::cell::{Cell, RefCell};
+use std::collections::BTreeSet;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -20,6 +22,7 @@ use crate::auth::Verifier;
 use crate::config::Config;
 use crate::edge::conn::{ConnHandle, SubState};
 use crate::edge::outbox::Key;
+use crate::edge::ratelimit::IpLimiter;
 use crate::metrics::ShardMetrics;
 use crate::presence::watchers::ShardIx;
 use crate::presence::{Change, GroupId, Groups, PresenceState, Registry, SessionId, UserId};
@@ -61,6 +64,11 @@ pub struct Shard {
     /// Live group subscriptions held by local connections, per group.
     group_subs: RefCell<HashMap<GroupId, Vec<SessionId>>>,
     next_session: Cell<u64>,
+    /// Token expiry of every local session, sorted: (exp seconds, session). The clock pops
+    /// the front instead of keeping a timer per connection.
+    pub expiries: RefCell<BTreeSet<(u64, SessionId)>>,
+    /// Per-IP handshake buckets for connections accepted by this shard.
+    pub ip_limiter: RefCell<IpLimiter>,
     /// Set once shutdown starts: no new sessions.
     pub stopping: Cell<bool>,
 }
@@ -74,6 +82,8 @@ impl Shard {
         mesh: Rc<Mesh>,
         metrics: Arc<ShardMetrics>,
     ) -> Shard {
+        let ip_limiter =
+            IpLimiter::new(cfg.limits.handshake_rate_per_ip, cfg.limits.max_tracked_ips);
         Shard {
             ix,
             cpu,
@@ -88,6 +98,8 @@ impl Shard {
             user_subs: RefCell::new(HashMap::new()),
             group_subs: RefCell::new(HashMap::new()),
             next_session: Cell::new(0),
+            expiries: RefCell::new(BTreeSet::new()),
+            ip_limiter: RefCell::new(ip_limiter),
             stopping: Cell::new(false),
         }
     }

@@ -15,6 +15,7 @@ use super::{now_ms, Shard};
 use crate::auth::Verifier;
 use crate::config::{parse_cpu_list, Config, Placement};
 use crate::edge::accept;
+use crate::edge::conn::CloseRequest;
 use crate::metrics::{MetricsSnapshot, ShardMetrics};
 
 /// Memory glommio registers with io_uring per shard. We do no file DMA, so the minimum will do
@@ -166,6 +167,7 @@ pub fn start(cfg: Config, verifier: Verifier) -> Result<ServerHandle, StartError
                 let (stop_tx, stop_rx) = glommio::channels::local_channel::new_bounded(1);
                 glommio::spawn_local(accept::accept_loop(shard.clone(), listener, stop_rx))
                     .detach();
+                glommio::spawn_local(super::clock::run(shard.clone())).detach();
                 let _ = ready.send(Ok(ix));
                 run_inbox(&shard, inbox).await;
                 let _ = stop_tx.try_send(());
@@ -237,7 +239,12 @@ async fn drain_sessions(shard: &Rc<Shard>) {
     shard.stopping.set(true);
     let conns: Vec<_> = shard.conns.borrow().values().cloned().collect();
     for c in conns {
-        c.request_close(1001, "server shutting down");
+        // Flush what is queued first, within the deadline below.
+        c.close_with(CloseRequest {
+            code: 1001,
+            reason: "server shutting down",
+            flush: true,
+        });
     }
     let deadline = Instant::now() + Duration::from_millis(shard.cfg.shutdown_deadline_ms);
     while !shard.conns.borrow().is_empty() && Instant::now() < deadline {

@@ -95,9 +95,25 @@ impl Drop for TestServer {
     }
 }
 
+/// A TCP connection to `addr` from source address `src` (any port), with an optional small
+/// receive buffer (set before connecting, so the window stays small).
+pub fn tcp_from(src: std::net::IpAddr, addr: SocketAddr, rcvbuf: Option<usize>) -> TcpStream {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    if let Some(n) = rcvbuf {
+        sock.set_recv_buffer_size(n).unwrap();
+    }
+    sock.bind(&SocketAddr::new(src, 0).into()).unwrap();
+    sock.connect(&addr.into()).unwrap();
+    sock.into()
+}
+
 /// Writes `request`, reads the response head and body until the server closes.
 pub fn raw_request(addr: SocketAddr, request: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
+    raw_request_from(TcpStream::connect(addr).unwrap(), request)
+}
+
+/// [`raw_request`] over an existing connection.
+pub fn raw_request_from(mut s: TcpStream, request: &str) -> (u16, String) {
     s.set_read_timeout(Some(WAIT)).unwrap();
     s.write_all(request.as_bytes()).unwrap();
     let mut out = Vec::new();
@@ -142,10 +158,15 @@ pub struct Client {
 
 impl Client {
     pub fn connect(addr: SocketAddr, token: &str) -> Client {
+        Client::connect_over(TcpStream::connect(addr).unwrap(), token)
+    }
+
+    /// Upgrades an existing TCP connection (e.g. from [`tcp_from`]).
+    pub fn connect_over(stream: TcpStream, token: &str) -> Client {
+        let addr = stream.peer_addr().unwrap();
         let mut req = format!("ws://{addr}/ws").into_client_request().unwrap();
         req.headers_mut()
             .insert("Authorization", format!("Bearer {token}").parse().unwrap());
-        let stream = TcpStream::connect(addr).unwrap();
         stream.set_read_timeout(Some(WAIT)).unwrap();
         let (ws, _) = tungstenite::client::client(req, stream).expect("upgrade succeeds");
         let mut c = Client {
@@ -207,11 +228,24 @@ impl Client {
         self.recv_until(&format!("reply {id}"), |v| v["id"] == id.as_str())
     }
 
-    /// Subscribes and returns the snapshot of each user, in order of arrival.
+    /// Subscribes and returns the snapshot of each user, in the order of `users`. Snapshots come
+    /// from each user's owner shard, so they may arrive in any order.
     pub fn subscribe(&mut self, users: &[&str]) -> Vec<Value> {
         let ack = self.request(json!({"op":"subscribe","users":users}));
         assert_eq!(ack["type"], "ack", "{ack}");
-        users.iter().map(|u| self.presence_of(u)).collect()
+        let mut got: Vec<Option<Value>> = vec![None; users.len()];
+        while got.iter().any(Option::is_none) {
+            let v = self.recv_until("snapshots", |v| {
+                v["type"] == "presence" && v.get("group").is_none()
+            });
+            let i = users
+                .iter()
+                .position(|u| v["user"] == *u)
+                .expect("a subscribed user");
+            assert!(got[i].is_none(), "one snapshot per user");
+            got[i] = Some(v);
+        }
+        got.into_iter().map(Option::unwrap).collect()
     }
 
     pub fn set_status(&mut self, status: &str, text: Option<&str>) {
@@ -229,6 +263,21 @@ impl Client {
             panic!("unexpected frame {t}");
         }
         self.ws.get_ref().set_read_timeout(Some(WAIT)).unwrap();
+    }
+
+    /// Upgrades and expects the server to close right away; returns the close code.
+    pub fn connect_expect_close(addr: SocketAddr, token: &str) -> u16 {
+        let mut req = format!("ws://{addr}/ws").into_client_request().unwrap();
+        req.headers_mut()
+            .insert("Authorization", format!("Bearer {token}").parse().unwrap());
+        let stream = TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        let (ws, _) = tungstenite::client::client(req, stream).expect("upgrade succeeds");
+        let mut c = Client {
+            ws,
+            welcome: Value::Null,
+        };
+        c.close_code()
     }
 
     /// Reads until the server's close frame; returns its code.

@@ -1,0 +1,162 @@
+//! Proves the edge's limits over real sockets, one test per limit: per-IP handshake rate limit
+//! (429, other IPs unaffected), Origin allowlist (403), per-shard connection cap (503),
+//! per-connection op rate limit (`rate_limited`, then 4008 under sustained abuse), and both
+//! per-user session policies (4009).
+
+mod common;
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use common::{raw_request_from, tcp_from, Client, TestServer};
+use serde_json::json;
+
+fn upgrade_request(token: &str, extra: &str) -> String {
+    format!(
+        "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Authorization: Bearer {token}\r\n{extra}\r\n"
+    )
+}
+
+fn ip(last: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
+}
+
+#[test]
+fn handshake_flood_from_one_ip_gets_429_while_another_ip_is_admitted() {
+    let server = TestServer::with(2, |c| c.limits.handshake_rate_per_ip = 5);
+    let token = server.token("flooder");
+    let statuses: Vec<u16> = (0..40)
+        .map(|_| {
+            raw_request_from(
+                tcp_from(ip(1), server.addr, None),
+                &upgrade_request(&token, ""),
+            )
+            .0
+        })
+        .collect();
+    assert!(
+        statuses.contains(&101),
+        "the burst is admitted: {statuses:?}"
+    );
+    assert!(
+        statuses.contains(&429),
+        "the flood is refused: {statuses:?}"
+    );
+    assert!(statuses.iter().all(|s| *s == 101 || *s == 429));
+    let (status, _) = raw_request_from(
+        tcp_from(ip(2), server.addr, None),
+        &upgrade_request(&token, ""),
+    );
+    assert_eq!(status, 101, "127.0.0.2 has its own budget");
+    assert!(server.handle().metrics_total().handshakes_rate_limited > 0);
+}
+
+#[test]
+fn origin_allowlist() {
+    let server = TestServer::with(2, |c| {
+        c.allowed_origins = vec!["https://app.example".into()]
+    });
+    let token = server.token("o");
+    let status = |extra: &str| {
+        raw_request_from(
+            std::net::TcpStream::connect(server.addr).unwrap(),
+            &upgrade_request(&token, extra),
+        )
+    };
+    assert_eq!(status("Origin: https://app.example\r\n").0, 101);
+    let (code, body) = status("Origin: https://evil.example\r\n");
+    assert_eq!((code, body.as_str()), (403, "origin not allowed"));
+    assert_eq!(status("").0, 101, "non-browser clients send no Origin");
+}
+
+#[test]
+fn connection_cap_per_shard_answers_503() {
+    let server = TestServer::with(1, |c| c.limits.max_connections_per_shard = 2);
+    let _a = server.connect("cap1");
+    let _b = server.connect("cap2");
+    let (status, body) = server.status_for(&server.token("cap3"));
+    assert_eq!((status, body.as_str()), (503, "server full"));
+    drop(_a);
+    // Once a slot frees up, upgrades succeed again.
+    let deadline = std::time::Instant::now() + common::WAIT;
+    while server.status_for(&server.token("cap4")).0 != 101 {
+        assert!(std::time::Instant::now() < deadline, "slot never freed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn op_rate_limit_then_abuse_close() {
+    let server = TestServer::with(2, |c| c.limits.ops_per_second = 5);
+    let mut c = server.connect("chatty");
+    for i in 0..10 {
+        c.send(json!({"op":"ping","id":i}));
+    }
+    let mut limited = 0;
+    for _ in 0..10 {
+        let v = c.recv();
+        if v["type"] == "error" {
+            assert_eq!(v["code"], "rate_limited");
+            limited += 1;
+        }
+    }
+    assert_eq!(limited, 5, "burst of 5 admitted, the rest refused");
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(
+        c.request(json!({"op":"ping"}))["type"],
+        "pong",
+        "recovers after slowing down"
+    );
+
+    let mut abuser = server.connect("abuser");
+    for _ in 0..40 {
+        abuser.send(json!({"op":"ping"}));
+    }
+    assert_eq!(abuser.close_code(), 4008);
+    assert_eq!(
+        c.request(json!({"op":"ping"}))["type"],
+        "pong",
+        "others unaffected"
+    );
+}
+
+#[test]
+fn session_policy_reject_new() {
+    let server = TestServer::with(2, |c| {
+        c.limits.max_sessions_per_user = 2;
+        c.limits.session_policy = presenced::config::SessionPolicy::RejectNew;
+    });
+    let mut s1 = server.connect("multi");
+    let _s2 = server.connect("multi");
+    assert_eq!(
+        Client::connect_expect_close(server.addr, &server.token("multi")),
+        4009
+    );
+    assert_eq!(
+        s1.request(json!({"op":"ping"}))["type"],
+        "pong",
+        "existing sessions stay"
+    );
+    let mut w = server.connect("multi-watcher");
+    assert_eq!(
+        w.subscribe(&["multi"])[0]["devices"],
+        2,
+        "the refused one never counted"
+    );
+}
+
+#[test]
+fn session_policy_evict_oldest() {
+    let server = TestServer::with(2, |c| {
+        c.limits.max_sessions_per_user = 2;
+        c.limits.session_policy = presenced::config::SessionPolicy::EvictOldest;
+    });
+    let mut oldest = server.connect("evictee");
+    let mut s2 = server.connect("evictee");
+    let mut s3 = server.connect("evictee");
+    assert_eq!(oldest.close_code(), 4009);
+    assert_eq!(s2.request(json!({"op":"ping"}))["type"], "pong");
+    assert_eq!(s3.request(json!({"op":"ping"}))["type"], "pong");
+}
