@@ -152,6 +152,12 @@ fn malformed_upgrades_get_4xx() {
         &format!("Authorization: Bearer {token}\r\n"),
     );
     assert_eq!((status, body.contains("device_type")), (400, true));
+    let huge = format!("X-Filler: {}\r\n", "a".repeat(10_000));
+    assert_eq!(
+        server.raw_upgrade("/ws", &huge).0,
+        431,
+        "head over max_header_bytes"
+    );
 }
 
 fn asymmetric_server() -> TestServer {

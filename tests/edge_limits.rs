@@ -99,6 +99,10 @@ fn op_rate_limit_then_abuse_close() {
         let v = c.recv();
         if v["type"] == "error" {
             assert_eq!(v["code"], "rate_limited");
+            assert!(
+                v["id"].as_u64().is_some_and(|i| i >= 5),
+                "the refused op's id is echoed"
+            );
             limited += 1;
         }
     }

@@ -66,6 +66,17 @@ fn snapshot_then_member_events() {
     hidden.set_status("away", None);
     assert_eq!(group_event(&mut w, "ghost")["status"], "away");
 
+    // Leaving the group while staying online elsewhere: the feed says offline.
+    let _elsewhere = server.connect("ghost"); // a session without the group
+    let ev = group_event(&mut w, "ghost");
+    assert_eq!(ev["devices"], 2, "still a member, now with two devices");
+    hidden.set_status("invisible", None);
+    let ev = group_event(&mut w, "ghost");
+    assert_eq!(
+        (ev["status"].as_str(), ev["devices"].as_u64()),
+        (Some("offline"), Some(0))
+    );
+
     // After unsubscribing, nothing more from the group.
     assert_eq!(
         w.request(json!({"op":"unsubscribe_group","group":"team"}))["type"],

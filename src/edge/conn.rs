@@ -6,7 +6,7 @@
 //! connection, and an idle connection holds no read or write buffer.
 
 use std::cell::{Cell, RefCell};
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
@@ -33,10 +33,11 @@ use crate::protocol::{events, RequestId};
 use crate::shard::{now_ms, Shard};
 
 /// Whether a subscription has received its snapshot yet. Live updates reach a connection only
-/// once its snapshot has, so a client always sees the snapshot first.
+/// once its snapshot has, so a client always sees the snapshot first. `Pending` carries the
+/// attempt's generation: only the snapshot answering this very attempt makes it live.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SubState {
-    Pending,
+    Pending(u64),
     Live,
 }
 
@@ -67,6 +68,8 @@ pub struct ConnHandle {
     /// When bytes last arrived from the client (ms since epoch), for liveness.
     pub last_rx_ms: Cell<u64>,
     limiter: RefCell<OpLimiter>,
+    /// Generation of the next subscription attempt.
+    gens: Cell<u64>,
     metrics: Arc<ShardMetrics>,
 }
 
@@ -87,6 +90,7 @@ impl ConnHandle {
             status: Cell::new(Status::Online),
             last_rx_ms: Cell::new(now),
             limiter: RefCell::new(OpLimiter::new(shard.cfg.limits.ops_per_second, now)),
+            gens: Cell::new(0),
             metrics: shard.metrics.clone(),
         }
     }
@@ -115,6 +119,18 @@ impl ConnHandle {
         if self.outbox.borrow_mut().cancel(key) {
             ShardMetrics::sub(&self.metrics.outbox_pending, 1);
         }
+    }
+
+    pub fn cancel_where(&self, matches: impl FnMut(&Key) -> bool) {
+        let n = self.outbox.borrow_mut().cancel_where(matches);
+        ShardMetrics::sub(&self.metrics.outbox_pending, n as u64);
+    }
+
+    /// A fresh generation for a subscription attempt.
+    pub fn next_gen(&self) -> u64 {
+        let g = self.gens.get() + 1;
+        self.gens.set(g);
+        g
     }
 
     /// Asks the connection to close at once with `code`; the first request wins.
@@ -185,6 +201,9 @@ struct Io {
     wbuf: Vec<u8>,
     wpos: usize,
     close_sent: bool,
+    /// Armed once a close is requested: a client that does not read cannot hold its session
+    /// (and the close) open past it. Only closing connections have a timer.
+    close_deadline: Option<glommio::timer::Timer>,
 }
 
 /// Why the owner shard refuses a connection before answering its upgrade.
@@ -252,7 +271,9 @@ pub async fn serve(shard: Rc<Shard>, mut setup: Setup) {
         wbuf: http::switching_protocols(&setup.key),
         wpos: 0,
         close_sent: false,
+        close_deadline: None,
     };
+    let _ = io.stream.set_nodelay(true); // events are small and latency is the product
     ShardMetrics::inc(&shard.metrics.handshakes_ok);
     let admitted = session_limit(&shard, &user);
     let session = format!("{id:x}");
@@ -346,6 +367,19 @@ fn drive(shard: &Shard, conn: &ConnHandle, io: &mut Io, cx: &mut Context<'_>) ->
             *slot = Some(cx.waker().clone());
         }
     }
+    if let Some(req) = conn.close.get() {
+        let timer = io.close_deadline.get_or_insert_with(|| {
+            let wait = if req.flush {
+                Duration::from_millis(shard.cfg.shutdown_deadline_ms)
+            } else {
+                LINGER
+            };
+            glommio::timer::Timer::new(wait)
+        });
+        if Pin::new(timer).poll(cx).is_ready() {
+            return Poll::Ready(false); // the peer would not take the close: drop it
+        }
+    }
     for _ in 0..ROUNDS_PER_POLL {
         let mut progress = false;
         if !io.close_sent {
@@ -423,6 +457,7 @@ fn decode_all(shard: &Shard, conn: &ConnHandle, decoder: &mut Decoder) {
     loop {
         match decoder.decode() {
             Ok(Some(item)) => {
+                let close = matches!(item, Inbound::Close(_));
                 let handled =
                     std::panic::catch_unwind(AssertUnwindSafe(|| on_inbound(shard, conn, item)));
                 if handled.is_err() {
@@ -431,6 +466,9 @@ fn decode_all(shard: &Shard, conn: &ConnHandle, decoder: &mut Decoder) {
                     ShardMetrics::inc(&shard.metrics.conn_panics);
                     conn.request_close(1011, "internal error");
                     return;
+                }
+                if close {
+                    return; // nothing after a close frame is read
                 }
             }
             Ok(None) => return,
@@ -452,26 +490,37 @@ fn on_inbound(shard: &Shard, conn: &ConnHandle, item: Inbound) {
     match item {
         Inbound::Text(bytes) => {
             ShardMetrics::inc(&shard.metrics.ops);
+            let text = std::str::from_utf8(&bytes).expect("the decoder validated UTF-8");
+            // Parsed before the rate check so a refusal can echo the op's id (parsing is bounded
+            // by max_message_bytes).
+            let parsed = ops::parse(text, &shard.op_limits);
             let verdict = conn
                 .limiter
                 .borrow_mut()
                 .check(shard.cfg.limits.ops_per_second, now_ms());
             match verdict {
-                OpVerdict::Allow => {}
+                OpVerdict::Allow => match parsed {
+                    Ok(req) => handle_op(shard, conn, req),
+                    Err(e) => error(shard, conn, e.id.as_ref(), e.code, &e.message),
+                },
                 OpVerdict::Limited => {
                     ShardMetrics::inc(&shard.metrics.ops_rate_limited);
-                    let msg = "too many ops: slow down";
-                    return error(shard, conn, None, ErrorCode::RateLimited, msg);
+                    let id = match &parsed {
+                        Ok(req) => req.id.as_ref(),
+                        Err(e) => e.id.as_ref(),
+                    };
+                    error(
+                        shard,
+                        conn,
+                        id,
+                        ErrorCode::RateLimited,
+                        "too many ops: slow down",
+                    );
                 }
                 OpVerdict::Abuse => {
                     ShardMetrics::inc(&shard.metrics.rate_abuse_closes);
-                    return conn.request_close(4008, "rate limit abuse");
+                    conn.request_close(4008, "rate limit abuse");
                 }
-            }
-            let text = std::str::from_utf8(&bytes).expect("the decoder validated UTF-8");
-            match ops::parse(text, &shard.op_limits) {
-                Ok(req) => handle_op(shard, conn, req),
-                Err(e) => error(shard, conn, e.id.as_ref(), e.code, &e.message),
             }
         }
         Inbound::Binary(_) => error(

@@ -11,3 +11,4 @@ pub mod conn;
 pub mod http;
 pub mod outbox;
 pub mod ratelimit;
+pub mod tls;

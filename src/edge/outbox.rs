@@ -40,8 +40,12 @@ pub struct RepliesFull;
 #[derive(Debug)]
 pub struct Outbox {
     replies: VecDeque<Bytes>,
-    order: VecDeque<Key>,
-    pending: HashMap<Key, Bytes>,
+    /// Event keys in first-queued order, each with the generation it was queued under. Entries
+    /// whose generation no longer matches `pending` are stale (cancelled) and skipped.
+    order: VecDeque<(Key, u64)>,
+    /// The newest frame per key, with its generation.
+    pending: HashMap<Key, (Bytes, u64)>,
+    next_gen: u64,
     max_replies: usize,
     max_events: usize,
 }
@@ -55,6 +59,7 @@ impl Outbox {
             replies: VecDeque::new(),
             order: VecDeque::new(),
             pending: HashMap::new(),
+            next_gen: 0,
             max_replies,
             max_events,
         }
@@ -70,14 +75,16 @@ impl Outbox {
 
     pub fn push_event(&mut self, key: Key, frame: Bytes) -> Queued {
         if let Some(slot) = self.pending.get_mut(&key) {
-            *slot = frame;
+            slot.0 = frame;
             return Queued::Coalesced;
         }
         if self.pending.len() >= self.max_events {
             return Queued::Dropped;
         }
-        self.order.push_back(key.clone());
-        self.pending.insert(key, frame);
+        let gen = self.next_gen;
+        self.next_gen += 1;
+        self.order.push_back((key.clone(), gen));
+        self.pending.insert(key, (frame, gen));
         Queued::New
     }
 
@@ -86,39 +93,59 @@ impl Outbox {
     pub fn pop(&mut self) -> Option<(Bytes, bool)> {
         let frame = match self.replies.pop_front() {
             Some(f) => Some((f, false)),
-            None => self.order.pop_front().map(|key| {
-                let frame = self
-                    .pending
-                    .remove(&key)
-                    .expect("every key in `order` has a pending frame");
-                (frame, true)
-            }),
+            None => loop {
+                let Some((key, gen)) = self.order.pop_front() else {
+                    break None;
+                };
+                if self.pending.get(&key).is_some_and(|(_, g)| *g == gen) {
+                    let (frame, _) = self.pending.remove(&key).expect("checked just above");
+                    break Some((frame, true));
+                }
+            },
         };
-        if frame.is_some() && self.is_empty() {
+        if self.is_empty() {
             self.shrink();
         }
         frame
     }
 
-    /// Forgets undelivered events for `key` (after an unsubscribe). True if one was dropped.
+    /// Forgets the undelivered event for `key` (after an unsubscribe). O(1): its place in the
+    /// queue goes stale and is skipped. True if one was dropped.
     pub fn cancel(&mut self, key: &Key) -> bool {
-        if self.pending.remove(key).is_some() {
-            self.order.retain(|k| k != key);
-            return true;
-        }
-        false
+        let dropped = self.pending.remove(key).is_some();
+        self.compact_if_stale();
+        dropped
+    }
+
+    /// Forgets every undelivered event whose key matches (a group unsubscribe drops all of
+    /// that group's member events). Returns how many were dropped.
+    pub fn cancel_where(&mut self, mut matches: impl FnMut(&Key) -> bool) -> usize {
+        let before = self.pending.len();
+        self.pending.retain(|k, _| !matches(k));
+        self.compact_if_stale();
+        before - self.pending.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.replies.is_empty() && self.order.is_empty()
+        self.replies.is_empty() && self.pending.is_empty()
     }
 
     /// Frames waiting (replies plus events).
     pub fn len(&self) -> usize {
-        self.replies.len() + self.order.len()
+        self.replies.len() + self.pending.len()
+    }
+
+    /// Stale entries in `order` are bounded: past twice the live ones (plus slack), drop them.
+    fn compact_if_stale(&mut self) {
+        if self.order.len() > 2 * self.pending.len() + IDLE_KEEP {
+            let pending = &self.pending;
+            self.order
+                .retain(|(k, g)| pending.get(k).is_some_and(|(_, pg)| pg == g));
+        }
     }
 
     fn shrink(&mut self) {
+        self.order.clear();
         if self.replies.capacity() > IDLE_KEEP {
             self.replies = VecDeque::new();
         }
@@ -170,6 +197,34 @@ mod tests {
         assert_eq!(o.push_event(key("a"), Bytes::new()), Queued::Coalesced);
         o.cancel(&key("a"));
         assert_eq!(o.len(), 2);
+    }
+
+    #[test]
+    fn a_cancelled_key_requeued_goes_to_the_back() {
+        // Unsubscribe then resubscribe: a new event for the key must not take the stale place
+        // ahead of the fresh snapshot.
+        let mut o = Outbox::new(4, 8);
+        let member = Key::Presence("m".into(), Some("g".into()));
+        o.push_event(member.clone(), Bytes::from_static(b"m-old"));
+        assert_eq!(
+            o.cancel_where(|k| matches!(k, Key::Presence(_, Some(g)) if &**g == "g")),
+            1
+        );
+        o.push_event(Key::GroupSnapshot("g".into()), Bytes::from_static(b"snap"));
+        o.push_event(member, Bytes::from_static(b"m-new"));
+        let got: Vec<Bytes> = std::iter::from_fn(|| o.pop().map(|p| p.0)).collect();
+        assert_eq!(got, vec!["snap", "m-new"]);
+    }
+
+    #[test]
+    fn stale_entries_stay_bounded() {
+        let mut o = Outbox::new(4, 8);
+        for _ in 0..10_000 {
+            o.push_event(key("a"), Bytes::new());
+            o.cancel(&key("a"));
+        }
+        assert!(o.order.len() <= IDLE_KEEP + 1, "{}", o.order.len());
+        assert!(o.is_empty());
     }
 
     proptest! {

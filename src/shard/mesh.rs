@@ -35,11 +35,14 @@ pub struct Handoff {
 #[derive(Debug)]
 pub enum MeshMsg {
     Handoff(Box<Handoff>),
-    /// Connection `conn` on shard `from` subscribes to `user`; answer with `Snapshot`.
+    /// Connection `conn` on shard `from` subscribes to `user`; answer with `Snapshot`. `gen`
+    /// names this subscription attempt, so a snapshot meant for an earlier, since-cancelled
+    /// attempt is never taken for the current one.
     Watch {
         user: UserId,
         from: ShardIx,
         conn: SessionId,
+        gen: u64,
     },
     Unwatch {
         user: UserId,
@@ -47,6 +50,7 @@ pub enum MeshMsg {
     },
     Snapshot {
         conn: SessionId,
+        gen: u64,
         state: Arc<PresenceState>,
     },
     /// A user's aggregate changed: deliver to local subscribers.
@@ -55,6 +59,7 @@ pub enum MeshMsg {
         group: GroupId,
         from: ShardIx,
         conn: SessionId,
+        gen: u64,
     },
     UnwatchGroup {
         group: GroupId,
@@ -62,6 +67,7 @@ pub enum MeshMsg {
     },
     GroupSnapshot {
         conn: SessionId,
+        gen: u64,
         group: GroupId,
         members: Vec<PresenceState>,
     },

@@ -150,13 +150,15 @@ impl Shard {
             if watching.contains_key(user) {
                 continue;
             }
-            watching.insert(user.clone(), SubState::Pending);
+            let gen = conn.next_gen();
+            watching.insert(user.clone(), SubState::Pending(gen));
             self.send(
                 self.owner(user),
                 MeshMsg::Watch {
                     user: user.clone(),
                     from: self.ix,
                     conn: conn.id,
+                    gen,
                 },
             );
         }
@@ -171,6 +173,7 @@ impl Shard {
                 remove_sub(&mut self.user_subs.borrow_mut(), user, conn.id);
             }
             conn.cancel(&Key::Presence(user.clone(), None));
+            conn.cancel(&Key::Activity(user.clone()));
             self.send(
                 self.owner(user),
                 MeshMsg::Unwatch {
@@ -185,15 +188,17 @@ impl Shard {
         if conn.watching_groups.borrow().contains_key(group) {
             return;
         }
+        let gen = conn.next_gen();
         conn.watching_groups
             .borrow_mut()
-            .insert(group.clone(), SubState::Pending);
+            .insert(group.clone(), SubState::Pending(gen));
         self.send(
             self.owner(group),
             MeshMsg::WatchGroup {
                 group: group.clone(),
                 from: self.ix,
                 conn: conn.id,
+                gen,
             },
         );
     }
@@ -205,7 +210,13 @@ impl Shard {
         if state == SubState::Live {
             remove_sub(&mut self.group_subs.borrow_mut(), group, conn.id);
         }
-        conn.cancel(&Key::GroupSnapshot(group.clone()));
+        // Every queued event of this feed goes: one left behind could overtake the snapshot of
+        // a later re-subscription.
+        conn.cancel_where(|k| match k {
+            Key::GroupSnapshot(g) => g == group,
+            Key::Presence(_, Some(g)) => g == group,
+            _ => false,
+        });
         self.send(
             self.owner(group),
             MeshMsg::UnwatchGroup {
@@ -229,15 +240,20 @@ impl Shard {
     pub fn handle(&self, msg: MeshMsg, now: u64) {
         ShardMetrics::inc(&self.metrics.mesh_received);
         match msg {
-            MeshMsg::Watch { user, from, conn } => {
+            MeshMsg::Watch {
+                user,
+                from,
+                conn,
+                gen,
+            } => {
                 let state = self.registry.borrow_mut().watch(&user, from, now);
                 let state = Arc::new(state);
-                self.send(from, MeshMsg::Snapshot { conn, state });
+                self.send(from, MeshMsg::Snapshot { conn, gen, state });
             }
             MeshMsg::Unwatch { user, from } => {
                 self.registry.borrow_mut().unwatch(&user, from);
             }
-            MeshMsg::Snapshot { conn, state } => self.on_snapshot(conn, &state),
+            MeshMsg::Snapshot { conn, gen, state } => self.on_snapshot(conn, gen, &state),
             MeshMsg::Update(state) => {
                 let subs = self.user_subs.borrow();
                 if let Some(conns) = subs.get(&state.user) {
@@ -246,12 +262,18 @@ impl Shard {
                     self.deliver(conns, &key, &frame);
                 }
             }
-            MeshMsg::WatchGroup { group, from, conn } => {
+            MeshMsg::WatchGroup {
+                group,
+                from,
+                conn,
+                gen,
+            } => {
                 let members = self.groups.borrow_mut().watch(&group, from);
                 self.send(
                     from,
                     MeshMsg::GroupSnapshot {
                         conn,
+                        gen,
                         group,
                         members,
                     },
@@ -262,9 +284,10 @@ impl Shard {
             }
             MeshMsg::GroupSnapshot {
                 conn,
+                gen,
                 group,
                 members,
-            } => self.on_group_snapshot(conn, group, &members),
+            } => self.on_group_snapshot(conn, gen, group, &members),
             MeshMsg::GroupMember { group, state } => {
                 let shards = self.groups.borrow_mut().member_update(&group, &state);
                 for shard in shards {
@@ -312,14 +335,14 @@ impl Shard {
         }
     }
 
-    fn on_snapshot(&self, conn_id: SessionId, state: &PresenceState) {
+    fn on_snapshot(&self, conn_id: SessionId, gen: u64, state: &PresenceState) {
         let Some(conn) = self.conns.borrow().get(&conn_id).cloned() else {
             return; // closed meanwhile; its unwatch is already on the way
         };
         let mut watching = conn.watching.borrow_mut();
         match watching.get_mut(&state.user) {
-            Some(s @ SubState::Pending) => *s = SubState::Live,
-            _ => return, // unsubscribed (and maybe resubscribed) meanwhile
+            Some(s) if *s == SubState::Pending(gen) => *s = SubState::Live,
+            _ => return, // unsubscribed (and maybe resubscribed: another gen) meanwhile
         }
         drop(watching);
         self.user_subs
@@ -335,12 +358,18 @@ impl Shard {
         );
     }
 
-    fn on_group_snapshot(&self, conn_id: SessionId, group: GroupId, members: &[PresenceState]) {
+    fn on_group_snapshot(
+        &self,
+        conn_id: SessionId,
+        gen: u64,
+        group: GroupId,
+        members: &[PresenceState],
+    ) {
         let Some(conn) = self.conns.borrow().get(&conn_id).cloned() else {
             return;
         };
         match conn.watching_groups.borrow_mut().get_mut(&group) {
-            Some(s @ SubState::Pending) => *s = SubState::Live,
+            Some(s) if *s == SubState::Pending(gen) => *s = SubState::Live,
             _ => return,
         }
         self.group_subs

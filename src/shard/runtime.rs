@@ -119,6 +119,19 @@ fn bind(addr: SocketAddr, listen: bool) -> std::io::Result<Socket> {
 pub fn start(cfg: Config, verifier: Verifier) -> Result<ServerHandle, StartError> {
     let shards = cfg.shard_count();
     let cpus = plan_cpus(&cfg, shards)?;
+    // SO_REUSEPORT would let a second instance share the port silently (and split the users
+    // between two processes): make sure nobody holds it first.
+    if cfg.listen.port() != 0 {
+        let probe = Socket::new(Domain::for_address(cfg.listen), Type::STREAM, None)
+            .and_then(|s| s.set_reuse_address(true).map(|()| s))
+            .and_then(|s| s.bind(&cfg.listen.into()).map(|()| s));
+        if let Err(source) = probe {
+            return Err(StartError::Listen {
+                addr: cfg.listen,
+                source,
+            });
+        }
+    }
     // Port 0: reserve a real port with a bound, non-listening socket (it receives no
     // connections), so every shard can bind the same port; dropped once they all have.
     let reserve = bind(cfg.listen, false).map_err(|source| StartError::Listen {
@@ -137,11 +150,11 @@ pub fn start(cfg: Config, verifier: Verifier) -> Result<ServerHandle, StartError
         .map(|_| flume::bounded::<MeshMsg>(cfg.mesh.inbox_capacity))
         .unzip();
     let metrics: Vec<Arc<ShardMetrics>> = (0..shards).map(|_| Arc::default()).collect();
-    let (ready_tx, ready_rx) = mpsc::channel::<Result<usize, String>>();
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<usize, (usize, String)>>();
     let mut threads = Vec::with_capacity(shards);
     for (ix, inbox) in receivers.into_iter().enumerate() {
         let placement = cpus[ix].map_or(GPlacement::Unbound, GPlacement::Fixed);
-        let (cfg, verifier, senders, metrics, ready) = (
+        let (cfg, verifier, peers, metrics, ready) = (
             cfg.clone(),
             verifier.clone(),
             senders.clone(),
@@ -157,12 +170,12 @@ pub fn start(cfg: Config, verifier: Verifier) -> Result<ServerHandle, StartError
                     // SAFETY: a freshly bound, listening socket whose ownership moves here.
                     Ok(s) => unsafe { glommio::net::TcpListener::from_raw_fd(s.into_raw_fd()) },
                     Err(e) => {
-                        let _ = ready.send(Err(format!("listen on {addr}: {e}")));
+                        let _ = ready.send(Err((ix, format!("listen on {addr}: {e}"))));
                         return;
                     }
                 };
                 let ix16 = u16::try_from(ix).expect("validate() caps shards at u16::MAX");
-                let mesh = Mesh::new(ix16, senders, cfg.mesh.overflow_max, metrics.clone());
+                let mesh = Mesh::new(ix16, peers, cfg.mesh.overflow_max, metrics.clone());
                 let shard = Rc::new(Shard::new(ix16, cpu, cfg, verifier, mesh, metrics));
                 let (stop_tx, stop_rx) = glommio::channels::local_channel::new_bounded(1);
                 glommio::spawn_local(accept::accept_loop(shard.clone(), listener, stop_rx))
@@ -176,21 +189,27 @@ pub fn start(cfg: Config, verifier: Verifier) -> Result<ServerHandle, StartError
             .map_err(|e| StartError::Shard {
                 shard: ix,
                 why: e.to_string(),
-            })?;
-        threads.push(handle);
+            });
+        match handle {
+            Ok(h) => threads.push(h),
+            Err(e) => {
+                stop_all(&senders, threads);
+                return Err(e);
+            }
+        }
     }
     drop(ready_tx);
     for _ in 0..shards {
-        match ready_rx.recv() {
-            Ok(Ok(_)) => {}
-            Ok(Err(why)) => return Err(StartError::Shard { shard: 0, why }),
-            Err(_) => {
-                return Err(StartError::Shard {
-                    shard: 0,
-                    why: "a shard thread exited during start-up".into(),
-                })
-            }
-        }
+        let failed = match ready_rx.recv() {
+            Ok(Ok(_)) => continue,
+            Ok(Err((shard, why))) => StartError::Shard { shard, why },
+            Err(_) => StartError::Shard {
+                shard: 0,
+                why: "a shard thread exited during start-up".into(),
+            },
+        };
+        stop_all(&senders, threads);
+        return Err(failed);
     }
     drop(reserve);
     tracing::info!(%addr, shards, ?cpus, "accepting WebSocket connections");
@@ -201,6 +220,16 @@ pub fn start(cfg: Config, verifier: Verifier) -> Result<ServerHandle, StartError
         threads,
         metrics,
     })
+}
+
+/// Stops the shards started so far (a failed start leaves nothing running).
+fn stop_all(inboxes: &[flume::Sender<MeshMsg>], threads: Vec<glommio::ExecutorJoinHandle<()>>) {
+    for inbox in inboxes {
+        let _ = inbox.send(MeshMsg::Shutdown);
+    }
+    for t in threads {
+        let _ = t.join();
+    }
 }
 
 /// The shard's mesh loop: handles messages until `Shutdown`.
