@@ -75,7 +75,7 @@ fn a_client_that_never_reads_its_replies_is_closed_in_bounded_time() {
 #[test]
 fn a_second_server_cannot_share_a_port_in_use() {
     let first = TestServer::start(1);
-    let mut cfg = presenced::Config {
+    let cfg = presenced::Config {
         listen: first.addr,
         shards: 1,
         placement: presenced::config::Placement::Unbound,
