@@ -239,7 +239,7 @@ impl Config {
         if self.tls.listen.is_some() && !self.tls.enabled() {
             return bad("tls.listen", "needs `tls.cert` and `tls.key`");
         }
-        if self.tls.listen == Some(self.listen) {
+        if self.tls.listen == Some(self.listen) && self.listen.port() != 0 {
             return bad("tls.listen", "must differ from `listen`");
         }
         if l.max_header_bytes < 256 {

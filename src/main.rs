@@ -127,6 +127,7 @@ fn check_config(path: &PathBuf) -> Result<(), String> {
     let cfg = load(Some(path))?;
     cfg.validate().map_err(|e| e.to_string())?;
     Verifier::new(cfg.jwt_secret.as_deref(), &cfg.auth).map_err(|e| e.to_string())?;
+    presenced::edge::tls::load(&cfg.tls).map_err(|e| e.to_string())?;
     let mut shown = cfg.clone();
     if shown.jwt_secret.is_some() {
         shown.jwt_secret = Some("<redacted>".into());

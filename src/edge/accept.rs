@@ -10,22 +10,27 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::rc::Rc;
 use std::time::Duration;
 
-use futures_lite::AsyncReadExt;
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
+use rustls::ServerConfig;
+use std::sync::Arc;
 
 use super::conn::{self, Setup};
 use super::http::{self, Reject};
+use super::tls::Tls;
 use crate::auth::Claims;
 use crate::metrics::ShardMetrics;
 use crate::presence::DeviceType;
 use crate::shard::mesh::{Handoff, MeshMsg};
 use crate::shard::Shard;
 
-/// Accepts until `stop` fires, one handshake task per socket.
+/// Accepts until `stop` fires, one handshake task per socket. `secure`: this listener speaks
+/// TLS with that configuration.
 pub async fn accept_loop(
     shard: Rc<Shard>,
     listener: TcpListener,
-    stop: glommio::channels::local_channel::LocalReceiver<()>,
+    secure: Option<Arc<ServerConfig>>,
+    stop: Rc<glommio::channels::local_channel::LocalReceiver<()>>,
 ) {
     loop {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
@@ -36,7 +41,14 @@ pub async fn accept_loop(
         match accepted {
             None => return,
             Some(Ok(stream)) => {
-                glommio::spawn_local(handshake(shard.clone(), stream)).detach();
+                let tls = match secure.as_ref().map(Tls::new).transpose() {
+                    Ok(tls) => tls,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "TLS session setup failed");
+                        continue;
+                    }
+                };
+                glommio::spawn_local(handshake(shard.clone(), stream, tls)).detach();
             }
             Some(Err(e)) => {
                 // EMFILE and friends: back off briefly instead of spinning.
@@ -56,11 +68,12 @@ struct Accepted {
     early: Vec<u8>,
 }
 
-async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) {
+async fn handshake(shard: Rc<Shard>, mut stream: TcpStream, mut tls: Option<Tls>) {
     let Ok(peer) = stream.peer_addr() else { return };
     let limits = &shard.cfg.limits;
     let deadline = Duration::from_millis(limits.handshake_timeout_ms);
-    let head = futures_lite::future::or(read_head(&mut stream, limits.max_header_bytes), async {
+    let reading = read_head(&mut stream, &mut tls, limits.max_header_bytes);
+    let head = futures_lite::future::or(reading, async {
         glommio::timer::sleep(deadline).await;
         Err(Reject::new(408, "upgrade request not received in time"))
     })
@@ -80,7 +93,7 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) {
             };
             ShardMetrics::inc(counter);
             tracing::debug!(peer = %peer, status = reject.status, reason = reject.reason, "upgrade refused");
-            conn::reject(&mut stream, reject.status, reject.reason).await;
+            conn::reject(&mut stream, tls.as_mut(), reject.status, reject.reason).await;
             return;
         }
     };
@@ -94,6 +107,7 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) {
             device: accepted.device,
             device_type: accepted.device_type,
             early: accepted.early,
+            tls,
         };
         conn::serve(shard, setup).await;
         return;
@@ -104,7 +118,7 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) {
         Ok(fd) => fd,
         Err(e) => {
             tracing::warn!(error = %e, "dup failed during hand-off");
-            conn::reject(&mut stream, 503, "server busy").await;
+            conn::reject(&mut stream, tls.as_mut(), 503, "server busy").await;
             return;
         }
     };
@@ -118,6 +132,7 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) {
         device: accepted.device,
         device_type: Some(accepted.device_type.as_str().to_owned()),
         early: accepted.early,
+        tls: tls.map(Tls::into_session),
     };
     shard.mesh.send(owner, MeshMsg::Handoff(Box::new(handoff)));
 }
@@ -141,6 +156,7 @@ pub fn adopt(shard: &Rc<Shard>, h: Handoff) {
         device: h.device,
         device_type,
         early: h.early,
+        tls: h.tls.map(Tls::from_session),
     };
     glommio::spawn_local(conn::serve(shard.clone(), setup)).detach();
 }
@@ -155,13 +171,16 @@ fn dup(stream: &TcpStream) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Reads until the request head is complete, within `max` bytes.
+/// Reads until the request head is complete, within `max` bytes; over TLS, runs the TLS
+/// handshake on the way (what rustls wants to send is written as it comes).
 async fn read_head(
     stream: &mut TcpStream,
+    tls: &mut Option<Tls>,
     max: usize,
 ) -> Result<(Vec<u8>, http::UpgradeRequest), Reject> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 2048];
+    let mut out = Vec::new();
     loop {
         let n = stream
             .read(&mut chunk)
@@ -170,7 +189,22 @@ async fn read_head(
         if n == 0 {
             return Err(Reject::new(400, "connection closed during upgrade"));
         }
-        buf.extend_from_slice(&chunk[..n]);
+        match tls {
+            None => buf.extend_from_slice(&chunk[..n]),
+            Some(t) => {
+                let read = t.read(&chunk[..n], &mut |p| buf.extend_from_slice(p));
+                t.drain(&mut out);
+                if !out.is_empty() {
+                    let _ = stream.write_all(&out).await;
+                    out.clear();
+                }
+                match read {
+                    Ok(true) => {}
+                    Ok(false) => return Err(Reject::new(0, "TLS closed during upgrade")),
+                    Err(_) => return Err(Reject::new(0, "TLS handshake failed")),
+                }
+            }
+        }
         if let Some(req) = http::parse_upgrade(&buf)? {
             return Ok((buf, req));
         }

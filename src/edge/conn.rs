@@ -23,6 +23,7 @@ use hashbrown::HashMap;
 use super::http;
 use super::outbox::{Key, Outbox, Queued};
 use super::ratelimit::{OpLimiter, OpVerdict};
+use super::tls::Tls;
 use crate::auth::Claims;
 use crate::config::SessionPolicy;
 use crate::metrics::ShardMetrics;
@@ -184,6 +185,7 @@ pub struct Setup {
     pub device: Option<String>,
     pub device_type: DeviceType,
     pub early: Vec<u8>,
+    pub tls: Option<Tls>,
 }
 
 /// Bytes read per `read` call (a stack buffer; the decoder copies what it keeps).
@@ -204,6 +206,21 @@ struct Io {
     /// Armed once a close is requested: a client that does not read cannot hold its session
     /// (and the close) open past it. Only closing connections have a timer.
     close_deadline: Option<glommio::timer::Timer>,
+    /// TLS session: bytes read are decrypted into the decoder, frames are encrypted into `wbuf`.
+    tls: Option<Tls>,
+}
+
+impl Io {
+    /// Appends outgoing plaintext to the write buffer (encrypted when over TLS).
+    fn put(&mut self, plain: &[u8]) {
+        match &mut self.tls {
+            None => self.wbuf.extend_from_slice(plain),
+            Some(tls) => {
+                tls.write(plain);
+                tls.drain(&mut self.wbuf);
+            }
+        }
+    }
 }
 
 /// Why the owner shard refuses a connection before answering its upgrade.
@@ -251,7 +268,7 @@ fn session_limit(shard: &Shard, user: &str) -> bool {
 pub async fn serve(shard: Rc<Shard>, mut setup: Setup) {
     if let Err((status, reason)) = admission(&shard) {
         ShardMetrics::inc(&shard.metrics.handshakes_unavailable);
-        reject(&mut setup.stream, status, reason).await;
+        reject(&mut setup.stream, setup.tls.as_mut(), status, reason).await;
         return;
     }
     let now = now_ms();
@@ -268,11 +285,13 @@ pub async fn serve(shard: Rc<Shard>, mut setup: Setup) {
     let mut io = Io {
         stream: setup.stream,
         decoder: Decoder::new(limits.max_message_bytes, limits.max_frame_bytes),
-        wbuf: http::switching_protocols(&setup.key),
+        wbuf: Vec::new(),
         wpos: 0,
         close_sent: false,
         close_deadline: None,
+        tls: setup.tls,
     };
+    io.put(&http::switching_protocols(&setup.key));
     let _ = io.stream.set_nodelay(true); // events are small and latency is the product
     ShardMetrics::inc(&shard.metrics.handshakes_ok);
     let admitted = session_limit(&shard, &user);
@@ -388,8 +407,18 @@ fn drive(shard: &Shard, conn: &ConnHandle, io: &mut Io, cx: &mut Context<'_>) ->
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(false),
                 Poll::Ready(Ok(n)) => {
                     conn.last_rx_ms.set(now_ms());
-                    io.decoder.feed(&chunk[..n]);
                     progress = true;
+                    match &mut io.tls {
+                        None => io.decoder.feed(&chunk[..n]),
+                        Some(tls) => {
+                            let decoder = &mut io.decoder;
+                            let read = tls.read(&chunk[..n], &mut |p| decoder.feed(p));
+                            tls.drain(&mut io.wbuf); // handshake and alert records
+                            if !matches!(read, Ok(true)) {
+                                return Poll::Ready(false); // TLS error or close_notify
+                            }
+                        }
+                    }
                     decode_all(shard, conn, &mut io.decoder);
                 }
                 Poll::Pending => {}
@@ -400,8 +429,11 @@ fn drive(shard: &Shard, conn: &ConnHandle, io: &mut Io, cx: &mut Context<'_>) ->
             match conn.close.get() {
                 // Close at once, or (graceful shutdown) once everything queued is written.
                 Some(req) if !req.flush || (drained && conn.backlog() == 0) => {
-                    io.wbuf
-                        .extend_from_slice(&ws::close_frame(req.code, req.reason));
+                    io.put(&ws::close_frame(req.code, req.reason));
+                    if let Some(tls) = &mut io.tls {
+                        tls.close();
+                        tls.drain(&mut io.wbuf);
+                    }
                     io.close_sent = true;
                 }
                 _ if drained => fill(shard, conn, io),
@@ -438,13 +470,23 @@ fn fill(shard: &Shard, conn: &ConnHandle, io: &mut Io) {
     }
     let mut outbox = conn.outbox.borrow_mut();
     let (mut delivered, mut popped) = (0, 0);
-    while io.wbuf.len() < WRITE_BATCH {
+    // Over TLS, frames are gathered as plaintext and encrypted in one go.
+    let mut plain = Vec::new();
+    let gather = if io.tls.is_some() {
+        &mut plain
+    } else {
+        &mut io.wbuf
+    };
+    while gather.len() < WRITE_BATCH {
         let Some((frame, event)) = outbox.pop() else {
             break;
         };
-        io.wbuf.extend_from_slice(&frame);
+        gather.extend_from_slice(&frame);
         delivered += u64::from(event);
         popped += 1;
+    }
+    if !plain.is_empty() {
+        io.put(&plain);
     }
     ShardMetrics::sub(&shard.metrics.outbox_pending, popped);
     if io.wbuf.is_empty() && io.wbuf.capacity() > 0 {
@@ -663,10 +705,26 @@ fn handle_op(shard: &Shard, conn: &ConnHandle, req: Request) {
     }
 }
 
-/// Writes a complete HTTP error response and closes the socket (handshake failures).
-pub async fn reject(stream: &mut TcpStream, status: u16, reason: &str) {
-    let _ = stream
-        .write_all(&http::error_response(status, reason))
-        .await;
+/// Writes a complete HTTP error response and closes the socket (handshake failures). Status 0:
+/// no response at all (the TLS handshake itself failed), only what rustls has to say.
+pub async fn reject(stream: &mut TcpStream, tls: Option<&mut Tls>, status: u16, reason: &str) {
+    let response = if status == 0 {
+        Vec::new()
+    } else {
+        http::error_response(status, reason)
+    };
+    let bytes = match tls {
+        None => response,
+        Some(tls) => {
+            let mut out = Vec::new();
+            if !response.is_empty() && !tls.is_handshaking() {
+                tls.write(&response);
+                tls.close();
+            }
+            tls.drain(&mut out);
+            out
+        }
+    };
+    let _ = stream.write_all(&bytes).await;
     let _ = stream.close().await;
 }

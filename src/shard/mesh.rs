@@ -27,8 +27,10 @@ pub struct Handoff {
     pub key: String,
     pub device: Option<String>,
     pub device_type: Option<String>,
-    /// Bytes the client sent after the request head (already WebSocket frames).
+    /// Bytes the client sent after the request head (already WebSocket frames; decrypted).
     pub early: Vec<u8>,
+    /// The TLS session, when the socket came in over TLS: it moves with the descriptor.
+    pub tls: Option<rustls::ServerConnection>,
 }
 
 /// Everything shards say to each other. Owned and `Send`.

@@ -33,6 +33,8 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Tls(String),
     #[error("cpu placement: {0}")]
     Placement(String),
     #[error("shard {shard} failed to start: {why}")]
@@ -41,7 +43,10 @@ pub enum StartError {
 
 /// A running server: its address, and a way to stop it.
 pub struct ServerHandle {
+    /// The `listen` address (TLS when `[tls]` is set without `tls.listen`).
     pub addr: SocketAddr,
+    /// The TLS listener's address, when TLS is on.
+    pub tls_addr: Option<SocketAddr>,
     /// CPU of each shard (None = unpinned).
     pub cpus: Vec<Option<usize>>,
     inboxes: Vec<flume::Sender<MeshMsg>>,
@@ -115,34 +120,51 @@ fn bind(addr: SocketAddr, listen: bool) -> std::io::Result<Socket> {
     Ok(sock)
 }
 
-/// Starts the shards and returns once every one is accepting.
-pub fn start(cfg: Config, verifier: Verifier) -> Result<ServerHandle, StartError> {
-    let shards = cfg.shard_count();
-    let cpus = plan_cpus(&cfg, shards)?;
-    // SO_REUSEPORT would let a second instance share the port silently (and split the users
-    // between two processes): make sure nobody holds it first.
-    if cfg.listen.port() != 0 {
-        let probe = Socket::new(Domain::for_address(cfg.listen), Type::STREAM, None)
-            .and_then(|s| s.set_reuse_address(true).map(|()| s))
-            .and_then(|s| s.bind(&cfg.listen.into()).map(|()| s));
-        if let Err(source) = probe {
-            return Err(StartError::Listen {
-                addr: cfg.listen,
-                source,
-            });
-        }
+/// Reserves `want` for the shards: refuses a port another process holds (SO_REUSEPORT would
+/// otherwise let a second instance share it silently and split the users between two servers),
+/// then binds it without listening — port 0 becomes a real port that every shard can bind, and a
+/// non-listening socket receives no connections. Dropped once all shards listen.
+fn reserve_port(want: SocketAddr) -> Result<(Socket, SocketAddr), StartError> {
+    let fail = |source| StartError::Listen { addr: want, source };
+    if want.port() != 0 {
+        let probe = Socket::new(Domain::for_address(want), Type::STREAM, None).map_err(fail)?;
+        probe.set_reuse_address(true).map_err(fail)?;
+        probe.bind(&want.into()).map_err(fail)?;
     }
-    // Port 0: reserve a real port with a bound, non-listening socket (it receives no
-    // connections), so every shard can bind the same port; dropped once they all have.
-    let reserve = bind(cfg.listen, false).map_err(|source| StartError::Listen {
-        addr: cfg.listen,
-        source,
-    })?;
+    let reserve = bind(want, false).map_err(fail)?;
     let addr = reserve
         .local_addr()
         .ok()
         .and_then(|a| a.as_socket())
-        .unwrap_or(cfg.listen);
+        .unwrap_or(want);
+    Ok((reserve, addr))
+}
+
+/// Starts the shards and returns once every one is accepting.
+pub fn start(cfg: Config, verifier: Verifier) -> Result<ServerHandle, StartError> {
+    let shards = cfg.shard_count();
+    let cpus = plan_cpus(&cfg, shards)?;
+    let secure = crate::edge::tls::load(&cfg.tls).map_err(|e| StartError::Tls(e.0))?;
+    // What listens where: plain on `listen`, TLS on `tls.listen`; with TLS but no `tls.listen`,
+    // `listen` itself speaks TLS.
+    let mut wanted: Vec<(SocketAddr, Option<Arc<rustls::ServerConfig>>)> = Vec::new();
+    match (&secure, cfg.tls.listen) {
+        (None, _) => wanted.push((cfg.listen, None)),
+        (Some(tls), None) => wanted.push((cfg.listen, Some(tls.clone()))),
+        (Some(tls), Some(tls_addr)) => {
+            wanted.push((cfg.listen, None));
+            wanted.push((tls_addr, Some(tls.clone())));
+        }
+    }
+    let mut reserved = Vec::new();
+    let mut listeners = Vec::new();
+    for (want, tls) in wanted {
+        let (reserve, addr) = reserve_port(want)?;
+        reserved.push(reserve);
+        listeners.push((addr, tls));
+    }
+    let addr = listeners[0].0;
+    let tls_addr = listeners.iter().find(|l| l.1.is_some()).map(|l| l.0);
 
     let cfg = Arc::new(cfg);
     let verifier = Arc::new(verifier);
@@ -154,6 +176,7 @@ pub fn start(cfg: Config, verifier: Verifier) -> Result<ServerHandle, StartError
     let mut threads = Vec::with_capacity(shards);
     for (ix, inbox) in receivers.into_iter().enumerate() {
         let placement = cpus[ix].map_or(GPlacement::Unbound, GPlacement::Fixed);
+        let listeners = listeners.clone();
         let (cfg, verifier, peers, metrics, ready) = (
             cfg.clone(),
             verifier.clone(),
@@ -166,24 +189,37 @@ pub fn start(cfg: Config, verifier: Verifier) -> Result<ServerHandle, StartError
             .name(&format!("shard-{ix}"))
             .io_memory(IO_MEMORY)
             .spawn(move || async move {
-                let listener = match bind(addr, true) {
-                    // SAFETY: a freshly bound, listening socket whose ownership moves here.
-                    Ok(s) => unsafe { glommio::net::TcpListener::from_raw_fd(s.into_raw_fd()) },
-                    Err(e) => {
-                        let _ = ready.send(Err((ix, format!("listen on {addr}: {e}"))));
-                        return;
+                let mut bound = Vec::new();
+                for (addr, tls) in listeners {
+                    match bind(addr, true) {
+                        // SAFETY: a freshly bound, listening socket whose ownership moves here.
+                        Ok(s) => bound.push((
+                            unsafe { glommio::net::TcpListener::from_raw_fd(s.into_raw_fd()) },
+                            tls,
+                        )),
+                        Err(e) => {
+                            let _ = ready.send(Err((ix, format!("listen on {addr}: {e}"))));
+                            return;
+                        }
                     }
-                };
+                }
                 let ix16 = u16::try_from(ix).expect("validate() caps shards at u16::MAX");
                 let mesh = Mesh::new(ix16, peers, cfg.mesh.overflow_max, metrics.clone());
                 let shard = Rc::new(Shard::new(ix16, cpu, cfg, verifier, mesh, metrics));
-                let (stop_tx, stop_rx) = glommio::channels::local_channel::new_bounded(1);
-                glommio::spawn_local(accept::accept_loop(shard.clone(), listener, stop_rx))
-                    .detach();
+                let mut stops = Vec::new();
+                for (listener, tls) in bound {
+                    let (stop_tx, stop_rx) = glommio::channels::local_channel::new_bounded(1);
+                    let accepting =
+                        accept::accept_loop(shard.clone(), listener, tls, Rc::new(stop_rx));
+                    glommio::spawn_local(accepting).detach();
+                    stops.push(stop_tx);
+                }
                 glommio::spawn_local(super::clock::run(shard.clone())).detach();
                 let _ = ready.send(Ok(ix));
                 run_inbox(&shard, inbox).await;
-                let _ = stop_tx.try_send(());
+                for stop in stops {
+                    let _ = stop.try_send(());
+                }
                 drain_sessions(&shard).await;
             })
             .map_err(|e| StartError::Shard {
@@ -211,10 +247,11 @@ pub fn start(cfg: Config, verifier: Verifier) -> Result<ServerHandle, StartError
         stop_all(&senders, threads);
         return Err(failed);
     }
-    drop(reserve);
-    tracing::info!(%addr, shards, ?cpus, "accepting WebSocket connections");
+    drop(reserved);
+    tracing::info!(%addr, ?tls_addr, shards, ?cpus, "accepting WebSocket connections");
     Ok(ServerHandle {
         addr,
+        tls_addr,
         cpus,
         inboxes: senders,
         threads,
