@@ -1,0 +1,79 @@
+//! Proves the documentation keeps up with the code: every configuration key the server accepts
+//! appears in docs/CONFIG.md, and every error code and close code the server can send appears in
+//! docs/PROTOCOL.md.
+
+use std::path::Path;
+
+fn doc(name: &str) -> String {
+    std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("docs")
+            .join(name),
+    )
+    .unwrap()
+}
+
+/// All keys of a TOML table, as `section.key` paths.
+fn keys(prefix: &str, table: &toml::Table, out: &mut Vec<String>) {
+    for (k, v) in table {
+        match v {
+            toml::Value::Table(t) => keys(&format!("{prefix}{k}."), t, out),
+            _ => out.push(format!("{prefix}{k}")),
+        }
+    }
+}
+
+#[test]
+fn config_md_lists_every_key() {
+    // Optional keys only serialise when set.
+    let mut cfg = presenced::Config {
+        jwt_secret: Some("x".into()),
+        ..presenced::Config::default()
+    };
+    cfg.tls.cert = Some("c".into());
+    cfg.tls.key = Some("k".into());
+    cfg.tls.listen = Some("127.0.0.1:1".parse().unwrap());
+    cfg.auth.jwks = Some("j".into());
+    cfg.auth.issuer = Some("i".into());
+    let table: toml::Table = toml::from_str(&toml::to_string(&cfg).unwrap()).unwrap();
+    let mut all = Vec::new();
+    keys("", &table, &mut all);
+    let text = doc("CONFIG.md");
+    let missing: Vec<&String> = all
+        .iter()
+        .filter(|k| {
+            let leaf = k.rsplit('.').next().unwrap();
+            !text.contains(&format!("`{leaf}`"))
+        })
+        .collect();
+    assert!(missing.is_empty(), "undocumented keys: {missing:?}");
+    assert!(all.len() > 30, "walked the whole config: {}", all.len());
+}
+
+#[test]
+fn protocol_md_lists_every_code() {
+    let text = doc("PROTOCOL.md");
+    for code in [
+        "bad_request",
+        "unknown_op",
+        "too_large",
+        "rate_limited",
+        "too_many_subscriptions",
+        "forbidden",
+    ] {
+        assert!(text.contains(&format!("`{code}`")), "error code {code}");
+    }
+    for close in [
+        "1000", "1001", "1002", "1007", "1009", "1011", "4001", "4008", "4009",
+    ] {
+        assert!(text.contains(&format!("| {close} |")), "close code {close}");
+    }
+    for status in [
+        "400", "401", "403", "404", "405", "408", "429", "431", "503",
+    ] {
+        assert!(
+            text.contains(&format!("| {status} |")),
+            "HTTP status {status}"
+        );
+    }
+}
