@@ -30,19 +30,27 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// `presenced serve` on 127.0.0.1:`port` with two unpinned shards.
+fn serve_cmd(port: u16) -> Command {
+    let mut cmd = Command::new(BIN);
+    let listen = format!("127.0.0.1:{port}");
+    cmd.args([
+        "serve",
+        "--listen",
+        &listen,
+        "--shards",
+        "2",
+        "--placement",
+        "unbound",
+    ]);
+    cmd
+}
+
 #[test]
 fn serve_with_no_config_prints_a_working_quickstart() {
     let port = free_port();
     let mut child = Running(
-        Command::new(BIN)
-            .args([
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--shards",
-                "2",
-            ])
-            .args(["--placement", "unbound"])
+        serve_cmd(port)
             .env_remove("PRESENCED_JWT_SECRET")
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -93,15 +101,8 @@ fn sigterm_closes_sessions_with_1001_and_exits_zero() {
     let port = free_port();
     let secret = "a-secret-for-the-sigterm-test";
     let mut child = Running(
-        Command::new(BIN)
-            .args([
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--shards",
-                "2",
-            ])
-            .args(["--placement", "unbound", "--jwt-secret", secret])
+        serve_cmd(port)
+            .args(["--jwt-secret", secret])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

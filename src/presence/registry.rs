@@ -116,6 +116,8 @@ pub struct Change {
     /// Group feeds affected: `(group, still_member)`. A member gets `state`; a user who stopped
     /// being a visible member gets `state.left_group()`.
     pub groups: Vec<(GroupId, bool)>,
+    /// Whether the user was visible before this change.
+    pub was_online: bool,
 }
 
 /// Why an operation on the registry was refused.
@@ -130,6 +132,8 @@ pub enum RegistryError {
 pub struct Registry {
     users: HashMap<UserId, UserEntry>,
     sessions: usize,
+    /// Users with at least one visible session, kept up to date on every change.
+    online: usize,
 }
 
 impl Registry {
@@ -160,7 +164,9 @@ impl Registry {
             info,
         });
         self.sessions += 1;
-        Self::recompute(user, entry, now_ms)
+        let change = Self::recompute(user, entry, now_ms);
+        self.count_online(change.as_ref());
+        change
     }
 
     /// The session ended (closed, dropped, kicked). Unknown sessions are ignored.
@@ -171,6 +177,7 @@ impl Registry {
         self.sessions -= 1;
         let user = user.clone();
         let change = Self::recompute(&user, entry, now_ms);
+        self.count_online(change.as_ref());
         self.forget_if_empty(&user);
         change
     }
@@ -199,7 +206,9 @@ impl Registry {
         session.text = text;
         session.stamp = stamp;
         let user = user.clone();
-        Ok(Self::recompute(&user, entry, now_ms))
+        let change = Self::recompute(&user, entry, now_ms);
+        self.count_online(change.as_ref());
+        Ok(change)
     }
 
     /// A subscription from `shard`: count it and return the snapshot to send back.
@@ -241,7 +250,7 @@ impl Registry {
 
     /// Users with at least one visible session.
     pub fn online_users(&self) -> usize {
-        self.users.values().filter(|e| e.view.devices > 0).count()
+        self.online
     }
 
     /// Sessions of all users on this shard.
@@ -252,6 +261,15 @@ impl Registry {
     /// Entries held (online, watched or remembered offline users).
     pub fn user_count(&self) -> usize {
         self.users.len()
+    }
+
+    /// Moves the online count when a change crosses between offline and visible.
+    fn count_online(&mut self, change: Option<&Change>) {
+        match change.map(|c| (c.was_online, c.state.status != Aggregate::Offline)) {
+            Some((false, true)) => self.online += 1,
+            Some((true, false)) => self.online -= 1,
+            _ => {}
+        }
     }
 
     fn forget_if_empty(&mut self, user: &str) {
@@ -295,6 +313,7 @@ impl Registry {
             state: entry.state(user, now_ms),
             watchers: entry.watchers.shards().collect(),
             groups,
+            was_online: old.status != Aggregate::Offline,
         })
     }
 }

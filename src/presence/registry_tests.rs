@@ -277,6 +277,8 @@ proptest! {
                     continue;
                 }
             };
+            let online = (0..4u8).filter(|u| model.view(*u).2 > 0).count();
+            prop_assert_eq!(reg.online_users(), online, "online count at step {}", step);
             let u = user as usize;
             let before = model.last[u];
             let after = model.view(user);
