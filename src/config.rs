@@ -171,7 +171,7 @@ impl Default for Limits {
 impl Default for MeshConfig {
     fn default() -> Self {
         MeshConfig {
-            inbox_capacity: 64 * 1024,
+            inbox_capacity: 4096,
             overflow_max: 1024 * 1024,
         }
     }

@@ -17,6 +17,7 @@
 //! - [`presence`]: the presence model — registry, groups, watcher counts — pure and
 //!   proptest-checked.
 //! - [`config`], [`metrics`]: configuration and per-shard counters.
+//! - [`topology`]: the CPU report behind `presenced topology`.
 
 pub mod auth;
 pub mod config;
@@ -25,6 +26,7 @@ pub mod metrics;
 pub mod presence;
 pub mod protocol;
 pub mod shard;
+pub mod topology;
 
 pub use config::Config;
 pub use shard::runtime::{start, ServerHandle, StartError};

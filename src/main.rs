@@ -32,16 +32,15 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Print the machine's CPUs, cores, SMT siblings, NUMA nodes, and the shard -> CPU plan.
+    Topology(PlacementArgs),
 }
 
 #[derive(Args)]
-struct ServeArgs {
+struct PlacementArgs {
     /// TOML config file; flags override its keys.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// WebSocket listen address [default: 127.0.0.1:8080].
-    #[arg(long)]
-    listen: Option<SocketAddr>,
     /// Shard count [default: one per available CPU].
     #[arg(long)]
     shards: Option<usize>,
@@ -51,6 +50,32 @@ struct ServeArgs {
     /// max-spread, max-pack, fixed or unbound.
     #[arg(long, value_parser = parse_placement)]
     placement: Option<Placement>,
+}
+
+impl PlacementArgs {
+    fn apply(self, cfg: &mut Config) {
+        if let Some(v) = self.shards {
+            cfg.shards = v;
+        }
+        if let Some(v) = self.cpus {
+            cfg.cpus = v;
+            if self.placement.is_none() {
+                cfg.placement = Placement::Fixed;
+            }
+        }
+        if let Some(v) = self.placement {
+            cfg.placement = v;
+        }
+    }
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    placement: PlacementArgs,
+    /// WebSocket listen address [default: 127.0.0.1:8080].
+    #[arg(long)]
+    listen: Option<SocketAddr>,
     /// HS256/384/512 shared secret.
     #[arg(long, env = "PRESENCED_JWT_SECRET", hide_env_values = true)]
     jwt_secret: Option<String>,
@@ -106,6 +131,12 @@ fn main() -> ExitCode {
             Ok(())
         }
         Cmd::CheckConfig { config } => check_config(&config),
+        Cmd::Topology(args) => load(args.config.as_ref()).and_then(|mut cfg| {
+            args.apply(&mut cfg);
+            cfg.validate().map_err(|e| e.to_string())?;
+            print!("{}", presenced::topology::report(&cfg)?);
+            Ok(())
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -142,21 +173,11 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-    let mut cfg = load(args.config.as_ref())?;
+    raise_nofile();
+    let mut cfg = load(args.placement.config.as_ref())?;
+    args.placement.apply(&mut cfg);
     if let Some(v) = args.listen {
         cfg.listen = v;
-    }
-    if let Some(v) = args.shards {
-        cfg.shards = v;
-    }
-    if let Some(v) = args.cpus {
-        cfg.cpus = v;
-        if args.placement.is_none() {
-            cfg.placement = Placement::Fixed;
-        }
-    }
-    if let Some(v) = args.placement {
-        cfg.placement = v;
     }
     if let Some(v) = args.jwt_secret {
         cfg.jwt_secret = Some(v);
@@ -189,6 +210,24 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     server.shutdown();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// One descriptor per connection: lift the soft open-file limit to the hard one (the usual
+/// soft default of 1024 would cap a server at a thousand clients).
+fn raise_nofile() {
+    // SAFETY: getrlimit/setrlimit on a struct we own.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                tracing::warn!("could not raise the open-file limit");
+            }
+        }
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            tracing::info!(max_open_files = lim.rlim_cur, "open-file limit");
+        }
+    }
 }
 
 fn print_quickstart(secret: &str, addr: SocketAddr) {

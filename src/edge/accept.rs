@@ -41,7 +41,11 @@ pub async fn accept_loop(
         match accepted {
             None => return,
             Some(Ok(stream)) => {
-                let tls = match secure.as_ref().map(Tls::new).transpose() {
+                let tls = match secure
+                    .as_ref()
+                    .map(|c| Tls::new(c).map(Box::new))
+                    .transpose()
+                {
                     Ok(tls) => tls,
                     Err(e) => {
                         tracing::warn!(error = %e, "TLS session setup failed");
@@ -68,7 +72,7 @@ struct Accepted {
     early: Vec<u8>,
 }
 
-async fn handshake(shard: Rc<Shard>, mut stream: TcpStream, mut tls: Option<Tls>) {
+async fn handshake(shard: Rc<Shard>, mut stream: TcpStream, mut tls: Option<Box<Tls>>) {
     let Ok(peer) = stream.peer_addr() else { return };
     let limits = &shard.cfg.limits;
     let deadline = Duration::from_millis(limits.handshake_timeout_ms);
@@ -93,7 +97,13 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream, mut tls: Option<Tls>
             };
             ShardMetrics::inc(counter);
             tracing::debug!(peer = %peer, status = reject.status, reason = reject.reason, "upgrade refused");
-            conn::reject(&mut stream, tls.as_mut(), reject.status, reject.reason).await;
+            conn::reject(
+                &mut stream,
+                tls.as_deref_mut(),
+                reject.status,
+                reject.reason,
+            )
+            .await;
             return;
         }
     };
@@ -109,7 +119,8 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream, mut tls: Option<Tls>
             early: accepted.early,
             tls,
         };
-        conn::serve(shard, setup).await;
+        // The connection gets its own task: this handshake's larger state ends here.
+        conn::start(shard, setup);
         return;
     }
     // SAFETY-free hand-off: duplicate the descriptor into an owned one for the owner shard,
@@ -118,7 +129,7 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream, mut tls: Option<Tls>
         Ok(fd) => fd,
         Err(e) => {
             tracing::warn!(error = %e, "dup failed during hand-off");
-            conn::reject(&mut stream, tls.as_mut(), 503, "server busy").await;
+            conn::reject(&mut stream, tls.as_deref_mut(), 503, "server busy").await;
             return;
         }
     };
@@ -132,7 +143,7 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream, mut tls: Option<Tls>
         device: accepted.device,
         device_type: Some(accepted.device_type.as_str().to_owned()),
         early: accepted.early,
-        tls: tls.map(Tls::into_session),
+        tls: tls.map(|t| Box::new(t.into_session())),
     };
     shard.mesh.send(owner, MeshMsg::Handoff(Box::new(handoff)));
 }
@@ -156,9 +167,9 @@ pub fn adopt(shard: &Rc<Shard>, h: Handoff) {
         device: h.device,
         device_type,
         early: h.early,
-        tls: h.tls.map(Tls::from_session),
+        tls: h.tls.map(|t| Box::new(Tls::from_session(*t))),
     };
-    glommio::spawn_local(conn::serve(shard.clone(), setup)).detach();
+    conn::start(shard.clone(), setup);
 }
 
 fn dup(stream: &TcpStream) -> std::io::Result<OwnedFd> {
@@ -175,7 +186,7 @@ fn dup(stream: &TcpStream) -> std::io::Result<OwnedFd> {
 /// handshake on the way (what rustls wants to send is written as it comes).
 async fn read_head(
     stream: &mut TcpStream,
-    tls: &mut Option<Tls>,
+    tls: &mut Option<Box<Tls>>,
     max: usize,
 ) -> Result<(Vec<u8>, http::UpgradeRequest), Reject> {
     let mut buf = Vec::with_capacity(1024);

@@ -6,8 +6,9 @@
 //! connection, and an idle connection holds no read or write buffer.
 
 use std::cell::{Cell, RefCell};
-use std::future::{poll_fn, Future};
+use std::future::Future;
 use std::net::SocketAddr;
+use std::num::NonZeroU64;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -18,16 +19,16 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use glommio::net::TcpStream;
-use hashbrown::HashMap;
 
 use super::http;
 use super::outbox::{Key, Outbox, Queued};
 use super::ratelimit::{OpLimiter, OpVerdict};
+use super::subs::SubSet;
 use super::tls::Tls;
 use crate::auth::Claims;
 use crate::config::SessionPolicy;
 use crate::metrics::ShardMetrics;
-use crate::presence::{DeviceType, GroupId, SessionId, SessionInfo, Status, UserId};
+use crate::presence::{DeviceType, SessionId, SessionInfo, Status, UserId};
 use crate::protocol::ops::{self, ErrorCode, Op, Request};
 use crate::protocol::ws::{self, Decoder, Inbound};
 use crate::protocol::{events, RequestId};
@@ -36,9 +37,10 @@ use crate::shard::{now_ms, Shard};
 /// Whether a subscription has received its snapshot yet. Live updates reach a connection only
 /// once its snapshot has, so a client always sees the snapshot first. `Pending` carries the
 /// attempt's generation: only the snapshot answering this very attempt makes it live.
+/// (`NonZeroU64`: the enum packs into 8 bytes; it sits in every subscription.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SubState {
-    Pending(u64),
+    Pending(NonZeroU64),
     Live,
 }
 
@@ -60,8 +62,8 @@ pub struct ConnHandle {
     waker: RefCell<Option<Waker>>,
     /// Set to close the connection at the next poll; the first request wins.
     close: Cell<Option<CloseRequest>>,
-    pub watching: RefCell<HashMap<UserId, SubState>>,
-    pub watching_groups: RefCell<HashMap<GroupId, SubState>>,
+    pub watching: RefCell<SubSet<SubState>>,
+    pub watching_groups: RefCell<SubSet<SubState>>,
     /// Token expiry (seconds since epoch); moved by `refresh`.
     pub expires_at: Cell<u64>,
     /// The session's own status (for `activity` from invisible sessions).
@@ -85,8 +87,8 @@ impl ConnHandle {
             )),
             waker: RefCell::new(None),
             close: Cell::new(None),
-            watching: RefCell::new(HashMap::new()),
-            watching_groups: RefCell::new(HashMap::new()),
+            watching: RefCell::new(SubSet::default()),
+            watching_groups: RefCell::new(SubSet::default()),
             expires_at: Cell::new(expires_at),
             status: Cell::new(Status::Online),
             last_rx_ms: Cell::new(now),
@@ -128,10 +130,10 @@ impl ConnHandle {
     }
 
     /// A fresh generation for a subscription attempt.
-    pub fn next_gen(&self) -> u64 {
+    pub fn next_gen(&self) -> NonZeroU64 {
         let g = self.gens.get() + 1;
         self.gens.set(g);
-        g
+        NonZeroU64::new(g).expect("starts at 1 and only grows")
     }
 
     /// Asks the connection to close at once with `code`; the first request wins.
@@ -185,7 +187,8 @@ pub struct Setup {
     pub device: Option<String>,
     pub device_type: DeviceType,
     pub early: Vec<u8>,
-    pub tls: Option<Tls>,
+    /// Boxed: rustls's session is over a kilobyte, and plain connections should not pay for it.
+    pub tls: Option<Box<Tls>>,
 }
 
 /// Bytes read per `read` call (a stack buffer; the decoder copies what it keeps).
@@ -207,7 +210,7 @@ struct Io {
     /// (and the close) open past it. Only closing connections have a timer.
     close_deadline: Option<glommio::timer::Timer>,
     /// TLS session: bytes read are decrypted into the decoder, frames are encrypted into `wbuf`.
-    tls: Option<Tls>,
+    tls: Option<Box<Tls>>,
 }
 
 impl Io {
@@ -220,6 +223,15 @@ impl Io {
                 tls.drain(&mut self.wbuf);
             }
         }
+    }
+}
+
+/// The claim's ids as a shared slice; the common empty case reuses one per-shard allocation.
+fn shared_or_new(ids: &[String], empty: &Arc<[Arc<str>]>) -> Arc<[Arc<str>]> {
+    if ids.is_empty() {
+        empty.clone()
+    } else {
+        ids.iter().map(|g| Arc::from(g.as_str())).collect()
     }
 }
 
@@ -264,11 +276,16 @@ fn session_limit(shard: &Shard, user: &str) -> bool {
     true
 }
 
-/// Serves the connection until it closes, then removes the session and its subscriptions.
-pub async fn serve(shard: Rc<Shard>, mut setup: Setup) {
+/// Takes an upgraded-to-be connection on its owner shard: admits it (or answers 503), registers
+/// the session and spawns its task. Synchronous, so the set-up state (claims, key, early bytes)
+/// is gone before the long-lived task starts: the task holds only what a live connection needs.
+pub fn start(shard: Rc<Shard>, mut setup: Setup) {
     if let Err((status, reason)) = admission(&shard) {
         ShardMetrics::inc(&shard.metrics.handshakes_unavailable);
-        reject(&mut setup.stream, setup.tls.as_mut(), status, reason).await;
+        glommio::spawn_local(async move {
+            reject(&mut setup.stream, setup.tls.as_deref_mut(), status, reason).await;
+        })
+        .detach();
         return;
     }
     let now = now_ms();
@@ -291,39 +308,31 @@ pub async fn serve(shard: Rc<Shard>, mut setup: Setup) {
         close_deadline: None,
         tls: setup.tls,
     };
-    io.put(&http::switching_protocols(&setup.key));
     let _ = io.stream.set_nodelay(true); // events are small and latency is the product
+    io.put(&http::switching_protocols(&setup.key));
     ShardMetrics::inc(&shard.metrics.handshakes_ok);
     let admitted = session_limit(&shard, &user);
-    let session = format!("{id:x}");
     if admitted {
+        let session = format!("{id:x}");
         conn.push_reply(events::welcome(
             &session,
             &user,
             usize::from(shard.ix),
+            shard.cpu,
             shard.cfg.heartbeat_ms,
         ));
+        let claims = setup.claims;
         let info = SessionInfo {
             device: setup.device.map(Into::into),
             device_type: setup.device_type,
-            region: setup.claims.region.as_deref().map(Into::into),
-            groups: setup
-                .claims
-                .groups
-                .iter()
-                .map(|g| GroupId::from(g.as_str()))
-                .collect(),
-            roles: setup
-                .claims
-                .roles
-                .iter()
-                .map(|r| Arc::from(r.as_str()))
-                .collect(),
+            region: claims.region.map(Into::into),
+            groups: shared_or_new(&claims.groups, &shard.no_groups),
+            roles: shared_or_new(&claims.roles, &shard.no_groups),
             ip: setup.peer.ip(),
             connected_at_ms: now,
         };
         shard.conns.borrow_mut().insert(id, conn.clone());
-        shard.expiries.borrow_mut().insert((setup.claims.exp, id));
+        shard.expiries.borrow_mut().insert((claims.exp, id));
         ShardMetrics::inc(&shard.metrics.connections);
         let change = shard
             .registry
@@ -339,27 +348,74 @@ pub async fn serve(shard: Rc<Shard>, mut setup: Setup) {
     } else {
         conn.request_close(4009, "too many sessions for this user");
     }
+    glommio::spawn_local(live(shard, conn, io, admitted)).detach();
+}
 
-    let clean = poll_fn(|cx| drive(&shard, &conn, &mut io, cx)).await;
-    // The session ends now, not after the linger: subscribers learn at once.
-    if admitted {
-        shard.conns.borrow_mut().remove(&id);
-        shard
-            .expiries
-            .borrow_mut()
-            .remove(&(conn.expires_at.get(), id));
-        shard.unwatch_all(&conn);
-        let change = shard.registry.borrow_mut().disconnect(&user, id, now_ms());
-        if let Some(change) = change {
-            shard.publish(change);
+/// The connection's task for its whole life: drive it until it closes, then end the session
+/// and hand the socket to a short linger task. A plain struct rather than an `async fn`, which
+/// would store `io` twice (as argument and as local): this is what every live connection costs.
+struct Live {
+    shard: Rc<Shard>,
+    conn: Rc<ConnHandle>,
+    /// Taken when the connection ends (the socket moves to a linger task).
+    io: Option<Io>,
+    admitted: bool,
+}
+
+impl Future for Live {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        let io = this
+            .io
+            .as_mut()
+            .expect("a finished connection is not polled again");
+        let clean = match drive(&this.shard, &this.conn, io, cx) {
+            Poll::Ready(clean) => clean,
+            Poll::Pending => return Poll::Pending,
+        };
+        // The session ends now, not after the linger: subscribers learn at once.
+        if this.admitted {
+            end_session(&this.shard, &this.conn);
         }
-        ShardMetrics::sub(&shard.metrics.connections, 1);
-        tracing::debug!(session = %session, user = %user, "session closed");
+        let io = this.io.take().expect("taken once, just above");
+        if clean {
+            // Its own short-lived task: the linger state (a drain buffer, a timer) never
+            // enlarges a live connection, and everything else of this one is freed now.
+            let mut stream = io.stream;
+            glommio::spawn_local(async move { linger(&mut stream).await }).detach();
+        }
+        Poll::Ready(())
     }
-    drop(conn);
-    if clean {
-        linger(&mut io.stream).await;
+}
+
+fn live(shard: Rc<Shard>, conn: Rc<ConnHandle>, io: Io, admitted: bool) -> Live {
+    Live {
+        shard,
+        conn,
+        io: Some(io),
+        admitted,
     }
+}
+
+fn end_session(shard: &Shard, conn: &ConnHandle) {
+    let id = conn.id;
+    shard.conns.borrow_mut().remove(&id);
+    shard
+        .expiries
+        .borrow_mut()
+        .remove(&(conn.expires_at.get(), id));
+    shard.unwatch_all(conn);
+    let change = shard
+        .registry
+        .borrow_mut()
+        .disconnect(&conn.user, id, now_ms());
+    if let Some(change) = change {
+        shard.publish(change);
+    }
+    ShardMetrics::sub(&shard.metrics.connections, 1);
+    tracing::debug!(session = %format_args!("{id:x}"), user = %conn.user, "session closed");
 }
 
 /// After our close frame: stop sending, let the peer's close (or EOF) arrive so the kernel does
@@ -614,7 +670,7 @@ fn handle_op(shard: &Shard, conn: &ConnHandle, req: Request) {
         Op::Subscribe(users) => {
             let mut fresh: Vec<&UserId> = users
                 .iter()
-                .filter(|u| !conn.watching.borrow().contains_key(*u))
+                .filter(|u| !conn.watching.borrow().contains_key(u))
                 .collect();
             fresh.sort_unstable();
             fresh.dedup();

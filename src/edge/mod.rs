@@ -11,4 +11,5 @@ pub mod conn;
 pub mod http;
 pub mod outbox;
 pub mod ratelimit;
+pub mod subs;
 pub mod tls;

@@ -50,7 +50,7 @@ pub struct Outbox {
     max_events: usize,
 }
 
-/// Queues that grew under a burst give their memory back once drained, past this capacity.
+/// Stale queue slots tolerated before compaction (beyond twice the live ones).
 const IDLE_KEEP: usize = 16;
 
 impl Outbox {
@@ -144,15 +144,12 @@ impl Outbox {
         }
     }
 
+    /// Drained: hold no memory at all. An idle connection's outbox costs only its struct; the
+    /// next burst allocates again.
     fn shrink(&mut self) {
-        self.order.clear();
-        if self.replies.capacity() > IDLE_KEEP {
-            self.replies = VecDeque::new();
-        }
-        if self.order.capacity() > IDLE_KEEP {
-            self.order = VecDeque::new();
-            self.pending = HashMap::new();
-        }
+        self.replies = VecDeque::new();
+        self.order = VecDeque::new();
+        self.pending = HashMap::new();
     }
 }
 

@@ -105,14 +105,22 @@ pub fn group_snapshot(group: &str, members: &[PresenceState]) -> Bytes {
     })
 }
 
-/// `{"type":"welcome",...}` right after the upgrade.
-pub fn welcome(session: &str, user: &str, shard: usize, heartbeat_ms: u64) -> Bytes {
+/// `{"type":"welcome",...}` right after the upgrade. `cpu`: the CPU the serving shard is
+/// pinned to (`null` when unpinned), so operators can see placement from any client.
+pub fn welcome(
+    session: &str,
+    user: &str,
+    shard: usize,
+    cpu: Option<usize>,
+    heartbeat_ms: u64,
+) -> Bytes {
     #[derive(Serialize)]
     struct Welcome<'a> {
         r#type: &'static str,
         session: &'a str,
         user: &'a str,
         shard: usize,
+        cpu: Option<usize>,
         heartbeat_ms: u64,
     }
     frame(&Welcome {
@@ -120,6 +128,7 @@ pub fn welcome(session: &str, user: &str, shard: usize, heartbeat_ms: u64) -> By
         session,
         user,
         shard,
+        cpu,
         heartbeat_ms,
     })
 }

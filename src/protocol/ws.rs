@@ -81,8 +81,10 @@ pub struct Decoder {
     hard_max: u64,
 }
 
-/// A buffer that grew for a large message is given back once empty if it is larger than this.
-const IDLE_BUF_KEEP: usize = 4096;
+/// An empty input buffer keeps at most this much capacity. Zero: an idle connection holds no
+/// input buffer at all (the next read allocates one; reads are rare on presence connections,
+/// and a split `BytesMut` would otherwise pin its whole first allocation).
+const IDLE_BUF_KEEP: usize = 0;
 
 impl Decoder {
     pub fn new(soft_max: usize, hard_max: usize) -> Decoder {

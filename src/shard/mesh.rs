@@ -8,6 +8,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::num::NonZeroU64;
 use std::os::fd::OwnedFd;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -30,7 +31,7 @@ pub struct Handoff {
     /// Bytes the client sent after the request head (already WebSocket frames; decrypted).
     pub early: Vec<u8>,
     /// The TLS session, when the socket came in over TLS: it moves with the descriptor.
-    pub tls: Option<rustls::ServerConnection>,
+    pub tls: Option<Box<rustls::ServerConnection>>,
 }
 
 /// Everything shards say to each other. Owned and `Send`.
@@ -44,7 +45,7 @@ pub enum MeshMsg {
         user: UserId,
         from: ShardIx,
         conn: SessionId,
-        gen: u64,
+        gen: NonZeroU64,
     },
     Unwatch {
         user: UserId,
@@ -52,7 +53,7 @@ pub enum MeshMsg {
     },
     Snapshot {
         conn: SessionId,
-        gen: u64,
+        gen: NonZeroU64,
         state: Arc<PresenceState>,
     },
     /// A user's aggregate changed: deliver to local subscribers.
@@ -61,7 +62,7 @@ pub enum MeshMsg {
         group: GroupId,
         from: ShardIx,
         conn: SessionId,
-        gen: u64,
+        gen: NonZeroU64,
     },
     UnwatchGroup {
         group: GroupId,
@@ -69,7 +70,7 @@ pub enum MeshMsg {
     },
     GroupSnapshot {
         conn: SessionId,
-        gen: u64,
+        gen: NonZeroU64,
         group: GroupId,
         members: Vec<PresenceState>,
     },
@@ -171,6 +172,9 @@ impl Mesh {
                 ShardMetrics::inc(&self.metrics.mesh_dropped);
             }
         }
+        // A burst (a mass reconnect: every subscription is a Watch and a Snapshot) can grow
+        // this queue to hundreds of thousands of messages; give that memory back.
+        *self.overflow[ix].borrow_mut() = VecDeque::new();
         self.draining[ix].set(false);
     }
 

@@ -12,6 +12,7 @@ pub mod runtime;
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeSet;
+use std::num::NonZeroU64;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -71,6 +72,8 @@ pub struct Shard {
     pub ip_limiter: RefCell<IpLimiter>,
     /// Set once shutdown starts: no new sessions.
     pub stopping: Cell<bool>,
+    /// The empty `groups`/`roles` slice every session without them shares.
+    pub no_groups: Arc<[Arc<str>]>,
 }
 
 impl Shard {
@@ -101,6 +104,7 @@ impl Shard {
             expiries: RefCell::new(BTreeSet::new()),
             ip_limiter: RefCell::new(ip_limiter),
             stopping: Cell::new(false),
+            no_groups: Arc::from([]),
         }
     }
 
@@ -151,7 +155,14 @@ impl Shard {
                 continue;
             }
             let gen = conn.next_gen();
-            watching.insert(user.clone(), SubState::Pending(gen));
+            // Share the shard's copy of the id when it has one: one allocation per watched
+            // user per shard, not one per subscription.
+            let key = self
+                .user_subs
+                .borrow()
+                .get_key_value(&**user)
+                .map_or_else(|| user.clone(), |(k, _)| k.clone());
+            watching.insert(key, SubState::Pending(gen));
             self.send(
                 self.owner(user),
                 MeshMsg::Watch {
@@ -162,9 +173,16 @@ impl Shard {
                 },
             );
         }
+        drop(watching);
+        conn.watching.borrow_mut().shrink();
     }
 
     pub fn unwatch_users(&self, conn: &ConnHandle, users: &[UserId]) {
+        self.unwatch_users_inner(conn, users);
+        conn.watching.borrow_mut().shrink();
+    }
+
+    fn unwatch_users_inner(&self, conn: &ConnHandle, users: &[UserId]) {
         for user in users {
             let Some(state) = conn.watching.borrow_mut().remove(user) else {
                 continue;
@@ -335,7 +353,7 @@ impl Shard {
         }
     }
 
-    fn on_snapshot(&self, conn_id: SessionId, gen: u64, state: &PresenceState) {
+    fn on_snapshot(&self, conn_id: SessionId, gen: NonZeroU64, state: &PresenceState) {
         let Some(conn) = self.conns.borrow().get(&conn_id).cloned() else {
             return; // closed meanwhile; its unwatch is already on the way
         };
@@ -361,7 +379,7 @@ impl Shard {
     fn on_group_snapshot(
         &self,
         conn_id: SessionId,
-        gen: u64,
+        gen: NonZeroU64,
         group: GroupId,
         members: &[PresenceState],
     ) {

@@ -1,0 +1,319 @@
+//! One simulated device: connect from a chosen source address, upgrade with a bearer token,
+//! subscribe, then read and check every event until told to stop. Reconnects (counted) if the
+//! server drops it mid-run.
+
+use std::borrow::Cow;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use futures_util::stream::{SplitSink, StreamExt};
+use futures_util::SinkExt;
+use serde::Deserialize;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+use crate::plan;
+use crate::report::Stats;
+use crate::run::Shared;
+
+pub type Sink = SplitSink<WebSocketStream<TcpStream>, Message>;
+
+/// Time-outs for one connection attempt.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Reconnects allowed per connection in one run.
+const MAX_RECONNECTS: u64 = 3;
+
+/// What one subscriber knows about one watched user on one feed.
+#[derive(Debug, Default)]
+pub struct Track {
+    pub last_seq: Option<u64>,
+    /// The newest state seen is the flapper's final one.
+    pub final_seen: bool,
+    /// After a (re)subscribe the snapshot may repeat the last seq.
+    pub resync: bool,
+    pub flaps: bool,
+}
+
+/// Per-connection verification state, read at the end.
+#[derive(Debug, Default)]
+pub struct ConnState {
+    /// Keyed by (user, group feed or "").
+    pub tracks: HashMap<(String, String), Track>,
+}
+
+#[derive(Deserialize)]
+struct Event<'a> {
+    #[serde(borrow)]
+    r#type: Cow<'a, str>,
+    #[serde(borrow, default)]
+    user: Option<Cow<'a, str>>,
+    seq: Option<u64>,
+    #[serde(borrow, default)]
+    text: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    group: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    code: Option<Cow<'a, str>>,
+    #[serde(default)]
+    members: Vec<serde_json::Value>,
+}
+
+pub fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// Everything a connection needs to know about itself.
+pub struct Spec {
+    pub user: usize,
+    pub n: usize,
+    pub watch: Vec<usize>,
+    pub group: Option<String>,
+}
+
+async fn open(
+    shared: &Shared,
+    spec: &Spec,
+    stats: &RefCell<Stats>,
+) -> Result<WebSocketStream<TcpStream>, String> {
+    let started = Instant::now();
+    let src: Ipv4Addr = plan::source_ip(spec.n, shared.sources);
+    let socket = TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
+    socket
+        .bind(SocketAddr::new(src.into(), 0))
+        .map_err(|_| "bind".to_string())?;
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(shared.addr))
+        .await
+        .map_err(|_| "connect_timeout".to_string())?
+        .map_err(|_| "connect".to_string())?;
+    let _ = tcp.set_nodelay(true);
+    stats
+        .borrow_mut()
+        .connect_us
+        .saturating_record(started.elapsed().as_micros() as u64);
+    let mut req = shared
+        .url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| format!("url: {e}"))?;
+    let token = shared.token(spec.user, spec.group.as_deref());
+    let auth = format!("Bearer {token}")
+        .parse()
+        .map_err(|_| "token header")?;
+    req.headers_mut().insert("Authorization", auth);
+    let config = WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0);
+    let upgrade = tokio_tungstenite::client_async_with_config(req, tcp, Some(config));
+    let (mut ws, _) = tokio::time::timeout(CONNECT_TIMEOUT, upgrade)
+        .await
+        .map_err(|_| "handshake_timeout".to_string())?
+        .map_err(|e| match e {
+            tokio_tungstenite::tungstenite::Error::Http(r) => {
+                format!("http_{}", r.status().as_u16())
+            }
+            _ => "handshake".to_string(),
+        })?;
+    // The welcome completes the handshake from the client's point of view.
+    match tokio::time::timeout(CONNECT_TIMEOUT, ws.next()).await {
+        Ok(Some(Ok(Message::Text(t)))) if t.contains("\"welcome\"") => {}
+        _ => return Err("no_welcome".into()),
+    }
+    stats
+        .borrow_mut()
+        .handshake_us
+        .saturating_record(started.elapsed().as_micros() as u64);
+    let users: Vec<String> = spec.watch.iter().map(|u| plan::user(*u)).collect();
+    let sub = serde_json::json!({"op":"subscribe","users":users}).to_string();
+    ws.send(Message::text(sub)).await.map_err(|_| "send")?;
+    if let Some(g) = &spec.group {
+        let sub = serde_json::json!({"op":"subscribe_group","group":g}).to_string();
+        ws.send(Message::text(sub)).await.map_err(|_| "send")?;
+    }
+    Ok(ws)
+}
+
+/// Runs one connection for the whole test. `ready` is bumped once it is subscribed (or failed),
+/// `sink` holds its sending half while connected (the flapper writes through it).
+pub async fn run(
+    shared: std::sync::Arc<Shared>,
+    spec: Spec,
+    stats: Rc<RefCell<Stats>>,
+    state: Rc<RefCell<ConnState>>,
+    sink: Rc<RefCell<Option<Sink>>>,
+    ready: Rc<Cell<usize>>,
+) {
+    {
+        let mut st = state.borrow_mut();
+        for u in &spec.watch {
+            let flaps = plan::flaps(*u, shared.scn.flap_fraction);
+            st.tracks.insert(
+                (plan::user(*u), String::new()),
+                Track {
+                    flaps,
+                    ..Track::default()
+                },
+            );
+        }
+    }
+    let mut first = true;
+    let mut attempts = 0;
+    loop {
+        let ws = match open(&shared, &spec, &stats).await {
+            Ok(ws) => ws,
+            Err(kind) => {
+                stats.borrow_mut().error(kind);
+                if first {
+                    ready.set(ready.get() + 1);
+                }
+                return;
+            }
+        };
+        if first {
+            stats.borrow_mut().connections += 1;
+            shared.connected.fetch_add(1, Relaxed);
+            ready.set(ready.get() + 1);
+            first = false;
+        } else {
+            stats.borrow_mut().reconnects += 1;
+            for t in state.borrow_mut().tracks.values_mut() {
+                t.resync = true;
+            }
+        }
+        let (tx, mut rx) = ws.split();
+        *sink.borrow_mut() = Some(tx);
+        while let Some(msg) = rx.next().await {
+            match msg {
+                Ok(Message::Text(t)) => on_text(&shared, &t, &stats, &state),
+                Ok(Message::Close(frame)) => {
+                    let code = frame.map_or(1005, |f| u16::from(f.code));
+                    if !shared.finish.load(Relaxed) {
+                        stats.borrow_mut().error(format!("closed_{code}"));
+                    }
+                    break;
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    if !shared.finish.load(Relaxed) {
+                        stats.borrow_mut().error("read");
+                    }
+                    break;
+                }
+            }
+        }
+        sink.borrow_mut().take();
+        attempts += 1;
+        if shared.finish.load(Relaxed) || attempts > MAX_RECONNECTS {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn on_text(shared: &Shared, text: &str, stats: &RefCell<Stats>, state: &RefCell<ConnState>) {
+    let Ok(ev) = serde_json::from_str::<Event>(text) else {
+        stats.borrow_mut().error("bad_json");
+        return;
+    };
+    match &*ev.r#type {
+        "presence" => {
+            let (Some(user), Some(seq)) = (ev.user, ev.seq) else {
+                stats.borrow_mut().error("bad_presence");
+                return;
+            };
+            let group = ev.group.as_deref().unwrap_or("");
+            let text = ev.text.as_deref();
+            track(shared, stats, state, &user, group, seq, text);
+        }
+        "group_snapshot" => {
+            let group = ev.group.as_deref().unwrap_or("").to_owned();
+            for m in &ev.members {
+                let (Some(user), Some(seq)) = (m["user"].as_str(), m["seq"].as_u64()) else {
+                    continue;
+                };
+                track(shared, stats, state, user, &group, seq, m["text"].as_str());
+            }
+        }
+        "error" => {
+            let code = ev.code.as_deref().unwrap_or("unknown");
+            stats.borrow_mut().error(format!("server_{code}"));
+        }
+        _ => {}
+    }
+}
+
+fn track(
+    shared: &Shared,
+    stats: &RefCell<Stats>,
+    state: &RefCell<ConnState>,
+    user: &str,
+    group: &str,
+    seq: u64,
+    text: Option<&str>,
+) {
+    let now = now_us();
+    let mut stats = stats.borrow_mut();
+    if shared.run.load(Relaxed) {
+        stats.deliveries += 1;
+        shared.deliveries.fetch_add(1, Relaxed);
+        // Flaps carry their send time: "t<µs since epoch>".
+        if let Some(sent) = text
+            .and_then(|t| t.strip_prefix('t'))
+            .and_then(|t| t.parse::<u64>().ok())
+        {
+            stats.fanout_us.saturating_record(now.saturating_sub(sent));
+        }
+    }
+    let mut st = state.borrow_mut();
+    let flaps = plan::flaps(
+        user.strip_prefix('u')
+            .and_then(|u| u.parse().ok())
+            .unwrap_or(usize::MAX),
+        shared.scn.flap_fraction,
+    );
+    let t = st
+        .tracks
+        .entry((user.to_owned(), group.to_owned()))
+        .or_insert_with(|| Track {
+            flaps,
+            ..Track::default()
+        });
+    if let Some(last) = t.last_seq {
+        let ok = seq > last || (t.resync && seq == last);
+        if !ok {
+            stats.out_of_order += 1;
+        }
+    }
+    t.resync = false;
+    t.last_seq = Some(seq);
+    t.final_seen = text == Some("final");
+}
+
+/// Verification of one connection at the end: watched users never seen (no snapshot), and
+/// flapped users whose final state did not arrive.
+pub fn verify(state: &ConnState, stats: &mut Stats) {
+    for t in state.tracks.values() {
+        stats.checked += 1;
+        let ok = t.last_seq.is_some() && (!t.flaps || t.final_seen);
+        if !ok {
+            stats.missing += 1;
+        }
+    }
+}
+
+/// Flapped users still waiting for their final state on this connection.
+pub fn unconverged(state: &ConnState) -> usize {
+    state
+        .tracks
+        .values()
+        .filter(|t| t.flaps && !t.final_seen)
+        .count()
+}

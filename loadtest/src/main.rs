@@ -1,0 +1,384 @@
+//! `presenced-loadtest`: drives a real presenced with a fleet of real WebSocket clients and
+//! measures it. See loadtest/README.md.
+
+mod client;
+mod plan;
+mod report;
+mod run;
+mod scenario;
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+
+use plan::Pattern;
+use report::{Report, Stats};
+use run::Shared;
+use scenario::Scenario;
+
+#[derive(Parser)]
+#[command(
+    name = "presenced-loadtest",
+    version,
+    args_conflicts_with_subcommands = true
+)]
+#[command(about = "Drive a presenced server with a fleet of real WebSocket clients")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Merge the JSON reports of several workers into one fleet report.
+    Merge {
+        reports: Vec<PathBuf>,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Print one value of a JSON report, e.g. `get r.json fanout_latency_us.p99` (for scripts).
+    Get { report: PathBuf, path: String },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Server WebSocket URL (loopback only unless --allow-remote).
+    #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
+    url: String,
+    /// HS256 secret the server was started with.
+    #[arg(
+        long,
+        env = "PRESENCED_JWT_SECRET",
+        hide_env_values = true,
+        default_value = ""
+    )]
+    secret: String,
+    /// A preset (idle, churn, fanout, storm) or a TOML scenario file; flags override it.
+    #[arg(long, default_value = "churn")]
+    scenario: String,
+    /// Connections in the whole fleet (all workers).
+    #[arg(long)]
+    connections: Option<usize>,
+    /// New connections per second for the whole fleet (0 = as fast as possible).
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Users each connection watches.
+    #[arg(long)]
+    watch: Option<usize>,
+    #[arg(long, value_enum)]
+    pattern: Option<Pattern>,
+    /// Groups (user i joins g{i % groups} and subscribes to it); 0 for none.
+    #[arg(long)]
+    groups: Option<usize>,
+    /// Fraction of users that flap.
+    #[arg(long)]
+    flap_fraction: Option<f64>,
+    /// Status changes per second for the whole fleet.
+    #[arg(long)]
+    flaps_per_sec: Option<u64>,
+    /// Run phase length, e.g. 10s, 2m.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Check order and convergence; exit 1 if they fail.
+    #[arg(long)]
+    verify: bool,
+    /// Write the JSON report here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// This process is worker i of n (0-based), e.g. 1/3: it opens its share of the users.
+    #[arg(long, default_value = "0/1", value_parser = parse_worker)]
+    worker: (usize, usize),
+    /// Client threads [default: one per CPU].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Source addresses 127.0.0.1 … 127.0.0.K to spread connections over.
+    #[arg(long, default_value_t = 16)]
+    sources: usize,
+    /// Seed for watch sets (every worker must use the same).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Longest wait for final states to arrive after the run.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    drain: Duration,
+    /// Allow a non-loopback target.
+    #[arg(long)]
+    allow_remote: bool,
+    /// No progress lines on stderr.
+    #[arg(long)]
+    quiet: bool,
+    /// Write the current phase (ramp, run, drain, done) to this file as it changes, so scripts
+    /// can sample the server exactly over the run phase.
+    #[arg(long)]
+    phase_file: Option<PathBuf>,
+}
+
+fn parse_worker(s: &str) -> Result<(usize, usize), String> {
+    let (i, n) = s.split_once('/').ok_or("expected i/n, e.g. 0/2")?;
+    let (i, n): (usize, usize) = (
+        i.parse().map_err(|_| "bad worker index")?,
+        n.parse().map_err(|_| "bad worker count")?,
+    );
+    if n == 0 || i >= n {
+        return Err("worker index must be below the count".into());
+    }
+    Ok((i, n))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Some(Cmd::Merge { reports, json }) => merge(reports, json),
+        Some(Cmd::Get { report, path }) => get(&report, &path),
+        None => run_load(cli.run),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("presenced-loadtest: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn merge(paths: Vec<PathBuf>, json: Option<PathBuf>) -> Result<ExitCode, String> {
+    let reports = paths
+        .iter()
+        .map(|p| {
+            let text = std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
+            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))
+        })
+        .collect::<Result<Vec<Report>, String>>()?;
+    let merged = Report::merge(reports)?;
+    print!("{}", merged.table());
+    write_json(&merged, json)?;
+    Ok(verdict(&merged))
+}
+
+fn get(report: &PathBuf, path: &str) -> Result<ExitCode, String> {
+    let text = std::fs::read_to_string(report).map_err(|e| format!("{}: {e}", report.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+    let pointer = format!("/{}", path.replace('.', "/"));
+    match v.pointer(&pointer) {
+        Some(serde_json::Value::String(s)) => println!("{s}"),
+        Some(other) => println!("{other}"),
+        None => return Err(format!("no `{path}` in {}", report.display())),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn write_json(report: &Report, path: Option<PathBuf>) -> Result<(), String> {
+    if let Some(p) = path {
+        let text = serde_json::to_string_pretty(report).map_err(|e| e.to_string())?;
+        std::fs::write(&p, text).map_err(|e| format!("{}: {e}", p.display()))?;
+    }
+    Ok(())
+}
+
+fn verdict(r: &Report) -> ExitCode {
+    match &r.verify {
+        Some(v) if !v.passed => ExitCode::from(1),
+        _ => ExitCode::SUCCESS,
+    }
+}
+
+fn resolve(args: &RunArgs) -> Result<Scenario, String> {
+    let mut s = match Scenario::preset(&args.scenario) {
+        Some(s) => s,
+        None => {
+            let text = std::fs::read_to_string(&args.scenario)
+                .map_err(|e| format!("scenario `{}`: not a preset, and {e}", args.scenario))?;
+            Scenario::preset("idle")
+                .expect("idle exists")
+                .merge_toml(&text)
+                .map_err(|e| format!("{}: {e}", args.scenario))?
+        }
+    };
+    macro_rules! over {
+        ($($f:ident => $g:ident),*) => { $(if let Some(v) = args.$f { s.$g = v; })* };
+    }
+    over!(connections => connections, rate => rate, watch => watch, pattern => pattern,
+          groups => groups, flap_fraction => flap_fraction, flaps_per_sec => flaps_per_sec);
+    if let Some(d) = args.duration {
+        s.duration_s = d.as_secs_f64();
+    }
+    s.check()?;
+    Ok(s)
+}
+
+fn target(url: &str, allow_remote: bool) -> Result<SocketAddr, String> {
+    let rest = url
+        .strip_prefix("ws://")
+        .ok_or("only ws:// URLs are supported")?;
+    let hostport = rest.split('/').next().unwrap_or(rest);
+    let addr = hostport
+        .to_socket_addrs()
+        .map_err(|e| format!("{hostport}: {e}"))?
+        .next()
+        .ok_or(format!("{hostport}: no address"))?;
+    if !addr.ip().is_loopback() && !allow_remote {
+        return Err(format!(
+            "{addr} is not loopback; pass --allow-remote to target it"
+        ));
+    }
+    Ok(addr)
+}
+
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills the struct we pass; RUSAGE_SELF covers every thread.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// One descriptor per connection: lift the soft open-file limit to the hard one.
+fn raise_nofile() {
+    // SAFETY: getrlimit/setrlimit on a struct we own.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+fn run_load(args: RunArgs) -> Result<ExitCode, String> {
+    raise_nofile();
+    let scn = resolve(&args)?;
+    let addr = target(&args.url, args.allow_remote)?;
+    if args.secret.is_empty() {
+        return Err("--secret (or PRESENCED_JWT_SECRET) is required".into());
+    }
+    let (worker, workers) = args.worker;
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
+    let shared = Arc::new(Shared {
+        url: args.url.clone(),
+        addr,
+        secret: args.secret.clone(),
+        scn: scn.clone(),
+        seed: args.seed,
+        sources: args.sources,
+        workers,
+        run: AtomicBool::new(false),
+        stop_flapping: AtomicBool::new(false),
+        finish: AtomicBool::new(false),
+        connected: AtomicU64::new(0),
+        deliveries: AtomicU64::new(0),
+        ramped: AtomicUsize::new(0),
+        finals_sent: AtomicUsize::new(0),
+        unconverged: (0..threads).map(|_| AtomicU64::new(0)).collect(),
+    });
+    let mine: Vec<usize> = plan::my_users(scn.connections, worker, workers).collect();
+    let expected = mine.len() as u64;
+    let mut per_thread: Vec<Vec<(usize, usize)>> = vec![Vec::new(); threads];
+    for (n, user) in mine.into_iter().enumerate() {
+        per_thread[n % threads].push((user, n));
+    }
+    let cpu_start = cpu_seconds();
+    let started = Instant::now();
+    if let Some(p) = &args.phase_file {
+        let _ = std::fs::write(p, "ramp");
+    }
+    let handles: Vec<_> = per_thread
+        .into_iter()
+        .enumerate()
+        .map(|(ix, users)| {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name(format!("load-{ix}"))
+                .spawn(move || run::thread_main(shared, ix, users))
+                .expect("spawning a client thread")
+        })
+        .collect();
+
+    let progress = |phase: &str| {
+        if !args.quiet {
+            eprintln!(
+                "[{:>6.1}s] {phase:<6} connected {}/{expected}  deliveries {}",
+                started.elapsed().as_secs_f64(),
+                shared.connected.load(Relaxed),
+                shared.deliveries.load(Relaxed)
+            );
+        }
+    };
+    // Ramp: bounded by twice the nominal ramp time plus a minute.
+    let nominal = if scn.rate > 0 {
+        scn.connections as f64 / scn.rate as f64
+    } else {
+        0.0
+    };
+    let ramp_deadline = started + Duration::from_secs_f64(nominal * 2.0 + 60.0);
+    let mut tick = Instant::now();
+    while shared.ramped.load(Relaxed) < threads && Instant::now() < ramp_deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        if tick.elapsed() >= Duration::from_secs(1) {
+            progress("ramp");
+            tick = Instant::now();
+        }
+    }
+    let ramp_s = started.elapsed().as_secs_f64();
+    progress("ramp");
+    let phase = |name: &str| {
+        if let Some(p) = &args.phase_file {
+            let _ = std::fs::write(p, name);
+        }
+    };
+    // Run.
+    let run_started = Instant::now();
+    phase("run");
+    shared.run.store(true, Relaxed);
+    let run_until = run_started + Duration::from_secs_f64(scn.duration_s);
+    while Instant::now() < run_until {
+        std::thread::sleep(Duration::from_millis(50).min(run_until - Instant::now()));
+        if tick.elapsed() >= Duration::from_secs(1) {
+            progress("run");
+            tick = Instant::now();
+        }
+    }
+    shared.stop_flapping.store(true, Relaxed);
+    phase("drain");
+    // Drain: wait for the final states, bounded.
+    let drain_until = Instant::now() + args.drain;
+    while Instant::now() < drain_until {
+        let finals = shared.finals_sent.load(Relaxed) == threads;
+        let waiting: u64 = shared.unconverged.iter().map(|u| u.load(Relaxed)).sum();
+        if finals && waiting == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        if tick.elapsed() >= Duration::from_secs(1) {
+            progress("drain");
+            tick = Instant::now();
+        }
+    }
+    let run_s = run_started.elapsed().as_secs_f64();
+    phase("done");
+    shared.finish.store(true, Relaxed);
+    let mut stats = Stats::default();
+    for h in handles {
+        stats.add(h.join().map_err(|_| "a client thread panicked")?);
+    }
+    let cpu_s = cpu_seconds() - cpu_start;
+    if stats.connections < expected {
+        stats.missing += expected - stats.connections;
+    }
+    let mut report = Report::new(&args.scenario, &stats, run_s, cpu_s, args.verify);
+    report.workers = 1;
+    report.ramp_s = ramp_s;
+    report.handshakes_per_sec = stats.connections as f64 / ramp_s.max(1e-9);
+    print!("{}", report.table());
+    write_json(&report, args.json)?;
+    Ok(verdict(&report))
+}

@@ -1,0 +1,314 @@
+//! Measurements and the report: hdrhistograms per thread, merged at the end; the JSON keys that
+//! tools and CI consume; merging the JSON reports of several worker processes.
+
+use std::collections::BTreeMap;
+
+use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+/// Latencies up to 60 s, 3 significant digits.
+pub fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("constant bounds are valid")
+}
+
+/// What one thread measured.
+#[derive(Debug)]
+pub struct Stats {
+    pub connect_us: Histogram<u64>,
+    pub handshake_us: Histogram<u64>,
+    pub fanout_us: Histogram<u64>,
+    pub connections: u64,
+    pub deliveries: u64,
+    pub flaps_sent: u64,
+    pub reconnects: u64,
+    pub errors: BTreeMap<String, u64>,
+    pub missing: u64,
+    pub out_of_order: u64,
+    pub checked: u64,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            connect_us: histogram(),
+            handshake_us: histogram(),
+            fanout_us: histogram(),
+            connections: 0,
+            deliveries: 0,
+            flaps_sent: 0,
+            reconnects: 0,
+            errors: BTreeMap::new(),
+            missing: 0,
+            out_of_order: 0,
+            checked: 0,
+        }
+    }
+}
+
+impl Stats {
+    pub fn error(&mut self, kind: impl Into<String>) {
+        *self.errors.entry(kind.into()).or_default() += 1;
+    }
+
+    pub fn add(&mut self, other: Stats) {
+        self.connect_us.add(&other.connect_us).expect("same bounds");
+        self.handshake_us
+            .add(&other.handshake_us)
+            .expect("same bounds");
+        self.fanout_us.add(&other.fanout_us).expect("same bounds");
+        self.connections += other.connections;
+        self.deliveries += other.deliveries;
+        self.flaps_sent += other.flaps_sent;
+        self.reconnects += other.reconnects;
+        self.missing += other.missing;
+        self.out_of_order += other.out_of_order;
+        self.checked += other.checked;
+        for (k, v) in other.errors {
+            *self.errors.entry(k).or_default() += v;
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Percentiles {
+    pub p50: u64,
+    pub p90: u64,
+    pub p99: u64,
+    pub p999: u64,
+    pub max: u64,
+    pub count: u64,
+}
+
+impl Percentiles {
+    pub fn of(h: &Histogram<u64>) -> Percentiles {
+        Percentiles {
+            p50: h.value_at_quantile(0.50),
+            p90: h.value_at_quantile(0.90),
+            p99: h.value_at_quantile(0.99),
+            p999: h.value_at_quantile(0.999),
+            max: h.max(),
+            count: h.len(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Verify {
+    pub passed: bool,
+    /// (subscriber, flapped user) pairs whose final state never arrived.
+    pub missing: u64,
+    /// Events with a `seq` not above the last one seen for that user on that feed.
+    pub out_of_order: u64,
+    /// (subscriber, flapped user) pairs checked.
+    pub checked: u64,
+}
+
+/// The machine-readable report (`--json`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Report {
+    pub scenario: String,
+    pub workers: usize,
+    pub connections_established: u64,
+    /// Time to open and subscribe every connection, and the resulting rate (handshakes/s).
+    pub ramp_s: f64,
+    pub handshakes_per_sec: f64,
+    pub deliveries: u64,
+    pub deliveries_per_sec: f64,
+    pub duration_s: f64,
+    pub client_cpu_s: f64,
+    pub flaps_sent: u64,
+    pub reconnects: u64,
+    pub connect_latency_us: Percentiles,
+    pub handshake_latency_us: Percentiles,
+    pub fanout_latency_us: Percentiles,
+    pub errors: BTreeMap<String, u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verify: Option<Verify>,
+    /// The raw histograms (hdrhistogram V2, base64), so worker reports can be merged exactly.
+    pub histograms: BTreeMap<String, String>,
+}
+
+fn encode(h: &Histogram<u64>) -> String {
+    use base64::Engine;
+    let mut buf = Vec::new();
+    V2Serializer::new()
+        .serialize(h, &mut buf)
+        .expect("serialising to a Vec cannot fail");
+    base64::engine::general_purpose::STANDARD.encode(buf)
+}
+
+fn decode(s: &str) -> Result<Histogram<u64>, String> {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(s)
+        .map_err(|e| e.to_string())?;
+    Deserializer::new()
+        .deserialize(&mut &bytes[..])
+        .map_err(|e| format!("{e:?}"))
+}
+
+impl Report {
+    pub fn new(scenario: &str, stats: &Stats, run_s: f64, cpu_s: f64, verify: bool) -> Report {
+        let mut histograms = BTreeMap::new();
+        histograms.insert("connect".into(), encode(&stats.connect_us));
+        histograms.insert("handshake".into(), encode(&stats.handshake_us));
+        histograms.insert("fanout".into(), encode(&stats.fanout_us));
+        Report {
+            scenario: scenario.into(),
+            workers: 1,
+            connections_established: stats.connections,
+            ramp_s: 0.0,
+            handshakes_per_sec: 0.0,
+            deliveries: stats.deliveries,
+            deliveries_per_sec: stats.deliveries as f64 / run_s.max(1e-9),
+            duration_s: run_s,
+            client_cpu_s: cpu_s,
+            flaps_sent: stats.flaps_sent,
+            reconnects: stats.reconnects,
+            connect_latency_us: Percentiles::of(&stats.connect_us),
+            handshake_latency_us: Percentiles::of(&stats.handshake_us),
+            fanout_latency_us: Percentiles::of(&stats.fanout_us),
+            errors: stats.errors.clone(),
+            verify: verify.then_some(Verify {
+                passed: stats.missing == 0 && stats.out_of_order == 0 && stats.checked > 0,
+                missing: stats.missing,
+                out_of_order: stats.out_of_order,
+                checked: stats.checked,
+            }),
+            histograms,
+        }
+    }
+
+    /// One fleet report from the workers' reports: counts add up, histograms merge exactly,
+    /// the duration is the longest, verification passes only if every worker's did.
+    pub fn merge(reports: Vec<Report>) -> Result<Report, String> {
+        let mut it = reports.into_iter();
+        let mut out = it.next().ok_or("nothing to merge")?;
+        let mut hists: BTreeMap<String, Histogram<u64>> = BTreeMap::new();
+        for (k, v) in &out.histograms {
+            hists.insert(k.clone(), decode(v)?);
+        }
+        for r in it {
+            out.workers += r.workers;
+            out.connections_established += r.connections_established;
+            out.ramp_s = out.ramp_s.max(r.ramp_s);
+            out.deliveries += r.deliveries;
+            out.duration_s = out.duration_s.max(r.duration_s);
+            out.client_cpu_s += r.client_cpu_s;
+            out.flaps_sent += r.flaps_sent;
+            out.reconnects += r.reconnects;
+            for (k, v) in r.errors {
+                *out.errors.entry(k).or_default() += v;
+            }
+            out.verify = match (out.verify.take(), r.verify) {
+                (Some(a), Some(b)) => Some(Verify {
+                    passed: a.passed && b.passed,
+                    missing: a.missing + b.missing,
+                    out_of_order: a.out_of_order + b.out_of_order,
+                    checked: a.checked + b.checked,
+                }),
+                (a, b) => a.or(b),
+            };
+            for (k, v) in &r.histograms {
+                let h = decode(v)?;
+                match hists.get_mut(k) {
+                    Some(acc) => acc.add(&h).map_err(|e| format!("{e:?}"))?,
+                    None => {
+                        hists.insert(k.clone(), h);
+                    }
+                }
+            }
+        }
+        out.deliveries_per_sec = out.deliveries as f64 / out.duration_s.max(1e-9);
+        out.handshakes_per_sec = out.connections_established as f64 / out.ramp_s.max(1e-9);
+        let get = |k: &str| hists.get(k).map(Percentiles::of).unwrap_or_default();
+        out.connect_latency_us = get("connect");
+        out.handshake_latency_us = get("handshake");
+        out.fanout_latency_us = get("fanout");
+        out.histograms = hists.iter().map(|(k, h)| (k.clone(), encode(h))).collect();
+        Ok(out)
+    }
+
+    /// The human table.
+    pub fn table(&self) -> String {
+        let row = |name: &str, p: &Percentiles| {
+            format!(
+                "  {name:<22} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10}\n",
+                p.p50, p.p90, p.p99, p.p999, p.max, p.count
+            )
+        };
+        let mut t = format!(
+            "scenario {} ({} worker(s))\n  connections established {} in {:.2} s ({:.0}/s)\n  run                     {:.1} s\n  \
+             flaps sent              {}\n  deliveries              {} ({:.0}/s)\n  client CPU              {:.2} s\n  \
+             reconnects              {}\n\n  latency (µs)           {:>9} {:>9} {:>9} {:>9} {:>9} {:>10}\n",
+            self.scenario,
+            self.workers,
+            self.connections_established,
+            self.ramp_s,
+            self.handshakes_per_sec,
+            self.duration_s,
+            self.flaps_sent,
+            self.deliveries,
+            self.deliveries_per_sec,
+            self.client_cpu_s,
+            self.reconnects,
+            "p50",
+            "p90",
+            "p99",
+            "p99.9",
+            "max",
+            "count"
+        );
+        t += &row("connect", &self.connect_latency_us);
+        t += &row("handshake", &self.handshake_latency_us);
+        t += &row("fan-out", &self.fanout_latency_us);
+        if self.errors.is_empty() {
+            t += "\n  errors                  none\n";
+        } else {
+            t += "\n  errors\n";
+            for (k, v) in &self.errors {
+                t += &format!("    {k:<24} {v}\n");
+            }
+        }
+        if let Some(v) = &self.verify {
+            t += &format!(
+                "  verify                  {} (checked {}, missing {}, out of order {})\n",
+                if v.passed { "PASSED" } else { "FAILED" },
+                v.checked,
+                v.missing,
+                v.out_of_order
+            );
+        }
+        t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merging_adds_counts_and_merges_histograms_exactly() {
+        let mut a = Stats::default();
+        let mut b = Stats::default();
+        for v in 1..=100 {
+            a.fanout_us.record(v).unwrap();
+            b.fanout_us.record(v + 1000).unwrap();
+        }
+        a.deliveries = 100;
+        b.deliveries = 100;
+        b.error("read");
+        let ra = Report::new("t", &a, 2.0, 1.0, true);
+        let rb = Report::new("t", &b, 4.0, 1.0, true);
+        let json = serde_json::to_string(&ra).unwrap();
+        let back: Report = serde_json::from_str(&json).unwrap();
+        let m = Report::merge(vec![back, rb]).unwrap();
+        assert_eq!((m.workers, m.deliveries, m.duration_s), (2, 200, 4.0));
+        assert_eq!(m.deliveries_per_sec, 50.0);
+        assert_eq!(m.fanout_latency_us.count, 200);
+        assert!(m.fanout_latency_us.p99 >= 1000);
+        assert_eq!(m.errors["read"], 1);
+        assert!(!m.verify.unwrap().passed, "nothing was checked");
+    }
+}
