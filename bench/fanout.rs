@@ -17,10 +17,6 @@ use presenced::edge::outbox::{Key, Outbox, Queued};
 use presenced::presence::{Aggregate, PresenceState};
 use presenced::protocol::events;
 
-#[allow(dead_code)]
-#[path = "/tmp/old_outbox.rs"]
-mod old_outbox;
-
 const SUBSCRIBERS: [usize; 3] = [1, 100, 10_000];
 /// The config defaults (`limits.max_pending_replies`, `limits.max_pending_events`).
 const MAX_REPLIES: usize = 1024;
@@ -64,23 +60,6 @@ fn fanout(c: &mut Criterion) {
                     debug_assert_eq!(queued, Queued::New);
                 }
                 drain(&mut outboxes);
-            })
-        });
-        let mut old: Vec<old_outbox::Outbox> = (0..k)
-            .map(|_| old_outbox::Outbox::new(MAX_REPLIES, MAX_EVENTS))
-            .collect();
-        g.bench_function(BenchmarkId::new("ours_head_outbox", k), |b| {
-            b.iter(|| {
-                let frame = events::presence(&state, None);
-                for o in old.iter_mut() {
-                    let key = old_outbox::Key::Presence(state.user.clone(), None);
-                    black_box(o.push_event(key, frame.clone()));
-                }
-                for o in old.iter_mut() {
-                    while let Some(f) = o.pop() {
-                        black_box(f);
-                    }
-                }
             })
         });
         g.bench_function(BenchmarkId::new("baseline_serialise_per_conn", k), |b| {

@@ -126,7 +126,7 @@ struct RawOp<'a> {
     op: Option<&'a RawValue>,
     id: Option<RequestId>,
     #[serde(borrow)]
-    users: Option<Vec<std::borrow::Cow<'a, str>>>,
+    users: Option<Vec<Id<'a>>>,
     group: Option<String>,
     status: Option<String>,
     text: Option<String>,
@@ -134,6 +134,11 @@ struct RawOp<'a> {
     to: Option<String>,
     token: Option<String>,
 }
+
+/// A user id inside an array. The newtype is what lets serde borrow it: a bare `Cow` only
+/// borrows when it is the field itself, so `Vec<Cow<str>>` would allocate every id twice.
+#[derive(Deserialize)]
+struct Id<'a>(#[serde(borrow)] std::borrow::Cow<'a, str>);
 
 /// Used only when the full parse fails, to still echo the client's id in the error.
 #[derive(Deserialize)]
@@ -191,7 +196,7 @@ pub fn parse(text: &str, limits: &OpLimits) -> Result<Request, OpError> {
             }
             let users = users
                 .into_iter()
-                .map(|u| check_id("users[]", &u, limits).map(UserId::from))
+                .map(|u| check_id("users[]", &u.0, limits).map(UserId::from))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(bad)?;
             if name == "subscribe" {
