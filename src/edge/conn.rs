@@ -73,6 +73,10 @@ pub struct ConnHandle {
     limiter: RefCell<OpLimiter>,
     /// Generation of the next subscription attempt.
     gens: Cell<u64>,
+    /// Set by the heartbeat sweep: send a ping at the next poll (no queued frame needed).
+    ping_due: Cell<bool>,
+    /// Set by the heartbeat sweep: if still idle at the next poll, give buffers back.
+    trim_due: Cell<bool>,
     metrics: Arc<ShardMetrics>,
 }
 
@@ -94,6 +98,8 @@ impl ConnHandle {
             last_rx_ms: Cell::new(now),
             limiter: RefCell::new(OpLimiter::new(shard.cfg.limits.ops_per_second, now)),
             gens: Cell::new(0),
+            ping_due: Cell::new(false),
+            trim_due: Cell::new(false),
             metrics: shard.metrics.clone(),
         }
     }
@@ -157,6 +163,14 @@ impl ConnHandle {
         self.wake();
     }
 
+    /// The heartbeat: ping at the next poll, and give idle buffers back.
+    pub fn heartbeat(&self) {
+        self.ping_due.set(true);
+        self.trim_due.set(true);
+        self.outbox.borrow_mut().release_if_idle();
+        self.wake();
+    }
+
     /// Frames waiting to be written.
     pub fn backlog(&self) -> usize {
         self.outbox.borrow().len()
@@ -195,6 +209,8 @@ pub struct Setup {
 const READ_CHUNK: usize = 4096;
 /// Bytes gathered from the outbox into one write.
 const WRITE_BATCH: usize = 64 * 1024;
+/// Write-buffer capacity kept between writes (a few events); a burst's larger buffer is freed.
+const WBUF_KEEP: usize = 1024;
 /// Read/write rounds per poll before yielding, so one busy connection cannot starve the shard.
 const ROUNDS_PER_POLL: usize = 16;
 /// How long a closed connection waits for the peer's close before dropping the socket.
@@ -455,6 +471,14 @@ fn drive(shard: &Shard, conn: &ConnHandle, io: &mut Io, cx: &mut Context<'_>) ->
             return Poll::Ready(false); // the peer would not take the close: drop it
         }
     }
+    if conn.trim_due.take() && io.wpos == io.wbuf.len() {
+        io.wbuf = Vec::new(); // idle since the last heartbeat: hold no write buffer
+        io.wpos = 0;
+        io.decoder.release_if_idle();
+    }
+    if conn.ping_due.take() && !io.close_sent {
+        io.put(&ws::ping_frame(b""));
+    }
     for _ in 0..ROUNDS_PER_POLL {
         let mut progress = false;
         if !io.close_sent {
@@ -521,8 +545,8 @@ fn drive(shard: &Shard, conn: &ConnHandle, io: &mut Io, cx: &mut Context<'_>) ->
 fn fill(shard: &Shard, conn: &ConnHandle, io: &mut Io) {
     io.wbuf.clear();
     io.wpos = 0;
-    if io.wbuf.capacity() > WRITE_BATCH * 2 {
-        io.wbuf = Vec::new(); // a huge snapshot went out; don't keep its buffer
+    if io.wbuf.capacity() > WBUF_KEEP {
+        io.wbuf = Vec::new(); // a burst went out; steady traffic needs far less
     }
     let mut outbox = conn.outbox.borrow_mut();
     let (mut delivered, mut popped) = (0, 0);
@@ -545,9 +569,7 @@ fn fill(shard: &Shard, conn: &ConnHandle, io: &mut Io) {
         io.put(&plain);
     }
     ShardMetrics::sub(&shard.metrics.outbox_pending, popped);
-    if io.wbuf.is_empty() && io.wbuf.capacity() > 0 {
-        io.wbuf = Vec::new(); // idle: hold no buffer
-    }
+
     ShardMetrics::add(&shard.metrics.deliveries, delivered);
 }
 

@@ -52,6 +52,9 @@ pub struct Outbox {
 
 /// Stale queue slots tolerated before compaction (beyond twice the live ones).
 const IDLE_KEEP: usize = 16;
+/// Queue capacity kept after draining; more is given back at once (a burst such as the snapshots
+/// of a subscribe, not the steady trickle of live updates, which then allocates nothing).
+const BURST_KEEP: usize = 16;
 
 impl Outbox {
     pub fn new(max_replies: usize, max_events: usize) -> Outbox {
@@ -103,8 +106,10 @@ impl Outbox {
                 }
             },
         };
-        if self.is_empty() {
-            self.shrink();
+        if self.is_empty()
+            && (self.order.capacity() > BURST_KEEP || self.pending.capacity() > BURST_KEEP)
+        {
+            self.release(); // a burst grew the queues far past normal use
         }
         frame
     }
@@ -144,9 +149,16 @@ impl Outbox {
         }
     }
 
-    /// Drained: hold no memory at all. An idle connection's outbox costs only its struct; the
-    /// next burst allocates again.
-    fn shrink(&mut self) {
+    /// Gives all memory back if nothing is queued. Called for connections that have been idle
+    /// a while (the heartbeat sweep), not on every drain: an active subscriber would otherwise
+    /// allocate on every delivery.
+    pub fn release_if_idle(&mut self) {
+        if self.is_empty() {
+            self.release();
+        }
+    }
+
+    fn release(&mut self) {
         self.replies = VecDeque::new();
         self.order = VecDeque::new();
         self.pending = HashMap::new();
@@ -222,6 +234,8 @@ mod tests {
         }
         assert!(o.order.len() <= IDLE_KEEP + 1, "{}", o.order.len());
         assert!(o.is_empty());
+        o.release_if_idle();
+        assert_eq!((o.order.capacity(), o.replies.capacity()), (0, 0), "idle: no memory");
     }
 
     proptest! {

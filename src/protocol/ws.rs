@@ -81,10 +81,9 @@ pub struct Decoder {
     hard_max: u64,
 }
 
-/// An empty input buffer keeps at most this much capacity. Zero: an idle connection holds no
-/// input buffer at all (the next read allocates one; reads are rare on presence connections,
-/// and a split `BytesMut` would otherwise pin its whole first allocation).
-const IDLE_BUF_KEEP: usize = 0;
+/// An empty input buffer keeps at most this much capacity between reads; idle connections give
+/// even that back ([`Decoder::release_if_idle`], from the heartbeat sweep).
+const IDLE_BUF_KEEP: usize = 1024;
 
 impl Decoder {
     pub fn new(soft_max: usize, hard_max: usize) -> Decoder {
@@ -118,7 +117,7 @@ impl Decoder {
     pub fn decode(&mut self) -> Result<Option<Inbound>, CodecError> {
         loop {
             if self.current.is_none() && !self.start_frame()? {
-                self.release_if_idle();
+                self.release_if_large();
                 return Ok(None);
             }
             let cur = self
@@ -142,7 +141,7 @@ impl Decoder {
                 (None, _) => {} // skipping this message's bytes
             }
             if cur.remaining > 0 {
-                self.release_if_idle();
+                self.release_if_large();
                 return Ok(None);
             }
             let cur = self.current.take().expect("checked above");
@@ -251,8 +250,16 @@ impl Decoder {
         }))
     }
 
-    fn release_if_idle(&mut self) {
+    fn release_if_large(&mut self) {
         if self.buf.is_empty() && self.buf.capacity() > IDLE_BUF_KEEP {
+            self.buf = BytesMut::new();
+        }
+    }
+
+    /// Gives the input buffer back if nothing is pending in it (an idle connection holds no
+    /// buffer; a split `BytesMut` would otherwise pin its whole first allocation).
+    pub fn release_if_idle(&mut self) {
+        if self.buf.is_empty() && self.current.is_none() && self.message.is_none() {
             self.buf = BytesMut::new();
         }
     }

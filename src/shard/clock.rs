@@ -8,11 +8,8 @@
 use std::rc::Rc;
 use std::time::Duration;
 
-use bytes::Bytes;
-
 use super::{now_ms, Shard};
 use crate::metrics::ShardMetrics;
-use crate::protocol::ws;
 
 /// Longest wait between expiry checks: a token is closed at most this late.
 const TICK_MAX_MS: u64 = 1000;
@@ -20,14 +17,13 @@ const TICK_MAX_MS: u64 = 1000;
 pub async fn run(shard: Rc<Shard>) {
     let heartbeat = shard.cfg.heartbeat_ms;
     let tick = Duration::from_millis(heartbeat.min(TICK_MAX_MS));
-    let ping = ws::ping_frame(b"");
     let mut next_beat = now_ms() + heartbeat;
     while !shard.stopping.get() {
         glommio::timer::sleep(tick).await;
         let now = now_ms();
         expire(&shard, now / 1000);
         if now >= next_beat {
-            beat(&shard, &ping, now);
+            beat(&shard, now);
             next_beat = now + heartbeat;
         }
     }
@@ -56,7 +52,7 @@ fn expire(shard: &Shard, now_s: u64) {
 }
 
 /// Pings every connection; closes the silent ones.
-fn beat(shard: &Shard, ping: &Bytes, now: u64) {
+fn beat(shard: &Shard, now: u64) {
     let silent_ms = 2 * shard.cfg.heartbeat_ms;
     let conns: Vec<_> = shard.conns.borrow().values().cloned().collect();
     for conn in conns.into_iter().filter(|c| !c.closing()) {
@@ -65,7 +61,7 @@ fn beat(shard: &Shard, ping: &Bytes, now: u64) {
             conn.request_close(1001, "heartbeat timeout");
         } else {
             ShardMetrics::inc(&shard.metrics.pings_sent);
-            conn.push_reply(ping.clone());
+            conn.heartbeat();
         }
     }
 }
