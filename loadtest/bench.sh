@@ -59,6 +59,7 @@ start_server() { # $1 = shards
   echo "server did not start" >&2; exit 1
 }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$SPID/stat"; }
+user_ticks() { awk '{print $14}' "/proc/$SPID/stat"; }
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$SPID/status"; }
 anon_kb() { awk '/^RssAnon/ {print $2}' "/proc/$SPID/status"; }
 sock_pages() { awk '/^TCP:/ {for (i = 1; i < NF; i++) if ($i == "mem") print $(i + 1)}' /proc/net/sockstat; }
@@ -79,15 +80,16 @@ load_timed() {
   local pf="$OUT/$name.phase"
   rm -f "$pf"
   load "$name" --phase-file "$pf" "$@" &
-  local lpid=$! t0="" t1=""
+  local lpid=$! t0="" t1="" u0="" u1=""
   while kill -0 "$lpid" 2>/dev/null; do
     local ph; ph=$(cat "$pf" 2>/dev/null || true)
-    if [ -z "$t0" ] && [ "$ph" != "" ] && [ "$ph" != "ramp" ]; then t0=$(cpu_ticks); fi
-    if [ -z "$t1" ] && [ "$ph" = "done" ]; then t1=$(cpu_ticks); fi
+    if [ -z "$t0" ] && [ "$ph" != "" ] && [ "$ph" != "ramp" ]; then t0=$(cpu_ticks); u0=$(user_ticks); fi
+    if [ -z "$t1" ] && [ "$ph" = "done" ]; then t1=$(cpu_ticks); u1=$(user_ticks); fi
     sleep 0.01
   done
   wait "$lpid" || true
   RUN_TICKS=$(( ${t1:-$(cpu_ticks)} - ${t0:-0} ))
+  RUN_USER_TICKS=$(( ${u1:-$(user_ticks)} - ${u0:-0} ))
 }
 us_per() { awk -v t="$1" -v n="$2" -v k="$TCK" 'BEGIN { printf "%.2f", (n > 0 ? t / k * 1e6 / n : 0) }'; }
 
@@ -120,21 +122,24 @@ echo "| 1 | server user-space memory per idle connection ($WATCH subscriptions, 
 echo "| 1 | kernel memory per loopback connection pair (client + server socket), reported separately | $mem_slab B TCP slab + $mem_sock B socket buffers (/proc/slabinfo, /proc/net/sockstat) |"
 
 # 2 + 5. Deliveries/s and server CPU per delivery while stepping the flap rate up, for 1 and N shards.
-step_rates() { # $1 = shards; prints "rate deliveries/s p99_us cpu_us_per_delivery client_cpu_s"
+step_rates() { # $1 = shards; prints "rate deliveries/s p99_us cpu_us/delivery client_cpu_s verify user_us/delivery"
   start_server "$1"
   for rate in 250 500 1000 2000 4000 8000; do
     load_timed "churn-$1-$rate" --scenario churn --connections "$LOAD_CONNS" --watch "$WATCH" \
       --flap-fraction 0.25 --flaps-per-sec "$rate" --duration "${RUN_S}s" --rate 4000 --verify
     r="$OUT/churn-$1-$rate.json"
     d=$(get "$r" deliveries)
-    echo "$rate $(get "$r" deliveries_per_sec) $(get "$r" fanout_latency_us.p99) $(us_per "$RUN_TICKS" "$d") $(get "$r" client_cpu_s) $(get "$r" verify.passed)"
+    echo "$rate $(get "$r" deliveries_per_sec) $(get "$r" fanout_latency_us.p99) $(us_per "$RUN_TICKS" "$d") $(get "$r" client_cpu_s) $(get "$r" verify.passed) $(us_per "$RUN_USER_TICKS" "$d")"
   done
 }
 step_rates "$SHARDS" > "$OUT/steps-$SHARDS.txt"
+# The best step with p99 ≤ 10 ms; if none qualifies, the lowest step (and say so).
 best=$(awk '$3 <= 10000 && $2 > m { m = $2; line = $0 } END { print line }' "$OUT/steps-$SHARDS.txt")
-read -r best_rate best_dps best_p99 best_cpu best_client _ <<< "$best"
-echo "| 2 | server CPU per delivered event (at $best_rate flaps/s) | $best_cpu µs |"
-echo "| 2 | max deliveries/s with p99 fan-out ≤ 10 ms | $(printf %.0f "$best_dps")/s (p99 $best_p99 µs; client CPU $best_client s over ${RUN_S} s) |"
+note=""
+if [ -z "$best" ]; then best=$(head -1 "$OUT/steps-$SHARDS.txt"); note=" (no step met p99 ≤ 10 ms)"; fi
+read -r best_rate best_dps best_p99 best_cpu best_client best_ok best_user <<< "$best"
+echo "| 2 | server CPU per delivered event, run phase only (at $best_rate flaps/s) | $best_cpu µs in all ($best_user µs user space, the rest kernel: loopback TCP for both ends) |"
+echo "| 2 | max deliveries/s with p99 fan-out ≤ 10 ms$note | $(printf %.0f "$best_dps")/s (p99 $best_p99 µs; verify $best_ok; client CPU $best_client s over ${RUN_S} s) |"
 
 # 3. Latency at half of that rate.
 half=$((best_rate / 2))
@@ -156,8 +161,9 @@ echo "| 4 | handshakes/s (HS256, $n connections, as fast as the client can) | $(
 # 5. Scaling: the same steps on 1 shard.
 if [ "$SHARDS" -ne 1 ]; then
   step_rates 1 > "$OUT/steps-1.txt"
-  one=$(awk '$3 <= 10000 && $2 > m { m = $2 } END { printf "%.0f", m }' "$OUT/steps-1.txt")
+  one=$(awk '$3 <= 10000 && $2 > m { m = $2 } END { printf "%.0f", m + 0 }' "$OUT/steps-1.txt")
   echo "| 5 | max deliveries/s (p99 ≤ 10 ms): 1 shard vs $SHARDS shards | $one/s vs $(printf %.0f "$best_dps")/s |"
 fi
 echo
-echo "Per-step figures (rate, deliveries/s, p99 µs, server CPU µs/delivery, client CPU s, verify): $OUT/steps-*.txt"
+echo "Per-step figures (flaps/s, deliveries/s, p99 µs, server CPU µs/delivery, client CPU s, verify, server user-space µs/delivery):"
+for f in "$OUT"/steps-*.txt; do echo; echo "$f"; cat "$f"; done

@@ -294,7 +294,9 @@ fn track(
     }
     t.resync = false;
     t.last_seq = Some(seq);
-    t.final_seen = text == Some("final");
+    // Only a live event of this run counts: against a server that served an earlier run, a
+    // snapshot may already show that run's final state.
+    t.final_seen = text == Some("final") && shared.run.load(Relaxed);
 }
 
 /// Verification of one connection at the end: watched users never seen (no snapshot), and
@@ -305,6 +307,9 @@ pub fn verify(state: &ConnState, stats: &mut Stats) {
         let ok = t.last_seq.is_some() && (!t.flaps || t.final_seen);
         if !ok {
             stats.missing += 1;
+            if std::env::var_os("LT_DEBUG").is_some() && stats.missing < 5 {
+                eprintln!("missing: {t:?}");
+            }
         }
     }
 }

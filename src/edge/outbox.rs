@@ -235,7 +235,11 @@ mod tests {
         assert!(o.order.len() <= IDLE_KEEP + 1, "{}", o.order.len());
         assert!(o.is_empty());
         o.release_if_idle();
-        assert_eq!((o.order.capacity(), o.replies.capacity()), (0, 0), "idle: no memory");
+        assert_eq!(
+            (o.order.capacity(), o.replies.capacity()),
+            (0, 0),
+            "idle: no memory"
+        );
     }
 
     proptest! {

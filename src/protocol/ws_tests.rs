@@ -83,7 +83,10 @@ fn oversized_messages_are_skipped_then_the_next_one_decodes() {
             Inbound::Text(Bytes::from_static(b"ok"))
         ]
     );
-    assert!(d.held_bytes() <= IDLE_BUF_KEEP, "large buffers are released at once");
+    assert!(
+        d.held_bytes() <= IDLE_BUF_KEEP,
+        "large buffers are released at once"
+    );
     d.release_if_idle();
     assert_eq!(d.held_bytes(), 0, "idle: nothing held");
 }

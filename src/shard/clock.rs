@@ -2,8 +2,11 @@
 //!
 //! - Expiry: sessions sit in a sorted set by `exp`; each tick pops the ones due and closes them
 //!   with 4001. `refresh` moves a session within the set.
-//! - Liveness: every `heartbeat_ms`, one sweep over the shard's connections pings each, and
-//!   closes those that sent nothing for two intervals (half-open sockets, dead peers).
+//! - Liveness: connections are split into slots by session id, and each tick handles one slot,
+//!   so every connection is visited once per `heartbeat_ms` but the work (a ping each, and the
+//!   pongs coming back) is spread evenly over the interval instead of arriving as one burst that
+//!   delays everyone's deliveries. A visit pings the connection, lets it give idle buffers back,
+//!   and closes it if it sent nothing for two intervals (half-open sockets, dead peers).
 
 use std::rc::Rc;
 use std::time::Duration;
@@ -11,21 +14,29 @@ use std::time::Duration;
 use super::{now_ms, Shard};
 use crate::metrics::ShardMetrics;
 
-/// Longest wait between expiry checks: a token is closed at most this late.
+/// Longest wait between ticks: a token is closed at most this late.
 const TICK_MAX_MS: u64 = 1000;
+/// Shortest tick (very short heartbeats are for tests).
+const TICK_MIN_MS: u64 = 10;
+/// Slots a heartbeat interval is split into, at most.
+const SLOTS_MAX: u64 = 32;
+
+/// The tick and slot count for a heartbeat interval.
+pub fn schedule(heartbeat_ms: u64) -> (u64, u64) {
+    let tick = (heartbeat_ms / SLOTS_MAX).clamp(TICK_MIN_MS, TICK_MAX_MS);
+    let slots = (heartbeat_ms / tick).max(1);
+    (tick, slots)
+}
 
 pub async fn run(shard: Rc<Shard>) {
-    let heartbeat = shard.cfg.heartbeat_ms;
-    let tick = Duration::from_millis(heartbeat.min(TICK_MAX_MS));
-    let mut next_beat = now_ms() + heartbeat;
+    let (tick_ms, slots) = schedule(shard.cfg.heartbeat_ms);
+    let mut slot = 0u64;
     while !shard.stopping.get() {
-        glommio::timer::sleep(tick).await;
+        glommio::timer::sleep(Duration::from_millis(tick_ms)).await;
         let now = now_ms();
         expire(&shard, now / 1000);
-        if now >= next_beat {
-            beat(&shard, now);
-            next_beat = now + heartbeat;
-        }
+        beat(&shard, now, slot, slots);
+        slot = (slot + 1) % slots;
     }
 }
 
@@ -51,17 +62,44 @@ fn expire(shard: &Shard, now_s: u64) {
     }
 }
 
-/// Pings every connection; closes the silent ones.
-fn beat(shard: &Shard, now: u64) {
+/// Visits the connections of one slot: ping, or close the silent ones.
+fn beat(shard: &Shard, now: u64, slot: u64, slots: u64) {
     let silent_ms = 2 * shard.cfg.heartbeat_ms;
-    let conns: Vec<_> = shard.conns.borrow().values().cloned().collect();
-    for conn in conns.into_iter().filter(|c| !c.closing()) {
+    let due: Vec<_> = shard
+        .conns
+        .borrow()
+        .iter()
+        .filter(|(id, c)| **id % slots == slot && !c.closing())
+        .map(|(_, c)| c.clone())
+        .collect();
+    for conn in due {
         if now.saturating_sub(conn.last_rx_ms.get()) > silent_ms {
             ShardMetrics::inc(&shard.metrics.heartbeat_timeouts);
             conn.request_close(1001, "heartbeat timeout");
         } else {
             ShardMetrics::inc(&shard.metrics.pings_sent);
             conn.heartbeat();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_interval_is_split_into_even_slots() {
+        assert_eq!(schedule(25_000), (781, 32));
+        assert_eq!(schedule(3_000), (93, 32));
+        assert_eq!(schedule(200), (10, 20));
+        assert_eq!(schedule(100_000), (1000, 100));
+        for hb in [100, 200, 999, 3_000, 25_000, 600_000] {
+            let (tick, slots) = schedule(hb);
+            assert!(
+                tick * slots <= hb,
+                "a full round fits in the interval: {hb}"
+            );
+            assert!(tick <= TICK_MAX_MS && tick >= TICK_MIN_MS);
         }
     }
 }
