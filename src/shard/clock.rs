@@ -99,7 +99,7 @@ mod tests {
                 tick * slots <= hb,
                 "a full round fits in the interval: {hb}"
             );
-            assert!(tick <= TICK_MAX_MS && tick >= TICK_MIN_MS);
+            assert!((TICK_MIN_MS..=TICK_MAX_MS).contains(&tick));
         }
     }
 }
