@@ -296,7 +296,7 @@ fn track(
     t.last_seq = Some(seq);
     // Only a live event of this run counts: against a server that served an earlier run, a
     // snapshot may already show that run's final state.
-    t.final_seen = text == Some("final") && shared.run.load(Relaxed);
+    t.final_seen = text == Some(shared.final_text.as_str()) && shared.run.load(Relaxed);
 }
 
 /// Verification of one connection at the end: watched users never seen (no snapshot), and
@@ -307,7 +307,7 @@ pub fn verify(state: &ConnState, stats: &mut Stats) {
         let ok = t.last_seq.is_some() && (!t.flaps || t.final_seen);
         if !ok {
             stats.missing += 1;
-            if std::env::var_os("LT_DEBUG").is_some() && stats.missing < 5 {
+            if std::env::var_os("LT_DEBUG").is_some() && stats.missing <= 5 {
                 eprintln!("missing: {t:?}");
             }
         }

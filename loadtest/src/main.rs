@@ -105,6 +105,10 @@ struct RunArgs {
     /// Seed for watch sets (every worker must use the same).
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Tag of this run, in the flappers' final status text [default: random]. Workers of one
+    /// fleet must share it.
+    #[arg(long)]
+    run_tag: Option<String>,
     /// Longest wait for final states to arrive after the run.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     drain: Duration,
@@ -271,6 +275,12 @@ fn run_load(args: RunArgs) -> Result<ExitCode, String> {
         seed: args.seed,
         sources: args.sources,
         workers,
+        final_text: format!(
+            "final-{}",
+            args.run_tag
+                .clone()
+                .unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()))
+        ),
         run: AtomicBool::new(false),
         stop_flapping: AtomicBool::new(false),
         finish: AtomicBool::new(false),

@@ -27,6 +27,9 @@ pub struct Shared {
     pub seed: u64,
     pub sources: usize,
     pub workers: usize,
+    /// The text every flapping user ends on: `final-<run tag>`, unique per run, so a state left
+    /// over from an earlier run on the same server is never taken for this run's final.
+    pub final_text: String,
     /// Set when the run phase starts (deliveries count from here).
     pub run: AtomicBool,
     /// Stop flapping; each thread then sends its final states.
@@ -125,9 +128,9 @@ async fn drive(shared: Arc<Shared>, ix: usize, users: Vec<(usize, usize)>) -> St
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     flap(&shared, &stats, &flappers).await;
-    // Final states: every flapper ends on ("online", "final").
+    // Final states: every flapper ends on ("online", "final-<tag>").
     for (_, sink) in &flappers {
-        send(sink, "online", "final").await;
+        send(sink, "online", &shared.final_text).await;
     }
     shared.finals_sent.fetch_add(1, Relaxed);
     while !shared.finish.load(Relaxed) {
