@@ -10,7 +10,7 @@ mod scenario;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{Acquire, Relaxed};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -288,6 +288,7 @@ fn run_load(args: RunArgs) -> Result<ExitCode, String> {
         deliveries: AtomicU64::new(0),
         ramped: AtomicUsize::new(0),
         finals_sent: AtomicUsize::new(0),
+        verified: AtomicUsize::new(0),
         unconverged: (0..threads).map(|_| AtomicU64::new(0)).collect(),
     });
     let mine: Vec<usize> = plan::my_users(scn.connections, worker, workers).collect();
@@ -362,8 +363,10 @@ fn run_load(args: RunArgs) -> Result<ExitCode, String> {
     // Drain: wait for the final states, bounded.
     let drain_until = Instant::now() + args.drain;
     while Instant::now() < drain_until {
-        let finals = shared.finals_sent.load(Relaxed) == threads;
-        let waiting: u64 = shared.unconverged.iter().map(|u| u.load(Relaxed)).sum();
+        // Acquire pairs with the threads' Release: a thread's count is current once it is
+        // counted in `finals_sent`.
+        let finals = shared.finals_sent.load(Acquire) == threads;
+        let waiting: u64 = shared.unconverged.iter().map(|u| u.load(Acquire)).sum();
         if finals && waiting == 0 {
             break;
         }

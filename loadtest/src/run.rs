@@ -5,7 +5,7 @@
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,6 +42,9 @@ pub struct Shared {
     pub ramped: AtomicUsize,
     /// Threads that sent their final states.
     pub finals_sent: AtomicUsize,
+    /// Threads that took their verification snapshot. Connections close only once all have:
+    /// a closing connection is a user going offline, which every other subscriber would see.
+    pub verified: AtomicUsize,
     /// Per thread: flapped (subscriber, user) pairs still waiting for the final state; meaningful
     /// once that thread is counted in `finals_sent`.
     pub unconverged: Vec<AtomicU64>,
@@ -132,18 +135,29 @@ async fn drive(shared: Arc<Shared>, ix: usize, users: Vec<(usize, usize)>) -> St
     for (_, sink) in &flappers {
         send(sink, "online", &shared.final_text).await;
     }
-    shared.finals_sent.fetch_add(1, Relaxed);
-    while !shared.finish.load(Relaxed) {
-        let waiting: usize = states
+    // Report convergence before announcing the finals (Release, paired with the main
+    // thread's Acquire), so the main thread never reads a count that predates them.
+    let waiting = || -> u64 {
+        states
             .iter()
-            .map(|s| client::unconverged(&s.borrow()))
-            .sum();
-        shared.unconverged[ix].store(waiting as u64, Relaxed);
-        tokio::time::sleep(Duration::from_millis(50)).await;
+            .map(|s| client::unconverged(&s.borrow()) as u64)
+            .sum()
+    };
+    shared.unconverged[ix].store(waiting(), Release);
+    shared.finals_sent.fetch_add(1, Release);
+    while !shared.finish.load(Relaxed) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        shared.unconverged[ix].store(waiting(), Release);
     }
     let mut out = std::mem::take(&mut *stats.borrow_mut());
     for s in &states {
         client::verify(&s.borrow(), &mut out);
+    }
+    shared.verified.fetch_add(1, AcqRel);
+    // Bounded: a thread that died cannot hold the others forever.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while shared.verified.load(Acquire) < threads && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     for (_, sink) in &flappers {
         sink.borrow_mut().take();
