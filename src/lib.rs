@@ -29,4 +29,27 @@ pub mod shard;
 pub mod topology;
 
 pub use config::Config;
+
+/// One descriptor per connection: lifts the soft open-file limit to the hard one (a common soft
+/// default of 1024 would cap a server, or a load generator, at a thousand sockets). Returns the
+/// limit now in force.
+pub fn raise_nofile() -> Option<u64> {
+    // SAFETY: getrlimit/setrlimit on a struct we own.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return None;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim = raised;
+            }
+        }
+        Some(lim.rlim_cur)
+    }
+}
 pub use shard::runtime::{start, ServerHandle, StartError};

@@ -173,7 +173,10 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-    raise_nofile();
+    match presenced::raise_nofile() {
+        Some(n) => tracing::info!(max_open_files = n, "open-file limit"),
+        None => tracing::warn!("could not read or raise the open-file limit"),
+    }
     let mut cfg = load(args.placement.config.as_ref())?;
     args.placement.apply(&mut cfg);
     if let Some(v) = args.listen {
@@ -210,24 +213,6 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     server.shutdown();
     tracing::info!("stopped");
     Ok(())
-}
-
-/// One descriptor per connection: lift the soft open-file limit to the hard one (the usual
-/// soft default of 1024 would cap a server at a thousand clients).
-fn raise_nofile() {
-    // SAFETY: getrlimit/setrlimit on a struct we own.
-    unsafe {
-        let mut lim: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                tracing::warn!("could not raise the open-file limit");
-            }
-        }
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-            tracing::info!(max_open_files = lim.rlim_cur, "open-file limit");
-        }
-    }
 }
 
 fn print_quickstart(secret: &str, addr: SocketAddr) {

@@ -243,20 +243,8 @@ fn cpu_seconds() -> f64 {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
-/// One descriptor per connection: lift the soft open-file limit to the hard one.
-fn raise_nofile() {
-    // SAFETY: getrlimit/setrlimit on a struct we own.
-    unsafe {
-        let mut lim: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
-}
-
 fn run_load(args: RunArgs) -> Result<ExitCode, String> {
-    raise_nofile();
+    presenced::raise_nofile();
     let scn = resolve(&args)?;
     let addr = target(&args.url, args.allow_remote)?;
     if args.secret.is_empty() {
