@@ -40,8 +40,9 @@ fn text_header() -> FrameHeader {
     }
 }
 
-/// The JSON payload of a frame built here (for tests and logs).
-pub fn payload(frame: &[u8]) -> &[u8] {
+/// The JSON payload of a frame built here.
+#[cfg(test)]
+fn payload(frame: &[u8]) -> &[u8] {
     let header_len = match frame.get(1).map(|b| b & 0x7f) {
         Some(126) => 4,
         Some(127) => 10,

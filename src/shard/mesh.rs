@@ -97,7 +97,6 @@ pub enum MeshMsg {
 
 /// This shard's side of the mesh.
 pub struct Mesh {
-    me: ShardIx,
     peers: Vec<flume::Sender<MeshMsg>>,
     /// Per peer: messages waiting for room in its inbox, in send order.
     overflow: Vec<RefCell<VecDeque<MeshMsg>>>,
@@ -109,24 +108,18 @@ pub struct Mesh {
 
 impl Mesh {
     pub fn new(
-        me: ShardIx,
         peers: Vec<flume::Sender<MeshMsg>>,
         overflow_max: usize,
         metrics: Arc<ShardMetrics>,
     ) -> Rc<Mesh> {
         let n = peers.len();
         Rc::new(Mesh {
-            me,
             peers,
             overflow: (0..n).map(|_| RefCell::new(VecDeque::new())).collect(),
             draining: (0..n).map(|_| Cell::new(false)).collect(),
             overflow_max,
             metrics,
         })
-    }
-
-    pub fn me(&self) -> ShardIx {
-        self.me
     }
 
     pub fn shards(&self) -> usize {
@@ -176,10 +169,5 @@ impl Mesh {
         // this queue to hundreds of thousands of messages; give that memory back.
         *self.overflow[ix].borrow_mut() = VecDeque::new();
         self.draining[ix].set(false);
-    }
-
-    /// Messages waiting in overflow queues (all peers).
-    pub fn backlog(&self) -> usize {
-        self.overflow.iter().map(|q| q.borrow().len()).sum()
     }
 }

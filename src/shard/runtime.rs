@@ -204,7 +204,7 @@ pub fn start(cfg: Config, verifier: Verifier) -> Result<ServerHandle, StartError
                     }
                 }
                 let ix16 = u16::try_from(ix).expect("validate() caps shards at u16::MAX");
-                let mesh = Mesh::new(ix16, peers, cfg.mesh.overflow_max, metrics.clone());
+                let mesh = Mesh::new(peers, cfg.mesh.overflow_max, metrics.clone());
                 let shard = Rc::new(Shard::new(ix16, cpu, cfg, verifier, mesh, metrics));
                 let mut stops = Vec::new();
                 for (listener, tls) in bound {
