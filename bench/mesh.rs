@@ -25,8 +25,8 @@ const CAPACITY: usize = 64 * 1024;
 
 fn batch() -> Vec<MeshMsg> {
     (0..BATCH as u64)
-        .map(|seq| {
-            MeshMsg::Update(Arc::new(PresenceState {
+        .map(|seq| MeshMsg::Update {
+            state: Arc::new(PresenceState {
                 user: "user-4711".into(),
                 status: Aggregate::Online,
                 text: None,
@@ -34,7 +34,8 @@ fn batch() -> Vec<MeshMsg> {
                 last_seen: None,
                 ts: 1_700_000_000_000,
                 seq,
-            }))
+            }),
+            origin: std::time::Instant::now(),
         })
         .collect()
 }
@@ -104,7 +105,7 @@ fn run(b: &mut Bencher, mut send: impl FnMut(MeshMsg), mut recv: impl FnMut() ->
                 for _ in 0..iters {
                     for _ in 0..BATCH {
                         match recv() {
-                            MeshMsg::Update(state) => drop(black_box(state)),
+                            MeshMsg::Update { state, .. } => drop(black_box(state)),
                             other => panic!("only updates are sent, got {other:?}"),
                         }
                     }

@@ -34,6 +34,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub limits: Limits,
     pub mesh: MeshConfig,
+    pub admin: AdminConfig,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,6 +126,58 @@ pub struct MeshConfig {
     pub overflow_max: usize,
 }
 
+/// The admin/stats port (`[admin]`, docs/ADMIN.md).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Serve the admin port at all.
+    pub enabled: bool,
+    /// Admin HTTP listener address (every shard binds it with SO_REUSEPORT).
+    pub listen: SocketAddr,
+    /// A static admin bearer token, accepted beside admin-role JWTs. Also from env
+    /// `PRESENCED_ADMIN_TOKEN`. At least 16 bytes.
+    pub token: Option<String>,
+    /// Require admin auth for `/metrics`, `/healthz` and `/readyz` too.
+    pub protect_metrics: bool,
+    /// Largest request head (and body) accepted; larger gets 413.
+    pub max_request_bytes: usize,
+    /// Time allowed for a request head to arrive once its first byte has (408), and for the
+    /// `/ws/admin` auth message.
+    pub request_timeout_ms: u64,
+    /// Idle keep-alive connections are closed after this long.
+    pub idle_timeout_ms: u64,
+    /// Admin connections (HTTP and `/ws/admin`) one shard serves at once; past it new ones are
+    /// closed at accept.
+    pub max_connections: usize,
+    /// How long a cross-shard query waits for every shard before answering 503.
+    pub query_timeout_ms: u64,
+    /// How often `/ws/admin` pushes stats and changes (the most it ever pushes).
+    pub push_interval_ms: u64,
+    /// Largest `limit` of a page in `/api/online` and `/api/groups/{g}`.
+    pub max_page: usize,
+    /// Presence changes each shard remembers for the dashboards' `changes` feed.
+    pub change_log: usize,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            enabled: true,
+            listen: "127.0.0.1:9090".parse().expect("constant address parses"),
+            token: None,
+            protect_metrics: false,
+            max_request_bytes: 16 * 1024,
+            request_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
+            max_connections: 256,
+            query_timeout_ms: 2_000,
+            push_interval_ms: 1_000,
+            max_page: 1_000,
+            change_log: 1_024,
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -140,6 +193,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             limits: Limits::default(),
             mesh: MeshConfig::default(),
+            admin: AdminConfig::default(),
         }
     }
 }
@@ -224,6 +278,9 @@ impl Config {
             ("limits.max_pending_events", l.max_pending_events),
             ("mesh.inbox_capacity", self.mesh.inbox_capacity),
             ("limits.max_tracked_ips", l.max_tracked_ips),
+            ("admin.max_connections", self.admin.max_connections),
+            ("admin.max_page", self.admin.max_page),
+            ("admin.change_log", self.admin.change_log),
             (
                 "limits.max_connections_per_shard",
                 l.max_connections_per_shard,
@@ -244,6 +301,20 @@ impl Config {
         }
         if l.max_header_bytes < 256 {
             return bad("limits.max_header_bytes", "at least 256");
+        }
+        if self.admin.max_request_bytes < 1024 {
+            return bad("admin.max_request_bytes", "at least 1024");
+        }
+        if self.admin.push_interval_ms < 100 {
+            return bad("admin.push_interval_ms", "at least 100");
+        }
+        if let Some(t) = &self.admin.token {
+            if t.len() < 16 {
+                return bad("admin.token", "at least 16 bytes");
+            }
+        }
+        if self.admin.enabled && self.admin.listen == self.listen && self.listen.port() != 0 {
+            return bad("admin.listen", "must differ from `listen`");
         }
         if let Some(s) = &self.jwt_secret {
             if s.len() < 16 {

@@ -18,7 +18,10 @@
 //!   proptest-checked.
 //! - [`config`], [`metrics`]: configuration and per-shard counters.
 //! - [`topology`]: the CPU report behind `presenced topology`.
+//! - [`admin`]: the admin/stats port — health, Prometheus metrics, the JSON API, kicks, and the
+//!   live dashboard — served by the shards over the mesh.
 
+pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod edge;

@@ -82,6 +82,15 @@ struct ServeArgs {
     /// Heartbeat interval advertised to clients.
     #[arg(long)]
     heartbeat_ms: Option<u64>,
+    /// Admin/stats port (API, /metrics, dashboard) [default: 127.0.0.1:9090].
+    #[arg(long)]
+    admin_listen: Option<SocketAddr>,
+    /// Static admin bearer token (beside admin-role JWTs).
+    #[arg(long, env = "PRESENCED_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// Do not serve the admin port.
+    #[arg(long)]
+    no_admin: bool,
 }
 
 #[derive(Args)]
@@ -163,6 +172,9 @@ fn check_config(path: &PathBuf) -> Result<(), String> {
     if shown.jwt_secret.is_some() {
         shown.jwt_secret = Some("<redacted>".into());
     }
+    if shown.admin.token.is_some() {
+        shown.admin.token = Some("<redacted>".into());
+    }
     print!("{}", toml::to_string(&shown).map_err(|e| e.to_string())?);
     Ok(())
 }
@@ -188,6 +200,15 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     if let Some(v) = args.heartbeat_ms {
         cfg.heartbeat_ms = v;
     }
+    if let Some(v) = args.admin_listen {
+        cfg.admin.listen = v;
+    }
+    if let Some(v) = args.admin_token {
+        cfg.admin.token = Some(v);
+    }
+    if args.no_admin {
+        cfg.admin.enabled = false;
+    }
     let no_key = cfg.jwt_secret.is_none() && cfg.auth.keys.is_empty() && cfg.auth.jwks.is_none();
     let generated = no_key.then(|| {
         let bytes: [u8; 32] = rand::random();
@@ -200,7 +221,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         Verifier::new(cfg.jwt_secret.as_deref(), &cfg.auth).map_err(|e| e.to_string())?;
     let server = presenced::start(cfg, verifier).map_err(|e| e.to_string())?;
     if let Some(secret) = generated {
-        print_quickstart(&secret, server.addr);
+        print_quickstart(&secret, server.addr, server.admin_addr);
     }
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
@@ -215,7 +236,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn print_quickstart(secret: &str, addr: SocketAddr) {
+fn print_quickstart(secret: &str, addr: SocketAddr, admin: Option<SocketAddr>) {
     let token = mint_hs256(secret, &TokenSpec::new("alice", Duration::from_secs(3600)));
     println!(
         "\nNo JWT key configured: generated an HS256 secret for this run only.\n\
@@ -224,4 +245,14 @@ fn print_quickstart(secret: &str, addr: SocketAddr) {
          \n  connect: ws://{addr}/ws?token={token}\n\
          \n  more tokens: presenced token --secret {secret} --sub bob\n"
     );
+    if let Some(admin) = admin {
+        let mut spec = TokenSpec::new("admin", Duration::from_secs(12 * 3600));
+        spec.roles = vec!["admin".into()];
+        let admin_token = mint_hs256(secret, &spec);
+        println!(
+            "  dashboard (admin token valid 12h; it stays in the URL fragment):\n  \
+             http://{admin}/#token={admin_token}\n\
+             \n  metrics: http://{admin}/metrics\n"
+        );
+    }
 }

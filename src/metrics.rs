@@ -55,6 +55,24 @@ counters! {
     handoffs_in,
     /// Client ops handled (all kinds).
     ops,
+    /// `subscribe` ops.
+    ops_subscribe,
+    /// `unsubscribe` ops.
+    ops_unsubscribe,
+    /// `subscribe_group` ops.
+    ops_subscribe_group,
+    /// `unsubscribe_group` ops.
+    ops_unsubscribe_group,
+    /// `set_status` ops.
+    ops_set_status,
+    /// `activity` ops.
+    ops_activity,
+    /// `refresh` ops.
+    ops_refresh,
+    /// `ping` ops.
+    ops_ping,
+    /// Messages that did not parse as an op.
+    ops_invalid,
     /// Ops answered with an `error`.
     op_errors,
     /// Ops refused by the per-connection rate limit (`rate_limited`).
@@ -81,6 +99,14 @@ counters! {
     protocol_closes,
     /// Panics caught while serving one connection (that connection closed, shard unharmed).
     conn_panics,
+    /// Sessions closed by an admin kick (4003).
+    kicks,
+    /// Read-only impersonation sessions opened (`/ws?as=`).
+    impersonations,
+    /// Admin HTTP requests and `/ws/admin` queries answered by this shard.
+    admin_requests,
+    /// Admin connections open on this shard (gauge).
+    admin_connections,
     /// Mesh messages sent by this shard.
     mesh_sent,
     /// Mesh messages received by this shard.
@@ -109,5 +135,137 @@ impl ShardMetrics {
     /// Lowers a gauge.
     pub fn sub(counter: &AtomicU64, n: u64) {
         counter.fetch_sub(n, Relaxed);
+    }
+}
+
+/// Mesh messages sent from one shard to each peer: one counter per destination, written only by
+/// the sending shard.
+#[derive(Debug)]
+pub struct PeerCounters(Box<[AtomicU64]>);
+
+impl PeerCounters {
+    pub fn new(peers: usize) -> PeerCounters {
+        PeerCounters((0..peers).map(|_| AtomicU64::new(0)).collect())
+    }
+
+    pub fn inc(&self, peer: usize) {
+        self.0[peer].fetch_add(1, Relaxed);
+    }
+
+    pub fn snapshot(&self) -> Vec<u64> {
+        self.0.iter().map(|c| c.load(Relaxed)).collect()
+    }
+}
+
+/// Lowest and highest latency recorded, in microseconds (1 µs to 60 s).
+const LATENCY_RANGE_US: (u64, u64) = (1, 60_000_000);
+
+/// A latency histogram in microseconds: 1 µs to 60 s at 2 significant digits (1% resolution,
+/// about 20 KiB). Values past the range are clamped, never refused.
+pub fn latency_histogram() -> hdrhistogram::Histogram<u64> {
+    hdrhistogram::Histogram::new_with_bounds(LATENCY_RANGE_US.0, LATENCY_RANGE_US.1, 2)
+        .expect("constant, valid histogram bounds")
+}
+
+/// One shard's fan-out latency: everything since start, and a recent window (the current and
+/// the previous rotation period) for the dashboard. Shard-local; other shards get clones over
+/// the mesh and merge them.
+#[derive(Debug, Clone)]
+pub struct Latency {
+    pub total: hdrhistogram::Histogram<u64>,
+    current: hdrhistogram::Histogram<u64>,
+    previous: hdrhistogram::Histogram<u64>,
+}
+
+impl Default for Latency {
+    fn default() -> Self {
+        Latency {
+            total: latency_histogram(),
+            current: latency_histogram(),
+            previous: latency_histogram(),
+        }
+    }
+}
+
+impl Latency {
+    pub fn record(&mut self, us: u64) {
+        let us = us.clamp(LATENCY_RANGE_US.0, LATENCY_RANGE_US.1);
+        self.total.saturating_record(us);
+        self.current.saturating_record(us);
+    }
+
+    /// Starts a new recent window; the one that ends stays visible for one more period.
+    pub fn rotate(&mut self) {
+        std::mem::swap(&mut self.current, &mut self.previous);
+        self.current.reset();
+    }
+
+    /// The last one to two rotation periods.
+    pub fn recent(&self) -> hdrhistogram::Histogram<u64> {
+        let mut h = self.current.clone();
+        h.add(&self.previous)
+            .expect("same bounds: both come from latency_histogram()");
+        h
+    }
+}
+
+/// Percentiles of a latency histogram, in microseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct Percentiles {
+    pub count: u64,
+    pub p50: u64,
+    pub p90: u64,
+    pub p99: u64,
+    pub p999: u64,
+    pub max: u64,
+    /// Sum of all samples (µs), for Prometheus `_sum`; approximate at the histogram's resolution.
+    #[serde(skip)]
+    pub sum: f64,
+}
+
+impl Percentiles {
+    pub fn of(h: &hdrhistogram::Histogram<u64>) -> Percentiles {
+        if h.is_empty() {
+            return Percentiles::default();
+        }
+        Percentiles {
+            count: h.len(),
+            p50: h.value_at_quantile(0.5),
+            p90: h.value_at_quantile(0.9),
+            p99: h.value_at_quantile(0.99),
+            p999: h.value_at_quantile(0.999),
+            max: h.max(),
+            sum: h.mean() * h.len() as f64,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_windows_rotate_and_clamp() {
+        let mut l = Latency::default();
+        l.record(0); // clamped up to 1 µs
+        l.record(120_000_000); // clamped down to 60 s
+        l.record(100);
+        assert_eq!(l.total.len(), 3);
+        assert_eq!(l.recent().len(), 3);
+        l.rotate();
+        assert_eq!(l.recent().len(), 3, "the previous window stays visible");
+        l.record(50);
+        l.rotate();
+        assert_eq!(l.recent().len(), 1, "only the last two windows");
+        l.rotate();
+        assert_eq!(l.recent().len(), 0);
+        assert_eq!(l.total.len(), 4);
+        let p = Percentiles::of(&l.total);
+        assert_eq!(p.count, 4);
+        assert!(p.max >= 59_000_000 && p.p50 <= 101, "{p:?}");
+        assert_eq!(
+            Percentiles::of(&latency_histogram()),
+            Percentiles::default()
+        );
     }
 }

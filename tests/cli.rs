@@ -42,6 +42,8 @@ fn serve_cmd(port: u16) -> Command {
         "2",
         "--placement",
         "unbound",
+        "--admin-listen",
+        "127.0.0.1:0",
     ]);
     cmd
 }

@@ -30,6 +30,7 @@ fn config_md_lists_every_key() {
         jwt_secret: Some("x".into()),
         ..presenced::Config::default()
     };
+    cfg.admin.token = Some("t".into());
     cfg.tls.cert = Some("c".into());
     cfg.tls.key = Some("k".into());
     cfg.tls.listen = Some("127.0.0.1:1".parse().unwrap());
@@ -64,7 +65,7 @@ fn protocol_md_lists_every_code() {
         assert!(text.contains(&format!("`{code}`")), "error code {code}");
     }
     for close in [
-        "1000", "1001", "1002", "1007", "1009", "1011", "4001", "4008", "4009",
+        "1000", "1001", "1002", "1007", "1009", "1011", "4001", "4003", "4008", "4009",
     ] {
         assert!(text.contains(&format!("| {close} |")), "close code {close}");
     }

@@ -80,6 +80,7 @@ fn a_second_server_cannot_share_a_port_in_use() {
         shards: 1,
         placement: presenced::config::Placement::Unbound,
         jwt_secret: Some(common::SECRET.into()),
+        admin: common::admin_on_any_port(),
         ..presenced::Config::default()
     };
     cfg.validate().unwrap();

@@ -209,6 +209,7 @@ fn startup_errors_name_the_bad_key() {
             shards: 1,
             placement: presenced::config::Placement::Unbound,
             jwt_secret: Some(common::SECRET.into()),
+            admin: common::admin_on_any_port(),
             ..presenced::Config::default()
         };
         cfg.tls.cert = Some(cert);

@@ -17,6 +17,7 @@ fn server() -> presenced::ServerHandle {
         jwt_secret: Some(SECRET.into()),
         ..Config::default()
     };
+    cfg.admin.listen = "127.0.0.1:0".parse().unwrap();
     // The whole fleet comes from a few loopback addresses.
     cfg.limits.handshake_rate_per_ip = 0;
     cfg.validate().unwrap();

@@ -70,6 +70,8 @@ struct Accepted {
     device: Option<String>,
     device_type: DeviceType,
     early: Vec<u8>,
+    /// `?as=<user>` by an admin: the user whose view this read-only connection shows.
+    as_user: Option<String>,
 }
 
 async fn handshake(shard: Rc<Shard>, mut stream: TcpStream, mut tls: Option<Box<Tls>>) {
@@ -107,7 +109,9 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream, mut tls: Option<Box<
             return;
         }
     };
-    let owner = shard.owner(&accepted.claims.sub);
+    // An impersonation is served where the impersonated user lives: it must see what is sent
+    // to that user's sessions.
+    let owner = shard.owner(accepted.as_user.as_deref().unwrap_or(&accepted.claims.sub));
     if owner == shard.ix {
         let setup = Setup {
             stream,
@@ -118,6 +122,7 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream, mut tls: Option<Box<
             device_type: accepted.device_type,
             early: accepted.early,
             tls,
+            as_user: accepted.as_user,
         };
         // The connection gets its own task: this handshake's larger state ends here.
         conn::start(shard, setup);
@@ -144,6 +149,7 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream, mut tls: Option<Box<
         device_type: Some(accepted.device_type.as_str().to_owned()),
         early: accepted.early,
         tls: tls.map(|t| Box::new(t.into_session())),
+        as_user: accepted.as_user,
     };
     shard.mesh.send(owner, MeshMsg::Handoff(Box::new(handoff)));
 }
@@ -168,6 +174,7 @@ pub fn adopt(shard: &Rc<Shard>, h: Handoff) {
         device_type,
         early: h.early,
         tls: h.tls.map(|t| Box::new(Tls::from_session(*t))),
+        as_user: h.as_user,
     };
     conn::start(shard.clone(), setup);
 }
@@ -252,16 +259,13 @@ fn authenticate(
     mut buf: Vec<u8>,
     req: http::UpgradeRequest,
 ) -> Result<Accepted, Reject> {
-    if req.as_user.is_some() {
-        return Err(Reject::new(
-            403,
-            "impersonation (?as=) needs the admin API, which is not enabled in this build",
-        ));
-    }
     let token = req
         .token
         .as_deref()
         .ok_or(Reject::new(401, "missing token"))?;
+    if let Some(target) = req.as_user {
+        return impersonate(shard, buf, token, target, req.key, req.head_len);
+    }
     let claims = shard
         .verifier
         .verify(token)
@@ -281,5 +285,48 @@ fn authenticate(
         device,
         device_type,
         early,
+        as_user: None,
+    })
+}
+
+/// `?as=<user>`: an admin credential (a JWT with role `admin`, or the static admin token) opens
+/// a read-only view of `target`. The session keeps the admin's identity and token expiry.
+fn impersonate(
+    shard: &Shard,
+    mut buf: Vec<u8>,
+    token: &str,
+    target: String,
+    key: String,
+    head_len: usize,
+) -> Result<Accepted, Reject> {
+    if target.is_empty() || target.len() > shard.cfg.limits.max_id_bytes {
+        return Err(Reject::new(400, "bad `as` user id"));
+    }
+    let claims = match crate::admin::api::admin_identity(shard, token) {
+        Err((401, why)) => return Err(Reject::new(401, why)),
+        Err(_) => return Err(Reject::new(403, "impersonation needs an admin token")),
+        Ok(who) => match shard.verifier.verify(token) {
+            Ok(claims) => claims,
+            // The static admin token: no claims of its own; it lasts as long as the server's
+            // configuration keeps it.
+            Err(_) => Claims {
+                sub: who.to_string(),
+                exp: u64::MAX / 2,
+                groups: Vec::new(),
+                roles: vec!["admin".into()],
+                device: None,
+                device_type: None,
+                region: None,
+            },
+        },
+    };
+    let early = buf.split_off(head_len);
+    Ok(Accepted {
+        claims,
+        key,
+        device: None,
+        device_type: DeviceType::Other,
+        early,
+        as_user: Some(target),
     })
 }

@@ -77,6 +77,8 @@ pub struct ConnHandle {
     ping_due: Cell<bool>,
     /// Set by the heartbeat sweep: if still idle at the next poll, give buffers back.
     trim_due: Cell<bool>,
+    /// An admin impersonating `user`: no session, no status, no ops that change anything.
+    pub read_only: bool,
     metrics: Arc<ShardMetrics>,
 }
 
@@ -100,6 +102,7 @@ impl ConnHandle {
             gens: Cell::new(0),
             ping_due: Cell::new(false),
             trim_due: Cell::new(false),
+            read_only: false,
             metrics: shard.metrics.clone(),
         }
     }
@@ -203,6 +206,8 @@ pub struct Setup {
     pub early: Vec<u8>,
     /// Boxed: rustls's session is over a kilobyte, and plain connections should not pay for it.
     pub tls: Option<Box<Tls>>,
+    /// An admin's read-only view of this user (`/ws?as=`).
+    pub as_user: Option<String>,
 }
 
 /// Bytes read per `read` call (a stack buffer; the decoder copies what it keeps).
@@ -306,14 +311,11 @@ pub fn start(shard: Rc<Shard>, mut setup: Setup) {
     }
     let now = now_ms();
     let id = shard.next_session_id();
-    let user: UserId = setup.claims.sub.as_str().into();
-    let conn = Rc::new(ConnHandle::new(
-        id,
-        user.clone(),
-        setup.claims.exp,
-        &shard,
-        now,
-    ));
+    let read_only = setup.as_user.is_some();
+    let user: UserId = setup.as_user.as_deref().unwrap_or(&setup.claims.sub).into();
+    let mut handle = ConnHandle::new(id, user.clone(), setup.claims.exp, &shard, now);
+    handle.read_only = read_only;
+    let conn = Rc::new(handle);
     let limits = &shard.cfg.limits;
     let mut io = Io {
         stream: setup.stream,
@@ -327,6 +329,13 @@ pub fn start(shard: Rc<Shard>, mut setup: Setup) {
     let _ = io.stream.set_nodelay(true); // events are small and latency is the product
     io.put(&http::switching_protocols(&setup.key));
     ShardMetrics::inc(&shard.metrics.handshakes_ok);
+    if read_only {
+        observe(&shard, &conn, setup.claims, setup.peer);
+        io.decoder.feed(&setup.early);
+        decode_all(&shard, &conn, &mut io.decoder);
+        glommio::spawn_local(live(shard, conn, io, true)).detach();
+        return;
+    }
     let admitted = session_limit(&shard, &user);
     if admitted {
         let session = format!("{id:x}");
@@ -365,6 +374,28 @@ pub fn start(shard: Rc<Shard>, mut setup: Setup) {
         conn.request_close(4009, "too many sessions for this user");
     }
     glommio::spawn_local(live(shard, conn, io, admitted)).detach();
+}
+
+/// Opens an admin's read-only view of `conn.user`: a connection that receives what that user's
+/// sessions receive and subscribes as the admin asks, but is no session (no status, no device,
+/// no session limit). Audited with both identities.
+fn observe(shard: &Rc<Shard>, conn: &Rc<ConnHandle>, claims: Claims, peer: SocketAddr) {
+    let session = format!("{:x}", conn.id);
+    conn.push_reply(events::welcome_read_only(
+        &session,
+        &conn.user,
+        usize::from(shard.ix),
+        shard.cpu,
+        shard.cfg.heartbeat_ms,
+        &claims.sub,
+    ));
+    shard.conns.borrow_mut().insert(conn.id, conn.clone());
+    shard.expiries.borrow_mut().insert((claims.exp, conn.id));
+    shard.add_observer(&conn.user, conn.id);
+    ShardMetrics::inc(&shard.metrics.connections);
+    ShardMetrics::inc(&shard.metrics.impersonations);
+    tracing::info!(target: "presenced::audit", admin = %claims.sub, user = %conn.user,
+        session = %session, peer = %peer, "impersonation started");
 }
 
 /// The connection's task for its whole life: drive it until it closes, then end the session
@@ -423,6 +454,13 @@ fn end_session(shard: &Shard, conn: &ConnHandle) {
         .borrow_mut()
         .remove(&(conn.expires_at.get(), id));
     shard.unwatch_all(conn);
+    if conn.read_only {
+        shard.remove_observer(&conn.user, id);
+        ShardMetrics::sub(&shard.metrics.connections, 1);
+        tracing::info!(target: "presenced::audit", user = %conn.user,
+            session = %format_args!("{id:x}"), "impersonation ended");
+        return;
+    }
     let change = shard
         .registry
         .borrow_mut()
@@ -621,7 +659,10 @@ fn on_inbound(shard: &Shard, conn: &ConnHandle, item: Inbound) {
             match verdict {
                 OpVerdict::Allow => match parsed {
                     Ok(req) => handle_op(shard, conn, req),
-                    Err(e) => error(shard, conn, e.id.as_ref(), e.code, &e.message),
+                    Err(e) => {
+                        ShardMetrics::inc(&shard.metrics.ops_invalid);
+                        error(shard, conn, e.id.as_ref(), e.code, &e.message)
+                    }
                 },
                 OpVerdict::Limited => {
                     ShardMetrics::inc(&shard.metrics.ops_rate_limited);
@@ -686,6 +727,26 @@ fn handle_op(shard: &Shard, conn: &ConnHandle, req: Request) {
         );
     }
     let id = req.id.as_ref();
+    let m = &shard.metrics;
+    ShardMetrics::inc(match &req.op {
+        Op::Subscribe(_) => &m.ops_subscribe,
+        Op::Unsubscribe(_) => &m.ops_unsubscribe,
+        Op::SubscribeGroup(_) => &m.ops_subscribe_group,
+        Op::UnsubscribeGroup(_) => &m.ops_unsubscribe_group,
+        Op::SetStatus { .. } => &m.ops_set_status,
+        Op::Activity { .. } => &m.ops_activity,
+        Op::Refresh(_) => &m.ops_refresh,
+        Op::Ping => &m.ops_ping,
+    });
+    if conn.read_only
+        && matches!(
+            req.op,
+            Op::SetStatus { .. } | Op::Activity { .. } | Op::Refresh(_)
+        )
+    {
+        let msg = "read-only impersonation: this session cannot change anything";
+        return error(shard, conn, id, ErrorCode::Forbidden, msg);
+    }
     let max_subs = shard.cfg.limits.max_subscriptions;
     let held = || conn.watching.borrow().len() + conn.watching_groups.borrow().len();
     match req.op {

@@ -67,6 +67,13 @@ impl Groups {
         known
     }
 
+    /// Visible members of `group` (unordered) and whether anyone watches it; `None` when the
+    /// group is unknown here (no member, no watcher).
+    pub fn members(&self, group: &str) -> Option<(impl Iterator<Item = &PresenceState>, bool)> {
+        let g = self.groups.get(group)?;
+        Some((g.members.values(), !g.watchers.is_empty()))
+    }
+
     /// Visible members of `group`.
     pub fn member_count(&self, group: &str) -> usize {
         self.groups.get(group).map_or(0, |g| g.members.len())

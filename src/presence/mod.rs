@@ -15,6 +15,6 @@ pub mod state;
 pub mod watchers;
 
 pub use groups::Groups;
-pub use registry::{Change, Registry, SessionInfo};
+pub use registry::{Change, Registry, Session, SessionInfo, UserView};
 pub use state::{Aggregate, DeviceType, GroupId, PresenceState, SessionId, Status, UserId};
 pub use watchers::Watchers;

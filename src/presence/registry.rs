@@ -107,6 +107,39 @@ impl UserEntry {
     }
 }
 
+/// What the admin API reads of one user: the aggregate, the sessions behind it and the groups
+/// it is a visible member of. Borrowed: building it copies nothing.
+#[derive(Debug)]
+pub struct UserView<'a> {
+    pub user: &'a UserId,
+    pub status: Aggregate,
+    pub text: Option<&'a Arc<str>>,
+    pub devices: u32,
+    pub seq: u64,
+    /// When the visible state last changed (or `now` for a user never changed).
+    pub ts: u64,
+    pub last_seen: Option<u64>,
+    /// Groups where the user is a visible member, sorted.
+    pub groups: &'a [GroupId],
+    pub sessions: &'a [Session],
+}
+
+impl<'a> UserView<'a> {
+    fn new(user: &'a UserId, e: &'a UserEntry, now_ms: u64) -> UserView<'a> {
+        UserView {
+            user,
+            status: e.view.status,
+            text: e.view.text.as_ref(),
+            devices: e.view.devices,
+            seq: e.seq,
+            ts: if e.seq == 0 { now_ms } else { e.changed_at_ms },
+            last_seen: e.last_seen,
+            groups: &e.view.groups,
+            sessions: &e.sessions,
+        }
+    }
+}
+
 /// A change of a user's aggregate state, with everyone who must hear of it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Change {
@@ -239,6 +272,20 @@ impl Registry {
     /// Sessions of `user` on this shard (all of them: a user's sessions live on its owner).
     pub fn sessions(&self, user: &str) -> &[Session] {
         self.users.get(user).map_or(&[], |e| &e.sessions)
+    }
+
+    /// A read-only view of one user, for the admin API.
+    pub fn view(&self, user: &str, now_ms: u64) -> Option<UserView<'_>> {
+        let (id, entry) = self.users.get_key_value(user)?;
+        Some(UserView::new(id, entry, now_ms))
+    }
+
+    /// Every user with a visible session (unordered), for the admin API's scans.
+    pub fn online(&self, now_ms: u64) -> impl Iterator<Item = UserView<'_>> {
+        self.users
+            .iter()
+            .filter(|(_, e)| e.view.status != Aggregate::Offline)
+            .map(move |(id, e)| UserView::new(id, e, now_ms))
     }
 
     /// Watching shards of `user` (for ephemeral `activity` events).

@@ -32,6 +32,11 @@ fn frame<T: Serialize>(event: &T) -> Bytes {
     Bytes::from(buf).slice(start..)
 }
 
+/// Any serialisable value as one complete, unmasked text frame (the admin feed's messages).
+pub fn json_frame<T: Serialize>(value: &T) -> Bytes {
+    frame(value)
+}
+
 fn text_header() -> FrameHeader {
     FrameHeader {
         is_final: true,
@@ -103,6 +108,39 @@ pub fn group_snapshot(group: &str, members: &[PresenceState]) -> Bytes {
             .iter()
             .map(|m| Presence::new(m, Some(group)))
             .collect(),
+    })
+}
+
+/// `welcome` of an admin's read-only impersonation: `user` is the impersonated user, `admin` the
+/// admin's own identity.
+pub fn welcome_read_only(
+    session: &str,
+    user: &str,
+    shard: usize,
+    cpu: Option<usize>,
+    heartbeat_ms: u64,
+    admin: &str,
+) -> Bytes {
+    #[derive(Serialize)]
+    struct Welcome<'a> {
+        r#type: &'static str,
+        session: &'a str,
+        user: &'a str,
+        shard: usize,
+        cpu: Option<usize>,
+        heartbeat_ms: u64,
+        read_only: bool,
+        admin: &'a str,
+    }
+    frame(&Welcome {
+        r#type: "welcome",
+        session,
+        user,
+        shard,
+        cpu,
+        heartbeat_ms,
+        read_only: true,
+        admin,
     })
 }
 

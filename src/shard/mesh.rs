@@ -13,8 +13,11 @@ use std::os::fd::OwnedFd;
 use std::rc::Rc;
 use std::sync::Arc;
 
+use std::time::Instant;
+
+use crate::admin::query::{AdminReq, AdminResp};
 use crate::auth::Claims;
-use crate::metrics::ShardMetrics;
+use crate::metrics::{PeerCounters, ShardMetrics};
 use crate::presence::watchers::ShardIx;
 use crate::presence::{GroupId, PresenceState, SessionId, UserId};
 
@@ -32,6 +35,8 @@ pub struct Handoff {
     pub early: Vec<u8>,
     /// The TLS session, when the socket came in over TLS: it moves with the descriptor.
     pub tls: Option<Box<rustls::ServerConnection>>,
+    /// `?as=<user>`: a read-only impersonation of this user by the token's holder (an admin).
+    pub as_user: Option<String>,
 }
 
 /// Everything shards say to each other. Owned and `Send`.
@@ -56,8 +61,12 @@ pub enum MeshMsg {
         gen: NonZeroU64,
         state: Arc<PresenceState>,
     },
-    /// A user's aggregate changed: deliver to local subscribers.
-    Update(Arc<PresenceState>),
+    /// A user's aggregate changed: deliver to local subscribers. `origin`: when the owner
+    /// published it (fan-out latency).
+    Update {
+        state: Arc<PresenceState>,
+        origin: Instant,
+    },
     WatchGroup {
         group: GroupId,
         from: ShardIx,
@@ -78,11 +87,13 @@ pub enum MeshMsg {
     GroupMember {
         group: GroupId,
         state: Arc<PresenceState>,
+        origin: Instant,
     },
     /// From the group's owner to watching shards.
     GroupEvent {
         group: GroupId,
         state: Arc<PresenceState>,
+        origin: Instant,
     },
     /// Ephemeral: to watchers of `user`, or to the sessions of `to`.
     Activity {
@@ -90,6 +101,12 @@ pub enum MeshMsg {
         kind: Arc<str>,
         ts: u64,
         to: Option<UserId>,
+    },
+    /// An admin question for this shard; the answer goes back on `reply`, tagged with the
+    /// answering shard (map-reduce over the mesh, docs/ADMIN.md).
+    Admin {
+        req: Arc<AdminReq>,
+        reply: flume::Sender<(ShardIx, AdminResp)>,
     },
     /// Stop accepting, close sessions with 1001, exit.
     Shutdown,
@@ -104,6 +121,8 @@ pub struct Mesh {
     draining: Vec<Cell<bool>>,
     overflow_max: usize,
     metrics: Arc<ShardMetrics>,
+    /// Messages sent to each peer.
+    sent_to: Arc<PeerCounters>,
 }
 
 impl Mesh {
@@ -111,6 +130,7 @@ impl Mesh {
         peers: Vec<flume::Sender<MeshMsg>>,
         overflow_max: usize,
         metrics: Arc<ShardMetrics>,
+        sent_to: Arc<PeerCounters>,
     ) -> Rc<Mesh> {
         let n = peers.len();
         Rc::new(Mesh {
@@ -119,6 +139,7 @@ impl Mesh {
             draining: (0..n).map(|_| Cell::new(false)).collect(),
             overflow_max,
             metrics,
+            sent_to,
         })
     }
 
@@ -130,6 +151,7 @@ impl Mesh {
     pub fn send(self: &Rc<Self>, to: ShardIx, msg: MeshMsg) {
         let ix = usize::from(to);
         ShardMetrics::inc(&self.metrics.mesh_sent);
+        self.sent_to.inc(ix);
         if !self.draining[ix].get() {
             match self.peers[ix].try_send(msg) {
                 Ok(()) => return,

@@ -19,12 +19,17 @@ use std::sync::Arc;
 use bytes::Bytes;
 use hashbrown::HashMap;
 
+use std::time::Instant;
+
+use crate::admin::changes::ChangeLog;
+use crate::admin::series::Series;
+use crate::admin::Shared;
 use crate::auth::Verifier;
 use crate::config::Config;
 use crate::edge::conn::{ConnHandle, SubState};
 use crate::edge::outbox::Key;
 use crate::edge::ratelimit::IpLimiter;
-use crate::metrics::ShardMetrics;
+use crate::metrics::{Latency, ShardMetrics};
 use crate::presence::watchers::ShardIx;
 use crate::presence::{Change, GroupId, Groups, PresenceState, Registry, SessionId, UserId};
 use crate::protocol::{events, OpLimits};
@@ -74,6 +79,16 @@ pub struct Shard {
     pub stopping: Cell<bool>,
     /// The empty `groups`/`roles` slice every session without them shares.
     pub no_groups: Arc<[Arc<str>]>,
+    /// Read-only impersonation connections (`/ws?as=`), per impersonated local user.
+    observers: RefCell<HashMap<UserId, Vec<SessionId>>>,
+    /// Fan-out latency of deliveries made here (docs/ADMIN.md).
+    pub latency: RefCell<Latency>,
+    /// Recent presence changes of local users, for the dashboards' live feed.
+    pub changes: RefCell<ChangeLog>,
+    /// The dashboard's time series (sampled on shard 0 only).
+    pub series: RefCell<Series>,
+    /// Process-wide facts and every shard's counters, for the admin port.
+    pub shared: Arc<Shared>,
 }
 
 impl Shard {
@@ -83,10 +98,12 @@ impl Shard {
         cfg: Arc<Config>,
         verifier: Arc<Verifier>,
         mesh: Rc<Mesh>,
-        metrics: Arc<ShardMetrics>,
+        shared: Arc<Shared>,
     ) -> Shard {
+        let metrics = shared.metrics[usize::from(ix)].clone();
         let ip_limiter =
             IpLimiter::new(cfg.limits.handshake_rate_per_ip, cfg.limits.max_tracked_ips);
+        let cfg_change_log = cfg.admin.change_log;
         Shard {
             ix,
             cpu,
@@ -105,6 +122,11 @@ impl Shard {
             ip_limiter: RefCell::new(ip_limiter),
             stopping: Cell::new(false),
             no_groups: Arc::from([]),
+            observers: RefCell::new(HashMap::new()),
+            latency: RefCell::new(Latency::default()),
+            changes: RefCell::new(ChangeLog::new(cfg_change_log)),
+            series: RefCell::new(Series::default()),
+            shared,
         }
     }
 
@@ -131,8 +153,16 @@ impl Shard {
             self.registry.borrow().online_users() as u64,
         );
         let state = Arc::new(change.state);
+        let origin = Instant::now();
+        self.changes.borrow_mut().record(state.clone());
         for shard in change.watchers {
-            self.send(shard, MeshMsg::Update(state.clone()));
+            self.send(
+                shard,
+                MeshMsg::Update {
+                    state: state.clone(),
+                    origin,
+                },
+            );
         }
         for (group, member) in change.groups {
             let view = if member {
@@ -142,7 +172,11 @@ impl Shard {
             };
             self.send(
                 self.owner(&group),
-                MeshMsg::GroupMember { group, state: view },
+                MeshMsg::GroupMember {
+                    group,
+                    state: view,
+                    origin,
+                },
             );
         }
     }
@@ -272,12 +306,13 @@ impl Shard {
                 self.registry.borrow_mut().unwatch(&user, from);
             }
             MeshMsg::Snapshot { conn, gen, state } => self.on_snapshot(conn, gen, &state),
-            MeshMsg::Update(state) => {
+            MeshMsg::Update { state, origin } => {
                 let subs = self.user_subs.borrow();
                 if let Some(conns) = subs.get(&state.user) {
                     let frame = events::presence(&state, None);
                     let key = Key::Presence(state.user.clone(), None);
                     self.deliver(conns, &key, &frame);
+                    self.record_latency(origin);
                 }
             }
             MeshMsg::WatchGroup {
@@ -306,7 +341,11 @@ impl Shard {
                 group,
                 members,
             } => self.on_group_snapshot(conn, gen, group, &members),
-            MeshMsg::GroupMember { group, state } => {
+            MeshMsg::GroupMember {
+                group,
+                state,
+                origin,
+            } => {
                 let shards = self.groups.borrow_mut().member_update(&group, &state);
                 for shard in shards {
                     self.send(
@@ -314,16 +353,22 @@ impl Shard {
                         MeshMsg::GroupEvent {
                             group: group.clone(),
                             state: state.clone(),
+                            origin,
                         },
                     );
                 }
             }
-            MeshMsg::GroupEvent { group, state } => {
+            MeshMsg::GroupEvent {
+                group,
+                state,
+                origin,
+            } => {
                 let subs = self.group_subs.borrow();
                 if let Some(conns) = subs.get(&group) {
                     let frame = events::presence(&state, Some(&group));
                     let key = Key::Presence(state.user.clone(), Some(group.clone()));
                     self.deliver(conns, &key, &frame);
+                    self.record_latency(origin);
                 }
             }
             MeshMsg::Activity { user, kind, ts, to } => {
@@ -336,21 +381,55 @@ impl Shard {
                         }
                     }
                     Some(to) => {
-                        let sessions: Vec<SessionId> = self
+                        let mut sessions: Vec<SessionId> = self
                             .registry
                             .borrow()
                             .sessions(&to)
                             .iter()
                             .map(|s| s.id)
                             .collect();
+                        // Admins impersonating `to` see what its sessions see.
+                        sessions.extend(self.observers_of(&to));
                         self.deliver(&sessions, &key, &frame);
                     }
                 }
+            }
+            MeshMsg::Admin { req, reply } => {
+                let answer = crate::admin::query::answer(self, &req, now);
+                // The asker may have given up (timeout): nothing to do then.
+                let _ = reply.try_send((self.ix, answer));
             }
             MeshMsg::Handoff(_) | MeshMsg::Shutdown => {
                 unreachable!("the shard loop handles hand-offs and shutdown itself")
             }
         }
+    }
+
+    /// Fan-out latency of one delivered change: owner publish to local enqueue.
+    fn record_latency(&self, origin: Instant) {
+        let us = u64::try_from(origin.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.latency.borrow_mut().record(us);
+    }
+
+    /// Impersonation connections watching `user` as that user.
+    pub fn observers_of(&self, user: &str) -> Vec<SessionId> {
+        self.observers
+            .borrow()
+            .get(user)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    pub fn add_observer(&self, user: &UserId, conn: SessionId) {
+        self.observers
+            .borrow_mut()
+            .entry_ref(user)
+            .or_default()
+            .push(conn);
+    }
+
+    pub fn remove_observer(&self, user: &str, conn: SessionId) {
+        remove_sub(&mut self.observers.borrow_mut(), user, conn);
     }
 
     fn on_snapshot(&self, conn_id: SessionId, gen: NonZeroU64, state: &PresenceState) {

@@ -12,6 +12,10 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use super::mesh::{Mesh, MeshMsg};
 use super::{now_ms, Shard};
+use std::sync::atomic::Ordering;
+
+use crate::admin::query::{AdminReq, AdminResp};
+use crate::admin::{self, Shared};
 use crate::auth::Verifier;
 use crate::config::{parse_cpu_list, Config, Placement};
 use crate::edge::accept;
@@ -47,8 +51,11 @@ pub struct ServerHandle {
     pub addr: SocketAddr,
     /// The TLS listener's address, when TLS is on.
     pub tls_addr: Option<SocketAddr>,
+    /// The admin port's address, when it is enabled.
+    pub admin_addr: Option<SocketAddr>,
     /// CPU of each shard (None = unpinned).
     pub cpus: Vec<Option<usize>>,
+    shared: Arc<Shared>,
     inboxes: Vec<flume::Sender<MeshMsg>>,
     threads: Vec<glommio::ExecutorJoinHandle<()>>,
     metrics: Vec<Arc<ShardMetrics>>,
@@ -70,6 +77,7 @@ impl ServerHandle {
 
     /// Asks every shard to stop: no new connections, sessions closed with 1001.
     pub fn begin_shutdown(&self) {
+        self.shared.stopping.store(true, Ordering::Release);
         for inbox in &self.inboxes {
             let _ = inbox.send(MeshMsg::Shutdown);
         }
@@ -165,6 +173,13 @@ pub fn start(cfg: Config, verifier: Verifier) -> Result<ServerHandle, StartError
     }
     let addr = listeners[0].0;
     let tls_addr = listeners.iter().find(|l| l.1.is_some()).map(|l| l.0);
+    let admin_addr = if cfg.admin.enabled {
+        let (reserve, admin_addr) = reserve_port(cfg.admin.listen)?;
+        reserved.push(reserve);
+        Some(admin_addr)
+    } else {
+        None
+    };
 
     let cfg = Arc::new(cfg);
     let verifier = Arc::new(verifier);
@@ -172,16 +187,17 @@ pub fn start(cfg: Config, verifier: Verifier) -> Result<ServerHandle, StartError
         .map(|_| flume::bounded::<MeshMsg>(cfg.mesh.inbox_capacity))
         .unzip();
     let metrics: Vec<Arc<ShardMetrics>> = (0..shards).map(|_| Arc::default()).collect();
+    let shared = Arc::new(Shared::new(metrics.clone(), cpus.clone()));
     let (ready_tx, ready_rx) = mpsc::channel::<Result<usize, (usize, String)>>();
     let mut threads = Vec::with_capacity(shards);
     for (ix, inbox) in receivers.into_iter().enumerate() {
         let placement = cpus[ix].map_or(GPlacement::Unbound, GPlacement::Fixed);
         let listeners = listeners.clone();
-        let (cfg, verifier, peers, metrics, ready) = (
+        let (cfg, verifier, peers, shared, ready) = (
             cfg.clone(),
             verifier.clone(),
             senders.clone(),
-            metrics[ix].clone(),
+            shared.clone(),
             ready_tx.clone(),
         );
         let cpu = cpus[ix];
@@ -203,9 +219,25 @@ pub fn start(cfg: Config, verifier: Verifier) -> Result<ServerHandle, StartError
                         }
                     }
                 }
+                let admin_listener = match admin_addr.map(|a| (a, bind(a, true))) {
+                    None => None,
+                    // SAFETY: as above.
+                    Some((_, Ok(s))) => {
+                        Some(unsafe { glommio::net::TcpListener::from_raw_fd(s.into_raw_fd()) })
+                    }
+                    Some((a, Err(e))) => {
+                        let _ = ready.send(Err((ix, format!("admin listen on {a}: {e}"))));
+                        return;
+                    }
+                };
                 let ix16 = u16::try_from(ix).expect("validate() caps shards at u16::MAX");
-                let mesh = Mesh::new(peers, cfg.mesh.overflow_max, metrics.clone());
-                let shard = Rc::new(Shard::new(ix16, cpu, cfg, verifier, mesh, metrics));
+                let mesh = Mesh::new(
+                    peers,
+                    cfg.mesh.overflow_max,
+                    shared.metrics[ix].clone(),
+                    shared.mesh_pairs[ix].clone(),
+                );
+                let shard = Rc::new(Shard::new(ix16, cpu, cfg, verifier, mesh, shared.clone()));
                 let mut stops = Vec::new();
                 for (listener, tls) in bound {
                     let (stop_tx, stop_rx) = glommio::channels::local_channel::new_bounded(1);
@@ -214,7 +246,16 @@ pub fn start(cfg: Config, verifier: Verifier) -> Result<ServerHandle, StartError
                     glommio::spawn_local(accepting).detach();
                     stops.push(stop_tx);
                 }
+                if let Some(listener) = admin_listener {
+                    let (stop_tx, stop_rx) = glommio::channels::local_channel::new_bounded(1);
+                    let serving =
+                        admin::server::accept_loop(shard.clone(), listener, Rc::new(stop_rx));
+                    glommio::spawn_local(serving).detach();
+                    glommio::spawn_local(admin_ticks(shard.clone())).detach();
+                    stops.push(stop_tx);
+                }
                 glommio::spawn_local(super::clock::run(shard.clone())).detach();
+                shared.accepting.fetch_add(1, Ordering::AcqRel);
                 let _ = ready.send(Ok(ix));
                 run_inbox(&shard, inbox).await;
                 for stop in stops {
@@ -249,9 +290,14 @@ pub fn start(cfg: Config, verifier: Verifier) -> Result<ServerHandle, StartError
     }
     drop(reserved);
     tracing::info!(%addr, ?tls_addr, shards, ?cpus, "accepting WebSocket connections");
+    if let Some(a) = admin_addr {
+        tracing::info!(admin = %a, "admin port (API, /metrics, dashboard) listening");
+    }
     Ok(ServerHandle {
         addr,
         tls_addr,
+        admin_addr,
+        shared,
         cpus,
         inboxes: senders,
         threads,
@@ -300,9 +346,43 @@ async fn run_inbox(shard: &Rc<Shard>, inbox: flume::Receiver<MeshMsg>) {
     }
 }
 
+/// The admin port's clocks: shard 0 samples the dashboard's series every second; every shard
+/// rotates its recent latency window every [`LATENCY_WINDOW_TICKS`] seconds.
+async fn admin_ticks(shard: Rc<Shard>) {
+    let mut tick = 0u64;
+    while !shard.stopping.get() {
+        glommio::timer::sleep(Duration::from_secs(1)).await;
+        tick += 1;
+        if tick % LATENCY_WINDOW_TICKS == 0 {
+            shard.latency.borrow_mut().rotate();
+        }
+        if shard.ix != 0 {
+            continue;
+        }
+        let mut recent = crate::metrics::latency_histogram();
+        if let Ok(all) = admin::api::ask_all(&shard, AdminReq::Latency).await {
+            for a in all {
+                if let AdminResp::Latency(h) = a {
+                    let _ = recent.add(&*h);
+                }
+            }
+        }
+        let snaps = shard.shared.metrics.iter().map(|m| m.snapshot()).collect();
+        let p = crate::metrics::Percentiles::of(&recent);
+        shard
+            .series
+            .borrow_mut()
+            .sample(now_ms(), snaps, p.p50, p.p99);
+    }
+}
+
+/// Seconds per recent-latency window.
+const LATENCY_WINDOW_TICKS: u64 = 10;
+
 /// Closes every session with 1001 and waits (up to the deadline) for them to go.
 async fn drain_sessions(shard: &Rc<Shard>) {
     shard.stopping.set(true);
+    shard.shared.accepting.fetch_sub(1, Ordering::AcqRel);
     let conns: Vec<_> = shard.conns.borrow().values().cloned().collect();
     for c in conns {
         // Flush what is queued first, within the deadline below.

@@ -21,6 +21,16 @@ pub const WAIT: Duration = Duration::from_secs(10);
 pub struct TestServer {
     handle: Option<ServerHandle>,
     pub addr: SocketAddr,
+    /// The admin port.
+    pub admin: SocketAddr,
+}
+
+/// The admin port on an ephemeral loopback port (tests run side by side).
+pub fn admin_on_any_port() -> presenced::config::AdminConfig {
+    presenced::config::AdminConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..Default::default()
+    }
 }
 
 impl TestServer {
@@ -35,6 +45,7 @@ impl TestServer {
             shards,
             placement: Placement::Unbound,
             jwt_secret: Some(SECRET.into()),
+            admin: admin_on_any_port(),
             ..Config::default()
         };
         tweak(&mut cfg);
@@ -43,6 +54,7 @@ impl TestServer {
         let handle = presenced::start(cfg, verifier).expect("server starts");
         TestServer {
             addr: handle.addr,
+            admin: handle.admin_addr.unwrap_or(handle.addr),
             handle: Some(handle),
         }
     }
@@ -53,6 +65,37 @@ impl TestServer {
 
     pub fn token(&self, sub: &str) -> String {
         mint_hs256(SECRET, &TokenSpec::new(sub, Duration::from_secs(3600)))
+    }
+
+    /// A token built from a spec `edit` fills in.
+    pub fn token_with(&self, sub: &str, edit: impl FnOnce(&mut TokenSpec)) -> String {
+        let mut spec = TokenSpec::new(sub, Duration::from_secs(3600));
+        edit(&mut spec);
+        mint_hs256(SECRET, &spec)
+    }
+
+    /// One admin-port request (`Connection: close`): status and JSON body (`Null` if not JSON).
+    pub fn admin_request(&self, method: &str, path: &str, token: Option<&str>) -> (u16, Value) {
+        let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+        let (code, body) = raw_request(
+            self.admin,
+            &format!("{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"),
+        );
+        (code, serde_json::from_str(&body).unwrap_or(Value::Null))
+    }
+
+    /// `GET path` with the admin token; panics unless 200.
+    pub fn admin_get(&self, path: &str) -> Value {
+        let (code, body) = self.admin_request("GET", path, Some(&self.admin_token()));
+        assert_eq!(code, 200, "GET {path}: {body}");
+        body
+    }
+
+    /// An admin JWT (`roles: ["admin"]`) for `sub`.
+    pub fn admin_token(&self) -> String {
+        let mut spec = TokenSpec::new("ops", Duration::from_secs(3600));
+        spec.roles = vec!["admin".into()];
+        mint_hs256(SECRET, &spec)
     }
 
     pub fn token_in_groups(&self, sub: &str, groups: &[&str]) -> String {
@@ -163,8 +206,13 @@ impl Client {
 
     /// Upgrades an existing TCP connection (e.g. from [`tcp_from`]).
     pub fn connect_over(stream: TcpStream, token: &str) -> Client {
+        Client::connect_path(stream, "/ws", token)
+    }
+
+    /// Upgrades on `path` (e.g. `/ws?as=bob`) with a bearer token.
+    pub fn connect_path(stream: TcpStream, path: &str, token: &str) -> Client {
         let addr = stream.peer_addr().unwrap();
-        let mut req = format!("ws://{addr}/ws").into_client_request().unwrap();
+        let mut req = format!("ws://{addr}{path}").into_client_request().unwrap();
         req.headers_mut()
             .insert("Authorization", format!("Bearer {token}").parse().unwrap());
         stream.set_read_timeout(Some(WAIT)).unwrap();

@@ -1,0 +1,339 @@
+//! Prometheus text exposition (format 0.0.4) of the process's metrics: every shard's counters,
+//! mesh traffic per shard pair, and the fan-out latency histograms merged over shards.
+
+use std::fmt::Write;
+
+use crate::metrics::{MetricsSnapshot, Percentiles};
+
+/// What one scrape shows.
+pub struct Scrape<'a> {
+    pub version: &'a str,
+    pub uptime_s: f64,
+    /// Per shard, in shard order.
+    pub shards: &'a [MetricsSnapshot],
+    /// `mesh_pairs[from][to]`: messages sent.
+    pub mesh_pairs: &'a [Vec<u64>],
+    /// Merged over shards, since start (µs).
+    pub latency: Percentiles,
+}
+
+struct Out(String);
+
+/// A label value and how to read its counter from a shard's snapshot.
+type Labelled<'a> = (&'a str, fn(&MetricsSnapshot) -> u64);
+
+impl Out {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+
+    fn per_shard(
+        &mut self,
+        name: &str,
+        kind: &str,
+        help: &str,
+        shards: &[MetricsSnapshot],
+        f: impl Fn(&MetricsSnapshot) -> u64,
+    ) {
+        self.family(name, kind, help);
+        for (i, s) in shards.iter().enumerate() {
+            let _ = writeln!(self.0, "{name}{{shard=\"{i}\"}} {}", f(s));
+        }
+    }
+
+    fn labelled(
+        &mut self,
+        name: &str,
+        help: &str,
+        label: &str,
+        shards: &[MetricsSnapshot],
+        values: &[Labelled<'_>],
+    ) {
+        self.family(name, "counter", help);
+        for (i, s) in shards.iter().enumerate() {
+            for (v, f) in values {
+                let _ = writeln!(self.0, "{name}{{shard=\"{i}\",{label}=\"{v}\"}} {}", f(s));
+            }
+        }
+    }
+}
+
+/// Seconds, from microseconds.
+fn secs(us: u64) -> f64 {
+    us as f64 / 1e6
+}
+
+pub fn render(s: &Scrape<'_>) -> String {
+    let mut o = Out(String::with_capacity(8 * 1024));
+    let sh = s.shards;
+    o.family(
+        "presenced_build_info",
+        "gauge",
+        "Build information; the value is always 1.",
+    );
+    let _ = writeln!(o.0, "presenced_build_info{{version=\"{}\"}} 1", s.version);
+    o.family(
+        "presenced_uptime_seconds",
+        "gauge",
+        "Seconds since the server started.",
+    );
+    let _ = writeln!(o.0, "presenced_uptime_seconds {:.3}", s.uptime_s);
+    o.family(
+        "presenced_shards",
+        "gauge",
+        "Shards (one event loop per core).",
+    );
+    let _ = writeln!(o.0, "presenced_shards {}", sh.len());
+    o.per_shard(
+        "presenced_connections",
+        "gauge",
+        "Open WebSocket connections.",
+        sh,
+        |m| m.connections,
+    );
+    o.per_shard(
+        "presenced_online_users",
+        "gauge",
+        "Users with a visible session, by owner shard.",
+        sh,
+        |m| m.online_users,
+    );
+    o.per_shard(
+        "presenced_outbox_pending",
+        "gauge",
+        "Frames queued in connection outboxes.",
+        sh,
+        |m| m.outbox_pending,
+    );
+    o.per_shard(
+        "presenced_admin_connections",
+        "gauge",
+        "Open admin-port connections.",
+        sh,
+        |m| m.admin_connections,
+    );
+    o.labelled(
+        "presenced_handshakes_total",
+        "WebSocket upgrade attempts by result.",
+        "result",
+        sh,
+        &[
+            ("ok", |m| m.handshakes_ok),
+            ("unauthorized", |m| m.handshakes_unauthorized),
+            ("bad_request", |m| m.handshakes_bad_request),
+            ("timed_out", |m| m.handshakes_timed_out),
+            ("rate_limited", |m| m.handshakes_rate_limited),
+            ("forbidden", |m| m.handshakes_forbidden),
+            ("unavailable", |m| m.handshakes_unavailable),
+        ],
+    );
+    o.labelled(
+        "presenced_handoffs_total",
+        "Sockets handed between shards after the upgrade request.",
+        "direction",
+        sh,
+        &[("in", |m| m.handoffs_in), ("out", |m| m.handoffs_out)],
+    );
+    o.labelled(
+        "presenced_ops_total",
+        "Client ops handled, by kind.",
+        "op",
+        sh,
+        &[
+            ("subscribe", |m| m.ops_subscribe),
+            ("unsubscribe", |m| m.ops_unsubscribe),
+            ("subscribe_group", |m| m.ops_subscribe_group),
+            ("unsubscribe_group", |m| m.ops_unsubscribe_group),
+            ("set_status", |m| m.ops_set_status),
+            ("activity", |m| m.ops_activity),
+            ("refresh", |m| m.ops_refresh),
+            ("ping", |m| m.ops_ping),
+            ("invalid", |m| m.ops_invalid),
+        ],
+    );
+    o.per_shard(
+        "presenced_op_errors_total",
+        "counter",
+        "Ops answered with an error.",
+        sh,
+        |m| m.op_errors,
+    );
+    o.labelled(
+        "presenced_rate_limited_total",
+        "Requests refused by a rate limit.",
+        "kind",
+        sh,
+        &[
+            ("ops", |m| m.ops_rate_limited),
+            ("handshakes", |m| m.handshakes_rate_limited),
+        ],
+    );
+    o.labelled(
+        "presenced_closes_total",
+        "Connections closed by the server, by reason.",
+        "reason",
+        sh,
+        &[
+            ("token_expired", |m| m.token_expiry_closes),
+            ("heartbeat_timeout", |m| m.heartbeat_timeouts),
+            ("session_limit", |m| m.session_limit_closes),
+            ("protocol", |m| m.protocol_closes),
+            ("rate_abuse", |m| m.rate_abuse_closes),
+            ("kicked", |m| m.kicks),
+            ("panic", |m| m.conn_panics),
+        ],
+    );
+    o.per_shard(
+        "presenced_deliveries_total",
+        "counter",
+        "Events written to client connections.",
+        sh,
+        |m| m.deliveries,
+    );
+    o.per_shard(
+        "presenced_coalesced_total",
+        "counter",
+        "Queued events replaced by a newer state of the same user.",
+        sh,
+        |m| m.coalesced,
+    );
+    o.per_shard(
+        "presenced_outbox_dropped_total",
+        "counter",
+        "Events dropped: a connection's backlog was full.",
+        sh,
+        |m| m.outbox_dropped,
+    );
+    o.per_shard(
+        "presenced_pings_sent_total",
+        "counter",
+        "Liveness pings sent.",
+        sh,
+        |m| m.pings_sent,
+    );
+    o.per_shard(
+        "presenced_impersonations_total",
+        "counter",
+        "Read-only impersonation sessions opened.",
+        sh,
+        |m| m.impersonations,
+    );
+    o.per_shard(
+        "presenced_admin_requests_total",
+        "counter",
+        "Admin HTTP requests and feed queries answered.",
+        sh,
+        |m| m.admin_requests,
+    );
+    o.family(
+        "presenced_mesh_messages_total",
+        "counter",
+        "Mesh messages sent, by shard pair.",
+    );
+    for (from, row) in s.mesh_pairs.iter().enumerate() {
+        for (to, n) in row.iter().enumerate() {
+            let _ = writeln!(
+                o.0,
+                "presenced_mesh_messages_total{{from=\"{from}\",to=\"{to}\"}} {n}"
+            );
+        }
+    }
+    o.per_shard(
+        "presenced_mesh_overflowed_total",
+        "counter",
+        "Mesh messages that waited for room in a full inbox.",
+        sh,
+        |m| m.mesh_overflowed,
+    );
+    o.per_shard(
+        "presenced_mesh_dropped_total",
+        "counter",
+        "Mesh messages dropped (overflow full or peer gone).",
+        sh,
+        |m| m.mesh_dropped,
+    );
+    let l = &s.latency;
+    o.family(
+        "presenced_fanout_latency_seconds",
+        "summary",
+        "Owner publish to local enqueue on a watching shard, merged over shards, since start.",
+    );
+    for (q, v) in [
+        ("0.5", l.p50),
+        ("0.9", l.p90),
+        ("0.99", l.p99),
+        ("0.999", l.p999),
+    ] {
+        let _ = writeln!(
+            o.0,
+            "presenced_fanout_latency_seconds{{quantile=\"{q}\"}} {:.6}",
+            secs(v)
+        );
+    }
+    let _ = writeln!(
+        o.0,
+        "presenced_fanout_latency_seconds_sum {:.6}",
+        l.sum / 1e6
+    );
+    let _ = writeln!(o.0, "presenced_fanout_latency_seconds_count {}", l.count);
+    o.family(
+        "presenced_fanout_latency_max_seconds",
+        "gauge",
+        "Largest fan-out latency since start.",
+    );
+    let _ = writeln!(
+        o.0,
+        "presenced_fanout_latency_max_seconds {:.6}",
+        secs(l.max)
+    );
+    o.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_sample_belongs_to_a_declared_family() {
+        let shards = vec![
+            MetricsSnapshot {
+                connections: 3,
+                ..Default::default()
+            };
+            2
+        ];
+        let text = render(&Scrape {
+            version: "1.2.3",
+            uptime_s: 1.5,
+            shards: &shards,
+            mesh_pairs: &[vec![1, 2], vec![3, 4]],
+            latency: Percentiles {
+                count: 2,
+                p50: 40,
+                max: 90,
+                sum: 130.0,
+                ..Default::default()
+            },
+        });
+        let mut families = std::collections::HashSet::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                families.insert(rest.split(' ').next().unwrap().to_owned());
+                continue;
+            }
+            if line.starts_with('#') {
+                continue;
+            }
+            let name = line.split(['{', ' ']).next().unwrap();
+            let family = ["_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s).filter(|f| families.contains(*f)))
+                .unwrap_or(name);
+            assert!(families.contains(family), "{line}: no TYPE for {family}");
+        }
+        assert!(text.contains("presenced_connections{shard=\"1\"} 3\n"));
+        assert!(text.contains("presenced_mesh_messages_total{from=\"1\",to=\"0\"} 3\n"));
+        assert!(text.contains("presenced_fanout_latency_seconds{quantile=\"0.5\"} 0.000040\n"));
+        assert!(text.contains("presenced_fanout_latency_seconds_count 2\n"));
+    }
+}

@@ -1,0 +1,176 @@
+//! The admin port's HTTP/1.1 server, run by every shard on its own SO_REUSEPORT listener:
+//! keep-alive, bounded request heads and bodies, time limits, a per-shard connection cap.
+
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::{TcpListener, TcpStream};
+
+use super::http::{self, Method, Response};
+use crate::metrics::ShardMetrics;
+use crate::shard::Shard;
+
+/// Accepts admin connections until `stop` fires.
+pub async fn accept_loop(
+    shard: Rc<Shard>,
+    listener: TcpListener,
+    stop: Rc<glommio::channels::local_channel::LocalReceiver<()>>,
+) {
+    loop {
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            stop.recv().await;
+            None
+        })
+        .await;
+        match accepted {
+            None => return,
+            Some(Ok(mut stream)) => {
+                let open = shard
+                    .metrics
+                    .admin_connections
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                if open as usize >= shard.cfg.admin.max_connections {
+                    let resp = Response::error(503, "too many admin connections");
+                    glommio::spawn_local(async move {
+                        let _ = stream.write_all(&http::encode(&resp, false, false)).await;
+                        let _ = stream.close().await;
+                    })
+                    .detach();
+                    continue;
+                }
+                glommio::spawn_local(serve(shard.clone(), stream)).detach();
+            }
+            Some(Err(e)) => {
+                tracing::warn!(shard = shard.ix, error = %e, "admin accept failed");
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+/// Counts an open admin connection for as long as it lives.
+struct Open(Rc<Shard>);
+
+impl Open {
+    fn new(shard: Rc<Shard>) -> Open {
+        ShardMetrics::inc(&shard.metrics.admin_connections);
+        Open(shard)
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        ShardMetrics::sub(&self.0.metrics.admin_connections, 1);
+    }
+}
+
+/// Why reading a request stopped.
+enum ReadEnd {
+    /// The peer closed, or stayed idle past the idle timeout: close quietly.
+    Gone,
+    /// Answer this error, then close.
+    Error(Response),
+}
+
+/// Reads one request (head and body) into `buf`. Waits up to the idle timeout for its first
+/// byte, then up to the request timeout for the rest.
+async fn read_request(
+    shard: &Shard,
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+) -> Result<http::Request, ReadEnd> {
+    let cfg = &shard.cfg.admin;
+    let mut deadline =
+        (!buf.is_empty()).then(|| Instant::now() + Duration::from_millis(cfg.request_timeout_ms));
+    let mut chunk = [0u8; 4096];
+    let mut head: Option<http::Request> = None;
+    loop {
+        if head.is_none() {
+            head = http::parse(buf, cfg.max_request_bytes)
+                .map_err(|e| ReadEnd::Error(Response::error(e.status, e.message)))?;
+        }
+        if let Some(req) = &head {
+            if buf.len() >= req.head_len + req.content_length {
+                return Ok(head.take().expect("checked just above"));
+            }
+        }
+        let wait = match deadline {
+            Some(d) => d.saturating_duration_since(Instant::now()),
+            None => Duration::from_millis(cfg.idle_timeout_ms),
+        };
+        let read = futures_lite::future::or(async { Some(stream.read(&mut chunk).await) }, async {
+            glommio::timer::sleep(wait).await;
+            None
+        })
+        .await;
+        match read {
+            None if deadline.is_some() => {
+                return Err(ReadEnd::Error(Response::error(
+                    408,
+                    "request not received in time",
+                )))
+            }
+            None | Some(Ok(0)) | Some(Err(_)) => return Err(ReadEnd::Gone),
+            Some(Ok(n)) => {
+                buf.extend_from_slice(&chunk[..n]);
+                deadline.get_or_insert_with(|| {
+                    Instant::now() + Duration::from_millis(cfg.request_timeout_ms)
+                });
+            }
+        }
+    }
+}
+
+/// One admin connection: requests in order until close, idle timeout or an error.
+async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
+    let _open = Open::new(shard.clone());
+    let _ = stream.set_nodelay(true);
+    let mut buf = Vec::new();
+    loop {
+        let req = match read_request(&shard, &mut stream, &mut buf).await {
+            Ok(req) => req,
+            Err(ReadEnd::Gone) => return,
+            Err(ReadEnd::Error(resp)) => {
+                ShardMetrics::inc(&shard.metrics.admin_requests);
+                let _ = stream.write_all(&http::encode(&resp, false, false)).await;
+                let _ = stream.close().await;
+                return;
+            }
+        };
+        let end = req.head_len + req.content_length;
+        if req.path == "/ws/admin" {
+            match req.ws_key.clone() {
+                Some(key) => {
+                    let early = buf.split_off(end);
+                    super::feed::run(shard, stream, &key, early).await;
+                    return;
+                }
+                None => {
+                    let resp = Response::error(400, "/ws/admin is a WebSocket: send an upgrade");
+                    let _ = stream.write_all(&http::encode(&resp, false, false)).await;
+                    let _ = stream.close().await;
+                    return;
+                }
+            }
+        }
+        let resp = super::api::route(
+            &shard,
+            req.method,
+            &req.path,
+            &req.query,
+            req.bearer.as_deref(),
+        )
+        .await;
+        let keep = req.keep_alive && !shard.stopping.get();
+        let bytes = http::encode(&resp, keep, req.method == Method::Head);
+        if stream.write_all(&bytes).await.is_err() {
+            return;
+        }
+        buf.drain(..end);
+        if !keep {
+            let _ = stream.close().await;
+            return;
+        }
+    }
+}
