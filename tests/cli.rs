@@ -60,7 +60,7 @@ fn serve_with_no_config_prints_a_working_quickstart() {
             .unwrap(),
     );
     let stdout = BufReader::new(child.0.stdout.take().unwrap());
-    let (mut secret, mut url) = (None, None);
+    let (mut secret, mut url, mut dashboard) = (None, None, None);
     let deadline = Instant::now() + Duration::from_secs(20);
     for line in stdout.lines() {
         let line = line.unwrap();
@@ -69,6 +69,9 @@ fn serve_with_no_config_prints_a_working_quickstart() {
         }
         if let Some(u) = line.trim().strip_prefix("connect:") {
             url = Some(u.trim().to_owned());
+        }
+        if line.trim().starts_with("http://") && line.contains("/#token=") {
+            dashboard = Some(line.trim().to_owned());
             break;
         }
         assert!(Instant::now() < deadline, "quickstart not printed");
@@ -96,6 +99,23 @@ fn serve_with_no_config_prints_a_working_quickstart() {
         (Some("online"), Some(1))
     );
     assert_eq!(alice.request(json!({"op":"ping"}))["type"], "pong");
+
+    // The printed dashboard link: its host is the admin port, its fragment an admin token.
+    let dashboard = dashboard.expect("dashboard link printed");
+    let (base, admin_token) = dashboard.split_once("/#token=").unwrap();
+    let admin: SocketAddr = base.trim_start_matches("http://").parse().unwrap();
+    let (code, page) = common::raw_request(admin, "GET / HTTP/1.1\r\nConnection: close\r\n\r\n");
+    assert_eq!(code, 200);
+    assert!(page.contains("presenced"), "the dashboard page");
+    let req = format!(
+        "GET /api/online HTTP/1.1\r\nAuthorization: Bearer {admin_token}\r\nConnection: close\r\n\r\n"
+    );
+    let (code, body) = common::raw_request(admin, &req);
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.contains("\"alice\"") && body.contains("\"bob\""),
+        "{body}"
+    );
 }
 
 #[test]

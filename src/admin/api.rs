@@ -534,12 +534,23 @@ async fn api(
                 Ok(AdminResp::Kicked(Kicked {
                     user: Some(user),
                     kicked,
-                })) => Response::json(
-                    200,
-                    &serde_json::json!({
-                        "session": session_hex(session), "user": user, "kicked": kicked,
-                    }),
-                ),
+                })) => {
+                    #[derive(Serialize)]
+                    struct Body {
+                        session: String,
+                        user: UserId,
+                        kicked: usize,
+                    }
+                    let session = session_hex(session);
+                    Response::json(
+                        200,
+                        &Body {
+                            session,
+                            user,
+                            kicked,
+                        },
+                    )
+                }
                 Ok(_) => Response::error(404, "unknown session"),
                 Err(e) => e,
             }
