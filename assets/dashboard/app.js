@@ -422,11 +422,12 @@
   }
 
   function chartSpecs() {
-    const s = state.series;
+    // Read state.series at draw time: a new hello replaces it.
+    const s = () => state.series;
     return [
       {
         sel: "#chart-online",
-        data: () => [s.t, s.online, s.connections],
+        data: () => [s().t, s().online, s().connections],
         series: [
           series("online users", "#3ecf72", fmtInt, "rgba(62,207,114,0.10)"),
           series("connections", "#5aa9ff", fmtInt),
@@ -435,7 +436,7 @@
       },
       {
         sel: "#chart-rates",
-        data: () => [s.t, s.hps, s.dps],
+        data: () => [s().t, s().hps, s().dps],
         series: [
           series("handshakes/s", "#f2b134", fmtRate),
           series("deliveries/s", "#b18cff", fmtRate, "rgba(177,140,255,0.08)"),
@@ -444,7 +445,7 @@
       },
       {
         sel: "#chart-latency",
-        data: () => [s.t, s.p50, s.p99],
+        data: () => [s().t, s().p50, s().p99],
         series: [
           series("p50", "#5aa9ff", (v) => v.toFixed(2) + " ms"),
           series("p99", "#f0524f", (v) => v.toFixed(2) + " ms"),
@@ -829,6 +830,10 @@
       "#latency-p50", "#latency-p99", "#meta-uptime", "#meta-admin", "#users-total"]) setText(sel, "—");
     $("#shards tbody").replaceChildren();
     $("#users tbody").replaceChildren();
+    clearTimeout(state.page.requeryTimer);
+    clearTimeout(state.page.filterTimer);
+    clearTimeout(state.detail.refreshTimer);
+    state.page.requeryTimer = state.page.filterTimer = state.detail.refreshTimer = 0;
     state.page.rows = new Map();
     state.page.cursor = null;
     state.page.back = [];

@@ -2,6 +2,8 @@
 //! real WebSocket client (tungstenite) or raw HTTP.
 #![allow(dead_code)]
 
+pub mod tools;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
