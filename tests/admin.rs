@@ -880,3 +880,53 @@ fn every_metric_family_and_route_is_documented() {
         );
     }
 }
+
+#[test]
+fn non_ascii_credentials_are_refused_without_harming_a_shard() {
+    let s = server(2);
+    for v in [
+        "Bearer\u{e9} x",
+        "B\u{e9}arer token",
+        "\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}",
+    ] {
+        let (code, body) = raw_request(
+            s.admin,
+            &format!("GET /api/stats HTTP/1.1\r\nAuthorization: {v}\r\nConnection: close\r\n\r\n"),
+        );
+        assert_eq!(code, 401, "{v:?}: {body}");
+        let (code, _) = s.raw_upgrade("/ws", &format!("Authorization: {v}\r\n"));
+        assert_eq!(code, 401, "{v:?} on the client port");
+    }
+    // Every shard still answers: a map-reduce needs them all.
+    assert_eq!(s.admin_get("/api/stats")["shards"], 2);
+    let _a = s.connect(&user_on(0, 2, "x"));
+    let _b = s.connect(&user_on(1, 2, "y"));
+    assert_eq!(s.admin_request("GET", "/readyz", None).0, 200);
+}
+
+#[test]
+fn clients_that_stop_reading_cannot_hold_the_admin_port() {
+    let s = TestServer::with(1, |c| {
+        c.admin.max_connections = 3;
+        c.admin.request_timeout_ms = 500;
+        c.admin.idle_timeout_ms = 500;
+    });
+    // Three connections pipeline requests for a large open file and never read the answers.
+    let request = "GET /assets/uPlot.iife.min.js HTTP/1.1\r\nHost: x\r\n\r\n".repeat(200);
+    let stuck: Vec<TcpStream> = (0..3)
+        .map(|_| {
+            let mut c = tcp_from("127.0.0.1".parse().unwrap(), s.admin, Some(4096));
+            c.set_write_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            let _ = c.write_all(request.as_bytes());
+            c
+        })
+        .collect();
+    let (code, body) = s.admin_request("GET", "/healthz", None);
+    assert_eq!(code, 503, "the three stuck clients hold every slot: {body}");
+    // Within a few write timeouts the server has given up on them and answers others again.
+    eventually("the admin port serving again", || {
+        (s.admin_request("GET", "/healthz", None).0 == 200).then_some(())
+    });
+    drop(stuck);
+}

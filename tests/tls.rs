@@ -210,6 +210,10 @@ fn startup_errors_name_the_bad_key() {
             placement: presenced::config::Placement::Unbound,
             jwt_secret: Some(common::SECRET.into()),
             admin: common::admin_on_any_port(),
+            history: presenced::config::HistoryConfig {
+                backend: presenced::config::HistoryBackend::Off,
+                ..Default::default()
+            },
             ..presenced::Config::default()
         };
         cfg.tls.cert = Some(cert);
@@ -236,4 +240,40 @@ fn startup_errors_name_the_bad_key() {
     );
     let no_cert = start(certs.path("key.pem"), certs.path("key.pem"));
     assert!(no_cert.starts_with("tls.cert:"), "{no_cert}");
+}
+
+#[test]
+fn the_admin_port_speaks_tls_when_asked() {
+    use std::io::{Read, Write};
+    let certs = Certs::new("admin");
+    let server = TestServer::with(2, |c| {
+        c.tls.cert = Some(certs.path("cert.pem"));
+        c.tls.key = Some(certs.path("key.pem"));
+        c.tls.listen = Some("127.0.0.1:0".parse().unwrap());
+        c.admin.tls = true;
+    });
+    let config = certs.client_config(&[&rustls::version::TLS13, &rustls::version::TLS12]);
+    let get = |path: &str, token: Option<&str>| {
+        let mut s = tls_stream(server.admin, config.clone());
+        let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    };
+    assert!(get("/healthz", None).starts_with("HTTP/1.1 200 OK"));
+    let stats = get("/api/stats", Some(&server.admin_token()));
+    assert!(
+        stats.starts_with("HTTP/1.1 200 OK") && stats.contains("\"shards\":2"),
+        "{stats}"
+    );
+    assert!(get("/api/stats", None).starts_with("HTTP/1.1 401"));
+    // Plain HTTP to a TLS admin port gets nothing useful, and the server carries on.
+    let (code, _) = common::raw_request(server.admin, "GET /healthz HTTP/1.1\r\n\r\n");
+    assert_eq!(code, 0, "no plaintext answer");
+    assert!(get("/healthz", None).starts_with("HTTP/1.1 200 OK"));
 }

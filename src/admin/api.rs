@@ -13,6 +13,7 @@ use super::query::{
     OnlineRow, ShardStats,
 };
 use super::series::Sample;
+use crate::history::{Answer, Query as HQuery};
 use crate::metrics::{latency_histogram, MetricsSnapshot, Percentiles, ShardMetrics};
 use crate::presence::watchers::ShardIx;
 use crate::presence::{Aggregate, DeviceType, UserId};
@@ -32,8 +33,12 @@ pub fn authenticate(shard: &Shard, bearer: Option<&str>) -> Result<Identity, Res
 /// The admin behind `token`, or (401|403, why).
 pub fn admin_identity(shard: &Shard, token: &str) -> Result<Identity, (u16, &'static str)> {
     if let Some(fixed) = &shard.cfg.admin.token {
+        // Digests first: equal lengths, so the comparison's time says nothing about the
+        // secret, not even its length.
         use subtle::ConstantTimeEq;
-        if bool::from(fixed.as_bytes().ct_eq(token.as_bytes())) {
+        let sha = |b: &[u8]| ring::digest::digest(&ring::digest::SHA256, b);
+        let (want, got) = (sha(fixed.as_bytes()), sha(token.as_bytes()));
+        if bool::from(want.as_ref().ct_eq(got.as_ref())) {
             return Ok("static-token".into());
         }
     }
@@ -58,6 +63,21 @@ async fn ask_shards(
     to: &[ShardIx],
     req: AdminReq,
 ) -> Result<Vec<(ShardIx, AdminResp)>, Response> {
+    let (answers, complete) = ask_shards_partial(shard, to, req).await;
+    if complete {
+        Ok(answers)
+    } else {
+        Err(unavailable())
+    }
+}
+
+/// Like [`ask_shards`], but returns what arrived by the deadline (sorted by shard) and whether
+/// that was everyone: a scrape should still show what the live shards know.
+async fn ask_shards_partial(
+    shard: &Shard,
+    to: &[ShardIx],
+    req: AdminReq,
+) -> (Vec<(ShardIx, AdminResp)>, bool) {
     let (tx, rx) = flume::bounded(to.len());
     let req = Arc::new(req);
     for &s in to {
@@ -70,25 +90,24 @@ async fn ask_shards(
         );
     }
     drop(tx);
-    let wait = Duration::from_millis(shard.cfg.admin.query_timeout_ms);
-    let gather = async {
-        let mut out = Vec::with_capacity(to.len());
-        while out.len() < to.len() {
-            match rx.recv_async().await {
-                Ok(answer) => out.push(answer),
-                Err(_) => return None, // a shard dropped the question (stopping)
-            }
+    let deadline =
+        std::time::Instant::now() + Duration::from_millis(shard.cfg.admin.query_timeout_ms);
+    let mut out = Vec::with_capacity(to.len());
+    while out.len() < to.len() {
+        let wait = deadline.saturating_duration_since(std::time::Instant::now());
+        let next = futures_lite::future::or(async { rx.recv_async().await.ok() }, async {
+            glommio::timer::sleep(wait).await;
+            None
+        })
+        .await;
+        match next {
+            Some(answer) => out.push(answer),
+            None => break, // out of time, or a shard dropped the question (stopping)
         }
-        out.sort_unstable_by_key(|(ix, _)| *ix);
-        Some(out)
-    };
-    let timed_out = async {
-        glommio::timer::sleep(wait).await;
-        None
-    };
-    futures_lite::future::or(gather, timed_out)
-        .await
-        .ok_or_else(unavailable)
+    }
+    out.sort_unstable_by_key(|(ix, _)| *ix);
+    let complete = out.len() == to.len();
+    (out, complete)
 }
 
 /// Every shard's answer, in shard order.
@@ -348,9 +367,13 @@ pub async fn stats(shard: &Shard) -> Result<StatsBody, Response> {
     })
 }
 
-/// `/metrics`.
+/// `/metrics`. Counters need no shard's answer; the latency histograms come from the shards
+/// that answer in time (`presenced_scrape_shards_answered` says how many).
 async fn metrics(shard: &Shard) -> Result<Response, Response> {
-    let answers = ask_all(shard, AdminReq::Stats).await?;
+    let all: Vec<ShardIx> = (0..shard.mesh.shards() as ShardIx).collect();
+    let (answers, _) = ask_shards_partial(shard, &all, AdminReq::Stats).await;
+    let answered = answers.len();
+    let answers: Vec<AdminResp> = answers.into_iter().map(|(_, a)| a).collect();
     let mut total = latency_histogram();
     for a in &answers {
         if let AdminResp::Stats(s) = a {
@@ -366,6 +389,10 @@ async fn metrics(shard: &Shard) -> Result<Response, Response> {
         shards: &snaps,
         mesh_pairs: &pairs,
         latency: Percentiles::of(&total),
+        answered,
+        history: shared.history.enabled().then(|| {
+            super::prom::HistoryScrape::of(&shared.history, shard.cfg.history.queue_capacity)
+        }),
     });
     Ok(Response::text(
         200,
@@ -429,6 +456,53 @@ pub async fn route(
             None => Response::error(404, "not found"),
         },
         _ => Response::error(404, "not found"),
+    }
+}
+
+/// Points one replay may return.
+const MAX_REPLAY_POINTS: u64 = 10_000;
+
+/// `from`/`to` in ms since the epoch; `to` defaults to now, `from` to a day before `to`.
+fn time_range(p: &[(String, String)]) -> Result<(u64, u64), Response> {
+    let get = |name: &str| -> Result<Option<u64>, Response> {
+        match p.iter().find(|(k, _)| k == name) {
+            None => Ok(None),
+            Some((_, v)) => v
+                .parse()
+                .map(Some)
+                .map_err(|_| Response::error(400, &format!("{name} must be ms since the epoch"))),
+        }
+    };
+    let to = get("to")?.unwrap_or_else(crate::shard::now_ms);
+    let from = get("from")?.unwrap_or(to.saturating_sub(86_400_000));
+    if from > to {
+        return Err(Response::error(400, "from must not be after to"));
+    }
+    Ok((from, to))
+}
+
+/// Asks the history thread, within `admin.query_timeout_ms`.
+async fn ask_history(shard: &Shard, q: HQuery) -> Result<Answer, Response> {
+    if !shard.history.enabled() {
+        return Err(Response::error(
+            503,
+            "history is off (history.backend = \"off\")",
+        ));
+    }
+    let rx = shard
+        .history
+        .ask(q)
+        .ok_or_else(|| Response::error(503, "history is busy: too many queries waiting"))?;
+    let wait = Duration::from_millis(shard.cfg.admin.query_timeout_ms);
+    let answer = futures_lite::future::or(async { rx.recv_async().await.ok() }, async {
+        glommio::timer::sleep(wait).await;
+        None
+    })
+    .await;
+    match answer {
+        None => Err(Response::error(503, "history did not answer in time")),
+        Some(Err(e)) => Err(Response::error(503, &format!("history store: {e}"))),
+        Some(Ok(a)) => Ok(a),
     }
 }
 
@@ -579,6 +653,141 @@ async fn api(
             match ask(shard, shard.owner(&group), AdminReq::Group(q)).await {
                 Ok(AdminResp::Group(Some(page))) => Response::json(200, &page),
                 Ok(_) => Response::error(404, "unknown group: no visible member, no subscriber"),
+                Err(e) => e,
+            }
+        }
+        ["history", id] | ["analytics", id] => {
+            if let Some(e) = want(read, "GET") {
+                return e;
+            }
+            let Some(user) = segment(id) else {
+                return Response::error(400, "bad user id");
+            };
+            let history = segs[0] == "history";
+            let allowed: &[&str] = if history {
+                &["from", "to", "limit"]
+            } else {
+                &["from", "to"]
+            };
+            let p = match params(query, allowed) {
+                Ok(p) => p,
+                Err(e) => return e,
+            };
+            let (from, to) = match time_range(&p) {
+                Ok(r) => r,
+                Err(e) => return e,
+            };
+            let q = if history {
+                let (limit, _) = match page_args(&p, 100, shard.cfg.admin.max_page) {
+                    Ok(x) => x,
+                    Err(e) => return e,
+                };
+                HQuery::History {
+                    user: user.clone(),
+                    from,
+                    to,
+                    limit,
+                }
+            } else {
+                HQuery::Analytics {
+                    user: user.clone(),
+                    from,
+                    to,
+                }
+            };
+            match ask_history(shard, q).await {
+                Ok(Answer::Events(events)) => Response::json(
+                    200,
+                    &serde_json::json!({"user": user, "from": from, "to": to, "events": events}),
+                ),
+                Ok(Answer::Analytics(a)) => {
+                    #[derive(Serialize)]
+                    struct Body<'a> {
+                        user: &'a str,
+                        #[serde(flatten)]
+                        a: &'a crate::history::analytics::Analytics,
+                    }
+                    Response::json(200, &Body { user: &user, a: &a })
+                }
+                Ok(_) => Response::error(500, "unexpected history answer"),
+                Err(e) => e,
+            }
+        }
+        ["replay"] => {
+            if let Some(e) = want(read, "GET") {
+                return e;
+            }
+            let p = match params(query, &["from", "to", "step", "group"]) {
+                Ok(p) => p,
+                Err(e) => return e,
+            };
+            let (from, to) = match time_range(&p) {
+                Ok(r) => r,
+                Err(e) => return e,
+            };
+            let default_step = shard.cfg.history.sample_interval_s * 1000;
+            let step = match p.iter().find(|(k, _)| k == "step") {
+                None => default_step,
+                Some((_, v)) => match v.parse::<u64>() {
+                    Ok(n) if n > 0 => n,
+                    _ => return Response::error(400, "step must be a positive number of ms"),
+                },
+            };
+            if (to - from) / step > MAX_REPLAY_POINTS {
+                let msg =
+                    format!("at most {MAX_REPLAY_POINTS} points: widen step or narrow from/to");
+                return Response::error(400, &msg);
+            }
+            let group = p.iter().find(|(k, _)| k == "group").map(|(_, v)| v.clone());
+            let q = HQuery::Replay {
+                from,
+                to,
+                step,
+                group: group.clone(),
+            };
+            match ask_history(shard, q).await {
+                Ok(Answer::Replay(points)) => Response::json(
+                    200,
+                    &serde_json::json!({"from": from, "to": to, "step": step, "group": group, "points": points}),
+                ),
+                Ok(_) => Response::error(500, "unexpected history answer"),
+                Err(e) => e,
+            }
+        }
+        ["replay", "at"] => {
+            if let Some(e) = want(read, "GET") {
+                return e;
+            }
+            let p = match params(query, &["t", "group", "limit"]) {
+                Ok(p) => p,
+                Err(e) => return e,
+            };
+            let t = match p.iter().find(|(k, _)| k == "t") {
+                None => return Response::error(400, "t (ms since the epoch) is required"),
+                Some((_, v)) => match v.parse::<u64>() {
+                    Ok(t) => t,
+                    Err(_) => return Response::error(400, "t must be ms since the epoch"),
+                },
+            };
+            let (limit, _) = match page_args(&p, 100, shard.cfg.admin.max_page) {
+                Ok(x) => x,
+                Err(e) => return e,
+            };
+            let group = p.iter().find(|(k, _)| k == "group").map(|(_, v)| v.clone());
+            let q = HQuery::At {
+                t,
+                group: group.clone(),
+                limit,
+            };
+            match ask_history(shard, q).await {
+                Ok(Answer::At { users, total }) => Response::json(
+                    200,
+                    &serde_json::json!({
+                        "t": t, "group": group, "users": users, "total": total,
+                        "lookback_h": shard.cfg.history.replay_lookback_h,
+                    }),
+                ),
+                Ok(_) => Response::error(500, "unexpected history answer"),
                 Err(e) => e,
             }
         }

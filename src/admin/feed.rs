@@ -12,8 +12,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
-use futures_lite::{AsyncRead, AsyncWriteExt};
-use glommio::net::TcpStream;
+use futures_lite::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use hashbrown::HashMap;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -68,14 +67,14 @@ enum Event {
     Tick,
 }
 
-struct Feed {
+struct Feed<S> {
     shard: Rc<Shard>,
-    stream: TcpStream,
+    stream: S,
     decoder: Decoder,
     token: Option<String>,
 }
 
-impl Feed {
+impl<S: AsyncRead + AsyncWrite + Unpin> Feed<S> {
     async fn send(&mut self, frame: &[u8]) -> bool {
         self.stream.write_all(frame).await.is_ok()
     }
@@ -100,7 +99,12 @@ impl Feed {
 }
 
 /// Serves an upgraded `/ws/admin` connection on this shard until it closes.
-pub async fn run(shard: Rc<Shard>, mut stream: TcpStream, key: &str, early: Vec<u8>) {
+pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+    shard: Rc<Shard>,
+    mut stream: S,
+    key: &str,
+    early: Vec<u8>,
+) {
     if stream
         .write_all(&crate::edge::http::switching_protocols(key))
         .await
@@ -196,12 +200,17 @@ pub async fn run(shard: Rc<Shard>, mut stream: TcpStream, key: &str, early: Vec<
     }
 }
 
-async fn hello(feed: &mut Feed, who: &str, marks: &mut Arc<[u64]>) -> bool {
+async fn hello<S: AsyncRead + AsyncWrite + Unpin>(
+    feed: &mut Feed<S>,
+    who: &str,
+    marks: &mut Arc<[u64]>,
+) -> bool {
     let series = match api::ask(&feed.shard, 0, AdminReq::Series).await {
         Ok(AdminResp::Series(s)) => s,
         _ => Vec::new(),
     };
-    // Start the change marks at "now" on every shard.
+    // Start the change marks at "now" on every shard. If a shard did not answer, the marks stay
+    // unset and the first push reports `missed` (below), so the client re-queries.
     let _ = changes(feed, marks).await;
     #[derive(Serialize)]
     struct Hello<'a> {
@@ -224,7 +233,7 @@ async fn hello(feed: &mut Feed, who: &str, marks: &mut Arc<[u64]>) -> bool {
 }
 
 /// Changes since `marks` on every shard, the latest per user, and how many were missed.
-async fn changes(feed: &Feed, marks: &mut Arc<[u64]>) -> (Vec<Arc<PresenceState>>, u64) {
+async fn changes<S>(feed: &Feed<S>, marks: &mut Arc<[u64]>) -> (Vec<Arc<PresenceState>>, u64) {
     let req = AdminReq::Changes {
         since: marks.clone(),
     };
@@ -243,6 +252,13 @@ async fn changes(feed: &Feed, marks: &mut Arc<[u64]>) -> (Vec<Arc<PresenceState>
             }
         }
     }
+    // A shard whose mark was never set (it did not answer `hello`'s question) starts now, and
+    // what it had is reported as missed.
+    for (ix, m) in marks.iter().enumerate() {
+        if *m == u64::MAX && new_marks[ix] != u64::MAX {
+            missed += 1;
+        }
+    }
     *marks = new_marks.into();
     let mut list: Vec<Arc<PresenceState>> = latest.into_values().collect();
     list.sort_unstable_by(|a, b| a.user.cmp(&b.user));
@@ -253,7 +269,10 @@ async fn changes(feed: &Feed, marks: &mut Arc<[u64]>) -> (Vec<Arc<PresenceState>
     (list, missed)
 }
 
-async fn push(feed: &mut Feed, marks: &mut Arc<[u64]>) -> bool {
+async fn push<S: AsyncRead + AsyncWrite + Unpin>(
+    feed: &mut Feed<S>,
+    marks: &mut Arc<[u64]>,
+) -> bool {
     if let Ok(stats) = api::stats(&feed.shard).await {
         let frame = json_frame(&Push {
             r#type: "stats",
@@ -293,7 +312,12 @@ async fn push(feed: &mut Feed, marks: &mut Arc<[u64]>) -> bool {
     feed.send(&frame).await
 }
 
-async fn query(feed: &mut Feed, id: serde_json::Value, path: &str, method: Option<&str>) -> bool {
+async fn query<S: AsyncRead + AsyncWrite + Unpin>(
+    feed: &mut Feed<S>,
+    id: serde_json::Value,
+    path: &str,
+    method: Option<&str>,
+) -> bool {
     let method = match method.unwrap_or("GET") {
         "GET" => Method::Get,
         "POST" => Method::Post,

@@ -84,15 +84,15 @@ pub fn parse(buf: &[u8], max: usize) -> Result<Option<Request>, HttpError> {
         head_len,
     };
     let (mut upgrade, mut conn_upgrade, mut ws13, mut key) = (false, false, false, None);
+    let mut seen_length = false;
     for h in req.headers.iter() {
         let Ok(value) = std::str::from_utf8(h.value) else {
             return Err(err(400, "non-UTF-8 header"));
         };
         let name = h.name;
         if name.eq_ignore_ascii_case("authorization") {
-            let v = value.trim();
-            if v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer ") {
-                out.bearer = Some(v[7..].trim().to_owned());
+            if let Some(t) = crate::edge::http::bearer(value) {
+                out.bearer = Some(t.to_owned());
             }
         } else if name.eq_ignore_ascii_case("connection") {
             if has_token(value, "close") {
@@ -102,10 +102,15 @@ pub fn parse(buf: &[u8], max: usize) -> Result<Option<Request>, HttpError> {
             }
             conn_upgrade |= has_token(value, "upgrade");
         } else if name.eq_ignore_ascii_case("content-length") {
-            out.content_length = value
+            let n: usize = value
                 .trim()
                 .parse()
                 .map_err(|_| err(400, "bad Content-Length"))?;
+            if seen_length && n != out.content_length {
+                return Err(err(400, "conflicting Content-Length headers"));
+            }
+            seen_length = true;
+            out.content_length = n;
             if out.content_length > max {
                 return Err(err(413, "request body too large"));
             }
@@ -120,6 +125,15 @@ pub fn parse(buf: &[u8], max: usize) -> Result<Option<Request>, HttpError> {
         }
     }
     if upgrade && conn_upgrade && ws13 && method == Method::Get {
+        use base64::Engine;
+        let valid = key.as_deref().is_some_and(|k| {
+            base64::engine::general_purpose::STANDARD
+                .decode(k)
+                .is_ok_and(|b| b.len() == 16)
+        });
+        if !valid {
+            return Err(err(400, "bad Sec-WebSocket-Key"));
+        }
         out.ws_key = key;
         out.keep_alive = false;
     }
@@ -260,6 +274,19 @@ mod tests {
             ("/api/online", "limit=5")
         );
         assert_eq!(r.bearer.as_deref(), Some("abc"));
+        // Multi-byte characters around the scheme: no token, and no panic.
+        for v in [
+            "Bearer\u{e9} x",
+            "B\u{e9}arer x",
+            "\u{e9}\u{e9}\u{e9}\u{e9}",
+            "Bearer ",
+            "bearer  tok ",
+        ] {
+            let req = format!("GET / HTTP/1.1\r\nAuthorization: {v}\r\n\r\n");
+            let parsed = parse(req.as_bytes(), 4096).unwrap().unwrap();
+            let want = (v == "bearer  tok ").then_some("tok");
+            assert_eq!(parsed.bearer.as_deref(), want, "{v:?}");
+        }
         assert!(r.keep_alive);
         assert_eq!(parse(b"GET / HTTP/1.1\r\nHost", 4096), Ok(None));
         let close = parse(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n", 4096);

@@ -45,10 +45,16 @@ pub struct Shared {
     pub accepting: AtomicUsize,
     /// Set when shutdown begins (`/readyz` turns 503 so load balancers stop sending).
     pub stopping: AtomicBool,
+    /// History's queue and counters.
+    pub history: crate::history::Sink,
 }
 
 impl Shared {
-    pub fn new(metrics: Vec<Arc<ShardMetrics>>, cpus: Vec<Option<usize>>) -> Shared {
+    pub fn new(
+        metrics: Vec<Arc<ShardMetrics>>,
+        cpus: Vec<Option<usize>>,
+        history: crate::history::Sink,
+    ) -> Shared {
         let shards = metrics.len();
         Shared {
             started: Instant::now(),
@@ -60,6 +66,7 @@ impl Shared {
             cpus,
             accepting: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
+            history,
         }
     }
 

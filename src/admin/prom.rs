@@ -15,6 +15,48 @@ pub struct Scrape<'a> {
     pub mesh_pairs: &'a [Vec<u64>],
     /// Merged over shards, since start (µs).
     pub latency: Percentiles,
+    /// Shards that answered this scrape in time (their latency histograms are merged).
+    pub answered: usize,
+    /// History's writer, when history is on.
+    pub history: Option<HistoryScrape>,
+}
+
+/// The history pipeline's figures.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct HistoryScrape {
+    pub queue_depth: u64,
+    pub queue_capacity: u64,
+    pub written: u64,
+    pub dropped_queue_full: u64,
+    pub dropped_write_failed: u64,
+    pub write_errors: u64,
+    pub retries: u64,
+    pub batches: u64,
+    pub batch_records: u64,
+    pub write_us_sum: u64,
+    pub write_us_max: u64,
+    pub expired: u64,
+}
+
+impl HistoryScrape {
+    pub fn of(sink: &crate::history::Sink, capacity: usize) -> HistoryScrape {
+        use crate::history::HistoryMetrics as M;
+        let m = &sink.metrics;
+        HistoryScrape {
+            queue_depth: sink.queue_depth() as u64,
+            queue_capacity: capacity as u64,
+            written: M::get(&m.written),
+            dropped_queue_full: M::get(&m.dropped_queue_full),
+            dropped_write_failed: M::get(&m.dropped_write_failed),
+            write_errors: M::get(&m.write_errors),
+            retries: M::get(&m.retries),
+            batches: M::get(&m.batches),
+            batch_records: M::get(&m.batch_records),
+            write_us_sum: M::get(&m.write_us_sum),
+            write_us_max: M::get(&m.write_us_max),
+            expired: M::get(&m.expired),
+        }
+    }
 }
 
 struct Out(String);
@@ -84,6 +126,12 @@ pub fn render(s: &Scrape<'_>) -> String {
         "Shards (one event loop per core).",
     );
     let _ = writeln!(o.0, "presenced_shards {}", sh.len());
+    o.family(
+        "presenced_scrape_shards_answered",
+        "gauge",
+        "Shards that answered this scrape within admin.query_timeout_ms (fewer than presenced_shards: a stuck shard).",
+    );
+    let _ = writeln!(o.0, "presenced_scrape_shards_answered {}", s.answered);
     o.per_shard(
         "presenced_connections",
         "gauge",
@@ -286,6 +334,91 @@ pub fn render(s: &Scrape<'_>) -> String {
         "presenced_fanout_latency_max_seconds {:.6}",
         secs(l.max)
     );
+    if let Some(h) = &s.history {
+        let mut one = |name: &str, kind: &str, help: &str, v: String| {
+            o.family(name, kind, help);
+            let _ = writeln!(o.0, "{name} {v}");
+        };
+        one(
+            "presenced_history_queue_depth",
+            "gauge",
+            "History records waiting for the writer.",
+            h.queue_depth.to_string(),
+        );
+        one(
+            "presenced_history_queue_capacity",
+            "gauge",
+            "Capacity of the history queue.",
+            h.queue_capacity.to_string(),
+        );
+        one(
+            "presenced_history_written_total",
+            "counter",
+            "History records the store acknowledged.",
+            h.written.to_string(),
+        );
+        one(
+            "presenced_history_write_errors_total",
+            "counter",
+            "Failed history write attempts.",
+            h.write_errors.to_string(),
+        );
+        one(
+            "presenced_history_retries_total",
+            "counter",
+            "History write attempts that were retries.",
+            h.retries.to_string(),
+        );
+        one(
+            "presenced_history_expired_total",
+            "counter",
+            "History records deleted by retention.",
+            h.expired.to_string(),
+        );
+        one(
+            "presenced_history_write_latency_max_seconds",
+            "gauge",
+            "Slowest history batch write.",
+            format!("{:.6}", secs(h.write_us_max)),
+        );
+        o.family(
+            "presenced_history_dropped_total",
+            "counter",
+            "History records dropped, by reason.",
+        );
+        let _ = writeln!(
+            o.0,
+            "presenced_history_dropped_total{{reason=\"queue_full\"}} {}",
+            h.dropped_queue_full
+        );
+        let _ = writeln!(
+            o.0,
+            "presenced_history_dropped_total{{reason=\"write_failed\"}} {}",
+            h.dropped_write_failed
+        );
+        o.family(
+            "presenced_history_batch_size",
+            "summary",
+            "Records per history batch written.",
+        );
+        let _ = writeln!(o.0, "presenced_history_batch_size_sum {}", h.batch_records);
+        let _ = writeln!(o.0, "presenced_history_batch_size_count {}", h.batches);
+        o.family(
+            "presenced_history_write_latency_seconds",
+            "summary",
+            "Time to write one history batch.",
+        );
+        let _ = writeln!(
+            o.0,
+            "presenced_history_write_latency_seconds_sum {:.6}",
+            secs(h.write_us_sum)
+        );
+        let _ = writeln!(
+            o.0,
+            "presenced_history_write_latency_seconds_count {}",
+            h.batches
+        );
+    }
     o.0
 }
 
@@ -314,6 +447,11 @@ mod tests {
                 sum: 130.0,
                 ..Default::default()
             },
+            answered: 2,
+            history: Some(HistoryScrape {
+                written: 7,
+                ..Default::default()
+            }),
         });
         let mut families = std::collections::HashSet::new();
         for line in text.lines() {

@@ -44,6 +44,8 @@ pub enum AdminReq {
     KickSession { session: SessionId, by: Arc<str> },
     /// Every shard: its changes after `since[shard]`.
     Changes { since: Arc<[u64]> },
+    /// Every shard: its online users, and member counts of its largest `max_groups` groups.
+    Counts { max_groups: usize },
 }
 
 #[derive(Debug)]
@@ -56,6 +58,10 @@ pub enum AdminResp {
     Group(Option<GroupPage>),
     Kicked(Kicked),
     Changes(ChangeBatch),
+    Counts {
+        online: u64,
+        groups: Vec<(GroupId, u64)>,
+    },
 }
 
 /// One shard's part of `/api/stats` beyond its counters (which any thread can read).
@@ -454,6 +460,15 @@ pub fn answer(shard: &Shard, req: &AdminReq, now: u64) -> AdminResp {
         AdminReq::KickUser { user, by } => AdminResp::Kicked(kick_user(shard, user, by)),
         AdminReq::KickSession { session, by } => {
             AdminResp::Kicked(kick_session(shard, *session, by))
+        }
+        AdminReq::Counts { max_groups } => {
+            let mut groups = shard.groups.borrow().counts();
+            groups.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+            groups.truncate(*max_groups);
+            AdminResp::Counts {
+                online: shard.registry.borrow().online_users() as u64,
+                groups,
+            }
         }
         AdminReq::Changes { since } => {
             let mark = since

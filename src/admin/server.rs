@@ -4,17 +4,20 @@
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
+use rustls::ServerConfig;
+use std::sync::Arc;
 
 use super::http::{self, Method, Response};
 use crate::metrics::ShardMetrics;
 use crate::shard::Shard;
 
-/// Accepts admin connections until `stop` fires.
+/// Accepts admin connections until `stop` fires; with `tls`, every connection speaks TLS.
 pub async fn accept_loop(
     shard: Rc<Shard>,
     listener: TcpListener,
+    tls: Option<Arc<ServerConfig>>,
     stop: Rc<glommio::channels::local_channel::LocalReceiver<()>>,
 ) {
     loop {
@@ -39,7 +42,10 @@ pub async fn accept_loop(
                     .detach();
                     continue;
                 }
-                glommio::spawn_local(serve(shard.clone(), stream)).detach();
+                let open = Open::new(shard.clone());
+                let m = shard.metrics.clone();
+                let serving = start(shard.clone(), stream, tls.clone(), open);
+                glommio::spawn_local(crate::edge::accept::guarded(m, serving)).detach();
             }
             Some(Err(e)) => {
                 tracing::warn!(shard = shard.ix, error = %e, "admin accept failed");
@@ -73,11 +79,33 @@ enum ReadEnd {
     Error(Response),
 }
 
+/// Sets the socket up and, with TLS, runs the TLS handshake (within the request timeout).
+async fn start(shard: Rc<Shard>, stream: TcpStream, tls: Option<Arc<ServerConfig>>, open: Open) {
+    let _ = stream.set_nodelay(true);
+    // A client that stops reading cannot hold a slot: writes give up after the request timeout.
+    let timeout = Duration::from_millis(shard.cfg.admin.request_timeout_ms);
+    let _ = stream.set_write_timeout(Some(timeout));
+    match tls {
+        None => serve(shard, stream, open).await,
+        Some(cfg) => {
+            let accepting = futures_rustls::TlsAcceptor::from(cfg).accept(stream);
+            let handshake = futures_lite::future::or(async { Some(accepting.await) }, async {
+                glommio::timer::sleep(timeout).await;
+                None
+            })
+            .await;
+            if let Some(Ok(tls_stream)) = handshake {
+                serve(shard, tls_stream, open).await;
+            }
+        }
+    }
+}
+
 /// Reads one request (head and body) into `buf`. Waits up to the idle timeout for its first
 /// byte, then up to the request timeout for the rest.
-async fn read_request(
+async fn read_request<S: AsyncRead + Unpin>(
     shard: &Shard,
-    stream: &mut TcpStream,
+    stream: &mut S,
     buf: &mut Vec<u8>,
 ) -> Result<http::Request, ReadEnd> {
     let cfg = &shard.cfg.admin;
@@ -123,9 +151,7 @@ async fn read_request(
 }
 
 /// One admin connection: requests in order until close, idle timeout or an error.
-async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
-    let _open = Open::new(shard.clone());
-    let _ = stream.set_nodelay(true);
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(shard: Rc<Shard>, mut stream: S, _open: Open) {
     let mut buf = Vec::new();
     loop {
         let req = match read_request(&shard, &mut stream, &mut buf).await {
@@ -148,7 +174,8 @@ async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
                 }
                 None => {
                     let resp = Response::error(400, "/ws/admin is a WebSocket: send an upgrade");
-                    let _ = stream.write_all(&http::encode(&resp, false, false)).await;
+                    let head = req.method == Method::Head;
+                    let _ = stream.write_all(&http::encode(&resp, false, head)).await;
                     let _ = stream.close().await;
                     return;
                 }

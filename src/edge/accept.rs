@@ -52,7 +52,8 @@ pub async fn accept_loop(
                         continue;
                     }
                 };
-                glommio::spawn_local(handshake(shard.clone(), stream, tls)).detach();
+                let m = shard.metrics.clone();
+                glommio::spawn_local(guarded(m, handshake(shard.clone(), stream, tls))).detach();
             }
             Some(Err(e)) => {
                 // EMFILE and friends: back off briefly instead of spinning.
@@ -60,6 +61,26 @@ pub async fn accept_loop(
                 glommio::timer::sleep(Duration::from_millis(10)).await;
             }
         }
+    }
+}
+
+/// Runs a connection-scoped task so that a panic in it ends that task only: a panic in a
+/// detached glommio task would otherwise take the whole shard's executor down. Counted in
+/// `conn_panics`.
+pub async fn guarded(
+    metrics: std::sync::Arc<ShardMetrics>,
+    task: impl std::future::Future<Output = ()>,
+) {
+    use futures_lite::FutureExt;
+    if std::panic::AssertUnwindSafe(task)
+        .catch_unwind()
+        .await
+        .is_err()
+    {
+        ShardMetrics::inc(&metrics.conn_panics);
+        tracing::error!(
+            "a connection task panicked; that connection was dropped, the shard goes on"
+        );
     }
 }
 

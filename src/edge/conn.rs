@@ -27,6 +27,7 @@ use super::subs::SubSet;
 use super::tls::Tls;
 use crate::auth::Claims;
 use crate::config::SessionPolicy;
+use crate::history::{EventKind, HistoryEvent};
 use crate::metrics::ShardMetrics;
 use crate::presence::{DeviceType, SessionId, SessionInfo, Status, UserId};
 use crate::protocol::ops::{self, ErrorCode, Op, Request};
@@ -356,6 +357,16 @@ pub fn start(shard: Rc<Shard>, mut setup: Setup) {
             ip: setup.peer.ip(),
             connected_at_ms: now,
         };
+        if shard.history.enabled() {
+            let mut e = HistoryEvent::new(now, user.clone(), EventKind::SessionStart);
+            e.session = id;
+            e.started_at = now;
+            e.device = info.device.clone();
+            e.device_type = Some(info.device_type);
+            e.region = info.region.clone();
+            e.groups = info.groups.clone();
+            shard.history.event(e);
+        }
         shard.conns.borrow_mut().insert(id, conn.clone());
         shard.expiries.borrow_mut().insert((claims.exp, id));
         ShardMetrics::inc(&shard.metrics.connections);
@@ -391,7 +402,7 @@ fn observe(shard: &Rc<Shard>, conn: &Rc<ConnHandle>, claims: Claims, peer: Socke
     ));
     shard.conns.borrow_mut().insert(conn.id, conn.clone());
     shard.expiries.borrow_mut().insert((claims.exp, conn.id));
-    shard.add_observer(&conn.user, conn.id);
+    shard.add_observer(&conn.user, conn.id, &claims.sub);
     ShardMetrics::inc(&shard.metrics.connections);
     ShardMetrics::inc(&shard.metrics.impersonations);
     tracing::info!(target: "presenced::audit", admin = %claims.sub, user = %conn.user,
@@ -455,16 +466,27 @@ fn end_session(shard: &Shard, conn: &ConnHandle) {
         .remove(&(conn.expires_at.get(), id));
     shard.unwatch_all(conn);
     if conn.read_only {
-        shard.remove_observer(&conn.user, id);
+        let admin = shard.remove_observer(&conn.user, id).unwrap_or_default();
         ShardMetrics::sub(&shard.metrics.connections, 1);
-        tracing::info!(target: "presenced::audit", user = %conn.user,
+        tracing::info!(target: "presenced::audit", admin = %admin, user = %conn.user,
             session = %format_args!("{id:x}"), "impersonation ended");
         return;
     }
-    let change = shard
-        .registry
-        .borrow_mut()
-        .disconnect(&conn.user, id, now_ms());
+    let now = now_ms();
+    if shard.history.enabled() {
+        let registry = shard.registry.borrow();
+        if let Some(s) = registry.sessions(&conn.user).iter().find(|s| s.id == id) {
+            let mut e = HistoryEvent::new(now, conn.user.clone(), EventKind::SessionEnd);
+            e.session = id;
+            e.started_at = s.info.connected_at_ms;
+            e.device = s.info.device.clone();
+            e.device_type = Some(s.info.device_type);
+            e.region = s.info.region.clone();
+            e.groups = s.info.groups.clone();
+            shard.history.event(e);
+        }
+    }
+    let change = shard.registry.borrow_mut().disconnect(&conn.user, id, now);
     if let Some(change) = change {
         shard.publish(change);
     }

@@ -74,9 +74,8 @@ pub fn parse_upgrade(buf: &[u8]) -> Result<Option<UpgradeRequest>, Reject> {
         } else if name.eq_ignore_ascii_case("sec-websocket-key") {
             out.key = value.trim().to_owned();
         } else if name.eq_ignore_ascii_case("authorization") {
-            let v = value.trim();
-            if v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer ") {
-                out.token = Some(v[7..].trim().to_owned());
+            if let Some(t) = bearer(value) {
+                out.token = Some(t.to_owned());
             }
         } else if name.eq_ignore_ascii_case("origin") {
             out.origin = Some(value.to_owned());
@@ -108,6 +107,18 @@ pub fn parse_upgrade(buf: &[u8]) -> Result<Option<UpgradeRequest>, Reject> {
         *slot = Some(v.into_owned());
     }
     Ok(Some(out))
+}
+
+/// The token of an `Authorization: Bearer <token>` value. Compares bytes, so a value with
+/// multi-byte characters near the scheme cannot split a character (which would panic).
+pub fn bearer(value: &str) -> Option<&str> {
+    let v = value.trim();
+    let scheme = v.as_bytes().get(..7)?;
+    if !scheme.eq_ignore_ascii_case(b"bearer ") {
+        return None;
+    }
+    // The first 7 bytes are ASCII, so byte 7 is a character boundary.
+    Some(v[7..].trim()).filter(|t| !t.is_empty())
 }
 
 /// Whether a comma-separated header value holds `token` (case-insensitive).
