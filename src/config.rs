@@ -35,6 +35,7 @@ pub struct Config {
     pub limits: Limits,
     pub mesh: MeshConfig,
     pub admin: AdminConfig,
+    pub history: HistoryConfig,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,6 +127,117 @@ pub struct MeshConfig {
     pub overflow_max: usize,
 }
 
+/// Where presence history goes (`[history]`, docs/HISTORY.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HistoryBackend {
+    /// The embedded store (redb) under `data_dir`.
+    Local,
+    /// ScyllaDB (or Cassandra) through the `scylla` driver.
+    Scylla,
+    /// No history.
+    Off,
+}
+
+/// Presence history (`[history]`, docs/HISTORY.md).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistoryConfig {
+    /// `local` (default), `scylla` or `off`.
+    pub backend: HistoryBackend,
+    /// Directory of the local store (`--data-dir`).
+    pub data_dir: std::path::PathBuf,
+    /// Events and samples older than this are deleted (local) or expire by TTL (scylla).
+    pub retention_days: u32,
+    /// How often the online counts (total and per group) are sampled for replay.
+    pub sample_interval_s: u64,
+    /// Groups kept per sample (the largest).
+    pub max_groups_per_sample: usize,
+    /// Events waiting for the writer; past this, shards drop (and count) new events.
+    pub queue_capacity: usize,
+    /// Events per write batch.
+    pub batch_max: usize,
+    /// A batch is written at the latest this long after its first event.
+    pub batch_interval_ms: u64,
+    /// CPU to pin the writer thread to (keep it off the shard cores); unset: not pinned.
+    pub cpu: Option<usize>,
+    /// How long shutdown waits for the writer to flush.
+    pub flush_deadline_ms: u64,
+    /// `replay/at` finds sessions that started at most this long before the instant asked.
+    pub replay_lookback_h: u64,
+    /// Events one query may read (bounds the writer's memory per query).
+    pub max_query_events: usize,
+    pub scylla: ScyllaConfig,
+}
+
+/// The `scylla` backend (`[history.scylla]`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScyllaConfig {
+    /// Contact points, `host:port`.
+    pub nodes: Vec<String>,
+    pub keyspace: String,
+    /// Replication for `schema apply`: `NetworkTopologyStrategy` with `datacenters`, or
+    /// `SimpleStrategy` with `replication_factor`.
+    pub replication: String,
+    /// `NetworkTopologyStrategy`: replicas per datacenter, e.g. `{ dc1 = 3 }`.
+    pub datacenters: std::collections::BTreeMap<String, u32>,
+    /// `SimpleStrategy` (single-datacenter test clusters).
+    pub replication_factor: u32,
+    /// Datacenter to prefer for requests (token- and DC-aware routing).
+    pub local_dc: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// Write requests in flight at once.
+    pub max_in_flight: usize,
+    pub request_timeout_ms: u64,
+    /// Retries of a failed batch before its events are dropped (and counted).
+    pub max_retries: u32,
+    /// Backoff: base, doubled per retry with full jitter, capped.
+    pub retry_base_ms: u64,
+    pub retry_max_ms: u64,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        HistoryConfig {
+            backend: HistoryBackend::Local,
+            data_dir: "./data".into(),
+            retention_days: 30,
+            sample_interval_s: 10,
+            max_groups_per_sample: 1_000,
+            queue_capacity: 65_536,
+            batch_max: 512,
+            batch_interval_ms: 200,
+            cpu: None,
+            flush_deadline_ms: 3_000,
+            replay_lookback_h: 24,
+            max_query_events: 1_000_000,
+            scylla: ScyllaConfig::default(),
+        }
+    }
+}
+
+impl Default for ScyllaConfig {
+    fn default() -> Self {
+        ScyllaConfig {
+            nodes: vec!["127.0.0.1:9042".into()],
+            keyspace: "presenced".into(),
+            replication: "NetworkTopologyStrategy".into(),
+            datacenters: [("datacenter1".to_owned(), 3)].into_iter().collect(),
+            replication_factor: 1,
+            local_dc: None,
+            username: None,
+            password: None,
+            max_in_flight: 64,
+            request_timeout_ms: 2_000,
+            max_retries: 5,
+            retry_base_ms: 50,
+            retry_max_ms: 5_000,
+        }
+    }
+}
+
 /// The admin/stats port (`[admin]`, docs/ADMIN.md).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -139,6 +251,8 @@ pub struct AdminConfig {
     pub token: Option<String>,
     /// Require admin auth for `/metrics`, `/healthz` and `/readyz` too.
     pub protect_metrics: bool,
+    /// Serve the admin port over TLS with the `[tls]` certificate and key.
+    pub tls: bool,
     /// Largest request head (and body) accepted; larger gets 413.
     pub max_request_bytes: usize,
     /// Time allowed for a request head to arrive once its first byte has (408), and for the
@@ -166,6 +280,7 @@ impl Default for AdminConfig {
             listen: "127.0.0.1:9090".parse().expect("constant address parses"),
             token: None,
             protect_metrics: false,
+            tls: false,
             max_request_bytes: 16 * 1024,
             request_timeout_ms: 10_000,
             idle_timeout_ms: 60_000,
@@ -194,6 +309,7 @@ impl Default for Config {
             limits: Limits::default(),
             mesh: MeshConfig::default(),
             admin: AdminConfig::default(),
+            history: HistoryConfig::default(),
         }
     }
 }
@@ -281,6 +397,13 @@ impl Config {
             ("admin.max_connections", self.admin.max_connections),
             ("admin.max_page", self.admin.max_page),
             ("admin.change_log", self.admin.change_log),
+            ("history.queue_capacity", self.history.queue_capacity),
+            ("history.batch_max", self.history.batch_max),
+            ("history.max_query_events", self.history.max_query_events),
+            (
+                "history.scylla.max_in_flight",
+                self.history.scylla.max_in_flight,
+            ),
             (
                 "limits.max_connections_per_shard",
                 l.max_connections_per_shard,
@@ -302,8 +425,45 @@ impl Config {
         if l.max_header_bytes < 256 {
             return bad("limits.max_header_bytes", "at least 256");
         }
+        let h = &self.history;
+        if h.retention_days == 0 {
+            return bad("history.retention_days", "must be at least 1");
+        }
+        if h.sample_interval_s == 0 {
+            return bad("history.sample_interval_s", "must be at least 1");
+        }
+        if h.backend == HistoryBackend::Scylla && !crate::history::scylla::AVAILABLE {
+            return bad(
+                "history.backend",
+                "the scylla backend is not built yet: use local or off",
+            );
+        }
+        if h.scylla.nodes.is_empty() && h.backend == HistoryBackend::Scylla {
+            return bad("history.scylla.nodes", "at least one contact point");
+        }
+        if !matches!(
+            h.scylla.replication.as_str(),
+            "NetworkTopologyStrategy" | "SimpleStrategy"
+        ) {
+            return bad(
+                "history.scylla.replication",
+                "NetworkTopologyStrategy or SimpleStrategy",
+            );
+        }
+        if !h
+            .scylla
+            .keyspace
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_')
+            || h.scylla.keyspace.is_empty()
+        {
+            return bad("history.scylla.keyspace", "letters, digits and _ only");
+        }
         if self.admin.max_request_bytes < 1024 {
             return bad("admin.max_request_bytes", "at least 1024");
+        }
+        if self.admin.tls && !self.tls.enabled() {
+            return bad("admin.tls", "needs `tls.cert` and `tls.key`");
         }
         if self.admin.push_interval_ms < 100 {
             return bad("admin.push_interval_ms", "at least 100");

@@ -18,6 +18,8 @@
 //!   proptest-checked.
 //! - [`config`], [`metrics`]: configuration and per-shard counters.
 //! - [`topology`]: the CPU report behind `presenced topology`.
+//! - [`history`]: presence history off the real-time path — a bounded queue into a writer
+//!   thread, the embedded store (redb) or ScyllaDB, and the analytics the admin API answers.
 //! - [`admin`]: the admin/stats port — health, Prometheus metrics, the JSON API, kicks, and the
 //!   live dashboard — served by the shards over the mesh.
 
@@ -25,6 +27,7 @@ pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod edge;
+pub mod history;
 pub mod metrics;
 pub mod presence;
 pub mod protocol;

@@ -91,6 +91,9 @@ struct ServeArgs {
     /// Do not serve the admin port.
     #[arg(long)]
     no_admin: bool,
+    /// Directory of the local history store [default: ./data].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -208,6 +211,9 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     }
     if args.no_admin {
         cfg.admin.enabled = false;
+    }
+    if let Some(v) = args.data_dir {
+        cfg.history.data_dir = v;
     }
     let no_key = cfg.jwt_secret.is_none() && cfg.auth.keys.is_empty() && cfg.auth.jwks.is_none();
     let generated = no_key.then(|| {

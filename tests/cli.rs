@@ -45,6 +45,10 @@ fn serve_cmd(port: u16) -> Command {
         "--admin-listen",
         "127.0.0.1:0",
     ]);
+    // Each server its own history store (removed at exit: the OS temp dir).
+    let data =
+        std::env::temp_dir().join(format!("presenced-cli-data-{}-{port}", std::process::id()));
+    cmd.arg("--data-dir").arg(data);
     cmd
 }
 

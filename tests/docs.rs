@@ -17,6 +17,8 @@ fn doc(name: &str) -> String {
 fn keys(prefix: &str, table: &toml::Table, out: &mut Vec<String>) {
     for (k, v) in table {
         match v {
+            // A map whose keys the operator names (datacenters): the map is the key.
+            toml::Value::Table(_) if k == "datacenters" => out.push(format!("{prefix}{k}")),
             toml::Value::Table(t) => keys(&format!("{prefix}{k}."), t, out),
             _ => out.push(format!("{prefix}{k}")),
         }
@@ -31,6 +33,10 @@ fn config_md_lists_every_key() {
         ..presenced::Config::default()
     };
     cfg.admin.token = Some("t".into());
+    cfg.history.cpu = Some(1);
+    cfg.history.scylla.local_dc = Some("dc".into());
+    cfg.history.scylla.username = Some("u".into());
+    cfg.history.scylla.password = Some("p".into());
     cfg.tls.cert = Some("c".into());
     cfg.tls.key = Some("k".into());
     cfg.tls.listen = Some("127.0.0.1:1".parse().unwrap());

@@ -81,6 +81,10 @@ fn a_second_server_cannot_share_a_port_in_use() {
         placement: presenced::config::Placement::Unbound,
         jwt_secret: Some(common::SECRET.into()),
         admin: common::admin_on_any_port(),
+        history: presenced::config::HistoryConfig {
+            backend: presenced::config::HistoryBackend::Off,
+            ..Default::default()
+        },
         ..presenced::Config::default()
     };
     cfg.validate().unwrap();

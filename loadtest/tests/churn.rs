@@ -18,6 +18,8 @@ fn server() -> presenced::ServerHandle {
         ..Config::default()
     };
     cfg.admin.listen = "127.0.0.1:0".parse().unwrap();
+    // History is measured by the benchmarks, not here; keep the test free of a data directory.
+    cfg.history.backend = presenced::config::HistoryBackend::Off;
     // The whole fleet comes from a few loopback addresses.
     cfg.limits.handshake_rate_per_ip = 0;
     cfg.validate().unwrap();

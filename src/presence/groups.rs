@@ -74,6 +74,15 @@ impl Groups {
         Some((g.members.values(), !g.watchers.is_empty()))
     }
 
+    /// Every group held here with its visible member count (groups without members skipped).
+    pub fn counts(&self) -> Vec<(GroupId, u64)> {
+        self.groups
+            .iter()
+            .filter(|(_, g)| !g.members.is_empty())
+            .map(|(name, g)| (name.clone(), g.members.len() as u64))
+            .collect()
+    }
+
     /// Visible members of `group`.
     pub fn member_count(&self, group: &str) -> usize {
         self.groups.get(group).map_or(0, |g| g.members.len())

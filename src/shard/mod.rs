@@ -29,6 +29,7 @@ use crate::config::Config;
 use crate::edge::conn::{ConnHandle, SubState};
 use crate::edge::outbox::Key;
 use crate::edge::ratelimit::IpLimiter;
+use crate::history::{EventKind, HistoryEvent};
 use crate::metrics::{Latency, ShardMetrics};
 use crate::presence::watchers::ShardIx;
 use crate::presence::{Change, GroupId, Groups, PresenceState, Registry, SessionId, UserId};
@@ -81,6 +82,8 @@ pub struct Shard {
     pub no_groups: Arc<[Arc<str>]>,
     /// Read-only impersonation connections (`/ws?as=`), per impersonated local user.
     observers: RefCell<HashMap<UserId, Vec<SessionId>>>,
+    /// The admin behind each impersonation connection (for the audit log).
+    observer_admins: RefCell<HashMap<SessionId, Arc<str>>>,
     /// Fan-out latency of deliveries made here (docs/ADMIN.md).
     pub latency: RefCell<Latency>,
     /// Recent presence changes of local users, for the dashboards' live feed.
@@ -89,6 +92,8 @@ pub struct Shard {
     pub series: RefCell<Series>,
     /// Process-wide facts and every shard's counters, for the admin port.
     pub shared: Arc<Shared>,
+    /// Where history records go (never blocks).
+    pub history: crate::history::Sink,
 }
 
 impl Shard {
@@ -99,6 +104,7 @@ impl Shard {
         verifier: Arc<Verifier>,
         mesh: Rc<Mesh>,
         shared: Arc<Shared>,
+        history: crate::history::Sink,
     ) -> Shard {
         let metrics = shared.metrics[usize::from(ix)].clone();
         let ip_limiter =
@@ -123,10 +129,12 @@ impl Shard {
             stopping: Cell::new(false),
             no_groups: Arc::from([]),
             observers: RefCell::new(HashMap::new()),
+            observer_admins: RefCell::new(HashMap::new()),
             latency: RefCell::new(Latency::default()),
             changes: RefCell::new(ChangeLog::new(cfg_change_log)),
             series: RefCell::new(Series::default()),
             shared,
+            history,
         }
     }
 
@@ -155,6 +163,14 @@ impl Shard {
         let state = Arc::new(change.state);
         let origin = Instant::now();
         self.changes.borrow_mut().record(state.clone());
+        if self.history.enabled() {
+            let mut e = HistoryEvent::new(state.ts, state.user.clone(), EventKind::Status);
+            e.status = Some(state.status);
+            e.text = state.text.clone();
+            e.devices = Some(state.devices);
+            e.seq = state.seq;
+            self.history.event(e);
+        }
         for shard in change.watchers {
             self.send(
                 shard,
@@ -420,7 +436,8 @@ impl Shard {
             .unwrap_or_default()
     }
 
-    pub fn add_observer(&self, user: &UserId, conn: SessionId) {
+    pub fn add_observer(&self, user: &UserId, conn: SessionId, admin: &str) {
+        self.observer_admins.borrow_mut().insert(conn, admin.into());
         self.observers
             .borrow_mut()
             .entry_ref(user)
@@ -428,8 +445,10 @@ impl Shard {
             .push(conn);
     }
 
-    pub fn remove_observer(&self, user: &str, conn: SessionId) {
+    /// Forgets an impersonation connection; returns its admin.
+    pub fn remove_observer(&self, user: &str, conn: SessionId) -> Option<Arc<str>> {
         remove_sub(&mut self.observers.borrow_mut(), user, conn);
+        self.observer_admins.borrow_mut().remove(&conn)
     }
 
     fn on_snapshot(&self, conn_id: SessionId, gen: NonZeroU64, state: &PresenceState) {

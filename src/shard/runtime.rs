@@ -20,6 +20,7 @@ use crate::auth::Verifier;
 use crate::config::{parse_cpu_list, Config, Placement};
 use crate::edge::accept;
 use crate::edge::conn::CloseRequest;
+use crate::history::History;
 use crate::metrics::{MetricsSnapshot, ShardMetrics};
 
 /// Memory glommio registers with io_uring per shard. We do no file DMA, so the minimum will do
@@ -41,6 +42,8 @@ pub enum StartError {
     Tls(String),
     #[error("cpu placement: {0}")]
     Placement(String),
+    #[error("{0}")]
+    History(String),
     #[error("shard {shard} failed to start: {why}")]
     Shard { shard: usize, why: String },
 }
@@ -56,6 +59,8 @@ pub struct ServerHandle {
     /// CPU of each shard (None = unpinned).
     pub cpus: Vec<Option<usize>>,
     shared: Arc<Shared>,
+    history: Option<History>,
+    flush_deadline: Duration,
     inboxes: Vec<flume::Sender<MeshMsg>>,
     threads: Vec<glommio::ExecutorJoinHandle<()>>,
     metrics: Vec<Arc<ShardMetrics>>,
@@ -83,11 +88,20 @@ impl ServerHandle {
         }
     }
 
-    /// Waits for every shard thread to finish.
-    pub fn join(self) {
-        for t in self.threads {
+    /// Waits for every shard thread to finish, then flushes history (within
+    /// `history.flush_deadline_ms`).
+    pub fn join(mut self) {
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
+        if let Some(h) = self.history.take() {
+            h.stop(self.flush_deadline);
+        }
+    }
+
+    /// History's counters (queue depth through the admin port).
+    pub fn history_metrics(&self) -> Option<&crate::history::HistoryMetrics> {
+        self.history.as_ref().map(|h| &*h.sink.metrics)
     }
 
     pub fn shutdown(self) {
@@ -187,12 +201,19 @@ pub fn start(cfg: Config, verifier: Verifier) -> Result<ServerHandle, StartError
         .map(|_| flume::bounded::<MeshMsg>(cfg.mesh.inbox_capacity))
         .unzip();
     let metrics: Vec<Arc<ShardMetrics>> = (0..shards).map(|_| Arc::default()).collect();
-    let shared = Arc::new(Shared::new(metrics.clone(), cpus.clone()));
+    let history = History::start(&cfg.history).map_err(StartError::History)?;
+    let shared = Arc::new(Shared::new(
+        metrics.clone(),
+        cpus.clone(),
+        history.sink.clone(),
+    ));
     let (ready_tx, ready_rx) = mpsc::channel::<Result<usize, (usize, String)>>();
     let mut threads = Vec::with_capacity(shards);
     for (ix, inbox) in receivers.into_iter().enumerate() {
         let placement = cpus[ix].map_or(GPlacement::Unbound, GPlacement::Fixed);
         let listeners = listeners.clone();
+        let sink = history.sink.clone();
+        let admin_tls = if cfg.admin.tls { secure.clone() } else { None };
         let (cfg, verifier, peers, shared, ready) = (
             cfg.clone(),
             verifier.clone(),
@@ -237,7 +258,15 @@ pub fn start(cfg: Config, verifier: Verifier) -> Result<ServerHandle, StartError
                     shared.metrics[ix].clone(),
                     shared.mesh_pairs[ix].clone(),
                 );
-                let shard = Rc::new(Shard::new(ix16, cpu, cfg, verifier, mesh, shared.clone()));
+                let shard = Rc::new(Shard::new(
+                    ix16,
+                    cpu,
+                    cfg,
+                    verifier,
+                    mesh,
+                    shared.clone(),
+                    sink,
+                ));
                 let mut stops = Vec::new();
                 for (listener, tls) in bound {
                     let (stop_tx, stop_rx) = glommio::channels::local_channel::new_bounded(1);
@@ -248,11 +277,18 @@ pub fn start(cfg: Config, verifier: Verifier) -> Result<ServerHandle, StartError
                 }
                 if let Some(listener) = admin_listener {
                     let (stop_tx, stop_rx) = glommio::channels::local_channel::new_bounded(1);
-                    let serving =
-                        admin::server::accept_loop(shard.clone(), listener, Rc::new(stop_rx));
+                    let serving = admin::server::accept_loop(
+                        shard.clone(),
+                        listener,
+                        admin_tls.clone(),
+                        Rc::new(stop_rx),
+                    );
                     glommio::spawn_local(serving).detach();
                     glommio::spawn_local(admin_ticks(shard.clone())).detach();
                     stops.push(stop_tx);
+                }
+                if ix == 0 && shard.history.enabled() {
+                    glommio::spawn_local(history_samples(shard.clone())).detach();
                 }
                 glommio::spawn_local(super::clock::run(shard.clone())).detach();
                 shared.accepting.fetch_add(1, Ordering::AcqRel);
@@ -271,6 +307,7 @@ pub fn start(cfg: Config, verifier: Verifier) -> Result<ServerHandle, StartError
             Ok(h) => threads.push(h),
             Err(e) => {
                 stop_all(&senders, threads);
+                history.stop(Duration::ZERO);
                 return Err(e);
             }
         }
@@ -286,6 +323,7 @@ pub fn start(cfg: Config, verifier: Verifier) -> Result<ServerHandle, StartError
             },
         };
         stop_all(&senders, threads);
+        history.stop(Duration::ZERO);
         return Err(failed);
     }
     drop(reserved);
@@ -298,6 +336,8 @@ pub fn start(cfg: Config, verifier: Verifier) -> Result<ServerHandle, StartError
         tls_addr,
         admin_addr,
         shared,
+        flush_deadline: Duration::from_millis(cfg.history.flush_deadline_ms),
+        history: Some(history),
         cpus,
         inboxes: senders,
         threads,
@@ -373,6 +413,40 @@ async fn admin_ticks(shard: Rc<Shard>) {
             .series
             .borrow_mut()
             .sample(now_ms(), snaps, p.p50, p.p99);
+    }
+}
+
+/// Shard 0's history sampler: every `history.sample_interval_s`, the online count and the
+/// largest groups' member counts, map-reduced over the shards, recorded for replay.
+async fn history_samples(shard: Rc<Shard>) {
+    let every = Duration::from_secs(shard.cfg.history.sample_interval_s);
+    let max_groups = shard.cfg.history.max_groups_per_sample;
+    while !shard.stopping.get() {
+        glommio::timer::sleep(every).await;
+        let Ok(all) = admin::api::ask_all(&shard, AdminReq::Counts { max_groups }).await else {
+            continue;
+        };
+        let mut online = 0;
+        let mut groups = Vec::new();
+        for a in all {
+            if let AdminResp::Counts {
+                online: n,
+                groups: g,
+            } = a
+            {
+                online += n;
+                groups.extend(g);
+            }
+        }
+        groups.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        groups.truncate(max_groups);
+        shard
+            .history
+            .record(crate::history::Record::Sample(crate::history::Sample {
+                ts: now_ms(),
+                online,
+                groups,
+            }));
     }
 }
 

@@ -25,6 +25,8 @@ pub struct TestServer {
     pub addr: SocketAddr,
     /// The admin port.
     pub admin: SocketAddr,
+    /// The history store's directory (removed with the server).
+    pub data: tempfile::TempDir,
 }
 
 /// The admin port on an ephemeral loopback port (tests run side by side).
@@ -42,6 +44,7 @@ impl TestServer {
     }
 
     pub fn with(shards: usize, tweak: impl FnOnce(&mut Config)) -> TestServer {
+        let data = tempfile::tempdir().expect("a temp dir for history");
         let mut cfg = Config {
             listen: "127.0.0.1:0".parse().unwrap(),
             shards,
@@ -50,6 +53,7 @@ impl TestServer {
             admin: admin_on_any_port(),
             ..Config::default()
         };
+        cfg.history.data_dir = data.path().to_owned();
         tweak(&mut cfg);
         cfg.validate().expect("test config is valid");
         let verifier = Verifier::new(cfg.jwt_secret.as_deref(), &cfg.auth).expect("verifier");
@@ -58,6 +62,7 @@ impl TestServer {
             addr: handle.addr,
             admin: handle.admin_addr.unwrap_or(handle.addr),
             handle: Some(handle),
+            data,
         }
     }
 

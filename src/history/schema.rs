@@ -1,0 +1,1 @@
+//! The CQL schema of the `scylla` backend (`schema/*.cql`), rendered for a configuration.

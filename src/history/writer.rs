@@ -1,0 +1,328 @@
+//! The history writer thread: batches records by size and time, writes them with retries and
+//! backoff, enforces retention, answers queries, and flushes (with a deadline) at shutdown.
+//!
+//! It runs on its own thread (pinned to `history.cpu` when set, never a shard's core by
+//! default) with a single-threaded tokio runtime, which the `scylla` driver needs and the local
+//! store does not mind. Nothing here can slow a shard: shards only ever `try_send`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::analytics;
+use super::event::{HistoryEvent, Sample};
+use super::store::{Opened, Store, StoreError};
+use super::{Answer, HistoryMetrics, Query, Record, Reply};
+use crate::config::HistoryConfig;
+use crate::shard::now_ms;
+
+/// How often retention runs (local store), and how much it deletes per transaction.
+const RETENTION_EVERY: Duration = Duration::from_secs(60);
+const RETENTION_CHUNK: usize = 10_000;
+
+pub struct Writer {
+    cfg: HistoryConfig,
+    records: flume::Receiver<Record>,
+    queries: flume::Receiver<(Query, Reply)>,
+    stop: flume::Receiver<Duration>,
+    metrics: Arc<HistoryMetrics>,
+    events: Vec<HistoryEvent>,
+    samples: Vec<Sample>,
+}
+
+impl Writer {
+    pub fn new(
+        cfg: HistoryConfig,
+        records: flume::Receiver<Record>,
+        queries: flume::Receiver<(Query, Reply)>,
+        stop: flume::Receiver<Duration>,
+        metrics: Arc<HistoryMetrics>,
+    ) -> Writer {
+        Writer {
+            events: Vec::with_capacity(cfg.batch_max),
+            samples: Vec::new(),
+            cfg,
+            records,
+            queries,
+            stop,
+            metrics,
+        }
+    }
+
+    /// The thread's body.
+    pub fn run(self, store: Opened) {
+        if let Some(cpu) = self.cfg.cpu {
+            pin_to(cpu);
+        }
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                tracing::error!(error = %e, "history: cannot build the writer runtime; history is off");
+                return;
+            }
+        };
+        rt.block_on(async move {
+            match store {
+                Opened::Local(s) => self.run_with(s).await,
+                Opened::Scylla(s) => self.run_with(s).await,
+            }
+        });
+    }
+
+    fn pending(&self) -> usize {
+        self.events.len() + self.samples.len()
+    }
+
+    fn take(&mut self, r: Record) {
+        match r {
+            Record::Event(e) => self.events.push(e),
+            Record::Sample(s) => self.samples.push(s),
+        }
+    }
+
+    async fn run_with<S: Store>(mut self, mut store: S) {
+        let batch_wait = Duration::from_millis(self.cfg.batch_interval_ms);
+        let mut batch_due: Option<tokio::time::Instant> = None;
+        let mut retention = tokio::time::interval(RETENTION_EVERY);
+        loop {
+            let due = batch_due
+                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                biased;
+                deadline = self.stop.recv_async() => {
+                    let deadline = Instant::now() + deadline.unwrap_or_default();
+                    self.shutdown(&mut store, deadline).await;
+                    return;
+                }
+                q = self.queries.recv_async() => {
+                    if let Ok((q, reply)) = q {
+                        let answer = self.answer(&mut store, q).await;
+                        HistoryMetrics::add(&self.metrics.queries, 1);
+                        let _ = reply.try_send(answer);
+                    }
+                }
+                r = self.records.recv_async() => {
+                    let Ok(r) = r else { return };
+                    self.take(r);
+                    // Take what else is already queued, up to a batch, without waiting.
+                    while self.pending() < self.cfg.batch_max {
+                        match self.records.try_recv() {
+                            Ok(r) => self.take(r),
+                            Err(_) => break,
+                        }
+                    }
+                    if self.pending() >= self.cfg.batch_max {
+                        self.flush(&mut store, None).await;
+                        batch_due = None;
+                    } else if batch_due.is_none() {
+                        batch_due = Some(tokio::time::Instant::now() + batch_wait);
+                    }
+                }
+                _ = tokio::time::sleep_until(due), if batch_due.is_some() => {
+                    self.flush(&mut store, None).await;
+                    batch_due = None;
+                }
+                _ = retention.tick() => self.expire(&mut store).await,
+            }
+        }
+    }
+
+    /// Writes the pending batch, retrying retryable errors with exponential backoff and full
+    /// jitter up to `max_retries` (or until `deadline`); then drops it and counts the loss.
+    async fn flush<S: Store>(&mut self, store: &mut S, deadline: Option<Instant>) {
+        if self.pending() == 0 {
+            return;
+        }
+        let n = self.pending() as u64;
+        let sc = &self.cfg.scylla;
+        let mut attempt = 0u32;
+        loop {
+            let started = Instant::now();
+            let result = store.write(&self.events, &self.samples).await;
+            let us = started.elapsed().as_micros() as u64;
+            match result {
+                Ok(()) => {
+                    let m = &self.metrics;
+                    HistoryMetrics::add(&m.written, n);
+                    HistoryMetrics::add(&m.batches, 1);
+                    HistoryMetrics::add(&m.batch_records, n);
+                    HistoryMetrics::add(&m.write_us_sum, us);
+                    m.write_us_max
+                        .fetch_max(us, std::sync::atomic::Ordering::Relaxed);
+                    break;
+                }
+                Err(e) => {
+                    HistoryMetrics::add(&self.metrics.write_errors, 1);
+                    let out_of_time = deadline.is_some_and(|d| Instant::now() >= d);
+                    if !e.retryable || attempt >= sc.max_retries || out_of_time {
+                        HistoryMetrics::add(&self.metrics.dropped_write_failed, n);
+                        tracing::warn!(error = %e, records = n, attempts = attempt + 1,
+                            "history: batch dropped");
+                        break;
+                    }
+                    let wait = backoff(sc.retry_base_ms, sc.retry_max_ms, attempt);
+                    let wait = match deadline {
+                        Some(d) => wait.min(d.saturating_duration_since(Instant::now())),
+                        None => wait,
+                    };
+                    tracing::debug!(error = %e, ?wait, "history: write failed, retrying");
+                    attempt += 1;
+                    HistoryMetrics::add(&self.metrics.retries, 1);
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+        self.events.clear();
+        self.samples.clear();
+        if self.events.capacity() > 4 * self.cfg.batch_max {
+            self.events = Vec::with_capacity(self.cfg.batch_max);
+        }
+    }
+
+    async fn expire<S: Store>(&mut self, store: &mut S) {
+        let keep_ms = u64::from(self.cfg.retention_days) * 86_400_000;
+        let before = now_ms().saturating_sub(keep_ms);
+        loop {
+            match store.expire(before, RETENTION_CHUNK).await {
+                Ok(n) => {
+                    HistoryMetrics::add(&self.metrics.expired, n);
+                    if n < RETENTION_CHUNK as u64 {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "history: retention failed; next try in a minute");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Drains the queue and writes it, until `deadline`; logs what it could not write.
+    async fn shutdown<S: Store>(&mut self, store: &mut S, deadline: Instant) {
+        loop {
+            while self.pending() < self.cfg.batch_max {
+                match self.records.try_recv() {
+                    Ok(r) => self.take(r),
+                    Err(_) => break,
+                }
+            }
+            if self.pending() == 0 {
+                break;
+            }
+            if Instant::now() >= deadline {
+                let left = self.pending() + self.records.len();
+                HistoryMetrics::add(&self.metrics.dropped_write_failed, left as u64);
+                tracing::warn!(
+                    records = left,
+                    "history: shutdown deadline passed; records not written"
+                );
+                return;
+            }
+            self.flush(store, Some(deadline)).await;
+        }
+        tracing::info!(
+            written = HistoryMetrics::get(&self.metrics.written),
+            "history: flushed"
+        );
+    }
+
+    async fn answer<S: Store>(&mut self, store: &mut S, q: Query) -> Result<Answer, String> {
+        let max = self.cfg.max_query_events;
+        let fail = |e: StoreError| e.message;
+        match q {
+            Query::History {
+                user,
+                from,
+                to,
+                limit,
+            } => store
+                .history(&user, from, to, limit)
+                .await
+                .map(Answer::Events)
+                .map_err(fail),
+            Query::Analytics { user, from, to } => {
+                // Sessions that began before `from` but overlap it: read back over the whole
+                // retention window (one user's range; bounded by `max_query_events`).
+                let keep_ms = u64::from(self.cfg.retention_days) * 86_400_000;
+                let events = store
+                    .user_events(&user, from.saturating_sub(keep_ms), to, max)
+                    .await
+                    .map_err(fail)?;
+                Ok(Answer::Analytics(analytics::analytics(
+                    &events,
+                    from,
+                    to,
+                    now_ms(),
+                )))
+            }
+            Query::Replay {
+                from,
+                to,
+                step,
+                group,
+            } => {
+                let samples = store
+                    .samples(from.saturating_sub(step), to, max)
+                    .await
+                    .map_err(fail)?;
+                Ok(Answer::Replay(analytics::replay(
+                    &samples,
+                    from,
+                    to,
+                    step,
+                    group.as_deref(),
+                )))
+            }
+            Query::At { t, group, limit } => {
+                let lookback = self.cfg.replay_lookback_h * 3_600_000;
+                let events = store
+                    .sessions_between(t.saturating_sub(lookback), t, max)
+                    .await
+                    .map_err(fail)?;
+                let (users, total) = analytics::online_at(&events, t, group.as_deref(), limit);
+                Ok(Answer::At { users, total })
+            }
+        }
+    }
+}
+
+/// Exponential backoff with full jitter: uniform in `[0, min(max, base · 2^attempt)]`.
+pub fn backoff(base_ms: u64, max_ms: u64, attempt: u32) -> Duration {
+    let cap = base_ms
+        .saturating_mul(1u64 << attempt.min(20))
+        .min(max_ms)
+        .max(1);
+    Duration::from_millis(rand::random_range(0..=cap))
+}
+
+/// Pins the calling thread to `cpu` (best effort; logged when refused).
+fn pin_to(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes inside it; the call only
+    // reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            tracing::warn!(cpu, error = %std::io::Error::last_os_error(), "history: cannot pin the writer thread");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_is_capped_and_jittered() {
+        for attempt in 0..30 {
+            let d = backoff(50, 5_000, attempt);
+            assert!(d <= Duration::from_millis(5_000));
+            assert!(d <= Duration::from_millis(50u64.saturating_mul(1 << attempt.min(20)).max(1)));
+        }
+        let spread: std::collections::HashSet<_> = (0..50).map(|_| backoff(50, 5_000, 6)).collect();
+        assert!(spread.len() > 5, "jittered");
+    }
+}
