@@ -1,0 +1,523 @@
+//! Presence history: the backend conformance suite (the same checks against every backend
+//! available: the local store always, a real ScyllaDB when `PRESENCED_TEST_SCYLLA=host:port`),
+//! the whole pipeline through a real server and the admin API, persistence across `kill -9`, and
+//! retention.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use presenced::history::local::LocalStore;
+use presenced::history::store::Store;
+use presenced::history::{EventKind, HistoryEvent, Sample};
+use presenced::presence::{Aggregate, DeviceType};
+use serde_json::{json, Value};
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn start(
+    user: &str,
+    session: u64,
+    ts: u64,
+    t: DeviceType,
+    region: &str,
+    groups: &[&str],
+) -> HistoryEvent {
+    let mut e = HistoryEvent::new(ts, user.into(), EventKind::SessionStart);
+    e.session = session;
+    e.started_at = ts;
+    e.device_type = Some(t);
+    e.region = Some(region.into());
+    e.groups = groups.iter().map(|g| Arc::from(*g)).collect();
+    e
+}
+
+fn end(
+    user: &str,
+    session: u64,
+    started: u64,
+    ts: u64,
+    t: DeviceType,
+    region: &str,
+) -> HistoryEvent {
+    let mut e = HistoryEvent::new(ts, user.into(), EventKind::SessionEnd);
+    e.session = session;
+    e.started_at = started;
+    e.device_type = Some(t);
+    e.region = Some(region.into());
+    e
+}
+
+fn status(user: &str, ts: u64, s: Aggregate, seq: u64) -> HistoryEvent {
+    let mut e = HistoryEvent::new(ts, user.into(), EventKind::Status);
+    e.status = Some(s);
+    e.devices = Some(1);
+    e.seq = seq;
+    e
+}
+
+/// A fixed day in the past, well inside any retention: recent enough for Scylla's TTL.
+fn base() -> u64 {
+    let now = presenced::shard::now_ms();
+    now - now % 86_400_000 - 86_400_000 // midnight yesterday (UTC)
+}
+
+/// The conformance suite: what every backend must answer the same way.
+async fn conformance<S: Store>(store: &mut S, tag: &str) {
+    let b = base();
+    let alice = format!("alice-{tag}");
+    let bob = format!("bob-{tag}");
+    let (web, ios) = (DeviceType::Web, DeviceType::Ios);
+    // alice: web 0..100 s, ios 50..150 s (overlapping), web again from 200 s, still open.
+    // Events straddle midnight (b + 86_400_000 - …) to cross Scylla's day partitions.
+    let s = |sec: u64| b + sec * 1000;
+    let events = vec![
+        start(&alice, 1, s(0), web, "eu", &["team"]),
+        status(&alice, s(0), Aggregate::Online, 1),
+        start(&alice, 2, s(50), ios, "us", &["team"]),
+        status(&alice, s(60), Aggregate::Busy, 2),
+        end(&alice, 1, s(0), s(100), web, "eu"),
+        end(&alice, 2, s(50), s(150), ios, "us"),
+        status(&alice, s(150), Aggregate::Offline, 3),
+        start(&bob, 3, s(120), web, "eu", &[]),
+        start(&alice, 4, s(200), web, "eu", &["team"]),
+        status(&alice, s(200), Aggregate::Online, 4),
+        // Across midnight: a day later.
+        status(&alice, s(86_400 + 10), Aggregate::Away, 5),
+    ];
+    let samples = vec![
+        Sample {
+            ts: s(10),
+            online: 1,
+            groups: vec![("team".into(), 1)],
+        },
+        Sample {
+            ts: s(20),
+            online: 2,
+            groups: vec![("team".into(), 1)],
+        },
+        Sample {
+            ts: s(30),
+            online: 3,
+            groups: vec![("team".into(), 2)],
+        },
+    ];
+    // Two batches, as the writer would send them.
+    store
+        .write(&events[..5], &samples[..1])
+        .await
+        .expect("write 1");
+    store
+        .write(&events[5..], &samples[1..])
+        .await
+        .expect("write 2");
+
+    // history: newest first, time range inclusive, limit.
+    let all = store.history(&alice, s(0), s(90_000), 100).await.unwrap();
+    assert_eq!(all.len(), 10, "alice's 10 events: {all:#?}");
+    assert!(all.windows(2).all(|w| w[0].ts >= w[1].ts), "newest first");
+    assert_eq!(all[0].status, Some(Aggregate::Away));
+    assert_eq!(all[0], events[10], "round-trips every field");
+    let first_day = store.history(&alice, s(0), s(1000), 100).await.unwrap();
+    assert_eq!(first_day.len(), 9);
+    let window = store.history(&alice, s(50), s(100), 100).await.unwrap();
+    let kinds: Vec<EventKind> = window.iter().map(|e| e.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            EventKind::SessionEnd,
+            EventKind::Status,
+            EventKind::SessionStart
+        ]
+    );
+    assert_eq!(
+        store
+            .history(&alice, s(0), s(90_000), 2)
+            .await
+            .unwrap()
+            .len(),
+        2,
+        "limit"
+    );
+    assert!(store
+        .history("nobody", s(0), s(90_000), 10)
+        .await
+        .unwrap()
+        .is_empty());
+
+    // user_events: oldest first.
+    let asc = store
+        .user_events(&alice, s(0), s(90_000), 100)
+        .await
+        .unwrap();
+    assert!(asc.windows(2).all(|w| w[0].ts <= w[1].ts), "oldest first");
+    assert_eq!(asc.len(), 10);
+
+    // Analytics through the shared code: overlapping devices once, open session to `now`.
+    let a = presenced::history::analytics::analytics(&asc, s(0), s(1000), s(300));
+    assert_eq!(a.online_ms, 150_000 + 100_000, "0..150 s and 200..300 s");
+    assert_eq!((a.sessions, a.open_sessions), (3, 1));
+    assert_eq!(a.by_device_type["web"], 100_000 + 100_000);
+    assert_eq!(a.by_device_type["ios"], 100_000);
+    assert_eq!(a.sessions_by_region["eu"], 2);
+    assert_eq!(a.sessions_by_region["us"], 1);
+
+    // Samples and replay.
+    let got = store.samples(s(0), s(25), 100).await.unwrap();
+    assert_eq!(got, samples[..2].to_vec());
+    let replay = presenced::history::analytics::replay(
+        &store.samples(s(0), s(40), 100).await.unwrap(),
+        s(10),
+        s(40),
+        10_000,
+        Some("team"),
+    );
+    let counts: Vec<Option<u64>> = replay.iter().map(|p| p.online).collect();
+    assert_eq!(counts, [Some(1), Some(1), Some(2), None]);
+
+    // Sessions in a time range (all users), for "who was online at".
+    let sessions = store.sessions_between(s(0), s(130), 100).await.unwrap();
+    assert!(sessions.iter().all(|e| e.kind != EventKind::Status));
+    assert_eq!(sessions.len(), 4, "{sessions:#?}");
+    let (users, total) = presenced::history::analytics::online_at(&sessions, s(125), None, 10);
+    assert_eq!(
+        (users, total),
+        (vec![alice.clone(), bob.clone()], 2),
+        "alice's ios runs to 150 s"
+    );
+    let later = store.sessions_between(s(0), s(170), 100).await.unwrap();
+    let (users, _) = presenced::history::analytics::online_at(&later, s(170), None, 10);
+    assert_eq!(users, [bob.clone()], "both of alice's first sessions ended");
+    let (users, _) = presenced::history::analytics::online_at(&sessions, s(60), Some("team"), 10);
+    assert_eq!(users, [alice.clone()]);
+}
+
+#[test]
+fn local_store_conforms() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = LocalStore::open(dir.path()).unwrap();
+    rt().block_on(conformance(&mut store, "local"));
+}
+
+// SCYLLA-CONFORMANCE (wired when the scylla backend lands)
+
+#[test]
+fn local_store_expires_what_is_older_than_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = LocalStore::open(dir.path()).unwrap();
+    let b = base();
+    rt().block_on(async {
+        let old = vec![
+            status("u", b - 40 * 86_400_000, Aggregate::Online, 1),
+            status("u", b - 35 * 86_400_000, Aggregate::Away, 2),
+        ];
+        let new = vec![status("u", b, Aggregate::Busy, 3)];
+        let samples = vec![
+            Sample {
+                ts: b - 40 * 86_400_000,
+                online: 1,
+                groups: vec![],
+            },
+            Sample {
+                ts: b,
+                online: 2,
+                groups: vec![],
+            },
+        ];
+        store.write(&old, &samples[..1]).await.unwrap();
+        store.write(&new, &samples[1..]).await.unwrap();
+        let cutoff = b - 30 * 86_400_000;
+        // Bounded transactions: one record per call, then the rest.
+        assert_eq!(
+            store.expire(cutoff, 1).await.unwrap(),
+            2,
+            "one event and one sample"
+        );
+        assert_eq!(store.expire(cutoff, 100).await.unwrap(), 1);
+        assert_eq!(store.expire(cutoff, 100).await.unwrap(), 0);
+        let left = store.history("u", 0, u64::MAX / 2, 10).await.unwrap();
+        assert_eq!(left, new);
+        assert_eq!(store.samples(0, u64::MAX / 2, 10).await.unwrap().len(), 1);
+    });
+}
+
+fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn history_server() -> TestServer {
+    TestServer::with(2, |c| {
+        c.history.batch_interval_ms = 20;
+        c.history.sample_interval_s = 1;
+        c.limits.handshake_rate_per_ip = 0;
+    })
+}
+
+#[test]
+fn a_server_records_sessions_and_changes_and_the_admin_api_answers() {
+    let s = history_server();
+    let t0 = presenced::shard::now_ms();
+    let token = s.token_with("hana", |t| {
+        t.device_type = Some("ios".into());
+        t.region = Some("eu-west".into());
+        t.groups = vec!["crew".into()];
+    });
+    let mut phone = s.connect_token(&token);
+    let mut web = s.connect("hana");
+    phone.set_status("busy", Some("call"));
+    std::thread::sleep(Duration::from_millis(50));
+    web.ws.close(None).unwrap();
+    let events = wait_for("hana's events", || {
+        let body = s.admin_get(&format!("/api/history/hana?from={t0}"));
+        let ev = body["events"].as_array().unwrap().clone();
+        (ev.iter().filter(|e| e["kind"] == "session_end").count() == 1).then_some(ev)
+    });
+    let kinds: Vec<&str> = events.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    // Newest first: web's end (and the change it made) after the busy status, after two starts.
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "session_start").count(),
+        2,
+        "{kinds:?}"
+    );
+    assert!(events
+        .windows(2)
+        .all(|w| w[0]["ts"].as_u64() >= w[1]["ts"].as_u64()));
+    let busy = events
+        .iter()
+        .find(|e| e["kind"] == "status" && e["status"] == "busy")
+        .expect("busy recorded");
+    assert_eq!(busy["text"], "call");
+    let start = events
+        .iter()
+        .find(|e| e["kind"] == "session_start" && e["device_type"] == "ios")
+        .unwrap();
+    assert_eq!(
+        (&start["region"], &start["groups"]),
+        (&json!("eu-west"), &json!(["crew"]))
+    );
+    assert_eq!(
+        start["session"].as_u64().map(|id| format!("{id:x}")),
+        phone.welcome["session"].as_str().map(String::from)
+    );
+    let limited = s.admin_get(&format!("/api/history/hana?from={t0}&limit=2"));
+    assert_eq!(limited["events"].as_array().unwrap().len(), 2);
+
+    let a = s.admin_get(&format!("/api/analytics/hana?from={t0}"));
+    assert_eq!(
+        (
+            a["user"].as_str(),
+            a["sessions"].as_u64(),
+            a["open_sessions"].as_u64()
+        ),
+        (Some("hana"), Some(2), Some(1))
+    );
+    assert!(a["online_ms"].as_u64().unwrap() > 0);
+    assert!(
+        a["by_device_type"]["ios"].as_u64().unwrap()
+            >= a["by_device_type"]["other"].as_u64().unwrap()
+    );
+    assert_eq!(a["sessions_by_region"]["eu-west"], 1);
+
+    // Samples every second: a replay over the last seconds sees hana online in "crew".
+    let replay = wait_for("a sample with hana", || {
+        let now = presenced::shard::now_ms();
+        let r = s.admin_get(&format!(
+            "/api/replay?from={}&to={now}&step=1000&group=crew",
+            now - 5000
+        ));
+        r["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["online"] == 1)
+            .then_some(r)
+    });
+    assert_eq!(replay["group"], "crew");
+    let now = presenced::shard::now_ms();
+    let at = s.admin_get(&format!("/api/replay/at?t={now}"));
+    assert_eq!(
+        (at["users"].clone(), at["total"].clone()),
+        (json!(["hana"]), json!(1))
+    );
+    let at = s.admin_get(&format!("/api/replay/at?t={now}&group=nope"));
+    assert_eq!(at["total"], 0);
+    let before = s.admin_get(&format!("/api/replay/at?t={}", t0 - 1));
+    assert_eq!(before["total"], 0);
+
+    // Bad parameters and auth.
+    for q in [
+        "/api/history/hana?from=abc",
+        "/api/history/hana?from=10&to=5",
+        "/api/history/hana?limit=0",
+        "/api/history/hana?colour=red",
+        "/api/replay?step=0",
+        "/api/replay?from=0&to=100000000&step=1",
+        "/api/replay/at",
+        "/api/replay/at?t=x",
+        "/api/analytics/hana?limit=3",
+    ] {
+        let (code, body) = s.admin_request("GET", q, Some(&s.admin_token()));
+        assert_eq!(code, 400, "{q}: {body}");
+    }
+    assert_eq!(s.admin_request("GET", "/api/history/hana", None).0, 401);
+    assert_eq!(
+        s.admin_request("GET", "/api/history/hana", Some(&s.token("hana")))
+            .0,
+        403
+    );
+    let m = s.handle().history_metrics().unwrap();
+    assert!(presenced::history::HistoryMetrics::get(&m.written) >= 6);
+    assert_eq!(
+        presenced::history::HistoryMetrics::get(&m.dropped_queue_full),
+        0
+    );
+}
+
+#[test]
+fn with_history_off_the_reads_say_so() {
+    let s = TestServer::with(1, |c| {
+        c.history.backend = presenced::config::HistoryBackend::Off
+    });
+    let _c = s.connect("x");
+    let (code, body) = s.admin_request("GET", "/api/history/x", Some(&s.admin_token()));
+    assert_eq!(code, 503);
+    assert!(body["message"].as_str().unwrap().contains("off"), "{body}");
+}
+
+#[test]
+fn a_full_queue_drops_and_counts_but_never_blocks_a_shard() {
+    // A one-record queue and a slow batch cadence: most records cannot be queued.
+    let s = TestServer::with(2, |c| {
+        c.history.queue_capacity = 1;
+        c.history.batch_max = 1;
+        c.limits.handshake_rate_per_ip = 0;
+        c.limits.ops_per_second = 0;
+    });
+    let mut watcher = s.connect("watcher");
+    watcher.subscribe(&["flapper"]);
+    let mut f = s.connect("flapper");
+    watcher.presence_of("flapper");
+    for i in 0..200 {
+        f.set_status(if i % 2 == 0 { "busy" } else { "away" }, None);
+    }
+    // Presence is unaffected: the last change arrives.
+    watcher.recv_until("the last change", |v| {
+        v["type"] == "presence" && v["seq"] == 201
+    });
+    let m = s.handle().history_metrics().unwrap();
+    use presenced::history::HistoryMetrics as M;
+    let accounted = wait_for("the writer to settle", || {
+        let (w, d) = (M::get(&m.written), M::get(&m.dropped_queue_full));
+        // 2 session starts + 1 + 200 status changes (+ samples, which may come too).
+        (w + d >= 203).then_some((w, d))
+    });
+    assert!(accounted.1 > 0, "some were dropped: {accounted:?}");
+}
+
+/// `presenced serve` with history in `dir`, as a child process.
+fn serve_child(port: u16, admin: u16, dir: &std::path::Path) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_presenced"))
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--admin-listen",
+            &format!("127.0.0.1:{admin}"),
+        ])
+        .args([
+            "--shards",
+            "2",
+            "--placement",
+            "unbound",
+            "--jwt-secret",
+            SECRET,
+        ])
+        .arg("--data-dir")
+        .arg(dir)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
+/// A free port below the ephemeral range, so no other test's port-0 listener (or outgoing
+/// connection) can take it between this check and the child binding it.
+fn free_port() -> u16 {
+    loop {
+        let port = 20_000 + (rand_port() % 10_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+fn rand_port() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::time::Instant::now())
+}
+
+fn admin_events(admin: std::net::SocketAddr, token: &str, user: &str) -> Option<Vec<Value>> {
+    let req = format!("GET /api/history/{user}?from=0 HTTP/1.1\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n");
+    let stream = std::net::TcpStream::connect(admin).ok()?;
+    let (code, body) = raw_request_from(stream, &req);
+    (code == 200).then(|| serde_json::from_str::<Value>(&body).ok())??["events"]
+        .as_array()
+        .cloned()
+}
+
+#[test]
+fn acknowledged_history_survives_kill_9_and_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, admin) = (free_port(), free_port());
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let admin_addr: std::net::SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+    let mut child = serve_child(port, admin, dir.path());
+    let token = {
+        let mut spec = presenced::auth::TokenSpec::new("ops", Duration::from_secs(600));
+        spec.roles = vec!["admin".into()];
+        presenced::auth::mint_hs256(SECRET, &spec)
+    };
+    wait_for("the server", || std::net::TcpStream::connect(addr).ok());
+    let user_token = presenced::auth::mint_hs256(
+        SECRET,
+        &presenced::auth::TokenSpec::new("kai", Duration::from_secs(600)),
+    );
+    let mut kai = Client::connect(addr, &user_token);
+    kai.set_status("busy", Some("before the crash"));
+    // Acknowledged: the admin API reads it back from the store.
+    let before = wait_for("kai's history written", || {
+        admin_events(admin_addr, &token, "kai")
+            .filter(|e| e.iter().any(|x| x["text"] == "before the crash"))
+    });
+    // SIGKILL: no flush, no clean close of the store.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    drop(kai);
+    let mut again = serve_child(port, admin, dir.path());
+    wait_for("the restarted server", || {
+        std::net::TcpStream::connect(addr).ok()
+    });
+    let after = wait_for("history after restart", || {
+        admin_events(admin_addr, &token, "kai")
+    });
+    for e in &before {
+        assert!(after.contains(e), "lost across kill -9: {e}");
+    }
+    again.kill().unwrap();
+    again.wait().unwrap();
+}
