@@ -215,7 +215,7 @@ fn fill_shared(shared: &Shared, ids: &[UserId]) {
 /// Walks the users round-robin; the status flips every full pass so every call is a change.
 fn next(n: &mut usize) -> (usize, Status) {
     let i = *n % USERS;
-    let status = if (*n / USERS) % 2 == 0 {
+    let status = if (*n / USERS).is_multiple_of(2) {
         Status::Away
     } else {
         Status::Online

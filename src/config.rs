@@ -432,12 +432,6 @@ impl Config {
         if h.sample_interval_s == 0 {
             return bad("history.sample_interval_s", "must be at least 1");
         }
-        if h.backend == HistoryBackend::Scylla && !crate::history::scylla::AVAILABLE {
-            return bad(
-                "history.backend",
-                "the scylla backend is not built yet: use local or off",
-            );
-        }
         if h.scylla.nodes.is_empty() && h.backend == HistoryBackend::Scylla {
             return bad("history.scylla.nodes", "at least one contact point");
         }

@@ -1,4 +1,4 @@
-//! The `presenced` binary: `serve`, `token`, `check-config`.
+//! The `presenced` binary: `serve`, `token`, `check-config`, `topology`, `schema`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,6 +9,7 @@ use base64::Engine;
 use clap::{Args, Parser, Subcommand};
 use presenced::auth::{mint_hs256, TokenSpec, Verifier};
 use presenced::config::{Config, Placement};
+use presenced::history::schema;
 
 #[derive(Parser)]
 #[command(
@@ -34,6 +35,27 @@ enum Cmd {
     },
     /// Print the machine's CPUs, cores, SMT siblings, NUMA nodes, and the shard -> CPU plan.
     Topology(PlacementArgs),
+    /// The ScyllaDB history schema (docs/HISTORY.md): print it, or apply it.
+    #[command(subcommand)]
+    Schema(SchemaCmd),
+}
+
+#[derive(Subcommand)]
+enum SchemaCmd {
+    /// Print the CQL for the configured keyspace, replication and retention.
+    Print {
+        /// TOML config file ([history.scylla], history.retention_days).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Apply it to a cluster. Idempotent: every statement is IF NOT EXISTS.
+    Apply {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Contact points, HOST:PORT, comma-separated [default: history.scylla.nodes].
+        #[arg(long, value_delimiter = ',')]
+        scylla: Vec<String>,
+    },
 }
 
 #[derive(Args)]
@@ -149,6 +171,13 @@ fn main() -> ExitCode {
             print!("{}", presenced::topology::report(&cfg)?);
             Ok(())
         }),
+        Cmd::Schema(SchemaCmd::Print { config }) => load(config.as_ref()).and_then(|cfg| {
+            cfg.validate().map_err(|e| e.to_string())?;
+            let h = &cfg.history;
+            print!("{}", schema::render(&h.scylla, h.retention_days)?);
+            Ok(())
+        }),
+        Cmd::Schema(SchemaCmd::Apply { config, scylla }) => schema_apply(config.as_ref(), scylla),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -179,6 +208,27 @@ fn check_config(path: &PathBuf) -> Result<(), String> {
         shown.admin.token = Some("<redacted>".into());
     }
     print!("{}", toml::to_string(&shown).map_err(|e| e.to_string())?);
+    Ok(())
+}
+
+/// `schema apply`: connects (waiting for schema agreement after each statement) and applies.
+fn schema_apply(config: Option<&PathBuf>, nodes: Vec<String>) -> Result<(), String> {
+    let mut cfg = load(config)?;
+    if !nodes.is_empty() {
+        cfg.history.scylla.nodes = nodes;
+    }
+    cfg.validate().map_err(|e| e.to_string())?;
+    let h = &cfg.history;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("a runtime for the driver: {e}"))?;
+    let n = rt.block_on(schema::apply_config(&h.scylla, h.retention_days))?;
+    println!(
+        "applied {n} statements (keyspace {}) to {}",
+        h.scylla.keyspace,
+        h.scylla.nodes.join(",")
+    );
     Ok(())
 }
 

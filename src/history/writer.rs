@@ -27,6 +27,8 @@ pub struct Writer {
     metrics: Arc<HistoryMetrics>,
     events: Vec<HistoryEvent>,
     samples: Vec<Sample>,
+    /// Set when shutdown was asked for during a flush's retries: the flush gives up by then.
+    stop_by: Option<Instant>,
 }
 
 impl Writer {
@@ -40,6 +42,7 @@ impl Writer {
         Writer {
             events: Vec::with_capacity(cfg.batch_max),
             samples: Vec::new(),
+            stop_by: None,
             cfg,
             records,
             queries,
@@ -87,6 +90,11 @@ impl Writer {
         let mut batch_due: Option<tokio::time::Instant> = None;
         let mut retention = tokio::time::interval(RETENTION_EVERY);
         loop {
+            if let Some(deadline) = self.stop_by {
+                // Shutdown arrived while a flush was retrying.
+                self.shutdown(&mut store, deadline).await;
+                return;
+            }
             let due = batch_due
                 .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
             tokio::select! {
@@ -139,8 +147,21 @@ impl Writer {
         let sc = &self.cfg.scylla;
         let mut attempt = 0u32;
         loop {
+            let deadline = match (deadline, self.stop_by) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             let started = Instant::now();
-            let result = store.write(&self.events, &self.samples).await;
+            let result = match deadline {
+                // Past a deadline a hung store cannot hold the thread: the write is abandoned.
+                Some(d) => tokio::time::timeout(
+                    d.saturating_duration_since(Instant::now()),
+                    store.write(&self.events, &self.samples),
+                )
+                .await
+                .unwrap_or_else(|_| Err(StoreError::retry("write abandoned at the deadline"))),
+                None => store.write(&self.events, &self.samples).await,
+            };
             let us = started.elapsed().as_micros() as u64;
             match result {
                 Ok(()) => {
@@ -170,7 +191,14 @@ impl Writer {
                     tracing::debug!(error = %e, ?wait, "history: write failed, retrying");
                     attempt += 1;
                     HistoryMetrics::add(&self.metrics.retries, 1);
-                    tokio::time::sleep(wait).await;
+                    // Shutdown must not wait out a backoff: it bounds what is left.
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        stop = self.stop.recv_async(), if self.stop_by.is_none() => {
+                            let grace = stop.unwrap_or_default();
+                            self.stop_by = Some(Instant::now() + grace);
+                        }
+                    }
                 }
             }
         }

@@ -393,7 +393,7 @@ async fn admin_ticks(shard: Rc<Shard>) {
     while !shard.stopping.get() {
         glommio::timer::sleep(Duration::from_secs(1)).await;
         tick += 1;
-        if tick % LATENCY_WINDOW_TICKS == 0 {
+        if tick.is_multiple_of(LATENCY_WINDOW_TICKS) {
             shard.latency.borrow_mut().rotate();
         }
         if shard.ix != 0 {
