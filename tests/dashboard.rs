@@ -2,7 +2,9 @@
 //! driven over the DevTools protocol, signs in from the URL fragment, follows users coming
 //! online and changing status live over `/ws/admin`, filters the user list, opens a user's
 //! sessions and kicks one (the client sees 4003) — under the page's strict CSP, with no CSP
-//! violation and no uncaught exception. And it refuses bad and non-admin tokens.
+//! violation and no uncaught exception. It shows a user's recorded history (analytics, timeline,
+//! refreshed live) and replays who was online from history, and says so when history is off.
+//! And it refuses bad and non-admin tokens.
 //!
 //! Needs Chromium (`tests/common/tools.rs` finds or installs it); fails when it cannot.
 
@@ -16,16 +18,36 @@ use std::time::Duration;
 use cdp::{js_str, Browser};
 use common::{tools, Client, TestServer, SECRET};
 use presenced::auth::{mint_hs256, TokenSpec};
+use presenced::config::HistoryBackend;
 use serde_json::{json, Value};
 
 /// Viewport of the browser, CSS pixels: a laptop-sized window.
 const VIEWPORT: (u32, u32) = (1440, 1000);
+
+/// A narrow window: the detail panel becomes a drawer, the replay card stacks.
+const NARROW: (u32, u32) = (900, 1000);
 
 /// A client token for `sub` in `groups`, with an optional `device_type` claim.
 fn client_token(sub: &str, groups: &[&str], device_type: Option<&str>) -> String {
     let mut spec = TokenSpec::new(sub, Duration::from_secs(3600));
     spec.groups = groups.iter().map(|g| g.to_string()).collect();
     spec.device_type = device_type.map(str::to_owned);
+    mint_hs256(SECRET, &spec)
+}
+
+/// A client token with the claims history records: device, device type, region.
+fn device_token(
+    sub: &str,
+    groups: &[&str],
+    device: &str,
+    device_type: &str,
+    region: &str,
+) -> String {
+    let mut spec = TokenSpec::new(sub, Duration::from_secs(3600));
+    spec.groups = groups.iter().map(|g| g.to_string()).collect();
+    spec.device = Some(device.into());
+    spec.device_type = Some(device_type.into());
+    spec.region = Some(region.into());
     mint_hs256(SECRET, &spec)
 }
 
@@ -41,8 +63,8 @@ fn rows_are<'a>(want: &'a [&'a str]) -> impl Fn(&Value) -> bool + 'a {
     }
 }
 
-/// Where the screenshot goes: `$CARGO_TARGET_DIR` (or `target/`) `/dashboard-screenshot.png`.
-fn screenshot_path() -> PathBuf {
+/// Where a screenshot goes: `$CARGO_TARGET_DIR` (or `target/`) `/<name>`.
+fn screenshot_path(name: &str) -> PathBuf {
     let dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
@@ -51,8 +73,40 @@ fn screenshot_path() -> PathBuf {
     } else {
         std::env::current_dir().unwrap().join(dir)
     };
-    dir.join("dashboard-screenshot.png")
+    dir.join(name)
 }
+
+/// Scrolls to the top and writes a full-page screenshot `name` under the target dir.
+fn screenshot(b: &mut Browser, name: &str) {
+    b.eval("window.scrollTo(0, 0)");
+    let shot = screenshot_path(name);
+    b.screenshot(&shot);
+    println!("dashboard screenshot: {}", shot.display());
+}
+
+/// The text of `selector` while it is shown, else "" (for `hidden` messages).
+fn shown_text(selector: &str) -> String {
+    format!(
+        "(() => {{ const e = document.querySelector({}); return e && !e.hidden ? e.textContent : ''; }})()",
+        js_str(selector)
+    )
+}
+
+/// The timeline of the user panel: `{kind, text}` per event, newest first.
+const TIMELINE: &str = "[...document.querySelectorAll('#history-events li[data-kind]')]\
+    .map(li => ({kind: li.dataset.kind, text: li.querySelector('.ev-what').textContent}))";
+
+/// Whether the timeline `v` has an event of `kind` whose text contains `text`.
+fn has_event(v: &Value, kind: &str, text: &str) -> bool {
+    v.as_array().is_some_and(|evs| {
+        evs.iter()
+            .any(|e| e["kind"] == kind && e["text"].as_str().is_some_and(|t| t.contains(text)))
+    })
+}
+
+/// The users listed under the replay chart.
+const REPLAY_USERS: &str =
+    "[...document.querySelectorAll('#replay-users [data-user]')].map(e => e.dataset.user)";
 
 /// Fails on anything the page reported going wrong: CSP violations, uncaught errors.
 fn assert_page_clean(b: &mut Browser) {
@@ -156,10 +210,260 @@ fn dashboard_follows_presence_live_and_kicks_a_session() {
     });
     b.wait_text("#conn-state", "live");
 
-    b.eval("window.scrollTo(0, 0)");
-    let shot = screenshot_path();
-    b.screenshot(&shot);
-    println!("dashboard screenshot: {}", shot.display());
+    screenshot(&mut b, "dashboard-screenshot.png");
+    assert_page_clean(&mut b);
+}
+
+#[test]
+fn dashboard_shows_a_users_history_and_replays_who_was_online() {
+    let server = TestServer::with(2, |c| {
+        c.history.sample_interval_s = 1;
+        c.history.batch_interval_ms = 20;
+    });
+    let mut dana = Client::connect(
+        server.addr,
+        &device_token("dana", &["crew"], "phone", "ios", "eu-west"),
+    );
+    let _erin = Client::connect(
+        server.addr,
+        &device_token("erin", &["ops"], "laptop", "web", "us-east"),
+    );
+    dana.set_status("busy", Some("in a call"));
+    // A second device of dana's, come and gone: a session end, another device type and region.
+    Client::connect(
+        server.addr,
+        &device_token("dana", &["crew"], "laptop", "web", "us-east"),
+    )
+    .close();
+
+    let mut b = Browser::launch(&tools::chromium(), VIEWPORT.0, VIEWPORT.1);
+    b.goto(&format!(
+        "http://{}/#token={}",
+        server.admin,
+        server.admin_token()
+    ));
+    b.wait_text("#conn-state", "live");
+    b.wait_for(
+        "rows for dana and erin",
+        USER_ROWS,
+        rows_are(&["dana", "erin"]),
+    );
+
+    // The user's history: analytics of the last 24 h and the latest events.
+    b.click("#users tr[data-user='dana']");
+    b.wait_text("#detail-user", "dana");
+    b.wait_for(
+        "dana's analytics to count her session",
+        "Number(document.querySelector('#an-sessions').textContent)",
+        |v| v.as_f64() >= Some(1.0),
+    );
+    b.wait_text("#an-open", "1");
+    let online = b.text("#an-online");
+    assert!(
+        online
+            .as_str()
+            .is_some_and(|t| t == "<1m" || t.ends_with('m')),
+        "time online reads as h/m: {online}"
+    );
+    let types = b.eval(
+        "[...document.querySelectorAll('#an-device-types li[data-key]')].map(li => li.dataset.key)",
+    );
+    assert!(
+        types.as_array().is_some_and(|t| t.len() == 2
+            && t.contains(&json!("ios"))
+            && t.contains(&json!("web"))),
+        "time by device type: ios and web, longest first: {types}"
+    );
+    b.wait_for(
+        "sessions by region: one in eu-west, one in us-east",
+        "[...document.querySelectorAll('#an-regions li[data-key]')]\
+           .map(li => [li.dataset.key, li.querySelector('.bar-value').textContent])",
+        |v| v == &json!([["eu-west", "1"], ["us-east", "1"]]),
+    );
+    let timeline = b.wait_for(
+        "dana's timeline: her phone's start, the busy status, her laptop's end",
+        TIMELINE,
+        |v| {
+            has_event(v, "session_start", "phone")
+                && has_event(v, "status", "in a call")
+                && has_event(v, "session_end", "laptop")
+        },
+    );
+    assert!(
+        has_event(&timeline, "session_start", "ios") && has_event(&timeline, "status", "busy"),
+        "the start names the device type, the status event the status: {timeline}"
+    );
+    let texts = b.eval(
+        "[...document.querySelectorAll('#history-events li[data-kind=\"status\"] .ev-text')]\
+           .map(e => e.textContent)",
+    );
+    assert!(
+        texts
+            .as_array()
+            .is_some_and(|t| t.contains(&json!("in a call"))),
+        "a status event carries the text set: {texts}"
+    );
+
+    // A change of hers while the panel is open reaches the timeline (`changes` → re-fetch).
+    dana.set_status("away", Some("back soon"));
+    b.wait_for(
+        "the timeline to show the new status without reopening the panel",
+        TIMELINE,
+        |v| has_event(v, "status", "back soon"),
+    );
+
+    // Replay: the last 15 minutes (the default window) from the samples, one a second here.
+    let series = b.wait_for(
+        "the replay over the last 15 min to show both users online",
+        "(() => { const d = document.querySelector('#replay-chart').dataset; \
+           return {points: Number(d.points), non_null: Number(d.nonNull), max: Number(d.max), \
+                   canvas: !!document.querySelector('#replay-chart canvas')}; })()",
+        |v| v["non_null"].as_u64() >= Some(1) && v["max"].as_u64() >= Some(2),
+    );
+    let points = series["points"].as_u64().unwrap();
+    assert!(
+        (2..=601).contains(&points) && series["canvas"] == true,
+        "a drawn series of at most ~600 points: {series}"
+    );
+    assert_eq!(b.text("#replay-scope"), "all users");
+    // Following the latest point, the list shows who is online now.
+    b.wait_for(
+        "the replay list to follow the latest point",
+        REPLAY_USERS,
+        rows_are(&["dana", "erin"]),
+    );
+
+    // The slider at the start of the window (before the server started): nobody.
+    let min = b.eval("document.querySelector('#replay-at').min");
+    b.type_into("#replay-at", min.as_str().unwrap());
+    b.wait_text("#replay-total", "0");
+    assert_eq!(b.eval(REPLAY_USERS), json!([]), "nobody was online then");
+    assert!(
+        b.text("#replay-lookback")
+            .as_str()
+            .is_some_and(|t| t.contains("24 h")),
+        "the lookback is explained"
+    );
+
+    // A click at the right end of the chart picks the latest point (the x scale spans the
+    // points, a couple of pixels apart): both users again.
+    b.click_at("#replay-chart .u-over", 0.999, 0.5);
+    let picked = b.wait_for(
+        "the replay list for the clicked (latest) point",
+        &format!(
+            "({{users: {REPLAY_USERS}, t: document.querySelector('#replay-users').dataset.t, \
+               last: document.querySelector('#replay-at').max, \
+               at: document.querySelector('#replay-at-time').textContent}})"
+        ),
+        |v| v["users"] == json!(["dana", "erin"]) && v["t"] == v["last"],
+    );
+    assert!(
+        picked["at"].as_str().is_some_and(|t| t.contains("paused")),
+        "an inspected instant pauses the live replay: {picked}"
+    );
+    b.wait_text("#replay-total", "2");
+    let age = b.eval(&format!("Date.now() - {}", picked["t"].as_str().unwrap()));
+    assert!(
+        age.as_f64().is_some_and(|ms| ms < 60_000.0),
+        "the clicked instant is recent: {age} ms ago"
+    );
+
+    // The group filter narrows the replay to that group, at the same instant: dana alone is
+    // in `crew`.
+    b.type_into("#filter-group", "crew");
+    b.wait_text("#replay-scope", "group crew");
+    b.wait_for(
+        "the replay list for the clicked instant, in crew",
+        &format!(
+            "({{users: {REPLAY_USERS}, t: document.querySelector('#replay-users').dataset.t}})"
+        ),
+        |v| v["users"] == json!(["dana"]) && v["t"] == picked["t"],
+    );
+    b.wait_text("#replay-total", "1");
+    b.wait_for(
+        "the crew series to count one user",
+        "document.querySelector('#replay-chart').dataset.max",
+        |v| v == "1",
+    );
+
+    screenshot(&mut b, "dashboard-history-1440.png");
+    b.set_viewport(NARROW.0, NARROW.1);
+    b.wait_for(
+        "the replay chart to fit the narrow window",
+        "document.querySelector('#replay-chart canvas').getBoundingClientRect().right <= innerWidth",
+        |v| v == true,
+    );
+    screenshot(&mut b, "dashboard-history-900.png");
+
+    // The other windows (the narrow page's drawer closed first: it covers the card): a step of
+    // whole seconds, at least the sampling interval, keeps every replay within ~600 points;
+    // picking a window follows the latest point again.
+    b.click("#detail-close");
+    for (button, step) in [("1 h", 6_000), ("24 h", 144_000)] {
+        b.click(&format!(".seg-btn[data-window='{}']", step * 600));
+        let got = b.wait_for(
+            &format!("the {button} replay"),
+            "(() => { const d = document.querySelector('#replay-chart').dataset; \
+               return {step: Number(d.step), points: Number(d.points)}; })()",
+            |v| v["step"] == step,
+        );
+        assert!(
+            got["points"]
+                .as_u64()
+                .is_some_and(|n| (2..=601).contains(&n)),
+            "{button}: {got}"
+        );
+        assert_eq!(
+            b.eval("document.querySelector('#replay-now').classList.contains('active')"),
+            true,
+            "a new window follows the latest point"
+        );
+    }
+    assert_page_clean(&mut b);
+}
+
+#[test]
+fn dashboard_says_when_history_is_off() {
+    let server = TestServer::with(1, |c| c.history.backend = HistoryBackend::Off);
+    let _fay = server.connect("fay");
+    let mut b = Browser::launch(&tools::chromium(), VIEWPORT.0, VIEWPORT.1);
+    b.goto(&format!(
+        "http://{}/#token={}",
+        server.admin,
+        server.admin_token()
+    ));
+    b.wait_text("#conn-state", "live");
+
+    b.wait_for(
+        "the replay card to say history is off",
+        &shown_text("#replay-msg"),
+        |v| v.as_str().is_some_and(|t| t.contains("History is off")),
+    );
+    assert_eq!(
+        b.eval("document.querySelector('#replay-body').hidden"),
+        true,
+        "no empty chart when history is off"
+    );
+    b.wait_for("a row for fay", USER_ROWS, rows_are(&["fay"]));
+    b.click("#users tr[data-user='fay']");
+    b.wait_text("#detail-user", "fay");
+    b.wait_for(
+        "the user panel to say history is off",
+        &shown_text("#history-msg"),
+        |v| v.as_str().is_some_and(|t| t.contains("History is off")),
+    );
+    assert_eq!(
+        b.eval("document.querySelector('#history-body').hidden"),
+        true,
+        "no empty analytics when history is off"
+    );
+    // The live parts still work.
+    b.wait_for(
+        "fay's session in the panel",
+        "document.querySelectorAll('#sessions tbody tr[data-session]').length",
+        |v| v == 1,
+    );
+    screenshot(&mut b, "dashboard-history-off.png");
     assert_page_clean(&mut b);
 }
 

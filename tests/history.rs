@@ -339,8 +339,8 @@ fn a_server_records_sessions_and_changes_and_the_admin_api_answers() {
         (&json!("eu-west"), &json!(["crew"]))
     );
     assert_eq!(
-        start["session"].as_u64().map(|id| format!("{id:x}")),
-        phone.welcome["session"].as_str().map(String::from)
+        start["session"], phone.welcome["session"],
+        "the welcome's hex id"
     );
     let limited = s.admin_get(&format!("/api/history/hana?from={t0}&limit=2"));
     assert_eq!(limited["events"].as_array().unwrap().len(), 2);

@@ -15,6 +15,14 @@
   const BACKOFF_MIN_MS = 1000;
   const BACKOFF_MAX_MS = 10000;
   const STALE_INTERVALS = 4;            // no push for this many intervals: reconnect
+  const HISTORY_EVENTS = 50;            // the timeline's length
+  const HISTORY_MIN_INTERVAL_MS = 1000; // history re-fetches: at most one a second
+  const HISTORY_SETTLE_MS = 300;        // let the history writer flush a change before asking
+  const HISTORY_PERIODIC_MS = 30000;    // open panel: time online keeps growing
+  const REPLAY_POINTS_MAX = 600;
+  const REPLAY_AT_LIMIT = 100;
+  const REPLAY_REFRESH_MIN_MS = 5000;
+  const REPLAY_AT_DEBOUNCE_MS = 150;
 
   const $ = (sel) => document.querySelector(sel);
   const el = (tag, cls, text) => {
@@ -86,6 +94,24 @@
       filterTimer: 0,
     },
     detail: { user: null, gen: 0, refreshTimer: 0 },
+    // The open user's history: analytics and timeline.
+    hist: { gen: 0, timer: 0, lastAt: 0 },
+    serverOffsetMs: 0,        // server clock minus ours, from the samples it pushes
+    historyOff: false,        // the server answered "history is off"
+    replay: {
+      windowMs: 15 * 60 * 1000,
+      sampleMs: null,          // history.sample_interval_s in ms, learned from the server
+      gen: 0,
+      timer: 0,
+      data: [[], []],          // uPlot columns: t (s), online (n | null)
+      step: 0,                 // of the replay shown (ms)
+      group: null,             // of the replay shown
+      selected: null,          // the inspected instant (ms); null follows the latest point
+      chart: null,
+      atGen: 0,
+      atTimer: 0,
+      atShown: null,           // {t, group} of the list shown
+    },
   };
 
   // ---- connection state and sign-in ---------------------------------------------------------------
@@ -283,6 +309,7 @@
     $("#meta-shards").textContent = fmtInt(msg.shards);
     $("#meta-admin").textContent = msg.admin || "—";
     seedSeries(Array.isArray(msg.series) ? msg.series : []);
+    noteServerTime(lastSample(msg.series));
     ensureCharts();
     redrawCharts();
     const last = state.series.t.length ? lastSample(msg.series) : null;
@@ -292,9 +319,19 @@
       setText("#handshake-rate", fmtRate(last.handshakes_per_s));
       setText("#delivery-rate", fmtRate(last.deliveries_per_s));
     }
+    // The server may have restarted with history turned on or off, or sampling differently.
+    state.historyOff = false;
+    state.replay.sampleMs = null;
     runPageQuery();
-    if (state.detail.user) loadDetail();
+    if (state.detail.user) { loadDetail(); loadHistory(); }
+    loadReplay();
   }
+
+  // Replay windows are in the server's time: its clock is what the samples carry.
+  function noteServerTime(sample) {
+    if (sample && typeof sample.t === "number" && isFinite(sample.t)) state.serverOffsetMs = sample.t - Date.now();
+  }
+  const serverNow = () => Date.now() + state.serverOffsetMs;
 
   const lastSample = (series) => (series && series.length ? series[series.length - 1] : null);
   const setText = (sel, text) => { $(sel).textContent = text; };
@@ -326,6 +363,7 @@
       handshakes_per_s: rates.handshakes_per_s, deliveries_per_s: rates.deliveries_per_s,
       ops_per_s: rates.ops_per_s, p50_us: lat.p50, p99_us: lat.p99,
     };
+    if (msg.sample) noteServerTime(msg.sample);
     appendSample(sample);
     redrawCharts();
   }
@@ -646,7 +684,10 @@
         || devicesBefore !== tr.dataset.devices) requery = true;
     }
     if (requery) scheduleRequery();
-    if (state.detail.user && users.some((u) => u.user === state.detail.user)) scheduleDetailRefresh();
+    if (state.detail.user && users.some((u) => u.user === state.detail.user)) {
+      scheduleDetailRefresh();
+      scheduleHistoryRefresh();
+    }
   }
 
   function scheduleRequery() {
@@ -663,6 +704,7 @@
       page.cursor = null;
       page.back = [];
       runPageQuery();
+      onReplayScopeInput();
     }, FILTER_DEBOUNCE_MS);
   }
 
@@ -697,11 +739,16 @@
     setText("#detail-note", "");
     markSelected();
     loadDetail();
+    clearHistory();
+    loadHistory();
   }
 
   function closeDetail() {
     state.detail.user = null;
     state.detail.gen++;
+    state.hist.gen++;
+    clearTimeout(state.hist.timer);
+    state.hist.timer = 0;
     $("#user-detail").hidden = true;
     $(".people").classList.remove("with-detail");
     markSelected();
@@ -815,6 +862,472 @@
     loadDetail();
   }
 
+  // ---- history: shared bits -------------------------------------------------------------------------------
+  const isHistoryOff = (res) => res.status === 503 && /history is off/i.test(errorText(res.body));
+
+  // Time online as hours and minutes ("3h 05m", "12m", "<1m").
+  const fmtHM = (ms) => {
+    if (typeof ms !== "number" || !isFinite(ms) || ms < 0) return "—";
+    const m = Math.floor(ms / 60000);
+    if (m === 0) return ms > 0 ? "<1m" : "0m";
+    const h = Math.floor(m / 60);
+    return h > 0 ? `${h}h ${String(m % 60).padStart(2, "0")}m` : `${m}m`;
+  };
+  const CLOCK = { hour: "2-digit", minute: "2-digit", second: "2-digit", hourCycle: "h23" };
+  // A wall-clock time: "14:03:21" today, "Nov 27 23:58" before.
+  const fmtClock = (ms) => {
+    if (typeof ms !== "number" || !isFinite(ms)) return "—";
+    const d = new Date(ms);
+    const time = d.toLocaleTimeString("en-GB", CLOCK);
+    if (d.toDateString() === new Date().toDateString()) return time;
+    return d.toLocaleDateString("en-US", { month: "short", day: "numeric" }) + " " + time.slice(0, 5);
+  };
+
+  function showNote(sel, text, kind, title) {
+    const e = $(sel);
+    e.textContent = text || "";
+    e.className = "note" + (kind ? " note-" + kind : "");
+    e.title = title || "";
+    e.hidden = !text;
+  }
+
+  // Both the replay card and the user's history say so, once the server has answered 503.
+  function showHistoryOff(res) {
+    state.historyOff = true;
+    const detail = "server: " + errorText(res.body);
+    showNote("#replay-msg", "History is off on this server, so there is nothing to replay. "
+      + "Set history.backend to \"local\" (or \"scylla\") to record who was online.", "off", detail);
+    $("#replay-body").hidden = true;
+    $("#replay-card").classList.add("history-off");
+    clearTimeout(state.replay.timer);
+    state.replay.timer = 0;
+    showNote("#history-msg", "History is off on this server: sessions and status changes are not recorded.",
+      "off", detail);
+    $("#history-body").hidden = true;
+  }
+
+  // ---- a user's history: analytics for the last 24 h and the latest events ------------------------------
+  function clearHistory() {
+    for (const sel of ["#an-online", "#an-sessions", "#an-open"]) setText(sel, "—");
+    $("#an-online").title = "";
+    $("#an-device-types").replaceChildren();
+    $("#an-regions").replaceChildren();
+    $("#history-events").replaceChildren();
+    $("#history-empty").hidden = true;
+    setText("#history-count", "loading…");
+    showNote("#history-msg", null);
+  }
+
+  function scheduleHistoryRefresh() {
+    const h = state.hist;
+    if (h.timer || !state.detail.user) return;
+    // At most one a second, and a moment after the change so the writer has stored it.
+    const wait = Math.max(HISTORY_SETTLE_MS, h.lastAt + HISTORY_MIN_INTERVAL_MS - Date.now());
+    h.timer = setTimeout(() => { h.timer = 0; loadHistory(); }, wait);
+  }
+
+  async function loadHistory() {
+    const h = state.hist;
+    clearTimeout(h.timer);
+    h.timer = 0;
+    const user = state.detail.user;
+    if (!user || !state.authed) return;
+    const gen = ++h.gen;
+    h.lastAt = Date.now();
+    const u = encodeURIComponent(user);
+    let an, ev;
+    try {
+      // No from/to: the server's last 24 h, by its own clock.
+      [an, ev] = await Promise.all([
+        query(`/api/analytics/${u}`),
+        query(`/api/history/${u}?limit=${HISTORY_EVENTS}`),
+      ]);
+    } catch (e) {
+      if (gen === h.gen) showNote("#history-msg", "History: " + e.message, "error");
+      return;
+    }
+    if (gen !== h.gen || state.detail.user !== user) return;
+    if (isHistoryOff(an) || isHistoryOff(ev)) { showHistoryOff(isHistoryOff(an) ? an : ev); return; }
+    const bad = an.status !== 200 ? an : ev.status !== 200 ? ev : null;
+    if (bad) { showNote("#history-msg", `History: ${bad.status} ${errorText(bad.body)}`, "error"); return; }
+    showNote("#history-msg", null);
+    $("#history-body").hidden = false;
+    renderAnalytics(an.body || {});
+    renderTimeline(ev.body || {});
+  }
+
+  function barRow(name, frac, value, title) {
+    const li = el("li", "bar-row");
+    li.dataset.key = name;
+    li.title = title;
+    const bar = el("div", "bar");
+    const fill = el("span");
+    fill.style.width = (100 * Math.min(1, Math.max(0, frac || 0))).toFixed(1) + "%";
+    bar.append(fill);
+    li.append(el("span", "bar-name", name), bar, el("span", "bar-value", value));
+    return li;
+  }
+
+  function renderAnalytics(a) {
+    const online = num(a.online_ms);
+    const t = $("#an-online");
+    t.textContent = fmtHM(online);
+    t.title = online === null ? "" : fmtDuration(online / 1000) + " with at least one session open";
+    setText("#an-sessions", fmtInt(a.sessions));
+    setText("#an-open", fmtInt(a.open_sessions));
+    const none = () => el("li", "bar-none muted", "—");
+    const types = Object.entries(a.by_device_type || {})
+      .filter(([, ms]) => num(ms) !== null)
+      .sort((x, y) => y[1] - x[1] || x[0].localeCompare(y[0]));
+    $("#an-device-types").replaceChildren(...(types.length ? types.map(([type, ms]) =>
+      barRow(type, online ? ms / online : 0, fmtHM(ms), `${type}: ${fmtDuration(ms / 1000)} online`)) : [none()]));
+    const regions = Object.entries(a.sessions_by_region || {})
+      .filter(([, n]) => num(n) !== null)
+      .sort((x, y) => y[1] - x[1] || x[0].localeCompare(y[0]));
+    const most = Math.max(1, ...regions.map(([, n]) => n));
+    $("#an-regions").replaceChildren(...(regions.length ? regions.map(([region, n]) =>
+      barRow(region, n / most, fmtInt(n), `${region}: ${n} session${n === 1 ? "" : "s"}`)) : [none()]));
+  }
+
+  const KIND_LABEL = { session_start: "session start", session_end: "session end", status: "status" };
+
+  function renderTimeline(body) {
+    const events = Array.isArray(body.events) ? body.events : [];
+    $("#history-events").replaceChildren(...events.map(eventRow));
+    $("#history-empty").hidden = events.length > 0;
+    setText("#history-count", events.length >= HISTORY_EVENTS ? `latest ${HISTORY_EVENTS}, newest first`
+      : events.length ? `${events.length} event${events.length === 1 ? "" : "s"}, newest first` : "");
+  }
+
+  function eventRow(e) {
+    const kind = KIND_LABEL[e.kind] ? e.kind : "other";
+    const li = el("li", "ev ev-" + kind);
+    li.dataset.kind = String(e.kind);
+    const time = el("time", "ev-time", fmtClock(e.ts));
+    if (typeof e.ts === "number") {
+      time.dateTime = new Date(e.ts).toISOString();
+      time.title = fmtTime(e.ts) + " · " + fmtAgo(e.ts);
+    }
+    const badge = el("span", "ev-kind", KIND_LABEL[e.kind] || String(e.kind));
+    const what = el("span", "ev-what");
+    const parts = [];
+    if (e.kind === "status") {
+      const st = statusOf(e.status);
+      const s = el("span", "ev-state");
+      s.append(el("span", "dot dot-" + st), el("span", "status-name", st));
+      parts.push(s);
+      if (e.text) parts.push(el("span", "ev-text", e.text));
+      if (typeof e.devices === "number") parts.push(el("span", "muted", `${fmtInt(e.devices)} device${e.devices === 1 ? "" : "s"}`));
+    } else {
+      if (e.device) parts.push(el("span", "mono ev-device", e.device));
+      parts.push(el("span", "ev-type", e.device_type || "other"));
+      if (e.region) parts.push(el("span", "muted", e.region));
+      if (e.kind === "session_end" && typeof e.started_at === "number" && typeof e.ts === "number") {
+        const lasted = e.ts - e.started_at;
+        parts.push(el("span", "muted", "after " + (lasted < 1000 ? "<1s" : fmtDuration(lasted / 1000))));
+      }
+      const groups = Array.isArray(e.groups) ? e.groups : [];
+      if (groups.length) li.title = "groups: " + groups.join(", ");
+    }
+    parts.forEach((p, i) => { if (i) what.append(el("span", "sep", "·")); what.append(p); });
+    li.append(time, badge, what);
+    return li;
+  }
+
+  // ---- replay: online users from history, and who they were --------------------------------------------
+  const REPLAY_CHART_HEIGHT = 190;
+
+  function replayGroup() {
+    const g = $("#filter-group").value.trim();
+    return g && $("#replay-use-group").checked ? g : null;
+  }
+
+  function updateReplayScope() {
+    const g = $("#filter-group").value.trim();
+    $("#replay-use-group").disabled = !g;
+    $("#replay-group-check").classList.toggle("disabled", !g);
+    setText("#replay-group-label", g ? `only group ${g}` : "group filter");
+    const scope = replayGroup();
+    const pill = $("#replay-scope");
+    pill.textContent = scope ? `group ${scope}` : "all users";
+    pill.classList.toggle("scope-group", !!scope);
+  }
+
+  function onReplayScopeInput() {
+    updateReplayScope();
+    if (state.authed && replayGroup() !== state.replay.group) loadReplay();
+  }
+
+  function setReplayWindow(ms) {
+    const r = state.replay;
+    r.windowMs = ms;
+    r.selected = null;
+    for (const b of document.querySelectorAll(".seg-btn[data-window]")) {
+      b.setAttribute("aria-pressed", String(Number(b.dataset.window) === ms));
+    }
+    loadReplay();
+  }
+
+  // Whole seconds, at least the sampling interval, at most REPLAY_POINTS_MAX points.
+  function replayStep(windowMs, sampleMs) {
+    return Math.max(sampleMs || 1000, Math.ceil(windowMs / REPLAY_POINTS_MAX / 1000) * 1000);
+  }
+
+  // False when the answer is usable; otherwise says why on the card.
+  function replayFailed(res, what) {
+    if (isHistoryOff(res)) { showHistoryOff(res); return true; }
+    if (res.status !== 200) {
+      showNote("#replay-msg", `${what}: ${res.status} ${errorText(res.body)}`, "error");
+      return true;
+    }
+    return false;
+  }
+
+  async function loadReplay() {
+    const r = state.replay;
+    clearTimeout(r.timer);
+    r.timer = 0;
+    if (!state.authed || state.historyOff) return;
+    const gen = ++r.gen;
+    try {
+      if (!r.sampleMs) {
+        // A one-point replay without `step` answers with the default step: the sampling interval.
+        const t = Math.floor(serverNow());
+        const probe = await query(`/api/replay?from=${t}&to=${t}`);
+        if (gen !== r.gen || replayFailed(probe, "Replay")) return;
+        r.sampleMs = num(probe.body && probe.body.step) || 1000;
+      }
+      const step = replayStep(r.windowMs, r.sampleMs);
+      const from = Math.floor((serverNow() - r.windowMs) / step) * step;
+      const group = replayGroup();
+      const params = new URLSearchParams({ from: String(from), step: String(step) });
+      if (group) params.set("group", group);
+      const res = await query("/api/replay?" + params.toString());
+      if (gen !== r.gen || replayFailed(res, "Replay")) return;
+      showNote("#replay-msg", null);
+      applyReplay(res.body || {}, group);
+    } catch (e) {
+      if (gen === r.gen) showNote("#replay-msg", "Replay: " + e.message, "error");
+    } finally {
+      if (gen === r.gen) scheduleReplayRefresh();
+    }
+  }
+
+  // Live while following the latest point; an inspected instant pauses it (the chart and the
+  // slider hold still under the pointer) until "live" is pressed.
+  function scheduleReplayRefresh() {
+    const r = state.replay;
+    clearTimeout(r.timer);
+    r.timer = 0;
+    if (!state.authed || state.historyOff || r.selected !== null) return;
+    r.timer = setTimeout(loadReplay, Math.max(REPLAY_REFRESH_MIN_MS, r.step || 0));
+  }
+
+  function applyReplay(body, group) {
+    const r = state.replay;
+    const pts = Array.isArray(body.points) ? body.points : [];
+    const t = [], online = [];
+    let nonNull = 0, max = null, last = null;
+    for (const p of pts) {
+      if (num(p.t) === null) continue;
+      const v = num(p.online);
+      t.push(p.t / 1000);
+      online.push(v);
+      if (v !== null) { nonNull++; max = Math.max(max === null ? 0 : max, v); last = v; }
+    }
+    r.data = [t, online];
+    r.step = num(body.step) || r.step;
+    const groupChanged = r.group !== group;
+    r.group = group;
+    $("#replay-body").hidden = false;
+    $("#replay-card").classList.remove("history-off");
+    const host = $("#replay-chart");
+    host.dataset.points = String(t.length);
+    host.dataset.nonNull = String(nonNull);
+    host.dataset.max = max === null ? "" : String(max);
+    host.dataset.last = last === null ? "" : String(last);
+    host.dataset.step = String(r.step);
+    ensureReplayChart();
+    if (r.chart) r.chart.setData(r.data);
+
+    const slider = $("#replay-at");
+    if (!t.length) { slider.disabled = true; return; }
+    const first = t[0] * 1000, latest = t[t.length - 1] * 1000;
+    slider.min = String(first);
+    slider.max = String(latest);
+    slider.step = String(r.step);
+    slider.disabled = false;
+    // An inspected instant outside the (reloaded) window gives way to the latest point.
+    if (r.selected !== null && (r.selected < first || r.selected > latest)) r.selected = null;
+    const at = r.selected === null ? latest : r.selected;
+    slider.value = String(at);
+    showLive();
+    showAtTime(at);
+    const shown = r.atShown;
+    if (r.selected === null || groupChanged || !shown || shown.t !== at) loadAt(at);
+  }
+
+  function showAtTime(t) {
+    const e = $("#replay-at-time");
+    e.textContent = fmtClock(t) + (state.replay.selected === null ? " · latest" : " · paused");
+    e.title = fmtTime(t) + " · " + fmtAgo(t);
+  }
+
+  function showLive() {
+    const live = state.replay.selected === null;
+    const b = $("#replay-now");
+    b.classList.toggle("active", live);
+    b.setAttribute("aria-pressed", String(live));
+    b.title = live ? "Following the latest point" : "Paused on the chosen instant: back to the latest point, live";
+  }
+
+  function selectInstant(t, immediate) {
+    const r = state.replay;
+    if (!isFinite(t)) return;
+    r.selected = t;
+    clearTimeout(r.timer); // paused: see scheduleReplayRefresh
+    r.timer = 0;
+    $("#replay-at").value = String(t);
+    showLive();
+    showAtTime(t);
+    if (r.chart) r.chart.redraw(false, false);
+    clearTimeout(r.atTimer);
+    r.atTimer = setTimeout(() => loadAt(t), immediate ? 0 : REPLAY_AT_DEBOUNCE_MS);
+  }
+
+  async function loadAt(t) {
+    const r = state.replay;
+    clearTimeout(r.atTimer);
+    r.atTimer = 0;
+    if (!state.authed || state.historyOff) return;
+    const gen = ++r.atGen;
+    const group = r.group;
+    const params = new URLSearchParams({ t: String(Math.round(t)), limit: String(REPLAY_AT_LIMIT) });
+    if (group) params.set("group", group);
+    let res;
+    try {
+      res = await query("/api/replay/at?" + params.toString());
+    } catch (e) {
+      if (gen === r.atGen) showNote("#replay-msg", "Who was online: " + e.message, "error");
+      return;
+    }
+    if (gen !== r.atGen || replayFailed(res, "Who was online")) return;
+    r.atShown = { t, group };
+    renderAt(res.body || {}, t);
+  }
+
+  function renderAt(body, t) {
+    const users = Array.isArray(body.users) ? body.users.filter((u) => typeof u === "string") : [];
+    const total = num(body.total) === null ? users.length : body.total;
+    const list = $("#replay-users");
+    list.dataset.t = String(t);
+    setText("#replay-total", fmtInt(total));
+    setText("#replay-total-unit", (total === 1 ? "user" : "users") + (body.group ? ` in ${body.group}` : ""));
+    const items = users.map((u) => {
+      const li = el("li");
+      const b = el("button", "chip chip-user", u);
+      b.type = "button";
+      b.dataset.user = u;
+      b.title = `Open ${u}`;
+      li.append(b);
+      return li;
+    });
+    if (!items.length) items.push(el("li", "muted small", "nobody"));
+    list.replaceChildren(...items);
+    const more = $("#replay-more");
+    more.textContent = total > users.length ? `+ ${fmtInt(total - users.length)} more not listed` : "";
+    more.hidden = !(total > users.length);
+    const h = num(body.lookback_h);
+    setText("#replay-lookback", h === null ? ""
+      : `From sessions that started in the ${h} h before this instant: a session open longer is not counted.`);
+  }
+
+  function drawReplayMarker(u) {
+    const t = state.replay.selected;
+    if (t === null || !u.data[0].length) return;
+    const x = Math.round(u.valToPos(t / 1000, "x", true));
+    const { left, top, width, height } = u.bbox;
+    if (x < left || x > left + width) return;
+    const dpr = window.devicePixelRatio || 1;
+    const ctx = u.ctx;
+    ctx.save();
+    ctx.strokeStyle = "#5aa9ff";
+    ctx.lineWidth = dpr;
+    ctx.setLineDash([4 * dpr, 3 * dpr]);
+    ctx.beginPath();
+    ctx.moveTo(x + 0.5, top);
+    ctx.lineTo(x + 0.5, top + height);
+    ctx.stroke();
+    ctx.restore();
+  }
+
+  function onReplayClick(u, ev) {
+    const ts = u.data[0];
+    if (!ts.length) return;
+    const idx = u.posToIdx(ev.clientX - u.over.getBoundingClientRect().left);
+    selectInstant(ts[Math.max(0, Math.min(ts.length - 1, idx))] * 1000, true);
+  }
+
+  function ensureReplayChart() {
+    const r = state.replay;
+    if (r.chart || typeof uPlot === "undefined") return;
+    const host = $("#replay-chart");
+    const incrs = [];
+    for (let e = 0; e < 10; e++) for (const m of [1, 2, 5]) incrs.push(m * 10 ** e);
+    const opts = {
+      width: Math.max(200, host.clientWidth),
+      height: REPLAY_CHART_HEIGHT,
+      // A click (uPlot's "click without a drag", which it otherwise swallows) picks the nearest point.
+      cursor: { drag: { x: false, y: false, click: onReplayClick } },
+      legend: { live: true },
+      scales: { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(2, Math.ceil((max || 0) * 1.15))] } },
+      axes: [
+        { ...AXIS, space: 70 },
+        { ...AXIS, size: 48, incrs, values: (u, vals) => vals.map(fmtCompact) },
+      ],
+      series: [
+        {
+          value: (u, v, si, idx) => {
+            if (idx === null || idx === undefined) v = lastValue(u.data[0]);
+            return v ? fmtClock(v * 1000) : "—";
+          },
+        },
+        {
+          ...series("online users", "#3ecf72", fmtInt, "rgba(62,207,114,0.12)"),
+          spanGaps: false, // no sample there: a gap, not a made-up line
+          // Few samples (a young server, sparse history): dots, or a short run is a hairline.
+          points: { show: (u, si) => u.data[si].filter((v) => v !== null).length <= 120, size: 5 },
+          paths: uPlot.paths && uPlot.paths.stepped ? uPlot.paths.stepped({ align: 1 }) : undefined,
+        },
+      ],
+      hooks: { draw: [drawReplayMarker] },
+    };
+    r.chart = new uPlot(opts, r.data, host);
+    new ResizeObserver(() => {
+      const w = Math.max(200, host.clientWidth);
+      if (r.chart && w !== r.chart.width) r.chart.setSize({ width: w, height: REPLAY_CHART_HEIGHT });
+    }).observe(host);
+  }
+
+  function resetReplay() {
+    const r = state.replay;
+    clearTimeout(r.timer);
+    clearTimeout(r.atTimer);
+    r.timer = r.atTimer = 0;
+    r.gen++;
+    r.atGen++;
+    r.selected = null;
+    showLive();
+    r.atShown = null;
+    r.data = [[], []];
+    if (r.chart) r.chart.setData(r.data);
+    $("#replay-users").replaceChildren();
+    setText("#replay-total", "—");
+    setText("#replay-at-time", "—");
+    $("#replay-more").hidden = true;
+    showNote("#replay-msg", null);
+  }
+
   let toastTimer = 0;
   function toast(text, isError) {
     const t = $("#toast");
@@ -841,6 +1354,7 @@
     state.series = emptySeries();
     redrawCharts();
     closeDetail();
+    resetReplay();
   }
 
   // ---- wiring -------------------------------------------------------------------------------------------
@@ -878,7 +1392,24 @@
       if (t) signIn(t);
     });
     $("#sign-out").addEventListener("click", () => signOut(null));
-    setInterval(refreshRelativeTimes, 5000);
+    for (const b of document.querySelectorAll(".seg-btn[data-window]")) {
+      b.addEventListener("click", () => setReplayWindow(Number(b.dataset.window)));
+    }
+    $("#replay-use-group").addEventListener("change", onReplayScopeInput);
+    $("#replay-at").addEventListener("input", () => selectInstant(Number($("#replay-at").value), false));
+    $("#replay-now").addEventListener("click", () => { state.replay.selected = null; loadReplay(); });
+    $("#replay-users").addEventListener("click", (ev) => {
+      const b = ev.target.closest("button[data-user]");
+      if (b) openDetail(b.dataset.user);
+    });
+    updateReplayScope();
+    setInterval(() => {
+      refreshRelativeTimes();
+      // An open panel's time online keeps growing: re-ask now and then.
+      if (state.detail.user && !state.historyOff && Date.now() - state.hist.lastAt >= HISTORY_PERIODIC_MS) {
+        scheduleHistoryRefresh();
+      }
+    }, 5000);
 
     state.series = emptySeries();
     const fromFragment = tokenFromFragment();

@@ -42,8 +42,10 @@ pub struct HistoryEvent {
     pub ts: u64,
     pub user: UserId,
     pub kind: EventKind,
-    /// The session (0 for status events).
-    #[serde(default)]
+    /// The session (0 for status events, and then left out). In JSON it is the hex string that
+    /// `welcome.session`, `/api/users/{id}` and the kick routes use (a number would lose
+    /// precision in JavaScript once the shard index reaches 32).
+    #[serde(default, skip_serializing_if = "is_zero", with = "hex_session")]
     pub session: SessionId,
     /// Session events: when the session started (an end carries its start, so one row gives the
     /// whole interval).
@@ -67,6 +69,28 @@ pub struct HistoryEvent {
     /// Status events: the user's presence `seq`.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub seq: u64,
+}
+
+/// A session id as lowercase hex in JSON; a number is accepted too.
+mod hex_session {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(id: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{id:x}"))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Id {
+            Hex(String),
+            Num(u64),
+        }
+        match Id::deserialize(d)? {
+            Id::Num(n) => Ok(n),
+            Id::Hex(h) => u64::from_str_radix(&h, 16).map_err(serde::de::Error::custom),
+        }
+    }
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -126,4 +150,27 @@ pub fn day_of(ts_ms: u64) -> u32 {
 /// Hour number (UTC) of a timestamp in ms.
 pub fn hour_of(ts_ms: u64) -> u64 {
     ts_ms / 3_600_000
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sessions_are_hex_in_json_and_round_trip() {
+        let mut e = HistoryEvent::new(5, "u".into(), EventKind::SessionStart);
+        e.session = (33 << 48) | 7;
+        let json = serde_json::to_value(&e).unwrap();
+        assert_eq!(json["session"], "21000000000007");
+        assert_eq!(serde_json::from_value::<HistoryEvent>(json).unwrap(), e);
+        let status = HistoryEvent::new(5, "u".into(), EventKind::Status);
+        assert!(serde_json::to_value(&status)
+            .unwrap()
+            .get("session")
+            .is_none());
+        let legacy: HistoryEvent =
+            serde_json::from_str(r#"{"ts":1,"user":"u","kind":"session_end","session":12}"#)
+                .unwrap();
+        assert_eq!(legacy.session, 12);
+    }
 }

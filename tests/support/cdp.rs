@@ -225,21 +225,54 @@ impl Browser {
     /// A real mouse click (press and release) in the middle of the element `selector`, after
     /// scrolling it into view.
     pub fn click(&mut self, selector: &str) {
+        self.click_at(selector, 0.5, 0.5);
+    }
+
+    /// A real mouse click at a point of the element `selector`, given as fractions of its box
+    /// (`0.5, 0.5` is the middle), after scrolling it into view; the pointer moves there first,
+    /// as a hand would, so hover state (a chart's cursor) follows it. It waits until that point
+    /// holds still over two polls and hits the element itself (not a cover), so that a layout
+    /// still settling (a chart appearing above) cannot send the click elsewhere.
+    pub fn click_at(&mut self, selector: &str, fx: f64, fy: f64) {
         let expr = format!(
             "(() => {{ const e = document.querySelector({}); if (!e) return null; \
                e.scrollIntoView({{block: 'center'}}); const r = e.getBoundingClientRect(); \
-               return {{x: r.left + r.width / 2, y: r.top + r.height / 2, w: r.width, h: r.height}}; }})()",
+               const x = r.left + r.width * {fx}, y = r.top + r.height * {fy}; \
+               const hit = document.elementFromPoint(x, y); \
+               return {{x, y, w: r.width, h: r.height, hits: !!hit && e.contains(hit)}}; }})()",
             js_str(selector)
         );
-        let at = self.wait_for(&format!("{selector} to be clickable"), &expr, |v| {
-            v["w"].as_f64() > Some(0.0) && v["h"].as_f64() > Some(0.0)
-        });
+        let last = std::cell::RefCell::new(Value::Null);
+        let at = self.wait_for(
+            &format!("{selector} to be clickable (shown, uncovered, holding still)"),
+            &expr,
+            |v| {
+                let steady = *last.borrow() == *v;
+                *last.borrow_mut() = v.clone();
+                steady
+                    && v["hits"] == true
+                    && v["w"].as_f64() > Some(0.0)
+                    && v["h"].as_f64() > Some(0.0)
+            },
+        );
+        self.call(
+            "Input.dispatchMouseEvent",
+            json!({"type": "mouseMoved", "x": at["x"], "y": at["y"]}),
+        );
         for kind in ["mousePressed", "mouseReleased"] {
             self.call(
                 "Input.dispatchMouseEvent",
                 json!({"type": kind, "x": at["x"], "y": at["y"], "button": "left", "clickCount": 1}),
             );
         }
+    }
+
+    /// Resizes the viewport to `width`×`height` CSS pixels (the page lays itself out again).
+    pub fn set_viewport(&mut self, width: u32, height: u32) {
+        self.call(
+            "Emulation.setDeviceMetricsOverride",
+            json!({"width": width, "height": height, "deviceScaleFactor": 1, "mobile": false}),
+        );
     }
 
     /// Sets the value of the input `selector` and fires `input`, as typing would.
