@@ -873,6 +873,10 @@ fn every_metric_family_and_route_is_documented() {
         "POST /api/users/{id}/kick",
         "POST /api/sessions/{id}/kick",
         "GET /ws/admin",
+        "GET /api/history/{user}",
+        "GET /api/analytics/{user}",
+        "GET /api/replay",
+        "GET /api/replay/at",
     ] {
         assert!(
             doc.contains(&format!("`{route}`")),
