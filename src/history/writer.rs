@@ -29,6 +29,9 @@ pub struct Writer {
     samples: Vec<Sample>,
     /// Set when shutdown was asked for during a flush's retries: the flush gives up by then.
     stop_by: Option<Instant>,
+    /// The stop signal has been taken (shutdown under way) or can no longer come: a flush's
+    /// backoff must not listen for it any more.
+    stop_taken: bool,
 }
 
 impl Writer {
@@ -43,6 +46,7 @@ impl Writer {
             events: Vec::with_capacity(cfg.batch_max),
             samples: Vec::new(),
             stop_by: None,
+            stop_taken: false,
             cfg,
             records,
             queries,
@@ -99,7 +103,8 @@ impl Writer {
                 .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
             tokio::select! {
                 biased;
-                deadline = self.stop.recv_async() => {
+                deadline = self.stop.recv_async(), if !self.stop_taken => {
+                    self.stop_taken = true;
                     let deadline = Instant::now() + deadline.unwrap_or_default();
                     self.shutdown(&mut store, deadline).await;
                     return;
@@ -194,9 +199,14 @@ impl Writer {
                     // Shutdown must not wait out a backoff: it bounds what is left.
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
-                        stop = self.stop.recv_async(), if self.stop_by.is_none() => {
-                            let grace = stop.unwrap_or_default();
-                            self.stop_by = Some(Instant::now() + grace);
+                        stop = self.stop.recv_async(), if !self.stop_taken => {
+                            self.stop_taken = true;
+                            // A closed channel without a message is no request to stop now.
+                            if let Ok(grace) = stop {
+                                self.stop_by = Some(Instant::now() + grace);
+                            } else {
+                                tokio::time::sleep(wait).await;
+                            }
                         }
                     }
                 }
