@@ -93,6 +93,7 @@ impl Writer {
         let batch_wait = Duration::from_millis(self.cfg.batch_interval_ms);
         let mut batch_due: Option<tokio::time::Instant> = None;
         let mut retention = tokio::time::interval(RETENTION_EVERY);
+        let mut queries_open = true;
         loop {
             if let Some(deadline) = self.stop_by {
                 // Shutdown arrived while a flush was retrying.
@@ -109,11 +110,15 @@ impl Writer {
                     self.shutdown(&mut store, deadline).await;
                     return;
                 }
-                q = self.queries.recv_async() => {
-                    if let Ok((q, reply)) = q {
-                        let answer = self.answer(&mut store, q).await;
-                        HistoryMetrics::add(&self.metrics.queries, 1);
-                        let _ = reply.try_send(answer);
+                q = self.queries.recv_async(), if queries_open => {
+                    match q {
+                        Ok((q, reply)) => {
+                            let answer = self.answer(&mut store, q).await;
+                            HistoryMetrics::add(&self.metrics.queries, 1);
+                            let _ = reply.try_send(answer);
+                        }
+                        // Every sink is gone; the records still queued are written below.
+                        Err(_) => queries_open = false,
                     }
                 }
                 r = self.records.recv_async() => {
