@@ -675,6 +675,8 @@ fn the_admin_feed_authenticates_pushes_stats_and_changes_and_answers_queries() {
         (&json!("ops"), &json!(2))
     );
     assert!(hello["series"].is_array());
+    assert_eq!(hello["history"]["backend"], "local");
+    assert_eq!(hello["history"]["sample_interval_s"], 10);
 
     let mut zed = s.connect("zed");
     let stats = loop {

@@ -220,7 +220,18 @@ async fn hello<S: AsyncRead + AsyncWrite + Unpin>(
         shards: usize,
         interval_ms: u64,
         series: Vec<super::series::Sample>,
+        history: HistoryInfo,
     }
+    /// What the dashboard needs to draw history: whether it is on, how often samples are taken
+    /// (the finest useful replay step), and how far back `replay/at` looks.
+    #[derive(Serialize)]
+    struct HistoryInfo {
+        backend: crate::config::HistoryBackend,
+        sample_interval_s: u64,
+        replay_lookback_h: u64,
+        retention_days: u32,
+    }
+    let h = &feed.shard.cfg.history;
     let frame = json_frame(&Hello {
         r#type: "hello",
         admin: who,
@@ -228,6 +239,12 @@ async fn hello<S: AsyncRead + AsyncWrite + Unpin>(
         shards: feed.shard.mesh.shards(),
         interval_ms: feed.shard.cfg.admin.push_interval_ms,
         series,
+        history: HistoryInfo {
+            backend: h.backend,
+            sample_interval_s: h.sample_interval_s,
+            replay_lookback_h: h.replay_lookback_h,
+            retention_days: h.retention_days,
+        },
     });
     feed.send(&frame).await
 }
