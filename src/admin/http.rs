@@ -214,22 +214,6 @@ pub fn error_code(status: u16) -> &'static str {
     }
 }
 
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        403 => "Forbidden",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        408 => "Request Timeout",
-        413 => "Payload Too Large",
-        431 => "Request Header Fields Too Large",
-        503 => "Service Unavailable",
-        _ => "Internal Server Error",
-    }
-}
-
 /// The response's bytes. `head_only`: a HEAD request (headers, no body).
 pub fn encode(resp: &Response, keep_alive: bool, head_only: bool) -> Vec<u8> {
     use std::io::Write;
@@ -238,7 +222,7 @@ pub fn encode(resp: &Response, keep_alive: bool, head_only: bool) -> Vec<u8> {
         out,
         "HTTP/1.1 {} {}\r\ncontent-type: {}\r\ncontent-length: {}\r\nconnection: {}\r\n",
         resp.status,
-        reason(resp.status),
+        crate::edge::http::reason_phrase(resp.status),
         resp.content_type,
         resp.body.len(),
         if keep_alive { "keep-alive" } else { "close" },

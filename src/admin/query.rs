@@ -392,13 +392,7 @@ fn user_detail(shard: &Shard, user: &str, now: u64) -> Option<UserDetail> {
 }
 
 fn kick_user(shard: &Shard, user: &UserId, by: &str) -> Kicked {
-    let mut ids: Vec<SessionId> = shard
-        .registry
-        .borrow()
-        .sessions(user)
-        .iter()
-        .map(|s| s.id)
-        .collect();
+    let mut ids = shard.registry.borrow().session_ids(user);
     ids.extend(shard.observers_of(user));
     let conns = shard.conns.borrow();
     let mut kicked = 0;

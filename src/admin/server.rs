@@ -20,38 +20,26 @@ pub async fn accept_loop(
     tls: Option<Arc<ServerConfig>>,
     stop: Rc<glommio::channels::local_channel::LocalReceiver<()>>,
 ) {
-    loop {
-        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
-            stop.recv().await;
-            None
-        })
-        .await;
-        match accepted {
-            None => return,
-            Some(Ok(mut stream)) => {
-                let open = shard
-                    .metrics
-                    .admin_connections
-                    .load(std::sync::atomic::Ordering::Relaxed);
-                if open as usize >= shard.cfg.admin.max_connections {
-                    let resp = Response::error(503, "too many admin connections");
-                    glommio::spawn_local(async move {
-                        let _ = stream.write_all(&http::encode(&resp, false, false)).await;
-                        let _ = stream.close().await;
-                    })
-                    .detach();
-                    continue;
-                }
-                let open = Open::new(shard.clone());
-                let m = shard.metrics.clone();
-                let serving = start(shard.clone(), stream, tls.clone(), open);
-                glommio::spawn_local(crate::edge::accept::guarded(m, serving)).detach();
-            }
-            Some(Err(e)) => {
-                tracing::warn!(shard = shard.ix, error = %e, "admin accept failed");
-                glommio::timer::sleep(Duration::from_millis(10)).await;
-            }
+    while let Some(mut stream) =
+        crate::edge::accept::next_connection(&shard, &listener, &stop).await
+    {
+        let open = shard
+            .metrics
+            .admin_connections
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if open as usize >= shard.cfg.admin.max_connections {
+            let resp = Response::error(503, "too many admin connections");
+            glommio::spawn_local(async move {
+                let _ = stream.write_all(&http::encode(&resp, false, false)).await;
+                let _ = stream.close().await;
+            })
+            .detach();
+            continue;
         }
+        let open = Open::new(shard.clone());
+        let m = shard.metrics.clone();
+        let serving = start(shard.clone(), stream, tls.clone(), open);
+        glommio::spawn_local(crate::edge::accept::guarded(m, serving)).detach();
     }
 }
 

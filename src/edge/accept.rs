@@ -32,31 +32,39 @@ pub async fn accept_loop(
     secure: Option<Arc<ServerConfig>>,
     stop: Rc<glommio::channels::local_channel::LocalReceiver<()>>,
 ) {
+    while let Some(stream) = next_connection(&shard, &listener, &stop).await {
+        let tls = match secure
+            .as_ref()
+            .map(|c| Tls::new(c).map(Box::new))
+            .transpose()
+        {
+            Ok(tls) => tls,
+            Err(e) => {
+                tracing::warn!(error = %e, "TLS session setup failed");
+                continue;
+            }
+        };
+        let m = shard.metrics.clone();
+        glommio::spawn_local(guarded(m, handshake(shard.clone(), stream, tls))).detach();
+    }
+}
+
+/// The next accepted connection, or `None` once `stop` fires. Accept errors (EMFILE and
+/// friends) are logged and followed by a short pause instead of a spin.
+pub async fn next_connection(
+    shard: &Shard,
+    listener: &TcpListener,
+    stop: &glommio::channels::local_channel::LocalReceiver<()>,
+) -> Option<TcpStream> {
     loop {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
             stop.recv().await;
             None
         })
         .await;
-        match accepted {
-            None => return,
-            Some(Ok(stream)) => {
-                let tls = match secure
-                    .as_ref()
-                    .map(|c| Tls::new(c).map(Box::new))
-                    .transpose()
-                {
-                    Ok(tls) => tls,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "TLS session setup failed");
-                        continue;
-                    }
-                };
-                let m = shard.metrics.clone();
-                glommio::spawn_local(guarded(m, handshake(shard.clone(), stream, tls))).detach();
-            }
-            Some(Err(e)) => {
-                // EMFILE and friends: back off briefly instead of spinning.
+        match accepted? {
+            Ok(stream) => return Some(stream),
+            Err(e) => {
                 tracing::warn!(shard = shard.ix, error = %e, "accept failed");
                 glommio::timer::sleep(Duration::from_millis(10)).await;
             }

@@ -272,13 +272,7 @@ fn admission(shard: &Shard) -> Result<(), (u16, &'static str)> {
 fn session_limit(shard: &Shard, user: &str) -> bool {
     let limits = &shard.cfg.limits;
     let max = limits.max_sessions_per_user;
-    let mut ids: Vec<SessionId> = shard
-        .registry
-        .borrow()
-        .sessions(user)
-        .iter()
-        .map(|s| s.id)
-        .collect();
+    let mut ids = shard.registry.borrow().session_ids(user);
     if max == 0 || ids.len() < max {
         return true;
     }

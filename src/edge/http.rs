@@ -138,20 +138,28 @@ pub fn switching_protocols(key: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-/// A plain-text error response that closes the connection.
-pub fn error_response(status: u16, reason: &str) -> Vec<u8> {
-    let text = match status {
+/// The reason phrase of the status codes this server sends (both ports).
+pub fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        101 => "Switching Protocols",
+        200 => "OK",
         400 => "Bad Request",
         401 => "Unauthorized",
         403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         408 => "Request Timeout",
+        413 => "Payload Too Large",
         429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         503 => "Service Unavailable",
-        _ => "Error",
-    };
+        _ => "Internal Server Error",
+    }
+}
+
+/// A plain-text error response that closes the connection.
+pub fn error_response(status: u16, reason: &str) -> Vec<u8> {
+    let text = reason_phrase(status);
     format!(
         "HTTP/1.1 {status} {text}\r\nContent-Type: text/plain; charset=utf-8\r\n\
          Content-Length: {}\r\nConnection: close\r\n\r\n{reason}\n",

@@ -288,6 +288,11 @@ impl Registry {
             .map(move |(id, e)| UserView::new(id, e, now_ms))
     }
 
+    /// Ids of the sessions of `user` on this shard.
+    pub fn session_ids(&self, user: &str) -> Vec<SessionId> {
+        self.sessions(user).iter().map(|s| s.id).collect()
+    }
+
     /// Watching shards of `user` (for ephemeral `activity` events).
     pub fn watchers(&self, user: &str) -> Vec<ShardIx> {
         self.users

@@ -397,13 +397,7 @@ impl Shard {
                         }
                     }
                     Some(to) => {
-                        let mut sessions: Vec<SessionId> = self
-                            .registry
-                            .borrow()
-                            .sessions(&to)
-                            .iter()
-                            .map(|s| s.id)
-                            .collect();
+                        let mut sessions = self.registry.borrow().session_ids(&to);
                         // Admins impersonating `to` see what its sessions see.
                         sessions.extend(self.observers_of(&to));
                         self.deliver(&sessions, &key, &frame);
