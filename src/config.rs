@@ -429,8 +429,14 @@ impl Config {
         if h.retention_days == 0 {
             return bad("history.retention_days", "must be at least 1");
         }
-        if h.sample_interval_s == 0 {
-            return bad("history.sample_interval_s", "must be at least 1");
+        if h.sample_interval_s == 0 || h.sample_interval_s > 86_400 {
+            return bad("history.sample_interval_s", "between 1 and 86400");
+        }
+        if h.replay_lookback_h == 0 || h.replay_lookback_h > 24 * 366 {
+            return bad("history.replay_lookback_h", "between 1 and 8784 (a year)");
+        }
+        if h.retention_days > 36_500 {
+            return bad("history.retention_days", "at most 36500");
         }
         if h.scylla.nodes.is_empty() && h.backend == HistoryBackend::Scylla {
             return bad("history.scylla.nodes", "at least one contact point");

@@ -170,10 +170,10 @@ async fn conformance<S: Store>(store: &mut S, tag: &str) {
     assert_eq!(a.sessions_by_region["us"], 1);
 
     // Samples and replay.
-    let got = store.samples(s(0), s(25), 100).await.unwrap();
+    let got = store.samples(s(0), s(25), 100, None).await.unwrap();
     assert_eq!(got, samples[..2].to_vec());
     let replay = presenced::history::analytics::replay(
-        &store.samples(s(0), s(40), 100).await.unwrap(),
+        &store.samples(s(0), s(40), 100, None).await.unwrap(),
         s(10),
         s(40),
         10_000,
@@ -273,7 +273,14 @@ fn local_store_expires_what_is_older_than_retention() {
         assert_eq!(store.expire(cutoff, 100).await.unwrap(), 0);
         let left = store.history("u", 0, u64::MAX / 2, 10).await.unwrap();
         assert_eq!(left, new);
-        assert_eq!(store.samples(0, u64::MAX / 2, 10).await.unwrap().len(), 1);
+        assert_eq!(
+            store
+                .samples(0, u64::MAX / 2, 10, None)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
     });
 }
 

@@ -765,8 +765,8 @@ fn reads_from_scylla_answer_as_the_local_store_does() {
                     "sessions_between {from}..{to} max {max}"
                 );
                 assert_eq!(
-                    scylla.samples(from, to, max).await.unwrap(),
-                    local.samples(from, to, max).await.unwrap(),
+                    scylla.samples(from, to, max, None).await.unwrap(),
+                    local.samples(from, to, max, None).await.unwrap(),
                     "samples {from}..{to} max {max}"
                 );
             }

@@ -461,6 +461,8 @@ pub async fn route(
 
 /// Points one replay may return.
 const MAX_REPLAY_POINTS: u64 = 10_000;
+/// The longest replay step.
+const MAX_REPLAY_STEP_MS: u64 = 31 * 86_400_000;
 
 /// `from`/`to` in ms since the epoch; `to` defaults to now, `from` to a day before `to`.
 fn time_range(p: &[(String, String)]) -> Result<(u64, u64), Response> {
@@ -733,6 +735,10 @@ async fn api(
                     _ => return Response::error(400, "step must be a positive number of ms"),
                 },
             };
+            if step > MAX_REPLAY_STEP_MS {
+                let msg = format!("step must be at most {MAX_REPLAY_STEP_MS} ms (31 days)");
+                return Response::error(400, &msg);
+            }
             if (to - from) / step > MAX_REPLAY_POINTS {
                 let msg =
                     format!("at most {MAX_REPLAY_POINTS} points: widen step or narrow from/to");

@@ -451,7 +451,8 @@ fn live(shard: Rc<Shard>, conn: Rc<ConnHandle>, io: Io, admitted: bool) -> Live 
     }
 }
 
-fn end_session(shard: &Shard, conn: &ConnHandle) {
+/// Ends a session: out of the registry (subscribers told), out of history's open sessions.
+pub(crate) fn end_session(shard: &Shard, conn: &ConnHandle) {
     let id = conn.id;
     shard.conns.borrow_mut().remove(&id);
     shard

@@ -21,11 +21,13 @@ pub struct Interval {
 /// Session intervals from a user's events (any order). An end without its start (the start is
 /// older than what was read) still gives the interval, from the end's `started_at`.
 pub fn intervals(events: &[HistoryEvent]) -> Vec<Interval> {
-    let mut by_session: BTreeMap<SessionId, Interval> = BTreeMap::new();
+    // Session ids restart with every server process, so a session is (id, start time): the end
+    // event carries its start.
+    let mut by_session: BTreeMap<(SessionId, u64), Interval> = BTreeMap::new();
     for e in events {
         match e.kind {
             EventKind::SessionStart => {
-                by_session.entry(e.session).or_insert(Interval {
+                by_session.entry((e.session, e.ts)).or_insert(Interval {
                     session: e.session,
                     start: e.ts,
                     end: None,
@@ -34,9 +36,10 @@ pub fn intervals(events: &[HistoryEvent]) -> Vec<Interval> {
                 });
             }
             EventKind::SessionEnd => {
-                let iv = by_session.entry(e.session).or_insert(Interval {
+                let start = if e.started_at > 0 { e.started_at } else { e.ts };
+                let iv = by_session.entry((e.session, start)).or_insert(Interval {
                     session: e.session,
-                    start: if e.started_at > 0 { e.started_at } else { e.ts },
+                    start,
                     end: None,
                     device_type: e.device_type.unwrap_or_default(),
                     region: e.region.clone(),
@@ -153,7 +156,9 @@ pub fn replay(
         while i < samples.len() && samples[i].ts <= t {
             i += 1;
         }
-        let online = (i > 0 && samples[i - 1].ts + step > t).then(|| samples[i - 1].count(group));
+        // The latest sample in (t - step, t]; no overflow whatever `step` is.
+        let within = |ts: u64| t.checked_sub(step).is_none_or(|lo| ts > lo);
+        let online = (i > 0 && within(samples[i - 1].ts)).then(|| samples[i - 1].count(group));
         out.push(ReplayPoint { t, online });
         t = match t.checked_add(step) {
             Some(n) => n,
@@ -172,24 +177,28 @@ pub fn online_at(
     group: Option<&str>,
     limit: usize,
 ) -> (Vec<String>, u64) {
-    let mut open: BTreeMap<SessionId, (&str, bool)> = BTreeMap::new();
-    let mut ended: BTreeSet<SessionId> = BTreeSet::new();
+    // A session is (user, id, start): ids restart with every server process and servers share
+    // a ScyllaDB history.
+    type Key<'a> = (&'a str, SessionId, u64);
+    let mut open: BTreeMap<Key<'_>, bool> = BTreeMap::new();
+    let mut ended: BTreeSet<Key<'_>> = BTreeSet::new();
     for e in events.iter().filter(|e| e.ts <= t) {
         match e.kind {
             EventKind::SessionStart => {
                 let in_group = group.is_none_or(|g| e.groups.iter().any(|x| &**x == g));
-                open.insert(e.session, (&e.user, in_group));
+                open.insert((&e.user, e.session, e.ts), in_group);
             }
             EventKind::SessionEnd => {
-                ended.insert(e.session);
+                let start = if e.started_at > 0 { e.started_at } else { e.ts };
+                ended.insert((&e.user, e.session, start));
             }
             EventKind::Status => {}
         }
     }
     let users: BTreeSet<&str> = open
         .into_iter()
-        .filter(|(s, (_, g))| *g && !ended.contains(s))
-        .map(|(_, (u, _))| u)
+        .filter(|(k, in_group)| *in_group && !ended.contains(k))
+        .map(|((u, _, _), _)| u)
         .collect();
     let total = users.len() as u64;
     (
@@ -260,6 +269,38 @@ mod tests {
             replay(&samples, 20, 20, 10, Some("nope"))[0].online,
             Some(0)
         );
+    }
+
+    #[test]
+    fn session_ids_reused_across_restarts_and_users_are_told_apart() {
+        // alice's session 1 (still open); after a restart bob's session 1 starts and ends.
+        let ev = vec![
+            start("alice", 1, 10, DeviceType::Web, &[]),
+            start("bob", 1, 20, DeviceType::Web, &[]),
+            end("bob", 1, 20, 30, DeviceType::Web),
+        ];
+        assert_eq!(online_at(&ev, 40, None, 10).0, ["alice"]);
+        // The same user, the same id in two runs: two sessions, not one long one.
+        let ev = vec![
+            start("u", 1, 1_000, DeviceType::Web, &[]),
+            end("u", 1, 1_000, 11_000, DeviceType::Web),
+            start("u", 1, 50_000, DeviceType::Web, &[]),
+            end("u", 1, 50_000, 60_000, DeviceType::Web),
+        ];
+        let a = analytics(&ev, 0, 100_000, 100_000);
+        assert_eq!((a.online_ms, a.sessions), (20_000, 2));
+    }
+
+    #[test]
+    fn a_huge_step_cannot_overflow() {
+        let s = vec![Sample {
+            ts: 10,
+            online: 3,
+            groups: vec![],
+        }];
+        let r = replay(&s, 0, 20, u64::MAX - 5, None);
+        assert_eq!(r[0].online, None);
+        assert_eq!(replay(&s, 10, 10, u64::MAX, None)[0].online, Some(3));
     }
 
     #[test]

@@ -129,6 +129,13 @@ pub struct Sample {
 }
 
 impl Sample {
+    /// Drops every group count but `group`'s (all of them with `None`).
+    pub fn keep_only(&mut self, group: Option<&str>) {
+        self.groups
+            .retain(|(g, _)| group.is_some_and(|k| &**g == k));
+        self.groups.shrink_to_fit();
+    }
+
     /// Online users in `group`, or in all when `None`.
     pub fn count(&self, group: Option<&str>) -> u64 {
         match group {

@@ -144,7 +144,13 @@ impl Store for LocalStore {
         self.read_events(user, from, to, max, false)
     }
 
-    async fn samples(&mut self, from: u64, to: u64, max: usize) -> Result<Vec<Sample>, StoreError> {
+    async fn samples(
+        &mut self,
+        from: u64,
+        to: u64,
+        max: usize,
+        only_group: Option<Option<&str>>,
+    ) -> Result<Vec<Sample>, StoreError> {
         let txn = self.db.begin_read().map_err(err)?;
         let table = txn.open_table(SAMPLES).map_err(err)?;
         table
@@ -153,8 +159,12 @@ impl Store for LocalStore {
             .take(max)
             .map(|item| {
                 let (_, v) = item.map_err(err)?;
-                serde_json::from_slice(v.value())
-                    .map_err(|e| StoreError::fatal(format!("local store: corrupt sample: {e}")))
+                let mut sample: Sample = serde_json::from_slice(v.value())
+                    .map_err(|e| StoreError::fatal(format!("local store: corrupt sample: {e}")))?;
+                if let Some(group) = only_group {
+                    sample.keep_only(group);
+                }
+                Ok(sample)
             })
             .collect()
     }

@@ -265,8 +265,14 @@ impl Store for ScyllaStore {
         self.events(user, from, to, max, false).await
     }
 
-    async fn samples(&mut self, from: u64, to: u64, max: usize) -> Result<Vec<Sample>, StoreError> {
-        self.read_samples(from, to, max).await
+    async fn samples(
+        &mut self,
+        from: u64,
+        to: u64,
+        max: usize,
+        only_group: Option<Option<&str>>,
+    ) -> Result<Vec<Sample>, StoreError> {
+        self.read_samples(from, to, max, only_group).await
     }
 
     async fn sessions_between(

@@ -55,8 +55,16 @@ pub trait Store {
         to: u64,
         max: usize,
     ) -> Result<Vec<HistoryEvent>, StoreError>;
-    /// Samples in `[from, to]`, oldest first, at most `max`.
-    async fn samples(&mut self, from: u64, to: u64, max: usize) -> Result<Vec<Sample>, StoreError>;
+    /// Samples in `[from, to]`, oldest first, at most `max`. With `only_group`, each sample keeps
+    /// just that group's count (and none with `Some(None)`): replay reads many samples, and a
+    /// sample can carry a thousand groups.
+    async fn samples(
+        &mut self,
+        from: u64,
+        to: u64,
+        max: usize,
+        only_group: Option<Option<&str>>,
+    ) -> Result<Vec<Sample>, StoreError>;
     /// Session start and end events of every user in `[from, to]`, oldest first, at most `max`.
     async fn sessions_between(
         &mut self,

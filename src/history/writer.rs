@@ -18,6 +18,7 @@ use crate::shard::now_ms;
 /// How often retention runs (local store), and how much it deletes per transaction.
 const RETENTION_EVERY: Duration = Duration::from_secs(60);
 const RETENTION_CHUNK: usize = 10_000;
+const RETENTION_CHUNKS_PER_TURN: usize = 10;
 
 pub struct Writer {
     cfg: HistoryConfig,
@@ -102,18 +103,29 @@ impl Writer {
             }
             let due = batch_due
                 .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            // Not biased: under a flood of records, questions still get their turn, and the
+            // other way round.
             tokio::select! {
-                biased;
                 deadline = self.stop.recv_async(), if !self.stop_taken => {
                     self.stop_taken = true;
-                    let deadline = Instant::now() + deadline.unwrap_or_default();
+                    // No message (the handle was dropped without `stop`): the configured grace.
+                    let grace = deadline
+                        .unwrap_or(Duration::from_millis(self.cfg.flush_deadline_ms));
+                    let deadline = Instant::now() + grace;
                     self.shutdown(&mut store, deadline).await;
                     return;
                 }
                 q = self.queries.recv_async(), if queries_open => {
                     match q {
+                        // The admin side gave up already (timeout): no point in the work.
+                        Ok((_, reply)) if reply.is_disconnected() => {}
                         Ok((q, reply)) => {
-                            let answer = self.answer(&mut store, q).await;
+                            // A bug in a query must not take the writer (and its batch) down.
+                            use futures_lite::FutureExt;
+                            let answer = std::panic::AssertUnwindSafe(self.answer(&mut store, q))
+                                .catch_unwind()
+                                .await
+                                .unwrap_or_else(|_| Err("the query failed (a bug: see the log)".into()));
                             HistoryMetrics::add(&self.metrics.queries, 1);
                             let _ = reply.try_send(answer);
                         }
@@ -122,7 +134,12 @@ impl Writer {
                     }
                 }
                 r = self.records.recv_async() => {
-                    let Ok(r) = r else { return };
+                    let Ok(r) = r else {
+                        // Every sink is gone without a stop: flush what is here, within the deadline.
+                        let grace = Duration::from_millis(self.cfg.flush_deadline_ms);
+                        self.shutdown(&mut store, Instant::now() + grace).await;
+                        return;
+                    };
                     self.take(r);
                     // Take what else is already queued, up to a batch, without waiting.
                     while self.pending() < self.cfg.batch_max {
@@ -227,7 +244,9 @@ impl Writer {
     async fn expire<S: Store>(&mut self, store: &mut S) {
         let keep_ms = u64::from(self.cfg.retention_days) * 86_400_000;
         let before = now_ms().saturating_sub(keep_ms);
-        loop {
+        // A bounded number of chunks per turn: a large backlog (first start after downtime, a
+        // shorter retention) is worked off over several minutes, not in one stall.
+        for _ in 0..RETENTION_CHUNKS_PER_TURN {
             match store.expire(before, RETENTION_CHUNK).await {
                 Ok(n) => {
                     HistoryMetrics::add(&self.metrics.expired, n);
@@ -308,7 +327,7 @@ impl Writer {
                 group,
             } => {
                 let samples = store
-                    .samples(from.saturating_sub(step), to, max)
+                    .samples(from.saturating_sub(step), to, max, Some(group.as_deref()))
                     .await
                     .map_err(fail)?;
                 Ok(Answer::Replay(analytics::replay(

@@ -470,4 +470,10 @@ async fn drain_sessions(shard: &Rc<Shard>) {
     while !shard.conns.borrow().is_empty() && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(5)).await;
     }
+    // Sessions that would not close in time end here, so history records their end too (their
+    // tasks are dropped with the executor).
+    let left: Vec<_> = shard.conns.borrow().values().cloned().collect();
+    for c in left {
+        crate::edge::conn::end_session(shard, &c);
+    }
 }

@@ -106,6 +106,7 @@ impl ScyllaStore {
         from: u64,
         to: u64,
         max: usize,
+        only_group: Option<Option<&str>>,
     ) -> Result<Vec<Sample>, StoreError> {
         let Some((first, last)) = span(from, to, DAY_MS, self.max_days()) else {
             return Ok(Vec::new());
@@ -119,7 +120,11 @@ impl ScyllaStore {
             let values = (day as i32, ts(from), ts(to), limit(max - out.len()));
             let mut rows = rows_of::<SampleOut>(session, &st.samples, values).await?;
             while let Some(row) = rows.next().await {
-                out.push(row.map_err(|e| read_error("reading", e))?.into_sample());
+                let mut sample = row.map_err(|e| read_error("reading", e))?.into_sample();
+                if let Some(group) = only_group {
+                    sample.keep_only(group);
+                }
+                out.push(sample);
                 if out.len() >= max {
                     break;
                 }
