@@ -430,7 +430,11 @@ fn with_history_off_the_reads_say_so() {
     });
     let _c = s.connect("x");
     let (code, body) = s.admin_request("GET", "/api/history/x", Some(&s.admin_token()));
-    assert_eq!(code, 503);
+    assert_eq!(
+        (code, &body["error"]),
+        (503, &json!("history_off")),
+        "{body}"
+    );
     assert!(body["message"].as_str().unwrap().contains("off"), "{body}");
 }
 

@@ -863,7 +863,8 @@
   }
 
   // ---- history: shared bits -------------------------------------------------------------------------------
-  const isHistoryOff = (res) => res.status === 503 && /history is off/i.test(errorText(res.body));
+  const isHistoryOff = (res) => res.status === 503 &&
+    ((res.body && res.body.error === "history_off") || /history is off/i.test(errorText(res.body)));
 
   // Time online as hours and minutes ("3h 05m", "12m", "<1m").
   const fmtHM = (ms) => {

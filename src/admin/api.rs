@@ -486,8 +486,9 @@ fn time_range(p: &[(String, String)]) -> Result<(u64, u64), Response> {
 /// Asks the history thread, within `admin.query_timeout_ms`.
 async fn ask_history(shard: &Shard, q: HQuery) -> Result<Answer, Response> {
     if !shard.history.enabled() {
-        return Err(Response::error(
+        return Err(Response::error_as(
             503,
+            "history_off",
             "history is off (history.backend = \"off\")",
         ));
     }

@@ -174,6 +174,11 @@ impl Response {
 
     /// `{"error","message"}` with the code that goes with `status`.
     pub fn error(status: u16, message: &str) -> Response {
+        Response::error_as(status, error_code(status), message)
+    }
+
+    /// An error whose `error` string is more specific than its status's (e.g. `history_off`).
+    pub fn error_as(status: u16, code: &'static str, message: &str) -> Response {
         #[derive(Serialize)]
         struct Body<'a> {
             error: &'static str,
@@ -182,7 +187,7 @@ impl Response {
         Response::json(
             status,
             &Body {
-                error: error_code(status),
+                error: code,
                 message,
             },
         )
