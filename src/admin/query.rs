@@ -68,9 +68,6 @@ pub enum AdminResp {
 #[derive(Debug)]
 pub struct ShardStats {
     pub sessions: usize,
-    /// Registry entries: online, watched, and remembered offline users.
-    pub users_known: usize,
-    pub groups: usize,
     pub latency_total: Histogram<u64>,
     pub latency_recent: Histogram<u64>,
     /// Shard 0 only: the latest sample and each shard's delivery rate.
@@ -437,8 +434,6 @@ pub fn answer(shard: &Shard, req: &AdminReq, now: u64) -> AdminResp {
             });
             AdminResp::Stats(Box::new(ShardStats {
                 sessions: registry.session_count(),
-                users_known: registry.user_count(),
-                groups: shard.groups.borrow().group_count(),
                 latency_total: latency.total.clone(),
                 latency_recent: latency.recent(),
                 sample,

@@ -84,11 +84,6 @@ impl Series {
         self.ring.iter().copied().collect()
     }
 
-    /// Deliveries per second of shard `ix` at the last sample (0 before two samples).
-    pub fn shard_rate(&self, ix: usize) -> f64 {
-        self.shard_rates.get(ix).copied().unwrap_or(0.0)
-    }
-
     pub fn shard_rates(&self) -> Vec<f64> {
         self.shard_rates.clone()
     }

@@ -340,6 +340,7 @@ pub fn start(shard: Rc<Shard>, mut setup: Setup) {
             usize::from(shard.ix),
             shard.cpu,
             shard.cfg.heartbeat_ms,
+            None,
         ));
         let claims = setup.claims;
         let info = SessionInfo {
@@ -386,13 +387,13 @@ pub fn start(shard: Rc<Shard>, mut setup: Setup) {
 /// no session limit). Audited with both identities.
 fn observe(shard: &Rc<Shard>, conn: &Rc<ConnHandle>, claims: Claims, peer: SocketAddr) {
     let session = format!("{:x}", conn.id);
-    conn.push_reply(events::welcome_read_only(
+    conn.push_reply(events::welcome(
         &session,
         &conn.user,
         usize::from(shard.ix),
         shard.cpu,
         shard.cfg.heartbeat_ms,
-        &claims.sub,
+        Some(&claims.sub),
     ));
     shard.conns.borrow_mut().insert(conn.id, conn.clone());
     shard.expiries.borrow_mut().insert((claims.exp, conn.id));

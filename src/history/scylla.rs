@@ -40,9 +40,6 @@ use super::store::{Store, StoreError};
 use crate::config::ScyllaConfig;
 use writes::Progress;
 
-/// Whether this build has the scylla backend.
-pub const AVAILABLE: bool = true;
-
 /// Rows per unlogged batch (all of one partition): well under the cluster's batch size warning
 /// (128 KiB by default) for events with a few groups.
 pub const BATCH_ROWS_MAX: usize = 32;

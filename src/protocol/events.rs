@@ -111,47 +111,16 @@ pub fn group_snapshot(group: &str, members: &[PresenceState]) -> Bytes {
     })
 }
 
-/// `welcome` of an admin's read-only impersonation: `user` is the impersonated user, `admin` the
-/// admin's own identity.
-pub fn welcome_read_only(
-    session: &str,
-    user: &str,
-    shard: usize,
-    cpu: Option<usize>,
-    heartbeat_ms: u64,
-    admin: &str,
-) -> Bytes {
-    #[derive(Serialize)]
-    struct Welcome<'a> {
-        r#type: &'static str,
-        session: &'a str,
-        user: &'a str,
-        shard: usize,
-        cpu: Option<usize>,
-        heartbeat_ms: u64,
-        read_only: bool,
-        admin: &'a str,
-    }
-    frame(&Welcome {
-        r#type: "welcome",
-        session,
-        user,
-        shard,
-        cpu,
-        heartbeat_ms,
-        read_only: true,
-        admin,
-    })
-}
-
 /// `{"type":"welcome",...}` right after the upgrade. `cpu`: the CPU the serving shard is
-/// pinned to (`null` when unpinned), so operators can see placement from any client.
+/// pinned to (`null` when unpinned), so operators can see placement from any client. `admin`:
+/// set for an admin's read-only impersonation of `user` (then `read_only` and `admin` are sent).
 pub fn welcome(
     session: &str,
     user: &str,
     shard: usize,
     cpu: Option<usize>,
     heartbeat_ms: u64,
+    admin: Option<&str>,
 ) -> Bytes {
     #[derive(Serialize)]
     struct Welcome<'a> {
@@ -161,6 +130,10 @@ pub fn welcome(
         shard: usize,
         cpu: Option<usize>,
         heartbeat_ms: u64,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        read_only: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        admin: Option<&'a str>,
     }
     frame(&Welcome {
         r#type: "welcome",
@@ -169,6 +142,8 @@ pub fn welcome(
         shard,
         cpu,
         heartbeat_ms,
+        read_only: admin.is_some(),
+        admin,
     })
 }
 
