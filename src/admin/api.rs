@@ -449,7 +449,9 @@ pub async fn route(
                 Ok(a) => a,
                 Err(e) => return e,
             };
-            api(shard, method, rest, query, admin).await
+            api(shard, method, rest, query, admin)
+                .await
+                .unwrap_or_else(|e| e)
         }
         _ if read => match super::assets::get(path) {
             Some(r) => r,
@@ -515,36 +517,27 @@ async fn api(
     segs: &[&str],
     query: &str,
     admin: Identity,
-) -> Response {
+) -> Result<Response, Response> {
     let read = matches!(method, Method::Get | Method::Head);
-    let want = |m: bool, which: &str| (!m).then(|| Response::error(405, &format!("use {which}")));
-    let no_params = |query: &str| params(query, &[]).map(|_| ());
-    match segs {
+    // 405 unless the method is right.
+    let need = |ok: bool, which: &str| {
+        if ok {
+            Ok(())
+        } else {
+            Err(Response::error(405, &format!("use {which}")))
+        }
+    };
+    Ok(match segs {
         ["stats"] => {
-            if let Some(e) = want(read, "GET") {
-                return e;
-            }
-            if let Err(e) = no_params(query) {
-                return e;
-            }
-            match stats(shard).await {
-                Ok(body) => Response::json(200, &body),
-                Err(e) => e,
-            }
+            need(read, "GET")?;
+            params(query, &[])?;
+            Response::json(200, &stats(shard).await?)
         }
         ["online"] => {
-            if let Some(e) = want(read, "GET") {
-                return e;
-            }
-            let q = match parse_online(query, shard.cfg.admin.max_page) {
-                Ok(q) => q,
-                Err(e) => return e,
-            };
+            need(read, "GET")?;
+            let q = parse_online(query, shard.cfg.admin.max_page)?;
             let limit = q.limit;
-            let pages = match ask_all(shard, AdminReq::Online(q)).await {
-                Ok(p) => p,
-                Err(e) => return e,
-            };
+            let pages = ask_all(shard, AdminReq::Online(q)).await?;
             let pages = pages
                 .into_iter()
                 .filter_map(|a| match a {
@@ -563,55 +556,48 @@ async fn api(
             )
         }
         ["users", id] => {
-            if let Some(e) = want(read, "GET") {
-                return e;
-            }
+            need(read, "GET")?;
             let Some(user) = segment(id) else {
-                return Response::error(400, "bad user id");
+                return Err(Response::error(400, "bad user id"));
             };
-            if let Err(e) = no_params(query) {
-                return e;
-            }
-            match ask(shard, shard.owner(&user), AdminReq::User(user.into())).await {
-                Ok(AdminResp::User(Some(d))) => Response::json(200, &d),
-                Ok(_) => Response::error(404, "unknown user"),
-                Err(e) => e,
+            params(query, &[])?;
+            match ask(shard, shard.owner(&user), AdminReq::User(user.into())).await? {
+                AdminResp::User(Some(d)) => Response::json(200, &d),
+                _ => Response::error(404, "unknown user"),
             }
         }
         ["users", id, "kick"] => {
-            if let Some(e) = want(method == Method::Post, "POST") {
-                return e;
-            }
+            need(method == Method::Post, "POST")?;
             let Some(user) = segment(id) else {
-                return Response::error(400, "bad user id");
+                return Err(Response::error(400, "bad user id"));
             };
             let req = AdminReq::KickUser {
                 user: user.as_str().into(),
                 by: admin,
             };
-            match ask(shard, shard.owner(&user), req).await {
-                Ok(AdminResp::Kicked(k)) if k.kicked > 0 => Response::json(200, &k),
-                Ok(_) => Response::error(404, "the user has no session"),
-                Err(e) => e,
+            match ask(shard, shard.owner(&user), req).await? {
+                AdminResp::Kicked(k) if k.kicked > 0 => Response::json(200, &k),
+                _ => Response::error(404, "the user has no session"),
             }
         }
         ["sessions", id, "kick"] => {
-            if let Some(e) = want(method == Method::Post, "POST") {
-                return e;
-            }
+            need(method == Method::Post, "POST")?;
             let Some(session) = segment(id).and_then(|s| u64::from_str_radix(&s, 16).ok()) else {
-                return Response::error(400, "a session id is the hex `session` of welcome");
+                return Err(Response::error(
+                    400,
+                    "a session id is the hex `session` of welcome",
+                ));
             };
             let owner = session >> 48;
             if owner >= shard.mesh.shards() as u64 {
-                return Response::error(404, "unknown session");
+                return Err(Response::error(404, "unknown session"));
             }
             let req = AdminReq::KickSession { session, by: admin };
-            match ask(shard, owner as ShardIx, req).await {
-                Ok(AdminResp::Kicked(Kicked {
+            match ask(shard, owner as ShardIx, req).await? {
+                AdminResp::Kicked(Kicked {
                     user: Some(user),
                     kicked,
-                })) => {
+                }) => {
                     #[derive(Serialize)]
                     struct Body {
                         session: String,
@@ -628,43 +614,31 @@ async fn api(
                         },
                     )
                 }
-                Ok(_) => Response::error(404, "unknown session"),
-                Err(e) => e,
+                _ => Response::error(404, "unknown session"),
             }
         }
         ["groups", g] => {
-            if let Some(e) = want(read, "GET") {
-                return e;
-            }
+            need(read, "GET")?;
             let Some(group) = segment(g) else {
-                return Response::error(400, "bad group id");
+                return Err(Response::error(400, "bad group id"));
             };
-            let p = match params(query, &["limit", "cursor"]) {
-                Ok(p) => p,
-                Err(e) => return e,
-            };
+            let p = params(query, &["limit", "cursor"])?;
             let max = shard.cfg.admin.max_page.max(1000);
-            let (limit, after) = match page_args(&p, 1000, max) {
-                Ok(x) => x,
-                Err(e) => return e,
-            };
+            let (limit, after) = page_args(&p, 1000, max)?;
             let q = GroupQuery {
                 group: group.as_str().into(),
                 after,
                 limit,
             };
-            match ask(shard, shard.owner(&group), AdminReq::Group(q)).await {
-                Ok(AdminResp::Group(Some(page))) => Response::json(200, &page),
-                Ok(_) => Response::error(404, "unknown group: no visible member, no subscriber"),
-                Err(e) => e,
+            match ask(shard, shard.owner(&group), AdminReq::Group(q)).await? {
+                AdminResp::Group(Some(page)) => Response::json(200, &page),
+                _ => Response::error(404, "unknown group: no visible member, no subscriber"),
             }
         }
         ["history", id] | ["analytics", id] => {
-            if let Some(e) = want(read, "GET") {
-                return e;
-            }
+            need(read, "GET")?;
             let Some(user) = segment(id) else {
-                return Response::error(400, "bad user id");
+                return Err(Response::error(400, "bad user id"));
             };
             let history = segs[0] == "history";
             let allowed: &[&str] = if history {
@@ -672,19 +646,10 @@ async fn api(
             } else {
                 &["from", "to"]
             };
-            let p = match params(query, allowed) {
-                Ok(p) => p,
-                Err(e) => return e,
-            };
-            let (from, to) = match time_range(&p) {
-                Ok(r) => r,
-                Err(e) => return e,
-            };
+            let p = params(query, allowed)?;
+            let (from, to) = time_range(&p)?;
             let q = if history {
-                let (limit, _) = match page_args(&p, 100, shard.cfg.admin.max_page) {
-                    Ok(x) => x,
-                    Err(e) => return e,
-                };
+                let (limit, _) = page_args(&p, 100, shard.cfg.admin.max_page)?;
                 HQuery::History {
                     user: user.clone(),
                     from,
@@ -698,12 +663,12 @@ async fn api(
                     to,
                 }
             };
-            match ask_history(shard, q).await {
-                Ok(Answer::Events(events)) => Response::json(
+            match ask_history(shard, q).await? {
+                Answer::Events(events) => Response::json(
                     200,
                     &serde_json::json!({"user": user, "from": from, "to": to, "events": events}),
                 ),
-                Ok(Answer::Analytics(a)) => {
+                Answer::Analytics(a) => {
                     #[derive(Serialize)]
                     struct Body<'a> {
                         user: &'a str,
@@ -712,38 +677,29 @@ async fn api(
                     }
                     Response::json(200, &Body { user: &user, a: &a })
                 }
-                Ok(_) => Response::error(500, "unexpected history answer"),
-                Err(e) => e,
+                _ => Response::error(500, "unexpected history answer"),
             }
         }
         ["replay"] => {
-            if let Some(e) = want(read, "GET") {
-                return e;
-            }
-            let p = match params(query, &["from", "to", "step", "group"]) {
-                Ok(p) => p,
-                Err(e) => return e,
-            };
-            let (from, to) = match time_range(&p) {
-                Ok(r) => r,
-                Err(e) => return e,
-            };
+            need(read, "GET")?;
+            let p = params(query, &["from", "to", "step", "group"])?;
+            let (from, to) = time_range(&p)?;
             let default_step = shard.cfg.history.sample_interval_s * 1000;
             let step = match p.iter().find(|(k, _)| k == "step") {
                 None => default_step,
                 Some((_, v)) => match v.parse::<u64>() {
                     Ok(n) if n > 0 => n,
-                    _ => return Response::error(400, "step must be a positive number of ms"),
+                    _ => return Err(Response::error(400, "step must be a positive number of ms")),
                 },
             };
             if step > MAX_REPLAY_STEP_MS {
                 let msg = format!("step must be at most {MAX_REPLAY_STEP_MS} ms (31 days)");
-                return Response::error(400, &msg);
+                return Err(Response::error(400, &msg));
             }
             if (to - from) / step > MAX_REPLAY_POINTS {
                 let msg =
                     format!("at most {MAX_REPLAY_POINTS} points: widen step or narrow from/to");
-                return Response::error(400, &msg);
+                return Err(Response::error(400, &msg));
             }
             let group = p.iter().find(|(k, _)| k == "group").map(|(_, v)| v.clone());
             let q = HQuery::Replay {
@@ -752,52 +708,42 @@ async fn api(
                 step,
                 group: group.clone(),
             };
-            match ask_history(shard, q).await {
-                Ok(Answer::Replay(points)) => Response::json(
+            match ask_history(shard, q).await? {
+                Answer::Replay(points) => Response::json(
                     200,
                     &serde_json::json!({"from": from, "to": to, "step": step, "group": group, "points": points}),
                 ),
-                Ok(_) => Response::error(500, "unexpected history answer"),
-                Err(e) => e,
+                _ => Response::error(500, "unexpected history answer"),
             }
         }
         ["replay", "at"] => {
-            if let Some(e) = want(read, "GET") {
-                return e;
-            }
-            let p = match params(query, &["t", "group", "limit"]) {
-                Ok(p) => p,
-                Err(e) => return e,
-            };
+            need(read, "GET")?;
+            let p = params(query, &["t", "group", "limit"])?;
             let t = match p.iter().find(|(k, _)| k == "t") {
-                None => return Response::error(400, "t (ms since the epoch) is required"),
+                None => return Err(Response::error(400, "t (ms since the epoch) is required")),
                 Some((_, v)) => match v.parse::<u64>() {
                     Ok(t) => t,
-                    Err(_) => return Response::error(400, "t must be ms since the epoch"),
+                    Err(_) => return Err(Response::error(400, "t must be ms since the epoch")),
                 },
             };
-            let (limit, _) = match page_args(&p, 100, shard.cfg.admin.max_page) {
-                Ok(x) => x,
-                Err(e) => return e,
-            };
+            let (limit, _) = page_args(&p, 100, shard.cfg.admin.max_page)?;
             let group = p.iter().find(|(k, _)| k == "group").map(|(_, v)| v.clone());
             let q = HQuery::At {
                 t,
                 group: group.clone(),
                 limit,
             };
-            match ask_history(shard, q).await {
-                Ok(Answer::At { users, total }) => Response::json(
+            match ask_history(shard, q).await? {
+                Answer::At { users, total } => Response::json(
                     200,
                     &serde_json::json!({
                         "t": t, "group": group, "users": users, "total": total,
                         "lookback_h": shard.cfg.history.replay_lookback_h,
                     }),
                 ),
-                Ok(_) => Response::error(500, "unexpected history answer"),
-                Err(e) => e,
+                _ => Response::error(500, "unexpected history answer"),
             }
         }
         _ => Response::error(404, "not found"),
-    }
+    })
 }
