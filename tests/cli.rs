@@ -22,14 +22,6 @@ impl Drop for Running {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// `presenced serve` on 127.0.0.1:`port` with two unpinned shards.
 fn serve_cmd(port: u16) -> Command {
     let mut cmd = Command::new(BIN);
@@ -54,7 +46,7 @@ fn serve_cmd(port: u16) -> Command {
 
 #[test]
 fn serve_with_no_config_prints_a_working_quickstart() {
-    let port = free_port();
+    let port = common::free_port();
     let mut child = Running(
         serve_cmd(port)
             .env_remove("PRESENCED_JWT_SECRET")
@@ -124,7 +116,7 @@ fn serve_with_no_config_prints_a_working_quickstart() {
 
 #[test]
 fn sigterm_closes_sessions_with_1001_and_exits_zero() {
-    let port = free_port();
+    let port = common::free_port();
     let secret = "a-secret-for-the-sigterm-test";
     let mut child = Running(
         serve_cmd(port)

@@ -495,22 +495,6 @@ fn serve_child(port: u16, admin: u16, dir: &std::path::Path) -> std::process::Ch
         .unwrap()
 }
 
-/// A free port below the ephemeral range, so no other test's port-0 listener (or outgoing
-/// connection) can take it between this check and the child binding it.
-fn free_port() -> u16 {
-    loop {
-        let port = 20_000 + (rand_port() % 10_000) as u16;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-}
-
-fn rand_port() -> u64 {
-    use std::hash::{BuildHasher, RandomState};
-    RandomState::new().hash_one(std::time::Instant::now())
-}
-
 fn admin_events(admin: std::net::SocketAddr, token: &str, user: &str) -> Option<Vec<Value>> {
     let req = format!("GET /api/history/{user}?from=0 HTTP/1.1\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n");
     let stream = std::net::TcpStream::connect(admin).ok()?;

@@ -3,6 +3,8 @@
 
 use serde::Serialize;
 
+use crate::edge::http::has_token;
+
 /// Headers accepted in an admin request; more is a 431.
 pub const MAX_HEADERS: usize = 32;
 
@@ -138,12 +140,6 @@ pub fn parse(buf: &[u8], max: usize) -> Result<Option<Request>, HttpError> {
         out.keep_alive = false;
     }
     Ok(Some(out))
-}
-
-fn has_token(value: &str, token: &str) -> bool {
-    value
-        .split(',')
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
 /// A response before encoding.

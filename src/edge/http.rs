@@ -122,7 +122,7 @@ pub fn bearer(value: &str) -> Option<&str> {
 }
 
 /// Whether a comma-separated header value holds `token` (case-insensitive).
-fn has_token(value: &str, token: &str) -> bool {
+pub fn has_token(value: &str, token: &str) -> bool {
     value
         .split(',')
         .any(|t| t.trim().eq_ignore_ascii_case(token))

@@ -145,6 +145,22 @@ impl Drop for TestServer {
     }
 }
 
+/// A free port below the ephemeral range, so no other test's port-0 listener (or outgoing
+/// connection) can take it between this check and the child binding it.
+pub fn free_port() -> u16 {
+    loop {
+        let port = 20_000 + (rand_port() % 10_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+fn rand_port() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::time::Instant::now())
+}
+
 /// A TCP connection to `addr` from source address `src` (any port), with an optional small
 /// receive buffer (set before connecting, so the window stays small).
 pub fn tcp_from(src: std::net::IpAddr, addr: SocketAddr, rcvbuf: Option<usize>) -> TcpStream {
