@@ -13,14 +13,16 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use presenced::edge::outbox::{Key, Outbox, Queued};
 use presenced::presence::{Aggregate, PresenceState};
 use presenced::protocol::events;
+use presenced::shard::outbox::{Key, Outbox, Queued};
 
 const SUBSCRIBERS: [usize; 3] = [1, 100, 10_000];
-/// The config defaults (`limits.max_pending_replies`, `limits.max_pending_events`).
+/// The config defaults (`limits.max_pending_replies`, `limits.max_pending_events`,
+/// `limits.coalesce_after_bytes`).
 const MAX_REPLIES: usize = 1024;
 const MAX_EVENTS: usize = 4096;
+const COALESCE_BYTES: usize = 64 * 1024;
 
 fn state() -> PresenceState {
     PresenceState {
@@ -48,7 +50,7 @@ fn fanout(c: &mut Criterion) {
     let mut g = c.benchmark_group("fanout/presence");
     for k in SUBSCRIBERS {
         let mut outboxes: Vec<Outbox> = (0..k)
-            .map(|_| Outbox::new(MAX_REPLIES, MAX_EVENTS))
+            .map(|_| Outbox::new(MAX_REPLIES, MAX_EVENTS, COALESCE_BYTES))
             .collect();
         g.throughput(Throughput::Elements(k as u64));
         g.bench_function(BenchmarkId::new("ours_serialise_once", k), |b| {

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -111,9 +112,27 @@ pub struct Limits {
     /// Replies (acks, errors, pongs) queued for a client that does not read them; past this the
     /// connection is closed with 4008.
     pub max_pending_replies: usize,
-    /// Distinct users (and groups) with an undelivered event queued for one connection; newer
-    /// events for a queued user replace the older one, so this bounds a slow client's backlog.
+    /// Undelivered events queued for one connection. At the bound, a new event for a user (or
+    /// group) already queued replaces the queued one; one for anybody else is dropped (counted).
     pub max_pending_events: usize,
+    /// Undelivered event bytes past which a connection counts as behind, and a new event for a
+    /// queued user replaces the queued one instead of queueing behind it (a connection whose
+    /// socket stops taking data is behind at once). Clients that keep up get every event.
+    pub coalesce_after_bytes: usize,
+    /// New subscription ids (users and groups) per second per connection; the burst is
+    /// `max_subscriptions`, so a client can subscribe its whole list at once. A subscribe
+    /// costs one cross-shard message and one snapshot per id, so this, not the op rate, bounds
+    /// what subscription churn costs the server. 0 disables.
+    pub subscriptions_per_second: u32,
+    /// How long the replies already queued (e.g. `rate_limited` errors) may take to be written
+    /// before a 4008 (rate-limit abuse) close frame.
+    pub close_flush_ms: u64,
+    /// Upgrade requests one shard reads and authenticates at once (accepted sockets that have
+    /// not finished their handshake); past it, new sockets get 503 at once.
+    pub max_handshakes_in_flight: usize,
+    /// IPv6 clients are rate-limited per prefix of this many bits (a client usually holds a
+    /// whole /64); 128 limits per address.
+    pub ipv6_prefix_len: u8,
 }
 
 /// Inter-shard channels (`[mesh]`).
@@ -122,9 +141,12 @@ pub struct Limits {
 pub struct MeshConfig {
     /// Capacity of each shard's inbox.
     pub inbox_capacity: usize,
-    /// Messages a shard holds per peer while that peer's inbox is full; past this they are
-    /// dropped and counted in `mesh_dropped`.
-    pub overflow_max: usize,
+    /// Bytes of mesh messages one shard may hold, over all peers, while their inboxes are full.
+    /// Past it the mesh is congested: `activity` events are dropped (counted in
+    /// `mesh_dropped`), and every shard refuses new work (subscribes get `overloaded`,
+    /// upgrades 503) until it drains. State messages (subscriptions, snapshots, hand-offs) are
+    /// never dropped; presence updates are merged per user, never dropped.
+    pub overflow_max_bytes: usize,
 }
 
 /// Where presence history goes (`[history]`, docs/HISTORY.md).
@@ -258,11 +280,20 @@ pub struct AdminConfig {
     /// Time allowed for a request head to arrive once its first byte has (408), and for the
     /// `/ws/admin` auth message.
     pub request_timeout_ms: u64,
+    /// Time a new connection has to send its first request byte; one that sends nothing is
+    /// closed (separate from `idle_timeout_ms`, which applies between keep-alive requests).
+    pub header_timeout_ms: u64,
     /// Idle keep-alive connections are closed after this long.
     pub idle_timeout_ms: u64,
-    /// Admin connections (HTTP and `/ws/admin`) one shard serves at once; past it new ones are
-    /// closed at accept.
+    /// Admin connections (HTTP and `/ws/admin`) one shard serves at once. When they are all
+    /// taken, a new connection closes the longest-idle one (waiting between requests or for a
+    /// first byte); only when every one is busy does it get 503.
     pub max_connections: usize,
+    /// Admin connections one client IP may hold per shard; more are refused with 429.
+    pub max_connections_per_ip: usize,
+    /// Users an admin scan (`/api/online`) visits before letting the shard serve its
+    /// connections again: a scan of a million users never holds an event loop for long.
+    pub scan_chunk: usize,
     /// How long a cross-shard query waits for every shard before answering 503.
     pub query_timeout_ms: u64,
     /// How often `/ws/admin` pushes stats and changes (the most it ever pushes).
@@ -283,8 +314,11 @@ impl Default for AdminConfig {
             tls: false,
             max_request_bytes: 16 * 1024,
             request_timeout_ms: 10_000,
+            header_timeout_ms: 5_000,
             idle_timeout_ms: 60_000,
             max_connections: 256,
+            max_connections_per_ip: 64,
+            scan_chunk: 4_096,
             query_timeout_ms: 2_000,
             push_interval_ms: 1_000,
             max_page: 1_000,
@@ -334,6 +368,11 @@ impl Default for Limits {
             max_connections_per_shard: 500_000,
             max_pending_replies: 1024,
             max_pending_events: 4096,
+            coalesce_after_bytes: 64 * 1024,
+            subscriptions_per_second: 500,
+            close_flush_ms: 1_000,
+            max_handshakes_in_flight: 1_024,
+            ipv6_prefix_len: 64,
         }
     }
 }
@@ -342,8 +381,131 @@ impl Default for MeshConfig {
     fn default() -> Self {
         MeshConfig {
             inbox_capacity: 4096,
-            overflow_max: 1024 * 1024,
+            overflow_max_bytes: 64 << 20,
         }
+    }
+}
+
+/// Every number the server accepts, with its inclusive range: `(key, min, max)`. One place, so
+/// no duration, size or count can be left unchecked (a unit test walks the whole configuration
+/// and fails for any number missing here). `*` stands for any key of a map.
+pub const RANGES: &[(&str, u64, u64)] = &[
+    ("shards", 0, 65_535),
+    ("heartbeat_ms", 100, 3_600_000),
+    ("shutdown_deadline_ms", 100, 600_000),
+    ("auth.leeway_s", 0, crate::auth::LEEWAY_S_MAX),
+    ("limits.max_message_bytes", 64, 16 << 20),
+    ("limits.max_frame_bytes", 64, 64 << 20),
+    ("limits.max_subscriptions", 1, 1_000_000),
+    ("limits.max_users_per_op", 1, 100_000),
+    ("limits.max_id_bytes", 1, 4_096),
+    ("limits.max_text_chars", 1, 4_096),
+    ("limits.max_header_bytes", 256, 1 << 20),
+    ("limits.handshake_timeout_ms", 100, 600_000),
+    ("limits.max_sessions_per_user", 0, 100_000),
+    ("limits.handshake_rate_per_ip", 0, 1_000_000),
+    ("limits.max_tracked_ips", 1, 100_000_000),
+    ("limits.ops_per_second", 0, 1_000_000),
+    ("limits.max_connections_per_shard", 1, 100_000_000),
+    ("limits.max_pending_replies", 1, 1_000_000),
+    ("limits.max_pending_events", 1, 10_000_000),
+    ("limits.coalesce_after_bytes", 1_024, 1 << 30),
+    ("limits.subscriptions_per_second", 0, 10_000_000),
+    ("limits.close_flush_ms", 0, 60_000),
+    ("limits.max_handshakes_in_flight", 1, 1_000_000),
+    ("limits.ipv6_prefix_len", 16, 128),
+    ("mesh.inbox_capacity", 16, 16 << 20),
+    ("mesh.overflow_max_bytes", 64 << 10, 64 << 30),
+    ("admin.max_request_bytes", 1_024, 16 << 20),
+    ("admin.request_timeout_ms", 100, 600_000),
+    ("admin.header_timeout_ms", 100, 600_000),
+    ("admin.idle_timeout_ms", 100, 86_400_000),
+    ("admin.max_connections", 1, 1_000_000),
+    ("admin.max_connections_per_ip", 1, 1_000_000),
+    ("admin.scan_chunk", 16, 10_000_000),
+    ("admin.query_timeout_ms", 10, 600_000),
+    ("admin.push_interval_ms", 100, 600_000),
+    ("admin.max_page", 1, 100_000),
+    ("admin.change_log", 1, 10_000_000),
+    ("history.retention_days", 1, 36_500),
+    ("history.sample_interval_s", 1, 86_400),
+    ("history.max_groups_per_sample", 0, 1_000_000),
+    ("history.queue_capacity", 1, 100_000_000),
+    ("history.batch_max", 1, 1_000_000),
+    ("history.batch_interval_ms", 1, 600_000),
+    // CPU_SETSIZE: glibc's cpu_set_t holds CPUs 0 to 1023.
+    ("history.cpu", 0, 1_023),
+    ("history.flush_deadline_ms", 0, 600_000),
+    ("history.replay_lookback_h", 1, 24 * 366),
+    ("history.max_query_events", 1, 1_000_000_000),
+    ("history.scylla.max_in_flight", 1, 100_000),
+    ("history.scylla.request_timeout_ms", 10, 600_000),
+    ("history.scylla.max_retries", 0, 100),
+    ("history.scylla.retry_base_ms", 1, 600_000),
+    ("history.scylla.retry_max_ms", 1, 3_600_000),
+    ("history.scylla.replication_factor", 1, 100),
+    ("history.scylla.datacenters.*", 1, 100),
+];
+
+/// Checks every numeric key of `cfg` against [`RANGES`]. Unset optional keys are skipped.
+fn check_ranges(cfg: &Config) -> Result<(), ConfigError> {
+    let value = toml::Value::try_from(cfg)
+        .map_err(|e| ConfigError(format!("configuration does not serialise: {e}")))?;
+    for (key, min, max) in RANGES {
+        for (path, v) in lookup(&value, key) {
+            let n = v.as_integer().and_then(|n| u64::try_from(n).ok());
+            if !n.is_some_and(|n| (*min..=*max).contains(&n)) {
+                return Err(ConfigError(format!(
+                    "{path}: must be between {min} and {max} (got {v})"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The values at a dotted `key` (`*` matches every key of a table), with their paths.
+fn lookup<'a>(root: &'a toml::Value, key: &str) -> Vec<(String, &'a toml::Value)> {
+    let mut found = vec![(String::new(), root)];
+    for part in key.split('.') {
+        let mut next = Vec::new();
+        for (path, v) in found {
+            let Some(table) = v.as_table() else { continue };
+            let join = |k: &str| {
+                if path.is_empty() {
+                    k.to_owned()
+                } else {
+                    format!("{path}.{k}")
+                }
+            };
+            if part == "*" {
+                next.extend(table.iter().map(|(k, v)| (join(k), v)));
+            } else if let Some(v) = table.get(part) {
+                next.push((join(part), v));
+            }
+        }
+        found = next;
+    }
+    found
+}
+
+/// A configuration that passed [`Config::validate`]: what the server starts from. Cheap to
+/// clone; reads as a [`Config`].
+#[derive(Clone, Debug)]
+pub struct ValidConfig(Arc<Config>);
+
+impl std::ops::Deref for ValidConfig {
+    type Target = Config;
+
+    fn deref(&self) -> &Config {
+        &self.0
+    }
+}
+
+impl ValidConfig {
+    /// The shared configuration, for the shards to hold.
+    pub fn config_arc(&self) -> Arc<Config> {
+        self.0.clone()
     }
 }
 
@@ -364,54 +526,23 @@ impl Config {
         toml::from_str(text).map_err(|e| ConfigError(e.to_string().trim_end().to_owned()))
     }
 
-    /// Checks relations between values; call after merging flags.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    /// Checks every value against its range ([`RANGES`]) and the relations between values;
+    /// call after merging flags. The result is what [`crate::start`] requires.
+    pub fn validate(&self) -> Result<ValidConfig, ConfigError> {
         let bad = |key: &str, why: &str| Err(ConfigError(format!("{key}: {why}")));
+        check_ranges(self)?;
         let l = &self.limits;
-        if self.shards > usize::from(u16::MAX) {
-            return bad("shards", "at most 65535");
-        }
         if self.placement == Placement::Fixed && self.cpus.is_empty() {
             return bad("placement", "`fixed` needs `cpus`");
         }
         if !self.cpus.is_empty() {
             parse_cpu_list(&self.cpus).map_err(|e| ConfigError(format!("cpus: {e}")))?;
         }
-        if self.heartbeat_ms < 100 {
-            return bad("heartbeat_ms", "at least 100");
-        }
-        if l.max_message_bytes == 0 || l.max_message_bytes > l.max_frame_bytes {
+        if l.max_message_bytes > l.max_frame_bytes {
             return bad(
                 "limits.max_message_bytes",
-                "must be between 1 and limits.max_frame_bytes",
+                "must not exceed limits.max_frame_bytes",
             );
-        }
-        for (key, v) in [
-            ("limits.max_subscriptions", l.max_subscriptions),
-            ("limits.max_users_per_op", l.max_users_per_op),
-            ("limits.max_id_bytes", l.max_id_bytes),
-            ("limits.max_pending_replies", l.max_pending_replies),
-            ("limits.max_pending_events", l.max_pending_events),
-            ("mesh.inbox_capacity", self.mesh.inbox_capacity),
-            ("limits.max_tracked_ips", l.max_tracked_ips),
-            ("admin.max_connections", self.admin.max_connections),
-            ("admin.max_page", self.admin.max_page),
-            ("admin.change_log", self.admin.change_log),
-            ("history.queue_capacity", self.history.queue_capacity),
-            ("history.batch_max", self.history.batch_max),
-            ("history.max_query_events", self.history.max_query_events),
-            (
-                "history.scylla.max_in_flight",
-                self.history.scylla.max_in_flight,
-            ),
-            (
-                "limits.max_connections_per_shard",
-                l.max_connections_per_shard,
-            ),
-        ] {
-            if v == 0 {
-                return bad(key, "must be at least 1");
-            }
         }
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return bad("tls", "`cert` and `key` go together");
@@ -422,24 +553,15 @@ impl Config {
         if self.tls.listen == Some(self.listen) && self.listen.port() != 0 {
             return bad("tls.listen", "must differ from `listen`");
         }
-        if l.max_header_bytes < 256 {
-            return bad("limits.max_header_bytes", "at least 256");
-        }
         let h = &self.history;
-        if h.retention_days == 0 {
-            return bad("history.retention_days", "must be at least 1");
-        }
-        if h.sample_interval_s == 0 || h.sample_interval_s > 86_400 {
-            return bad("history.sample_interval_s", "between 1 and 86400");
-        }
-        if h.replay_lookback_h == 0 || h.replay_lookback_h > 24 * 366 {
-            return bad("history.replay_lookback_h", "between 1 and 8784 (a year)");
-        }
-        if h.retention_days > 36_500 {
-            return bad("history.retention_days", "at most 36500");
-        }
         if h.scylla.nodes.is_empty() && h.backend == HistoryBackend::Scylla {
             return bad("history.scylla.nodes", "at least one contact point");
+        }
+        if h.scylla.retry_base_ms > h.scylla.retry_max_ms {
+            return bad(
+                "history.scylla.retry_base_ms",
+                "must not exceed history.scylla.retry_max_ms",
+            );
         }
         if !matches!(
             h.scylla.replication.as_str(),
@@ -459,14 +581,8 @@ impl Config {
         {
             return bad("history.scylla.keyspace", "letters, digits and _ only");
         }
-        if self.admin.max_request_bytes < 1024 {
-            return bad("admin.max_request_bytes", "at least 1024");
-        }
         if self.admin.tls && !self.tls.enabled() {
             return bad("admin.tls", "needs `tls.cert` and `tls.key`");
-        }
-        if self.admin.push_interval_ms < 100 {
-            return bad("admin.push_interval_ms", "at least 100");
         }
         if let Some(t) = &self.admin.token {
             if t.len() < 16 {
@@ -481,7 +597,7 @@ impl Config {
                 return bad("jwt_secret", "at least 16 bytes");
             }
         }
-        Ok(())
+        Ok(ValidConfig(Arc::new(self.clone())))
     }
 
     /// Shards to run: the configured count, or one per available CPU.
@@ -536,7 +652,8 @@ mod tests {
     #[test]
     fn defaults_are_valid_and_round_trip() {
         let c = Config::default();
-        c.validate().unwrap();
+        let valid = c.validate().unwrap();
+        assert_eq!(valid.listen, c.listen, "a valid config reads as the config");
         let text = toml::to_string(&c).unwrap();
         let back = Config::from_toml(&text).unwrap();
         assert_eq!(back.listen, c.listen);
@@ -558,6 +675,115 @@ mod tests {
             .starts_with("limits.max_message_bytes"));
         let c = Config::from_toml("placement = \"fixed\"").unwrap();
         assert!(c.validate().unwrap_err().0.starts_with("placement"));
+    }
+
+    /// Every number in the configuration, as `(dotted key, value)`; optional keys are set first
+    /// so they are walked too.
+    fn numeric_keys() -> Vec<String> {
+        let mut cfg = Config::default();
+        cfg.history.cpu = Some(1);
+        let value = toml::Value::try_from(&cfg).unwrap();
+        let mut out = Vec::new();
+        fn walk(prefix: &str, v: &toml::Value, out: &mut Vec<String>) {
+            match v {
+                toml::Value::Table(t) => {
+                    for (k, v) in t {
+                        let key = if prefix.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{prefix}.{k}")
+                        };
+                        walk(&key, v, out);
+                    }
+                }
+                toml::Value::Integer(_) | toml::Value::Float(_) => out.push(prefix.to_owned()),
+                _ => {}
+            }
+        }
+        walk("", &value, &mut out);
+        out
+    }
+
+    /// Sets `key` (dotted) to `n` in the TOML of the default config and parses it back.
+    fn with(key: &str, n: i64) -> Result<Config, ConfigError> {
+        let mut value = toml::Value::try_from(Config::default()).unwrap();
+        let mut table = value.as_table_mut().unwrap();
+        let parts: Vec<&str> = key.split('.').collect();
+        for p in &parts[..parts.len() - 1] {
+            let p = if *p == "*" { "dc1" } else { p };
+            table = table
+                .entry(p.to_owned())
+                .or_insert_with(|| toml::Value::Table(Default::default()))
+                .as_table_mut()
+                .unwrap();
+        }
+        let leaf = parts.last().unwrap();
+        let leaf = if *leaf == "*" { "dc1" } else { leaf };
+        table.insert(leaf.to_string(), toml::Value::Integer(n));
+        Config::from_toml(&toml::to_string(&value).unwrap())
+    }
+
+    /// The single table-driven test of item 16: every number has a range, and every range is
+    /// enforced at both ends — below and above are refused naming the key, the ends accepted.
+    #[test]
+    fn every_number_has_a_range_and_it_is_enforced() {
+        let ranged = |k: &str| {
+            RANGES
+                .iter()
+                .any(|(r, _, _)| *r == k || (r.ends_with(".*") && k.starts_with(&r[..r.len() - 1])))
+        };
+        let missing: Vec<String> = numeric_keys().into_iter().filter(|k| !ranged(k)).collect();
+        assert!(
+            missing.is_empty(),
+            "numbers without a range in RANGES: {missing:?}"
+        );
+        for (key, min, max) in RANGES {
+            let shown = key.replace('*', "dc1");
+            // Below the range (where there is a below) and above it: refused, naming the key.
+            let mut outside = vec![i64::try_from(*max).unwrap() + 1];
+            if *min > 0 {
+                outside.push(i64::try_from(*min).unwrap() - 1);
+            }
+            for n in outside {
+                match with(key, n) {
+                    // u8/u32 keys may not even parse past their type's range: also a refusal
+                    // naming the key.
+                    Err(e) => assert!(
+                        e.0.contains(key.rsplit('.').next().unwrap()) || key.ends_with('*'),
+                        "{key}={n}: {}",
+                        e.0
+                    ),
+                    Ok(c) => {
+                        let e = c.validate().expect_err(&format!("{key} = {n} is refused"));
+                        assert!(e.0.starts_with(&shown), "{key}={n}: {}", e.0);
+                    }
+                }
+            }
+            // The ends themselves: no range error for this key (a relation with another key
+            // may still object, e.g. max_message_bytes above max_frame_bytes).
+            for n in [*min, *max] {
+                let c = with(key, i64::try_from(n).unwrap())
+                    .unwrap_or_else(|e| panic!("{key} = {n} parses: {}", e.0));
+                if let Err(e) = c.validate() {
+                    assert!(!e.0.contains("must be between"), "{key}={n}: {}", e.0);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn zero_durations_that_broke_the_server_are_refused() {
+        for key in [
+            "limits.handshake_timeout_ms",
+            "admin.idle_timeout_ms",
+            "admin.query_timeout_ms",
+            "admin.header_timeout_ms",
+        ] {
+            let e = with(key, 0).unwrap().validate().unwrap_err().0;
+            assert!(e.starts_with(key), "{e}");
+        }
+        let e = with("history.cpu", 1024).unwrap().validate().unwrap_err().0;
+        assert!(e.starts_with("history.cpu"), "{e}");
     }
 
     #[test]

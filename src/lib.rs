@@ -4,24 +4,21 @@
 //!
 //! # Layout
 //!
-//! The pipeline, outside in:
+//! Bottom-up; each layer uses only the layers below it (docs/ARCHITECTURE.md has the picture):
 //!
-//! - [`edge`]: sockets. Per-shard accept loop → upgrade request ([`edge::http`]) → JWT check
-//!   ([`auth`]) → hand-off to the owner shard → one task per connection ([`edge::conn`]) with
-//!   a bounded, coalescing outbox ([`edge::outbox`]).
-//! - [`protocol`]: the wire format. WebSocket frame codec ([`protocol::ws`]), client ops
-//!   ([`protocol::ops`]), pre-framed server events ([`protocol::events`]).
-//! - [`shard`]: the per-core runtime. [`shard::Shard`] owns its users and groups and routes every
-//!   operation to the owner shard over the [`shard::mesh`]; [`shard::runtime`] starts the
-//!   executors.
-//! - [`presence`]: the presence model — registry, groups, watcher counts — pure and
-//!   proptest-checked.
-//! - [`config`], [`metrics`]: configuration and per-shard counters.
-//! - [`topology`]: the CPU report behind `presenced topology`.
-//! - [`history`]: presence history off the real-time path — a bounded queue into a writer
-//!   thread, the embedded store (redb) or ScyllaDB, and the analytics the admin API answers.
-//! - [`admin`]: the admin/stats port — health, Prometheus metrics, the JSON API, kicks, and the
-//!   live dashboard — served by the shards over the mesh.
+//! 1. Pure cores, no I/O: [`protocol`] (WebSocket codec, client ops, pre-framed events),
+//!    [`presence`] (registry, groups, watcher counts — proptest-checked), [`auth`] (JWT),
+//!    [`config`] (parsed once, validated into a [`config::ValidConfig`]), [`metrics`].
+//! 2. [`shard`]: the per-core runtime — the session layer ([`shard::session`]: open, apply an
+//!    op, close), the [`shard::mesh`] between shards, and the one generic door into any shard
+//!    ([`shard::invoke`]: `invoke_on`/`map_reduce`). It imports no driver.
+//! 3. Drivers: [`edge`] (sockets to sessions: accept, upgrade, JWT, hand-off, the socket
+//!    driver), [`admin`] (HTTP to questions put to shards: API, metrics, dashboard),
+//!    [`history`] (a writer thread fed over a bounded channel). [`net`] is their shared
+//!    socket plumbing.
+//! 4. [`server`]: wires them together ([`start`]); `main.rs` is the CLI around it.
+//!
+//! [`topology`] is the CPU report behind `presenced topology`.
 
 pub mod admin;
 pub mod auth;
@@ -29,12 +26,14 @@ pub mod config;
 pub mod edge;
 pub mod history;
 pub mod metrics;
+pub mod net;
 pub mod presence;
 pub mod protocol;
+pub mod server;
 pub mod shard;
 pub mod topology;
 
-pub use config::Config;
+pub use config::{Config, ValidConfig};
 
 /// One descriptor per connection: lifts the soft open-file limit to the hard one (a common soft
 /// default of 1024 would cap a server, or a load generator, at a thousand sockets). Returns the
@@ -58,4 +57,4 @@ pub fn raise_nofile() -> Option<u64> {
         Some(lim.rlim_cur)
     }
 }
-pub use shard::runtime::{start, ServerHandle, StartError};
+pub use server::{start, ServerHandle, StartError};

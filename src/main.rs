@@ -272,7 +272,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         cfg.jwt_secret = Some(secret.clone());
         secret
     });
-    cfg.validate().map_err(|e| e.to_string())?;
+    let cfg = cfg.validate().map_err(|e| e.to_string())?;
     let verifier =
         Verifier::new(cfg.jwt_secret.as_deref(), &cfg.auth).map_err(|e| e.to_string())?;
     let server = presenced::start(cfg, verifier).map_err(|e| e.to_string())?;

@@ -4,10 +4,10 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 macro_rules! counters {
-    ($(#[$doc:meta] $name:ident,)*) => {
+    ($($(#[$doc:meta])* $name:ident,)*) => {
         /// Counters of one shard.
         #[derive(Debug, Default)]
-        pub struct ShardMetrics { $(#[$doc] pub $name: AtomicU64,)* }
+        pub struct ShardMetrics { $($(#[$doc])* pub $name: AtomicU64,)* }
 
         /// A plain copy of the counters, for reports and tests.
         #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -91,7 +91,7 @@ counters! {
     pings_sent,
     /// Events written to client connections (presence, activity, snapshots).
     deliveries,
-    /// Undelivered events replaced by a newer state of the same user.
+    /// Undelivered events replaced by a newer state of the same user (the client was behind).
     coalesced,
     /// Events dropped because a connection's backlog held `max_pending_events` keys.
     outbox_dropped,
@@ -107,14 +107,31 @@ counters! {
     admin_requests,
     /// Admin connections open on this shard (gauge).
     admin_connections,
+    /// Idle admin connections closed to make room for a new one (the pool was full).
+    admin_evictions,
+    /// Admin connections refused: 429 (too many from one IP) or 503 (every one busy).
+    admin_refused,
+    /// Times an admin scan let the shard serve its connections between chunks.
+    admin_scan_yields,
+    /// Jobs sent to this shard that panicked (the asker got no answer).
+    invoke_panics,
+    /// `subscribe`/`subscribe_group` refused with `overloaded` (the mesh was congested).
+    ops_overloaded,
+    /// `unwatch` messages that matched no subscription (counted, never trusted).
+    unmatched_unwatches,
     /// Mesh messages sent by this shard.
     mesh_sent,
     /// Mesh messages received by this shard.
     mesh_received,
     /// Mesh messages that waited in the overflow queue because a peer's inbox was full.
     mesh_overflowed,
-    /// Mesh messages dropped: overflow queue full or peer gone.
+    /// Mesh messages dropped: `activity` while the mesh is congested, or a peer gone at
+    /// shutdown. State messages are never dropped.
     mesh_dropped,
+    /// Queued presence updates replaced by a newer one for the same user (congested mesh).
+    mesh_coalesced,
+    /// Bytes waiting in this shard's overflow queues (gauge; `mesh.overflow_max_bytes`).
+    mesh_overflow_bytes,
 }
 
 impl ShardMetrics {
@@ -128,6 +145,10 @@ impl ShardMetrics {
 
     pub fn set(counter: &AtomicU64, v: u64) {
         counter.store(v, Relaxed);
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Relaxed)
     }
 }
 
@@ -209,6 +230,30 @@ impl Latency {
     }
 }
 
+/// Upper bounds (seconds) of the Prometheus buckets latencies are exported in: fixed, so
+/// histograms from every shard and every node add up, and recent latency can be alerted on
+/// with `rate()` over the buckets.
+pub const LATENCY_BUCKETS_S: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
+];
+
+/// Cumulative counts of `h` (µs) at each of [`LATENCY_BUCKETS_S`], for a Prometheus histogram
+/// (at the histogram's 1% resolution).
+pub fn cumulative_buckets(h: &hdrhistogram::Histogram<u64>) -> Vec<u64> {
+    LATENCY_BUCKETS_S
+        .iter()
+        .map(|le| {
+            let us = (le * 1e6).round() as u64;
+            if h.is_empty() {
+                0
+            } else {
+                h.count_between(0, us)
+            }
+        })
+        .collect()
+}
+
 /// Percentiles of a latency histogram, in microseconds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
 pub struct Percentiles {
@@ -267,5 +312,26 @@ mod tests {
             Percentiles::of(&latency_histogram()),
             Percentiles::default()
         );
+    }
+
+    #[test]
+    fn buckets_are_cumulative() {
+        let mut h = latency_histogram();
+        for us in [40, 90, 700, 3_000, 20_000_000] {
+            h.record(us).unwrap();
+        }
+        let b = cumulative_buckets(&h);
+        assert_eq!(b.len(), LATENCY_BUCKETS_S.len());
+        assert!(b.windows(2).all(|w| w[0] <= w[1]), "{b:?}");
+        assert_eq!(b[0], 1, "40 µs <= 50 µs");
+        assert_eq!(b[1], 2, "and 90 µs <= 100 µs");
+        assert_eq!(
+            *b.last().unwrap(),
+            4,
+            "20 s is above the last bound: only in +Inf"
+        );
+        assert!(cumulative_buckets(&latency_histogram())
+            .iter()
+            .all(|c| *c == 0));
     }
 }

@@ -60,14 +60,8 @@ fn config_md_lists_every_key() {
 #[test]
 fn protocol_md_lists_every_code() {
     let text = doc("PROTOCOL.md");
-    for code in [
-        "bad_request",
-        "unknown_op",
-        "too_large",
-        "rate_limited",
-        "too_many_subscriptions",
-        "forbidden",
-    ] {
+    for code in presenced::protocol::ErrorCode::ALL {
+        let code = code.as_str();
         assert!(text.contains(&format!("`{code}`")), "error code {code}");
     }
     for close in [
@@ -82,5 +76,14 @@ fn protocol_md_lists_every_code() {
             text.contains(&format!("| {status} |")),
             "HTTP status {status}"
         );
+    }
+}
+
+#[test]
+fn config_md_lists_every_range() {
+    let text = doc("CONFIG.md");
+    for (key, min, max) in presenced::config::RANGES {
+        let row = format!("| `{key}` | {min} | {max} |");
+        assert!(text.contains(&row), "CONFIG.md lacks the range row {row}");
     }
 }

@@ -87,7 +87,7 @@ fn a_second_server_cannot_share_a_port_in_use() {
         },
         ..presenced::Config::default()
     };
-    cfg.validate().unwrap();
+    let cfg = cfg.validate().unwrap();
     let verifier = presenced::auth::Verifier::new(cfg.jwt_secret.as_deref(), &cfg.auth).unwrap();
     match presenced::start(cfg, verifier) {
         Err(presenced::StartError::Listen { .. }) => {}

@@ -220,7 +220,7 @@ fn startup_errors_name_the_bad_key() {
         cfg.tls.key = Some(key);
         let verifier =
             presenced::auth::Verifier::new(cfg.jwt_secret.as_deref(), &cfg.auth).unwrap();
-        match presenced::start(cfg, verifier) {
+        match presenced::start(cfg.validate().unwrap(), verifier) {
             Err(e) => e.to_string(),
             Ok(h) => {
                 h.shutdown();

@@ -22,7 +22,7 @@ fn server() -> presenced::ServerHandle {
     cfg.history.backend = presenced::config::HistoryBackend::Off;
     // The whole fleet comes from a few loopback addresses.
     cfg.limits.handshake_rate_per_ip = 0;
-    cfg.validate().unwrap();
+    let cfg = cfg.validate().unwrap();
     let verifier = presenced::auth::Verifier::new(cfg.jwt_secret.as_deref(), &cfg.auth).unwrap();
     presenced::start(cfg, verifier).unwrap()
 }

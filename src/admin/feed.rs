@@ -17,9 +17,10 @@ use hashbrown::HashMap;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::api;
+use super::api::{self, ask};
 use super::http::Method;
-use super::query::{AdminReq, AdminResp};
+use super::query::changes_since;
+use super::AdminLocal;
 use crate::presence::{PresenceState, UserId};
 use crate::protocol::events::json_frame;
 use crate::protocol::ws::{self, Decoder, Inbound};
@@ -112,7 +113,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     {
         return;
     }
-    let max = shard.cfg.admin.max_request_bytes;
+    let max = shard.cfg().admin.max_request_bytes;
     let mut feed = Feed {
         decoder: Decoder::new(max, max * 4),
         shard,
@@ -120,10 +121,10 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         token: None,
     };
     feed.decoder.feed(&early);
-    let auth_wait = Duration::from_millis(feed.shard.cfg.admin.request_timeout_ms);
+    let auth_wait = Duration::from_millis(feed.shard.cfg().admin.request_timeout_ms);
     let mut timer = glommio::timer::Timer::new(auth_wait);
-    let push_every = Duration::from_millis(feed.shard.cfg.admin.push_interval_ms);
-    let mut marks: Arc<[u64]> = vec![u64::MAX; feed.shard.mesh.shards()].into();
+    let push_every = Duration::from_millis(feed.shard.cfg().admin.push_interval_ms);
+    let mut marks: Arc<[u64]> = vec![u64::MAX; feed.shard.shards()].into();
     let mut buf = vec![0u8; 4096];
     let mut admin: Option<Arc<str>> = None;
     loop {
@@ -139,7 +140,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                     let msg: Result<ClientMsg, _> = serde_json::from_slice(&bytes);
                     match (msg, &admin) {
                         (Ok(ClientMsg::Auth { token }), None) => {
-                            match api::admin_identity(&feed.shard, &token) {
+                            match api::auth::identity(&feed.shard, &token) {
                                 Ok(who) => {
                                     tracing::info!(target: "presenced::audit", admin = %who,
                                         "admin feed opened");
@@ -188,7 +189,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                     return feed.close(4001, "no auth message in time").await;
                 };
                 // The credential is checked again at every push: an expired token stops here.
-                if api::admin_identity(&feed.shard, &token).is_err() {
+                if api::auth::identity(&feed.shard, &token).is_err() {
                     return feed.close(4001, "token no longer valid").await;
                 }
                 if !push(&mut feed, &mut marks).await {
@@ -205,10 +206,9 @@ async fn hello<S: AsyncRead + AsyncWrite + Unpin>(
     who: &str,
     marks: &mut Arc<[u64]>,
 ) -> bool {
-    let series = match api::ask(&feed.shard, 0, AdminReq::Series).await {
-        Ok(AdminResp::Series(s)) => s,
-        _ => Vec::new(),
-    };
+    let series = ask::on(&feed.shard, 0, |s| AdminLocal::of(s).series.borrow().all())
+        .await
+        .unwrap_or_default();
     // Start the change marks at "now" on every shard. If a shard did not answer, the marks stay
     // unset and the first push reports `missed` (below), so the client re-queries.
     let _ = changes(feed, marks).await;
@@ -231,13 +231,13 @@ async fn hello<S: AsyncRead + AsyncWrite + Unpin>(
         replay_lookback_h: u64,
         retention_days: u32,
     }
-    let h = &feed.shard.cfg.history;
+    let h = &feed.shard.cfg().history;
     let frame = json_frame(&Hello {
         r#type: "hello",
         admin: who,
         version: super::VERSION,
-        shards: feed.shard.mesh.shards(),
-        interval_ms: feed.shard.cfg.admin.push_interval_ms,
+        shards: feed.shard.shards(),
+        interval_ms: feed.shard.cfg().admin.push_interval_ms,
         series,
         history: HistoryInfo {
             backend: h.backend,
@@ -251,22 +251,22 @@ async fn hello<S: AsyncRead + AsyncWrite + Unpin>(
 
 /// Changes since `marks` on every shard, the latest per user, and how many were missed.
 async fn changes<S>(feed: &Feed<S>, marks: &mut Arc<[u64]>) -> (Vec<Arc<PresenceState>>, u64) {
-    let req = AdminReq::Changes {
-        since: marks.clone(),
-    };
-    let Ok(answers) = api::ask_all(&feed.shard, req).await else {
+    let since = marks.clone();
+    let asked = ask::all(&feed.shard, move |s| {
+        let mark = since.get(usize::from(s.ix())).copied().unwrap_or(u64::MAX);
+        changes_since(s, mark)
+    });
+    let Ok(answers) = asked.await else {
         return (Vec::new(), 1); // unknown: tell the client to re-query
     };
     let mut latest: HashMap<UserId, Arc<PresenceState>> = HashMap::new();
     let mut missed = 0;
     let mut new_marks = marks.to_vec();
-    for (ix, a) in answers.into_iter().enumerate() {
-        if let AdminResp::Changes(batch) = a {
-            missed += batch.missed;
-            new_marks[ix] = batch.last;
-            for s in batch.changes {
-                latest.insert(s.user.clone(), s); // in seq order: the last one wins
-            }
+    for (ix, batch) in answers.into_iter().enumerate() {
+        missed += batch.missed;
+        new_marks[ix] = batch.last;
+        for s in batch.changes {
+            latest.insert(s.user.clone(), s); // in seq order: the last one wins
         }
     }
     // A shard whose mark was never set (it did not answer `hello`'s question) starts now, and

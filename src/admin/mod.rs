@@ -2,18 +2,21 @@
 //! and the live dashboard with its `/ws/admin` feed.
 //!
 //! Served by the shards themselves: every shard accepts on the admin listener (SO_REUSEPORT) and
-//! answers a request by asking the shards that know (one, or all of them) over the mesh and
-//! merging their answers. No global lock, no extra thread pool.
+//! answers a request by asking the shards that know (one, or all of them) through the shard's
+//! generic `invoke_on`/`map_reduce`, and merging their answers. No global lock, no extra thread
+//! pool, and no admin message type in the shard: each question is a closure, written where it
+//! is asked.
 //!
 //! - [`http`]: request parsing and responses (pure).
-//! - [`query`]: the questions shards answer, their shard-side evaluation and the merges.
+//! - [`query`]: what a shard answers (read from its registry, groups and sessions) and how the
+//!   answers of all shards merge into one; scans walk in chunks and yield.
+//! - [`api`]: routes, auth, parameters and the map-reduces behind them.
 //! - [`changes`]: each shard's bounded log of recent presence changes, for the live feed (pure).
+//! - [`series`]: the 15-minute time series the dashboard charts (sampled on shard 0).
 //! - [`prom`]: Prometheus text exposition (pure).
-//! - [`api`]: routes and auth.
-//! - [`server`]: the accept loop and HTTP/1.1 connections.
+//! - [`server`]: the accept loop and HTTP/1.1 connections, with their pool.
 //! - [`feed`]: `/ws/admin`, the dashboard's live WebSocket.
 //! - [`assets`]: the dashboard page, embedded at compile time.
-//! - [`series`]: the 15-minute time series the dashboard charts.
 
 pub mod api;
 pub mod assets;
@@ -25,60 +28,101 @@ pub mod query;
 pub mod series;
 pub mod server;
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::Duration;
 
-use crate::metrics::{PeerCounters, ShardMetrics};
+use rustls::ServerConfig;
 
-/// What every shard's admin server reads about the whole process: the counters of every shard
-/// (atomics, written only by their own shard) and start-up facts. Nothing here is locked.
-#[derive(Debug)]
-pub struct Shared {
-    pub started: Instant,
-    pub started_ms: u64,
-    pub metrics: Vec<Arc<ShardMetrics>>,
-    /// Per shard: messages sent to each peer.
-    pub mesh_pairs: Vec<Arc<PeerCounters>>,
-    pub cpus: Vec<Option<usize>>,
-    /// Shards that are accepting connections (`/readyz`).
-    pub accepting: AtomicUsize,
-    /// Set when shutdown begins (`/readyz` turns 503 so load balancers stop sending).
-    pub stopping: AtomicBool,
-    /// History's queue and counters.
-    pub history: crate::history::Sink,
-}
-
-impl Shared {
-    pub fn new(
-        metrics: Vec<Arc<ShardMetrics>>,
-        cpus: Vec<Option<usize>>,
-        history: crate::history::Sink,
-    ) -> Shared {
-        let shards = metrics.len();
-        Shared {
-            started: Instant::now(),
-            started_ms: crate::shard::now_ms(),
-            mesh_pairs: (0..shards)
-                .map(|_| Arc::new(PeerCounters::new(shards)))
-                .collect(),
-            metrics,
-            cpus,
-            accepting: AtomicUsize::new(0),
-            stopping: AtomicBool::new(false),
-            history,
-        }
-    }
-
-    pub fn shards(&self) -> usize {
-        self.metrics.len()
-    }
-
-    pub fn ready(&self) -> bool {
-        self.accepting.load(Ordering::Acquire) == self.shards()
-            && !self.stopping.load(Ordering::Acquire)
-    }
-}
+use crate::history::Sink;
+use crate::shard::runtime::Stop;
+use crate::shard::tap::Tap;
+use crate::shard::{now_ms, Shard};
+use changes::ChangeLog;
+use series::Series;
 
 /// The server's version, as reported by `/api/stats` and `presenced_build_info`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The admin port's per-shard state (kept in the shard's locals, found by type).
+pub struct AdminLocal {
+    /// Recent presence changes of this shard's users, for the dashboards' live feed.
+    pub changes: RefCell<ChangeLog>,
+    /// The dashboard's time series (sampled on shard 0 only).
+    pub series: RefCell<Series>,
+    /// This shard's admin connections (the pool).
+    pub pool: RefCell<server::Pool>,
+    /// History's queue, counters and questions.
+    pub history: Sink,
+}
+
+impl AdminLocal {
+    /// The admin state of `shard` (installed at start-up on every shard that serves the port).
+    pub fn of(shard: &Shard) -> Rc<AdminLocal> {
+        shard
+            .local::<AdminLocal>()
+            .expect("admin::install runs on every shard before it serves the admin port")
+    }
+}
+
+/// Sets the admin port up on one shard: its state, the change-log tap, the listener and (on
+/// shard 0) the dashboard's sampler. Returns how to stop the listener.
+pub fn install(
+    shard: &Rc<Shard>,
+    addr: SocketAddr,
+    tls: Option<Arc<ServerConfig>>,
+    history: Sink,
+) -> Result<Vec<Stop>, String> {
+    let cfg = &shard.cfg().admin;
+    let local = Rc::new(AdminLocal {
+        changes: RefCell::new(ChangeLog::new(cfg.change_log)),
+        series: RefCell::new(Series::default()),
+        pool: RefCell::new(server::Pool::default()),
+        history,
+    });
+    shard.insert_local(local.clone());
+    let log = local.clone();
+    shard.add_tap(Box::new(move |t: &Tap<'_>| {
+        if let Tap::Change(state) = t {
+            log.changes.borrow_mut().record((*state).clone());
+        }
+    }));
+    let listener = crate::net::listen(addr).map_err(|e| format!("admin listen on {addr}: {e}"))?;
+    let (stop_tx, stop_rx) = crate::net::stop_channel();
+    glommio::spawn_local(server::accept_loop(shard.clone(), listener, tls, stop_rx)).detach();
+    if shard.ix() == 0 {
+        glommio::spawn_local(sample_series(shard.clone())).detach();
+    }
+    Ok(vec![Box::new(move || {
+        let _ = stop_tx.try_send(());
+    })])
+}
+
+/// Shard 0 samples the dashboard's series every second: every shard's counters (atomics, read
+/// directly) and the recent fan-out latency (one map-reduce).
+async fn sample_series(shard: Rc<Shard>) {
+    let local = AdminLocal::of(&shard);
+    let deadline = Duration::from_millis(shard.cfg().admin.query_timeout_ms);
+    while !shard.stopping() {
+        glommio::timer::sleep(Duration::from_secs(1)).await;
+        let (recent, _) = shard
+            .map_reduce(
+                deadline,
+                |s: &Rc<Shard>| s.latency().recent(),
+                crate::metrics::latency_histogram(),
+                |mut acc, _, h| {
+                    let _ = acc.add(&h);
+                    acc
+                },
+            )
+            .await;
+        let snaps = shard.shared().snapshots();
+        let p = crate::metrics::Percentiles::of(&recent);
+        local
+            .series
+            .borrow_mut()
+            .sample(now_ms(), snaps, p.p50, p.p99);
+    }
+}

@@ -3,7 +3,9 @@
 
 use std::fmt::Write;
 
-use crate::metrics::{MetricsSnapshot, Percentiles};
+use hdrhistogram::Histogram;
+
+use crate::metrics::{cumulative_buckets, MetricsSnapshot, LATENCY_BUCKETS_S};
 
 /// What one scrape shows.
 pub struct Scrape<'a> {
@@ -13,8 +15,10 @@ pub struct Scrape<'a> {
     pub shards: &'a [MetricsSnapshot],
     /// `mesh_pairs[from][to]`: messages sent.
     pub mesh_pairs: &'a [Vec<u64>],
-    /// Merged over shards, since start (µs).
-    pub latency: Percentiles,
+    /// Fan-out latency, merged over shards, since start (µs).
+    pub fanout: &'a Histogram<u64>,
+    /// Handshake latency (accept to session open), merged over shards, since start (µs).
+    pub handshakes: &'a Histogram<u64>,
     /// Shards that answered this scrape in time (their latency histograms are merged).
     pub answered: usize,
     /// History's writer, when history is on.
@@ -103,6 +107,25 @@ impl Out {
 /// Seconds, from microseconds.
 fn secs(us: u64) -> f64 {
     us as f64 / 1e6
+}
+
+impl Out {
+    /// A Prometheus histogram (fixed buckets) from an hdrhistogram in µs.
+    fn histogram(&mut self, name: &str, help: &str, h: &Histogram<u64>) {
+        self.family(name, "histogram", help);
+        for (le, n) in LATENCY_BUCKETS_S.iter().zip(cumulative_buckets(h)) {
+            let _ = writeln!(self.0, "{name}_bucket{{le=\"{le}\"}} {n}");
+        }
+        let count = h.len();
+        let _ = writeln!(self.0, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let sum = if count == 0 {
+            0.0
+        } else {
+            h.mean() * count as f64 / 1e6
+        };
+        let _ = writeln!(self.0, "{name}_sum {sum:.6}");
+        let _ = writeln!(self.0, "{name}_count {count}");
+    }
 }
 
 pub fn render(s: &Scrape<'_>) -> String {
@@ -200,6 +223,13 @@ pub fn render(s: &Scrape<'_>) -> String {
         ],
     );
     o.per_shard(
+        "presenced_ops_overloaded_total",
+        "counter",
+        "Subscribes refused with `overloaded` while the mesh was congested.",
+        sh,
+        |m| m.ops_overloaded,
+    );
+    o.per_shard(
         "presenced_op_errors_total",
         "counter",
         "Ops answered with an error.",
@@ -239,9 +269,9 @@ pub fn render(s: &Scrape<'_>) -> String {
         |m| m.deliveries,
     );
     o.per_shard(
-        "presenced_coalesced_total",
+        "presenced_coalesced_events_total",
         "counter",
-        "Queued events replaced by a newer state of the same user.",
+        "Queued events replaced by a newer state of the same user, for clients that were behind (a client that keeps up gets every event).",
         sh,
         |m| m.coalesced,
     );
@@ -296,34 +326,64 @@ pub fn render(s: &Scrape<'_>) -> String {
     o.per_shard(
         "presenced_mesh_dropped_total",
         "counter",
-        "Mesh messages dropped (overflow full or peer gone).",
+        "Mesh messages dropped: activity events while the mesh is congested, or a stopped peer. State messages are never dropped.",
         sh,
         |m| m.mesh_dropped,
     );
-    let l = &s.latency;
-    o.family(
+    o.per_shard(
+        "presenced_mesh_coalesced_total",
+        "counter",
+        "Queued presence updates replaced by a newer one for the same user while a peer was slow.",
+        sh,
+        |m| m.mesh_coalesced,
+    );
+    o.per_shard(
+        "presenced_mesh_overflow_bytes",
+        "gauge",
+        "Bytes of mesh messages waiting for a full peer inbox; past mesh.overflow_max_bytes new work is refused.",
+        sh,
+        |m| m.mesh_overflow_bytes,
+    );
+    o.per_shard(
+        "presenced_mesh_unmatched_unwatches_total",
+        "counter",
+        "Unwatch messages that matched no subscription.",
+        sh,
+        |m| m.unmatched_unwatches,
+    );
+    o.per_shard(
+        "presenced_invoke_panics_total",
+        "counter",
+        "Cross-shard jobs (admin questions, hand-offs) that panicked and were dropped.",
+        sh,
+        |m| m.invoke_panics,
+    );
+    o.per_shard(
+        "presenced_admin_evictions_total",
+        "counter",
+        "Idle admin connections closed to make room in a full pool.",
+        sh,
+        |m| m.admin_evictions,
+    );
+    o.per_shard(
+        "presenced_admin_refused_total",
+        "counter",
+        "Admin connections refused (429 per IP, 503 all busy).",
+        sh,
+        |m| m.admin_refused,
+    );
+    o.per_shard(
+        "presenced_admin_scan_yields_total",
+        "counter",
+        "Times an admin scan let its shard serve connections between chunks.",
+        sh,
+        |m| m.admin_scan_yields,
+    );
+    o.histogram(
         "presenced_fanout_latency_seconds",
-        "summary",
         "Owner publish to local enqueue on a watching shard, merged over shards, since start.",
+        s.fanout,
     );
-    for (q, v) in [
-        ("0.5", l.p50),
-        ("0.9", l.p90),
-        ("0.99", l.p99),
-        ("0.999", l.p999),
-    ] {
-        let _ = writeln!(
-            o.0,
-            "presenced_fanout_latency_seconds{{quantile=\"{q}\"}} {:.6}",
-            secs(v)
-        );
-    }
-    let _ = writeln!(
-        o.0,
-        "presenced_fanout_latency_seconds_sum {:.6}",
-        l.sum / 1e6
-    );
-    let _ = writeln!(o.0, "presenced_fanout_latency_seconds_count {}", l.count);
     o.family(
         "presenced_fanout_latency_max_seconds",
         "gauge",
@@ -332,7 +392,12 @@ pub fn render(s: &Scrape<'_>) -> String {
     let _ = writeln!(
         o.0,
         "presenced_fanout_latency_max_seconds {:.6}",
-        secs(l.max)
+        secs(s.fanout.max())
+    );
+    o.histogram(
+        "presenced_handshake_seconds",
+        "Accept to session open (upgrade answered), merged over shards, since start.",
+        s.handshakes,
     );
     if let Some(h) = &s.history {
         let mut one = |name: &str, kind: &str, help: &str, v: String| {
@@ -428,6 +493,9 @@ mod tests {
 
     #[test]
     fn every_sample_belongs_to_a_declared_family() {
+        let mut fanout = crate::metrics::latency_histogram();
+        fanout.record(40).unwrap();
+        fanout.record(90).unwrap();
         let shards = vec![
             MetricsSnapshot {
                 connections: 3,
@@ -440,13 +508,8 @@ mod tests {
             uptime_s: 1.5,
             shards: &shards,
             mesh_pairs: &[vec![1, 2], vec![3, 4]],
-            latency: Percentiles {
-                count: 2,
-                p50: 40,
-                max: 90,
-                sum: 130.0,
-                ..Default::default()
-            },
+            fanout: &fanout,
+            handshakes: &crate::metrics::latency_histogram(),
             answered: 2,
             history: Some(HistoryScrape {
                 written: 7,
@@ -463,7 +526,7 @@ mod tests {
                 continue;
             }
             let name = line.split(['{', ' ']).next().unwrap();
-            let family = ["_sum", "_count"]
+            let family = ["_sum", "_count", "_bucket"]
                 .iter()
                 .find_map(|s| name.strip_suffix(s).filter(|f| families.contains(*f)))
                 .unwrap_or(name);
@@ -471,7 +534,11 @@ mod tests {
         }
         assert!(text.contains("presenced_connections{shard=\"1\"} 3\n"));
         assert!(text.contains("presenced_mesh_messages_total{from=\"1\",to=\"0\"} 3\n"));
-        assert!(text.contains("presenced_fanout_latency_seconds{quantile=\"0.5\"} 0.000040\n"));
+        assert!(text.contains("presenced_fanout_latency_seconds_bucket{le=\"0.00005\"} 1\n"));
+        assert!(text.contains("presenced_fanout_latency_seconds_bucket{le=\"0.0001\"} 2\n"));
+        assert!(text.contains("presenced_fanout_latency_seconds_bucket{le=\"+Inf\"} 2\n"));
         assert!(text.contains("presenced_fanout_latency_seconds_count 2\n"));
+        assert!(text.contains("presenced_handshake_seconds_count 0\n"));
+        assert!(text.contains("# TYPE presenced_fanout_latency_seconds histogram\n"));
     }
 }

@@ -1,68 +1,30 @@
-//! The questions shards answer for the admin API, how a shard answers them, and how the
-//! answers of all shards merge into one.
+//! What a shard answers for the admin API, and how the answers of all shards merge into one.
 //!
-//! A question travels as `MeshMsg::Admin` to the shards that know (the owner of a user or
-//! group, the shard of a session, or all of them) and is answered synchronously inside that
-//! shard's mesh handler, so it sees the shard's state between two messages, never half-way
-//! through one.
+//! Every answer here is computed on the shard that knows (the owner of a user or group, the
+//! shard of a session, or each shard in turn), inside a job sent by `api` through the shard's
+//! `invoke_on`/`map_reduce`. Point questions are synchronous: they see the shard's state
+//! between two mesh messages. Scans ([`online_page_chunked`]) walk in chunks of
+//! `admin.scan_chunk` users and let the shard serve its connections between chunks, so a scan
+//! of a million users never stalls presence.
 
 use std::collections::BinaryHeap;
+use std::rc::Rc;
 use std::sync::Arc;
 
+use base64::Engine;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use super::changes::ChangeBatch;
 use super::series::Sample;
+use super::AdminLocal;
+use crate::metrics::ShardMetrics;
 use crate::presence::watchers::ShardIx;
 use crate::presence::{
-    Aggregate, DeviceType, GroupId, PresenceState, Registry, SessionId, UserId, UserView,
+    Aggregate, DeviceType, GroupId, Registry, SessionId, StatusCounts, UserId, UserView,
 };
-use crate::shard::Shard;
-
-/// Close code of a kicked session.
-pub const KICK_CODE: u16 = 4003;
-pub const KICK_REASON: &str = "kicked by admin";
-
-#[derive(Debug)]
-pub enum AdminReq {
-    /// Every shard: registry sizes and latency histograms (shard 0 adds its latest sample).
-    Stats,
-    /// Every shard: the recent latency window (the sampler's once-a-second question).
-    Latency,
-    /// Shard 0: the whole time series.
-    Series,
-    /// The user's owner.
-    User(UserId),
-    /// Every shard: one page of its online users.
-    Online(OnlineQuery),
-    /// The group's owner.
-    Group(GroupQuery),
-    /// The user's owner: close every session (and observer) with 4003.
-    KickUser { user: UserId, by: Arc<str> },
-    /// The session's shard: close it with 4003.
-    KickSession { session: SessionId, by: Arc<str> },
-    /// Every shard: its changes after `since[shard]`.
-    Changes { since: Arc<[u64]> },
-    /// Every shard: its online users, and member counts of its largest `max_groups` groups.
-    Counts { max_groups: usize },
-}
-
-#[derive(Debug)]
-pub enum AdminResp {
-    Stats(Box<ShardStats>),
-    Latency(Box<Histogram<u64>>),
-    Series(Vec<Sample>),
-    User(Option<UserDetail>),
-    Online(OnlinePage),
-    Group(Option<GroupPage>),
-    Kicked(Kicked),
-    Changes(ChangeBatch),
-    Counts {
-        online: u64,
-        groups: Vec<(GroupId, u64)>,
-    },
-}
+use crate::shard::session::{KICK_CODE, KICK_REASON};
+use crate::shard::{CloseRequest, Shard};
 
 /// One shard's part of `/api/stats` beyond its counters (which any thread can read).
 #[derive(Debug)]
@@ -70,6 +32,7 @@ pub struct ShardStats {
     pub sessions: usize,
     pub latency_total: Histogram<u64>,
     pub latency_recent: Histogram<u64>,
+    pub handshake_total: Histogram<u64>,
     /// Shard 0 only: the latest sample and each shard's delivery rate.
     pub sample: Option<(Sample, Vec<f64>)>,
 }
@@ -99,8 +62,22 @@ pub struct UserDetail {
     pub ts: u64,
     pub last_seen: Option<u64>,
     pub shard: ShardIx,
+    /// Subscriptions to this user, over all shards.
+    pub watchers: u64,
     pub observers: usize,
     pub sessions: Vec<SessionDetail>,
+}
+
+/// The cursor of `/api/online`: the last user id of a page, base64url.
+pub fn encode_cursor(user: &str) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(user.as_bytes())
+}
+
+pub fn decode_cursor(c: &str) -> Option<UserId> {
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(c)
+        .ok()?;
+    String::from_utf8(bytes).ok().map(Into::into)
 }
 
 /// A session id as clients see it (`welcome.session`): lowercase hex.
@@ -224,36 +201,102 @@ fn online_row(v: &UserView<'_>, shard: ShardIx) -> OnlineRow {
     }
 }
 
-/// A shard's page of `/api/online`: one scan of its users, keeping the `limit` smallest ids
-/// after the cursor in a bounded heap (O(n log limit), no full sort).
-pub fn online_page(registry: &Registry, q: &OnlineQuery, shard: ShardIx, now: u64) -> OnlinePage {
-    let mut total = 0u64;
-    // Max-heap of the smallest `limit + 1` ids seen (one extra tells whether there are more).
-    let mut best: BinaryHeap<&UserId> = BinaryHeap::with_capacity(q.limit + 2);
-    for v in registry.online(now) {
-        if !q.filter.matches(&v) {
-            continue;
-        }
-        total += 1;
-        if q.after.as_ref().is_some_and(|a| v.user <= a) {
-            continue;
-        }
-        if best.len() <= q.limit {
-            best.push(v.user);
-        } else if best.peek().is_some_and(|top| v.user < *top) {
-            best.pop();
-            best.push(v.user);
+/// A resumable scan of one shard's online users for `/api/online`: it keeps the `limit`
+/// smallest matching ids after the query's cursor in a bounded heap (O(n log limit), no full
+/// sort) and the count of all matches, and resumes after the last id it visited, so it may
+/// stop between chunks while users come and go: a user online throughout is visited once.
+pub struct OnlineScan {
+    q: OnlineQuery,
+    total: u64,
+    /// Max-heap of the smallest `limit + 1` ids seen (one extra tells whether there are more).
+    best: BinaryHeap<UserId>,
+    /// The last id visited.
+    resume: Option<UserId>,
+}
+
+impl OnlineScan {
+    pub fn new(q: OnlineQuery) -> OnlineScan {
+        OnlineScan {
+            best: BinaryHeap::with_capacity(q.limit + 2),
+            q,
+            total: 0,
+            resume: None,
         }
     }
-    let mut ids = best.into_sorted_vec();
-    let more = ids.len() > q.limit;
-    ids.truncate(q.limit);
-    let rows = ids
-        .iter()
-        .filter_map(|id| registry.view(id, now))
-        .map(|v| online_row(&v, shard))
-        .collect();
-    OnlinePage { rows, total, more }
+
+    /// Visits up to `chunk` more users; true when the scan is complete.
+    pub fn step(&mut self, registry: &Registry, chunk: usize, now: u64) -> bool {
+        let mut visited = 0;
+        let mut last = None;
+        for v in registry.online_after(self.resume.as_deref(), now) {
+            visited += 1;
+            if self.q.filter.matches(&v) {
+                self.total += 1;
+                if self.q.after.as_ref().is_none_or(|a| v.user > a) {
+                    if self.best.len() <= self.q.limit {
+                        self.best.push(v.user.clone());
+                    } else if self.best.peek().is_some_and(|top| v.user < top) {
+                        self.best.pop();
+                        self.best.push(v.user.clone());
+                    }
+                }
+            }
+            if visited == chunk {
+                last = Some(v.user.clone());
+                break;
+            }
+        }
+        match last {
+            Some(id) => {
+                self.resume = Some(id);
+                false
+            }
+            None => true,
+        }
+    }
+
+    /// The page: rows of the ids kept (those still online now), the total, whether more follow.
+    pub fn finish(self, registry: &Registry, shard: ShardIx, now: u64) -> OnlinePage {
+        let mut ids = self.best.into_sorted_vec();
+        let more = ids.len() > self.q.limit;
+        ids.truncate(self.q.limit);
+        let rows = ids
+            .iter()
+            .filter_map(|id| registry.view(id, now))
+            .filter(|v| v.status != Aggregate::Offline)
+            .map(|v| online_row(&v, shard))
+            .collect();
+        OnlinePage {
+            rows,
+            total: self.total,
+            more,
+        }
+    }
+}
+
+/// A shard's page of `/api/online` in one go (tests and small registries).
+pub fn online_page(registry: &Registry, q: &OnlineQuery, shard: ShardIx, now: u64) -> OnlinePage {
+    let mut scan = OnlineScan::new(q.clone());
+    while !scan.step(registry, usize::MAX, now) {}
+    scan.finish(registry, shard, now)
+}
+
+/// A shard's page of `/api/online`, `admin.scan_chunk` users at a time, letting the shard's
+/// other tasks and I/O run between chunks.
+pub async fn online_page_chunked(shard: Rc<Shard>, q: OnlineQuery) -> OnlinePage {
+    let chunk = shard.cfg().admin.scan_chunk;
+    let mut scan = OnlineScan::new(q);
+    loop {
+        let now = crate::shard::now_ms();
+        if scan.step(&shard.registry(), chunk, now) {
+            break;
+        }
+        ShardMetrics::inc(&shard.metrics().admin_scan_yields);
+        crate::shard::invoke::yield_to_io().await;
+    }
+    let now = crate::shard::now_ms();
+    let registry = shard.registry();
+    scan.finish(&registry, shard.ix(), now)
 }
 
 /// All shards' pages as one: the first `limit` ids overall, the total, and the cursor of the
@@ -291,13 +334,6 @@ pub struct MemberRow {
     pub ts: u64,
 }
 
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
-pub struct StatusCounts {
-    pub online: u64,
-    pub away: u64,
-    pub busy: u64,
-}
-
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct GroupPage {
     pub group: GroupId,
@@ -308,24 +344,9 @@ pub struct GroupPage {
 }
 
 /// The group owner's answer: visible members after the cursor, sorted, and counts by status.
+/// A range read of the group's ordered member map: O(log members + limit), no scan.
 pub fn group_page(groups: &crate::presence::Groups, q: &GroupQuery) -> Option<GroupPage> {
-    let (members, _watched) = groups.members(&q.group)?;
-    let mut counts = StatusCounts::default();
-    let mut picked: Vec<&PresenceState> = Vec::new();
-    for m in members {
-        match m.status {
-            Aggregate::Online => counts.online += 1,
-            Aggregate::Away => counts.away += 1,
-            Aggregate::Busy => counts.busy += 1,
-            Aggregate::Offline => {}
-        }
-        if q.after.as_ref().is_none_or(|a| m.user > *a) {
-            picked.push(m);
-        }
-    }
-    picked.sort_unstable_by(|a, b| a.user.cmp(&b.user));
-    let more = picked.len() > q.limit;
-    picked.truncate(q.limit);
+    let (picked, more, counts) = groups.page(&q.group, q.after.as_deref(), q.limit)?;
     let members: Vec<MemberRow> = picked
         .into_iter()
         .map(|m| MemberRow {
@@ -337,11 +358,11 @@ pub fn group_page(groups: &crate::presence::Groups, q: &GroupQuery) -> Option<Gr
         })
         .collect();
     let next_cursor = more
-        .then(|| members.last().map(|m| super::api::encode_cursor(&m.user)))
+        .then(|| members.last().map(|m| encode_cursor(&m.user)))
         .flatten();
     Some(GroupPage {
         group: q.group.clone(),
-        total: counts.online + counts.away + counts.busy,
+        total: counts.total(),
         counts,
         members,
         next_cursor,
@@ -354,8 +375,9 @@ pub struct Kicked {
     pub kicked: usize,
 }
 
-fn user_detail(shard: &Shard, user: &str, now: u64) -> Option<UserDetail> {
-    let registry = shard.registry.borrow();
+/// `/api/users/{id}`, on the user's owner.
+pub fn user_detail(shard: &Shard, user: &str, now: u64) -> Option<UserDetail> {
+    let registry = shard.registry();
     let v = registry.view(user, now)?;
     let sessions = v
         .sessions
@@ -371,7 +393,7 @@ fn user_detail(shard: &Shard, user: &str, now: u64) -> Option<UserDetail> {
             text: s.text.clone(),
             groups: s.info.groups.clone(),
             roles: s.info.roles.clone(),
-            shard: shard.ix,
+            shard: shard.ix(),
         })
         .collect();
     Some(UserDetail {
@@ -382,25 +404,22 @@ fn user_detail(shard: &Shard, user: &str, now: u64) -> Option<UserDetail> {
         seq: v.seq,
         ts: v.ts,
         last_seen: v.last_seen,
-        shard: shard.ix,
+        shard: shard.ix(),
+        watchers: v.watchers,
         observers: shard.observers_of(user).len(),
         sessions,
     })
 }
 
-fn kick_user(shard: &Shard, user: &UserId, by: &str) -> Kicked {
-    let mut ids = shard.registry.borrow().session_ids(user);
-    ids.extend(shard.observers_of(user));
-    let conns = shard.conns.borrow();
+/// Closes every session (and impersonation) of `user` with 4003, on the user's owner.
+pub fn kick_user(shard: &Shard, user: &UserId, by: &str) -> Kicked {
     let mut kicked = 0;
-    for id in ids {
-        if let Some(c) = conns.get(&id) {
-            c.request_close(KICK_CODE, KICK_REASON);
-            kicked += 1;
-            crate::metrics::ShardMetrics::inc(&shard.metrics.kicks);
-            tracing::info!(target: "presenced::audit", admin = %by, user = %user,
-                session = %session_hex(id), "kick");
-        }
+    for s in shard.sessions_of(user) {
+        s.request_close(CloseRequest::now(KICK_CODE, KICK_REASON));
+        kicked += 1;
+        ShardMetrics::inc(&shard.metrics().kicks);
+        tracing::info!(target: "presenced::audit", admin = %by, user = %user,
+            session = %session_hex(s.id()), "kick");
     }
     Kicked {
         user: (kicked > 0).then(|| user.clone()),
@@ -408,72 +427,61 @@ fn kick_user(shard: &Shard, user: &UserId, by: &str) -> Kicked {
     }
 }
 
-fn kick_session(shard: &Shard, session: SessionId, by: &str) -> Kicked {
-    let Some(c) = shard.conns.borrow().get(&session).cloned() else {
+/// Closes one session with 4003, on the session's shard.
+pub fn kick_session(shard: &Shard, session: SessionId, by: &str) -> Kicked {
+    let Some(s) = shard.session(session) else {
         return Kicked::default();
     };
-    c.request_close(KICK_CODE, KICK_REASON);
-    crate::metrics::ShardMetrics::inc(&shard.metrics.kicks);
-    tracing::info!(target: "presenced::audit", admin = %by, user = %c.user,
+    s.request_close(CloseRequest::now(KICK_CODE, KICK_REASON));
+    ShardMetrics::inc(&shard.metrics().kicks);
+    tracing::info!(target: "presenced::audit", admin = %by, user = %s.user(),
         session = %session_hex(session), "kick");
     Kicked {
-        user: Some(c.user.clone()),
+        user: Some(s.user().clone()),
         kicked: 1,
     }
 }
 
-/// Answers `req` from this shard's state. Synchronous: called from the mesh handler.
-pub fn answer(shard: &Shard, req: &AdminReq, now: u64) -> AdminResp {
-    match req {
-        AdminReq::Stats => {
-            let latency = shard.latency.borrow();
-            let registry = shard.registry.borrow();
-            let sample = (shard.ix == 0).then(|| {
-                let series = shard.series.borrow();
-                (series.latest().unwrap_or_default(), series.shard_rates())
-            });
-            AdminResp::Stats(Box::new(ShardStats {
-                sessions: registry.session_count(),
-                latency_total: latency.total.clone(),
-                latency_recent: latency.recent(),
-                sample,
-            }))
+/// One shard's part of `/api/stats` and `/metrics`.
+pub fn shard_stats(shard: &Shard) -> ShardStats {
+    let latency = shard.latency();
+    let handshakes = shard.handshake_latency();
+    let sample = (shard.ix() == 0)
+        .then(|| shard.local::<AdminLocal>())
+        .flatten()
+        .map(|local| {
+            let series = local.series.borrow();
+            (series.latest().unwrap_or_default(), series.shard_rates())
+        });
+    ShardStats {
+        sessions: shard.registry().session_count(),
+        latency_total: latency.total.clone(),
+        latency_recent: latency.recent(),
+        handshake_total: handshakes.total.clone(),
+        sample,
+    }
+}
+
+/// This shard's online users, and its `max_groups` largest groups by visible members (one pass
+/// over its groups keeping the largest in a bounded heap).
+pub fn counts(shard: &Shard, max_groups: usize) -> (u64, Vec<(GroupId, u64)>) {
+    let groups = shard.groups().largest(max_groups);
+    (shard.registry().online_users() as u64, groups)
+}
+
+/// The dashboard feed's changes after `mark` on this shard (`u64::MAX`: start now).
+pub fn changes_since(shard: &Shard, mark: u64) -> ChangeBatch {
+    let Some(local) = shard.local::<AdminLocal>() else {
+        return ChangeBatch::default();
+    };
+    let log = local.changes.borrow();
+    if mark == u64::MAX {
+        ChangeBatch {
+            last: log.mark(),
+            ..ChangeBatch::default()
         }
-        AdminReq::Latency => AdminResp::Latency(Box::new(shard.latency.borrow().recent())),
-        AdminReq::Series => AdminResp::Series(shard.series.borrow().all()),
-        AdminReq::User(user) => AdminResp::User(user_detail(shard, user, now)),
-        AdminReq::Online(q) => {
-            AdminResp::Online(online_page(&shard.registry.borrow(), q, shard.ix, now))
-        }
-        AdminReq::Group(q) => AdminResp::Group(group_page(&shard.groups.borrow(), q)),
-        AdminReq::KickUser { user, by } => AdminResp::Kicked(kick_user(shard, user, by)),
-        AdminReq::KickSession { session, by } => {
-            AdminResp::Kicked(kick_session(shard, *session, by))
-        }
-        AdminReq::Counts { max_groups } => {
-            let mut groups = shard.groups.borrow().counts();
-            groups.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-            groups.truncate(*max_groups);
-            AdminResp::Counts {
-                online: shard.registry.borrow().online_users() as u64,
-                groups,
-            }
-        }
-        AdminReq::Changes { since } => {
-            let mark = since
-                .get(usize::from(shard.ix))
-                .copied()
-                .unwrap_or(u64::MAX);
-            let log = shard.changes.borrow();
-            AdminResp::Changes(if mark == u64::MAX {
-                ChangeBatch {
-                    last: log.mark(),
-                    ..ChangeBatch::default()
-                }
-            } else {
-                log.since(mark)
-            })
-        }
+    } else {
+        log.since(mark)
     }
 }
 

@@ -1,104 +1,254 @@
 //! The admin port's HTTP/1.1 server, run by every shard on its own SO_REUSEPORT listener:
-//! keep-alive, bounded request heads and bodies, time limits, a per-shard connection cap.
+//! keep-alive, bounded request heads and bodies, time limits, and a bounded pool of connections.
+//!
+//! The pool (`admin.max_connections` per shard) must not be something a few idle sockets can
+//! take: a probe that finds it full would restart a healthy server. So
+//! - a new connection has `admin.header_timeout_ms` to send its first byte, and a keep-alive
+//!   connection `admin.idle_timeout_ms` between requests;
+//! - one client IP holds at most `admin.max_connections_per_ip` (more get 429);
+//! - when the pool is full, a new connection closes the connection that has been idle longest
+//!   (waiting for a first byte or between requests: closing it loses nothing); only when every
+//!   connection is busy with a request does the new one get 503.
 
+use std::net::IpAddr;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
 use glommio::net::{TcpListener, TcpStream};
+use hashbrown::HashMap;
 use rustls::ServerConfig;
-use std::sync::Arc;
 
 use super::http::{self, Method, Response};
+use super::AdminLocal;
 use crate::metrics::ShardMetrics;
 use crate::shard::Shard;
+
+/// One shard's admin connections.
+#[derive(Default)]
+pub struct Pool {
+    next: u64,
+    conns: HashMap<u64, Slot>,
+    per_ip: HashMap<IpAddr, usize>,
+}
+
+struct Slot {
+    ip: IpAddr,
+    /// Since when the connection waits for a request's first byte; `None` while busy.
+    idle_since: Option<Instant>,
+    /// Tells the connection to close (it was evicted).
+    evict: LocalSender<()>,
+}
+
+/// Why a new connection is not admitted.
+#[derive(Debug, PartialEq, Eq)]
+enum Full {
+    /// This IP holds its share already (429).
+    PerIp,
+    /// Every connection is busy (503).
+    Busy,
+}
+
+impl Pool {
+    /// Admits a connection from `ip`, evicting the longest-idle one if the pool is full.
+    /// Returns its id and the receiver of its eviction notice.
+    fn admit(
+        &mut self,
+        ip: IpAddr,
+        max: usize,
+        max_per_ip: usize,
+        metrics: &ShardMetrics,
+    ) -> Result<(u64, LocalReceiver<()>), Full> {
+        if self.per_ip.get(&ip).copied().unwrap_or(0) >= max_per_ip {
+            return Err(Full::PerIp);
+        }
+        if self.conns.len() >= max {
+            let oldest = self
+                .conns
+                .iter()
+                .filter_map(|(id, s)| s.idle_since.map(|t| (t, *id)))
+                .min();
+            let Some((_, victim)) = oldest else {
+                return Err(Full::Busy);
+            };
+            if let Some(slot) = self.remove(victim) {
+                let _ = slot.evict.try_send(());
+                ShardMetrics::inc(&metrics.admin_evictions);
+            }
+        }
+        let (evict, notice) = local_channel::new_bounded(1);
+        self.next += 1;
+        let id = self.next;
+        self.conns.insert(
+            id,
+            Slot {
+                ip,
+                idle_since: Some(Instant::now()),
+                evict,
+            },
+        );
+        *self.per_ip.entry(ip).or_default() += 1;
+        Ok((id, notice))
+    }
+
+    fn remove(&mut self, id: u64) -> Option<Slot> {
+        let slot = self.conns.remove(&id)?;
+        if let Some(n) = self.per_ip.get_mut(&slot.ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_ip.remove(&slot.ip);
+            }
+        }
+        Some(slot)
+    }
+
+    fn set_idle(&mut self, id: u64, idle: bool) {
+        if let Some(slot) = self.conns.get_mut(&id) {
+            slot.idle_since = idle.then(Instant::now);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+}
 
 /// Accepts admin connections until `stop` fires; with `tls`, every connection speaks TLS.
 pub async fn accept_loop(
     shard: Rc<Shard>,
     listener: TcpListener,
     tls: Option<Arc<ServerConfig>>,
-    stop: Rc<glommio::channels::local_channel::LocalReceiver<()>>,
+    stop: Rc<LocalReceiver<()>>,
 ) {
-    while let Some(mut stream) =
-        crate::edge::accept::next_connection(&shard, &listener, &stop).await
-    {
-        let open = shard
-            .metrics
-            .admin_connections
-            .load(std::sync::atomic::Ordering::Relaxed);
-        if open as usize >= shard.cfg.admin.max_connections {
-            let resp = Response::error(503, "too many admin connections");
-            glommio::spawn_local(async move {
-                let _ = stream.write_all(&http::encode(&resp, false, false)).await;
-                let _ = stream.close().await;
-            })
-            .detach();
+    let local = AdminLocal::of(&shard);
+    while let Some(mut stream) = crate::net::next_connection(&listener, &stop).await {
+        let Ok(peer) = stream.peer_addr() else {
             continue;
-        }
-        let open = Open::new(shard.clone());
-        let m = shard.metrics.clone();
-        let serving = start(shard.clone(), stream, tls.clone(), open);
-        glommio::spawn_local(crate::edge::accept::guarded(m, serving)).detach();
+        };
+        let cfg = &shard.cfg().admin;
+        let m = shard.metrics().clone();
+        let admitted = local.pool.borrow_mut().admit(
+            peer.ip(),
+            cfg.max_connections,
+            cfg.max_connections_per_ip,
+            &m,
+        );
+        let (id, evicted) = match admitted {
+            Ok(a) => a,
+            Err(full) => {
+                ShardMetrics::inc(&m.admin_refused);
+                let resp = match full {
+                    Full::PerIp => {
+                        Response::error(429, "too many admin connections from this address")
+                    }
+                    Full::Busy => Response::error(503, "too many admin connections"),
+                };
+                glommio::spawn_local(async move {
+                    let _ = stream.write_all(&http::encode(&resp, false, false)).await;
+                    let _ = stream.close().await;
+                })
+                .detach();
+                continue;
+            }
+        };
+        let open = Open::new(shard.clone(), id);
+        let conn = Conn {
+            open,
+            evicted: Rc::new(evicted),
+        };
+        let serving = start(shard.clone(), stream, tls.clone(), conn);
+        glommio::spawn_local(crate::net::guarded(m, serving)).detach();
     }
 }
 
-/// Counts an open admin connection for as long as it lives.
-struct Open(Rc<Shard>);
+/// Holds a connection's place in the pool (and the gauge) for as long as it lives.
+struct Open {
+    shard: Rc<Shard>,
+    id: u64,
+}
 
 impl Open {
-    fn new(shard: Rc<Shard>) -> Open {
-        ShardMetrics::inc(&shard.metrics.admin_connections);
-        Open(shard)
+    fn new(shard: Rc<Shard>, id: u64) -> Open {
+        ShardMetrics::inc(&shard.metrics().admin_connections);
+        Open { shard, id }
+    }
+
+    fn set_idle(&self, idle: bool) {
+        AdminLocal::of(&self.shard)
+            .pool
+            .borrow_mut()
+            .set_idle(self.id, idle);
     }
 }
 
 impl Drop for Open {
     fn drop(&mut self) {
-        ShardMetrics::sub(&self.0.metrics.admin_connections, 1);
+        ShardMetrics::sub(&self.shard.metrics().admin_connections, 1);
+        AdminLocal::of(&self.shard)
+            .pool
+            .borrow_mut()
+            .remove(self.id);
     }
+}
+
+/// A pooled connection: its place, and the notice that it was evicted.
+struct Conn {
+    open: Open,
+    evicted: Rc<LocalReceiver<()>>,
 }
 
 /// Why reading a request stopped.
 enum ReadEnd {
-    /// The peer closed, or stayed idle past the idle timeout: close quietly.
+    /// The peer closed, stayed idle past its timeout, or the connection was evicted: close
+    /// quietly.
     Gone,
     /// Answer this error, then close.
     Error(Response),
 }
 
-/// Sets the socket up and, with TLS, runs the TLS handshake (within the request timeout).
-async fn start(shard: Rc<Shard>, stream: TcpStream, tls: Option<Arc<ServerConfig>>, open: Open) {
+/// Sets the socket up and, with TLS, runs the TLS handshake (within the header timeout).
+async fn start(shard: Rc<Shard>, stream: TcpStream, tls: Option<Arc<ServerConfig>>, conn: Conn) {
     let _ = stream.set_nodelay(true);
     // A client that stops reading cannot hold a slot: writes give up after the request timeout.
-    let timeout = Duration::from_millis(shard.cfg.admin.request_timeout_ms);
-    let _ = stream.set_write_timeout(Some(timeout));
+    let cfg = &shard.cfg().admin;
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(cfg.request_timeout_ms)));
     match tls {
-        None => serve(shard, stream, open).await,
-        Some(cfg) => {
-            let accepting = futures_rustls::TlsAcceptor::from(cfg).accept(stream);
+        None => serve(shard, stream, conn).await,
+        Some(tls_cfg) => {
+            let wait = Duration::from_millis(cfg.header_timeout_ms);
+            let accepting = futures_rustls::TlsAcceptor::from(tls_cfg).accept(stream);
             let handshake = futures_lite::future::or(async { Some(accepting.await) }, async {
-                glommio::timer::sleep(timeout).await;
+                glommio::timer::sleep(wait).await;
                 None
             })
             .await;
             if let Some(Ok(tls_stream)) = handshake {
-                serve(shard, tls_stream, open).await;
+                serve(shard, tls_stream, conn).await;
             }
         }
     }
 }
 
-/// Reads one request (head and body) into `buf`. Waits up to the idle timeout for its first
-/// byte, then up to the request timeout for the rest.
+/// Reads one request (head and body) into `buf`. Waits for its first byte up to the header
+/// timeout (a new connection) or the idle timeout (keep-alive), as an idle member of the pool;
+/// then up to the request timeout for the rest.
 async fn read_request<S: AsyncRead + Unpin>(
     shard: &Shard,
     stream: &mut S,
     buf: &mut Vec<u8>,
+    conn: &Conn,
+    first: bool,
 ) -> Result<http::Request, ReadEnd> {
-    let cfg = &shard.cfg.admin;
-    let mut deadline =
-        (!buf.is_empty()).then(|| Instant::now() + Duration::from_millis(cfg.request_timeout_ms));
+    let cfg = &shard.cfg().admin;
+    let request_timeout = Duration::from_millis(cfg.request_timeout_ms);
+    let mut deadline = (!buf.is_empty()).then(|| Instant::now() + request_timeout);
+    conn.open.set_idle(deadline.is_none());
     let mut chunk = [0u8; 4096];
     let mut head: Option<http::Request> = None;
     loop {
@@ -113,12 +263,23 @@ async fn read_request<S: AsyncRead + Unpin>(
         }
         let wait = match deadline {
             Some(d) => d.saturating_duration_since(Instant::now()),
+            None if first => Duration::from_millis(cfg.header_timeout_ms),
             None => Duration::from_millis(cfg.idle_timeout_ms),
         };
-        let read = futures_lite::future::or(async { Some(stream.read(&mut chunk).await) }, async {
-            glommio::timer::sleep(wait).await;
-            None
-        })
+        let evicted = conn.evicted.clone();
+        let read = futures_lite::future::or(
+            async { Some(stream.read(&mut chunk).await) },
+            futures_lite::future::or(
+                async {
+                    glommio::timer::sleep(wait).await;
+                    None
+                },
+                async move {
+                    evicted.recv().await;
+                    Some(Err(std::io::ErrorKind::ConnectionAborted.into()))
+                },
+            ),
+        )
         .await;
         match read {
             None if deadline.is_some() => {
@@ -130,28 +291,31 @@ async fn read_request<S: AsyncRead + Unpin>(
             None | Some(Ok(0)) | Some(Err(_)) => return Err(ReadEnd::Gone),
             Some(Ok(n)) => {
                 buf.extend_from_slice(&chunk[..n]);
-                deadline.get_or_insert_with(|| {
-                    Instant::now() + Duration::from_millis(cfg.request_timeout_ms)
-                });
+                if deadline.is_none() {
+                    deadline = Some(Instant::now() + request_timeout);
+                    conn.open.set_idle(false);
+                }
             }
         }
     }
 }
 
-/// One admin connection: requests in order until close, idle timeout or an error.
-async fn serve<S: AsyncRead + AsyncWrite + Unpin>(shard: Rc<Shard>, mut stream: S, _open: Open) {
+/// One admin connection: requests in order until close, idle timeout, eviction or an error.
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(shard: Rc<Shard>, mut stream: S, conn: Conn) {
     let mut buf = Vec::new();
+    let mut first = true;
     loop {
-        let req = match read_request(&shard, &mut stream, &mut buf).await {
+        let req = match read_request(&shard, &mut stream, &mut buf, &conn, first).await {
             Ok(req) => req,
             Err(ReadEnd::Gone) => return,
             Err(ReadEnd::Error(resp)) => {
-                ShardMetrics::inc(&shard.metrics.admin_requests);
+                ShardMetrics::inc(&shard.metrics().admin_requests);
                 let _ = stream.write_all(&http::encode(&resp, false, false)).await;
                 let _ = stream.close().await;
                 return;
             }
         };
+        first = false;
         let end = req.head_len + req.content_length;
         if req.path == "/ws/admin" {
             match req.ws_key.clone() {
@@ -177,7 +341,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(shard: Rc<Shard>, mut stream: 
             req.bearer.as_deref(),
         )
         .await;
-        let keep = req.keep_alive && !shard.stopping.get();
+        let keep = req.keep_alive && !shard.stopping();
         let bytes = http::encode(&resp, keep, req.method == Method::Head);
         if stream.write_all(&bytes).await.is_err() {
             return;
@@ -187,5 +351,40 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(shard: Rc<Shard>, mut stream: 
             let _ = stream.close().await;
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    #[test]
+    fn a_full_pool_evicts_the_longest_idle_and_refuses_only_when_all_are_busy() {
+        glommio::LocalExecutorBuilder::default()
+            .spawn(|| async {
+                let m = ShardMetrics::default();
+                let ip = |n| IpAddr::V4(Ipv4Addr::new(10, 0, 0, n));
+                let mut pool = Pool::default();
+                let (a, a_notice) = pool.admit(ip(1), 2, 5, &m).unwrap();
+                let (b, _b_notice) = pool.admit(ip(2), 2, 5, &m).unwrap();
+                pool.set_idle(b, false); // b is busy with a request
+                let (_c, _) = pool.admit(ip(3), 2, 5, &m).expect("a, idle, makes room");
+                assert!(a_notice.recv().await.is_some(), "a was told to close");
+                assert!(!pool.conns.contains_key(&a));
+                assert_eq!(pool.len(), 2);
+                pool.set_idle(_c, false);
+                assert_eq!(pool.admit(ip(4), 2, 5, &m).unwrap_err(), Full::Busy);
+                assert_eq!(ShardMetrics::get(&m.admin_evictions), 1);
+                // Per IP.
+                let mut pool = Pool::default();
+                pool.admit(ip(1), 10, 2, &m).unwrap();
+                pool.admit(ip(1), 10, 2, &m).unwrap();
+                assert_eq!(pool.admit(ip(1), 10, 2, &m).unwrap_err(), Full::PerIp);
+                assert!(pool.admit(ip(2), 10, 2, &m).is_ok());
+            })
+            .unwrap()
+            .join()
+            .unwrap();
     }
 }

@@ -1,38 +1,54 @@
 //! Accepting sockets and the upgrade handshake.
 //!
 //! Every shard accepts on its own SO_REUSEPORT listener. The accepting shard reads the upgrade
-//! request (bounded in size and time), authenticates the token, and — when another shard owns
-//! the user — hands the socket and any bytes already read to that owner over the mesh. The owner
-//! answers the upgrade and serves the connection, so all of a user's devices live on one shard.
+//! request (bounded in size and time, and in how many it reads at once), authenticates the
+//! token, and — when another shard owns the user — hands the socket and any bytes already read
+//! to that owner as a job over the mesh. The owner answers the upgrade and serves the
+//! connection, so all of a user's devices live on one shard.
 
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::rc::Rc;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
+use glommio::sync::StaticPermit;
 use rustls::ServerConfig;
-use std::sync::Arc;
 
 use super::conn::{self, Setup};
 use super::http::{self, Reject};
 use super::tls::Tls;
+use super::Edge;
 use crate::auth::Claims;
 use crate::metrics::ShardMetrics;
 use crate::presence::DeviceType;
-use crate::shard::mesh::{Handoff, MeshMsg};
-use crate::shard::Shard;
+use crate::shard::{now_ms, Admission, Shard};
 
 /// Accepts until `stop` fires, one handshake task per socket. `secure`: this listener speaks
 /// TLS with that configuration.
 pub async fn accept_loop(
-    shard: Rc<Shard>,
+    edge: Rc<Edge>,
     listener: TcpListener,
     secure: Option<Arc<ServerConfig>>,
     stop: Rc<glommio::channels::local_channel::LocalReceiver<()>>,
 ) {
-    while let Some(stream) = next_connection(&shard, &listener, &stop).await {
+    while let Some(mut stream) = crate::net::next_connection(&listener, &stop).await {
+        let accepted = Instant::now();
+        let metrics = edge.shard.metrics().clone();
+        // Bounded work per shard: a flood of sockets that never finish their upgrade cannot
+        // hold more than `max_handshakes_in_flight` handshakes (and their buffers and timers).
+        let Ok(permit) = edge.handshakes.try_acquire_static_permit(1) else {
+            ShardMetrics::inc(&metrics.handshakes_unavailable);
+            glommio::spawn_local(async move {
+                let busy = http::error_response(503, "too many handshakes in progress");
+                let _ = stream.write_all(&busy).await;
+                let _ = stream.close().await;
+            })
+            .detach();
+            continue;
+        };
         let tls = match secure
             .as_ref()
             .map(|c| Tls::new(c).map(Box::new))
@@ -44,68 +60,28 @@ pub async fn accept_loop(
                 continue;
             }
         };
-        let m = shard.metrics.clone();
-        glommio::spawn_local(guarded(m, handshake(shard.clone(), stream, tls))).detach();
-    }
-}
-
-/// The next accepted connection, or `None` once `stop` fires. Accept errors (EMFILE and
-/// friends) are logged and followed by a short pause instead of a spin.
-pub async fn next_connection(
-    shard: &Shard,
-    listener: &TcpListener,
-    stop: &glommio::channels::local_channel::LocalReceiver<()>,
-) -> Option<TcpStream> {
-    loop {
-        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
-            stop.recv().await;
-            None
-        })
-        .await;
-        match accepted? {
-            Ok(stream) => return Some(stream),
-            Err(e) => {
-                tracing::warn!(shard = shard.ix, error = %e, "accept failed");
-                glommio::timer::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    }
-}
-
-/// Runs a connection-scoped task so that a panic in it ends that task only: a panic in a
-/// detached glommio task would otherwise take the whole shard's executor down. Counted in
-/// `conn_panics`.
-pub async fn guarded(
-    metrics: std::sync::Arc<ShardMetrics>,
-    task: impl std::future::Future<Output = ()>,
-) {
-    use futures_lite::FutureExt;
-    if std::panic::AssertUnwindSafe(task)
-        .catch_unwind()
-        .await
-        .is_err()
-    {
-        ShardMetrics::inc(&metrics.conn_panics);
-        tracing::error!(
-            "a connection task panicked; that connection was dropped, the shard goes on"
-        );
+        let task = handshake(edge.clone(), stream, tls, accepted, permit);
+        glommio::spawn_local(crate::net::guarded(metrics, task)).detach();
     }
 }
 
 /// What the handshake learned, for the owner shard.
 struct Accepted {
-    claims: Claims,
+    admission: Admission,
     key: String,
-    device: Option<String>,
-    device_type: DeviceType,
     early: Vec<u8>,
-    /// `?as=<user>` by an admin: the user whose view this read-only connection shows.
-    as_user: Option<String>,
 }
 
-async fn handshake(shard: Rc<Shard>, mut stream: TcpStream, mut tls: Option<Box<Tls>>) {
+async fn handshake(
+    edge: Rc<Edge>,
+    mut stream: TcpStream,
+    mut tls: Option<Box<Tls>>,
+    accepted: Instant,
+    permit: StaticPermit,
+) {
+    let shard = &edge.shard;
     let Ok(peer) = stream.peer_addr() else { return };
-    let limits = &shard.cfg.limits;
+    let limits = &shard.cfg().limits;
     let deadline = Duration::from_millis(limits.handshake_timeout_ms);
     let reading = read_head(&mut stream, &mut tls, limits.max_header_bytes);
     let head = futures_lite::future::or(reading, async {
@@ -113,18 +89,27 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream, mut tls: Option<Box<
         Err(Reject::new(408, "upgrade request not received in time"))
     })
     .await;
-    let accepted = head
-        .and_then(|(buf, req)| admit(&shard, peer, &req).map(|()| (buf, req)))
-        .and_then(|(buf, req)| authenticate(&shard, buf, req));
-    let accepted = match accepted {
+    let result = head
+        .and_then(|(buf, req)| edge.admit(peer, &req).map(|()| (buf, req)))
+        .and_then(|(buf, req)| authenticate(shard, peer, buf, req))
+        .and_then(|a| {
+            if shard.congested() {
+                Err(Reject::new(503, "server overloaded: retry later"))
+            } else {
+                Ok(a)
+            }
+        });
+    let a = match result {
         Ok(a) => a,
         Err(reject) => {
+            let m = shard.metrics();
             let counter = match reject.status {
-                401 => &shard.metrics.handshakes_unauthorized,
-                403 => &shard.metrics.handshakes_forbidden,
-                408 => &shard.metrics.handshakes_timed_out,
-                429 => &shard.metrics.handshakes_rate_limited,
-                _ => &shard.metrics.handshakes_bad_request,
+                401 => &m.handshakes_unauthorized,
+                403 => &m.handshakes_forbidden,
+                408 => &m.handshakes_timed_out,
+                429 => &m.handshakes_rate_limited,
+                503 => &m.handshakes_unavailable,
+                _ => &m.handshakes_bad_request,
             };
             ShardMetrics::inc(counter);
             tracing::debug!(peer = %peer, status = reject.status, reason = reject.reason, "upgrade refused");
@@ -138,27 +123,27 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream, mut tls: Option<Box<
             return;
         }
     };
+    // The handshake is over: the connection's own task (here or on the owner) holds no permit.
+    drop(permit);
     // An impersonation is served where the impersonated user lives: it must see what is sent
     // to that user's sessions.
-    let owner = shard.owner(accepted.as_user.as_deref().unwrap_or(&accepted.claims.sub));
-    if owner == shard.ix {
+    let owner = shard.owner(&a.admission.user);
+    if owner == shard.ix() {
         let setup = Setup {
             stream,
             peer,
-            claims: accepted.claims,
-            key: accepted.key,
-            device: accepted.device,
-            device_type: accepted.device_type,
-            early: accepted.early,
+            admission: a.admission,
+            key: a.key,
+            early: a.early,
             tls,
-            as_user: accepted.as_user,
+            accepted,
         };
         // The connection gets its own task: this handshake's larger state ends here.
-        conn::start(shard, setup);
+        conn::start(shard.clone(), setup);
         return;
     }
-    // SAFETY-free hand-off: duplicate the descriptor into an owned one for the owner shard,
-    // then drop this shard's stream (which closes only its own descriptor).
+    // Duplicate the descriptor into an owned one for the owner shard, then drop this shard's
+    // stream (which closes only its own descriptor).
     let fd = match dup(&stream) {
         Ok(fd) => fd,
         Err(e) => {
@@ -168,42 +153,49 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream, mut tls: Option<Box<
         }
     };
     drop(stream);
-    ShardMetrics::inc(&shard.metrics.handoffs_out);
+    ShardMetrics::inc(&shard.metrics().handoffs_out);
     let handoff = Handoff {
         fd,
         peer,
-        claims: accepted.claims,
-        key: accepted.key,
-        device: accepted.device,
-        device_type: Some(accepted.device_type.as_str().to_owned()),
-        early: accepted.early,
+        admission: a.admission,
+        key: a.key,
+        early: a.early,
         tls: tls.map(|t| Box::new(t.into_session())),
-        as_user: accepted.as_user,
+        accepted,
     };
-    shard.mesh.send(owner, MeshMsg::Handoff(Box::new(handoff)));
+    shard.send_job(
+        owner,
+        Box::new(move |owner: &Rc<Shard>| adopt(owner, handoff)),
+    );
+}
+
+/// An authenticated socket on its way to the shard that owns its user (a mesh job: never
+/// dropped; if the owner is stopping, dropping it closes the socket).
+struct Handoff {
+    fd: OwnedFd,
+    peer: SocketAddr,
+    admission: Admission,
+    key: String,
+    early: Vec<u8>,
+    /// The TLS session, when the socket came in over TLS: it moves with the descriptor.
+    tls: Option<Box<rustls::ServerConnection>>,
+    accepted: Instant,
 }
 
 /// The owner's side of a hand-off.
-pub fn adopt(shard: &Rc<Shard>, h: Handoff) {
-    ShardMetrics::inc(&shard.metrics.handoffs_in);
+fn adopt(shard: &Rc<Shard>, h: Handoff) {
+    ShardMetrics::inc(&shard.metrics().handoffs_in);
     // SAFETY: `h.fd` is an open socket descriptor owned by this message; ownership moves into
     // the stream, which closes it on drop.
     let stream = unsafe { TcpStream::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(h.fd)) };
-    let device_type = h
-        .device_type
-        .as_deref()
-        .and_then(DeviceType::parse)
-        .unwrap_or_default();
     let setup = Setup {
         stream,
         peer: h.peer,
-        claims: h.claims,
+        admission: h.admission,
         key: h.key,
-        device: h.device,
-        device_type,
         early: h.early,
         tls: h.tls.map(|t| Box::new(Tls::from_session(*t))),
-        as_user: h.as_user,
+        accepted: h.accepted,
     };
     conn::start(shard.clone(), setup);
 }
@@ -261,30 +253,30 @@ async fn read_head(
     }
 }
 
-/// Cheap checks before the token is verified: the per-IP rate limit and the Origin allowlist.
-fn admit(shard: &Shard, peer: SocketAddr, req: &http::UpgradeRequest) -> Result<(), Reject> {
-    if !shard
-        .ip_limiter
-        .borrow_mut()
-        .allow(peer.ip(), crate::shard::now_ms())
-    {
-        return Err(Reject::new(
-            429,
-            "too many connection attempts from this address",
-        ));
-    }
-    let allowed = &shard.cfg.allowed_origins;
-    if let Some(origin) = &req.origin {
-        if !allowed.is_empty() && !allowed.iter().any(|a| a.eq_ignore_ascii_case(origin)) {
-            return Err(Reject::new(403, "origin not allowed"));
+impl Edge {
+    /// Cheap checks before the token is verified: the per-IP rate limit and the Origin
+    /// allowlist.
+    fn admit(&self, peer: SocketAddr, req: &http::UpgradeRequest) -> Result<(), Reject> {
+        if !self.ip_limiter.borrow_mut().allow(peer.ip(), now_ms()) {
+            return Err(Reject::new(
+                429,
+                "too many connection attempts from this address",
+            ));
         }
+        let allowed = &self.shard.cfg().allowed_origins;
+        if let Some(origin) = &req.origin {
+            if !allowed.is_empty() && !allowed.iter().any(|a| a.eq_ignore_ascii_case(origin)) {
+                return Err(Reject::new(403, "origin not allowed"));
+            }
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// Token, device and impersonation checks on a parsed request.
 fn authenticate(
     shard: &Shard,
+    peer: SocketAddr,
     mut buf: Vec<u8>,
     req: http::UpgradeRequest,
 ) -> Result<Accepted, Reject> {
@@ -293,10 +285,10 @@ fn authenticate(
         .as_deref()
         .ok_or(Reject::new(401, "missing token"))?;
     if let Some(target) = req.as_user {
-        return impersonate(shard, buf, token, target, req.key, req.head_len);
+        return impersonate(shard, peer, buf, token, target, req.key, req.head_len);
     }
     let claims = shard
-        .verifier
+        .verifier()
         .verify(token)
         .map_err(|e| Reject::new(401, e.reason()))?;
     let device_type = match claims.device_type.as_deref().or(req.device_type.as_deref()) {
@@ -309,32 +301,55 @@ fn authenticate(
     let device = claims.device.clone().or(req.device);
     let early = buf.split_off(req.head_len);
     Ok(Accepted {
-        claims,
+        admission: admission(claims, device, device_type, peer, None),
         key: req.key,
-        device,
-        device_type,
         early,
-        as_user: None,
     })
+}
+
+fn admission(
+    claims: Claims,
+    device: Option<String>,
+    device_type: DeviceType,
+    peer: SocketAddr,
+    observe: Option<String>,
+) -> Admission {
+    let (user, observer) = match observe {
+        Some(target) => (target.as_str().into(), Some(claims.sub.as_str().into())),
+        None => (claims.sub.as_str().into(), None),
+    };
+    Admission {
+        user,
+        expires_at: claims.exp,
+        device: device.map(Into::into),
+        device_type,
+        region: claims.region.map(Into::into),
+        groups: claims.groups,
+        roles: claims.roles,
+        ip: peer.ip(),
+        observer,
+    }
 }
 
 /// `?as=<user>`: an admin credential (a JWT with role `admin`, or the static admin token) opens
 /// a read-only view of `target`. The session keeps the admin's identity and token expiry.
 fn impersonate(
     shard: &Shard,
+    peer: SocketAddr,
     mut buf: Vec<u8>,
     token: &str,
     target: String,
     key: String,
     head_len: usize,
 ) -> Result<Accepted, Reject> {
-    if target.is_empty() || target.len() > shard.cfg.limits.max_id_bytes {
+    if target.is_empty() || target.len() > shard.cfg().limits.max_id_bytes {
         return Err(Reject::new(400, "bad `as` user id"));
     }
-    let claims = match crate::admin::api::admin_identity(shard, token) {
-        Err((401, why)) => return Err(Reject::new(401, why)),
+    let static_token = shard.cfg().admin.token.as_deref();
+    let claims = match crate::auth::admin_identity(shard.verifier(), static_token, token) {
+        Err(e) if e.status == 401 => return Err(Reject::new(401, e.reason)),
         Err(_) => return Err(Reject::new(403, "impersonation needs an admin token")),
-        Ok(who) => match shard.verifier.verify(token) {
+        Ok(who) => match shard.verifier().verify(token) {
             Ok(claims) => claims,
             // The static admin token: no claims of its own; it lasts as long as the server's
             // configuration keeps it.
@@ -351,11 +366,8 @@ fn impersonate(
     };
     let early = buf.split_off(head_len);
     Ok(Accepted {
-        claims,
+        admission: admission(claims, None, DeviceType::Other, peer, Some(target)),
         key,
-        device: None,
-        device_type: DeviceType::Other,
         early,
-        as_user: Some(target),
     })
 }

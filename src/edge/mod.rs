@@ -1,15 +1,72 @@
-//! The WebSocket edge: accepting sockets, the upgrade handshake, and serving connections.
+//! The WebSocket edge: sockets in, sessions out. Nothing here decides what an op means (that is
+//! `shard::session`); the edge accepts, authenticates, routes a socket to its owner shard and
+//! moves bytes.
 //!
 //! - [`http`]: upgrade request parsing and HTTP responses (pure).
 //! - [`accept`]: per-shard accept loop; reads the upgrade, authenticates, and hands the socket
 //!   to the owner shard of its user.
-//! - [`conn`]: serves one connection on its owner shard for its whole life.
-//! - [`outbox`]: the bounded, coalescing per-connection backlog (pure).
+//! - [`conn`]: the socket driver of one connection on its owner shard, for its whole life.
+//! - [`ratelimit`]: the per-IP handshake limiter (pure).
+//! - [`tls`]: rustls driven from the connection's poll loop.
 
 pub mod accept;
 pub mod conn;
 pub mod http;
-pub mod outbox;
 pub mod ratelimit;
-pub mod subs;
 pub mod tls;
+
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use glommio::sync::Semaphore;
+use rustls::ServerConfig;
+
+use crate::shard::runtime::Stop;
+use crate::shard::Shard;
+use ratelimit::IpLimiter;
+
+/// The edge's per-shard state, shared by the shard's listeners (plain and TLS).
+pub struct Edge {
+    shard: Rc<Shard>,
+    /// Per-IP handshake buckets for connections accepted by this shard.
+    ip_limiter: RefCell<IpLimiter>,
+    /// Handshakes in progress on this shard (`limits.max_handshakes_in_flight`).
+    handshakes: Rc<Semaphore>,
+}
+
+impl Edge {
+    pub fn new(shard: Rc<Shard>) -> Rc<Edge> {
+        let l = &shard.cfg().limits;
+        Rc::new(Edge {
+            ip_limiter: RefCell::new(IpLimiter::new(
+                l.handshake_rate_per_ip,
+                l.max_tracked_ips,
+                l.ipv6_prefix_len,
+            )),
+            handshakes: Rc::new(Semaphore::new(l.max_handshakes_in_flight as u64)),
+            shard,
+        })
+    }
+
+    /// Binds this shard's client listeners and starts accepting on each; `with TLS` where the
+    /// listener has a TLS configuration. Returns how to stop them.
+    pub fn listen(
+        self: &Rc<Self>,
+        listeners: &[(SocketAddr, Option<Arc<ServerConfig>>)],
+    ) -> Result<Vec<Stop>, String> {
+        let mut stops: Vec<Stop> = Vec::new();
+        for (addr, tls) in listeners {
+            let listener =
+                crate::net::listen(*addr).map_err(|e| format!("listen on {addr}: {e}"))?;
+            let (stop_tx, stop_rx) = crate::net::stop_channel();
+            let accepting = accept::accept_loop(self.clone(), listener, tls.clone(), stop_rx);
+            glommio::spawn_local(accepting).detach();
+            stops.push(Box::new(move || {
+                let _ = stop_tx.try_send(());
+            }));
+        }
+        Ok(stops)
+    }
+}

@@ -1,69 +1,59 @@
-//! Token buckets for handshake and op rate limits (pure: time is an argument).
+//! The per-IP handshake rate limit of one shard (pure: time is an argument).
 //!
-//! Integer arithmetic in milli-tokens, so refills are exact and nothing drifts.
+//! Keys: an IPv4 address, or an IPv6 address cut to `limits.ipv6_prefix_len` bits (default 64),
+//! because one IPv6 client usually holds a whole /64 and would otherwise walk past a per-address
+//! limit by changing its interface id.
+//!
+//! Bounded: at most `max_ips` keys. The table is kept in least-recently-used order, so when it is
+//! full the front is the key that has been quiet longest: if its bucket has refilled, it is
+//! forgotten to make room (amortised O(1)); if not, no key is quiet enough and the new address
+//! is refused rather than growing the table or scanning it (a flood from many addresses costs
+//! neither memory nor CPU beyond the bound).
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 
-use hashbrown::HashMap;
+use hashlink::LinkedHashMap;
 
-/// A bucket of `burst` tokens refilled at `rate` tokens per second.
-#[derive(Clone, Debug)]
-pub struct TokenBucket {
-    milli_tokens: u64,
-    last_ms: u64,
-}
+use crate::shard::budget::TokenBucket;
 
-impl TokenBucket {
-    /// A full bucket.
-    pub fn full(burst: u32, now_ms: u64) -> TokenBucket {
-        TokenBucket {
-            milli_tokens: u64::from(burst) * 1000,
-            last_ms: now_ms,
-        }
-    }
-
-    fn refill(&mut self, rate: u32, burst: u32, now_ms: u64) {
-        let elapsed = now_ms.saturating_sub(self.last_ms);
-        self.last_ms = self.last_ms.max(now_ms);
-        let cap = u64::from(burst) * 1000;
-        self.milli_tokens = (self.milli_tokens + elapsed.saturating_mul(u64::from(rate))).min(cap);
-    }
-
-    /// Takes one token if there is one.
-    pub fn try_take(&mut self, rate: u32, burst: u32, now_ms: u64) -> bool {
-        self.refill(rate, burst, now_ms);
-        if self.milli_tokens >= 1000 {
-            self.milli_tokens -= 1000;
-            true
-        } else {
-            false
-        }
-    }
-
-    /// Whether the bucket is full (an idle client's bucket can be forgotten).
-    pub fn is_full(&mut self, rate: u32, burst: u32, now_ms: u64) -> bool {
-        self.refill(rate, burst, now_ms);
-        self.milli_tokens >= u64::from(burst) * 1000
-    }
-}
-
-/// Per-IP handshake buckets of one shard. Bounded: when `max_ips` are tracked, buckets that have
-/// refilled completely (their IP has been quiet) are forgotten first; if none has, the new IP
-/// is refused rather than growing the map (a flood from many addresses is still bounded).
 #[derive(Debug)]
 pub struct IpLimiter {
-    buckets: HashMap<IpAddr, TokenBucket>,
+    buckets: LinkedHashMap<IpAddr, TokenBucket>,
     rate: u32,
     max_ips: usize,
+    ipv6_prefix_len: u8,
+    /// Buckets examined to make room (tests: eviction must not scan the table).
+    #[cfg(test)]
+    probes: u64,
+}
+
+/// The key an address is limited under: IPv4 as is, IPv6 cut to `prefix_len` bits.
+pub fn limit_key(ip: IpAddr, prefix_len: u8) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6);
+            let keep = u32::from(prefix_len.min(128));
+            let mask = if keep == 0 {
+                0
+            } else {
+                u128::MAX << (128 - keep)
+            };
+            IpAddr::V6(Ipv6Addr::from(bits & mask))
+        }
+    }
 }
 
 impl IpLimiter {
-    /// `rate` handshakes per second per IP, with a burst of the same size; 0 disables.
-    pub fn new(rate: u32, max_ips: usize) -> IpLimiter {
+    /// `rate` handshakes per second per key, with a burst of the same size; 0 disables.
+    pub fn new(rate: u32, max_ips: usize, ipv6_prefix_len: u8) -> IpLimiter {
         IpLimiter {
-            buckets: HashMap::new(),
+            buckets: LinkedHashMap::new(),
             rate,
             max_ips,
+            ipv6_prefix_len,
+            #[cfg(test)]
+            probes: 0,
         }
     }
 
@@ -73,59 +63,32 @@ impl IpLimiter {
             return true;
         }
         let (rate, burst) = (self.rate, self.rate);
-        if !self.buckets.contains_key(&ip) && self.buckets.len() >= self.max_ips {
-            self.buckets.retain(|_, b| !b.is_full(rate, burst, now_ms));
-            if self.buckets.len() >= self.max_ips {
+        let key = limit_key(ip, self.ipv6_prefix_len);
+        if let Some(bucket) = self.buckets.to_back(&key) {
+            return bucket.try_take(rate, burst, now_ms);
+        }
+        if self.buckets.len() >= self.max_ips {
+            #[cfg(test)]
+            {
+                self.probes += 1;
+            }
+            let quiet = self
+                .buckets
+                .front_entry()
+                .is_some_and(|mut e| e.get_mut().is_full(rate, burst, now_ms));
+            if !quiet {
                 return false;
             }
+            self.buckets.pop_front();
         }
-        self.buckets
-            .entry(ip)
-            .or_insert_with(|| TokenBucket::full(burst, now_ms))
-            .try_take(rate, burst, now_ms)
+        let mut bucket = TokenBucket::full(burst, now_ms);
+        let ok = bucket.try_take(rate, burst, now_ms);
+        self.buckets.insert(key, bucket);
+        ok
     }
 
     pub fn tracked(&self) -> usize {
         self.buckets.len()
-    }
-}
-
-/// What the op limiter says about one op.
-#[derive(Debug, PartialEq, Eq)]
-pub enum OpVerdict {
-    Allow,
-    /// Over the rate: answer `rate_limited`, drop the op.
-    Limited,
-    /// Refused ops keep coming faster than the rate itself: close with 4008.
-    Abuse,
-}
-
-/// Per-connection op rate limit: `ops_per_second` with an equal burst. Refused ops draw on a
-/// second bucket of the same size, so a client that keeps sending at more than twice the rate
-/// for about a second is closed, while one that bursts briefly only gets `rate_limited`.
-#[derive(Debug)]
-pub struct OpLimiter {
-    ops: TokenBucket,
-    strikes: TokenBucket,
-}
-
-impl OpLimiter {
-    pub fn new(ops_per_second: u32, now_ms: u64) -> OpLimiter {
-        OpLimiter {
-            ops: TokenBucket::full(ops_per_second, now_ms),
-            strikes: TokenBucket::full(ops_per_second, now_ms),
-        }
-    }
-
-    pub fn check(&mut self, ops_per_second: u32, now_ms: u64) -> OpVerdict {
-        let r = ops_per_second;
-        if r == 0 || self.ops.try_take(r, r, now_ms) {
-            OpVerdict::Allow
-        } else if self.strikes.try_take(r, r, now_ms) {
-            OpVerdict::Limited
-        } else {
-            OpVerdict::Abuse
-        }
     }
 }
 
@@ -134,50 +97,64 @@ mod tests {
     use super::*;
     use std::net::Ipv4Addr;
 
-    #[test]
-    fn bucket_bursts_then_refills_at_the_rate() {
-        let mut b = TokenBucket::full(3, 0);
-        assert!((0..3).all(|_| b.try_take(3, 3, 0)));
-        assert!(!b.try_take(3, 3, 0));
-        assert!(!b.try_take(3, 3, 300), "0.9 tokens after 300 ms");
-        assert!(b.try_take(3, 3, 334));
-        assert!(b.is_full(3, 3, 10_000), "caps at the burst");
+    fn v4(n: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(127, 0, 0, n))
     }
 
     #[test]
     fn ip_limiter_is_per_ip_and_bounded() {
-        let ip = |n| IpAddr::V4(Ipv4Addr::new(127, 0, 0, n));
-        let mut l = IpLimiter::new(2, 2);
-        assert!(l.allow(ip(1), 0) && l.allow(ip(1), 0));
-        assert!(!l.allow(ip(1), 0), "third handshake in the same instant");
-        assert!(l.allow(ip(2), 0), "another IP is unaffected");
+        let mut l = IpLimiter::new(2, 2, 64);
+        assert!(l.allow(v4(1), 0) && l.allow(v4(1), 0));
+        assert!(!l.allow(v4(1), 0), "third handshake in the same instant");
+        assert!(l.allow(v4(2), 0), "another IP is unaffected");
         assert!(
-            !l.allow(ip(3), 0),
+            !l.allow(v4(3), 0),
             "table full of busy IPs: refuse, don't grow"
         );
         assert!(
-            l.allow(ip(3), 5_000),
+            l.allow(v4(3), 5_000),
             "quiet IPs are forgotten to make room"
         );
         assert!(l.tracked() <= 2);
-        assert!(IpLimiter::new(0, 1).allow(ip(9), 0), "0 disables");
+        assert!(IpLimiter::new(0, 1, 64).allow(v4(9), 0), "0 disables");
     }
 
     #[test]
-    fn op_limiter_escalates_only_under_sustained_abuse() {
-        let mut l = OpLimiter::new(10, 0);
-        let verdicts: Vec<OpVerdict> = (0..25).map(|_| l.check(10, 0)).collect();
-        assert!(verdicts[..10].iter().all(|v| *v == OpVerdict::Allow));
-        assert!(verdicts[10..20].iter().all(|v| *v == OpVerdict::Limited));
-        assert!(verdicts[20..].iter().all(|v| *v == OpVerdict::Abuse));
-        // A client that slows down recovers.
-        let mut l = OpLimiter::new(10, 0);
-        for i in 0..100u64 {
-            assert_eq!(
-                l.check(10, i * 100),
-                OpVerdict::Allow,
-                "at the rate, never limited"
-            );
+    fn ipv6_is_limited_per_prefix() {
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff:0:0:9".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        let mut l = IpLimiter::new(2, 100, 64);
+        assert!(l.allow(a, 0) && l.allow(b, 0));
+        assert!(
+            !l.allow(b, 0),
+            "same /64: one budget, however the interface id changes"
+        );
+        assert!(l.allow(other, 0), "another /64 has its own");
+        let mut per_address = IpLimiter::new(2, 100, 128);
+        assert!(per_address.allow(a, 0) && per_address.allow(a, 0));
+        assert!(per_address.allow(b, 0), "prefix 128: per address");
+        assert_eq!(limit_key(a, 48), "2001:db8:1::".parse::<IpAddr>().unwrap());
+        assert_eq!(limit_key(v4(1), 64), v4(1));
+    }
+
+    #[test]
+    fn eviction_looks_at_one_entry_not_the_whole_table() {
+        // Full of busy keys: a new address is refused after looking at the least recently
+        // used key only. The old design scanned (and refilled) every bucket for every new
+        // address: a flood of new addresses cost O(table) each.
+        let max = 10_000;
+        let mut l = IpLimiter::new(1, max, 64);
+        for i in 0..max as u32 {
+            assert!(l.allow(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)), 0));
         }
+        for i in 0..50_000u32 {
+            assert!(!l.allow(IpAddr::V4(Ipv4Addr::from(0x0b00_0000 + i)), 10));
+        }
+        assert_eq!(l.probes, 50_000, "one bucket looked at per refused address");
+        assert_eq!(l.tracked(), max);
+        // The least recently used key is forgotten first once it is quiet.
+        assert!(l.allow(IpAddr::V4(Ipv4Addr::from(0x0c00_0000)), 2_000));
+        assert_eq!(l.tracked(), max);
     }
 }

@@ -5,15 +5,44 @@
 //! shard sends every change of a member (or a member leaving) here; this shard keeps the member
 //! list for snapshots and forwards the change to every watching shard.
 
+use std::collections::BTreeMap;
+use std::ops::Bound;
+
 use hashbrown::HashMap;
 
 use super::state::{Aggregate, GroupId, PresenceState, UserId};
 use super::watchers::{ShardIx, Watchers};
 
+/// Visible members of a group by aggregate status.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StatusCounts {
+    pub online: u64,
+    pub away: u64,
+    pub busy: u64,
+}
+
+impl StatusCounts {
+    fn slot(&mut self, status: Aggregate) -> Option<&mut u64> {
+        match status {
+            Aggregate::Online => Some(&mut self.online),
+            Aggregate::Away => Some(&mut self.away),
+            Aggregate::Busy => Some(&mut self.busy),
+            Aggregate::Offline => None,
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.online + self.away + self.busy
+    }
+}
+
 #[derive(Debug, Default)]
 struct GroupEntry {
-    /// Visible members only; a member that goes offline in the group is removed.
-    members: HashMap<UserId, PresenceState>,
+    /// Visible members only, in id order (snapshots and admin pages come out sorted, and a page
+    /// is a range read, not a scan); a member that goes offline in the group is removed.
+    members: BTreeMap<UserId, PresenceState>,
+    /// Members by status, kept with every update (admin counts without a scan).
+    counts: StatusCounts,
     watchers: Watchers,
 }
 
@@ -37,10 +66,16 @@ impl Groups {
         if held > state.seq {
             return Vec::new();
         }
-        if state.status == Aggregate::Offline {
-            entry.members.remove(&state.user);
+        let old = if state.status == Aggregate::Offline {
+            entry.members.remove(&state.user)
         } else {
-            entry.members.insert(state.user.clone(), state.clone());
+            entry.members.insert(state.user.clone(), state.clone())
+        };
+        if let Some(n) = old.and_then(|o| entry.counts.slot(o.status)) {
+            *n -= 1;
+        }
+        if let Some(n) = entry.counts.slot(state.status) {
+            *n += 1;
         }
         let shards = entry.watchers.shards().collect();
         self.forget_if_empty(group);
@@ -52,9 +87,7 @@ impl Groups {
     pub fn watch(&mut self, group: &GroupId, shard: ShardIx) -> Vec<PresenceState> {
         let entry = self.groups.entry_ref(group).or_default();
         entry.watchers.add(shard);
-        let mut members: Vec<PresenceState> = entry.members.values().cloned().collect();
-        members.sort_unstable_by(|a, b| a.user.cmp(&b.user));
-        members
+        entry.members.values().cloned().collect()
     }
 
     /// A group subscription from `shard` ended. False when there was none to end.
@@ -67,20 +100,57 @@ impl Groups {
         known
     }
 
-    /// Visible members of `group` (unordered) and whether anyone watches it; `None` when the
-    /// group is unknown here (no member, no watcher).
-    pub fn members(&self, group: &str) -> Option<(impl Iterator<Item = &PresenceState>, bool)> {
+    /// One page of `group`'s visible members after `after` (in id order, at most `limit`),
+    /// whether more follow, and the counts by status; `None` when the group is unknown here (no
+    /// member, no watcher). O(log members + limit): no scan.
+    pub fn page(
+        &self,
+        group: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Option<(Vec<&PresenceState>, bool, StatusCounts)> {
         let g = self.groups.get(group)?;
-        Some((g.members.values(), !g.watchers.is_empty()))
+        let from = match after {
+            Some(a) => Bound::Excluded(a),
+            None => Bound::Unbounded,
+        };
+        let mut members: Vec<&PresenceState> = g
+            .members
+            .range::<str, _>((from, Bound::Unbounded))
+            .map(|(_, s)| s)
+            .take(limit + 1)
+            .collect();
+        let more = members.len() > limit;
+        members.truncate(limit);
+        Some((members, more, g.counts))
     }
 
-    /// Every group held here with its visible member count (groups without members skipped).
-    pub fn counts(&self) -> Vec<(GroupId, u64)> {
-        self.groups
-            .iter()
-            .filter(|(_, g)| !g.members.is_empty())
-            .map(|(name, g)| (name.clone(), g.members.len() as u64))
-            .collect()
+    /// The `max` groups held here with the most visible members, largest first (ties by
+    /// name): one pass keeping the best in a bounded heap, no copy of the whole table.
+    pub fn largest(&self, max: usize) -> Vec<(GroupId, u64)> {
+        use std::cmp::Reverse;
+        use std::collections::BinaryHeap;
+        // Min-heap on (count, Reverse(name)): the top is the weakest kept.
+        let mut best: BinaryHeap<Reverse<(u64, Reverse<&GroupId>)>> = BinaryHeap::new();
+        for (name, g) in &self.groups {
+            let n = g.members.len() as u64;
+            if n == 0 || max == 0 {
+                continue;
+            }
+            let item = Reverse((n, Reverse(name)));
+            if best.len() < max {
+                best.push(item);
+            } else if best.peek().is_some_and(|top| item < *top) {
+                best.pop();
+                best.push(item);
+            }
+        }
+        let mut out: Vec<(GroupId, u64)> = best
+            .into_iter()
+            .map(|Reverse((n, Reverse(name)))| (name.clone(), n))
+            .collect();
+        out.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        out
     }
 
     /// Visible members of `group`.
@@ -137,6 +207,35 @@ mod tests {
             vec![2]
         );
         assert_eq!(g.member_count("team"), 1);
+        let (page, more, counts) = g.page("team", None, 10).unwrap();
+        assert_eq!((page.len(), more, counts.online), (1, false, 1));
+        g.member_update(&team, &state("c", Aggregate::Away, 1));
+        let (page, more, counts) = g.page("team", None, 1).unwrap();
+        assert_eq!((&*page[0].user, more), ("b", true));
+        assert_eq!((counts.online, counts.away, counts.total()), (1, 1, 2));
+        let (page, more, _) = g.page("team", Some("b"), 1).unwrap();
+        assert_eq!((&*page[0].user, more), ("c", false));
+        g.member_update(&team, &state("c", Aggregate::Busy, 2));
+        assert_eq!(
+            g.page("team", None, 9).unwrap().2,
+            StatusCounts {
+                online: 1,
+                away: 0,
+                busy: 1
+            }
+        );
+        g.member_update(&team, &state("c", Aggregate::Offline, 3));
+        let other: GroupId = "other".into();
+        g.member_update(&other, &state("x", Aggregate::Online, 1));
+        g.member_update(&other, &state("y", Aggregate::Online, 1));
+        assert_eq!(
+            g.largest(1),
+            vec![(other.clone(), 2)],
+            "the largest group first, only as many as asked"
+        );
+        assert_eq!(g.largest(5), vec![(other.clone(), 2), (team.clone(), 1)]);
+        g.member_update(&other, &state("x", Aggregate::Offline, 2));
+        g.member_update(&other, &state("y", Aggregate::Offline, 2));
         assert!(
             g.member_update(&team, &state("b", Aggregate::Busy, 0))
                 .is_empty(),

@@ -14,7 +14,7 @@ pub mod registry;
 pub mod state;
 pub mod watchers;
 
-pub use groups::Groups;
+pub use groups::{Groups, StatusCounts};
 pub use registry::{Change, Registry, Session, SessionInfo, UserView};
 pub use state::{Aggregate, DeviceType, GroupId, PresenceState, SessionId, Status, UserId};
 pub use watchers::Watchers;

@@ -8,7 +8,9 @@
 //! - `last_seen` is set when a user goes from visible to offline;
 //! - an entry exists while it has sessions, watchers, or history (`seq > 0`) worth remembering.
 
+use std::collections::BTreeSet;
 use std::net::IpAddr;
+use std::ops::Bound;
 use std::sync::Arc;
 
 use hashbrown::HashMap;
@@ -122,6 +124,8 @@ pub struct UserView<'a> {
     /// Groups where the user is a visible member, sorted.
     pub groups: &'a [GroupId],
     pub sessions: &'a [Session],
+    /// Subscriptions to this user, over all shards.
+    pub watchers: u64,
 }
 
 impl<'a> UserView<'a> {
@@ -136,6 +140,7 @@ impl<'a> UserView<'a> {
             last_seen: e.last_seen,
             groups: &e.view.groups,
             sessions: &e.sessions,
+            watchers: e.watchers.total(),
         }
     }
 }
@@ -165,8 +170,11 @@ pub enum RegistryError {
 pub struct Registry {
     users: HashMap<UserId, UserEntry>,
     sessions: usize,
-    /// Users with at least one visible session, kept up to date on every change.
-    online: usize,
+    /// Users with at least one visible session, in id order, kept up to date on every change
+    /// that crosses between offline and visible. Admin scans walk it in chunks, resuming after
+    /// the last id seen, so a scan can yield between chunks and still see every user that stays
+    /// online exactly once.
+    online: BTreeSet<UserId>,
 }
 
 impl Registry {
@@ -280,12 +288,20 @@ impl Registry {
         Some(UserView::new(id, entry, now_ms))
     }
 
-    /// Every user with a visible session (unordered), for the admin API's scans.
-    pub fn online(&self, now_ms: u64) -> impl Iterator<Item = UserView<'_>> {
-        self.users
-            .iter()
-            .filter(|(_, e)| e.view.status != Aggregate::Offline)
-            .map(move |(id, e)| UserView::new(id, e, now_ms))
+    /// Users with a visible session whose id is after `after` (all of them for `None`), in id
+    /// order: the admin API's scans, resumable after any id.
+    pub fn online_after<'a>(
+        &'a self,
+        after: Option<&str>,
+        now_ms: u64,
+    ) -> impl Iterator<Item = UserView<'a>> + 'a {
+        let from = match after {
+            Some(a) => Bound::Excluded(a),
+            None => Bound::Unbounded,
+        };
+        self.online
+            .range::<str, _>((from, Bound::Unbounded))
+            .filter_map(move |id| self.view(id, now_ms))
     }
 
     /// Ids of the sessions of `user` on this shard.
@@ -302,7 +318,7 @@ impl Registry {
 
     /// Users with at least one visible session.
     pub fn online_users(&self) -> usize {
-        self.online
+        self.online.len()
     }
 
     /// Sessions of all users on this shard.
@@ -315,13 +331,66 @@ impl Registry {
         self.users.len()
     }
 
-    /// Moves the online count when a change crosses between offline and visible.
+    /// Keeps the online index when a change crosses between offline and visible.
     fn count_online(&mut self, change: Option<&Change>) {
-        match change.map(|c| (c.was_online, c.state.status != Aggregate::Offline)) {
-            Some((false, true)) => self.online += 1,
-            Some((true, false)) => self.online -= 1,
+        let Some(c) = change else { return };
+        match (c.was_online, c.state.status != Aggregate::Offline) {
+            (false, true) => {
+                self.online.insert(c.state.user.clone());
+            }
+            (true, false) => {
+                self.online.remove(&c.state.user);
+            }
             _ => {}
         }
+    }
+
+    /// Rebuilds `user`'s entry after a panic may have left it half-updated (the session layer's
+    /// repair): drops `gone` if it is still listed, recomputes the aggregate, and recounts the
+    /// registry's totals from scratch (O(users)). Always returns a change with a new `seq`, so
+    /// every watcher is sent the rebuilt state even if the interrupted change had been counted.
+    pub fn rebuild(&mut self, user: &str, gone: SessionId, now_ms: u64) -> Option<Change> {
+        let change = match self.users.get_key_value_mut(user) {
+            None => None,
+            Some((id, entry)) => {
+                entry.sessions.retain(|s| s.id != gone);
+                let id = id.clone();
+                let old = std::mem::take(&mut entry.view);
+                let was_online = old.status != Aggregate::Offline;
+                entry.view = entry.compute_view();
+                entry.seq += 1;
+                entry.changed_at_ms = now_ms;
+                if was_online && entry.view.status == Aggregate::Offline {
+                    entry.last_seen = Some(now_ms);
+                }
+                let mut groups: Vec<(GroupId, bool)> = entry
+                    .view
+                    .groups
+                    .iter()
+                    .map(|g| (g.clone(), true))
+                    .collect();
+                for g in old.groups {
+                    if entry.view.groups.binary_search(&g).is_err() {
+                        groups.push((g, false));
+                    }
+                }
+                Some(Change {
+                    state: entry.state(&id, now_ms),
+                    watchers: entry.watchers.shards().collect(),
+                    groups,
+                    was_online,
+                })
+            }
+        };
+        self.sessions = self.users.values().map(|e| e.sessions.len()).sum();
+        self.online = self
+            .users
+            .iter()
+            .filter(|(_, e)| e.view.status != Aggregate::Offline)
+            .map(|(id, _)| id.clone())
+            .collect();
+        self.forget_if_empty(user);
+        change
     }
 
     fn forget_if_empty(&mut self, user: &str) {

@@ -279,6 +279,10 @@ proptest! {
             };
             let online = (0..4u8).filter(|u| model.view(*u).2 > 0).count();
             prop_assert_eq!(reg.online_users(), online, "online count at step {}", step);
+            // The ordered index holds exactly the visible users, in id order.
+            let listed: Vec<String> = reg.online_after(None, now).map(|v| v.user.to_string()).collect();
+            let expect: Vec<String> = (0..4u8).filter(|u| model.view(*u).2 > 0).map(|u| format!("u{u}")).collect();
+            prop_assert_eq!(listed, expect);
             let u = user as usize;
             let before = model.last[u];
             let after = model.view(user);
@@ -318,4 +322,48 @@ proptest! {
         let online = (0..4u8).filter(|u| model.view(*u).2 > 0).count();
         prop_assert_eq!(reg.online_users(), online);
     }
+}
+
+#[test]
+fn rebuild_recounts_and_republishes() {
+    let mut reg = Registry::new();
+    let a = uid("a");
+    reg.connect(&a, 1, Status::Online, info(&[]), 1);
+    reg.connect(&a, 2, Status::Away, info(&[]), 1);
+    reg.watch(&a, 3, 1);
+    let seq = reg.snapshot(&a, 2).seq;
+    // Session 2 is gone (its close was cut short): the rebuild drops it, counts again and
+    // publishes a new seq to the watchers.
+    let c = reg
+        .rebuild("a", 2, 5)
+        .expect("always a change for a known user");
+    assert_eq!(c.state.seq, seq + 1);
+    assert_eq!(c.state.devices, 1);
+    assert_eq!(c.watchers, vec![3]);
+    assert_eq!(reg.session_count(), 1);
+    assert_eq!(reg.online_users(), 1);
+    let c = reg.rebuild("a", 1, 6).unwrap();
+    assert_eq!(c.state.status, Aggregate::Offline);
+    assert_eq!(c.state.last_seen, Some(6));
+    assert_eq!((reg.session_count(), reg.online_users()), (0, 0));
+    assert!(reg.rebuild("nobody", 9, 7).is_none());
+}
+
+#[test]
+fn online_scan_resumes_after_any_id() {
+    let mut reg = Registry::new();
+    for (i, u) in ["d", "b", "a", "c"].iter().enumerate() {
+        reg.connect(&uid(u), i as u64 + 1, Status::Online, info(&[]), 1);
+    }
+    let after = |a: Option<&str>| -> Vec<String> {
+        reg.online_after(a, 1).map(|v| v.user.to_string()).collect()
+    };
+    assert_eq!(after(None), ["a", "b", "c", "d"]);
+    assert_eq!(after(Some("b")), ["c", "d"]);
+    assert_eq!(
+        after(Some("bb")),
+        ["c", "d"],
+        "a cursor need not be a current user"
+    );
+    assert!(after(Some("d")).is_empty());
 }

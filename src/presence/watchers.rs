@@ -47,6 +47,11 @@ impl Watchers {
         self.0.iter().map(|(s, _)| *s)
     }
 
+    /// Subscriptions held by all shards.
+    pub fn total(&self) -> u64 {
+        self.0.iter().map(|(_, c)| u64::from(*c)).sum()
+    }
+
     /// Subscriptions held by `shard`.
     pub fn count(&self, shard: ShardIx) -> u32 {
         self.0

@@ -85,9 +85,23 @@ pub enum ErrorCode {
     RateLimited,
     TooManySubscriptions,
     Forbidden,
+    /// The server is shedding new work (its inter-shard queues are congested): nothing was
+    /// applied; retry later.
+    Overloaded,
 }
 
 impl ErrorCode {
+    /// Every code, for the documentation check.
+    pub const ALL: [ErrorCode; 7] = [
+        ErrorCode::BadRequest,
+        ErrorCode::UnknownOp,
+        ErrorCode::TooLarge,
+        ErrorCode::RateLimited,
+        ErrorCode::TooManySubscriptions,
+        ErrorCode::Forbidden,
+        ErrorCode::Overloaded,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::BadRequest => "bad_request",
@@ -96,6 +110,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::TooManySubscriptions => "too_many_subscriptions",
             ErrorCode::Forbidden => "forbidden",
+            ErrorCode::Overloaded => "overloaded",
         }
     }
 }

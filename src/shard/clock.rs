@@ -11,7 +11,7 @@
 use std::rc::Rc;
 use std::time::Duration;
 
-use super::{now_ms, Shard};
+use super::{now_ms, CloseRequest, Shard};
 use crate::metrics::ShardMetrics;
 
 /// Longest wait between ticks: a token is closed at most this late.
@@ -20,6 +20,8 @@ const TICK_MAX_MS: u64 = 1000;
 const TICK_MIN_MS: u64 = 10;
 /// Slots a heartbeat interval is split into, at most.
 const SLOTS_MAX: u64 = 32;
+/// Recent-latency windows rotate this often (the dashboard shows the last one to two).
+const LATENCY_WINDOW_MS: u64 = 10_000;
 
 /// The tick and slot count for a heartbeat interval.
 pub fn schedule(heartbeat_ms: u64) -> (u64, u64) {
@@ -31,12 +33,17 @@ pub fn schedule(heartbeat_ms: u64) -> (u64, u64) {
 pub async fn run(shard: Rc<Shard>) {
     let (tick_ms, slots) = schedule(shard.cfg.heartbeat_ms);
     let mut slot = 0u64;
+    let mut rotated = now_ms();
     while !shard.stopping.get() {
         glommio::timer::sleep(Duration::from_millis(tick_ms)).await;
         let now = now_ms();
         expire(&shard, now / 1000);
         beat(&shard, now, slot, slots);
         slot = (slot + 1) % slots;
+        if now.saturating_sub(rotated) >= LATENCY_WINDOW_MS {
+            shard.rotate_latency();
+            rotated = now;
+        }
     }
 }
 
@@ -54,10 +61,9 @@ fn expire(shard: &Shard, now_s: u64) {
             }
         };
         let Some((exp, id)) = due else { return };
-        let conn = shard.conns.borrow().get(&id).cloned();
-        if let Some(conn) = conn.filter(|c| c.expires_at.get() == exp) {
+        if let Some(s) = shard.session(id).filter(|s| s.expires_at.get() == exp) {
             ShardMetrics::inc(&shard.metrics.token_expiry_closes);
-            conn.request_close(4001, "token expired");
+            s.request_close(CloseRequest::now(4001, "token expired"));
         }
     }
 }
@@ -66,19 +72,19 @@ fn expire(shard: &Shard, now_s: u64) {
 fn beat(shard: &Shard, now: u64, slot: u64, slots: u64) {
     let silent_ms = 2 * shard.cfg.heartbeat_ms;
     let due: Vec<_> = shard
-        .conns
+        .sessions
         .borrow()
         .iter()
-        .filter(|(id, c)| **id % slots == slot && !c.closing())
-        .map(|(_, c)| c.clone())
+        .filter(|(id, s)| **id % slots == slot && !s.closing())
+        .map(|(_, s)| s.clone())
         .collect();
-    for conn in due {
-        if now.saturating_sub(conn.last_rx_ms.get()) > silent_ms {
+    for s in due {
+        if now.saturating_sub(s.last_rx_ms()) > silent_ms {
             ShardMetrics::inc(&shard.metrics.heartbeat_timeouts);
-            conn.request_close(1001, "heartbeat timeout");
+            s.request_close(CloseRequest::now(1001, "heartbeat timeout"));
         } else {
             ShardMetrics::inc(&shard.metrics.pings_sent);
-            conn.heartbeat();
+            s.heartbeat();
         }
     }
 }

@@ -2,54 +2,50 @@
 //!
 //! Messages between a pair of shards are FIFO, which is what keeps each user's events in `seq`
 //! order. Sending never blocks the shard: when a peer's inbox is full, messages wait in a
-//! bounded per-peer overflow queue, drained in order by a task that awaits capacity; past that
-//! bound they are dropped and counted (`mesh_dropped`).
+//! per-peer overflow queue, drained in order by a task that awaits capacity.
+//!
+//! Every message has a delivery [`Class`], because losing one kind is harmless and losing
+//! another corrupts state for good:
+//! - [`Class::State`] (watch/unwatch, snapshots, invoked jobs such as socket hand-offs,
+//!   shutdown): never dropped. A lost `Watch` or `Snapshot` would leave a subscription pending
+//!   forever; a lost `Unwatch` would leak a watcher count. Their volume is bounded by
+//!   *admission* instead: while any shard's overflow holds more than `mesh.overflow_max_bytes`,
+//!   the mesh is [`congested`](Mesh::congested) and shards refuse new work (a `subscribe` gets
+//!   `overloaded`, an upgrade gets 503), so state traffic is only what already-admitted work
+//!   produces.
+//! - [`Class::Latest`] (presence updates, group member changes and group events): a newer one
+//!   for the same key replaces a queued older one (which moves to the back, so FIFO order with
+//!   snapshots is kept); never dropped, so every watcher converges to the newest state.
+//! - [`Class::Ephemeral`] (`activity`): dropped, and counted, while the overflow is over its
+//!   bound.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
-use std::net::SocketAddr;
 use std::num::NonZeroU64;
-use std::os::fd::OwnedFd;
 use std::rc::Rc;
 use std::sync::Arc;
-
 use std::time::Instant;
 
-use crate::admin::query::{AdminReq, AdminResp};
-use crate::auth::Claims;
+use hashbrown::HashMap;
+
+use super::Shard;
 use crate::metrics::{PeerCounters, ShardMetrics};
 use crate::presence::watchers::ShardIx;
 use crate::presence::{GroupId, PresenceState, SessionId, UserId};
 
-/// An authenticated socket on its way to the shard that owns its user.
-#[derive(Debug)]
-pub struct Handoff {
-    pub fd: OwnedFd,
-    pub peer: SocketAddr,
-    pub claims: Claims,
-    /// `Sec-WebSocket-Key`, answered by the owner.
-    pub key: String,
-    pub device: Option<String>,
-    pub device_type: Option<String>,
-    /// Bytes the client sent after the request head (already WebSocket frames; decrypted).
-    pub early: Vec<u8>,
-    /// The TLS session, when the socket came in over TLS: it moves with the descriptor.
-    pub tls: Option<Box<rustls::ServerConnection>>,
-    /// `?as=<user>`: a read-only impersonation of this user by the token's holder (an admin).
-    pub as_user: Option<String>,
-}
+/// Work for another shard, run on that shard's thread with its [`Shard`] (Seastar's
+/// `invoke_on`). Built by [`Shard::invoke_on`](super::Shard::invoke_on) and friends.
+pub type Job = Box<dyn FnOnce(&Rc<Shard>) + Send>;
 
 /// Everything shards say to each other. Owned and `Send`.
-#[derive(Debug)]
 pub enum MeshMsg {
-    Handoff(Box<Handoff>),
-    /// Connection `conn` on shard `from` subscribes to `user`; answer with `Snapshot`. `gen`
+    /// Session `session` on shard `from` subscribes to `user`; answer with `Snapshot`. `gen`
     /// names this subscription attempt, so a snapshot meant for an earlier, since-cancelled
     /// attempt is never taken for the current one.
     Watch {
         user: UserId,
         from: ShardIx,
-        conn: SessionId,
+        session: SessionId,
         gen: NonZeroU64,
     },
     Unwatch {
@@ -57,7 +53,7 @@ pub enum MeshMsg {
         from: ShardIx,
     },
     Snapshot {
-        conn: SessionId,
+        session: SessionId,
         gen: NonZeroU64,
         state: Arc<PresenceState>,
     },
@@ -70,7 +66,7 @@ pub enum MeshMsg {
     WatchGroup {
         group: GroupId,
         from: ShardIx,
-        conn: SessionId,
+        session: SessionId,
         gen: NonZeroU64,
     },
     UnwatchGroup {
@@ -78,7 +74,7 @@ pub enum MeshMsg {
         from: ShardIx,
     },
     GroupSnapshot {
-        conn: SessionId,
+        session: SessionId,
         gen: NonZeroU64,
         group: GroupId,
         members: Vec<PresenceState>,
@@ -102,43 +98,151 @@ pub enum MeshMsg {
         ts: u64,
         to: Option<UserId>,
     },
-    /// An admin question for this shard; the answer goes back on `reply`, tagged with the
-    /// answering shard (map-reduce over the mesh, docs/ADMIN.md).
-    Admin {
-        req: Arc<AdminReq>,
-        reply: flume::Sender<(ShardIx, AdminResp)>,
-    },
+    /// Run this job on the receiving shard.
+    Invoke(Job),
     /// Stop accepting, close sessions with 1001, exit.
     Shutdown,
+}
+
+impl std::fmt::Debug for MeshMsg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.kind())
+    }
+}
+
+/// How a message may be treated when a peer cannot keep up (module docs).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Class {
+    State,
+    Latest(LatestKey),
+    Ephemeral,
+}
+
+/// What a [`Class::Latest`] message is the newest state of.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum LatestKey {
+    User(UserId),
+    Member(GroupId, UserId),
+    GroupEvent(GroupId, UserId),
+}
+
+impl MeshMsg {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            MeshMsg::Watch { .. } => "watch",
+            MeshMsg::Unwatch { .. } => "unwatch",
+            MeshMsg::Snapshot { .. } => "snapshot",
+            MeshMsg::Update { .. } => "update",
+            MeshMsg::WatchGroup { .. } => "watch_group",
+            MeshMsg::UnwatchGroup { .. } => "unwatch_group",
+            MeshMsg::GroupSnapshot { .. } => "group_snapshot",
+            MeshMsg::GroupMember { .. } => "group_member",
+            MeshMsg::GroupEvent { .. } => "group_event",
+            MeshMsg::Activity { .. } => "activity",
+            MeshMsg::Invoke(_) => "invoke",
+            MeshMsg::Shutdown => "shutdown",
+        }
+    }
+
+    pub fn class(&self) -> Class {
+        match self {
+            MeshMsg::Update { state, .. } => Class::Latest(LatestKey::User(state.user.clone())),
+            MeshMsg::GroupMember { group, state, .. } => {
+                Class::Latest(LatestKey::Member(group.clone(), state.user.clone()))
+            }
+            MeshMsg::GroupEvent { group, state, .. } => {
+                Class::Latest(LatestKey::GroupEvent(group.clone(), state.user.clone()))
+            }
+            MeshMsg::Activity { .. } => Class::Ephemeral,
+            _ => Class::State,
+        }
+    }
+
+    /// Memory this message holds while queued, approximately (its strings counted once, shared
+    /// or not): what `mesh.overflow_max_bytes` bounds.
+    pub fn approx_bytes(&self) -> usize {
+        fn state(s: &PresenceState) -> usize {
+            std::mem::size_of::<PresenceState>()
+                + s.user.len()
+                + s.text.as_ref().map_or(0, |t| t.len())
+        }
+        std::mem::size_of::<MeshMsg>()
+            + match self {
+                MeshMsg::Watch { user, .. } | MeshMsg::Unwatch { user, .. } => user.len(),
+                MeshMsg::WatchGroup { group, .. } | MeshMsg::UnwatchGroup { group, .. } => {
+                    group.len()
+                }
+                MeshMsg::Snapshot { state: s, .. } | MeshMsg::Update { state: s, .. } => state(s),
+                MeshMsg::GroupMember {
+                    group, state: s, ..
+                }
+                | MeshMsg::GroupEvent {
+                    group, state: s, ..
+                } => group.len() + state(s),
+                MeshMsg::GroupSnapshot { group, members, .. } => {
+                    group.len() + members.iter().map(state).sum::<usize>()
+                }
+                MeshMsg::Activity { user, kind, to, .. } => {
+                    user.len() + kind.len() + to.as_ref().map_or(0, |t| t.len())
+                }
+                // A job's captures are opaque; a hand-off carries a socket and a few hundred
+                // bytes of request.
+                MeshMsg::Invoke(_) => 512,
+                MeshMsg::Shutdown => 0,
+            }
+    }
+}
+
+/// One peer's overflow queue.
+#[derive(Default)]
+struct Overflow {
+    /// `None`: replaced by a newer message of the same [`LatestKey`].
+    queue: VecDeque<Option<(MeshMsg, usize)>>,
+    /// Absolute position of `queue[0]`.
+    head: u64,
+    /// Position of the queued message per latest-key.
+    latest: HashMap<LatestKey, u64>,
+    /// A drain task is running (new messages must queue behind it to stay FIFO).
+    draining: bool,
 }
 
 /// This shard's side of the mesh.
 pub struct Mesh {
     peers: Vec<flume::Sender<MeshMsg>>,
-    /// Per peer: messages waiting for room in its inbox, in send order.
-    overflow: Vec<RefCell<VecDeque<MeshMsg>>>,
-    /// Per peer: a drain task is running (new messages must queue behind it to stay FIFO).
-    draining: Vec<Cell<bool>>,
-    overflow_max: usize,
+    overflow: Vec<RefCell<Overflow>>,
+    /// Bytes waiting in all of this shard's overflow queues.
+    bytes: Cell<usize>,
+    /// The most `bytes` reached since the queues were last empty (memory is given back to the
+    /// system after a large burst drains).
+    peak: Cell<usize>,
+    max_bytes: usize,
+    /// Every shard's counters, for [`Mesh::congested`] (each shard's `mesh_overflow_bytes`).
+    all: Arc<[Arc<ShardMetrics>]>,
     metrics: Arc<ShardMetrics>,
     /// Messages sent to each peer.
     sent_to: Arc<PeerCounters>,
 }
 
+/// Overflow beyond which a drained queue gives its memory back to the OS (`malloc_trim`).
+const TRIM_AFTER_BYTES: usize = 8 << 20;
+
 impl Mesh {
     pub fn new(
+        me: ShardIx,
         peers: Vec<flume::Sender<MeshMsg>>,
-        overflow_max: usize,
-        metrics: Arc<ShardMetrics>,
+        max_bytes: usize,
+        all: Arc<[Arc<ShardMetrics>]>,
         sent_to: Arc<PeerCounters>,
     ) -> Rc<Mesh> {
         let n = peers.len();
         Rc::new(Mesh {
             peers,
-            overflow: (0..n).map(|_| RefCell::new(VecDeque::new())).collect(),
-            draining: (0..n).map(|_| Cell::new(false)).collect(),
-            overflow_max,
-            metrics,
+            overflow: (0..n).map(|_| RefCell::default()).collect(),
+            bytes: Cell::new(0),
+            peak: Cell::new(0),
+            max_bytes,
+            metrics: all[usize::from(me)].clone(),
+            all,
             sent_to,
         })
     }
@@ -147,49 +251,258 @@ impl Mesh {
         self.peers.len()
     }
 
+    /// Whether any shard's overflow is past `mesh.overflow_max_bytes`: new work (subscribes,
+    /// upgrades, admin questions) is refused until it drains.
+    pub fn congested(&self) -> bool {
+        self.all
+            .iter()
+            .any(|m| ShardMetrics::get(&m.mesh_overflow_bytes) as usize >= self.max_bytes)
+    }
+
     /// Sends `msg` to shard `to` without ever waiting.
     pub fn send(self: &Rc<Self>, to: ShardIx, msg: MeshMsg) {
         let ix = usize::from(to);
         ShardMetrics::inc(&self.metrics.mesh_sent);
         self.sent_to.inc(ix);
-        if !self.draining[ix].get() {
+        if !self.overflow[ix].borrow().draining {
             match self.peers[ix].try_send(msg) {
-                Ok(()) => return,
+                Ok(()) => {}
                 Err(flume::TrySendError::Disconnected(_)) => {
+                    // The peer stopped (shutdown): nothing will read it.
                     ShardMetrics::inc(&self.metrics.mesh_dropped);
-                    return;
                 }
-                Err(flume::TrySendError::Full(msg)) => self.queue(ix, msg),
+                Err(flume::TrySendError::Full(msg)) => {
+                    self.overflow[ix].borrow_mut().draining = true;
+                    self.queue(ix, msg);
+                    let mesh = self.clone();
+                    glommio::spawn_local(async move { mesh.drain(ix).await }).detach();
+                }
             }
-            self.draining[ix].set(true);
-            let mesh = self.clone();
-            glommio::spawn_local(async move { mesh.drain(ix).await }).detach();
         } else {
             self.queue(ix, msg);
         }
     }
 
     fn queue(&self, ix: usize, msg: MeshMsg) {
-        let mut q = self.overflow[ix].borrow_mut();
-        if q.len() >= self.overflow_max {
+        let class = msg.class();
+        if class == Class::Ephemeral && self.bytes.get() >= self.max_bytes {
             ShardMetrics::inc(&self.metrics.mesh_dropped);
-            return; // dropping a Handoff closes its socket: the client sees a reset, counted here
+            return;
+        }
+        let size = msg.approx_bytes();
+        let mut q = self.overflow[ix].borrow_mut();
+        let pos = q.head + q.queue.len() as u64;
+        if let Class::Latest(key) = class {
+            if let Some(old) = q.latest.insert(key, pos) {
+                let at = (old - q.head) as usize;
+                if let Some((_, old_size)) = q.queue[at].take() {
+                    self.sub_bytes(old_size);
+                    ShardMetrics::inc(&self.metrics.mesh_coalesced);
+                }
+            }
         }
         ShardMetrics::inc(&self.metrics.mesh_overflowed);
-        q.push_back(msg);
+        q.queue.push_back(Some((msg, size)));
+        self.add_bytes(size);
+    }
+
+    fn add_bytes(&self, n: usize) {
+        let b = self.bytes.get() + n;
+        self.bytes.set(b);
+        self.peak.set(self.peak.get().max(b));
+        ShardMetrics::set(&self.metrics.mesh_overflow_bytes, b as u64);
+    }
+
+    fn sub_bytes(&self, n: usize) {
+        let b = self.bytes.get() - n;
+        self.bytes.set(b);
+        ShardMetrics::set(&self.metrics.mesh_overflow_bytes, b as u64);
     }
 
     async fn drain(&self, ix: usize) {
         loop {
-            let next = self.overflow[ix].borrow_mut().pop_front();
-            let Some(msg) = next else { break };
-            if self.peers[ix].send_async(msg).await.is_err() {
+            let next = {
+                let mut q = self.overflow[ix].borrow_mut();
+                let Some(slot) = q.queue.pop_front() else {
+                    break;
+                };
+                let pos = q.head;
+                q.head += 1;
+                let Some((msg, size)) = slot else { continue };
+                if let Class::Latest(key) = msg.class() {
+                    if q.latest.get(&key) == Some(&pos) {
+                        q.latest.remove(&key);
+                    }
+                }
+                (msg, size)
+            };
+            let (msg, size) = next;
+            let sent = self.peers[ix].send_async(msg).await;
+            self.sub_bytes(size);
+            if sent.is_err() {
                 ShardMetrics::inc(&self.metrics.mesh_dropped);
             }
         }
         // A burst (a mass reconnect: every subscription is a Watch and a Snapshot) can grow
-        // this queue to hundreds of thousands of messages; give that memory back.
-        *self.overflow[ix].borrow_mut() = VecDeque::new();
-        self.draining[ix].set(false);
+        // this queue to millions of messages; give that memory back.
+        {
+            let mut q = self.overflow[ix].borrow_mut();
+            *q = Overflow::default();
+        }
+        if self.bytes.get() == 0 && self.peak.get() >= TRIM_AFTER_BYTES {
+            self.peak.set(0);
+            trim_heap();
+        }
+    }
+}
+
+/// Returns freed heap memory to the operating system (glibc keeps it in its arenas otherwise,
+/// and the process's RSS would stay at its peak after a burst).
+fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::presence::Aggregate;
+
+    fn update(user: &str, seq: u64) -> MeshMsg {
+        MeshMsg::Update {
+            state: Arc::new(PresenceState {
+                user: user.into(),
+                status: Aggregate::Online,
+                text: None,
+                devices: 1,
+                last_seen: None,
+                ts: 0,
+                seq,
+            }),
+            origin: Instant::now(),
+        }
+    }
+
+    fn seq_of(m: &MeshMsg) -> u64 {
+        match m {
+            MeshMsg::Update { state, .. } => state.seq,
+            MeshMsg::Snapshot { state, .. } => state.seq,
+            _ => 0,
+        }
+    }
+
+    #[test]
+    fn classes() {
+        assert_eq!(
+            update("a", 1).class(),
+            Class::Latest(LatestKey::User("a".into()))
+        );
+        let watch = MeshMsg::Watch {
+            user: "a".into(),
+            from: 0,
+            session: 1,
+            gen: NonZeroU64::MIN,
+        };
+        assert_eq!(watch.class(), Class::State);
+        assert_eq!(MeshMsg::Invoke(Box::new(|_| {})).class(), Class::State);
+        let activity = MeshMsg::Activity {
+            user: "a".into(),
+            kind: "typing".into(),
+            ts: 0,
+            to: None,
+        };
+        assert_eq!(activity.class(), Class::Ephemeral);
+        assert!(update("a", 1).approx_bytes() > std::mem::size_of::<MeshMsg>());
+    }
+
+    /// Runs the overflow against a peer inbox of capacity 1 that nobody reads until the end.
+    #[test]
+    fn overflow_keeps_state_coalesces_latest_and_sheds_ephemeral() {
+        glommio::LocalExecutorBuilder::default()
+            .spawn(|| async {
+                let (tx, rx) = flume::bounded::<MeshMsg>(1);
+                let metrics: Arc<[Arc<ShardMetrics>]> = vec![Arc::<ShardMetrics>::default()].into();
+                let mesh = Mesh::new(
+                    0,
+                    vec![tx],
+                    600,
+                    metrics.clone(),
+                    Arc::new(PeerCounters::new(1)),
+                );
+                mesh.send(0, update("x", 0)); // fills the inbox
+                for seq in 1..=50 {
+                    mesh.send(0, update("a", seq));
+                    mesh.send(
+                        0,
+                        MeshMsg::Snapshot {
+                            session: seq,
+                            gen: NonZeroU64::MIN,
+                            state: Arc::new(PresenceState {
+                                user: "a".into(),
+                                status: Aggregate::Online,
+                                text: None,
+                                devices: 1,
+                                last_seen: None,
+                                ts: 0,
+                                seq,
+                            }),
+                        },
+                    );
+                }
+                assert!(mesh.congested(), "past 600 bytes of overflow");
+                mesh.send(
+                    0,
+                    MeshMsg::Activity {
+                        user: "a".into(),
+                        kind: "typing".into(),
+                        ts: 0,
+                        to: None,
+                    },
+                );
+                let m = metrics[0].snapshot();
+                assert_eq!(m.mesh_dropped, 1, "only the ephemeral message is dropped");
+                // The drain task may already hold the first queued update (in flight to the
+                // full inbox, no longer replaceable); every later one is replaced by the next.
+                assert!(m.mesh_coalesced >= 48, "{m:?}");
+                // Read everything: every snapshot arrives, in order, and updates of "a" only
+                // move later (never ahead of a snapshot queued after them), ending on the newest.
+                let mut got = Vec::new();
+                while !got.contains(&("update", 50)) || !got.contains(&("snapshot", 50)) {
+                    let msg = rx.recv_async().await.unwrap();
+                    if matches!(&msg, MeshMsg::Update { state, .. } if &*state.user == "x") {
+                        continue;
+                    }
+                    got.push((msg.kind(), seq_of(&msg)));
+                }
+                let snapshots: Vec<u64> = got
+                    .iter()
+                    .filter(|(k, _)| *k == "snapshot")
+                    .map(|(_, s)| *s)
+                    .collect();
+                assert_eq!(snapshots, (1..=50).collect::<Vec<_>>());
+                let updates: Vec<u64> = got
+                    .iter()
+                    .filter(|(k, _)| *k == "update")
+                    .map(|(_, s)| *s)
+                    .collect();
+                assert!(
+                    updates.len() <= 2 && updates.windows(2).all(|w| w[0] < w[1]),
+                    "{updates:?}"
+                );
+                // Sent as update 50 then snapshot 50: that order holds.
+                assert_eq!(&got[got.len() - 2..], &[("update", 50), ("snapshot", 50)]);
+                while mesh.bytes.get() > 0 {
+                    glommio::yield_if_needed().await;
+                    futures_lite::future::yield_now().await;
+                }
+                assert!(!mesh.congested(), "drained: no longer congested");
+                assert_eq!(ShardMetrics::get(&metrics[0].mesh_overflow_bytes), 0);
+            })
+            .unwrap()
+            .join()
+            .unwrap();
     }
 }

@@ -1,40 +1,57 @@
 //! A shard: one core's share of the server. It owns, outright and unshared, the users and groups
-//! that hash to it (`registry`, `groups`), the connections of those users, and the local
+//! that hash to it (`registry`, `groups`), the sessions of those users, and the local
 //! subscription lists that turn one mesh message into many deliveries.
 //!
 //! The facade rule (Seastar style): an operation on a user or group goes to its owner shard,
 //! always through the mesh — a shard's own inbox included, so every operation on a key is
 //! handled in one FIFO order and no handler ever re-enters another.
+//!
+//! - [`session`]: a session's life (open, close, repair) with no socket in it; [`apply`]: what
+//!   each client op means.
+//! - [`mesh`]: the channels between shards, with a delivery class per message.
+//! - [`invoke`]: Seastar's `invoke_on`/`map_reduce`: the one door through which drivers (the
+//!   edge, the admin port, history) ask any shard anything.
+//! - [`outbox`], [`subs`], [`budget`]: a session's backlog, subscriptions and budgets (pure).
+//! - [`tap`]: how recorders (history, the dashboard) hear of sessions and changes.
+//! - [`clock`]: token expiry and heartbeats without a timer per session.
+//! - [`runtime`]: starting the executors.
+//!
+//! Nothing here knows the drivers above it (`edge`, `admin`, `history`): they call in, and hear
+//! back through taps and the jobs they send.
 
+pub mod apply;
+pub mod budget;
 pub mod clock;
+pub mod invoke;
 pub mod mesh;
+pub mod outbox;
 pub mod runtime;
+pub mod session;
+pub mod subs;
+pub mod tap;
 
-use std::cell::{Cell, RefCell};
+use std::any::Any;
+use std::cell::{Cell, Ref, RefCell};
 use std::collections::BTreeSet;
 use std::num::NonZeroU64;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use hashbrown::HashMap;
 
-use std::time::Instant;
-
-use crate::admin::changes::ChangeLog;
-use crate::admin::series::Series;
-use crate::admin::Shared;
 use crate::auth::Verifier;
 use crate::config::Config;
-use crate::edge::conn::{ConnHandle, SubState};
-use crate::edge::outbox::Key;
-use crate::edge::ratelimit::IpLimiter;
-use crate::history::{EventKind, HistoryEvent};
 use crate::metrics::{Latency, ShardMetrics};
 use crate::presence::watchers::ShardIx;
 use crate::presence::{Change, GroupId, Groups, PresenceState, Registry, SessionId, UserId};
 use crate::protocol::{events, OpLimits};
 use mesh::{Mesh, MeshMsg};
+use outbox::Key;
+pub use runtime::Shared;
+pub use session::{Admission, CloseRequest, Refusal, Session, SubState};
+use tap::{Listener, Tap};
 
 /// The owner shard of a user or group id: `xxh3(id) mod shards`. xxh3 is a specified,
 /// seedless algorithm, so ownership is the same in every process and after every restart (it
@@ -42,6 +59,11 @@ use mesh::{Mesh, MeshMsg};
 pub fn owner_of(id: &str, shards: usize) -> ShardIx {
     debug_assert!(shards > 0 && shards <= usize::from(u16::MAX));
     (xxhash_rust::xxh3::xxh3_64(id.as_bytes()) % shards as u64) as ShardIx
+}
+
+/// The shard that serves a session: its index is in the top 16 bits of the id.
+pub fn shard_of_session(id: SessionId) -> ShardIx {
+    (id >> 48) as ShardIx
 }
 
 /// Milliseconds since the Unix epoch.
@@ -52,48 +74,43 @@ pub fn now_ms() -> u64 {
 }
 
 pub struct Shard {
-    pub ix: ShardIx,
+    ix: ShardIx,
     /// The CPU this shard is pinned to, if any.
-    pub cpu: Option<usize>,
-    pub cfg: Arc<Config>,
-    pub verifier: Arc<Verifier>,
-    pub op_limits: OpLimits,
-    pub mesh: Rc<Mesh>,
-    pub metrics: Arc<ShardMetrics>,
+    cpu: Option<usize>,
+    cfg: Arc<Config>,
+    verifier: Arc<Verifier>,
+    op_limits: OpLimits,
+    mesh: Rc<Mesh>,
+    metrics: Arc<ShardMetrics>,
+    /// Process-wide facts and every shard's counters (read by any thread).
+    shared: Arc<Shared>,
     /// Users owned by this shard.
-    pub registry: RefCell<Registry>,
+    registry: RefCell<Registry>,
     /// Groups owned by this shard.
-    pub groups: RefCell<Groups>,
-    /// Connections served here (their users are all owned here).
-    pub conns: RefCell<HashMap<SessionId, Rc<ConnHandle>>>,
-    /// Live direct subscriptions held by local connections, per watched user.
+    groups: RefCell<Groups>,
+    /// Sessions served here (their users are all owned here), impersonations included.
+    sessions: RefCell<HashMap<SessionId, Rc<Session>>>,
+    /// Live direct subscriptions held by local sessions, per watched user.
     user_subs: RefCell<HashMap<UserId, Vec<SessionId>>>,
-    /// Live group subscriptions held by local connections, per group.
+    /// Live group subscriptions held by local sessions, per group.
     group_subs: RefCell<HashMap<GroupId, Vec<SessionId>>>,
+    /// Read-only impersonations (`/ws?as=`), per impersonated local user.
+    observers: RefCell<HashMap<UserId, Vec<SessionId>>>,
     next_session: Cell<u64>,
     /// Token expiry of every local session, sorted: (exp seconds, session). The clock pops
-    /// the front instead of keeping a timer per connection.
-    pub expiries: RefCell<BTreeSet<(u64, SessionId)>>,
-    /// Per-IP handshake buckets for connections accepted by this shard.
-    pub ip_limiter: RefCell<IpLimiter>,
+    /// the front instead of keeping a timer per session.
+    expiries: RefCell<BTreeSet<(u64, SessionId)>>,
     /// Set once shutdown starts: no new sessions.
-    pub stopping: Cell<bool>,
+    stopping: Cell<bool>,
     /// The empty `groups`/`roles` slice every session without them shares.
-    pub no_groups: Arc<[Arc<str>]>,
-    /// Read-only impersonation connections (`/ws?as=`), per impersonated local user.
-    observers: RefCell<HashMap<UserId, Vec<SessionId>>>,
-    /// The admin behind each impersonation connection (for the audit log).
-    observer_admins: RefCell<HashMap<SessionId, Arc<str>>>,
-    /// Fan-out latency of deliveries made here (docs/ADMIN.md).
-    pub latency: RefCell<Latency>,
-    /// Recent presence changes of local users, for the dashboards' live feed.
-    pub changes: RefCell<ChangeLog>,
-    /// The dashboard's time series (sampled on shard 0 only).
-    pub series: RefCell<Series>,
-    /// Process-wide facts and every shard's counters, for the admin port.
-    pub shared: Arc<Shared>,
-    /// Where history records go (never blocks).
-    pub history: crate::history::Sink,
+    no_groups: Arc<[Arc<str>]>,
+    /// Fan-out latency of deliveries made here, and handshake latency of sessions opened here.
+    latency: RefCell<Latency>,
+    handshake_latency: RefCell<Latency>,
+    /// Listeners registered by drivers at start-up (history, the dashboard's change log).
+    taps: RefCell<Vec<Listener>>,
+    /// Per-shard state of the drivers (Seastar's `sharded<T>`), one value per type.
+    locals: RefCell<HashMap<std::any::TypeId, Rc<dyn Any>>>,
 }
 
 impl Shard {
@@ -104,47 +121,174 @@ impl Shard {
         verifier: Arc<Verifier>,
         mesh: Rc<Mesh>,
         shared: Arc<Shared>,
-        history: crate::history::Sink,
     ) -> Shard {
-        let metrics = shared.metrics[usize::from(ix)].clone();
-        let ip_limiter =
-            IpLimiter::new(cfg.limits.handshake_rate_per_ip, cfg.limits.max_tracked_ips);
-        let cfg_change_log = cfg.admin.change_log;
         Shard {
             ix,
             cpu,
             op_limits: cfg.op_limits(),
+            metrics: shared.metrics[usize::from(ix)].clone(),
             cfg,
             verifier,
             mesh,
-            metrics,
+            shared,
             registry: RefCell::new(Registry::new()),
             groups: RefCell::new(Groups::new()),
-            conns: RefCell::new(HashMap::new()),
+            sessions: RefCell::new(HashMap::new()),
             user_subs: RefCell::new(HashMap::new()),
             group_subs: RefCell::new(HashMap::new()),
+            observers: RefCell::new(HashMap::new()),
             next_session: Cell::new(0),
             expiries: RefCell::new(BTreeSet::new()),
-            ip_limiter: RefCell::new(ip_limiter),
             stopping: Cell::new(false),
             no_groups: Arc::from([]),
-            observers: RefCell::new(HashMap::new()),
-            observer_admins: RefCell::new(HashMap::new()),
             latency: RefCell::new(Latency::default()),
-            changes: RefCell::new(ChangeLog::new(cfg_change_log)),
-            series: RefCell::new(Series::default()),
-            shared,
-            history,
+            handshake_latency: RefCell::new(Latency::default()),
+            taps: RefCell::new(Vec::new()),
+            locals: RefCell::new(HashMap::new()),
         }
+    }
+
+    // --- Read access for drivers. ---
+
+    pub fn ix(&self) -> ShardIx {
+        self.ix
+    }
+
+    pub fn cpu(&self) -> Option<usize> {
+        self.cpu
+    }
+
+    pub fn cfg(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn verifier(&self) -> &Verifier {
+        &self.verifier
+    }
+
+    pub fn op_limits(&self) -> &OpLimits {
+        &self.op_limits
+    }
+
+    pub fn metrics(&self) -> &Arc<ShardMetrics> {
+        &self.metrics
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    pub fn shards(&self) -> usize {
+        self.mesh.shards()
+    }
+
+    pub fn registry(&self) -> Ref<'_, Registry> {
+        self.registry.borrow()
+    }
+
+    pub fn groups(&self) -> Ref<'_, Groups> {
+        self.groups.borrow()
+    }
+
+    pub fn latency(&self) -> Ref<'_, Latency> {
+        self.latency.borrow()
+    }
+
+    pub fn handshake_latency(&self) -> Ref<'_, Latency> {
+        self.handshake_latency.borrow()
+    }
+
+    /// Starts a new recent-latency window (every few seconds).
+    pub fn rotate_latency(&self) {
+        self.latency.borrow_mut().rotate();
+        self.handshake_latency.borrow_mut().rotate();
+    }
+
+    /// A handshake finished (accept to session open), for `presenced_handshake_seconds`.
+    pub fn record_handshake(&self, started: Instant) {
+        let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.handshake_latency.borrow_mut().record(us);
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.stopping.get()
+    }
+
+    /// Whether the mesh is congested: new work is refused (see [`mesh`]).
+    pub fn congested(&self) -> bool {
+        self.mesh.congested()
     }
 
     pub fn owner(&self, id: &str) -> ShardIx {
         owner_of(id, self.mesh.shards())
     }
 
+    /// A session served here.
+    pub fn session(&self, id: SessionId) -> Option<Rc<Session>> {
+        self.sessions.borrow().get(&id).cloned()
+    }
+
+    /// Sessions (devices, then impersonations) of a local user.
+    pub fn sessions_of(&self, user: &str) -> Vec<Rc<Session>> {
+        let mut ids = self.registry.borrow().session_ids(user);
+        ids.extend(self.observers_of(user));
+        let all = self.sessions.borrow();
+        ids.iter().filter_map(|id| all.get(id).cloned()).collect()
+    }
+
+    /// Sessions served here, in no order.
+    pub fn all_sessions(&self) -> Vec<Rc<Session>> {
+        self.sessions.borrow().values().cloned().collect()
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.sessions.borrow().len()
+    }
+
+    /// Impersonations watching `user` as that user.
+    pub fn observers_of(&self, user: &str) -> Vec<SessionId> {
+        self.observers
+            .borrow()
+            .get(user)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    // --- Drivers' per-shard state and listeners (set up at start-up). ---
+
+    /// Stores a driver's per-shard value (one per type).
+    pub fn insert_local<T: 'static>(&self, value: Rc<T>) {
+        self.locals
+            .borrow_mut()
+            .insert(std::any::TypeId::of::<T>(), value);
+    }
+
+    /// A driver's per-shard value, if it set one up.
+    pub fn local<T: 'static>(&self) -> Option<Rc<T>> {
+        let any = self
+            .locals
+            .borrow()
+            .get(&std::any::TypeId::of::<T>())
+            .cloned()?;
+        any.downcast::<T>().ok()
+    }
+
+    /// Registers a listener for sessions and changes ([`tap`]).
+    pub fn add_tap(&self, listener: Listener) {
+        self.taps.borrow_mut().push(listener);
+    }
+
+    fn tap(&self, event: &Tap<'_>) {
+        for listener in self.taps.borrow().iter() {
+            listener(event);
+        }
+    }
+
+    // --- Internals. ---
+
     /// A new session id: shard index in the top 16 bits, so ids are unique per process and
-    /// name the shard that serves them.
-    pub fn next_session_id(&self) -> SessionId {
+    /// name the shard that serves them ([`shard_of_session`]).
+    fn next_session_id(&self) -> SessionId {
         let n = self.next_session.get() + 1;
         self.next_session.set(n);
         (u64::from(self.ix) << 48) | (n & ((1 << 48) - 1))
@@ -155,22 +299,14 @@ impl Shard {
     }
 
     /// Tells everyone who must hear of a change of a local user's aggregate.
-    pub fn publish(&self, change: Change) {
+    fn publish(&self, change: Change) {
         ShardMetrics::set(
             &self.metrics.online_users,
             self.registry.borrow().online_users() as u64,
         );
         let state = Arc::new(change.state);
         let origin = Instant::now();
-        self.changes.borrow_mut().record(state.clone());
-        if self.history.enabled() {
-            let mut e = HistoryEvent::new(state.ts, state.user.clone(), EventKind::Status);
-            e.status = Some(state.status);
-            e.text = state.text.clone();
-            e.devices = Some(state.devices);
-            e.seq = state.seq;
-            self.history.event(e);
-        }
+        self.tap(&Tap::Change(&state));
         for shard in change.watchers {
             self.send(
                 shard,
@@ -197,151 +333,85 @@ impl Shard {
         }
     }
 
-    /// `subscribe` from a local connection: mark pending, ask each owner for a snapshot.
-    pub fn watch_users(&self, conn: &ConnHandle, users: &[UserId]) {
-        let mut watching = conn.watching.borrow_mut();
-        for user in users {
-            if watching.contains_key(user) {
-                continue;
+    fn send_activity(&self, user: &UserId, kind: Arc<str>, to: Option<UserId>) {
+        let ts = now_ms();
+        match to {
+            None => {
+                let watchers = self.registry.borrow().watchers(user);
+                for w in watchers {
+                    let msg = MeshMsg::Activity {
+                        user: user.clone(),
+                        kind: kind.clone(),
+                        ts,
+                        to: None,
+                    };
+                    self.send(w, msg);
+                }
             }
-            let gen = conn.next_gen();
-            // Share the shard's copy of the id when it has one: one allocation per watched
-            // user per shard, not one per subscription.
-            let key = self
-                .user_subs
-                .borrow()
-                .get_key_value(&**user)
-                .map_or_else(|| user.clone(), |(k, _)| k.clone());
-            watching.insert(key, SubState::Pending(gen));
-            self.send(
-                self.owner(user),
-                MeshMsg::Watch {
+            Some(to) => {
+                let owner = self.owner(&to);
+                let msg = MeshMsg::Activity {
                     user: user.clone(),
-                    from: self.ix,
-                    conn: conn.id,
-                    gen,
-                },
-            );
-        }
-        drop(watching);
-        conn.watching.borrow_mut().shrink();
-    }
-
-    pub fn unwatch_users(&self, conn: &ConnHandle, users: &[UserId]) {
-        self.unwatch_users_inner(conn, users);
-        conn.watching.borrow_mut().shrink();
-    }
-
-    fn unwatch_users_inner(&self, conn: &ConnHandle, users: &[UserId]) {
-        for user in users {
-            let Some(state) = conn.watching.borrow_mut().remove(user) else {
-                continue;
-            };
-            if state == SubState::Live {
-                remove_sub(&mut self.user_subs.borrow_mut(), user, conn.id);
+                    kind,
+                    ts,
+                    to: Some(to),
+                };
+                self.send(owner, msg);
             }
-            conn.cancel(&Key::Presence(user.clone(), None));
-            conn.cancel(&Key::Activity(user.clone()));
-            self.send(
-                self.owner(user),
-                MeshMsg::Unwatch {
-                    user: user.clone(),
-                    from: self.ix,
-                },
-            );
-        }
-    }
-
-    pub fn watch_group(&self, conn: &ConnHandle, group: &GroupId) {
-        if conn.watching_groups.borrow().contains_key(group) {
-            return;
-        }
-        let gen = conn.next_gen();
-        conn.watching_groups
-            .borrow_mut()
-            .insert(group.clone(), SubState::Pending(gen));
-        self.send(
-            self.owner(group),
-            MeshMsg::WatchGroup {
-                group: group.clone(),
-                from: self.ix,
-                conn: conn.id,
-                gen,
-            },
-        );
-    }
-
-    pub fn unwatch_group(&self, conn: &ConnHandle, group: &GroupId) {
-        let Some(state) = conn.watching_groups.borrow_mut().remove(group) else {
-            return;
-        };
-        if state == SubState::Live {
-            remove_sub(&mut self.group_subs.borrow_mut(), group, conn.id);
-        }
-        // Every queued event of this feed goes: one left behind could overtake the snapshot of
-        // a later re-subscription.
-        conn.cancel_where(|k| match k {
-            Key::GroupSnapshot(g) => g == group,
-            Key::Presence(_, Some(g)) => g == group,
-            _ => false,
-        });
-        self.send(
-            self.owner(group),
-            MeshMsg::UnwatchGroup {
-                group: group.clone(),
-                from: self.ix,
-            },
-        );
-    }
-
-    /// Drops every subscription of a closing connection.
-    pub fn unwatch_all(&self, conn: &ConnHandle) {
-        let users: Vec<UserId> = conn.watching.borrow().keys().cloned().collect();
-        self.unwatch_users(conn, &users);
-        let groups: Vec<GroupId> = conn.watching_groups.borrow().keys().cloned().collect();
-        for g in &groups {
-            self.unwatch_group(conn, g);
         }
     }
 
     /// Handles one mesh message. Never panics on message content.
-    pub fn handle(&self, msg: MeshMsg, now: u64) {
+    fn handle(self: &Rc<Self>, msg: MeshMsg, now: u64) {
         ShardMetrics::inc(&self.metrics.mesh_received);
         match msg {
             MeshMsg::Watch {
                 user,
                 from,
-                conn,
+                session,
                 gen,
             } => {
                 let state = self.registry.borrow_mut().watch(&user, from, now);
                 let state = Arc::new(state);
-                self.send(from, MeshMsg::Snapshot { conn, gen, state });
+                self.send(
+                    from,
+                    MeshMsg::Snapshot {
+                        session,
+                        gen,
+                        state,
+                    },
+                );
             }
             MeshMsg::Unwatch { user, from } => {
-                self.registry.borrow_mut().unwatch(&user, from);
+                if !self.registry.borrow_mut().unwatch(&user, from) {
+                    ShardMetrics::inc(&self.metrics.unmatched_unwatches);
+                }
             }
-            MeshMsg::Snapshot { conn, gen, state } => self.on_snapshot(conn, gen, &state),
+            MeshMsg::Snapshot {
+                session,
+                gen,
+                state,
+            } => self.on_snapshot(session, gen, &state),
             MeshMsg::Update { state, origin } => {
                 let subs = self.user_subs.borrow();
-                if let Some(conns) = subs.get(&state.user) {
+                if let Some(sessions) = subs.get(&state.user) {
                     let frame = events::presence(&state, None);
                     let key = Key::Presence(state.user.clone(), None);
-                    self.deliver(conns, &key, &frame);
+                    self.deliver(sessions, &key, &frame);
                     self.record_latency(origin);
                 }
             }
             MeshMsg::WatchGroup {
                 group,
                 from,
-                conn,
+                session,
                 gen,
             } => {
                 let members = self.groups.borrow_mut().watch(&group, from);
                 self.send(
                     from,
                     MeshMsg::GroupSnapshot {
-                        conn,
+                        session,
                         gen,
                         group,
                         members,
@@ -349,14 +419,16 @@ impl Shard {
                 );
             }
             MeshMsg::UnwatchGroup { group, from } => {
-                self.groups.borrow_mut().unwatch(&group, from);
+                if !self.groups.borrow_mut().unwatch(&group, from) {
+                    ShardMetrics::inc(&self.metrics.unmatched_unwatches);
+                }
             }
             MeshMsg::GroupSnapshot {
-                conn,
+                session,
                 gen,
                 group,
                 members,
-            } => self.on_group_snapshot(conn, gen, group, &members),
+            } => self.on_group_snapshot(session, gen, group, &members),
             MeshMsg::GroupMember {
                 group,
                 state,
@@ -380,10 +452,10 @@ impl Shard {
                 origin,
             } => {
                 let subs = self.group_subs.borrow();
-                if let Some(conns) = subs.get(&group) {
+                if let Some(sessions) = subs.get(&group) {
                     let frame = events::presence(&state, Some(&group));
                     let key = Key::Presence(state.user.clone(), Some(group.clone()));
-                    self.deliver(conns, &key, &frame);
+                    self.deliver(sessions, &key, &frame);
                     self.record_latency(origin);
                 }
             }
@@ -392,8 +464,8 @@ impl Shard {
                 let key = Key::Activity(user.clone());
                 match to {
                     None => {
-                        if let Some(conns) = self.user_subs.borrow().get(&user) {
-                            self.deliver(conns, &key, &frame);
+                        if let Some(sessions) = self.user_subs.borrow().get(&user) {
+                            self.deliver(sessions, &key, &frame);
                         }
                     }
                     Some(to) => {
@@ -404,13 +476,9 @@ impl Shard {
                     }
                 }
             }
-            MeshMsg::Admin { req, reply } => {
-                let answer = crate::admin::query::answer(self, &req, now);
-                // The asker may have given up (timeout): nothing to do then.
-                let _ = reply.try_send((self.ix, answer));
-            }
-            MeshMsg::Handoff(_) | MeshMsg::Shutdown => {
-                unreachable!("the shard loop handles hand-offs and shutdown itself")
+            MeshMsg::Invoke(job) => self.run_job(job),
+            MeshMsg::Shutdown => {
+                debug_assert!(false, "the shard loop handles shutdown itself");
             }
         }
     }
@@ -421,64 +489,34 @@ impl Shard {
         self.latency.borrow_mut().record(us);
     }
 
-    /// Impersonation connections watching `user` as that user.
-    pub fn observers_of(&self, user: &str) -> Vec<SessionId> {
-        self.observers
-            .borrow()
-            .get(user)
-            .cloned()
-            .unwrap_or_default()
-    }
-
-    pub fn add_observer(&self, user: &UserId, conn: SessionId, admin: &str) {
-        self.observer_admins.borrow_mut().insert(conn, admin.into());
-        self.observers
-            .borrow_mut()
-            .entry_ref(user)
-            .or_default()
-            .push(conn);
-    }
-
-    /// Forgets an impersonation connection; returns its admin.
-    pub fn remove_observer(&self, user: &str, conn: SessionId) -> Option<Arc<str>> {
-        remove_sub(&mut self.observers.borrow_mut(), user, conn);
-        self.observer_admins.borrow_mut().remove(&conn)
-    }
-
-    fn on_snapshot(&self, conn_id: SessionId, gen: NonZeroU64, state: &PresenceState) {
-        let Some(conn) = self.conns.borrow().get(&conn_id).cloned() else {
+    fn on_snapshot(&self, id: SessionId, gen: NonZeroU64, state: &PresenceState) {
+        let Some(session) = self.session(id) else {
             return; // closed meanwhile; its unwatch is already on the way
         };
-        let mut watching = conn.watching.borrow_mut();
-        match watching.get_mut(&state.user) {
+        match session.watching.borrow_mut().get_mut(&state.user) {
             Some(s) if *s == SubState::Pending(gen) => *s = SubState::Live,
             _ => return, // unsubscribed (and maybe resubscribed: another gen) meanwhile
         }
-        drop(watching);
         self.user_subs
             .borrow_mut()
             .entry_ref(&state.user)
             .or_default()
-            .push(conn_id);
+            .push(id);
         let frame = events::presence(state, None);
-        conn.push_event(
-            Key::Presence(state.user.clone(), None),
-            frame,
-            &self.metrics,
-        );
+        session.push_event(Key::Presence(state.user.clone(), None), frame);
     }
 
     fn on_group_snapshot(
         &self,
-        conn_id: SessionId,
+        id: SessionId,
         gen: NonZeroU64,
         group: GroupId,
         members: &[PresenceState],
     ) {
-        let Some(conn) = self.conns.borrow().get(&conn_id).cloned() else {
+        let Some(session) = self.session(id) else {
             return;
         };
-        match conn.watching_groups.borrow_mut().get_mut(&group) {
+        match session.watching_groups.borrow_mut().get_mut(&group) {
             Some(s) if *s == SubState::Pending(gen) => *s = SubState::Live,
             _ => return,
         }
@@ -486,17 +524,17 @@ impl Shard {
             .borrow_mut()
             .entry_ref(&group)
             .or_default()
-            .push(conn_id);
+            .push(id);
         let frame = events::group_snapshot(&group, members);
-        conn.push_event(Key::GroupSnapshot(group), frame, &self.metrics);
+        session.push_event(Key::GroupSnapshot(group), frame);
     }
 
-    /// The same bytes to every listed local connection.
-    fn deliver(&self, conns: &[SessionId], key: &Key, frame: &Bytes) {
-        let all = self.conns.borrow();
-        for id in conns {
-            if let Some(conn) = all.get(id) {
-                conn.push_event(key.clone(), frame.clone(), &self.metrics);
+    /// The same bytes to every listed local session.
+    fn deliver(&self, ids: &[SessionId], key: &Key, frame: &Bytes) {
+        let all = self.sessions.borrow();
+        for id in ids {
+            if let Some(session) = all.get(id) {
+                session.push_event(key.clone(), frame.clone());
             }
         }
     }
@@ -505,10 +543,10 @@ impl Shard {
 fn remove_sub<K: std::hash::Hash + Eq + std::borrow::Borrow<str>>(
     subs: &mut HashMap<K, Vec<SessionId>>,
     key: &str,
-    conn: SessionId,
+    id: SessionId,
 ) {
     if let Some(list) = subs.get_mut(key) {
-        if let Some(pos) = list.iter().position(|c| *c == conn) {
+        if let Some(pos) = list.iter().position(|c| *c == id) {
             list.swap_remove(pos);
         }
         if list.is_empty() {

@@ -1,125 +1,86 @@
-//! Starting and stopping the shards: one glommio executor per shard, each with its own
-//! SO_REUSEPORT listener and mesh inbox.
+//! Starting and stopping the shards: one glommio executor per shard, each with its mesh inbox.
+//! What else runs on a shard (listeners, the admin port, taps) is the caller's: [`spawn`] calls
+//! its `init` on every shard before that shard starts taking mesh messages.
 
-use std::net::SocketAddr;
-use std::os::fd::{FromRawFd, IntoRawFd};
+use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use glommio::{LocalExecutorBuilder, Placement as GPlacement, PoolPlacement};
-use socket2::{Domain, Protocol, Socket, Type};
 
 use super::mesh::{Mesh, MeshMsg};
-use super::{now_ms, Shard};
-use std::sync::atomic::Ordering;
-
-use crate::admin::query::{AdminReq, AdminResp};
-use crate::admin::{self, Shared};
+use super::{now_ms, CloseRequest, Shard};
 use crate::auth::Verifier;
-use crate::config::{parse_cpu_list, Config, Placement};
-use crate::edge::accept;
-use crate::edge::conn::CloseRequest;
-use crate::history::History;
-use crate::metrics::{MetricsSnapshot, ShardMetrics};
+use crate::config::{parse_cpu_list, Config, Placement, ValidConfig};
+use crate::metrics::{MetricsSnapshot, PeerCounters, ShardMetrics};
+use crate::presence::watchers::ShardIx;
 
 /// Memory glommio registers with io_uring per shard. We do no file DMA, so the minimum will do
 /// (and stays well inside small `RLIMIT_MEMLOCK` budgets).
 const IO_MEMORY: usize = 64 * 1024;
-/// Mesh messages handled per wake-up before yielding to connections.
+/// Mesh messages handled per wake-up before yielding to sessions.
 const INBOX_BATCH: usize = 256;
-/// Listen backlog per shard.
-const LISTEN_BACKLOG: i32 = 4096;
 
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-    #[error("{0}")]
-    Tls(String),
-    #[error("cpu placement: {0}")]
-    Placement(String),
-    #[error("{0}")]
-    History(String),
-    #[error("shard {shard} failed to start: {why}")]
-    Shard { shard: usize, why: String },
-}
-
-/// A running server: its address, and a way to stop it.
-pub struct ServerHandle {
-    /// The `listen` address (TLS when `[tls]` is set without `tls.listen`).
-    pub addr: SocketAddr,
-    /// The TLS listener's address, when TLS is on.
-    pub tls_addr: Option<SocketAddr>,
-    /// The admin port's address, when it is enabled.
-    pub admin_addr: Option<SocketAddr>,
-    /// CPU of each shard (None = unpinned).
+/// What every shard (and any other thread) may read about the whole process: the counters of
+/// every shard (atomics, each written only by its own shard) and start-up facts. Nothing here is
+/// locked.
+#[derive(Debug)]
+pub struct Shared {
+    pub started: Instant,
+    pub started_ms: u64,
+    pub metrics: Arc<[Arc<ShardMetrics>]>,
+    /// Per shard: messages sent to each peer.
+    pub mesh_pairs: Vec<Arc<PeerCounters>>,
     pub cpus: Vec<Option<usize>>,
-    shared: Arc<Shared>,
-    history: Option<History>,
-    flush_deadline: Duration,
-    inboxes: Vec<flume::Sender<MeshMsg>>,
-    threads: Vec<glommio::ExecutorJoinHandle<()>>,
-    metrics: Vec<Arc<ShardMetrics>>,
+    /// Shards that are accepting connections (`/readyz`).
+    pub accepting: AtomicUsize,
+    /// Set when shutdown begins (`/readyz` turns 503 so load balancers stop sending).
+    pub stopping: AtomicBool,
 }
 
-impl ServerHandle {
+impl Shared {
+    pub fn new(cpus: Vec<Option<usize>>) -> Shared {
+        let shards = cpus.len();
+        Shared {
+            started: Instant::now(),
+            started_ms: now_ms(),
+            metrics: (0..shards).map(|_| Arc::default()).collect(),
+            mesh_pairs: (0..shards)
+                .map(|_| Arc::new(PeerCounters::new(shards)))
+                .collect(),
+            cpus,
+            accepting: AtomicUsize::new(0),
+            stopping: AtomicBool::new(false),
+        }
+    }
+
     pub fn shards(&self) -> usize {
-        self.inboxes.len()
+        self.metrics.len()
     }
 
-    /// Per-shard counters, read from another thread.
-    pub fn metrics(&self) -> Vec<MetricsSnapshot> {
+    pub fn ready(&self) -> bool {
+        self.accepting.load(Ordering::Acquire) == self.shards()
+            && !self.stopping.load(Ordering::Acquire)
+    }
+
+    /// Per-shard counters, read from any thread.
+    pub fn snapshots(&self) -> Vec<MetricsSnapshot> {
         self.metrics.iter().map(|m| m.snapshot()).collect()
-    }
-
-    pub fn metrics_total(&self) -> MetricsSnapshot {
-        MetricsSnapshot::sum(&self.metrics())
-    }
-
-    /// Asks every shard to stop: no new connections, sessions closed with 1001.
-    pub fn begin_shutdown(&self) {
-        self.shared.stopping.store(true, Ordering::Release);
-        for inbox in &self.inboxes {
-            let _ = inbox.send(MeshMsg::Shutdown);
-        }
-    }
-
-    /// Waits for every shard thread to finish, then flushes history (within
-    /// `history.flush_deadline_ms`).
-    pub fn join(mut self) {
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-        if let Some(h) = self.history.take() {
-            h.stop(self.flush_deadline);
-        }
-    }
-
-    /// History's counters (queue depth through the admin port).
-    pub fn history_metrics(&self) -> Option<&crate::history::HistoryMetrics> {
-        self.history.as_ref().map(|h| &*h.sink.metrics)
-    }
-
-    pub fn shutdown(self) {
-        self.begin_shutdown();
-        self.join();
     }
 }
 
 /// The CPU each shard is pinned to, per the configured placement.
-pub fn plan_cpus(cfg: &Config, shards: usize) -> Result<Vec<Option<usize>>, StartError> {
-    let err = |e: glommio::GlommioError<()>| StartError::Placement(e.to_string());
+pub fn plan_cpus(cfg: &Config, shards: usize) -> Result<Vec<Option<usize>>, String> {
+    let err = |e: glommio::GlommioError<()>| format!("cpu placement: {e}");
     if !cfg.cpus.is_empty() && cfg.placement != Placement::Unbound {
-        let list = parse_cpu_list(&cfg.cpus).map_err(StartError::Placement)?;
+        let list = parse_cpu_list(&cfg.cpus).map_err(|e| format!("cpu placement: {e}"))?;
         return Ok((0..shards).map(|i| Some(list[i % list.len()])).collect());
     }
     let pool = match cfg.placement {
         Placement::Unbound => return Ok(vec![None; shards]),
-        Placement::Fixed => unreachable!("validate() requires cpus for fixed placement"),
+        Placement::Fixed => return Err("cpu placement: `fixed` needs `cpus`".into()),
         Placement::MaxSpread => PoolPlacement::MaxSpread(shards, None),
         Placement::MaxPack => PoolPlacement::MaxPack(shards, None),
     };
@@ -129,186 +90,115 @@ pub fn plan_cpus(cfg: &Config, shards: usize) -> Result<Vec<Option<usize>>, Star
         .collect())
 }
 
-/// Binds the listener socket a shard accepts on.
-fn bind(addr: SocketAddr, listen: bool) -> std::io::Result<Socket> {
-    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    sock.set_reuse_address(true)?;
-    sock.set_reuse_port(true)?;
-    sock.set_nonblocking(true)?;
-    sock.bind(&addr.into())?;
-    if listen {
-        sock.listen(LISTEN_BACKLOG)?;
-    }
-    Ok(sock)
+/// Something a shard's `init` started that must be told when the shard stops (an accept loop).
+pub type Stop = Box<dyn FnOnce()>;
+
+/// What `init` returns: the things to stop when the shard stops.
+pub type Init = Arc<dyn Fn(&Rc<Shard>) -> Result<Vec<Stop>, String> + Send + Sync>;
+
+/// The running shards.
+pub struct Shards {
+    pub shared: Arc<Shared>,
+    inboxes: Vec<flume::Sender<MeshMsg>>,
+    threads: Vec<glommio::ExecutorJoinHandle<()>>,
 }
 
-/// Reserves `want` for the shards: refuses a port another process holds (SO_REUSEPORT would
-/// otherwise let a second instance share it silently and split the users between two servers),
-/// then binds it without listening — port 0 becomes a real port that every shard can bind, and a
-/// non-listening socket receives no connections. Dropped once all shards listen.
-fn reserve_port(want: SocketAddr) -> Result<(Socket, SocketAddr), StartError> {
-    let fail = |source| StartError::Listen { addr: want, source };
-    if want.port() != 0 {
-        let probe = Socket::new(Domain::for_address(want), Type::STREAM, None).map_err(fail)?;
-        probe.set_reuse_address(true).map_err(fail)?;
-        probe.bind(&want.into()).map_err(fail)?;
+impl Shards {
+    pub fn len(&self) -> usize {
+        self.inboxes.len()
     }
-    let reserve = bind(want, false).map_err(fail)?;
-    let addr = reserve
-        .local_addr()
-        .ok()
-        .and_then(|a| a.as_socket())
-        .unwrap_or(want);
-    Ok((reserve, addr))
-}
 
-/// Starts the shards and returns once every one is accepting.
-pub fn start(cfg: Config, verifier: Verifier) -> Result<ServerHandle, StartError> {
-    let shards = cfg.shard_count();
-    let cpus = plan_cpus(&cfg, shards)?;
-    let secure = crate::edge::tls::load(&cfg.tls).map_err(|e| StartError::Tls(e.0))?;
-    // What listens where: plain on `listen`, TLS on `tls.listen`; with TLS but no `tls.listen`,
-    // `listen` itself speaks TLS.
-    let mut wanted: Vec<(SocketAddr, Option<Arc<rustls::ServerConfig>>)> = Vec::new();
-    match (&secure, cfg.tls.listen) {
-        (None, _) => wanted.push((cfg.listen, None)),
-        (Some(tls), None) => wanted.push((cfg.listen, Some(tls.clone()))),
-        (Some(tls), Some(tls_addr)) => {
-            wanted.push((cfg.listen, None));
-            wanted.push((tls_addr, Some(tls.clone())));
+    pub fn is_empty(&self) -> bool {
+        self.inboxes.is_empty()
+    }
+
+    /// Asks every shard to stop: no new sessions, sessions closed with 1001.
+    pub fn begin_shutdown(&self) {
+        self.shared.stopping.store(true, Ordering::Release);
+        for inbox in &self.inboxes {
+            let _ = inbox.send(MeshMsg::Shutdown);
         }
     }
-    let mut reserved = Vec::new();
-    let mut listeners = Vec::new();
-    for (want, tls) in wanted {
-        let (reserve, addr) = reserve_port(want)?;
-        reserved.push(reserve);
-        listeners.push((addr, tls));
-    }
-    let addr = listeners[0].0;
-    let tls_addr = listeners.iter().find(|l| l.1.is_some()).map(|l| l.0);
-    let admin_addr = if cfg.admin.enabled {
-        let (reserve, admin_addr) = reserve_port(cfg.admin.listen)?;
-        reserved.push(reserve);
-        Some(admin_addr)
-    } else {
-        None
-    };
 
-    let cfg = Arc::new(cfg);
-    let verifier = Arc::new(verifier);
+    /// Waits for every shard thread to finish.
+    pub fn join(&mut self) {
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Starts one executor per entry of `shared.cpus` (pinned there, or unbound for `None`) and
+/// returns once every shard has run `init` and is taking mesh messages.
+pub fn spawn(
+    cfg: ValidConfig,
+    verifier: Arc<Verifier>,
+    shared: Arc<Shared>,
+    init: Init,
+) -> Result<Shards, (usize, String)> {
+    let shards = shared.shards();
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..shards)
         .map(|_| flume::bounded::<MeshMsg>(cfg.mesh.inbox_capacity))
         .unzip();
-    let metrics: Vec<Arc<ShardMetrics>> = (0..shards).map(|_| Arc::default()).collect();
-    let history = History::start(&cfg.history).map_err(StartError::History)?;
-    let shared = Arc::new(Shared::new(
-        metrics.clone(),
-        cpus.clone(),
-        history.sink.clone(),
-    ));
     let (ready_tx, ready_rx) = mpsc::channel::<Result<usize, (usize, String)>>();
-    let mut threads = Vec::with_capacity(shards);
+    let mut running = Shards {
+        shared: shared.clone(),
+        inboxes: senders.clone(),
+        threads: Vec::with_capacity(shards),
+    };
     for (ix, inbox) in receivers.into_iter().enumerate() {
-        let placement = cpus[ix].map_or(GPlacement::Unbound, GPlacement::Fixed);
-        let listeners = listeners.clone();
-        let sink = history.sink.clone();
-        let admin_tls = if cfg.admin.tls { secure.clone() } else { None };
-        let (cfg, verifier, peers, shared, ready) = (
+        let cpu = shared.cpus[ix];
+        let placement = cpu.map_or(GPlacement::Unbound, GPlacement::Fixed);
+        let (cfg, verifier, peers, shared, ready, init) = (
             cfg.clone(),
             verifier.clone(),
             senders.clone(),
             shared.clone(),
             ready_tx.clone(),
+            init.clone(),
         );
-        let cpu = cpus[ix];
         let handle = LocalExecutorBuilder::new(placement)
             .name(&format!("shard-{ix}"))
             .io_memory(IO_MEMORY)
             .spawn(move || async move {
-                let mut bound = Vec::new();
-                for (addr, tls) in listeners {
-                    match bind(addr, true) {
-                        // SAFETY: a freshly bound, listening socket whose ownership moves here.
-                        Ok(s) => bound.push((
-                            unsafe { glommio::net::TcpListener::from_raw_fd(s.into_raw_fd()) },
-                            tls,
-                        )),
-                        Err(e) => {
-                            let _ = ready.send(Err((ix, format!("listen on {addr}: {e}"))));
-                            return;
-                        }
-                    }
-                }
-                let admin_listener = match admin_addr.map(|a| (a, bind(a, true))) {
-                    None => None,
-                    // SAFETY: as above.
-                    Some((_, Ok(s))) => {
-                        Some(unsafe { glommio::net::TcpListener::from_raw_fd(s.into_raw_fd()) })
-                    }
-                    Some((a, Err(e))) => {
-                        let _ = ready.send(Err((ix, format!("admin listen on {a}: {e}"))));
-                        return;
-                    }
-                };
-                let ix16 = u16::try_from(ix).expect("validate() caps shards at u16::MAX");
+                let ix16 = ShardIx::try_from(ix).expect("validate() caps shards at u16::MAX");
                 let mesh = Mesh::new(
+                    ix16,
                     peers,
-                    cfg.mesh.overflow_max,
-                    shared.metrics[ix].clone(),
+                    cfg.mesh.overflow_max_bytes,
+                    shared.metrics.clone(),
                     shared.mesh_pairs[ix].clone(),
                 );
                 let shard = Rc::new(Shard::new(
                     ix16,
                     cpu,
-                    cfg,
+                    cfg.config_arc(),
                     verifier,
                     mesh,
                     shared.clone(),
-                    sink,
                 ));
-                let mut stops = Vec::new();
-                for (listener, tls) in bound {
-                    let (stop_tx, stop_rx) = glommio::channels::local_channel::new_bounded(1);
-                    let accepting =
-                        accept::accept_loop(shard.clone(), listener, tls, Rc::new(stop_rx));
-                    glommio::spawn_local(accepting).detach();
-                    stops.push(stop_tx);
-                }
-                if let Some(listener) = admin_listener {
-                    let (stop_tx, stop_rx) = glommio::channels::local_channel::new_bounded(1);
-                    let serving = admin::server::accept_loop(
-                        shard.clone(),
-                        listener,
-                        admin_tls.clone(),
-                        Rc::new(stop_rx),
-                    );
-                    glommio::spawn_local(serving).detach();
-                    glommio::spawn_local(admin_ticks(shard.clone())).detach();
-                    stops.push(stop_tx);
-                }
-                if ix == 0 && shard.history.enabled() {
-                    glommio::spawn_local(history_samples(shard.clone())).detach();
-                }
+                let stops = match init(&shard) {
+                    Ok(stops) => stops,
+                    Err(why) => {
+                        let _ = ready.send(Err((ix, why)));
+                        return;
+                    }
+                };
                 glommio::spawn_local(super::clock::run(shard.clone())).detach();
                 shared.accepting.fetch_add(1, Ordering::AcqRel);
                 let _ = ready.send(Ok(ix));
                 run_inbox(&shard, inbox).await;
                 for stop in stops {
-                    let _ = stop.try_send(());
+                    stop();
                 }
                 drain_sessions(&shard).await;
-            })
-            .map_err(|e| StartError::Shard {
-                shard: ix,
-                why: e.to_string(),
             });
         match handle {
-            Ok(h) => threads.push(h),
+            Ok(h) => running.threads.push(h),
             Err(e) => {
-                stop_all(&senders, threads);
-                history.stop(Duration::ZERO);
-                return Err(e);
+                running.begin_shutdown();
+                running.join();
+                return Err((ix, e.to_string()));
             }
         }
     }
@@ -316,46 +206,22 @@ pub fn start(cfg: Config, verifier: Verifier) -> Result<ServerHandle, StartError
     for _ in 0..shards {
         let failed = match ready_rx.recv() {
             Ok(Ok(_)) => continue,
-            Ok(Err((shard, why))) => StartError::Shard { shard, why },
-            Err(_) => StartError::Shard {
-                shard: 0,
-                why: "a shard thread exited during start-up".into(),
-            },
+            Ok(Err(e)) => e,
+            Err(_) => (0, "a shard thread exited during start-up".into()),
         };
-        stop_all(&senders, threads);
-        history.stop(Duration::ZERO);
+        running.begin_shutdown();
+        running.join();
         return Err(failed);
     }
-    drop(reserved);
-    tracing::info!(%addr, ?tls_addr, shards, ?cpus, "accepting WebSocket connections");
-    if let Some(a) = admin_addr {
-        tracing::info!(admin = %a, "admin port (API, /metrics, dashboard) listening");
-    }
-    Ok(ServerHandle {
-        addr,
-        tls_addr,
-        admin_addr,
-        shared,
-        flush_deadline: Duration::from_millis(cfg.history.flush_deadline_ms),
-        history: Some(history),
-        cpus,
-        inboxes: senders,
-        threads,
-        metrics,
-    })
-}
-
-/// Stops the shards started so far (a failed start leaves nothing running).
-fn stop_all(inboxes: &[flume::Sender<MeshMsg>], threads: Vec<glommio::ExecutorJoinHandle<()>>) {
-    for inbox in inboxes {
-        let _ = inbox.send(MeshMsg::Shutdown);
-    }
-    for t in threads {
-        let _ = t.join();
-    }
+    Ok(running)
 }
 
 /// The shard's mesh loop: handles messages until `Shutdown`.
+///
+/// A panic in a mesh handler is not contained: the handler was changing state every user of
+/// this shard shares (the registry, group lists, subscription lists), so the process logs it
+/// and aborts rather than serve wrong presence silently with a half-updated shard. (A panic
+/// while applying one session's op is contained to that session: see `Shard::submit`.)
 async fn run_inbox(shard: &Rc<Shard>, inbox: flume::Receiver<MeshMsg>) {
     loop {
         let Ok(first) = inbox.recv_async().await else {
@@ -365,15 +231,25 @@ async fn run_inbox(shard: &Rc<Shard>, inbox: flume::Receiver<MeshMsg>) {
         let mut next = Some(first);
         let mut handled = 0;
         while let Some(msg) = next.take() {
-            match msg {
-                MeshMsg::Shutdown => return,
-                MeshMsg::Handoff(h) => {
-                    if shard.stopping.get() {
-                        continue; // dropping closes the socket
-                    }
-                    accept::adopt(shard, *h)
+            if matches!(msg, MeshMsg::Shutdown) {
+                return;
+            }
+            if shard.stopping.get() && matches!(msg, MeshMsg::Invoke(_)) {
+                ShardMetrics::inc(&shard.metrics.mesh_received);
+                // Stopping: no new sessions (a hand-off's socket closes when dropped), no
+                // questions answered (the asker's deadline covers it).
+            } else {
+                let kind = msg.kind();
+                let handled_ok =
+                    std::panic::catch_unwind(AssertUnwindSafe(|| shard.handle(msg, now)));
+                if handled_ok.is_err() {
+                    tracing::error!(
+                        shard = shard.ix,
+                        message = kind,
+                        "panic in a mesh handler: shard state may be half-updated; aborting"
+                    );
+                    std::process::abort();
                 }
-                msg => shard.handle(msg, now),
             }
             handled += 1;
             if handled < INBOX_BATCH {
@@ -386,94 +262,26 @@ async fn run_inbox(shard: &Rc<Shard>, inbox: flume::Receiver<MeshMsg>) {
     }
 }
 
-/// The admin port's clocks: shard 0 samples the dashboard's series every second; every shard
-/// rotates its recent latency window every [`LATENCY_WINDOW_TICKS`] seconds.
-async fn admin_ticks(shard: Rc<Shard>) {
-    let mut tick = 0u64;
-    while !shard.stopping.get() {
-        glommio::timer::sleep(Duration::from_secs(1)).await;
-        tick += 1;
-        if tick.is_multiple_of(LATENCY_WINDOW_TICKS) {
-            shard.latency.borrow_mut().rotate();
-        }
-        if shard.ix != 0 {
-            continue;
-        }
-        let mut recent = crate::metrics::latency_histogram();
-        if let Ok(all) = admin::api::ask_all(&shard, AdminReq::Latency).await {
-            for a in all {
-                if let AdminResp::Latency(h) = a {
-                    let _ = recent.add(&*h);
-                }
-            }
-        }
-        let snaps = shard.shared.metrics.iter().map(|m| m.snapshot()).collect();
-        let p = crate::metrics::Percentiles::of(&recent);
-        shard
-            .series
-            .borrow_mut()
-            .sample(now_ms(), snaps, p.p50, p.p99);
-    }
-}
-
-/// Shard 0's history sampler: every `history.sample_interval_s`, the online count and the
-/// largest groups' member counts, map-reduced over the shards, recorded for replay.
-async fn history_samples(shard: Rc<Shard>) {
-    let every = Duration::from_secs(shard.cfg.history.sample_interval_s);
-    let max_groups = shard.cfg.history.max_groups_per_sample;
-    while !shard.stopping.get() {
-        glommio::timer::sleep(every).await;
-        let Ok(all) = admin::api::ask_all(&shard, AdminReq::Counts { max_groups }).await else {
-            continue;
-        };
-        let mut online = 0;
-        let mut groups = Vec::new();
-        for a in all {
-            if let AdminResp::Counts {
-                online: n,
-                groups: g,
-            } = a
-            {
-                online += n;
-                groups.extend(g);
-            }
-        }
-        groups.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        groups.truncate(max_groups);
-        shard
-            .history
-            .record(crate::history::Record::Sample(crate::history::Sample {
-                ts: now_ms(),
-                online,
-                groups,
-            }));
-    }
-}
-
-/// Seconds per recent-latency window.
-const LATENCY_WINDOW_TICKS: u64 = 10;
-
 /// Closes every session with 1001 and waits (up to the deadline) for them to go.
 async fn drain_sessions(shard: &Rc<Shard>) {
     shard.stopping.set(true);
     shard.shared.accepting.fetch_sub(1, Ordering::AcqRel);
-    let conns: Vec<_> = shard.conns.borrow().values().cloned().collect();
-    for c in conns {
+    let deadline_ms = shard.cfg.shutdown_deadline_ms;
+    for s in shard.all_sessions() {
         // Flush what is queued first, within the deadline below.
-        c.close_with(CloseRequest {
+        s.request_close(CloseRequest {
             code: 1001,
             reason: "server shutting down",
-            flush: true,
+            flush_ms: deadline_ms,
         });
     }
-    let deadline = Instant::now() + Duration::from_millis(shard.cfg.shutdown_deadline_ms);
-    while !shard.conns.borrow().is_empty() && Instant::now() < deadline {
+    let deadline = Instant::now() + Duration::from_millis(deadline_ms);
+    while shard.session_count() > 0 && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(5)).await;
     }
     // Sessions that would not close in time end here, so history records their end too (their
     // tasks are dropped with the executor).
-    let left: Vec<_> = shard.conns.borrow().values().cloned().collect();
-    for c in left {
-        crate::edge::conn::end_session(shard, &c);
+    for s in shard.all_sessions() {
+        shard.close_session(&s);
     }
 }

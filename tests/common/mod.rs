@@ -55,7 +55,7 @@ impl TestServer {
         };
         cfg.history.data_dir = data.path().to_owned();
         tweak(&mut cfg);
-        cfg.validate().expect("test config is valid");
+        let cfg = cfg.validate().expect("test config is valid");
         let verifier = Verifier::new(cfg.jwt_secret.as_deref(), &cfg.auth).expect("verifier");
         let handle = presenced::start(cfg, verifier).expect("server starts");
         TestServer {

@@ -1,0 +1,222 @@
+//! Routes of the admin port. Each question to the shards is a closure given to the shard's
+//! `invoke_on`/`map_reduce` ([`ask`]), written here where it is asked.
+//!
+//! - [`auth`]: admin credentials → identity, or 401/403.
+//! - [`ask`]: the map-reduce over shards with the admin deadline (a late shard is named in a 503).
+//! - [`params`]: query parameters and path segments → typed values, or 400.
+//! - [`stats`]: `/api/stats` and `/metrics`.
+//! - [`history`]: the history routes.
+
+pub mod ask;
+pub mod auth;
+pub mod history;
+pub mod params;
+pub mod stats;
+
+use std::rc::Rc;
+
+use serde::Serialize;
+
+use super::http::{Method, Response};
+use super::query::{self, merge_online, session_hex, GroupQuery, Kicked, OnlineRow};
+use crate::auth::Identity;
+use crate::metrics::ShardMetrics;
+use crate::presence::watchers::ShardIx;
+use crate::presence::UserId;
+use crate::shard::{now_ms, shard_of_session, Shard};
+pub use auth::authenticate;
+use params::{page_args, params, parse_online, segment};
+pub use query::encode_cursor;
+pub use stats::stats;
+
+#[derive(Serialize)]
+struct OnlineBody {
+    users: Vec<OnlineRow>,
+    total: u64,
+    next_cursor: Option<String>,
+}
+
+/// Answers one request. `bearer`: the credential presented (header, or the feed's auth).
+pub async fn route(
+    shard: &Rc<Shard>,
+    method: Method,
+    path: &str,
+    query: &str,
+    bearer: Option<&str>,
+) -> Response {
+    ShardMetrics::inc(&shard.metrics().admin_requests);
+    let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let read = matches!(method, Method::Get | Method::Head);
+    let open_metrics = !shard.cfg().admin.protect_metrics;
+    match segs.as_slice() {
+        ["healthz"] | ["readyz"] | ["metrics"] => {
+            if !read {
+                return Response::error(405, "use GET");
+            }
+            if !open_metrics {
+                if let Err(e) = authenticate(shard, bearer) {
+                    return e;
+                }
+            }
+            match segs[0] {
+                "healthz" => Response::json(200, &serde_json::json!({"ok": true})),
+                "readyz" => {
+                    let shared = shard.shared();
+                    let ready = shared.ready();
+                    let body = serde_json::json!({
+                        "ready": ready,
+                        "shards": shared.shards(),
+                        "accepting": shared.accepting.load(std::sync::atomic::Ordering::Acquire),
+                    });
+                    Response::json(if ready { 200 } else { 503 }, &body)
+                }
+                _ => stats::metrics(shard).await.unwrap_or_else(|e| e),
+            }
+        }
+        ["api", rest @ ..] => {
+            let admin = match authenticate(shard, bearer) {
+                Ok(a) => a,
+                Err(e) => return e,
+            };
+            api(shard, method, rest, query, admin)
+                .await
+                .unwrap_or_else(|e| e)
+        }
+        _ if read => match super::assets::get(path) {
+            Some(r) => r,
+            None => Response::error(404, "not found"),
+        },
+        _ => Response::error(404, "not found"),
+    }
+}
+
+async fn api(
+    shard: &Rc<Shard>,
+    method: Method,
+    segs: &[&str],
+    query: &str,
+    admin: Identity,
+) -> Result<Response, Response> {
+    let read = matches!(method, Method::Get | Method::Head);
+    // 405 unless the method is right.
+    let need = |ok: bool, which: &str| {
+        if ok {
+            Ok(())
+        } else {
+            Err(Response::error(405, &format!("use {which}")))
+        }
+    };
+    if history::is_route(segs) {
+        return history::route(shard, read, segs, query).await;
+    }
+    Ok(match segs {
+        ["stats"] => {
+            need(read, "GET")?;
+            params(query, &[])?;
+            Response::json(200, &stats(shard).await?)
+        }
+        ["online"] => {
+            need(read, "GET")?;
+            let q = parse_online(query, shard.cfg().admin.max_page)?;
+            let limit = q.limit;
+            let pages = ask::all_async(shard, move |s| query::online_page_chunked(s, q)).await?;
+            let (users, total, next) = merge_online(pages, limit);
+            Response::json(
+                200,
+                &OnlineBody {
+                    users,
+                    total,
+                    next_cursor: next.map(|u| encode_cursor(&u)),
+                },
+            )
+        }
+        ["users", id] => {
+            need(read, "GET")?;
+            let Some(user) = segment(id) else {
+                return Err(Response::error(400, "bad user id"));
+            };
+            params(query, &[])?;
+            let owner = shard.owner(&user);
+            let detail = ask::on(shard, owner, move |s| {
+                query::user_detail(s, &user, now_ms())
+            })
+            .await?;
+            match detail {
+                Some(d) => Response::json(200, &d),
+                None => Response::error(404, "unknown user"),
+            }
+        }
+        ["users", id, "kick"] => {
+            need(method == Method::Post, "POST")?;
+            let Some(user) = segment(id) else {
+                return Err(Response::error(400, "bad user id"));
+            };
+            let owner = shard.owner(&user);
+            let user: UserId = user.into();
+            match ask::on(shard, owner, move |s| query::kick_user(s, &user, &admin)).await? {
+                k if k.kicked > 0 => Response::json(200, &k),
+                _ => Response::error(404, "the user has no session"),
+            }
+        }
+        ["sessions", id, "kick"] => {
+            need(method == Method::Post, "POST")?;
+            let Some(session) = segment(id).and_then(|s| u64::from_str_radix(&s, 16).ok()) else {
+                return Err(Response::error(
+                    400,
+                    "a session id is the hex `session` of welcome",
+                ));
+            };
+            let owner = shard_of_session(session);
+            if usize::from(owner) >= shard.shards() {
+                return Err(Response::error(404, "unknown session"));
+            }
+            let kicked = ask::on(shard, owner, move |s| {
+                query::kick_session(s, session, &admin)
+            })
+            .await?;
+            match kicked {
+                Kicked {
+                    user: Some(user),
+                    kicked,
+                } => {
+                    #[derive(Serialize)]
+                    struct Body {
+                        session: String,
+                        user: UserId,
+                        kicked: usize,
+                    }
+                    let session = session_hex(session);
+                    Response::json(
+                        200,
+                        &Body {
+                            session,
+                            user,
+                            kicked,
+                        },
+                    )
+                }
+                _ => Response::error(404, "unknown session"),
+            }
+        }
+        ["groups", g] => {
+            need(read, "GET")?;
+            let Some(group) = segment(g) else {
+                return Err(Response::error(400, "bad group id"));
+            };
+            let p = params(query, &["limit", "cursor"])?;
+            let max = shard.cfg().admin.max_page.max(1000);
+            let (limit, after) = page_args(&p, 1000, max)?;
+            let owner: ShardIx = shard.owner(&group);
+            let q = GroupQuery {
+                group: group.as_str().into(),
+                after,
+                limit,
+            };
+            match ask::on(shard, owner, move |s| query::group_page(&s.groups(), &q)).await? {
+                Some(page) => Response::json(200, &page),
+                None => Response::error(404, "unknown group: no visible member, no subscriber"),
+            }
+        }
+        _ => Response::error(404, "not found"),
+    })
+}

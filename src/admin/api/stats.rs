@@ -1,0 +1,163 @@
+//! `/api/stats` and `/metrics`: counters read directly (any thread may read the shards'
+//! atomics), latency histograms map-reduced from the shards.
+
+use serde::Serialize;
+
+use super::ask;
+use crate::admin::http::Response;
+use crate::admin::query::{shard_stats, ShardStats};
+use crate::admin::series::Sample;
+use crate::admin::AdminLocal;
+use crate::metrics::{latency_histogram, MetricsSnapshot, Percentiles};
+use crate::shard::Shard;
+
+#[derive(Serialize, Default)]
+pub struct Totals {
+    pub connections: u64,
+    pub online_users: u64,
+    pub sessions: u64,
+    pub handshakes_ok: u64,
+    pub deliveries: u64,
+    pub coalesced: u64,
+    pub ops: u64,
+    pub rate_limited: u64,
+    pub mesh_sent: u64,
+    pub mesh_received: u64,
+    pub mesh_dropped: u64,
+    pub kicks: u64,
+}
+
+#[derive(Serialize, Default)]
+pub struct Rates {
+    pub handshakes_per_s: f64,
+    pub deliveries_per_s: f64,
+    pub ops_per_s: f64,
+}
+
+#[derive(Serialize)]
+pub struct ShardRow {
+    pub shard: usize,
+    pub cpu: Option<usize>,
+    pub users: u64,
+    pub connections: u64,
+    pub sessions: usize,
+    pub mesh_in: u64,
+    pub mesh_out: u64,
+    pub deliveries: u64,
+    pub deliveries_per_s: f64,
+}
+
+#[derive(Serialize)]
+pub struct StatsBody {
+    pub version: &'static str,
+    pub started_ms: u64,
+    pub uptime_s: u64,
+    pub shards: usize,
+    pub totals: Totals,
+    pub rates: Rates,
+    /// Since start.
+    pub latency_us: Percentiles,
+    /// The last 10 to 20 seconds.
+    pub latency_recent_us: Percentiles,
+    pub per_shard: Vec<ShardRow>,
+    /// The latest point of the dashboard's series.
+    pub sample: Sample,
+}
+
+/// `/api/stats`.
+pub async fn stats(shard: &Shard) -> Result<StatsBody, Response> {
+    let answers: Vec<ShardStats> = ask::all(shard, |s| shard_stats(s)).await?;
+    let shared = shard.shared();
+    let snaps = shared.snapshots();
+    let sum = MetricsSnapshot::sum(&snaps);
+    let mut total_h = latency_histogram();
+    let mut recent_h = latency_histogram();
+    let mut sample = Sample::default();
+    let mut shard_rates = Vec::new();
+    for s in &answers {
+        let _ = total_h.add(&s.latency_total);
+        let _ = recent_h.add(&s.latency_recent);
+        if let Some((latest, rates)) = &s.sample {
+            sample = *latest;
+            shard_rates.clone_from(rates);
+        }
+    }
+    let per_shard = snaps
+        .iter()
+        .zip(&answers)
+        .enumerate()
+        .map(|(i, (m, s))| ShardRow {
+            shard: i,
+            cpu: shared.cpus.get(i).copied().flatten(),
+            users: m.online_users,
+            connections: m.connections,
+            sessions: s.sessions,
+            mesh_in: m.mesh_received,
+            mesh_out: m.mesh_sent,
+            deliveries: m.deliveries,
+            deliveries_per_s: shard_rates.get(i).copied().unwrap_or(0.0),
+        })
+        .collect();
+    Ok(StatsBody {
+        version: crate::admin::VERSION,
+        started_ms: shared.started_ms,
+        uptime_s: shared.started.elapsed().as_secs(),
+        shards: shared.shards(),
+        totals: Totals {
+            connections: sum.connections,
+            online_users: sum.online_users,
+            sessions: answers.iter().map(|s| s.sessions as u64).sum(),
+            handshakes_ok: sum.handshakes_ok,
+            deliveries: sum.deliveries,
+            coalesced: sum.coalesced,
+            ops: sum.ops,
+            rate_limited: sum.ops_rate_limited + sum.handshakes_rate_limited,
+            mesh_sent: sum.mesh_sent,
+            mesh_received: sum.mesh_received,
+            mesh_dropped: sum.mesh_dropped,
+            kicks: sum.kicks,
+        },
+        rates: Rates {
+            handshakes_per_s: sample.handshakes_per_s,
+            deliveries_per_s: sample.deliveries_per_s,
+            ops_per_s: sample.ops_per_s,
+        },
+        latency_us: Percentiles::of(&total_h),
+        latency_recent_us: Percentiles::of(&recent_h),
+        per_shard,
+        sample,
+    })
+}
+
+/// `/metrics`. Counters need no shard's answer; the latency histograms come from the shards
+/// that answer in time (`presenced_scrape_shards_answered` says how many).
+pub async fn metrics(shard: &Shard) -> Result<Response, Response> {
+    let (answers, answered) = ask::all_partial(shard, |s| shard_stats(s)).await;
+    let mut fanout = latency_histogram();
+    let mut handshakes = latency_histogram();
+    for (_, s) in &answers {
+        let _ = fanout.add(&s.latency_total);
+        let _ = handshakes.add(&s.handshake_total);
+    }
+    let shared = shard.shared();
+    let snaps = shared.snapshots();
+    let pairs: Vec<Vec<u64>> = shared.mesh_pairs.iter().map(|p| p.snapshot()).collect();
+    let history = &AdminLocal::of(shard).history;
+    let text = crate::admin::prom::render(&crate::admin::prom::Scrape {
+        version: crate::admin::VERSION,
+        uptime_s: shared.started.elapsed().as_secs_f64(),
+        shards: &snaps,
+        mesh_pairs: &pairs,
+        fanout: &fanout,
+        handshakes: &handshakes,
+        answered: answered.asked - answered.missing.len(),
+        history: history.enabled().then(|| {
+            crate::admin::prom::HistoryScrape::of(history, shard.cfg().history.queue_capacity)
+        }),
+    });
+    Ok(Response::text(
+        200,
+        "text/plain; version=0.0.4; charset=utf-8",
+        text.into_bytes(),
+    ))
+}

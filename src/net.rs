@@ -1,0 +1,106 @@
+//! Socket plumbing shared by the listeners (the WebSocket edge and the admin port): binding
+//! SO_REUSEPORT listeners, reserving a port for the shards, the accept loop's next connection,
+//! and the panic guard every connection task runs under.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use glommio::net::{TcpListener, TcpStream};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::metrics::ShardMetrics;
+
+/// Listen backlog per shard.
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// Binds a listener socket a shard accepts on (SO_REUSEPORT: every shard binds the same
+/// address and the kernel spreads connections over them).
+pub fn bind(addr: SocketAddr, listen: bool) -> std::io::Result<Socket> {
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    sock.set_reuse_port(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    if listen {
+        sock.listen(LISTEN_BACKLOG)?;
+    }
+    Ok(sock)
+}
+
+/// A listening glommio socket for this shard.
+pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    let sock = bind(addr, true)?;
+    // SAFETY: a freshly bound, listening socket whose ownership moves into the listener.
+    Ok(unsafe { TcpListener::from_raw_fd(sock.into_raw_fd()) })
+}
+
+/// Reserves `want` for the shards: refuses a port another process holds (SO_REUSEPORT would
+/// otherwise let a second instance share it silently and split the users between two servers),
+/// then binds it without listening — port 0 becomes a real port that every shard can bind, and a
+/// non-listening socket receives no connections. Drop it once all shards listen.
+pub fn reserve_port(want: SocketAddr) -> std::io::Result<(Socket, SocketAddr)> {
+    if want.port() != 0 {
+        let probe = Socket::new(Domain::for_address(want), Type::STREAM, None)?;
+        probe.set_reuse_address(true)?;
+        probe.bind(&want.into())?;
+    }
+    let reserve = bind(want, false)?;
+    let addr = reserve
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .unwrap_or(want);
+    Ok((reserve, addr))
+}
+
+/// The next accepted connection, or `None` once `stop` fires. Accept errors (EMFILE and
+/// friends) are logged and followed by a short pause instead of a spin.
+pub async fn next_connection(
+    listener: &TcpListener,
+    stop: &glommio::channels::local_channel::LocalReceiver<()>,
+) -> Option<TcpStream> {
+    loop {
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            stop.recv().await;
+            None
+        })
+        .await;
+        match accepted? {
+            Ok(stream) => return Some(stream),
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+/// Runs a connection-scoped task so that a panic in it ends that task only: a panic in a
+/// detached glommio task would otherwise take the whole shard's executor down. Whatever the
+/// task owned is dropped (a WebSocket connection's drop guard closes its session). Counted in
+/// `conn_panics`.
+pub async fn guarded(metrics: Arc<ShardMetrics>, task: impl Future<Output = ()>) {
+    use futures_lite::FutureExt;
+    if std::panic::AssertUnwindSafe(task)
+        .catch_unwind()
+        .await
+        .is_err()
+    {
+        ShardMetrics::inc(&metrics.conn_panics);
+        tracing::error!(
+            "a connection task panicked; that connection was dropped, the shard goes on"
+        );
+    }
+}
+
+/// A stop signal for an accept loop: fire it with `try_send(())`.
+pub fn stop_channel() -> (
+    glommio::channels::local_channel::LocalSender<()>,
+    std::rc::Rc<glommio::channels::local_channel::LocalReceiver<()>>,
+) {
+    let (tx, rx) = glommio::channels::local_channel::new_bounded(1);
+    (tx, std::rc::Rc::new(rx))
+}

@@ -1,0 +1,247 @@
+//! Wiring: the one place that knows every part. Starts the history pipeline, the shards, and on
+//! every shard the WebSocket edge, the admin port and history's tap; returns a handle to stop
+//! it all. Tests call [`start`] with port 0 and get a real server in one line.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::auth::Verifier;
+use crate::config::ValidConfig;
+use crate::history::{EventKind, History, HistoryEvent, Record, Sample, Sink};
+use crate::metrics::MetricsSnapshot;
+use crate::shard::runtime::{self, plan_cpus, Init, Shards, Shared, Stop};
+use crate::shard::tap::Tap;
+use crate::shard::{now_ms, Shard};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Tls(String),
+    #[error("{0}")]
+    Placement(String),
+    #[error("{0}")]
+    History(String),
+    #[error("shard {shard} failed to start: {why}")]
+    Shard { shard: usize, why: String },
+}
+
+/// A running server: its addresses, and a way to stop it.
+pub struct ServerHandle {
+    /// The `listen` address (TLS when `[tls]` is set without `tls.listen`).
+    pub addr: SocketAddr,
+    /// The TLS listener's address, when TLS is on.
+    pub tls_addr: Option<SocketAddr>,
+    /// The admin port's address, when it is enabled.
+    pub admin_addr: Option<SocketAddr>,
+    /// CPU of each shard (None = unpinned).
+    pub cpus: Vec<Option<usize>>,
+    shards: Shards,
+    history: Option<History>,
+    flush_deadline: Duration,
+}
+
+impl ServerHandle {
+    pub fn shards(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// Per-shard counters, read from another thread.
+    pub fn metrics(&self) -> Vec<MetricsSnapshot> {
+        self.shards.shared.snapshots()
+    }
+
+    pub fn metrics_total(&self) -> MetricsSnapshot {
+        MetricsSnapshot::sum(&self.metrics())
+    }
+
+    /// History's counters (queue depth through the admin port).
+    pub fn history_metrics(&self) -> Option<&crate::history::HistoryMetrics> {
+        self.history.as_ref().map(|h| &*h.sink.metrics)
+    }
+
+    /// Asks every shard to stop: no new connections, sessions closed with 1001.
+    pub fn begin_shutdown(&self) {
+        self.shards.begin_shutdown();
+    }
+
+    /// Waits for every shard thread to finish, then flushes history (within
+    /// `history.flush_deadline_ms`).
+    pub fn join(mut self) {
+        self.shards.join();
+        if let Some(h) = self.history.take() {
+            h.stop(self.flush_deadline);
+        }
+    }
+
+    pub fn shutdown(self) {
+        self.begin_shutdown();
+        self.join();
+    }
+}
+
+/// Starts the server and returns once every shard is accepting.
+pub fn start(cfg: ValidConfig, verifier: Verifier) -> Result<ServerHandle, StartError> {
+    let shards = cfg.shard_count();
+    let cpus = plan_cpus(&cfg, shards).map_err(StartError::Placement)?;
+    let secure = crate::edge::tls::load(&cfg.tls).map_err(|e| StartError::Tls(e.0))?;
+    // What listens where: plain on `listen`, TLS on `tls.listen`; with TLS but no `tls.listen`,
+    // `listen` itself speaks TLS.
+    let mut wanted: Vec<(SocketAddr, Option<Arc<rustls::ServerConfig>>)> = Vec::new();
+    match (&secure, cfg.tls.listen) {
+        (None, _) => wanted.push((cfg.listen, None)),
+        (Some(tls), None) => wanted.push((cfg.listen, Some(tls.clone()))),
+        (Some(tls), Some(tls_addr)) => {
+            wanted.push((cfg.listen, None));
+            wanted.push((tls_addr, Some(tls.clone())));
+        }
+    }
+    let reserve = |want: SocketAddr| {
+        crate::net::reserve_port(want).map_err(|source| StartError::Listen { addr: want, source })
+    };
+    let mut reserved = Vec::new();
+    let mut listeners = Vec::new();
+    for (want, tls) in wanted {
+        let (sock, addr) = reserve(want)?;
+        reserved.push(sock);
+        listeners.push((addr, tls));
+    }
+    let addr = listeners[0].0;
+    let tls_addr = listeners.iter().find(|l| l.1.is_some()).map(|l| l.0);
+    let admin_addr = if cfg.admin.enabled {
+        let (sock, admin_addr) = reserve(cfg.admin.listen)?;
+        reserved.push(sock);
+        Some(admin_addr)
+    } else {
+        None
+    };
+    let admin_tls = if cfg.admin.tls { secure.clone() } else { None };
+
+    let history = History::start(&cfg.history).map_err(StartError::History)?;
+    let shared = Arc::new(Shared::new(cpus.clone()));
+    let sink = history.sink.clone();
+    let init: Init = Arc::new(move |shard: &Rc<Shard>| {
+        let mut stops: Vec<Stop> = crate::edge::Edge::new(shard.clone()).listen(&listeners)?;
+        if let Some(admin) = admin_addr {
+            stops.extend(crate::admin::install(
+                shard,
+                admin,
+                admin_tls.clone(),
+                sink.clone(),
+            )?);
+        }
+        if sink.enabled() {
+            install_history(shard, sink.clone());
+        }
+        Ok(stops)
+    });
+    let running = match runtime::spawn(cfg.clone(), Arc::new(verifier), shared, init) {
+        Ok(r) => r,
+        Err((shard, why)) => {
+            history.stop(Duration::ZERO);
+            return Err(StartError::Shard { shard, why });
+        }
+    };
+    drop(reserved);
+    tracing::info!(%addr, ?tls_addr, shards, ?cpus, "accepting WebSocket connections");
+    if let Some(a) = admin_addr {
+        tracing::info!(admin = %a, "admin port (API, /metrics, dashboard) listening");
+    }
+    Ok(ServerHandle {
+        addr,
+        tls_addr,
+        admin_addr,
+        cpus,
+        shards: running,
+        flush_deadline: Duration::from_millis(cfg.history.flush_deadline_ms),
+        history: Some(history),
+    })
+}
+
+/// History on one shard: a tap that turns sessions and changes into history events (queued,
+/// never waited for), and on shard 0 the sampler of online counts.
+fn install_history(shard: &Rc<Shard>, sink: Sink) {
+    let events = sink.clone();
+    shard.add_tap(Box::new(move |t: &Tap<'_>| events.event(history_event(t))));
+    if shard.ix() == 0 {
+        glommio::spawn_local(sample_online(shard.clone(), sink)).detach();
+    }
+}
+
+/// The history record of a tapped event.
+fn history_event(t: &Tap<'_>) -> HistoryEvent {
+    match t {
+        Tap::SessionStart {
+            user,
+            session,
+            info,
+            now,
+        }
+        | Tap::SessionEnd {
+            user,
+            session,
+            info,
+            now,
+        } => {
+            let kind = if matches!(t, Tap::SessionStart { .. }) {
+                EventKind::SessionStart
+            } else {
+                EventKind::SessionEnd
+            };
+            let mut e = HistoryEvent::new(*now, (*user).clone(), kind);
+            e.session = *session;
+            e.started_at = info.connected_at_ms;
+            e.device = info.device.clone();
+            e.device_type = Some(info.device_type);
+            e.region = info.region.clone();
+            e.groups = info.groups.clone();
+            e
+        }
+        Tap::Change(state) => {
+            let mut e = HistoryEvent::new(state.ts, state.user.clone(), EventKind::Status);
+            e.status = Some(state.status);
+            e.text = state.text.clone();
+            e.devices = Some(state.devices);
+            e.seq = state.seq;
+            e
+        }
+    }
+}
+
+/// Shard 0's history sampler: every `history.sample_interval_s`, the online count and the
+/// largest groups' member counts, map-reduced over the shards, recorded for replay.
+async fn sample_online(shard: Rc<Shard>, sink: Sink) {
+    let every = Duration::from_secs(shard.cfg().history.sample_interval_s);
+    let max_groups = shard.cfg().history.max_groups_per_sample;
+    let deadline = Duration::from_millis(shard.cfg().admin.query_timeout_ms);
+    while !shard.stopping() {
+        glommio::timer::sleep(every).await;
+        let ((online, mut groups), answered) = shard
+            .map_reduce(
+                deadline,
+                move |s: &Rc<Shard>| crate::admin::query::counts(s, max_groups),
+                (0u64, Vec::new()),
+                |(online, mut groups), _, (n, g)| {
+                    groups.extend(g);
+                    (online + n, groups)
+                },
+            )
+            .await;
+        if !answered.complete() {
+            continue; // a partial count would read as a drop in the replay
+        }
+        groups.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        groups.truncate(max_groups);
+        sink.record(Record::Sample(Sample {
+            ts: now_ms(),
+            online,
+            groups,
+        }));
+    }
+}

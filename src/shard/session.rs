@@ -1,0 +1,488 @@
+//! The session layer: a session's life on its owner shard, with no socket in it.
+//!
+//! - [`Shard::open_session`] admits a connection (or says why not: [`Refusal`]) and registers
+//!   it: registry, expiry, history/dashboard taps, the `welcome` reply.
+//! - [`Shard::submit`] takes one decoded client message: the op budget, then [`Shard::apply`],
+//!   which is the op's whole meaning. A panic inside is contained to the session (see
+//!   [`Shard::submit`]).
+//! - [`Shard::close_session`] ends it: subscriptions dropped, registry told, taps told.
+//!   Idempotent, and called by the driver's drop guard too, so a session can never outlive its
+//!   connection task.
+//!
+//! A refused connection never gets a [`Session`], so it cannot apply anything: there is no
+//! half-admitted state to guard against.
+
+use std::cell::{Cell, RefCell};
+use std::net::IpAddr;
+use std::num::NonZeroU64;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::Waker;
+
+use bytes::Bytes;
+
+use super::budget::Budget;
+use super::outbox::{Key, Outbox, Queued};
+use super::subs::SubSet;
+use super::tap::Tap;
+use super::{now_ms, Shard};
+use crate::config::SessionPolicy;
+use crate::metrics::ShardMetrics;
+use crate::presence::{DeviceType, GroupId, SessionId, SessionInfo, Status, UserId};
+use crate::protocol::ops::ErrorCode;
+use crate::protocol::{events, RequestId};
+
+/// Whether a subscription has received its snapshot yet. Live updates reach a session only once
+/// its snapshot has, so a client always sees the snapshot first. `Pending` carries the attempt's
+/// generation: only the snapshot answering this very attempt makes it live. (`NonZeroU64`: the
+/// enum packs into 8 bytes; it sits in every subscription.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SubState {
+    Pending(NonZeroU64),
+    Live,
+}
+
+/// A request to close: the code, a short reason, and how long the queued replies and events
+/// may take to be written first (0: close at once).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CloseRequest {
+    pub code: u16,
+    pub reason: &'static str,
+    pub flush_ms: u64,
+}
+
+impl CloseRequest {
+    /// Close at once (kick, protocol violation, eviction).
+    pub const fn now(code: u16, reason: &'static str) -> CloseRequest {
+        CloseRequest {
+            code,
+            reason,
+            flush_ms: 0,
+        }
+    }
+}
+
+/// Close code of a kicked session.
+pub const KICK_CODE: u16 = 4003;
+pub const KICK_REASON: &str = "kicked by admin";
+
+/// What the edge learned about a connection before its upgrade: who, from where, on what.
+#[derive(Debug, Clone)]
+pub struct Admission {
+    pub user: UserId,
+    /// Token expiry, seconds since the epoch.
+    pub expires_at: u64,
+    pub device: Option<Arc<str>>,
+    pub device_type: DeviceType,
+    pub region: Option<Arc<str>>,
+    pub groups: Vec<String>,
+    pub roles: Vec<String>,
+    pub ip: IpAddr,
+    /// `Some(admin)`: a read-only impersonation of `user` by this admin (`/ws?as=`).
+    pub observer: Option<Arc<str>>,
+}
+
+/// Why the owner shard will not open a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Answer the upgrade with this HTTP status instead (503: full, stopping, overloaded).
+    Http(u16, &'static str),
+    /// Complete the upgrade, then close with this code (4009: too many sessions).
+    Close(u16, &'static str),
+}
+
+/// One session: the part of a connection the shard owns. The socket driver holds it and
+/// moves bytes; everything it means lives here and in [`Shard`].
+pub struct Session {
+    pub(super) id: SessionId,
+    pub(super) user: UserId,
+    /// The admin behind a read-only impersonation; `None` for a device session.
+    pub(super) observer: Option<Arc<str>>,
+    pub(super) outbox: RefCell<Outbox>,
+    waker: RefCell<Option<Waker>>,
+    /// Set to close the connection at the next poll; the first request wins.
+    close: Cell<Option<CloseRequest>>,
+    /// Set once `close_session` ran.
+    pub(super) closed: Cell<bool>,
+    pub(super) watching: RefCell<SubSet<SubState>>,
+    pub(super) watching_groups: RefCell<SubSet<SubState>>,
+    /// Token expiry (seconds since epoch); moved by `refresh`.
+    pub(super) expires_at: Cell<u64>,
+    /// The session's own status (for `activity` from invisible sessions).
+    pub(super) status: Cell<Status>,
+    /// When bytes last arrived from the client (ms since epoch), for liveness.
+    last_rx_ms: Cell<u64>,
+    pub(super) budget: RefCell<Budget>,
+    /// Generation of the next subscription attempt.
+    gens: Cell<u64>,
+    /// Set by the heartbeat sweep: send a ping at the next poll (no queued frame needed).
+    ping_due: Cell<bool>,
+    /// Set by the heartbeat sweep: if still idle at the next poll, give buffers back.
+    trim_due: Cell<bool>,
+    metrics: Arc<ShardMetrics>,
+}
+
+impl Session {
+    pub fn id(&self) -> SessionId {
+        self.id
+    }
+
+    pub fn user(&self) -> &UserId {
+        &self.user
+    }
+
+    /// The admin of a read-only impersonation.
+    pub fn observer(&self) -> Option<&Arc<str>> {
+        self.observer.as_ref()
+    }
+
+    /// Queues an event (coalescing by key when behind) and wakes the connection.
+    pub(super) fn push_event(&self, key: Key, frame: Bytes) {
+        match self.outbox.borrow_mut().push_event(key, frame) {
+            Queued::New => ShardMetrics::inc(&self.metrics.outbox_pending),
+            Queued::Coalesced => ShardMetrics::inc(&self.metrics.coalesced),
+            Queued::Dropped => ShardMetrics::inc(&self.metrics.outbox_dropped),
+        }
+        self.wake();
+    }
+
+    /// Queues a reply. A client that sends ops but never reads the answers is closed (4008).
+    pub fn push_reply(&self, frame: Bytes) {
+        if self.outbox.borrow_mut().push_reply(frame).is_err() {
+            ShardMetrics::inc(&self.metrics.protocol_closes);
+            self.request_close(CloseRequest::now(4008, "replies not read"));
+        } else {
+            ShardMetrics::inc(&self.metrics.outbox_pending);
+        }
+        self.wake();
+    }
+
+    /// An `error` reply.
+    pub fn reply_error(&self, id: Option<&RequestId>, code: ErrorCode, msg: &str) {
+        ShardMetrics::inc(&self.metrics.op_errors);
+        self.push_reply(events::error(id, code, msg));
+    }
+
+    pub(super) fn cancel(&self, key: &Key) {
+        let n = self.outbox.borrow_mut().cancel(key);
+        ShardMetrics::sub(&self.metrics.outbox_pending, n as u64);
+    }
+
+    pub(super) fn cancel_where(&self, matches: impl FnMut(&Key) -> bool) {
+        let n = self.outbox.borrow_mut().cancel_where(matches);
+        ShardMetrics::sub(&self.metrics.outbox_pending, n as u64);
+    }
+
+    pub(super) fn next_gen(&self) -> NonZeroU64 {
+        let g = self.gens.get() + 1;
+        self.gens.set(g);
+        NonZeroU64::new(g).expect("starts at 1 and only grows")
+    }
+
+    /// Asks the connection to close; the first request wins. Once asked, the session applies
+    /// no more ops.
+    pub fn request_close(&self, req: CloseRequest) {
+        if self.close.get().is_none() {
+            self.close.set(Some(req));
+        }
+        self.wake();
+    }
+
+    /// The close asked for, if any.
+    pub fn close_request(&self) -> Option<CloseRequest> {
+        self.close.get()
+    }
+
+    /// Whether a close has been requested (the connection is on its way out).
+    pub fn closing(&self) -> bool {
+        self.close.get().is_some()
+    }
+
+    /// The heartbeat: ping at the next poll, and give idle buffers back.
+    pub(super) fn heartbeat(&self) {
+        self.ping_due.set(true);
+        self.trim_due.set(true);
+        self.outbox.borrow_mut().release_if_idle();
+        self.wake();
+    }
+
+    /// Frames waiting to be written.
+    pub fn backlog(&self) -> usize {
+        self.outbox.borrow().len()
+    }
+
+    // --- What the socket driver calls. ---
+
+    /// The driver's waker, woken whenever there is something to write or a close to send.
+    pub fn register_waker(&self, waker: &Waker) {
+        let mut slot = self.waker.borrow_mut();
+        if !slot.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            *slot = Some(waker.clone());
+        }
+    }
+
+    /// Bytes arrived from the client (liveness).
+    pub fn touch(&self, now_ms: u64) {
+        self.last_rx_ms.set(now_ms);
+    }
+
+    pub fn last_rx_ms(&self) -> u64 {
+        self.last_rx_ms.get()
+    }
+
+    /// A heartbeat ping is due (once).
+    pub fn take_ping_due(&self) -> bool {
+        self.ping_due.take()
+    }
+
+    /// The heartbeat found the session idle: buffers may be given back (once).
+    pub fn take_trim_due(&self) -> bool {
+        self.trim_due.take()
+    }
+
+    /// Whether the socket is keeping up: only a session that is behind has its events merged.
+    pub fn set_behind(&self, behind: bool) {
+        self.outbox.borrow_mut().set_behind(behind);
+    }
+
+    /// Moves queued frames into `out` until it holds `max` bytes. Returns the frames moved and
+    /// how many of them were events (deliveries).
+    pub fn fill(&self, out: &mut Vec<u8>, max: usize) -> (u64, u64) {
+        let mut outbox = self.outbox.borrow_mut();
+        let (mut popped, mut delivered) = (0, 0);
+        while out.len() < max {
+            let Some((frame, event)) = outbox.pop() else {
+                break;
+            };
+            out.extend_from_slice(&frame);
+            delivered += u64::from(event);
+            popped += 1;
+        }
+        ShardMetrics::sub(&self.metrics.outbox_pending, popped);
+        ShardMetrics::add(&self.metrics.deliveries, delivered);
+        (popped, delivered)
+    }
+
+    fn wake(&self) {
+        if let Some(w) = self.waker.borrow().as_ref() {
+            w.wake_by_ref();
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        ShardMetrics::sub(
+            &self.metrics.outbox_pending,
+            self.outbox.get_mut().len() as u64,
+        );
+    }
+}
+
+/// The claim's ids as a shared slice; the common empty case reuses one per-shard allocation.
+fn shared_or_new(ids: &[String], empty: &Arc<[Arc<str>]>) -> Arc<[Arc<str>]> {
+    if ids.is_empty() {
+        empty.clone()
+    } else {
+        ids.iter().map(|g| Arc::from(g.as_str())).collect()
+    }
+}
+
+impl Shard {
+    /// Admits a connection and opens its session, or says why not. On success the `welcome`
+    /// is queued and the user's watchers have been told.
+    pub fn open_session(self: &Rc<Self>, a: Admission) -> Result<Rc<Session>, Refusal> {
+        if self.stopping.get() {
+            return Err(Refusal::Http(503, "server shutting down"));
+        }
+        if self.sessions.borrow().len() >= self.cfg.limits.max_connections_per_shard {
+            return Err(Refusal::Http(503, "server full"));
+        }
+        if a.observer.is_none() && !self.apply_session_limit(&a.user) {
+            return Err(Refusal::Close(4009, "too many sessions for this user"));
+        }
+        let now = now_ms();
+        let id = self.next_session_id();
+        let limits = &self.cfg.limits;
+        let session = Rc::new(Session {
+            id,
+            user: a.user.clone(),
+            observer: a.observer.clone(),
+            outbox: RefCell::new(Outbox::new(
+                limits.max_pending_replies,
+                limits.max_pending_events,
+                limits.coalesce_after_bytes,
+            )),
+            waker: RefCell::new(None),
+            close: Cell::new(None),
+            closed: Cell::new(false),
+            watching: RefCell::new(SubSet::default()),
+            watching_groups: RefCell::new(SubSet::default()),
+            expires_at: Cell::new(a.expires_at),
+            status: Cell::new(Status::Online),
+            last_rx_ms: Cell::new(now),
+            budget: RefCell::new(Budget::new(
+                limits.ops_per_second,
+                self.subscription_burst(),
+                now,
+            )),
+            gens: Cell::new(0),
+            ping_due: Cell::new(false),
+            trim_due: Cell::new(false),
+            metrics: self.metrics.clone(),
+        });
+        let hex = format!("{id:x}");
+        session.push_reply(events::welcome(
+            &hex,
+            &a.user,
+            usize::from(self.ix),
+            self.cpu,
+            self.cfg.heartbeat_ms,
+            a.observer.as_deref(),
+        ));
+        self.sessions.borrow_mut().insert(id, session.clone());
+        self.expiries.borrow_mut().insert((a.expires_at, id));
+        ShardMetrics::inc(&self.metrics.connections);
+        ShardMetrics::inc(&self.metrics.handshakes_ok);
+        if let Some(admin) = &a.observer {
+            self.observers
+                .borrow_mut()
+                .entry_ref(&a.user)
+                .or_default()
+                .push(id);
+            ShardMetrics::inc(&self.metrics.impersonations);
+            tracing::info!(target: "presenced::audit", admin = %admin, user = %a.user,
+                session = %hex, peer = %a.ip, "impersonation started");
+            return Ok(session);
+        }
+        let info = SessionInfo {
+            device: a.device,
+            device_type: a.device_type,
+            region: a.region,
+            groups: shared_or_new(&a.groups, &self.no_groups),
+            roles: shared_or_new(&a.roles, &self.no_groups),
+            ip: a.ip,
+            connected_at_ms: now,
+        };
+        self.tap(&Tap::SessionStart {
+            user: &a.user,
+            session: id,
+            info: &info,
+            now,
+        });
+        let change = self
+            .registry
+            .borrow_mut()
+            .connect(&a.user, id, Status::Online, info, now);
+        if let Some(change) = change {
+            self.publish(change);
+        }
+        tracing::debug!(session = %hex, user = %a.user, peer = %a.ip, "session open");
+        Ok(session)
+    }
+
+    /// `max_sessions_per_user` for a new session of `user`: false to refuse it (reject_new);
+    /// with evict_oldest, asks the oldest sessions to close and admits it.
+    fn apply_session_limit(&self, user: &str) -> bool {
+        let limits = &self.cfg.limits;
+        let max = limits.max_sessions_per_user;
+        let mut ids = self.registry.borrow().session_ids(user);
+        if max == 0 || ids.len() < max {
+            return true;
+        }
+        ShardMetrics::inc(&self.metrics.session_limit_closes);
+        if limits.session_policy == SessionPolicy::RejectNew {
+            return false;
+        }
+        // Ids grow per shard and all of a user's sessions are on this shard: smallest = oldest.
+        ids.sort_unstable();
+        let sessions = self.sessions.borrow();
+        for id in &ids[..=ids.len() - max] {
+            if let Some(s) = sessions.get(id) {
+                s.request_close(CloseRequest::now(
+                    4009,
+                    "session evicted: too many sessions for this user",
+                ));
+            }
+        }
+        true
+    }
+
+    /// Ends a session: subscriptions dropped, registry and taps told. Idempotent.
+    pub fn close_session(&self, session: &Session) {
+        if session.closed.replace(true) {
+            return;
+        }
+        let id = session.id;
+        self.sessions.borrow_mut().remove(&id);
+        self.expiries
+            .borrow_mut()
+            .remove(&(session.expires_at.get(), id));
+        let users: Vec<UserId> = session.watching.borrow().keys().cloned().collect();
+        self.unwatch_users(session, &users);
+        let groups: Vec<GroupId> = session.watching_groups.borrow().keys().cloned().collect();
+        for g in &groups {
+            self.unwatch_group(session, g);
+        }
+        ShardMetrics::sub(&self.metrics.connections, 1);
+        if let Some(admin) = &session.observer {
+            super::remove_sub(&mut self.observers.borrow_mut(), &session.user, id);
+            tracing::info!(target: "presenced::audit", admin = %admin, user = %session.user,
+                session = %format_args!("{id:x}"), "impersonation ended");
+            return;
+        }
+        let now = now_ms();
+        {
+            let registry = self.registry.borrow();
+            if let Some(s) = registry.sessions(&session.user).iter().find(|s| s.id == id) {
+                self.tap(&Tap::SessionEnd {
+                    user: &session.user,
+                    session: id,
+                    info: &s.info,
+                    now,
+                });
+            }
+        }
+        let change = self
+            .registry
+            .borrow_mut()
+            .disconnect(&session.user, id, now);
+        if let Some(change) = change {
+            self.publish(change);
+        }
+        tracing::debug!(session = %format_args!("{id:x}"), user = %session.user, "session closed");
+    }
+
+    /// After a panic while applying one of `session`'s ops. The op may have stopped half-way
+    /// through a change to shared state, so instead of trusting it:
+    /// - the session is closed (1011) and forgotten everywhere its id could be (subscription
+    ///   lists, observers, expiries): O(subscriptions on this shard);
+    /// - its user's registry entry is rebuilt from its sessions and the shard's counters are
+    ///   recounted: O(users on this shard);
+    /// - the user's rebuilt state is published with a new `seq` to every watcher, so a
+    ///   fan-out the panic cut short is completed.
+    ///
+    /// What it costs is documented in docs/ARCHITECTURE.md ("What a panic costs").
+    pub(super) fn repair_after_panic(&self, session: &Session) {
+        ShardMetrics::inc(&self.metrics.conn_panics);
+        tracing::error!(session = %format_args!("{:x}", session.id), user = %session.user,
+            "panic while applying an op: closing the session and rebuilding the state it touched");
+        session.request_close(CloseRequest::now(1011, "internal error"));
+        self.close_session(session);
+        let id = session.id;
+        for subs in [&self.user_subs, &self.group_subs, &self.observers] {
+            subs.borrow_mut().retain(|_, list| {
+                list.retain(|s| *s != id);
+                !list.is_empty()
+            });
+        }
+        self.expiries.borrow_mut().retain(|(_, s)| *s != id);
+        let change = self
+            .registry
+            .borrow_mut()
+            .rebuild(&session.user, id, now_ms());
+        if let Some(change) = change {
+            self.publish(change);
+        }
+    }
+}

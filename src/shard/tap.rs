@@ -1,0 +1,33 @@
+//! Taps: how the drivers that record or mirror presence (history, the dashboard's change log,
+//! later the cluster bridge and webhooks) hear of sessions and changes, without the shard
+//! knowing any of them. Each driver registers a tap on every shard at start-up; the shard calls
+//! every tap synchronously, in registration order, at the moment the thing happens. A tap must
+//! not block and must not call back into the shard (it may queue, count, or `try_send`).
+
+use std::sync::Arc;
+
+use crate::presence::{PresenceState, SessionId, SessionInfo, UserId};
+
+/// Something that happened on a shard.
+#[derive(Debug)]
+pub enum Tap<'a> {
+    /// A device session opened (impersonations are not sessions and are not tapped).
+    SessionStart {
+        user: &'a UserId,
+        session: SessionId,
+        info: &'a SessionInfo,
+        now: u64,
+    },
+    /// A device session ended, for whatever reason.
+    SessionEnd {
+        user: &'a UserId,
+        session: SessionId,
+        info: &'a SessionInfo,
+        now: u64,
+    },
+    /// A local user's aggregate changed (a new `seq`).
+    Change(&'a Arc<PresenceState>),
+}
+
+/// A registered listener.
+pub type Listener = Box<dyn Fn(&Tap<'_>)>;
