@@ -1,8 +1,9 @@
 //! Proves the admin dashboard works in a real browser against a real server: headless Chromium,
 //! driven over the DevTools protocol, signs in from the URL fragment, follows users coming
 //! online and changing status live over `/ws/admin`, filters the user list, opens a user's
-//! sessions and kicks one (the client sees 4003) — under the page's strict CSP, with no CSP
-//! violation and no uncaught exception. It shows a user's recorded history (analytics, timeline,
+//! sessions and kicks one (the client sees 4003) — under the page's strict CSP, having loaded
+//! every ES module of `assets/dashboard/` as JavaScript, with no CSP violation, no uncaught
+//! exception and no console or browser-log error (a broken import is one of those). It shows a user's recorded history (analytics, timeline,
 //! refreshed live) and replays who was online from history, and says so when history is off.
 //! And it refuses bad and non-admin tokens.
 //!
@@ -12,6 +13,7 @@
 mod cdp;
 mod common;
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -108,19 +110,71 @@ fn has_event(v: &Value, kind: &str, text: &str) -> bool {
 const REPLAY_USERS: &str =
     "[...document.querySelectorAll('#replay-users [data-user]')].map(e => e.dataset.user)";
 
-/// Fails on anything the page reported going wrong: CSP violations, uncaught errors.
+/// The dashboard's ES modules: every `.js` file of `assets/dashboard/` (`app.js` is the entry,
+/// the rest it imports directly or not).
+fn dashboard_modules() -> BTreeSet<String> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/dashboard");
+    let modules: BTreeSet<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".js"))
+        .collect();
+    assert!(modules.contains("app.js"), "no app.js in {dir}");
+    modules
+}
+
+/// Fails unless the page was served with its CSP and the browser fetched every module of
+/// `assets/dashboard/` with a 200, as JavaScript, as a script.
+fn assert_modules_loaded(b: &mut Browser) {
+    b.eval("0"); // reads the events still queued, responses among them
+    let responses = b.responses().to_vec();
+    let doc = responses
+        .iter()
+        .find(|r| r.resource_type == "document")
+        .unwrap_or_else(|| panic!("no document among the responses: {responses:#?}"));
+    let csp = doc.csp.as_deref().unwrap_or("");
+    assert!(
+        csp.contains("script-src 'self'") && !csp.contains("unsafe-"),
+        "the page is served under the strict CSP: {csp:?}"
+    );
+    for name in dashboard_modules() {
+        let path = format!("/assets/{name}");
+        let fetched: Vec<_> = responses
+            .iter()
+            .filter(|r| r.url.split('?').next().unwrap().ends_with(&path))
+            .collect();
+        assert!(
+            !fetched.is_empty(),
+            "the browser never fetched the module {path} (nothing imports it, or an import \
+             before it failed); responses: {responses:#?}"
+        );
+        for r in fetched {
+            assert!(
+                r.status == 200 && r.mime_type == "text/javascript" && r.resource_type == "script",
+                "{path} is loaded as a module script: {r:?}"
+            );
+        }
+    }
+}
+
+/// Fails on anything the page reported going wrong: CSP violations, uncaught errors, console
+/// and browser-log errors, a module not loaded.
 fn assert_page_clean(b: &mut Browser) {
+    assert_modules_loaded(b);
     let csp = b.eval("window.__cspViolations");
     assert_eq!(
         csp,
         json!([]),
         "the page violated its Content-Security-Policy"
     );
-    assert!(
-        b.page_errors().is_empty(),
-        "the page reported errors: {:#?}",
-        b.page_errors()
-    );
+    // The browser asks for /favicon.ico on its own (the page names no icon): its 404 is the
+    // browser's, not the page's.
+    let errors: Vec<&String> = b
+        .page_errors()
+        .iter()
+        .filter(|e| !(e.starts_with("log error (network)") && e.ends_with("/favicon.ico")))
+        .collect();
+    assert!(errors.is_empty(), "the page reported errors: {errors:#?}");
 }
 
 #[test]
