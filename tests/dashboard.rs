@@ -157,6 +157,21 @@ fn assert_modules_loaded(b: &mut Browser) {
     }
 }
 
+/// Loads the dashboard at `url` and fails at once, saying why, unless every module loaded and
+/// ran cleanly (a broken import stops the page before it does anything).
+fn open_page(b: &mut Browser, url: &str) {
+    b.goto(url);
+    // Loaded means this document's, not the blank one before it: by then every module has run
+    // (module scripts run before DOMContentLoaded) or failed.
+    let origin = url.splitn(4, '/').take(3).collect::<Vec<_>>().join("/");
+    b.wait_for(
+        &format!("{origin} to finish loading"),
+        "location.origin + ' ' + document.readyState",
+        |v| v.as_str() == Some(&format!("{origin} complete")),
+    );
+    assert_page_clean(b);
+}
+
 /// Fails on anything the page reported going wrong: CSP violations, uncaught errors, console
 /// and browser-log errors, a module not loaded.
 fn assert_page_clean(b: &mut Browser) {
@@ -182,7 +197,7 @@ fn dashboard_follows_presence_live_and_kicks_a_session() {
     let server = TestServer::start(2);
     let mut b = Browser::launch(&tools::chromium(), VIEWPORT.0, VIEWPORT.1);
     let admin = server.admin_token();
-    b.goto(&format!("http://{}/#token={admin}", server.admin));
+    open_page(&mut b, &format!("http://{}/#token={admin}", server.admin));
 
     b.wait_text("#conn-state", "live");
     b.wait_text("#online-count", "0");
@@ -291,11 +306,10 @@ fn dashboard_shows_a_users_history_and_replays_who_was_online() {
     .close();
 
     let mut b = Browser::launch(&tools::chromium(), VIEWPORT.0, VIEWPORT.1);
-    b.goto(&format!(
-        "http://{}/#token={}",
-        server.admin,
-        server.admin_token()
-    ));
+    open_page(
+        &mut b,
+        &format!("http://{}/#token={}", server.admin, server.admin_token()),
+    );
     b.wait_text("#conn-state", "live");
     b.wait_for(
         "rows for dana and erin",
@@ -481,11 +495,10 @@ fn dashboard_says_when_history_is_off() {
     let server = TestServer::with(1, |c| c.history.backend = HistoryBackend::Off);
     let _fay = server.connect("fay");
     let mut b = Browser::launch(&tools::chromium(), VIEWPORT.0, VIEWPORT.1);
-    b.goto(&format!(
-        "http://{}/#token={}",
-        server.admin,
-        server.admin_token()
-    ));
+    open_page(
+        &mut b,
+        &format!("http://{}/#token={}", server.admin, server.admin_token()),
+    );
     b.wait_text("#conn-state", "live");
 
     b.wait_for(
@@ -525,7 +538,7 @@ fn dashboard_says_when_history_is_off() {
 fn dashboard_asks_for_a_token_and_refuses_bad_ones() {
     let server = TestServer::start(1);
     let mut b = Browser::launch(&tools::chromium(), VIEWPORT.0, VIEWPORT.1);
-    b.goto(&format!("http://{}/", server.admin));
+    open_page(&mut b, &format!("http://{}/", server.admin));
 
     b.wait_text("#conn-state", "signed out");
     assert_eq!(
