@@ -123,38 +123,43 @@ fn dashboard_modules() -> BTreeSet<String> {
     modules
 }
 
-/// Fails unless the page was served with its CSP and the browser fetched every module of
-/// `assets/dashboard/` with a 200, as JavaScript, as a script.
-fn assert_modules_loaded(b: &mut Browser) {
+/// What is wrong with how the page was loaded: its document without the strict CSP, a module
+/// of `assets/dashboard/` not fetched, or fetched but not with a 200, as JavaScript, as a script.
+fn module_problems(b: &mut Browser) -> Vec<String> {
     b.eval("0"); // reads the events still queued, responses among them
-    let responses = b.responses().to_vec();
-    let doc = responses
-        .iter()
-        .find(|r| r.resource_type == "document")
-        .unwrap_or_else(|| panic!("no document among the responses: {responses:#?}"));
-    let csp = doc.csp.as_deref().unwrap_or("");
-    assert!(
-        csp.contains("script-src 'self'") && !csp.contains("unsafe-"),
-        "the page is served under the strict CSP: {csp:?}"
-    );
-    for name in dashboard_modules() {
-        let path = format!("/assets/{name}");
-        let fetched: Vec<_> = responses
-            .iter()
-            .filter(|r| r.url.split('?').next().unwrap().ends_with(&path))
-            .collect();
-        assert!(
-            !fetched.is_empty(),
-            "the browser never fetched the module {path} (nothing imports it, or an import \
-             before it failed); responses: {responses:#?}"
-        );
-        for r in fetched {
-            assert!(
-                r.status == 200 && r.mime_type == "text/javascript" && r.resource_type == "script",
-                "{path} is loaded as a module script: {r:?}"
-            );
+    let responses = b.responses();
+    let mut problems = Vec::new();
+    match responses.iter().find(|r| r.resource_type == "document") {
+        None => problems.push("no document among the responses".to_owned()),
+        Some(doc) => {
+            let csp = doc.csp.as_deref().unwrap_or("");
+            if !csp.contains("script-src 'self'") || csp.contains("unsafe-") {
+                problems.push(format!("the page is not under the strict CSP: {csp:?}"));
+            }
         }
     }
+    // The entry first: when it fails, nothing else is fetched.
+    let mut modules: Vec<String> = dashboard_modules().into_iter().collect();
+    modules.sort_by_key(|m| m != "app.js");
+    for name in modules {
+        let path = format!("/assets/{name}");
+        let mut fetched = responses
+            .iter()
+            .filter(|r| r.url.split('?').next().unwrap().ends_with(&path))
+            .peekable();
+        if fetched.peek().is_none() {
+            problems.push(format!(
+                "the browser never fetched the module {path} (nothing imports it, or an \
+                 import before it failed)"
+            ));
+        }
+        for r in fetched {
+            if r.status != 200 || r.mime_type != "text/javascript" || r.resource_type != "script" {
+                problems.push(format!("{path} is not loaded as a module script: {r:?}"));
+            }
+        }
+    }
+    problems
 }
 
 /// Loads the dashboard at `url` and fails at once, saying why, unless every module loaded and
@@ -172,24 +177,29 @@ fn open_page(b: &mut Browser, url: &str) {
     assert_page_clean(b);
 }
 
-/// Fails on anything the page reported going wrong: CSP violations, uncaught errors, console
-/// and browser-log errors, a module not loaded.
+/// Fails on anything the page reported going wrong, all of it in one message: a module not
+/// loaded (or the CSP missing), CSP violations, uncaught errors, console and browser-log errors.
 fn assert_page_clean(b: &mut Browser) {
-    assert_modules_loaded(b);
+    let mut problems = module_problems(b);
     let csp = b.eval("window.__cspViolations");
-    assert_eq!(
-        csp,
-        json!([]),
-        "the page violated its Content-Security-Policy"
-    );
+    if csp != json!([]) {
+        problems.push(format!(
+            "the page violated its Content-Security-Policy: {csp}"
+        ));
+    }
     // The browser asks for /favicon.ico on its own (the page names no icon): its 404 is the
     // browser's, not the page's.
-    let errors: Vec<&String> = b
-        .page_errors()
-        .iter()
-        .filter(|e| !(e.starts_with("log error (network)") && e.ends_with("/favicon.ico")))
-        .collect();
-    assert!(errors.is_empty(), "the page reported errors: {errors:#?}");
+    problems.extend(
+        b.page_errors()
+            .iter()
+            .filter(|e| !(e.starts_with("log error (network)") && e.ends_with("/favicon.ico")))
+            .cloned(),
+    );
+    assert!(
+        problems.is_empty(),
+        "the page did not load or run cleanly: {problems:#?}\nresponses: {:#?}",
+        b.responses()
+    );
 }
 
 #[test]
