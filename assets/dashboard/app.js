@@ -4,7 +4,7 @@
 
 import { kickSession, kickUser } from "./api.js";
 import { onRefused, signIn, signOut, startSignedIn } from "./auth.js";
-import { emptySeries } from "./charts.js";
+import { clearSeries } from "./charts.js";
 import { closeDetail, kick, openDetail } from "./detail.js";
 import { $ } from "./dom.js";
 import { onFeedMessage } from "./feed.js";
@@ -87,7 +87,7 @@ function init() {
     }
   }, TICK_MS);
 
-  state.series = emptySeries();
+  clearSeries();
   startSignedIn();
 }
 

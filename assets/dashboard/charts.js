@@ -8,7 +8,7 @@ import { state } from "./state.js";
 const SERIES_POINTS_MAX = 900;        // 15 minutes at one sample a second
 const SERIES_SPAN_MS = 15 * 60 * 1000;
 
-export function emptySeries() {
+function emptySeries() {
   return { t: [], online: [], connections: [], hps: [], dps: [], p50: [], p99: [] };
 }
 
@@ -146,7 +146,7 @@ export function redrawCharts() {
   for (const c of state.charts) c.chart.setData(c.spec.data());
 }
 
-/** Empties the series and the charts (sign-out). */
+/** Empties the series and the charts (at start and on sign-out). */
 export function clearSeries() {
   state.series = emptySeries();
   redrawCharts();

@@ -1,15 +1,15 @@
-// The page's one shared state object. Each part is written by the module named beside it and
-// only read elsewhere; nothing here runs on import.
+// The page's one shared state object. Each part names the module that writes it (the few other
+// writers are named too); the rest only read it. Nothing here runs on import.
 
 export const state = {
+  token: null,               // auth.js: the admin token signed in with
   // socket.js: the /ws/admin connection and its queries.
-  token: null,
   ws: null,
-  authed: false,              // the server said hello: queries may go
+  authed: false,              // the server said hello (feed.js sets it): queries may go
   backoffMs: 0,               // the next reconnect's wait (socket.resetBackoff sets it)
   reconnectTimer: 0,
   staleTimer: 0,
-  intervalMs: 1000,           // the server's push interval, from hello
+  intervalMs: 1000,           // the server's push interval (feed.js, from hello)
   nextId: 1,
   pending: new Map(),         // query id -> {resolve, reject, timer}
   // charts.js: the live 15-minute series and its charts.
@@ -34,7 +34,8 @@ export const state = {
   serverOffsetMs: 0,
   // history.js: the server answered "history is off" (feed.js clears it on hello).
   historyOff: false,
-  // replay.js: online users from history.
+  // replay.js: online users from history (history.js stops its timer when history is off,
+  // feed.js forgets sampleMs on hello).
   replay: {
     windowMs: 15 * 60 * 1000,
     sampleMs: null,           // history.sample_interval_s in ms, learned from the server
