@@ -1,8 +1,9 @@
 //! Proves the admin dashboard works in a real browser against a real server: headless Chromium,
 //! driven over the DevTools protocol, signs in from the URL fragment, follows users coming
 //! online and changing status live over `/ws/admin`, filters the user list, opens a user's
-//! sessions and kicks one (the client sees 4003) — under the page's strict CSP, with no CSP
-//! violation and no uncaught exception. It shows a user's recorded history (analytics, timeline,
+//! sessions and kicks one (the client sees 4003) — under the page's strict CSP, having loaded
+//! every ES module of `assets/dashboard/` as JavaScript, with no CSP violation, no uncaught
+//! exception and no console or browser-log error (a broken import is one of those). It shows a user's recorded history (analytics, timeline,
 //! refreshed live) and replays who was online from history, and says so when history is off.
 //! And it refuses bad and non-admin tokens.
 //!
@@ -12,6 +13,7 @@
 mod cdp;
 mod common;
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -108,18 +110,95 @@ fn has_event(v: &Value, kind: &str, text: &str) -> bool {
 const REPLAY_USERS: &str =
     "[...document.querySelectorAll('#replay-users [data-user]')].map(e => e.dataset.user)";
 
-/// Fails on anything the page reported going wrong: CSP violations, uncaught errors.
+/// The dashboard's ES modules: every `.js` file of `assets/dashboard/` (`app.js` is the entry,
+/// the rest it imports directly or not).
+fn dashboard_modules() -> BTreeSet<String> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/dashboard");
+    let modules: BTreeSet<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".js"))
+        .collect();
+    assert!(modules.contains("app.js"), "no app.js in {dir}");
+    modules
+}
+
+/// What is wrong with how the page was loaded: its document without the strict CSP, a module
+/// of `assets/dashboard/` not fetched, or fetched but not with a 200, as JavaScript, as a script.
+fn module_problems(b: &mut Browser) -> Vec<String> {
+    b.eval("0"); // reads the events still queued, responses among them
+    let responses = b.responses();
+    let mut problems = Vec::new();
+    match responses.iter().find(|r| r.resource_type == "document") {
+        None => problems.push("no document among the responses".to_owned()),
+        Some(doc) => {
+            let csp = doc.csp.as_deref().unwrap_or("");
+            if !csp.contains("script-src 'self'") || csp.contains("unsafe-") {
+                problems.push(format!("the page is not under the strict CSP: {csp:?}"));
+            }
+        }
+    }
+    // The entry first: when it fails, nothing else is fetched.
+    let mut modules: Vec<String> = dashboard_modules().into_iter().collect();
+    modules.sort_by_key(|m| m != "app.js");
+    for name in modules {
+        let path = format!("/assets/{name}");
+        let mut fetched = responses
+            .iter()
+            .filter(|r| r.url.split('?').next().unwrap().ends_with(&path))
+            .peekable();
+        if fetched.peek().is_none() {
+            problems.push(format!(
+                "the browser never fetched the module {path} (nothing imports it, or an \
+                 import before it failed)"
+            ));
+        }
+        for r in fetched {
+            if r.status != 200 || r.mime_type != "text/javascript" || r.resource_type != "script" {
+                problems.push(format!("{path} is not loaded as a module script: {r:?}"));
+            }
+        }
+    }
+    problems
+}
+
+/// Loads the dashboard at `url` and fails at once, saying why, unless every module loaded and
+/// ran cleanly (a broken import stops the page before it does anything).
+fn open_page(b: &mut Browser, url: &str) {
+    b.goto(url);
+    // Loaded means this document's, not the blank one before it: by then every module has run
+    // (module scripts run before DOMContentLoaded) or failed.
+    let origin = url.splitn(4, '/').take(3).collect::<Vec<_>>().join("/");
+    b.wait_for(
+        &format!("{origin} to finish loading"),
+        "location.origin + ' ' + document.readyState",
+        |v| v.as_str() == Some(&format!("{origin} complete")),
+    );
+    assert_page_clean(b);
+}
+
+/// Fails on anything the page reported going wrong, all of it in one message: a module not
+/// loaded (or the CSP missing), CSP violations, uncaught errors, console and browser-log errors.
 fn assert_page_clean(b: &mut Browser) {
+    let mut problems = module_problems(b);
     let csp = b.eval("window.__cspViolations");
-    assert_eq!(
-        csp,
-        json!([]),
-        "the page violated its Content-Security-Policy"
+    if csp != json!([]) {
+        problems.push(format!(
+            "the page violated its Content-Security-Policy: {csp}"
+        ));
+    }
+    // The browser asks for /favicon.ico on its own (the page names no icon): its 404 is the
+    // browser's, not the page's.
+    problems.extend(
+        b.page_errors()
+            .iter()
+            .filter(|e| !(e.starts_with("log error (network)") && e.ends_with("/favicon.ico")))
+            .cloned(),
     );
     assert!(
-        b.page_errors().is_empty(),
-        "the page reported errors: {:#?}",
-        b.page_errors()
+        problems.is_empty(),
+        "the page did not load or run cleanly: {problems:#?}\nresponses: {:#?}",
+        b.responses()
     );
 }
 
@@ -128,7 +207,7 @@ fn dashboard_follows_presence_live_and_kicks_a_session() {
     let server = TestServer::start(2);
     let mut b = Browser::launch(&tools::chromium(), VIEWPORT.0, VIEWPORT.1);
     let admin = server.admin_token();
-    b.goto(&format!("http://{}/#token={admin}", server.admin));
+    open_page(&mut b, &format!("http://{}/#token={admin}", server.admin));
 
     b.wait_text("#conn-state", "live");
     b.wait_text("#online-count", "0");
@@ -237,11 +316,10 @@ fn dashboard_shows_a_users_history_and_replays_who_was_online() {
     .close();
 
     let mut b = Browser::launch(&tools::chromium(), VIEWPORT.0, VIEWPORT.1);
-    b.goto(&format!(
-        "http://{}/#token={}",
-        server.admin,
-        server.admin_token()
-    ));
+    open_page(
+        &mut b,
+        &format!("http://{}/#token={}", server.admin, server.admin_token()),
+    );
     b.wait_text("#conn-state", "live");
     b.wait_for(
         "rows for dana and erin",
@@ -427,11 +505,10 @@ fn dashboard_says_when_history_is_off() {
     let server = TestServer::with(1, |c| c.history.backend = HistoryBackend::Off);
     let _fay = server.connect("fay");
     let mut b = Browser::launch(&tools::chromium(), VIEWPORT.0, VIEWPORT.1);
-    b.goto(&format!(
-        "http://{}/#token={}",
-        server.admin,
-        server.admin_token()
-    ));
+    open_page(
+        &mut b,
+        &format!("http://{}/#token={}", server.admin, server.admin_token()),
+    );
     b.wait_text("#conn-state", "live");
 
     b.wait_for(
@@ -471,7 +548,7 @@ fn dashboard_says_when_history_is_off() {
 fn dashboard_asks_for_a_token_and_refuses_bad_ones() {
     let server = TestServer::start(1);
     let mut b = Browser::launch(&tools::chromium(), VIEWPORT.0, VIEWPORT.1);
-    b.goto(&format!("http://{}/", server.admin));
+    open_page(&mut b, &format!("http://{}/", server.admin));
 
     b.wait_text("#conn-state", "signed out");
     assert_eq!(

@@ -1,7 +1,9 @@
 //! A headless Chromium driven over the Chrome DevTools Protocol: a blocking WebSocket
 //! (tungstenite) to the browser endpoint, one page target attached in flat mode, commands sent
-//! with its `sessionId`. Just enough to load a page, poll its DOM, click and screenshot; every
-//! wait is bounded and says what it waited for and what it saw.
+//! with its `sessionId`. Just enough to load a page, poll its DOM, click and screenshot, and to
+//! report what the page fetched and what went wrong in it (uncaught exceptions, console and
+//! browser-log errors such as a module that failed to load); every wait is bounded and says what
+//! it waited for and what it saw.
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpStream;
@@ -26,8 +28,10 @@ const POLL_EVERY: Duration = Duration::from_millis(100);
 const READ_SLICE: Duration = Duration::from_millis(500);
 /// Chromium's stderr lines kept for failure messages.
 const STDERR_LINES_MAX: usize = 200;
-/// Page errors kept (uncaught exceptions, console errors).
+/// Page errors kept (uncaught exceptions, console errors, browser-log errors).
 const PAGE_ERRORS_MAX: usize = 100;
+/// HTTP responses kept (the page's document, scripts and styles: a few dozen).
+const RESPONSES_MAX: usize = 500;
 
 /// Records CSP violations and uncaught errors on every document, before the page's own scripts.
 const PAGE_PROBE: &str = "window.__cspViolations = [];\
@@ -41,11 +45,26 @@ pub struct Browser {
     session: String,
     next_id: u64,
     stderr: Arc<Mutex<Vec<String>>>,
-    /// Uncaught exceptions and console errors the page reported, as text.
+    /// Uncaught exceptions, console errors and browser-log errors the page reported, as text.
     page_errors: Vec<String>,
+    /// Every HTTP response the page received, in order (at most [`RESPONSES_MAX`]).
+    responses: Vec<HttpResponse>,
     /// Held for its drop, declared last so it runs last: the browser dies after the socket
     /// to it is closed.
     _process: Chromium,
+}
+
+/// One HTTP response a page received (`Network.responseReceived`).
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    pub url: String,
+    pub status: u64,
+    /// The MIME type Chromium took from `content-type` (no parameters).
+    pub mime_type: String,
+    /// `"script"`, `"document"`, `"stylesheet"`, …
+    pub resource_type: String,
+    /// Its `content-security-policy` header, if any.
+    pub csp: Option<String>,
 }
 
 /// The running Chromium and its profile: killed (process group) and removed on drop, which
@@ -131,6 +150,7 @@ impl Browser {
             next_id: 1,
             stderr,
             page_errors: Vec::new(),
+            responses: Vec::new(),
             _process: process,
         };
         let target = b.browser_call("Target.createTarget", json!({"url": "about:blank"}));
@@ -145,6 +165,10 @@ impl Browser {
             .to_owned();
         b.call("Page.enable", json!({}));
         b.call("Runtime.enable", json!({}));
+        // Failed loads (a module's 404, a refused MIME type) reach the browser log, not the
+        // page's console API; responses say what was fetched and how it was served.
+        b.call("Log.enable", json!({}));
+        b.call("Network.enable", json!({}));
         b.call(
             "Emulation.setDeviceMetricsOverride",
             json!({"width": width, "height": height, "deviceScaleFactor": 1, "mobile": false}),
@@ -308,9 +332,15 @@ impl Browser {
         std::fs::write(path, png).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
     }
 
-    /// Uncaught exceptions and console errors reported so far.
+    /// Uncaught exceptions, console errors and browser-log errors reported so far.
     pub fn page_errors(&self) -> &[String] {
         &self.page_errors
+    }
+
+    /// The HTTP responses the page received so far (events are read while commands wait for
+    /// their answers, so call this after an `eval`).
+    pub fn responses(&self) -> &[HttpResponse] {
+        &self.responses
     }
 
     /// A command to the attached page.
@@ -375,6 +405,34 @@ impl Browser {
             }
             Some("Runtime.consoleAPICalled") if v["params"]["type"] == "error" => {
                 format!("console.error: {}", v["params"]["args"])
+            }
+            Some("Log.entryAdded") if v["params"]["entry"]["level"] == "error" => {
+                let e = &v["params"]["entry"];
+                format!(
+                    "log error ({}): {} {}",
+                    e["source"].as_str().unwrap_or(""),
+                    e["text"].as_str().unwrap_or(""),
+                    e["url"].as_str().unwrap_or("")
+                )
+            }
+            Some("Network.responseReceived") => {
+                let p = &v["params"];
+                let r = &p["response"];
+                let csp = r["headers"].as_object().and_then(|h| {
+                    h.iter()
+                        .find(|(k, _)| k.eq_ignore_ascii_case("content-security-policy"))
+                        .and_then(|(_, v)| v.as_str().map(str::to_owned))
+                });
+                if self.responses.len() < RESPONSES_MAX {
+                    self.responses.push(HttpResponse {
+                        url: r["url"].as_str().unwrap_or("").to_owned(),
+                        status: r["status"].as_f64().unwrap_or(0.0) as u64,
+                        mime_type: r["mimeType"].as_str().unwrap_or("").to_owned(),
+                        resource_type: p["type"].as_str().unwrap_or("").to_lowercase(),
+                        csp,
+                    });
+                }
+                return;
             }
             _ => return,
         };
