@@ -435,6 +435,9 @@ impl Config {
         if h.replay_lookback_h == 0 || h.replay_lookback_h > 24 * 366 {
             return bad("history.replay_lookback_h", "between 1 and 8784 (a year)");
         }
+        if h.cpu.is_some_and(|c| c >= libc::CPU_SETSIZE as usize) {
+            return bad("history.cpu", "below 1024 (CPU_SETSIZE)");
+        }
         if h.retention_days > 36_500 {
             return bad("history.retention_days", "at most 36500");
         }

@@ -165,12 +165,7 @@ fn main() -> ExitCode {
             Ok(())
         }
         Cmd::CheckConfig { config } => check_config(&config),
-        Cmd::Topology(args) => load(args.config.as_ref()).and_then(|mut cfg| {
-            args.apply(&mut cfg);
-            cfg.validate().map_err(|e| e.to_string())?;
-            print!("{}", presenced::topology::report(&cfg)?);
-            Ok(())
-        }),
+        Cmd::Topology(args) => topology(args),
         Cmd::Schema(SchemaCmd::Print { config }) => load(config.as_ref()).and_then(|cfg| {
             cfg.validate().map_err(|e| e.to_string())?;
             let h = &cfg.history;
@@ -209,6 +204,26 @@ fn check_config(path: &PathBuf) -> Result<(), String> {
     }
     print!("{}", toml::to_string(&shown).map_err(|e| e.to_string())?);
     Ok(())
+}
+
+/// `presenced topology`: the report on stdout; problems on stderr as `warning:` (the plan runs, but
+/// poorly) or `error:` (`serve` would refuse it), and then a failure exit.
+fn topology(args: PlacementArgs) -> Result<(), String> {
+    let mut cfg = load(args.config.as_ref())?;
+    args.apply(&mut cfg);
+    cfg.validate().map_err(|e| e.to_string())?;
+    let report = presenced::topology::report(&cfg)?;
+    print!("{}", report.text);
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
+    }
+    for e in &report.errors {
+        eprintln!("error: {e}");
+    }
+    match report.errors.len() {
+        0 => Ok(()),
+        n => Err(format!("{n} error(s): `serve` would refuse this plan")),
+    }
 }
 
 /// `schema apply`: connects (waiting for schema agreement after each statement) and applies.

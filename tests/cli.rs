@@ -1,6 +1,8 @@
 //! Proves the binary's entry points as a newcomer uses them: `serve` with no configuration prints
 //! a working secret, token and URL (the README walk-through, over real sockets); `token` mints a
-//! token the server accepts; `check-config` prints the effective config or names the bad key.
+//! token the server accepts; `check-config` prints the effective config or names the bad key;
+//! `topology` fails on a plan `serve` would refuse and warns on a poor one, in the flags'
+//! spelling.
 
 mod common;
 
@@ -184,4 +186,119 @@ fn check_config_prints_effective_config_or_names_the_bad_key() {
         assert!(err.contains(key), "error `{err}` should name `{key}`");
     }
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Runs the binary with `args` (and `env`), without `PRESENCED_JWT_SECRET` from the caller.
+fn run(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).env_remove("PRESENCED_JWT_SECRET");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn topology_fails_on_plans_serve_refuses_and_warns_on_poor_ones() {
+    // A CPU that is not online: serve refuses it, so topology fails and says why.
+    let out = run(&["topology", "--shards", "1", "--cpus", "1023"], &[]);
+    assert!(!out.status.success());
+    let text = String::from_utf8(out.stdout.clone()).unwrap();
+    assert!(text.contains("--placement fixed --cpus 1023"), "{text}");
+    assert!(
+        stderr(&out)
+            .contains("error: --shards 1 --placement fixed --cpus 1023: CPU(s) 1023 not online"),
+        "{}",
+        stderr(&out)
+    );
+    let serve = Command::new(BIN)
+        .args(["serve", "--shards", "1", "--cpus", "1023", "--no-admin"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--jwt-secret",
+            "0123456789abcdef0123",
+        ])
+        .arg("--data-dir")
+        .arg(tempfile::tempdir().unwrap().path())
+        .output()
+        .unwrap();
+    assert!(!serve.status.success(), "and serve does refuse it");
+
+    // Shards sharing a CPU: serve runs it, so a warning and success.
+    let out = run(&["topology", "--shards", "2", "--cpus", "0"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out)
+        .contains("warning: --shards 2 --placement fixed --cpus 0: 2 shards on 1 CPU(s)"));
+
+    // Placements in the flags' spelling.
+    let out = run(
+        &["topology", "--shards", "1", "--placement", "unbound"],
+        &[],
+    );
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("plan: --shards 1 --placement unbound\n"),
+        "{text}"
+    );
+    assert!(!text.contains("Unbound"), "no Rust names: {text}");
+}
+
+#[test]
+fn history_cpu_past_cpu_setsize_is_refused_and_an_offline_one_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("p.toml");
+    std::fs::write(&config, "[history]\ncpu = 5000\n").unwrap();
+    let config_arg = config.to_str().unwrap();
+    for args in [
+        vec!["topology", "--config", config_arg],
+        vec!["check-config", "--config", config_arg],
+    ] {
+        let out = run(&args, &[]);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains("history.cpu"), "{}", stderr(&out));
+    }
+    // serve used to panic (index past the cpu_set_t) and abort; now it refuses with exit 1.
+    let serve = Command::new(BIN)
+        .args([
+            "serve",
+            "--config",
+            config_arg,
+            "--no-admin",
+            "--placement",
+            "unbound",
+        ])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--jwt-secret",
+            "0123456789abcdef0123",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert_eq!(serve.status.code(), Some(1), "{}", stderr(&serve));
+    assert!(stdout_and_err(&serve).contains("history.cpu"));
+
+    std::fs::write(&config, "[history]\ncpu = 1023\n").unwrap();
+    let out = run(
+        &["topology", "--config", config_arg, "--placement", "unbound"],
+        &[],
+    );
+    assert!(out.status.success(), "serve runs it (unpinned): a warning");
+    assert!(
+        stderr(&out).contains("warning: history.cpu = 1023: not online"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+fn stdout_and_err(out: &std::process::Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(out))
 }
