@@ -1,8 +1,9 @@
 //! Proves the binary's entry points as a newcomer uses them: `serve` with no configuration prints
-//! a working secret, token and URL (the README walk-through, over real sockets); `token` mints a
-//! token the server accepts; `check-config` prints the effective config or names the bad key;
-//! `topology` fails on a plan `serve` would refuse and warns on a poor one, in the flags'
-//! spelling.
+//! a working secret, token and URL, and a next command that runs as printed (the README
+//! walk-through, over real sockets); `token` mints a token the server accepts and refuses to mint
+//! one it would not; `check-config` reads the same environment as `serve`, passes the README's
+//! sample config, prints the effective config or names the bad key; `topology` fails on a plan
+//! `serve` would refuse and warns on a poor one, in the flags' spelling.
 
 mod common;
 
@@ -59,11 +60,18 @@ fn serve_with_no_config_prints_a_working_quickstart() {
     );
     let stdout = BufReader::new(child.0.stdout.take().unwrap());
     let (mut secret, mut url, mut dashboard) = (None, None, None);
+    let (mut exported, mut next_command) = (None, None);
     let deadline = Instant::now() + Duration::from_secs(20);
     for line in stdout.lines() {
         let line = line.unwrap();
         if let Some(s) = line.trim().strip_prefix("secret:") {
             secret = Some(s.trim().to_owned());
+        }
+        if exported.is_some() && next_command.is_none() {
+            next_command = Some(line.trim().to_owned());
+        }
+        if let Some(s) = line.trim().strip_prefix("export PRESENCED_JWT_SECRET=") {
+            exported = Some(s.to_owned());
         }
         if let Some(u) = line.trim().strip_prefix("connect:") {
             url = Some(u.trim().to_owned());
@@ -75,19 +83,31 @@ fn serve_with_no_config_prints_a_working_quickstart() {
         assert!(Instant::now() < deadline, "quickstart not printed");
     }
     let (secret, url) = (secret.expect("secret printed"), url.expect("url printed"));
+    assert_eq!(
+        exported.as_deref(),
+        Some(secret.as_str()),
+        "the hint exports it"
+    );
     let token = url.split("token=").nth(1).unwrap();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
 
     // The walk-through: alice (printed token) watches bob (token from `presenced token`).
     let mut alice = common::Client::connect(addr, token);
     assert_eq!(alice.welcome["user"], "alice");
-    let out = Command::new(BIN)
-        .args([
-            "token", "--secret", &secret, "--sub", "bob", "--groups", "team,ops",
-        ])
+    // The printed next command, run as printed (its program is this binary's path), after the
+    // printed export.
+    let next_command = next_command.expect("a command after the export");
+    let mut words = next_command.split_whitespace();
+    let program = words.next().unwrap();
+    let args: Vec<&str> = words.collect();
+    assert_eq!(args, ["token", "--sub", "bob"], "{next_command}");
+    let out = Command::new(program)
+        .args(args)
+        .args(["--groups", "team,ops"])
+        .env("PRESENCED_JWT_SECRET", &secret)
         .output()
         .unwrap();
-    assert!(out.status.success());
+    assert!(out.status.success(), "{out:?}");
     let bob_token = String::from_utf8(out.stdout).unwrap();
     alice.subscribe(&["bob"]);
     let _bob = common::Client::connect(addr, bob_token.trim());
@@ -200,6 +220,133 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
 
 fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn token_mints_only_what_the_server_accepts() {
+    // A secret that starts with `-`, as base64 secrets did one time in 64: `--secret=` and the
+    // environment both carry it.
+    let secret = format!("-{}", common::SECRET);
+    let server = common::TestServer::with(1, |c| c.jwt_secret = Some(secret.clone()));
+    let with_equals = run(
+        &[
+            "token",
+            &format!("--secret={secret}"),
+            "--sub",
+            "dash",
+            "--device-type",
+            "ios",
+        ],
+        &[],
+    );
+    assert!(with_equals.status.success(), "{}", stderr(&with_equals));
+    let from_env = run(
+        &["token", "--sub", "env"],
+        &[("PRESENCED_JWT_SECRET", &secret)],
+    );
+    assert!(from_env.status.success(), "{}", stderr(&from_env));
+    for (out, user) in [(with_equals, "dash"), (from_env, "env")] {
+        let token = String::from_utf8(out.stdout).unwrap();
+        let c = common::Client::connect(server.addr, token.trim());
+        assert_eq!(c.welcome["user"], user);
+    }
+
+    // Each of these the server would refuse (the secret at start-up, the token at the
+    // handshake), so no token is printed and the error names the flag.
+    let good = "0123456789abcdef-good";
+    for (args, flag) in [
+        (vec!["--secret", "short-secret", "--sub", "bob"], "--secret"),
+        (vec!["--secret", good, "--sub", ""], "--sub"),
+        (
+            vec!["--secret", good, "--sub", "bob", "--device-type", "phone"],
+            "--device-type",
+        ),
+        (
+            vec!["--secret", good, "--sub", "bob", "--ttl", "0s"],
+            "--ttl",
+        ),
+    ] {
+        let out = run(&[&["token"], args.as_slice()].concat(), &[]);
+        assert!(!out.status.success(), "{args:?} should fail");
+        assert!(out.stdout.is_empty(), "{args:?}: no token printed");
+        let err = stderr(&out);
+        assert!(err.contains(flag), "{args:?}: `{err}` should name {flag}");
+    }
+    // What the server says about a token with a bad device type, for comparison.
+    let bad_device = presenced::auth::mint_hs256(&secret, &{
+        let mut spec = presenced::auth::TokenSpec::new("x", Duration::from_secs(60));
+        spec.device_type = Some("phone".into());
+        spec
+    });
+    assert_eq!(server.status_for(&bad_device).0, 400);
+}
+
+/// The README's sample `presenced.toml`, as written there.
+fn readme_sample_config() -> String {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let start = readme
+        .find("```toml\n# presenced.toml\n")
+        .expect("README has a ```toml block starting `# presenced.toml`")
+        + "```toml\n".len();
+    let len = readme[start..].find("```").expect("the block ends");
+    readme[start..start + len].to_owned()
+}
+
+#[test]
+fn check_config_reads_the_environment_serve_reads_and_passes_the_readme_sample() {
+    let dir = tempfile::tempdir().unwrap();
+    // The sample names TLS files under /etc/presenced; they are made here, and only that
+    // directory is changed in the text.
+    let sample = readme_sample_config();
+    assert!(sample.contains("/etc/presenced/"), "{sample}");
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    std::fs::write(dir.path().join("cert.pem"), ck.cert.pem()).unwrap();
+    std::fs::write(dir.path().join("key.pem"), ck.signing_key.serialize_pem()).unwrap();
+    let config = dir.path().join("presenced.toml");
+    let tls_dir = format!("{}/", dir.path().display());
+    std::fs::write(&config, sample.replace("/etc/presenced/", &tls_dir)).unwrap();
+    let config = config.to_str().unwrap();
+
+    // As the README runs it: the secret from the environment.
+    let out = run(
+        &["check-config", "--config", config],
+        &[("PRESENCED_JWT_SECRET", "0123456789abcdef-from-env")],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("jwt_secret = \"<redacted>\""), "{text}");
+    assert!(text.contains("session_policy = \"evict_oldest\""), "{text}");
+    assert!(!text.contains("from-env"), "the secret is redacted");
+    // The environment is really read: a short secret there fails as it would in serve.
+    let out = run(
+        &["check-config", "--config", config],
+        &[("PRESENCED_JWT_SECRET", "short")],
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("jwt_secret"), "{}", stderr(&out));
+    // No key anywhere: serve would start with a secret of its own, so this is a warning.
+    let out = run(&["check-config", "--config", config], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("warning: no JWT key"),
+        "{}",
+        stderr(&out)
+    );
+    // Serve's flags apply too.
+    let out = run(
+        &[
+            "check-config",
+            "--config",
+            config,
+            "--shards",
+            "3",
+            "--no-admin",
+        ],
+        &[("PRESENCED_JWT_SECRET", "0123456789abcdef-from-env")],
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("shards = 3"), "{text}");
 }
 
 #[test]
