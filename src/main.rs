@@ -1,6 +1,7 @@
 //! The `presenced` binary: `serve`, `token`, `check-config`, `topology`, `schema`.
 
 use std::fmt::Write as _;
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -344,7 +345,11 @@ fn generated_secret(bytes: [u8; 32]) -> String {
 }
 
 fn serve(args: ServeArgs) -> Result<(), String> {
+    // Colour only for a terminal: redirected logs stay plain text. NO_COLOR is honoured too.
+    let ansi = std::io::stdout().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     tracing_subscriber::fmt()
+        .with_ansi(ansi)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )

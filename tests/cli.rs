@@ -3,7 +3,8 @@
 //! walk-through, over real sockets); `token` mints a token the server accepts and refuses to mint
 //! one it would not; `check-config` reads the same environment as `serve`, passes the README's
 //! sample config, prints the effective config or names the bad key; `topology` fails on a plan
-//! `serve` would refuse and warns on a poor one, in the flags' spelling.
+//! `serve` would refuse and warns on a poor one, in the flags' spelling; logs carry no colour
+//! codes when they do not go to a terminal.
 
 mod common;
 
@@ -448,4 +449,104 @@ fn history_cpu_past_cpu_setsize_is_refused_and_an_offline_one_reported() {
 
 fn stdout_and_err(out: &std::process::Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(out))
+}
+
+#[test]
+fn logs_written_to_a_pipe_carry_no_colour_codes() {
+    let port = common::free_port();
+    let mut child = Running(
+        serve_cmd(port)
+            .args(["--jwt-secret", "a-secret-for-the-log-test"])
+            .env_remove("NO_COLOR")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = BufReader::new(child.0.stdout.take().unwrap());
+    let mut seen = Vec::new();
+    for line in stdout.lines() {
+        let line = line.unwrap();
+        let done = line.contains("accepting WebSocket connections");
+        seen.push(line);
+        if done {
+            break;
+        }
+    }
+    assert!(
+        seen.last().is_some_and(|l| l.contains("accepting")),
+        "the start-up log: {seen:?}"
+    );
+    for line in &seen {
+        assert!(!line.contains('\u{1b}'), "colour codes in a pipe: {line:?}");
+    }
+    assert!(seen.iter().any(|l| l.contains("INFO")), "{seen:?}");
+}
+
+/// Every `--flag` of every subcommand, as the binary's own `--help` lists them (clap writes the
+/// help from the command definition).
+fn long_flags(path: &[&str]) -> Vec<String> {
+    let out = Command::new(BIN).args(path).arg("--help").output().unwrap();
+    assert!(out.status.success(), "{path:?} --help");
+    let help = String::from_utf8(out.stdout).unwrap();
+    let mut flags = Vec::new();
+    let mut subcommands = Vec::new();
+    let mut section = "";
+    for line in help.lines() {
+        if !line.starts_with(' ') {
+            section = line;
+            continue;
+        }
+        let item = line.trim_start();
+        match section {
+            "Commands:" => {
+                let name = item.split_whitespace().next().unwrap();
+                if name != "help" {
+                    subcommands.push(name.to_owned());
+                }
+            }
+            // Option lines start with their flags; wrapped help text does not.
+            "Options:" if item.starts_with('-') => {
+                let flag = item
+                    .split([' ', ','])
+                    .find(|w| w.starts_with("--"))
+                    .map(|w| w.split(['=', '<']).next().unwrap().to_owned());
+                if let Some(flag) = flag.filter(|f| f != "--help" && f != "--version") {
+                    flags.push(format!("{} {flag}", path.join(" ")));
+                }
+            }
+            _ => {}
+        }
+    }
+    for sub in subcommands {
+        flags.extend(long_flags(&[path, &[sub.as_str()]].concat()));
+    }
+    flags
+}
+
+#[test]
+fn config_md_lists_every_command_line_flag() {
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/CONFIG.md")).unwrap();
+    let section = doc
+        .split("## Command line")
+        .nth(1)
+        .expect("CONFIG.md has a `## Command line` section");
+    let section = section.split("\n## ").next().unwrap();
+    let flags = long_flags(&[]);
+    assert!(flags.len() > 20, "walked every subcommand: {flags:?}");
+    let missing: Vec<&String> = flags
+        .iter()
+        .filter(|f| {
+            // `serve --cpus` → a row for `serve` (or `schema apply`) that names `--cpus`.
+            let (cmd, flag) = f.rsplit_once(' ').unwrap();
+            !section
+                .lines()
+                .any(|l| l.starts_with(&format!("| `{cmd}`")) && l.contains(&format!("`{flag}")))
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "flags missing from CONFIG.md: {missing:?}"
+    );
 }
