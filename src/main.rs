@@ -386,9 +386,13 @@ fn serve(args: ServeArgs) -> Result<(), String> {
 
 fn print_quickstart(secret: &str, addr: SocketAddr, admin: Option<SocketAddr>) {
     let token = mint_hs256(secret, &TokenSpec::new("alice", Duration::from_secs(3600)));
-    // This very binary, so the hint runs as printed whether or not `presenced` is on PATH.
-    let exe =
-        std::env::current_exe().map_or_else(|_| "presenced".into(), |p| p.display().to_string());
+    // This very binary, so the hint runs as printed whether or not `presenced` is on PATH
+    // (quoted for a shell if its path has a space).
+    let exe = match std::env::current_exe().map(|p| p.display().to_string()) {
+        Ok(p) if p.contains(char::is_whitespace) => format!("'{p}'"),
+        Ok(p) => p,
+        Err(_) => "presenced".into(),
+    };
     println!(
         "\nNo JWT key configured: generated an HS256 secret for this run only.\n\
          \n  secret:  {secret}\n\
