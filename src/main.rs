@@ -1,15 +1,17 @@
 //! The `presenced` binary: `serve`, `token`, `check-config`, `topology`, `schema`.
 
+use std::fmt::Write as _;
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use base64::Engine;
 use clap::{Args, Parser, Subcommand};
-use presenced::auth::{mint_hs256, TokenSpec, Verifier};
+use presenced::auth::{mint_hs256, AuthError, TokenSpec, Verifier};
 use presenced::config::{Config, Placement};
 use presenced::history::schema;
+use presenced::presence::DeviceType;
 
 #[derive(Parser)]
 #[command(
@@ -28,11 +30,9 @@ enum Cmd {
     Serve(ServeArgs),
     /// Print a signed HS256 token (for trying things out and for tests).
     Token(TokenArgs),
-    /// Validate a config file and print the effective configuration.
-    CheckConfig {
-        #[arg(long)]
-        config: PathBuf,
-    },
+    /// Validate what `serve` would run with (config file, flags and environment, the same as
+    /// `serve` takes) and print the effective configuration.
+    CheckConfig(ServeArgs),
     /// Print the machine's CPUs, cores, SMT siblings, NUMA nodes, and the shard -> CPU plan.
     Topology(PlacementArgs),
     /// The ScyllaDB history schema (docs/HISTORY.md): print it, or apply it.
@@ -50,6 +50,7 @@ enum SchemaCmd {
     },
     /// Apply it to a cluster. Idempotent: every statement is IF NOT EXISTS.
     Apply {
+        /// TOML config file ([history.scylla], history.retention_days).
         #[arg(long)]
         config: Option<PathBuf>,
         /// Contact points, HOST:PORT, comma-separated [default: history.scylla.nodes].
@@ -66,7 +67,7 @@ struct PlacementArgs {
     /// Shard count [default: one per available CPU].
     #[arg(long)]
     shards: Option<usize>,
-    /// CPUs to pin shards to, e.g. "0-3,6".
+    /// CPUs to pin shards to, e.g. "0-3,6"; implies `--placement fixed` unless one is given.
     #[arg(long)]
     cpus: Option<String>,
     /// max-spread, max-pack, fixed or unbound.
@@ -98,7 +99,7 @@ struct ServeArgs {
     /// WebSocket listen address [default: 127.0.0.1:8080].
     #[arg(long)]
     listen: Option<SocketAddr>,
-    /// HS256/384/512 shared secret.
+    /// HS256/384/512 shared secret (`--jwt-secret=VALUE` if it starts with `-`).
     #[arg(long, env = "PRESENCED_JWT_SECRET", hide_env_values = true)]
     jwt_secret: Option<String>,
     /// Heartbeat interval advertised to clients.
@@ -120,8 +121,11 @@ struct ServeArgs {
 
 #[derive(Args)]
 struct TokenArgs {
+    /// The server's `jwt_secret` (at least 16 bytes). Write `--secret=VALUE`, or use the
+    /// environment, so that a value starting with `-` is not taken for a flag.
     #[arg(long, env = "PRESENCED_JWT_SECRET", hide_env_values = true)]
     secret: String,
+    /// User id (`sub`); not empty.
     #[arg(long)]
     sub: String,
     /// Comma-separated groups.
@@ -133,10 +137,13 @@ struct TokenArgs {
     /// Lifetime, e.g. 30s, 15m, 1h, 7d.
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     ttl: Duration,
+    /// Device id (`device` claim).
     #[arg(long)]
     device: Option<String>,
+    /// web, ios, android, desktop or other (`device_type` claim).
     #[arg(long)]
     device_type: Option<String>,
+    /// Home region (`region` claim).
     #[arg(long)]
     region: Option<String>,
 }
@@ -151,26 +158,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Serve(args) => serve(args),
-        Cmd::Token(args) => {
-            let spec = TokenSpec {
-                sub: args.sub,
-                groups: args.groups,
-                roles: args.roles,
-                ttl: args.ttl,
-                device: args.device,
-                device_type: args.device_type,
-                region: args.region,
-            };
-            println!("{}", mint_hs256(&args.secret, &spec));
-            Ok(())
-        }
-        Cmd::CheckConfig { config } => check_config(&config),
-        Cmd::Topology(args) => load(args.config.as_ref()).and_then(|mut cfg| {
-            args.apply(&mut cfg);
-            cfg.validate().map_err(|e| e.to_string())?;
-            print!("{}", presenced::topology::report(&cfg)?);
-            Ok(())
-        }),
+        Cmd::Token(args) => token(args).map(|t| println!("{t}")),
+        Cmd::CheckConfig(args) => check_config(args),
+        Cmd::Topology(args) => topology(args),
         Cmd::Schema(SchemaCmd::Print { config }) => load(config.as_ref()).and_then(|cfg| {
             cfg.validate().map_err(|e| e.to_string())?;
             let h = &cfg.history;
@@ -195,10 +185,69 @@ fn load(path: Option<&PathBuf>) -> Result<Config, String> {
     }
 }
 
-fn check_config(path: &PathBuf) -> Result<(), String> {
-    let cfg = load(Some(path))?;
+/// `presenced token`: a token `serve` accepts, or an error saying why it would not. The checks are
+/// the server's own, not a copy: the secret goes through the config validation and the verifier
+/// `serve` builds (length, emptiness), the token through that verifier (claims such as a
+/// non-empty `sub`), and the device type through the parser the handshake uses.
+fn token(args: TokenArgs) -> Result<String, String> {
+    let cfg = Config {
+        jwt_secret: Some(args.secret),
+        ..Config::default()
+    };
+    let secret_err = |e: &dyn std::fmt::Display| format!("--secret (or PRESENCED_JWT_SECRET): {e}");
+    cfg.validate().map_err(|e| secret_err(&e))?;
+    let verifier =
+        Verifier::new(cfg.jwt_secret.as_deref(), &cfg.auth).map_err(|e| secret_err(&e))?;
+    if let Some(t) = args.device_type.as_deref() {
+        if DeviceType::parse(t).is_none() {
+            return Err(format!(
+                "--device-type: unknown device type `{t}` (web, ios, android, desktop, other)"
+            ));
+        }
+    }
+    if args.ttl.as_secs() == 0 {
+        return Err(
+            "--ttl: at least 1s (the server closes a session at its token's expiry)".into(),
+        );
+    }
+    let spec = TokenSpec {
+        sub: args.sub,
+        groups: args.groups,
+        roles: args.roles,
+        ttl: args.ttl,
+        device: args.device,
+        device_type: args.device_type,
+        region: args.region,
+    };
+    let secret = cfg.jwt_secret.as_deref().expect("set above");
+    let token = mint_hs256(secret, &spec);
+    match verifier.verify(&token) {
+        Ok(_) => Ok(token),
+        Err(AuthError::MissingClaim("sub")) => {
+            Err("--sub: empty; the server refuses a token without a user id".into())
+        }
+        Err(e) => Err(format!(
+            "the server would refuse this token: {}",
+            e.reason()
+        )),
+    }
+}
+
+/// `presenced check-config`: the configuration `serve` would run with, from the same file, flags
+/// and environment, validated the same way, or the first error.
+fn check_config(args: ServeArgs) -> Result<(), String> {
+    let cfg = effective_config(args)?;
     cfg.validate().map_err(|e| e.to_string())?;
-    Verifier::new(cfg.jwt_secret.as_deref(), &cfg.auth).map_err(|e| e.to_string())?;
+    if no_key(&cfg) {
+        // `serve` starts anyway, with a secret of its own for that run only.
+        eprintln!(
+            "warning: no JWT key configured: `serve` would generate a secret for each run, so no \
+             token from elsewhere would verify (set jwt_secret, PRESENCED_JWT_SECRET, auth.keys \
+             or auth.jwks)"
+        );
+    } else {
+        Verifier::new(cfg.jwt_secret.as_deref(), &cfg.auth).map_err(|e| e.to_string())?;
+    }
     presenced::edge::tls::load(&cfg.tls).map_err(|e| e.to_string())?;
     let mut shown = cfg.clone();
     if shown.jwt_secret.is_some() {
@@ -232,16 +281,29 @@ fn schema_apply(config: Option<&PathBuf>, nodes: Vec<String>) -> Result<(), Stri
     Ok(())
 }
 
-fn serve(args: ServeArgs) -> Result<(), String> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
-    match presenced::raise_nofile() {
-        Some(n) => tracing::info!(max_open_files = n, "open-file limit"),
-        None => tracing::warn!("could not read or raise the open-file limit"),
+/// `presenced topology`: the report on stdout; problems on stderr as `warning:` (the plan runs, but
+/// poorly) or `error:` (`serve` would refuse it), and then a failure exit.
+fn topology(args: PlacementArgs) -> Result<(), String> {
+    let mut cfg = load(args.config.as_ref())?;
+    args.apply(&mut cfg);
+    cfg.validate().map_err(|e| e.to_string())?;
+    let report = presenced::topology::report(&cfg)?;
+    print!("{}", report.text);
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
     }
+    for e in &report.errors {
+        eprintln!("error: {e}");
+    }
+    match report.errors.len() {
+        0 => Ok(()),
+        n => Err(format!("{n} error(s): `serve` would refuse this plan")),
+    }
+}
+
+/// The configuration `serve` runs with: the file (or the defaults), then flags and environment
+/// variables over it.
+fn effective_config(args: ServeArgs) -> Result<Config, String> {
     let mut cfg = load(args.placement.config.as_ref())?;
     args.placement.apply(&mut cfg);
     if let Some(v) = args.listen {
@@ -265,10 +327,40 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     if let Some(v) = args.data_dir {
         cfg.history.data_dir = v;
     }
-    let no_key = cfg.jwt_secret.is_none() && cfg.auth.keys.is_empty() && cfg.auth.jwks.is_none();
-    let generated = no_key.then(|| {
-        let bytes: [u8; 32] = rand::random();
-        let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    Ok(cfg)
+}
+
+/// No key at all: `serve` generates a secret for the run.
+fn no_key(cfg: &Config) -> bool {
+    cfg.jwt_secret.is_none() && cfg.auth.keys.is_empty() && cfg.auth.jwks.is_none()
+}
+
+/// A generated secret: 32 random bytes as 64 hex digits. Hex, because the secret is then typed
+/// after a flag: base64url can start with `-`, which a command line takes for a flag.
+fn generated_secret(bytes: [u8; 32]) -> String {
+    bytes.iter().fold(String::with_capacity(64), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+fn serve(args: ServeArgs) -> Result<(), String> {
+    // Colour only for a terminal: redirected logs stay plain text. NO_COLOR is honoured too.
+    let ansi = std::io::stdout().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    tracing_subscriber::fmt()
+        .with_ansi(ansi)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    match presenced::raise_nofile() {
+        Some(n) => tracing::info!(max_open_files = n, "open-file limit"),
+        None => tracing::warn!("could not read or raise the open-file limit"),
+    }
+    let mut cfg = effective_config(args)?;
+    let generated = no_key(&cfg).then(|| {
+        let secret = generated_secret(rand::random());
         cfg.jwt_secret = Some(secret.clone());
         secret
     });
@@ -294,12 +386,21 @@ fn serve(args: ServeArgs) -> Result<(), String> {
 
 fn print_quickstart(secret: &str, addr: SocketAddr, admin: Option<SocketAddr>) {
     let token = mint_hs256(secret, &TokenSpec::new("alice", Duration::from_secs(3600)));
+    // This very binary, so the hint runs as printed whether or not `presenced` is on PATH
+    // (quoted for a shell if its path has a space).
+    let exe = match std::env::current_exe().map(|p| p.display().to_string()) {
+        Ok(p) if p.contains(char::is_whitespace) => format!("'{p}'"),
+        Ok(p) => p,
+        Err(_) => "presenced".into(),
+    };
     println!(
         "\nNo JWT key configured: generated an HS256 secret for this run only.\n\
          \n  secret:  {secret}\n\
          \n  example token for user `alice` (valid 1h):\n  {token}\n\
          \n  connect: ws://{addr}/ws?token={token}\n\
-         \n  more tokens: presenced token --secret {secret} --sub bob\n"
+         \n  more tokens (in another shell):\n  \
+         export PRESENCED_JWT_SECRET={secret}\n  \
+         {exe} token --sub bob\n"
     );
     if let Some(admin) = admin {
         let mut spec = TokenSpec::new("admin", Duration::from_secs(12 * 3600));
@@ -310,5 +411,31 @@ fn print_quickstart(secret: &str, addr: SocketAddr, admin: Option<SocketAddr>) {
              http://{admin}/#token={admin_token}\n\
              \n  metrics: http://{admin}/metrics\n"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_secrets_never_look_like_flags() {
+        // 0xF8… and 0xFC… are the bytes base64url starts with `-` and `_`: the old encoding printed a
+        // secret starting with `-` one run in 64, and `token --secret <it>` then failed.
+        for bytes in [[0xF8; 32], [0xFC; 32], [0xFF; 32], [0; 32], rand::random()] {
+            let secret = generated_secret(bytes);
+            assert_eq!(secret.len(), 64, "{secret}");
+            assert!(secret.bytes().all(|b| b.is_ascii_hexdigit()), "{secret}");
+            let parsed =
+                Cli::try_parse_from(["presenced", "token", "--secret", &secret, "--sub", "b"]);
+            assert!(parsed.is_ok(), "{secret}");
+        }
+        // What went wrong, and the documented ways round it for a secret that does start with `-`.
+        let dash = "-0123456789abcdef";
+        assert!(
+            Cli::try_parse_from(["presenced", "token", "--secret", dash, "--sub", "b"]).is_err()
+        );
+        let eq = format!("--secret={dash}");
+        assert!(Cli::try_parse_from(["presenced", "token", eq.as_str(), "--sub", "b"]).is_ok());
     }
 }

@@ -242,6 +242,8 @@ fn online_filters_combine_and_bad_parameters_are_400() {
     for (q, needle) in [
         ("limit=0", "limit"),
         ("limit=abc", "limit"),
+        ("limit=%2B5", "limit"),
+        ("limit=%205", "limit"),
         ("limit=100000", "limit"),
         ("status=sleeping", "status"),
         ("status=offline", "status"),
@@ -391,6 +393,12 @@ fn kicks_close_with_4003_and_are_404_when_nobody_is_there() {
         s.admin_request("POST", "/api/users/kim/kick", Some(STATIC))
             .0,
         404
+    );
+    assert_eq!(
+        s.admin_request("POST", "/api/sessions/%2B1/kick", Some(STATIC))
+            .0,
+        400,
+        "a sign is not part of a session id"
     );
     assert_eq!(
         s.admin_request("POST", "/api/sessions/zz/kick", Some(STATIC))

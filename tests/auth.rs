@@ -107,6 +107,15 @@ fn bad_tokens_get_401_and_no_upgrade() {
             "issuer",
         ),
         (
+            // RFC 7519: `iss` is one string; an array naming the issuer among others is refused.
+            "iss as an array holding the issuer",
+            hs(
+                Algorithm::HS256,
+                with(json!({"iss":["https://evil","https://idp"]})),
+            ),
+            "malformed",
+        ),
+        (
             "wrong audience",
             hs(Algorithm::HS256, with(json!({"aud":"other"}))),
             "audience",

@@ -83,7 +83,13 @@ export async function loadReplay() {
     const step = replayStep(r.windowMs, r.sampleMs);
     const from = Math.floor((serverNow() - r.windowMs) / step) * step;
     const group = replayGroup();
-    const params = new URLSearchParams({ from: String(from), step: String(step) });
+    // `to` explicit: the page's clock (the last sample's time) trails the server's by up to a
+    // sample, and an open-ended window would then hold one point more than it should.
+    const params = new URLSearchParams({
+      from: String(from),
+      to: String(from + r.windowMs),
+      step: String(step),
+    });
     if (group) params.set("group", group);
     const res = await replay(params);
     if (gen !== r.gen || replayFailed(res, "Replay")) return;

@@ -104,10 +104,7 @@ pub fn parse(buf: &[u8], max: usize) -> Result<Option<Request>, HttpError> {
             }
             conn_upgrade |= has_token(value, "upgrade");
         } else if name.eq_ignore_ascii_case("content-length") {
-            let n: usize = value
-                .trim()
-                .parse()
-                .map_err(|_| err(400, "bad Content-Length"))?;
+            let n = digits(value.trim()).ok_or(err(400, "bad Content-Length"))?;
             if seen_length && n != out.content_length {
                 return Err(err(400, "conflicting Content-Length headers"));
             }
@@ -140,6 +137,17 @@ pub fn parse(buf: &[u8], max: usize) -> Result<Option<Request>, HttpError> {
         out.keep_alive = false;
     }
     Ok(Some(out))
+}
+
+/// A decimal number as RFC 9110 writes one (`1*DIGIT`, e.g. Content-Length): ASCII digits only.
+/// `str::parse` also takes a leading `+`, which another parser on the path (a proxy) may read
+/// differently: the kind of disagreement request smuggling is made of. `None` on anything else,
+/// and on overflow.
+pub fn digits(s: &str) -> Option<usize> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
 }
 
 /// A response before encoding.
@@ -288,6 +296,32 @@ mod tests {
                    Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
         let ws = parse(ws, 4096).unwrap().unwrap();
         assert_eq!(ws.ws_key.as_deref(), Some("dGhlIHNhbXBsZSBub25jZQ=="));
+    }
+
+    #[test]
+    fn content_length_is_digits_only() {
+        let with = |v: &str| {
+            let req = format!("POST /x HTTP/1.1\r\nContent-Length: {v}\r\n\r\n");
+            parse(req.as_bytes(), 4096).map(|r| r.unwrap().content_length)
+        };
+        assert_eq!(with("5"), Ok(5));
+        assert_eq!(with("0"), Ok(0));
+        assert_eq!(with("007"), Ok(7));
+        for bad in [
+            "+5",
+            "-5",
+            "5 5",
+            "5,5",
+            "0x10",
+            "5.0",
+            "\u{661}",
+            "99999999999999999999999",
+        ] {
+            assert_eq!(with(bad).unwrap_err().status, 400, "{bad:?}");
+        }
+        assert_eq!(digits(""), None);
+        assert_eq!(digits(&usize::MAX.to_string()), Some(usize::MAX));
+        assert_eq!(digits("+1"), None);
     }
 
     #[test]

@@ -47,6 +47,10 @@ pub(crate) struct RawClaims {
     device_type: Option<String>,
     #[serde(default)]
     region: Option<String>,
+    /// Only its type is looked at here (the value is jsonwebtoken's to check against
+    /// `auth.issuer`): see [`string_only`].
+    #[serde(default, rename = "iss", deserialize_with = "string_only")]
+    _iss: Option<()>,
 }
 
 impl RawClaims {
@@ -68,6 +72,24 @@ impl RawClaims {
             region: self.region,
         })
     }
+}
+
+/// RFC 7519 §4.1.1: `iss` is one StringOrURI. jsonwebtoken also takes an array and accepts it
+/// when any element is the configured issuer, so a token naming several issuers would pass; any
+/// `iss` that is not a string fails the decode instead (→ [`AuthError::Malformed`]). Nothing is
+/// allocated: the string is only looked at.
+fn string_only<'de, D: Deserializer<'de>>(de: D) -> Result<Option<()>, D::Error> {
+    struct Str;
+    impl serde::de::Visitor<'_> for Str {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a string")
+        }
+        fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<(), E> {
+            Ok(())
+        }
+    }
+    de.deserialize_str(Str).map(Some)
 }
 
 /// RFC 7519 NumericDate: an integer or a fractional number of seconds (truncated), as jsonwebtoken

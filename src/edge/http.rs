@@ -61,6 +61,10 @@ pub fn parse_upgrade(buf: &[u8]) -> Result<Option<UpgradeRequest>, Reject> {
         ..UpgradeRequest::default()
     };
     let (mut upgrade, mut connection, mut version) = (false, false, false);
+    // Headers that must appear at most once: with two, which one counts would depend on the
+    // parser (here the last, in a proxy maybe the first), so an allowlist check could pass on one
+    // value while another is used. RFC 9112 §3.2 requires a 400 for a repeated Host.
+    let mut seen = Singletons::default();
     for h in req.headers.iter() {
         let value =
             std::str::from_utf8(h.value).map_err(|_| Reject::new(400, "non-UTF-8 header"))?;
@@ -69,15 +73,21 @@ pub fn parse_upgrade(buf: &[u8]) -> Result<Option<UpgradeRequest>, Reject> {
             upgrade |= has_token(value, "websocket");
         } else if name.eq_ignore_ascii_case("connection") {
             connection |= has_token(value, "upgrade");
+        } else if name.eq_ignore_ascii_case("host") {
+            seen.once(Singleton::Host)?;
         } else if name.eq_ignore_ascii_case("sec-websocket-version") {
+            seen.once(Singleton::Version)?;
             version = value.trim() == "13";
         } else if name.eq_ignore_ascii_case("sec-websocket-key") {
+            seen.once(Singleton::Key)?;
             out.key = value.trim().to_owned();
         } else if name.eq_ignore_ascii_case("authorization") {
+            seen.once(Singleton::Authorization)?;
             if let Some(t) = bearer(value) {
                 out.token = Some(t.to_owned());
             }
         } else if name.eq_ignore_ascii_case("origin") {
+            seen.once(Singleton::Origin)?;
             out.origin = Some(value.to_owned());
         }
     }
@@ -107,6 +117,47 @@ pub fn parse_upgrade(buf: &[u8]) -> Result<Option<UpgradeRequest>, Reject> {
         *slot = Some(v.into_owned());
     }
     Ok(Some(out))
+}
+
+/// The headers an upgrade request may carry at most once.
+#[derive(Clone, Copy)]
+enum Singleton {
+    Host,
+    Origin,
+    Authorization,
+    Key,
+    Version,
+}
+
+impl Singleton {
+    fn repeated(self) -> Reject {
+        Reject::new(
+            400,
+            match self {
+                Singleton::Host => "repeated Host header",
+                Singleton::Origin => "repeated Origin header",
+                Singleton::Authorization => "repeated Authorization header",
+                Singleton::Key => "repeated Sec-WebSocket-Key header",
+                Singleton::Version => "repeated Sec-WebSocket-Version header",
+            },
+        )
+    }
+}
+
+/// Which [`Singleton`]s a request has shown so far (a bit each).
+#[derive(Default)]
+struct Singletons(u8);
+
+impl Singletons {
+    /// Marks `h` seen; a second sighting is a 400.
+    fn once(&mut self, h: Singleton) -> Result<(), Reject> {
+        let bit = 1 << h as u8;
+        if self.0 & bit != 0 {
+            return Err(h.repeated());
+        }
+        self.0 |= bit;
+        Ok(())
+    }
 }
 
 /// The token of an `Authorization: Bearer <token>` value. Compares bytes, so a value with
@@ -227,6 +278,31 @@ mod tests {
         assert_eq!(status("\x00\x01garbage\r\n\r\n"), 400);
         let many: String = (0..40).map(|i| format!("X-{i}: y\r\n")).collect();
         assert_eq!(status(&req(&many, "/ws")), 431);
+    }
+
+    #[test]
+    fn headers_that_must_be_single_are_refused_when_repeated() {
+        let token = "Authorization: Bearer t\r\n";
+        for (extra, why) in [
+            ("Origin: https://app\r\nOrigin: https://evil\r\n", "Origin"),
+            ("origin: https://app\r\nORIGIN: https://app\r\n", "Origin"),
+            ("Host: y\r\n", "Host"),
+            ("Authorization: Bearer other\r\n", "Authorization"),
+            (
+                "Sec-WebSocket-Key: AAAAAAAAAAAAAAAAAAAAAA==\r\n",
+                "Sec-WebSocket-Key",
+            ),
+            ("Sec-WebSocket-Version: 13\r\n", "Sec-WebSocket-Version"),
+        ] {
+            let text = req(&format!("{token}{extra}"), "/ws");
+            let e = parse_upgrade(text.as_bytes()).unwrap_err();
+            assert_eq!(e.status, 400, "{extra:?}");
+            assert!(e.reason.contains(why), "{extra:?}: {}", e.reason);
+        }
+        // Each once is fine, whatever the case of the name.
+        let once = req(&format!("{token}ORIGIN: https://app\r\n"), "/ws");
+        let r = parse_upgrade(once.as_bytes()).unwrap().unwrap();
+        assert_eq!(r.origin.as_deref(), Some("https://app"));
     }
 
     #[test]

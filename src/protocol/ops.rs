@@ -150,8 +150,10 @@ struct RawOp<'a> {
     token: Option<String>,
 }
 
-/// A user id inside an array. The newtype is what lets serde borrow it: a bare `Cow` only
-/// borrows when it is the field itself, so `Vec<Cow<str>>` would allocate every id twice.
+/// A string that borrows from the input unless it holds a JSON escape, which is decoded (the only
+/// case that allocates): a user id inside an array, the op name. The newtype is what lets serde
+/// borrow it: a bare `Cow` only borrows when it is the field itself, so `Vec<Cow<str>>` would
+/// allocate every id twice, and `from_str::<Cow<str>>` always allocates.
 #[derive(Deserialize)]
 struct Id<'a>(#[serde(borrow)] std::borrow::Cow<'a, str>);
 
@@ -194,9 +196,11 @@ pub fn parse(text: &str, limits: &OpLimits) -> Result<Request, OpError> {
     let Some(op) = raw.op else {
         return Err(bad("missing field `op`".into()));
     };
-    let Ok(name) = serde_json::from_str::<&str>(op.get()) else {
+    // Borrowed unless the name has a JSON escape (`"\u0070ing"` is `ping`); then it is decoded.
+    let Ok(Id(name)) = serde_json::from_str::<Id>(op.get()) else {
         return Err(bad("`op` must be a string".into()));
     };
+    let name = &*name;
     let op = match name {
         "subscribe" | "unsubscribe" => {
             let users = raw

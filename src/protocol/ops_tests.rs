@@ -119,3 +119,33 @@ proptest::proptest! {
         let _ = parse(&text, &OpLimits::default());
     }
 }
+
+#[test]
+fn op_names_with_json_escapes_are_decoded() {
+    assert_eq!(ok(r#"{"op":"\u0070ing"}"#).op, Op::Ping);
+    assert_eq!(
+        ok(r#"{"op":"set_\u0073tatus","status":"b\u0075sy"}"#).op,
+        Op::SetStatus {
+            status: Status::Busy,
+            text: None
+        }
+    );
+    assert_eq!(
+        ok(r#"{"op":"subscribe\u005fgroup","group":"t\u0065am"}"#).op,
+        Op::SubscribeGroup("team".into())
+    );
+    let e = err(r#"{"op":"\u0074eleport","id":1}"#);
+    assert_eq!(e.code, ErrorCode::UnknownOp);
+    assert!(e.message.contains("`teleport`"), "{}", e.message);
+    // An escape that decodes to nothing valid is still a bad string, not a crash.
+    assert_eq!(err(r#"{"op":"\ud800"}"#).code, ErrorCode::BadRequest);
+}
+
+#[test]
+fn op_names_borrow_unless_escaped() {
+    use std::borrow::Cow;
+    let Id(plain) = serde_json::from_str::<Id>(r#""ping""#).unwrap();
+    assert!(matches!(plain, Cow::Borrowed("ping")));
+    let Id(escaped) = serde_json::from_str::<Id>(r#""\u0070ing""#).unwrap();
+    assert!(matches!(escaped, Cow::Owned(ref s) if s == "ping"));
+}

@@ -327,11 +327,31 @@ impl Client {
         assert_eq!(self.request(op)["type"], "ack");
     }
 
-    /// Asserts no JSON frame arrives within `d`.
+    /// Asserts that for the whole of `d` the server sends nothing but pings and pongs, and the
+    /// connection stays open. Pings are not messages: they are answered (tungstenite queues the
+    /// pong and writes it on the next read) and the window goes on to its end. Any other frame,
+    /// a close included, or a read error other than the window running out, fails the test.
     pub fn expect_silence(&mut self, d: Duration) {
-        self.ws.get_ref().set_read_timeout(Some(d)).unwrap();
-        if let Ok(Message::Text(t)) = self.ws.read() {
-            panic!("unexpected frame {t}");
+        let end = Instant::now() + d;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            self.ws.get_ref().set_read_timeout(Some(left)).unwrap();
+            match self.ws.read() {
+                Ok(Message::Ping(_) | Message::Pong(_)) => continue,
+                Ok(other) => panic!("expected silence for {d:?}, got {other:?}"),
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    break
+                }
+                Err(e) => panic!("expected silence for {d:?}, the connection failed: {e}"),
+            }
         }
         self.ws.get_ref().set_read_timeout(Some(WAIT)).unwrap();
     }

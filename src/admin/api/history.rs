@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::params::{page_args, params, segment, time_range};
+use super::params::{number, page_args, params, segment, time_range};
 use crate::admin::http::Response;
 use crate::admin::AdminLocal;
 use crate::history::{Answer, Query as HQuery};
@@ -116,8 +116,8 @@ pub async fn route(
             let default_step = shard.cfg().history.sample_interval_s * 1000;
             let step = match p.iter().find(|(k, _)| k == "step") {
                 None => default_step,
-                Some((_, v)) => match v.parse::<u64>() {
-                    Ok(n) if n > 0 => n,
+                Some((_, v)) => match number(v) {
+                    Some(n) if n > 0 => n,
                     _ => return Err(Response::error(400, "step must be a positive number of ms")),
                 },
             };
@@ -149,9 +149,9 @@ pub async fn route(
             let p = params(query, &["t", "group", "limit"])?;
             let t = match p.iter().find(|(k, _)| k == "t") {
                 None => return Err(Response::error(400, "t (ms since the epoch) is required")),
-                Some((_, v)) => match v.parse::<u64>() {
-                    Ok(t) => t,
-                    Err(_) => return Err(Response::error(400, "t must be ms since the epoch")),
+                Some((_, v)) => match number(v) {
+                    Some(t) => t,
+                    None => return Err(Response::error(400, "t must be ms since the epoch")),
                 },
             };
             let (limit, _) = page_args(&p, 100, shard.cfg().admin.max_page)?;

@@ -160,7 +160,7 @@ async fn api(
         }
         ["sessions", id, "kick"] => {
             need(method == Method::Post, "POST")?;
-            let Some(session) = segment(id).and_then(|s| u64::from_str_radix(&s, 16).ok()) else {
+            let Some(session) = segment(id).and_then(|s| params::hex(&s)) else {
                 return Err(Response::error(
                     400,
                     "a session id is the hex `session` of welcome",

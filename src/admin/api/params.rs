@@ -4,6 +4,23 @@ use super::super::http::Response;
 use super::super::query::{decode_cursor, OnlineFilter, OnlineQuery};
 use crate::presence::{Aggregate, DeviceType, UserId};
 
+/// A decimal number written with digits only (RFC 9110 style: no sign, no spaces), as every
+/// number in a query parameter must be; `str::parse` alone would take `+5`.
+pub fn number(s: &str) -> Option<u64> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// A hexadecimal number (a session id) written with hex digits only.
+pub fn hex(s: &str) -> Option<u64> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u64::from_str_radix(s, 16).ok()
+}
+
 /// Query parameters, each allowed at most once and only from `allowed`.
 pub fn params(query: &str, allowed: &[&str]) -> Result<Vec<(String, String)>, Response> {
     let mut out: Vec<(String, String)> = Vec::new();
@@ -36,9 +53,8 @@ pub fn page_args(
     for (k, v) in p {
         match k.as_str() {
             "limit" => {
-                limit = v
-                    .parse()
-                    .ok()
+                limit = number(v)
+                    .and_then(|n| usize::try_from(n).ok())
                     .filter(|n| (1..=max).contains(n))
                     .ok_or_else(|| {
                         Response::error(400, &format!("limit must be between 1 and {max}"))
@@ -109,10 +125,9 @@ pub fn time_range(p: &[(String, String)]) -> Result<(u64, u64), Response> {
     let get = |name: &str| -> Result<Option<u64>, Response> {
         match p.iter().find(|(k, _)| k == name) {
             None => Ok(None),
-            Some((_, v)) => v
-                .parse()
+            Some((_, v)) => number(v)
                 .map(Some)
-                .map_err(|_| Response::error(400, &format!("{name} must be ms since the epoch"))),
+                .ok_or_else(|| Response::error(400, &format!("{name} must be ms since the epoch"))),
         }
     };
     let to = get("to")?.unwrap_or_else(crate::shard::now_ms);

@@ -188,7 +188,24 @@ fn issuer_checked_only_when_configured() {
         with_iss(json!("https://evil.example")),
         Err(AuthError::WrongIssuer)
     );
-    assert_eq!(with_iss(json!(17)), Err(AuthError::WrongIssuer));
+    // RFC 7519 §4.1.1: one string; any other type is a malformed token. jsonwebtoken alone would
+    // accept an array holding the issuer.
+    for iss in [
+        json!(["https://id.example"]),
+        json!(["https://evil.example", "https://id.example"]),
+        json!(["https://evil.example"]),
+        json!({ "iss": "https://id.example" }),
+        json!(17),
+        json!(null),
+    ] {
+        assert_eq!(with_iss(iss.clone()), Err(AuthError::Malformed), "{iss}");
+    }
+    // A string serde_json must unescape (`\"`) is read like any other.
+    let quoted = hs_verifier(|c| c.issuer = Some("id \"q\"".into()));
+    let c = json!({ "sub": "a", "exp": now() + 60, "iss": "id \"q\"" });
+    assert!(quoted
+        .verify(&sign_hs(Algorithm::HS256, SECRET, &c))
+        .is_ok());
     assert_eq!(
         v.verify(&sign_hs(Algorithm::HS256, SECRET, &claims("a"))),
         Err(AuthError::WrongIssuer)
@@ -199,6 +216,12 @@ fn issuer_checked_only_when_configured() {
     assert!(unchecked
         .verify(&sign_hs(Algorithm::HS256, SECRET, &c))
         .is_ok());
+    // Unchecked is not unparsed: an `iss` that is not a string is malformed either way.
+    let c = json!({ "sub": "a", "exp": now() + 60, "iss": ["anyone"] });
+    assert_eq!(
+        unchecked.verify(&sign_hs(Algorithm::HS256, SECRET, &c)),
+        Err(AuthError::Malformed)
+    );
 }
 
 #[test]
@@ -223,6 +246,12 @@ fn audience_checked_only_when_configured() {
     assert!(unchecked
         .verify(&sign_hs(Algorithm::HS256, SECRET, &c))
         .is_ok());
+    // Unchecked is not unparsed: an `iss` that is not a string is malformed either way.
+    let c = json!({ "sub": "a", "exp": now() + 60, "iss": ["anyone"] });
+    assert_eq!(
+        unchecked.verify(&sign_hs(Algorithm::HS256, SECRET, &c)),
+        Err(AuthError::Malformed)
+    );
 }
 
 #[test]
