@@ -314,3 +314,7 @@ impl Shard {
         );
     }
 }
+
+#[cfg(test)]
+#[path = "apply_tests.rs"]
+mod tests;
