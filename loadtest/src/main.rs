@@ -1,16 +1,18 @@
 //! `presenced-loadtest`: drives a real presenced with a fleet of real WebSocket clients and
 //! measures it. See loadtest/README.md.
 
+mod barrier;
 mod client;
 mod plan;
 mod report;
 mod run;
 mod scenario;
+mod scrape;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::Ordering::{Acquire, Relaxed};
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -118,6 +120,14 @@ struct RunArgs {
     /// No progress lines on stderr.
     #[arg(long)]
     quiet: bool,
+    /// The server's admin port, e.g. http://127.0.0.1:9090: `--verify` reads its coalescing
+    /// counter (`/metrics`) before and after the run to tell a seq gap the server explains
+    /// (coalescing for a slow consumer) from a lost event.
+    #[arg(long)]
+    admin_url: Option<String>,
+    /// Bearer token for the admin port, when its `/metrics` is protected.
+    #[arg(long, env = "PRESENCED_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
     /// Write the current phase (ramp, run, drain, done) to this file as it changes, so scripts
     /// can sample the server exactly over the run phase.
     #[arg(long)]
@@ -250,6 +260,24 @@ fn run_load(args: RunArgs) -> Result<ExitCode, String> {
     if args.secret.is_empty() {
         return Err("--secret (or PRESENCED_JWT_SECRET) is required".into());
     }
+    let admin = args
+        .admin_url
+        .as_deref()
+        .map(|u| scrape::AdminPort::parse(u, args.admin_token.clone()))
+        .transpose()?;
+    if let Some(a) = &admin {
+        if !a.addr().ip().is_loopback() && !args.allow_remote {
+            return Err(format!(
+                "--admin-url {} is not loopback; pass --allow-remote to read it",
+                a.addr()
+            ));
+        }
+    }
+    // The coalescing counter before the run: a scrape that fails here is a usage error.
+    let coalesced_before = match &admin {
+        Some(a) => Some(a.coalesced().map_err(|e| format!("--admin-url: {e}"))?),
+        None => None,
+    };
     let (worker, workers) = args.worker;
     let threads = args
         .threads
@@ -263,6 +291,7 @@ fn run_load(args: RunArgs) -> Result<ExitCode, String> {
         seed: args.seed,
         sources: args.sources,
         workers,
+        fleet_flappers: plan::fleet_flappers(scn.connections, scn.flap_fraction),
         final_text: format!(
             "final-{}",
             args.run_tag
@@ -277,14 +306,14 @@ fn run_load(args: RunArgs) -> Result<ExitCode, String> {
         ramped: AtomicUsize::new(0),
         finals_sent: AtomicUsize::new(0),
         verified: AtomicUsize::new(0),
+        release: AtomicBool::new(false),
         unconverged: (0..threads).map(|_| AtomicU64::new(0)).collect(),
     });
     let mine: Vec<usize> = plan::my_users(scn.connections, worker, workers).collect();
     let expected = mine.len() as u64;
-    let mut per_thread: Vec<Vec<(usize, usize)>> = vec![Vec::new(); threads];
-    for (n, user) in mine.into_iter().enumerate() {
-        per_thread[n % threads].push((user, n));
-    }
+    let per_thread = plan::deal(&mine, threads, scn.flap_fraction);
+    // Several workers: a control connection, so no worker closes before all have verified.
+    let fleet = (workers > 1).then(|| barrier::spawn(shared.clone(), worker, workers));
     let cpu_start = cpu_seconds();
     let started = Instant::now();
     if let Some(p) = &args.phase_file {
@@ -347,6 +376,7 @@ fn run_load(args: RunArgs) -> Result<ExitCode, String> {
         }
     }
     shared.stop_flapping.store(true, Relaxed);
+    let run_phase_s = run_started.elapsed().as_secs_f64();
     phase("drain");
     // Drain: wait for the final states, bounded.
     let drain_until = Instant::now() + args.drain;
@@ -367,16 +397,82 @@ fn run_load(args: RunArgs) -> Result<ExitCode, String> {
     let run_s = run_started.elapsed().as_secs_f64();
     phase("done");
     shared.finish.store(true, Relaxed);
+    // Every thread takes its verification snapshot before any connection closes (bounded: a
+    // thread that died cannot hold the others forever) ...
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while shared.verified.load(Acquire) < threads && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // ... and so does every other worker of the fleet: the others started together with the
+    // same flags, so they finish within a run and a drain of this one.
+    let mut fleet_error = None;
+    if let Some(b) = &fleet {
+        let deadline = Instant::now()
+            + Duration::from_secs_f64(scn.duration_s)
+            + args.drain
+            + Duration::from_secs(10);
+        while b.state.load(Acquire) == barrier::WAITING && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if b.state.load(Acquire) == barrier::WAITING {
+            fleet_error = Some("barrier_timeout".to_string());
+        }
+    }
+    // Every subscriber has verified: nothing it counted can be merged any more.
+    let mut coalesced_error = None;
+    let coalesced = match (&admin, coalesced_before) {
+        (Some(a), Some(before)) => match a.coalesced() {
+            Ok(after) => Some(after.saturating_sub(before)),
+            Err(e) => {
+                if !args.quiet {
+                    eprintln!("warning: --admin-url after the run: {e}");
+                }
+                coalesced_error = Some("admin_scrape");
+                None
+            }
+        },
+        _ => None,
+    };
+    shared.release.store(true, Release);
     let mut stats = Stats::default();
     for h in handles {
         stats.add(h.join().map_err(|_| "a client thread panicked")?);
+    }
+    if let Some(b) = fleet {
+        match b.thread.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => fleet_error = fleet_error.or(Some(e)),
+            Err(_) => fleet_error = Some("barrier_panicked".into()),
+        }
+    }
+    if let Some(e) = fleet_error {
+        if !args.quiet {
+            eprintln!(
+                "warning: {e}: this worker may have closed its connections before every other \
+                 worker verified; their verification can then count its users as missing"
+            );
+        }
+        stats.error(e);
     }
     let cpu_s = cpu_seconds() - cpu_start;
     if stats.connections < expected {
         stats.missing += expected - stats.connections;
     }
-    let mut report = Report::new(&args.scenario, &stats, run_s, cpu_s, args.verify);
+    if let Some(e) = coalesced_error {
+        stats.error(e);
+    }
+    if client::debug() && stats.missing > 0 {
+        eprintln!(
+            "LT_DEBUG: {} pair(s) missing in all; each thread printed its first {}",
+            stats.missing,
+            client::DEBUG_LINES
+        );
+    }
+    let mut report = Report::new(&args.scenario, &stats, run_s, cpu_s, args.verify, coalesced);
     report.workers = 1;
+    report.flaps_per_sec_target = scn.flaps_per_sec;
+    report.run_phase_s = run_phase_s;
+    report.flaps_per_sec = stats.flaps_sent as f64 / run_phase_s.max(1e-9);
     report.ramp_s = ramp_s;
     report.handshakes_per_sec = stats.connections as f64 / ramp_s.max(1e-9);
     print!("{}", report.table());

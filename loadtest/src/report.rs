@@ -26,6 +26,8 @@ pub struct Stats {
     pub missing: u64,
     pub out_of_order: u64,
     pub checked: u64,
+    /// Live events on a direct feed whose seq skipped one or more (see [`Verify::seq_gaps`]).
+    pub seq_gaps: u64,
 }
 
 impl Default for Stats {
@@ -42,6 +44,7 @@ impl Default for Stats {
             missing: 0,
             out_of_order: 0,
             checked: 0,
+            seq_gaps: 0,
         }
     }
 }
@@ -64,6 +67,7 @@ impl Stats {
         self.missing += other.missing;
         self.out_of_order += other.out_of_order;
         self.checked += other.checked;
+        self.seq_gaps += other.seq_gaps;
         for (k, v) in other.errors {
             *self.errors.entry(k).or_default() += v;
         }
@@ -102,6 +106,37 @@ pub struct Verify {
     pub out_of_order: u64,
     /// (subscriber, flapped user) pairs checked.
     pub checked: u64,
+    /// Live events on a direct feed whose `seq` was more than one above the last one seen for
+    /// that (subscriber, user): the server merged queued events, or lost one.
+    #[serde(default)]
+    pub seq_gaps: u64,
+    /// How far the server's coalescing counter (`presenced_coalesced_events_total`) moved over
+    /// the run, read from `--admin-url`; `null` without it. When it did not move, every seq gap
+    /// is a lost event and fails verification; when it did, gaps are allowed (counted).
+    #[serde(default)]
+    pub coalesced: Option<u64>,
+}
+
+impl Verify {
+    /// The verdict: everything checked arrived, in order, and every seq gap is explained.
+    pub fn judge(&mut self) {
+        let gaps_unexplained = self.seq_gaps > 0 && self.coalesced == Some(0);
+        self.passed =
+            self.missing == 0 && self.out_of_order == 0 && self.checked > 0 && !gaps_unexplained;
+    }
+
+    /// One line on the seq gaps, saying whether they could be attributed.
+    pub fn gaps_line(&self) -> String {
+        let why = match self.coalesced {
+            _ if self.seq_gaps == 0 => "none".to_string(),
+            None => "not attributed: without --admin-url it is unknown whether the server \
+                     coalesced"
+                .to_string(),
+            Some(0) => "the server coalesced nothing: lost events (verify fails)".to_string(),
+            Some(c) => format!("allowed: the server coalesced {c} events for slow consumers"),
+        };
+        format!("  seq gaps                {} ({why})\n", self.seq_gaps)
+    }
 }
 
 /// The machine-readable report (`--json`).
@@ -118,6 +153,14 @@ pub struct Report {
     pub duration_s: f64,
     pub client_cpu_s: f64,
     pub flaps_sent: u64,
+    /// The flap rate asked for (`--flaps-per-sec`, whole fleet).
+    #[serde(default)]
+    pub flaps_per_sec_target: u64,
+    /// Length of the run phase (flapping), and the flap rate sent over it.
+    #[serde(default)]
+    pub run_phase_s: f64,
+    #[serde(default)]
+    pub flaps_per_sec: f64,
     pub reconnects: u64,
     pub connect_latency_us: Percentiles,
     pub handshake_latency_us: Percentiles,
@@ -149,7 +192,15 @@ fn decode(s: &str) -> Result<Histogram<u64>, String> {
 }
 
 impl Report {
-    pub fn new(scenario: &str, stats: &Stats, run_s: f64, cpu_s: f64, verify: bool) -> Report {
+    /// `coalesced`: how far the server's coalescing counter moved over the run, when known.
+    pub fn new(
+        scenario: &str,
+        stats: &Stats,
+        run_s: f64,
+        cpu_s: f64,
+        verify: bool,
+        coalesced: Option<u64>,
+    ) -> Report {
         let mut histograms = BTreeMap::new();
         histograms.insert("connect".into(), encode(&stats.connect_us));
         histograms.insert("handshake".into(), encode(&stats.handshake_us));
@@ -165,16 +216,25 @@ impl Report {
             duration_s: run_s,
             client_cpu_s: cpu_s,
             flaps_sent: stats.flaps_sent,
+            flaps_per_sec_target: 0,
+            run_phase_s: 0.0,
+            flaps_per_sec: 0.0,
             reconnects: stats.reconnects,
             connect_latency_us: Percentiles::of(&stats.connect_us),
             handshake_latency_us: Percentiles::of(&stats.handshake_us),
             fanout_latency_us: Percentiles::of(&stats.fanout_us),
             errors: stats.errors.clone(),
-            verify: verify.then_some(Verify {
-                passed: stats.missing == 0 && stats.out_of_order == 0 && stats.checked > 0,
-                missing: stats.missing,
-                out_of_order: stats.out_of_order,
-                checked: stats.checked,
+            verify: verify.then(|| {
+                let mut v = Verify {
+                    passed: false,
+                    missing: stats.missing,
+                    out_of_order: stats.out_of_order,
+                    checked: stats.checked,
+                    seq_gaps: stats.seq_gaps,
+                    coalesced,
+                };
+                v.judge();
+                v
             }),
             histograms,
         }
@@ -197,16 +257,21 @@ impl Report {
             out.duration_s = out.duration_s.max(r.duration_s);
             out.client_cpu_s += r.client_cpu_s;
             out.flaps_sent += r.flaps_sent;
+            out.run_phase_s = out.run_phase_s.max(r.run_phase_s);
             out.reconnects += r.reconnects;
             for (k, v) in r.errors {
                 *out.errors.entry(k).or_default() += v;
             }
             out.verify = match (out.verify.take(), r.verify) {
+                // Every worker read the same server's counter over about the same run: the
+                // largest move stands for the fleet.
                 (Some(a), Some(b)) => Some(Verify {
                     passed: a.passed && b.passed,
                     missing: a.missing + b.missing,
                     out_of_order: a.out_of_order + b.out_of_order,
                     checked: a.checked + b.checked,
+                    seq_gaps: a.seq_gaps + b.seq_gaps,
+                    coalesced: a.coalesced.max(b.coalesced),
                 }),
                 (a, b) => a.or(b),
             };
@@ -221,6 +286,7 @@ impl Report {
             }
         }
         out.deliveries_per_sec = out.deliveries as f64 / out.duration_s.max(1e-9);
+        out.flaps_per_sec = out.flaps_sent as f64 / out.run_phase_s.max(1e-9);
         out.handshakes_per_sec = out.connections_established as f64 / out.ramp_s.max(1e-9);
         let get = |k: &str| hists.get(k).map(Percentiles::of).unwrap_or_default();
         out.connect_latency_us = get("connect");
@@ -240,7 +306,7 @@ impl Report {
         };
         let mut t = format!(
             "scenario {} ({} worker(s))\n  connections established {} in {:.2} s ({:.0}/s)\n  run                     {:.1} s\n  \
-             flaps sent              {}\n  deliveries              {} ({:.0}/s)\n  client CPU              {:.2} s\n  \
+             flaps sent              {} ({:.0}/s over {:.1} s; asked {}/s)\n  deliveries              {} ({:.0}/s)\n  client CPU              {:.2} s\n  \
              reconnects              {}\n\n  latency (µs)           {:>9} {:>9} {:>9} {:>9} {:>9} {:>10}\n",
             self.scenario,
             self.workers,
@@ -249,6 +315,9 @@ impl Report {
             self.handshakes_per_sec,
             self.duration_s,
             self.flaps_sent,
+            self.flaps_per_sec,
+            self.run_phase_s,
+            self.flaps_per_sec_target,
             self.deliveries,
             self.deliveries_per_sec,
             self.client_cpu_s,
@@ -272,12 +341,14 @@ impl Report {
             }
         }
         if let Some(v) = &self.verify {
+            t += &v.gaps_line();
             t += &format!(
-                "  verify                  {} (checked {}, missing {}, out of order {})\n",
+                "  verify                  {} (checked {}, missing {}, out of order {}, seq gaps {})\n",
                 if v.passed { "PASSED" } else { "FAILED" },
                 v.checked,
                 v.missing,
-                v.out_of_order
+                v.out_of_order,
+                v.seq_gaps
             );
         }
         t
@@ -299,8 +370,8 @@ mod tests {
         a.deliveries = 100;
         b.deliveries = 100;
         b.error("read");
-        let ra = Report::new("t", &a, 2.0, 1.0, true);
-        let rb = Report::new("t", &b, 4.0, 1.0, true);
+        let ra = Report::new("t", &a, 2.0, 1.0, true, None);
+        let rb = Report::new("t", &b, 4.0, 1.0, true, None);
         let json = serde_json::to_string(&ra).unwrap();
         let back: Report = serde_json::from_str(&json).unwrap();
         let m = Report::merge(vec![back, rb]).unwrap();
@@ -310,5 +381,47 @@ mod tests {
         assert!(m.fanout_latency_us.p99 >= 1000);
         assert_eq!(m.errors["read"], 1);
         assert!(!m.verify.unwrap().passed, "nothing was checked");
+    }
+
+    /// Issue 11 item 19: a seq gap fails verification when the server says it coalesced
+    /// nothing, is allowed when it coalesced, and is only counted when nobody asked it.
+    #[test]
+    fn seq_gaps_fail_only_when_the_server_coalesced_nothing() {
+        let mut s = Stats {
+            checked: 10,
+            ..Stats::default()
+        };
+        let verdict = |s: &Stats, c: Option<u64>| {
+            let r = Report::new("t", s, 1.0, 1.0, true, c);
+            let v = r.verify.clone().unwrap();
+            (v.passed, r.table())
+        };
+        assert!(verdict(&s, Some(0)).0, "no gaps, nothing coalesced");
+        s.seq_gaps = 2;
+        let (passed, table) = verdict(&s, Some(0));
+        assert!(!passed, "gaps the server cannot explain are lost events");
+        assert!(table.contains("seq gaps                2 (the server coalesced nothing"));
+        let (passed, table) = verdict(&s, Some(5));
+        assert!(passed, "gaps are allowed when the server coalesced");
+        assert!(table.contains("allowed: the server coalesced 5 events"));
+        let (passed, table) = verdict(&s, None);
+        assert!(passed);
+        assert!(table.contains("not attributed"), "{table}");
+        // Merging keeps the count and the largest move of the counter; a failed worker fails
+        // the fleet.
+        let a = Report::new("t", &s, 1.0, 1.0, true, Some(0));
+        let b = Report::new(
+            "t",
+            &Stats {
+                checked: 1,
+                ..Stats::default()
+            },
+            1.0,
+            1.0,
+            true,
+            Some(0),
+        );
+        let m = Report::merge(vec![a, b]).unwrap().verify.unwrap();
+        assert_eq!((m.passed, m.seq_gaps, m.coalesced), (false, 2, Some(0)));
     }
 }
