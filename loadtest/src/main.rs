@@ -8,6 +8,7 @@ mod report;
 mod run;
 mod scenario;
 mod scrape;
+mod subchurn;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
@@ -22,7 +23,7 @@ use clap::{Args, Parser, Subcommand};
 use plan::Pattern;
 use report::{Report, Stats};
 use run::Shared;
-use scenario::Scenario;
+use scenario::{Mode, Scenario};
 
 #[derive(Parser)]
 #[command(
@@ -63,7 +64,8 @@ struct RunArgs {
         default_value = ""
     )]
     secret: String,
-    /// A preset (idle, churn, fanout, storm) or a TOML scenario file; flags override it.
+    /// A preset (idle, churn, fanout, storm, subchurn) or a TOML scenario file; flags override
+    /// it.
     #[arg(long, default_value = "churn")]
     scenario: String,
     /// Connections in the whole fleet (all workers).
@@ -86,6 +88,16 @@ struct RunArgs {
     /// Status changes per second for the whole fleet.
     #[arg(long)]
     flaps_per_sec: Option<u64>,
+    /// subchurn: subscribe/unsubscribe ops per second, per connection.
+    #[arg(long)]
+    churn_ops_per_sec: Option<u64>,
+    /// subchurn: ids per op (the `--watch` ids are cycled through in batches this big).
+    #[arg(long)]
+    churn_batch: Option<usize>,
+    /// subchurn: how many of the ids are online harness users (checked, then changed after the
+    /// storm).
+    #[arg(long)]
+    churn_targets: Option<usize>,
     /// Run phase length, e.g. 10s, 2m.
     #[arg(long, value_parser = humantime::parse_duration)]
     duration: Option<Duration>,
@@ -219,7 +231,9 @@ fn resolve(args: &RunArgs) -> Result<Scenario, String> {
         ($($f:ident => $g:ident),*) => { $(if let Some(v) = args.$f { s.$g = v; })* };
     }
     over!(connections => connections, rate => rate, watch => watch, pattern => pattern,
-          groups => groups, flap_fraction => flap_fraction, flaps_per_sec => flaps_per_sec);
+          groups => groups, flap_fraction => flap_fraction, flaps_per_sec => flaps_per_sec,
+          churn_ops_per_sec => churn_ops_per_sec, churn_batch => churn_batch,
+          churn_targets => churn_targets);
     if let Some(d) = args.duration {
         s.duration_s = d.as_secs_f64();
     }
@@ -307,29 +321,59 @@ fn run_load(args: RunArgs) -> Result<ExitCode, String> {
         finals_sent: AtomicUsize::new(0),
         verified: AtomicUsize::new(0),
         release: AtomicBool::new(false),
+        resubscribed: AtomicUsize::new(0),
+        live: AtomicBool::new(false),
+        live_checked: AtomicUsize::new(0),
         unconverged: (0..threads).map(|_| AtomicU64::new(0)).collect(),
     });
-    let mine: Vec<usize> = plan::my_users(scn.connections, worker, workers).collect();
-    let expected = mine.len() as u64;
-    let per_thread = plan::deal(&mine, threads, scn.flap_fraction);
-    // Several workers: a control connection, so no worker closes before all have verified.
-    let fleet = (workers > 1).then(|| barrier::spawn(shared.clone(), worker, workers));
-    let cpu_start = cpu_seconds();
-    let started = Instant::now();
+    let churn = (scn.mode == Mode::Subchurn)
+        .then(|| Arc::new(subchurn::Plan::new(&shared, args.verify, args.drain)));
+    if churn.is_some() && workers > 1 {
+        return Err("--scenario subchurn runs as one process (no --worker)".into());
+    }
+    let spawn = |ix: usize, f: Box<dyn FnOnce() -> Stats + Send>| {
+        std::thread::Builder::new()
+            .name(format!("load-{ix}"))
+            .spawn(f)
+            .expect("spawning a client thread")
+    };
+    let cpu_start;
+    let started;
+    let expected;
+    let handles: Vec<_> = if let Some(plan) = &churn {
+        expected = plan.connections() as u64;
+        cpu_start = cpu_seconds();
+        started = Instant::now();
+        subchurn::deal(plan, threads)
+            .into_iter()
+            .enumerate()
+            .map(|(ix, (churners, targets))| {
+                let (shared, plan) = (shared.clone(), plan.clone());
+                spawn(
+                    ix,
+                    Box::new(move || subchurn::thread_main(shared, plan, churners, targets)),
+                )
+            })
+            .collect()
+    } else {
+        let mine: Vec<usize> = plan::my_users(scn.connections, worker, workers).collect();
+        expected = mine.len() as u64;
+        cpu_start = cpu_seconds();
+        started = Instant::now();
+        plan::deal(&mine, threads, scn.flap_fraction)
+            .into_iter()
+            .enumerate()
+            .map(|(ix, users)| {
+                let shared = shared.clone();
+                spawn(ix, Box::new(move || run::thread_main(shared, ix, users)))
+            })
+            .collect()
+    };
     if let Some(p) = &args.phase_file {
         let _ = std::fs::write(p, "ramp");
     }
-    let handles: Vec<_> = per_thread
-        .into_iter()
-        .enumerate()
-        .map(|(ix, users)| {
-            let shared = shared.clone();
-            std::thread::Builder::new()
-                .name(format!("load-{ix}"))
-                .spawn(move || run::thread_main(shared, ix, users))
-                .expect("spawning a client thread")
-        })
-        .collect();
+    // Several workers: a control connection, so no worker closes before all have verified.
+    let fleet = (workers > 1).then(|| barrier::spawn(shared.clone(), worker, workers));
 
     let progress = |phase: &str| {
         if !args.quiet {
@@ -378,9 +422,29 @@ fn run_load(args: RunArgs) -> Result<ExitCode, String> {
     shared.stop_flapping.store(true, Relaxed);
     let run_phase_s = run_started.elapsed().as_secs_f64();
     phase("drain");
-    // Drain: wait for the final states, bounded.
+    if let Some(plan) = &churn {
+        // After the storm: every watcher re-subscribes and checks its snapshots (each within
+        // --drain); then the targets change once more and every watcher checks the live events.
+        if args.verify {
+            let wait = |count: &AtomicUsize, what: &str| {
+                let until = Instant::now() + args.drain + subchurn::STAGE_SLACK;
+                let mut tick = Instant::now();
+                while count.load(Acquire) < plan.churners && Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(10));
+                    if tick.elapsed() >= Duration::from_secs(1) {
+                        progress(what);
+                        tick = Instant::now();
+                    }
+                }
+            };
+            wait(&shared.resubscribed, "resub");
+            shared.live.store(true, Release);
+            wait(&shared.live_checked, "live");
+        }
+    }
+    // Drain: wait for the final states, bounded (nothing to wait for in subchurn).
     let drain_until = Instant::now() + args.drain;
-    while Instant::now() < drain_until {
+    while churn.is_none() && Instant::now() < drain_until {
         // Acquire pairs with the threads' Release: a thread's count is current once it is
         // counted in `finals_sent`.
         let finals = shared.finals_sent.load(Acquire) == threads;
@@ -455,6 +519,17 @@ fn run_load(args: RunArgs) -> Result<ExitCode, String> {
         stats.error(e);
     }
     let cpu_s = cpu_seconds() - cpu_start;
+    if let Some(plan) = &churn {
+        // Every (watcher, id) re-snapshot and (watcher, target) live event is a check; a
+        // watcher that could not re-subscribe misses all of its.
+        let sc = &stats.subchurn;
+        let unverified = plan.churners as u64 - sc.watchers.min(plan.churners as u64);
+        stats.checked = sc.snapshots_expected + sc.live_expected;
+        stats.missing = sc.snapshots_missing
+            + sc.snapshots_wrong
+            + sc.live_missing
+            + unverified * (plan.ids + plan.targets.len()) as u64;
+    }
     if stats.connections < expected {
         stats.missing += expected - stats.connections;
     }
@@ -470,6 +545,9 @@ fn run_load(args: RunArgs) -> Result<ExitCode, String> {
     }
     let mut report = Report::new(&args.scenario, &stats, run_s, cpu_s, args.verify, coalesced);
     report.workers = 1;
+    if churn.is_some() {
+        report.subchurn = Some(stats.subchurn.clone());
+    }
     report.flaps_per_sec_target = scn.flaps_per_sec;
     report.run_phase_s = run_phase_s;
     report.flaps_per_sec = stats.flaps_sent as f64 / run_phase_s.max(1e-9);

@@ -28,6 +28,109 @@ pub struct Stats {
     pub checked: u64,
     /// Live events on a direct feed whose seq skipped one or more (see [`Verify::seq_gaps`]).
     pub seq_gaps: u64,
+    /// The `subchurn` scenario's counts.
+    pub subchurn: Subchurn,
+}
+
+/// What the `subchurn` scenario counted (README "Subscription churn").
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Subchurn {
+    /// The storm: ops sent and acknowledged.
+    pub subscribe_ops: u64,
+    pub subscribe_acked: u64,
+    pub unsubscribe_ops: u64,
+    pub unsubscribe_acked: u64,
+    /// Ids named in acknowledged subscribes.
+    pub ids_subscribed: u64,
+    /// Ops the server refused, by error code (`rate_limited`, `overloaded`, …).
+    pub refused: BTreeMap<String, u64>,
+    /// Presence events received during the storm. The watched users do not change then, so
+    /// every one is a snapshot.
+    pub snapshots: u64,
+    /// After the storm (`--verify`): watchers, and those that unsubscribed and re-subscribed
+    /// every id (acknowledged; refusals are retried until `--drain`).
+    pub watchers: u64,
+    pub resubscribed: u64,
+    /// Ops refused while re-subscribing, by code (each was retried).
+    pub resubscribe_refused: BTreeMap<String, u64>,
+    /// (watcher, id) snapshots expected after re-subscribing, missing, and wrong (status or
+    /// text not what the harness set).
+    pub snapshots_expected: u64,
+    pub snapshots_missing: u64,
+    pub snapshots_wrong: u64,
+    /// (watcher, target) live events expected after the targets changed once more, and missing.
+    pub live_expected: u64,
+    pub live_missing: u64,
+}
+
+impl Subchurn {
+    pub fn add(&mut self, o: &Subchurn) {
+        self.subscribe_ops += o.subscribe_ops;
+        self.subscribe_acked += o.subscribe_acked;
+        self.unsubscribe_ops += o.unsubscribe_ops;
+        self.unsubscribe_acked += o.unsubscribe_acked;
+        self.ids_subscribed += o.ids_subscribed;
+        for (k, v) in &o.refused {
+            *self.refused.entry(k.clone()).or_default() += v;
+        }
+        self.snapshots += o.snapshots;
+        self.watchers += o.watchers;
+        self.resubscribed += o.resubscribed;
+        for (k, v) in &o.resubscribe_refused {
+            *self.resubscribe_refused.entry(k.clone()).or_default() += v;
+        }
+        self.snapshots_expected += o.snapshots_expected;
+        self.snapshots_missing += o.snapshots_missing;
+        self.snapshots_wrong += o.snapshots_wrong;
+        self.live_expected += o.live_expected;
+        self.live_missing += o.live_missing;
+    }
+
+    fn codes(m: &BTreeMap<String, u64>) -> String {
+        if m.is_empty() {
+            return "none".into();
+        }
+        m.iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The human table's lines.
+    pub fn table(&self, run_s: f64) -> String {
+        let per_s = |n: u64| n as f64 / run_s.max(1e-9);
+        let mut t = format!(
+            "  subscribe ops           {} sent, {} acked ({:.0}/s; {} ids)\n  \
+             unsubscribe ops         {} sent, {} acked\n  \
+             refused                 {}\n  \
+             snapshots               {} ({:.0}/s)\n",
+            self.subscribe_ops,
+            self.subscribe_acked,
+            per_s(self.subscribe_ops),
+            self.ids_subscribed,
+            self.unsubscribe_ops,
+            self.unsubscribe_acked,
+            Self::codes(&self.refused),
+            self.snapshots,
+            per_s(self.snapshots),
+        );
+        if self.watchers > 0 {
+            t += &format!(
+                "  after the storm         {}/{} watchers re-subscribed (refused meanwhile: {})\n  \
+                 re-snapshots            {} expected, {} missing, {} wrong\n  \
+                 live events             {} expected, {} missing\n",
+                self.resubscribed,
+                self.watchers,
+                Self::codes(&self.resubscribe_refused),
+                self.snapshots_expected,
+                self.snapshots_missing,
+                self.snapshots_wrong,
+                self.live_expected,
+                self.live_missing,
+            );
+        }
+        t
+    }
 }
 
 impl Default for Stats {
@@ -45,6 +148,7 @@ impl Default for Stats {
             out_of_order: 0,
             checked: 0,
             seq_gaps: 0,
+            subchurn: Subchurn::default(),
         }
     }
 }
@@ -68,6 +172,7 @@ impl Stats {
         self.out_of_order += other.out_of_order;
         self.checked += other.checked;
         self.seq_gaps += other.seq_gaps;
+        self.subchurn.add(&other.subchurn);
         for (k, v) in other.errors {
             *self.errors.entry(k).or_default() += v;
         }
@@ -168,6 +273,9 @@ pub struct Report {
     pub errors: BTreeMap<String, u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub verify: Option<Verify>,
+    /// The `subchurn` scenario's counts (absent for the others).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subchurn: Option<Subchurn>,
     /// The raw histograms (hdrhistogram V2, base64), so worker reports can be merged exactly.
     pub histograms: BTreeMap<String, String>,
 }
@@ -224,6 +332,7 @@ impl Report {
             handshake_latency_us: Percentiles::of(&stats.handshake_us),
             fanout_latency_us: Percentiles::of(&stats.fanout_us),
             errors: stats.errors.clone(),
+            subchurn: None,
             verify: verify.then(|| {
                 let mut v = Verify {
                     passed: false,
@@ -262,6 +371,13 @@ impl Report {
             for (k, v) in r.errors {
                 *out.errors.entry(k).or_default() += v;
             }
+            out.subchurn = match (out.subchurn.take(), r.subchurn) {
+                (Some(mut a), Some(b)) => {
+                    a.add(&b);
+                    Some(a)
+                }
+                (a, b) => a.or(b),
+            };
             out.verify = match (out.verify.take(), r.verify) {
                 // Every worker read the same server's counter over about the same run: the
                 // largest move stands for the fleet.
@@ -332,6 +448,10 @@ impl Report {
         t += &row("connect", &self.connect_latency_us);
         t += &row("handshake", &self.handshake_latency_us);
         t += &row("fan-out", &self.fanout_latency_us);
+        if let Some(sc) = &self.subchurn {
+            t += "\n";
+            t += &sc.table(self.run_phase_s);
+        }
         if self.errors.is_empty() {
             t += "\n  errors                  none\n";
         } else {

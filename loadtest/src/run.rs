@@ -51,6 +51,11 @@ pub struct Shared {
     /// Set by the main thread once every thread — and, with several workers, every worker
     /// (see [`crate::barrier`]) — has verified, or at a deadline: connections may close.
     pub release: AtomicBool,
+    /// `subchurn`: watchers done re-subscribing and checking their snapshots; then (set by the
+    /// main thread) the targets change once more; watchers done checking those live events.
+    pub resubscribed: AtomicUsize,
+    pub live: AtomicBool,
+    pub live_checked: AtomicUsize,
     /// Per thread: flapped (subscriber, user) pairs still waiting for the final state; meaningful
     /// once that thread is counted in `finals_sent`.
     pub unconverged: Vec<AtomicU64>,
