@@ -39,11 +39,15 @@ pub struct Track {
     /// After a (re)subscribe the snapshot may repeat the last seq.
     pub resync: bool,
     pub flaps: bool,
+    /// Status of the newest event seen (for `LT_DEBUG`).
+    pub last_status: &'static str,
 }
 
 /// Per-connection verification state, read at the end.
 #[derive(Debug, Default)]
 pub struct ConnState {
+    /// The subscriber: user id of this connection.
+    pub subscriber: usize,
     /// Keyed by (user, group feed or "").
     pub tracks: HashMap<(String, String), Track>,
 }
@@ -57,6 +61,8 @@ struct Event<'a> {
     seq: Option<u64>,
     #[serde(borrow, default)]
     text: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    status: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     group: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
@@ -79,13 +85,17 @@ pub struct Spec {
     pub group: Option<String>,
 }
 
-async fn open(
+/// Opens one WebSocket as `user` (token minted here) from source address number `n`, and waits
+/// for its `welcome`. Connect and handshake latencies go into `stats` when given.
+pub async fn connect(
     shared: &Shared,
-    spec: &Spec,
-    stats: &RefCell<Stats>,
+    user: &str,
+    group: Option<&str>,
+    n: usize,
+    stats: Option<&RefCell<Stats>>,
 ) -> Result<WebSocketStream<TcpStream>, String> {
     let started = Instant::now();
-    let src: Ipv4Addr = plan::source_ip(spec.n, shared.sources);
+    let src: Ipv4Addr = plan::source_ip(n, shared.sources);
     let socket = TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
     socket
         .bind(SocketAddr::new(src.into(), 0))
@@ -95,16 +105,18 @@ async fn open(
         .map_err(|_| "connect_timeout".to_string())?
         .map_err(|_| "connect".to_string())?;
     let _ = tcp.set_nodelay(true);
-    stats
-        .borrow_mut()
-        .connect_us
-        .saturating_record(started.elapsed().as_micros() as u64);
+    if let Some(stats) = stats {
+        stats
+            .borrow_mut()
+            .connect_us
+            .saturating_record(started.elapsed().as_micros() as u64);
+    }
     let mut req = shared
         .url
         .as_str()
         .into_client_request()
         .map_err(|e| format!("url: {e}"))?;
-    let token = shared.token(spec.user, spec.group.as_deref());
+    let token = shared.token_for(user, group);
     let auth = format!("Bearer {token}")
         .parse()
         .map_err(|_| "token header")?;
@@ -127,10 +139,23 @@ async fn open(
         Ok(Some(Ok(Message::Text(t)))) if t.contains("\"welcome\"") => {}
         _ => return Err("no_welcome".into()),
     }
-    stats
-        .borrow_mut()
-        .handshake_us
-        .saturating_record(started.elapsed().as_micros() as u64);
+    if let Some(stats) = stats {
+        stats
+            .borrow_mut()
+            .handshake_us
+            .saturating_record(started.elapsed().as_micros() as u64);
+    }
+    Ok(ws)
+}
+
+/// Connects a fleet member and sends its subscriptions.
+async fn open(
+    shared: &Shared,
+    spec: &Spec,
+    stats: &RefCell<Stats>,
+) -> Result<WebSocketStream<TcpStream>, String> {
+    let me = plan::user(spec.user);
+    let mut ws = connect(shared, &me, spec.group.as_deref(), spec.n, Some(stats)).await?;
     let users: Vec<String> = spec.watch.iter().map(|u| plan::user(*u)).collect();
     let sub = serde_json::json!({"op":"subscribe","users":users}).to_string();
     ws.send(Message::text(sub)).await.map_err(|_| "send")?;
@@ -153,6 +178,7 @@ pub async fn run(
 ) {
     {
         let mut st = state.borrow_mut();
+        st.subscriber = spec.user;
         for u in &spec.watch {
             let flaps = plan::flaps(*u, shared.scn.flap_fraction);
             st.tracks.insert(
@@ -229,17 +255,29 @@ fn on_text(shared: &Shared, text: &str, stats: &RefCell<Stats>, state: &RefCell<
                 stats.borrow_mut().error("bad_presence");
                 return;
             };
-            let group = ev.group.as_deref().unwrap_or("");
-            let text = ev.text.as_deref();
-            track(shared, stats, state, &user, group, seq, text);
+            let seen = Seen {
+                user: &user,
+                feed: ev.group.as_deref().unwrap_or(""),
+                seq,
+                text: ev.text.as_deref(),
+                status: ev.status.as_deref().unwrap_or(""),
+            };
+            track(shared, stats, state, &seen);
         }
         "group_snapshot" => {
-            let group = ev.group.as_deref().unwrap_or("").to_owned();
+            let group = ev.group.as_deref().unwrap_or("");
             for m in &ev.members {
                 let (Some(user), Some(seq)) = (m["user"].as_str(), m["seq"].as_u64()) else {
                     continue;
                 };
-                track(shared, stats, state, user, &group, seq, m["text"].as_str());
+                let seen = Seen {
+                    user,
+                    feed: group,
+                    seq,
+                    text: m["text"].as_str(),
+                    status: m["status"].as_str().unwrap_or(""),
+                };
+                track(shared, stats, state, &seen);
             }
         }
         "error" => {
@@ -250,22 +288,28 @@ fn on_text(shared: &Shared, text: &str, stats: &RefCell<Stats>, state: &RefCell<
     }
 }
 
-fn track(
-    shared: &Shared,
-    stats: &RefCell<Stats>,
-    state: &RefCell<ConnState>,
-    user: &str,
-    group: &str,
+/// One user's state as a subscriber received it.
+struct Seen<'a> {
+    user: &'a str,
+    /// The group feed, or "" for a direct subscription.
+    feed: &'a str,
     seq: u64,
-    text: Option<&str>,
-) {
+    text: Option<&'a str>,
+    status: &'a str,
+}
+
+/// Lines `LT_DEBUG` prints per thread for each kind of finding; the rest are counted.
+pub const DEBUG_LINES: u64 = 50;
+
+fn track(shared: &Shared, stats: &RefCell<Stats>, state: &RefCell<ConnState>, seen: &Seen) {
     let now = now_us();
     let mut stats = stats.borrow_mut();
     if shared.run.load(Relaxed) {
         stats.deliveries += 1;
         shared.deliveries.fetch_add(1, Relaxed);
         // Flaps carry their send time: "t<µs since epoch>".
-        if let Some(sent) = text
+        if let Some(sent) = seen
+            .text
             .and_then(|t| t.strip_prefix('t'))
             .and_then(|t| t.parse::<u64>().ok())
         {
@@ -273,44 +317,96 @@ fn track(
         }
     }
     let mut st = state.borrow_mut();
+    let subscriber = st.subscriber;
     let flaps = plan::flaps(
-        user.strip_prefix('u')
+        seen.user
+            .strip_prefix('u')
             .and_then(|u| u.parse().ok())
             .unwrap_or(usize::MAX),
         shared.scn.flap_fraction,
     );
     let t = st
         .tracks
-        .entry((user.to_owned(), group.to_owned()))
+        .entry((seen.user.to_owned(), seen.feed.to_owned()))
         .or_insert_with(|| Track {
             flaps,
             ..Track::default()
         });
     if let Some(last) = t.last_seq {
-        let ok = seq > last || (t.resync && seq == last);
+        let ok = seen.seq > last || (t.resync && seen.seq == last);
         if !ok {
             stats.out_of_order += 1;
         }
+        // A live event (not the snapshot that follows a subscribe) that skips a seq on a direct
+        // feed: the server merged or lost an event. (A group feed legitimately skips the
+        // changes a user makes while not a member.)
+        if !t.resync && seen.feed.is_empty() && seen.seq > last + 1 {
+            stats.seq_gaps += 1;
+            if debug() && stats.seq_gaps <= DEBUG_LINES {
+                eprintln!(
+                    "seq gap: subscriber u{subscriber} user {} seq {last} -> {}",
+                    seen.user, seen.seq
+                );
+            }
+        }
     }
     t.resync = false;
-    t.last_seq = Some(seq);
+    t.last_seq = Some(seen.seq);
+    t.last_status = status_name(seen.status);
     // Only a live event of this run counts: against a server that served an earlier run, a
     // snapshot may already show that run's final state.
-    t.final_seen = text == Some(shared.final_text.as_str()) && shared.run.load(Relaxed);
+    t.final_seen = seen.text == Some(shared.final_text.as_str()) && shared.run.load(Relaxed);
 }
 
 /// Verification of one connection at the end: watched users never seen (no snapshot), and
-/// flapped users whose final state did not arrive.
+/// flapped users whose final state did not arrive. With `LT_DEBUG` set, prints each pair it
+/// counts as missing (subscriber, user, feed, and what the subscriber last saw of the user).
 pub fn verify(state: &ConnState, stats: &mut Stats) {
-    for t in state.tracks.values() {
+    for ((user, feed), t) in &state.tracks {
         stats.checked += 1;
         let ok = t.last_seq.is_some() && (!t.flaps || t.final_seen);
         if !ok {
             stats.missing += 1;
-            if std::env::var_os("LT_DEBUG").is_some() && stats.missing <= 5 {
-                eprintln!("missing: {t:?}");
+            if debug() && stats.missing <= DEBUG_LINES {
+                let why = match t.last_seq {
+                    None => "no snapshot".to_string(),
+                    Some(seq) => format!(
+                        "final not the newest state: last seen seq {seq}, status {}",
+                        if t.last_status.is_empty() {
+                            "?"
+                        } else {
+                            t.last_status
+                        }
+                    ),
+                };
+                eprintln!(
+                    "missing: subscriber u{} user {user}{} ({why})",
+                    state.subscriber,
+                    if feed.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" feed {feed}")
+                    }
+                );
             }
         }
+    }
+}
+
+/// `LT_DEBUG` is set: print what verification counts as missing, and seq gaps.
+pub fn debug() -> bool {
+    std::env::var_os("LT_DEBUG").is_some()
+}
+
+/// A status as a static string, so a track keeps it without allocating.
+fn status_name(s: &str) -> &'static str {
+    match s {
+        "online" => "online",
+        "away" => "away",
+        "busy" => "busy",
+        "offline" => "offline",
+        "" => "",
+        _ => "other",
     }
 }
 

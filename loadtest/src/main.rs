@@ -1,16 +1,19 @@
 //! `presenced-loadtest`: drives a real presenced with a fleet of real WebSocket clients and
 //! measures it. See loadtest/README.md.
 
+mod barrier;
 mod client;
 mod plan;
 mod report;
 mod run;
 mod scenario;
+mod scrape;
+mod subchurn;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::Ordering::{Acquire, Relaxed};
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,7 +23,7 @@ use clap::{Args, Parser, Subcommand};
 use plan::Pattern;
 use report::{Report, Stats};
 use run::Shared;
-use scenario::Scenario;
+use scenario::{Mode, Scenario};
 
 #[derive(Parser)]
 #[command(
@@ -61,7 +64,8 @@ struct RunArgs {
         default_value = ""
     )]
     secret: String,
-    /// A preset (idle, churn, fanout, storm) or a TOML scenario file; flags override it.
+    /// A preset (idle, churn, fanout, storm, subchurn) or a TOML scenario file; flags override
+    /// it.
     #[arg(long, default_value = "churn")]
     scenario: String,
     /// Connections in the whole fleet (all workers).
@@ -84,6 +88,16 @@ struct RunArgs {
     /// Status changes per second for the whole fleet.
     #[arg(long)]
     flaps_per_sec: Option<u64>,
+    /// subchurn: subscribe/unsubscribe ops per second, per connection.
+    #[arg(long)]
+    churn_ops_per_sec: Option<u64>,
+    /// subchurn: ids per op (the `--watch` ids are cycled through in batches this big).
+    #[arg(long)]
+    churn_batch: Option<usize>,
+    /// subchurn: how many of the ids are online harness users (checked, then changed after the
+    /// storm).
+    #[arg(long)]
+    churn_targets: Option<usize>,
     /// Run phase length, e.g. 10s, 2m.
     #[arg(long, value_parser = humantime::parse_duration)]
     duration: Option<Duration>,
@@ -118,6 +132,14 @@ struct RunArgs {
     /// No progress lines on stderr.
     #[arg(long)]
     quiet: bool,
+    /// The server's admin port, e.g. http://127.0.0.1:9090: `--verify` reads its coalescing
+    /// counter (`/metrics`) before and after the run to tell a seq gap the server explains
+    /// (coalescing for a slow consumer) from a lost event.
+    #[arg(long)]
+    admin_url: Option<String>,
+    /// Bearer token for the admin port, when its `/metrics` is protected.
+    #[arg(long, env = "PRESENCED_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
     /// Write the current phase (ramp, run, drain, done) to this file as it changes, so scripts
     /// can sample the server exactly over the run phase.
     #[arg(long)]
@@ -209,7 +231,9 @@ fn resolve(args: &RunArgs) -> Result<Scenario, String> {
         ($($f:ident => $g:ident),*) => { $(if let Some(v) = args.$f { s.$g = v; })* };
     }
     over!(connections => connections, rate => rate, watch => watch, pattern => pattern,
-          groups => groups, flap_fraction => flap_fraction, flaps_per_sec => flaps_per_sec);
+          groups => groups, flap_fraction => flap_fraction, flaps_per_sec => flaps_per_sec,
+          churn_ops_per_sec => churn_ops_per_sec, churn_batch => churn_batch,
+          churn_targets => churn_targets);
     if let Some(d) = args.duration {
         s.duration_s = d.as_secs_f64();
     }
@@ -250,6 +274,24 @@ fn run_load(args: RunArgs) -> Result<ExitCode, String> {
     if args.secret.is_empty() {
         return Err("--secret (or PRESENCED_JWT_SECRET) is required".into());
     }
+    let admin = args
+        .admin_url
+        .as_deref()
+        .map(|u| scrape::AdminPort::parse(u, args.admin_token.clone()))
+        .transpose()?;
+    if let Some(a) = &admin {
+        if !a.addr().ip().is_loopback() && !args.allow_remote {
+            return Err(format!(
+                "--admin-url {} is not loopback; pass --allow-remote to read it",
+                a.addr()
+            ));
+        }
+    }
+    // The coalescing counter before the run: a scrape that fails here is a usage error.
+    let coalesced_before = match &admin {
+        Some(a) => Some(a.coalesced().map_err(|e| format!("--admin-url: {e}"))?),
+        None => None,
+    };
     let (worker, workers) = args.worker;
     let threads = args
         .threads
@@ -263,6 +305,7 @@ fn run_load(args: RunArgs) -> Result<ExitCode, String> {
         seed: args.seed,
         sources: args.sources,
         workers,
+        fleet_flappers: plan::fleet_flappers(scn.connections, scn.flap_fraction),
         final_text: format!(
             "final-{}",
             args.run_tag
@@ -277,30 +320,60 @@ fn run_load(args: RunArgs) -> Result<ExitCode, String> {
         ramped: AtomicUsize::new(0),
         finals_sent: AtomicUsize::new(0),
         verified: AtomicUsize::new(0),
+        release: AtomicBool::new(false),
+        resubscribed: AtomicUsize::new(0),
+        live: AtomicBool::new(false),
+        live_checked: AtomicUsize::new(0),
         unconverged: (0..threads).map(|_| AtomicU64::new(0)).collect(),
     });
-    let mine: Vec<usize> = plan::my_users(scn.connections, worker, workers).collect();
-    let expected = mine.len() as u64;
-    let mut per_thread: Vec<Vec<(usize, usize)>> = vec![Vec::new(); threads];
-    for (n, user) in mine.into_iter().enumerate() {
-        per_thread[n % threads].push((user, n));
+    let churn = (scn.mode == Mode::Subchurn)
+        .then(|| Arc::new(subchurn::Plan::new(&shared, args.verify, args.drain)));
+    if churn.is_some() && workers > 1 {
+        return Err("--scenario subchurn runs as one process (no --worker)".into());
     }
-    let cpu_start = cpu_seconds();
-    let started = Instant::now();
+    let spawn = |ix: usize, f: Box<dyn FnOnce() -> Stats + Send>| {
+        std::thread::Builder::new()
+            .name(format!("load-{ix}"))
+            .spawn(f)
+            .expect("spawning a client thread")
+    };
+    let cpu_start;
+    let started;
+    let expected;
+    let handles: Vec<_> = if let Some(plan) = &churn {
+        expected = plan.connections() as u64;
+        cpu_start = cpu_seconds();
+        started = Instant::now();
+        subchurn::deal(plan, threads)
+            .into_iter()
+            .enumerate()
+            .map(|(ix, (churners, targets))| {
+                let (shared, plan) = (shared.clone(), plan.clone());
+                spawn(
+                    ix,
+                    Box::new(move || subchurn::thread_main(shared, plan, churners, targets)),
+                )
+            })
+            .collect()
+    } else {
+        let mine: Vec<usize> = plan::my_users(scn.connections, worker, workers).collect();
+        expected = mine.len() as u64;
+        cpu_start = cpu_seconds();
+        started = Instant::now();
+        plan::deal(&mine, threads, scn.flap_fraction)
+            .into_iter()
+            .enumerate()
+            .map(|(ix, users)| {
+                let shared = shared.clone();
+                spawn(ix, Box::new(move || run::thread_main(shared, ix, users)))
+            })
+            .collect()
+    };
     if let Some(p) = &args.phase_file {
         let _ = std::fs::write(p, "ramp");
     }
-    let handles: Vec<_> = per_thread
-        .into_iter()
-        .enumerate()
-        .map(|(ix, users)| {
-            let shared = shared.clone();
-            std::thread::Builder::new()
-                .name(format!("load-{ix}"))
-                .spawn(move || run::thread_main(shared, ix, users))
-                .expect("spawning a client thread")
-        })
-        .collect();
+    // Several workers: a control connection, so no worker closes before all have verified.
+    let fleet = (workers > 1).then(|| barrier::spawn(shared.clone(), worker, workers));
 
     let progress = |phase: &str| {
         if !args.quiet {
@@ -347,10 +420,31 @@ fn run_load(args: RunArgs) -> Result<ExitCode, String> {
         }
     }
     shared.stop_flapping.store(true, Relaxed);
+    let run_phase_s = run_started.elapsed().as_secs_f64();
     phase("drain");
-    // Drain: wait for the final states, bounded.
+    if let Some(plan) = &churn {
+        // After the storm: every watcher re-subscribes and checks its snapshots (each within
+        // --drain); then the targets change once more and every watcher checks the live events.
+        if args.verify {
+            let wait = |count: &AtomicUsize, what: &str| {
+                let until = Instant::now() + args.drain + subchurn::STAGE_SLACK;
+                let mut tick = Instant::now();
+                while count.load(Acquire) < plan.churners && Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(10));
+                    if tick.elapsed() >= Duration::from_secs(1) {
+                        progress(what);
+                        tick = Instant::now();
+                    }
+                }
+            };
+            wait(&shared.resubscribed, "resub");
+            shared.live.store(true, Release);
+            wait(&shared.live_checked, "live");
+        }
+    }
+    // Drain: wait for the final states, bounded (nothing to wait for in subchurn).
     let drain_until = Instant::now() + args.drain;
-    while Instant::now() < drain_until {
+    while churn.is_none() && Instant::now() < drain_until {
         // Acquire pairs with the threads' Release: a thread's count is current once it is
         // counted in `finals_sent`.
         let finals = shared.finals_sent.load(Acquire) == threads;
@@ -367,16 +461,96 @@ fn run_load(args: RunArgs) -> Result<ExitCode, String> {
     let run_s = run_started.elapsed().as_secs_f64();
     phase("done");
     shared.finish.store(true, Relaxed);
+    // Every thread takes its verification snapshot before any connection closes (bounded: a
+    // thread that died cannot hold the others forever) ...
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while shared.verified.load(Acquire) < threads && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // ... and so does every other worker of the fleet: the others started together with the
+    // same flags, so they finish within a run and a drain of this one.
+    let mut fleet_error = None;
+    if let Some(b) = &fleet {
+        let deadline = Instant::now()
+            + Duration::from_secs_f64(scn.duration_s)
+            + args.drain
+            + Duration::from_secs(10);
+        while b.state.load(Acquire) == barrier::WAITING && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if b.state.load(Acquire) == barrier::WAITING {
+            fleet_error = Some("barrier_timeout".to_string());
+        }
+    }
+    // Every subscriber has verified: nothing it counted can be merged any more.
+    let mut coalesced_error = None;
+    let coalesced = match (&admin, coalesced_before) {
+        (Some(a), Some(before)) => match a.coalesced() {
+            Ok(after) => Some(after.saturating_sub(before)),
+            Err(e) => {
+                if !args.quiet {
+                    eprintln!("warning: --admin-url after the run: {e}");
+                }
+                coalesced_error = Some("admin_scrape");
+                None
+            }
+        },
+        _ => None,
+    };
+    shared.release.store(true, Release);
     let mut stats = Stats::default();
     for h in handles {
         stats.add(h.join().map_err(|_| "a client thread panicked")?);
     }
+    if let Some(b) = fleet {
+        match b.thread.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => fleet_error = fleet_error.or(Some(e)),
+            Err(_) => fleet_error = Some("barrier_panicked".into()),
+        }
+    }
+    if let Some(e) = fleet_error {
+        if !args.quiet {
+            eprintln!(
+                "warning: {e}: this worker may have closed its connections before every other \
+                 worker verified; their verification can then count its users as missing"
+            );
+        }
+        stats.error(e);
+    }
     let cpu_s = cpu_seconds() - cpu_start;
+    if let Some(plan) = &churn {
+        // Every (watcher, id) re-snapshot and (watcher, target) live event is a check; a
+        // watcher that could not re-subscribe misses all of its.
+        let sc = &stats.subchurn;
+        let unverified = plan.churners as u64 - sc.watchers.min(plan.churners as u64);
+        stats.checked = sc.snapshots_expected + sc.live_expected;
+        stats.missing = sc.snapshots_missing
+            + sc.snapshots_wrong
+            + sc.live_missing
+            + unverified * (plan.ids + plan.targets.len()) as u64;
+    }
     if stats.connections < expected {
         stats.missing += expected - stats.connections;
     }
-    let mut report = Report::new(&args.scenario, &stats, run_s, cpu_s, args.verify);
+    if let Some(e) = coalesced_error {
+        stats.error(e);
+    }
+    if client::debug() && stats.missing > 0 {
+        eprintln!(
+            "LT_DEBUG: {} pair(s) missing in all; each thread printed its first {}",
+            stats.missing,
+            client::DEBUG_LINES
+        );
+    }
+    let mut report = Report::new(&args.scenario, &stats, run_s, cpu_s, args.verify, coalesced);
     report.workers = 1;
+    if churn.is_some() {
+        report.subchurn = Some(stats.subchurn.clone());
+    }
+    report.flaps_per_sec_target = scn.flaps_per_sec;
+    report.run_phase_s = run_phase_s;
+    report.flaps_per_sec = stats.flaps_sent as f64 / run_phase_s.max(1e-9);
     report.ramp_s = ramp_s;
     report.handshakes_per_sec = stats.connections as f64 / ramp_s.max(1e-9);
     print!("{}", report.table());

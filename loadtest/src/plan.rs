@@ -65,6 +65,39 @@ pub fn flaps(i: usize, fraction: f64) -> bool {
     i.is_multiple_of(stride)
 }
 
+/// Flapping users in the whole fleet of `total` (every worker's).
+pub fn fleet_flappers(total: usize, fraction: f64) -> usize {
+    (0..total).filter(|i| flaps(*i, fraction)).count()
+}
+
+/// Deals this worker's users to `threads` threads as `(user, n)`, `n` numbering the worker's
+/// connections. Flappers and the rest are each dealt round-robin, so every thread holds an even
+/// share of the flappers whatever the stride of the flappers and of the workers.
+pub fn deal(mine: &[usize], threads: usize, fraction: f64) -> Vec<Vec<(usize, usize)>> {
+    let threads = threads.max(1);
+    let mut out = vec![Vec::new(); threads];
+    let (mut f, mut o) = (0, 0);
+    for (n, &user) in mine.iter().enumerate() {
+        let k = if flaps(user, fraction) {
+            &mut f
+        } else {
+            &mut o
+        };
+        out[*k % threads].push((user, n));
+        *k += 1;
+    }
+    out
+}
+
+/// One thread's share of the fleet's flap rate: proportional to the flappers it holds, so the
+/// fleet as a whole sends exactly `fleet_rate` whatever the threads and workers.
+pub fn flap_share(fleet_rate: f64, held: usize, fleet_flappers: usize) -> f64 {
+    if fleet_flappers == 0 {
+        return 0.0;
+    }
+    fleet_rate * held as f64 / fleet_flappers as f64
+}
+
 /// Source address for connection number `n` of this process: 127.0.0.1 … 127.0.0.`sources`,
 /// so ephemeral ports (about 28k per source address) never run out.
 pub fn source_ip(n: usize, sources: usize) -> std::net::Ipv4Addr {
@@ -114,6 +147,48 @@ mod tests {
             }
         }
         assert!(watchers[0] > 100, "user 0 is a celebrity: {}", watchers[0]);
+    }
+
+    /// Every thread of every worker, with its share of the flap rate: they add up to the fleet
+    /// rate exactly (issue 11 item 8: each thread used to send `rate / (threads × workers)`, and
+    /// threads without flappers sent nothing, so 2 threads sent half the rate, 8 a quarter).
+    #[test]
+    fn flap_shares_add_up_to_the_fleet_rate() {
+        for (total, workers, threads, fraction) in [
+            (300, 1, 2, 0.1),
+            (4000, 1, 2, 0.25),
+            (19_000, 1, 8, 0.25),
+            (45_000, 3, 4, 0.1),
+            (1000, 2, 3, 0.5),
+            (7, 3, 5, 1.0),
+            (10, 1, 4, 0.1),
+        ] {
+            let fleet = fleet_flappers(total, fraction);
+            let mut sum = 0.0;
+            let mut held_total = 0;
+            for w in 0..workers {
+                let mine: Vec<usize> = my_users(total, w, workers).collect();
+                let dealt = deal(&mine, threads, fraction);
+                assert_eq!(dealt.iter().map(Vec::len).sum::<usize>(), mine.len());
+                let held: Vec<usize> = dealt
+                    .iter()
+                    .map(|t| t.iter().filter(|(u, _)| flaps(*u, fraction)).count())
+                    .collect();
+                // Even: no thread holds more than one flapper above another.
+                let (lo, hi) = (held.iter().min().unwrap(), held.iter().max().unwrap());
+                assert!(hi - lo <= 1, "{total} {workers} {threads}: {held:?}");
+                for h in held {
+                    held_total += h;
+                    sum += flap_share(1000.0, h, fleet);
+                }
+            }
+            assert_eq!(held_total, fleet);
+            assert!(
+                (sum - 1000.0).abs() < 1e-6,
+                "{total} users, {workers} workers, {threads} threads: {sum} flaps/s"
+            );
+        }
+        assert_eq!(flap_share(500.0, 0, 0), 0.0);
     }
 
     #[test]

@@ -26,6 +26,111 @@ pub struct Stats {
     pub missing: u64,
     pub out_of_order: u64,
     pub checked: u64,
+    /// Live events on a direct feed whose seq skipped one or more (see [`Verify::seq_gaps`]).
+    pub seq_gaps: u64,
+    /// The `subchurn` scenario's counts.
+    pub subchurn: Subchurn,
+}
+
+/// What the `subchurn` scenario counted (README "Subscription churn").
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Subchurn {
+    /// The storm: ops sent and acknowledged.
+    pub subscribe_ops: u64,
+    pub subscribe_acked: u64,
+    pub unsubscribe_ops: u64,
+    pub unsubscribe_acked: u64,
+    /// Ids named in acknowledged subscribes.
+    pub ids_subscribed: u64,
+    /// Ops the server refused, by error code (`rate_limited`, `overloaded`, …).
+    pub refused: BTreeMap<String, u64>,
+    /// Presence events received during the storm. The watched users do not change then, so
+    /// every one is a snapshot.
+    pub snapshots: u64,
+    /// After the storm (`--verify`): watchers, and those that unsubscribed and re-subscribed
+    /// every id (acknowledged; refusals are retried until `--drain`).
+    pub watchers: u64,
+    pub resubscribed: u64,
+    /// Ops refused while re-subscribing, by code (each was retried).
+    pub resubscribe_refused: BTreeMap<String, u64>,
+    /// (watcher, id) snapshots expected after re-subscribing, missing, and wrong (status or
+    /// text not what the harness set).
+    pub snapshots_expected: u64,
+    pub snapshots_missing: u64,
+    pub snapshots_wrong: u64,
+    /// (watcher, target) live events expected after the targets changed once more, and missing.
+    pub live_expected: u64,
+    pub live_missing: u64,
+}
+
+impl Subchurn {
+    pub fn add(&mut self, o: &Subchurn) {
+        self.subscribe_ops += o.subscribe_ops;
+        self.subscribe_acked += o.subscribe_acked;
+        self.unsubscribe_ops += o.unsubscribe_ops;
+        self.unsubscribe_acked += o.unsubscribe_acked;
+        self.ids_subscribed += o.ids_subscribed;
+        for (k, v) in &o.refused {
+            *self.refused.entry(k.clone()).or_default() += v;
+        }
+        self.snapshots += o.snapshots;
+        self.watchers += o.watchers;
+        self.resubscribed += o.resubscribed;
+        for (k, v) in &o.resubscribe_refused {
+            *self.resubscribe_refused.entry(k.clone()).or_default() += v;
+        }
+        self.snapshots_expected += o.snapshots_expected;
+        self.snapshots_missing += o.snapshots_missing;
+        self.snapshots_wrong += o.snapshots_wrong;
+        self.live_expected += o.live_expected;
+        self.live_missing += o.live_missing;
+    }
+
+    fn codes(m: &BTreeMap<String, u64>) -> String {
+        if m.is_empty() {
+            return "none".into();
+        }
+        m.iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The human table's lines.
+    pub fn table(&self, run_s: f64) -> String {
+        let per_s = |n: u64| n as f64 / run_s.max(1e-9);
+        let mut t = format!(
+            "  subscribe ops           {} sent, {} acked ({:.0}/s; {} ids)\n  \
+             unsubscribe ops         {} sent, {} acked\n  \
+             refused                 {}\n  \
+             snapshots               {} ({:.0}/s)\n",
+            self.subscribe_ops,
+            self.subscribe_acked,
+            per_s(self.subscribe_ops),
+            self.ids_subscribed,
+            self.unsubscribe_ops,
+            self.unsubscribe_acked,
+            Self::codes(&self.refused),
+            self.snapshots,
+            per_s(self.snapshots),
+        );
+        if self.watchers > 0 {
+            t += &format!(
+                "  after the storm         {}/{} watchers re-subscribed (refused meanwhile: {})\n  \
+                 re-snapshots            {} expected, {} missing, {} wrong\n  \
+                 live events             {} expected, {} missing\n",
+                self.resubscribed,
+                self.watchers,
+                Self::codes(&self.resubscribe_refused),
+                self.snapshots_expected,
+                self.snapshots_missing,
+                self.snapshots_wrong,
+                self.live_expected,
+                self.live_missing,
+            );
+        }
+        t
+    }
 }
 
 impl Default for Stats {
@@ -42,6 +147,8 @@ impl Default for Stats {
             missing: 0,
             out_of_order: 0,
             checked: 0,
+            seq_gaps: 0,
+            subchurn: Subchurn::default(),
         }
     }
 }
@@ -64,6 +171,8 @@ impl Stats {
         self.missing += other.missing;
         self.out_of_order += other.out_of_order;
         self.checked += other.checked;
+        self.seq_gaps += other.seq_gaps;
+        self.subchurn.add(&other.subchurn);
         for (k, v) in other.errors {
             *self.errors.entry(k).or_default() += v;
         }
@@ -102,6 +211,37 @@ pub struct Verify {
     pub out_of_order: u64,
     /// (subscriber, flapped user) pairs checked.
     pub checked: u64,
+    /// Live events on a direct feed whose `seq` was more than one above the last one seen for
+    /// that (subscriber, user): the server merged queued events, or lost one.
+    #[serde(default)]
+    pub seq_gaps: u64,
+    /// How far the server's coalescing counter (`presenced_coalesced_events_total`) moved over
+    /// the run, read from `--admin-url`; `null` without it. When it did not move, every seq gap
+    /// is a lost event and fails verification; when it did, gaps are allowed (counted).
+    #[serde(default)]
+    pub coalesced: Option<u64>,
+}
+
+impl Verify {
+    /// The verdict: everything checked arrived, in order, and every seq gap is explained.
+    pub fn judge(&mut self) {
+        let gaps_unexplained = self.seq_gaps > 0 && self.coalesced == Some(0);
+        self.passed =
+            self.missing == 0 && self.out_of_order == 0 && self.checked > 0 && !gaps_unexplained;
+    }
+
+    /// One line on the seq gaps, saying whether they could be attributed.
+    pub fn gaps_line(&self) -> String {
+        let why = match self.coalesced {
+            _ if self.seq_gaps == 0 => "none".to_string(),
+            None => "not attributed: without --admin-url it is unknown whether the server \
+                     coalesced"
+                .to_string(),
+            Some(0) => "the server coalesced nothing: lost events (verify fails)".to_string(),
+            Some(c) => format!("allowed: the server coalesced {c} events for slow consumers"),
+        };
+        format!("  seq gaps                {} ({why})\n", self.seq_gaps)
+    }
 }
 
 /// The machine-readable report (`--json`).
@@ -118,6 +258,14 @@ pub struct Report {
     pub duration_s: f64,
     pub client_cpu_s: f64,
     pub flaps_sent: u64,
+    /// The flap rate asked for (`--flaps-per-sec`, whole fleet).
+    #[serde(default)]
+    pub flaps_per_sec_target: u64,
+    /// Length of the run phase (flapping), and the flap rate sent over it.
+    #[serde(default)]
+    pub run_phase_s: f64,
+    #[serde(default)]
+    pub flaps_per_sec: f64,
     pub reconnects: u64,
     pub connect_latency_us: Percentiles,
     pub handshake_latency_us: Percentiles,
@@ -125,6 +273,9 @@ pub struct Report {
     pub errors: BTreeMap<String, u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub verify: Option<Verify>,
+    /// The `subchurn` scenario's counts (absent for the others).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subchurn: Option<Subchurn>,
     /// The raw histograms (hdrhistogram V2, base64), so worker reports can be merged exactly.
     pub histograms: BTreeMap<String, String>,
 }
@@ -149,7 +300,15 @@ fn decode(s: &str) -> Result<Histogram<u64>, String> {
 }
 
 impl Report {
-    pub fn new(scenario: &str, stats: &Stats, run_s: f64, cpu_s: f64, verify: bool) -> Report {
+    /// `coalesced`: how far the server's coalescing counter moved over the run, when known.
+    pub fn new(
+        scenario: &str,
+        stats: &Stats,
+        run_s: f64,
+        cpu_s: f64,
+        verify: bool,
+        coalesced: Option<u64>,
+    ) -> Report {
         let mut histograms = BTreeMap::new();
         histograms.insert("connect".into(), encode(&stats.connect_us));
         histograms.insert("handshake".into(), encode(&stats.handshake_us));
@@ -165,16 +324,26 @@ impl Report {
             duration_s: run_s,
             client_cpu_s: cpu_s,
             flaps_sent: stats.flaps_sent,
+            flaps_per_sec_target: 0,
+            run_phase_s: 0.0,
+            flaps_per_sec: 0.0,
             reconnects: stats.reconnects,
             connect_latency_us: Percentiles::of(&stats.connect_us),
             handshake_latency_us: Percentiles::of(&stats.handshake_us),
             fanout_latency_us: Percentiles::of(&stats.fanout_us),
             errors: stats.errors.clone(),
-            verify: verify.then_some(Verify {
-                passed: stats.missing == 0 && stats.out_of_order == 0 && stats.checked > 0,
-                missing: stats.missing,
-                out_of_order: stats.out_of_order,
-                checked: stats.checked,
+            subchurn: None,
+            verify: verify.then(|| {
+                let mut v = Verify {
+                    passed: false,
+                    missing: stats.missing,
+                    out_of_order: stats.out_of_order,
+                    checked: stats.checked,
+                    seq_gaps: stats.seq_gaps,
+                    coalesced,
+                };
+                v.judge();
+                v
             }),
             histograms,
         }
@@ -197,16 +366,28 @@ impl Report {
             out.duration_s = out.duration_s.max(r.duration_s);
             out.client_cpu_s += r.client_cpu_s;
             out.flaps_sent += r.flaps_sent;
+            out.run_phase_s = out.run_phase_s.max(r.run_phase_s);
             out.reconnects += r.reconnects;
             for (k, v) in r.errors {
                 *out.errors.entry(k).or_default() += v;
             }
+            out.subchurn = match (out.subchurn.take(), r.subchurn) {
+                (Some(mut a), Some(b)) => {
+                    a.add(&b);
+                    Some(a)
+                }
+                (a, b) => a.or(b),
+            };
             out.verify = match (out.verify.take(), r.verify) {
+                // Every worker read the same server's counter over about the same run: the
+                // largest move stands for the fleet.
                 (Some(a), Some(b)) => Some(Verify {
                     passed: a.passed && b.passed,
                     missing: a.missing + b.missing,
                     out_of_order: a.out_of_order + b.out_of_order,
                     checked: a.checked + b.checked,
+                    seq_gaps: a.seq_gaps + b.seq_gaps,
+                    coalesced: a.coalesced.max(b.coalesced),
                 }),
                 (a, b) => a.or(b),
             };
@@ -221,6 +402,7 @@ impl Report {
             }
         }
         out.deliveries_per_sec = out.deliveries as f64 / out.duration_s.max(1e-9);
+        out.flaps_per_sec = out.flaps_sent as f64 / out.run_phase_s.max(1e-9);
         out.handshakes_per_sec = out.connections_established as f64 / out.ramp_s.max(1e-9);
         let get = |k: &str| hists.get(k).map(Percentiles::of).unwrap_or_default();
         out.connect_latency_us = get("connect");
@@ -240,7 +422,7 @@ impl Report {
         };
         let mut t = format!(
             "scenario {} ({} worker(s))\n  connections established {} in {:.2} s ({:.0}/s)\n  run                     {:.1} s\n  \
-             flaps sent              {}\n  deliveries              {} ({:.0}/s)\n  client CPU              {:.2} s\n  \
+             flaps sent              {} ({:.0}/s over {:.1} s; asked {}/s)\n  deliveries              {} ({:.0}/s)\n  client CPU              {:.2} s\n  \
              reconnects              {}\n\n  latency (µs)           {:>9} {:>9} {:>9} {:>9} {:>9} {:>10}\n",
             self.scenario,
             self.workers,
@@ -249,6 +431,9 @@ impl Report {
             self.handshakes_per_sec,
             self.duration_s,
             self.flaps_sent,
+            self.flaps_per_sec,
+            self.run_phase_s,
+            self.flaps_per_sec_target,
             self.deliveries,
             self.deliveries_per_sec,
             self.client_cpu_s,
@@ -263,6 +448,10 @@ impl Report {
         t += &row("connect", &self.connect_latency_us);
         t += &row("handshake", &self.handshake_latency_us);
         t += &row("fan-out", &self.fanout_latency_us);
+        if let Some(sc) = &self.subchurn {
+            t += "\n";
+            t += &sc.table(self.run_phase_s);
+        }
         if self.errors.is_empty() {
             t += "\n  errors                  none\n";
         } else {
@@ -272,12 +461,14 @@ impl Report {
             }
         }
         if let Some(v) = &self.verify {
+            t += &v.gaps_line();
             t += &format!(
-                "  verify                  {} (checked {}, missing {}, out of order {})\n",
+                "  verify                  {} (checked {}, missing {}, out of order {}, seq gaps {})\n",
                 if v.passed { "PASSED" } else { "FAILED" },
                 v.checked,
                 v.missing,
-                v.out_of_order
+                v.out_of_order,
+                v.seq_gaps
             );
         }
         t
@@ -299,8 +490,8 @@ mod tests {
         a.deliveries = 100;
         b.deliveries = 100;
         b.error("read");
-        let ra = Report::new("t", &a, 2.0, 1.0, true);
-        let rb = Report::new("t", &b, 4.0, 1.0, true);
+        let ra = Report::new("t", &a, 2.0, 1.0, true, None);
+        let rb = Report::new("t", &b, 4.0, 1.0, true, None);
         let json = serde_json::to_string(&ra).unwrap();
         let back: Report = serde_json::from_str(&json).unwrap();
         let m = Report::merge(vec![back, rb]).unwrap();
@@ -310,5 +501,47 @@ mod tests {
         assert!(m.fanout_latency_us.p99 >= 1000);
         assert_eq!(m.errors["read"], 1);
         assert!(!m.verify.unwrap().passed, "nothing was checked");
+    }
+
+    /// Issue 11 item 19: a seq gap fails verification when the server says it coalesced
+    /// nothing, is allowed when it coalesced, and is only counted when nobody asked it.
+    #[test]
+    fn seq_gaps_fail_only_when_the_server_coalesced_nothing() {
+        let mut s = Stats {
+            checked: 10,
+            ..Stats::default()
+        };
+        let verdict = |s: &Stats, c: Option<u64>| {
+            let r = Report::new("t", s, 1.0, 1.0, true, c);
+            let v = r.verify.clone().unwrap();
+            (v.passed, r.table())
+        };
+        assert!(verdict(&s, Some(0)).0, "no gaps, nothing coalesced");
+        s.seq_gaps = 2;
+        let (passed, table) = verdict(&s, Some(0));
+        assert!(!passed, "gaps the server cannot explain are lost events");
+        assert!(table.contains("seq gaps                2 (the server coalesced nothing"));
+        let (passed, table) = verdict(&s, Some(5));
+        assert!(passed, "gaps are allowed when the server coalesced");
+        assert!(table.contains("allowed: the server coalesced 5 events"));
+        let (passed, table) = verdict(&s, None);
+        assert!(passed);
+        assert!(table.contains("not attributed"), "{table}");
+        // Merging keeps the count and the largest move of the counter; a failed worker fails
+        // the fleet.
+        let a = Report::new("t", &s, 1.0, 1.0, true, Some(0));
+        let b = Report::new(
+            "t",
+            &Stats {
+                checked: 1,
+                ..Stats::default()
+            },
+            1.0,
+            1.0,
+            true,
+            Some(0),
+        );
+        let m = Report::merge(vec![a, b]).unwrap().verify.unwrap();
+        assert_eq!((m.passed, m.seq_gaps, m.coalesced), (false, 2, Some(0)));
     }
 }

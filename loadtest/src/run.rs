@@ -5,7 +5,7 @@
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,6 +27,9 @@ pub struct Shared {
     pub seed: u64,
     pub sources: usize,
     pub workers: usize,
+    /// Flapping users in the whole fleet (all workers): each thread's share of the flap rate is
+    /// the fraction of them it holds.
+    pub fleet_flappers: usize,
     /// The text every flapping user ends on: `final-<run tag>`, unique per run, so a state left
     /// over from an earlier run on the same server is never taken for this run's final.
     pub final_text: String,
@@ -45,16 +48,23 @@ pub struct Shared {
     /// Threads that took their verification snapshot. Connections close only once all have:
     /// a closing connection is a user going offline, which every other subscriber would see.
     pub verified: AtomicUsize,
+    /// Set by the main thread once every thread — and, with several workers, every worker
+    /// (see [`crate::barrier`]) — has verified, or at a deadline: connections may close.
+    pub release: AtomicBool,
+    /// `subchurn`: watchers done re-subscribing and checking their snapshots; then (set by the
+    /// main thread) the targets change once more; watchers done checking those live events.
+    pub resubscribed: AtomicUsize,
+    pub live: AtomicBool,
+    pub live_checked: AtomicUsize,
     /// Per thread: flapped (subscriber, user) pairs still waiting for the final state; meaningful
     /// once that thread is counted in `finals_sent`.
     pub unconverged: Vec<AtomicU64>,
 }
 
 impl Shared {
-    /// The token of user `i` (HS256, minted here: no identity provider needed).
-    pub fn token(&self, i: usize, group: Option<&str>) -> String {
-        let mut spec =
-            presenced::auth::TokenSpec::new(plan::user(i), Duration::from_secs(24 * 3600));
+    /// The token of `user` (HS256, minted here: no identity provider needed).
+    pub fn token_for(&self, user: &str, group: Option<&str>) -> String {
+        let mut spec = presenced::auth::TokenSpec::new(user, Duration::from_secs(24 * 3600));
         spec.device_type = Some("other".into());
         if let Some(g) = group {
             spec.groups = vec![g.to_owned()];
@@ -153,10 +163,10 @@ async fn drive(shared: Arc<Shared>, ix: usize, users: Vec<(usize, usize)>) -> St
     for s in &states {
         client::verify(&s.borrow(), &mut out);
     }
-    shared.verified.fetch_add(1, AcqRel);
-    // Bounded: a thread that died cannot hold the others forever.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while shared.verified.load(Acquire) < threads && Instant::now() < deadline {
+    shared.verified.fetch_add(1, Release);
+    // Bounded: the main thread sets `release` after bounded waits for the other threads and
+    // workers.
+    while !shared.release.load(Acquire) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     for (_, sink) in &flappers {
@@ -175,15 +185,19 @@ async fn send(sink: &RefCell<Option<Sink>>, status: &str, text: &str) -> bool {
     ok
 }
 
-/// The run phase: this thread's share of `flaps_per_sec`, round-robin over its flapping users,
-/// each flap carrying its send time.
+/// The run phase: this thread's share of `flaps_per_sec` (in proportion to the flappers it holds,
+/// so the whole fleet sends exactly `flaps_per_sec`), round-robin over its flapping users, each
+/// flap carrying its send time.
 async fn flap(
     shared: &Shared,
     stats: &RefCell<Stats>,
     flappers: &[(usize, Rc<RefCell<Option<Sink>>>)],
 ) {
-    let threads = shared.unconverged.len() as f64;
-    let rate = shared.scn.flaps_per_sec as f64 / (threads * shared.workers as f64);
+    let rate = plan::flap_share(
+        shared.scn.flaps_per_sec as f64,
+        flappers.len(),
+        shared.fleet_flappers,
+    );
     if flappers.is_empty() || rate <= 0.0 {
         while !shared.stop_flapping.load(Relaxed) {
             tokio::time::sleep(Duration::from_millis(10)).await;

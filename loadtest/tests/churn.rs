@@ -27,18 +27,31 @@ fn server() -> presenced::ServerHandle {
     presenced::start(cfg, verifier).unwrap()
 }
 
+/// The harness against `server`, with the flags every test shares.
+fn harness(server: &presenced::ServerHandle, secret: &str, json: &std::path::Path) -> Command {
+    let mut c = Command::new(BIN);
+    c.args([
+        "--url",
+        &format!("ws://{}/ws", server.addr),
+        "--secret",
+        secret,
+    ])
+    .args(["--quiet", "--threads", "2", "--sources", "4"])
+    .arg("--json")
+    .arg(json);
+    c
+}
+
 fn run(
     server: &presenced::ServerHandle,
     secret: &str,
     json: &std::path::Path,
 ) -> std::process::Output {
-    Command::new(BIN)
-        .args([
-            "--url",
-            &format!("ws://{}/ws", server.addr),
-            "--secret",
-            secret,
-        ])
+    let admin = format!(
+        "http://{}",
+        server.admin_addr.expect("the admin port is on")
+    );
+    harness(server, secret, json)
         .args([
             "--scenario",
             "churn",
@@ -47,20 +60,13 @@ fn run(
             "--duration",
             "2s",
         ])
-        .args([
-            "--verify",
-            "--quiet",
-            "--threads",
-            "2",
-            "--sources",
-            "4",
-            "--drain",
-            "5s",
-        ])
-        .arg("--json")
-        .arg(json)
+        .args(["--verify", "--drain", "5s", "--admin-url", &admin])
         .output()
         .unwrap()
+}
+
+fn report(json: &std::path::Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap()
 }
 
 #[test]
@@ -74,8 +80,7 @@ fn churn_scenario_verifies_and_reports() {
         "{table}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let report = report(&json);
     for key in [
         "connections_established",
         "deliveries",
@@ -103,6 +108,18 @@ fn churn_scenario_verifies_and_reports() {
     assert!(report["deliveries"].as_u64().unwrap() > 300, "{report}");
     assert_eq!(report["verify"]["passed"], true);
     assert_eq!(report["verify"]["out_of_order"], 0);
+    // Issue 11 item 19: gaps are counted, and attributed through the admin port.
+    assert!(report["verify"]["seq_gaps"].as_u64().is_some(), "{report}");
+    assert!(report["verify"]["coalesced"].as_u64().is_some(), "{report}");
+    // Issue 11 item 8: the fleet sends the advertised rate (churn: 500 flaps/s, here for 2 s),
+    // whatever the threads. With 2 threads it used to send half: every flapper (every tenth
+    // user) sat on one thread, which sent 500 / 2 per second.
+    let flaps = report["flaps_sent"].as_u64().unwrap();
+    assert!(
+        (900..=1100).contains(&flaps),
+        "flaps sent {flaps}, want about 1000"
+    );
+    assert_eq!(report["flaps_per_sec_target"], 500);
     // The server saw the same traffic.
     let m = server.metrics_total();
     assert!(m.deliveries >= report["deliveries"].as_u64().unwrap());
@@ -114,13 +131,96 @@ fn churn_scenario_verifies_and_reports() {
 fn verification_fails_when_the_fleet_cannot_connect() {
     let server = server();
     let json = std::env::temp_dir().join(format!("lt-bad-{}.json", std::process::id()));
-    let out = run(&server, "not-the-server-secret-at-all", &json);
+    let out = harness(&server, "not-the-server-secret-at-all", &json)
+        .args(["--scenario", "churn", "--connections", "300"])
+        .args(["--duration", "2s", "--verify", "--drain", "5s"])
+        .env("LT_DEBUG", "1")
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1), "verify must fail");
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let report = report(&json);
+    // LT_DEBUG names the subscriber and the user of what it counts as missing.
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with("missing: subscriber u") && l.contains(" user u")),
+        "{err}"
+    );
     assert_eq!(report["verify"]["passed"], false);
     assert_eq!(report["connections_established"], 0);
     assert_eq!(report["errors"]["http_401"], 300);
     std::fs::remove_file(&json).ok();
+    server.shutdown();
+}
+
+/// Issue 11 item 8: workers of one fleet whose run phases end at different times. Worker 0 holds
+/// every flapper (half the users flap: the even ones) and runs 1 s; worker 1 runs 4 s. Worker 0's
+/// subscribers converge first; it used to close its connections then, and worker 1's subscribers,
+/// still in their run phase, saw every flapper go offline after its final state and counted all
+/// of those pairs as missing. Now no worker closes before every worker has verified.
+#[test]
+fn workers_that_finish_at_different_times_all_verify() {
+    let server = server();
+    let tag = format!("fleet-{}", std::process::id());
+    let json: Vec<_> = (0..2)
+        .map(|i| std::env::temp_dir().join(format!("lt-fleet-{i}-{}.json", std::process::id())))
+        .collect();
+    let workers: Vec<_> = [("0/2", "1s"), ("1/2", "4s")]
+        .iter()
+        .zip(&json)
+        .map(|((worker, duration), json)| {
+            harness(&server, SECRET, json)
+                .args(["--scenario", "churn", "--connections", "200"])
+                .args(["--flap-fraction", "0.5", "--flaps-per-sec", "200"])
+                .args([
+                    "--worker",
+                    worker,
+                    "--run-tag",
+                    &tag,
+                    "--duration",
+                    duration,
+                ])
+                .args(["--verify", "--drain", "3s"])
+                .env("LT_DEBUG", "1")
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (i, w) in workers.into_iter().enumerate() {
+        let out = w.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "worker {i}: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let merged = std::env::temp_dir().join(format!("lt-fleet-{}.json", std::process::id()));
+    let out = Command::new(BIN)
+        .arg("merge")
+        .args(&json)
+        .arg("--json")
+        .arg(&merged)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let m = report(&merged);
+    assert_eq!(m["workers"], 2);
+    assert_eq!(m["connections_established"], 200);
+    assert_eq!(m["verify"]["passed"], true, "{m}");
+    assert_eq!(m["verify"]["missing"], 0);
+    // 100 flappers on worker 0, flapping at the fleet's 200/s for its 1 s.
+    let flaps = m["flaps_sent"].as_u64().unwrap();
+    assert!(
+        (180..=220).contains(&flaps),
+        "flaps sent {flaps}, want about 200"
+    );
+    for f in json.iter().chain([&merged]) {
+        std::fs::remove_file(f).ok();
+    }
     server.shutdown();
 }

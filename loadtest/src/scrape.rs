@@ -1,0 +1,186 @@
+//! Reads the server's coalescing counter from its admin port (`--admin-url`), so `--verify` can
+//! tell a seq gap the server explains (it merged queued events for a slow consumer) from a lost
+//! event.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+/// The counter of merged events, by its current name and by the name it had before.
+pub const COALESCED: [&str; 2] = [
+    "presenced_coalesced_events_total",
+    "presenced_coalesced_total",
+];
+
+/// Time-outs for one scrape.
+const TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest `/metrics` body read.
+const MAX_BODY: usize = 8 << 20;
+
+/// An admin port: `http://host:port` (a path prefix is kept), with an optional bearer token.
+#[derive(Clone, Debug)]
+pub struct AdminPort {
+    addr: SocketAddr,
+    host: String,
+    prefix: String,
+    token: Option<String>,
+}
+
+impl AdminPort {
+    pub fn parse(url: &str, token: Option<String>) -> Result<AdminPort, String> {
+        let rest = url
+            .strip_prefix("http://")
+            .ok_or("--admin-url: only http:// URLs are supported")?;
+        let (host, prefix) = match rest.find('/') {
+            Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
+            None => (rest, ""),
+        };
+        let addr = host
+            .to_socket_addrs()
+            .map_err(|e| format!("--admin-url {host}: {e}"))?
+            .next()
+            .ok_or(format!("--admin-url {host}: no address"))?;
+        Ok(AdminPort {
+            addr,
+            host: host.to_owned(),
+            prefix: prefix.to_owned(),
+            token,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `GET /metrics`, body as text.
+    pub fn metrics(&self) -> Result<String, String> {
+        let mut s = TcpStream::connect_timeout(&self.addr, TIMEOUT)
+            .map_err(|e| format!("{}: {e}", self.addr))?;
+        s.set_read_timeout(Some(TIMEOUT))
+            .map_err(|e| e.to_string())?;
+        s.set_write_timeout(Some(TIMEOUT))
+            .map_err(|e| e.to_string())?;
+        let auth = self
+            .token
+            .as_ref()
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        let req = format!(
+            "GET {}/metrics HTTP/1.1\r\nHost: {}\r\n{auth}Connection: close\r\n\r\n",
+            self.prefix, self.host
+        );
+        s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
+        // Read the head, then exactly `content-length` bytes (not to EOF: a keep-alive answer
+        // would hold the socket open until the time-out).
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 16 << 10];
+        let (head_len, want) = loop {
+            let n = s.read(&mut chunk).map_err(|e| format!("/metrics: {e}"))?;
+            buf.extend_from_slice(&chunk[..n]);
+            if let Some(i) = find(&buf, b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..i]).to_ascii_lowercase();
+                let len = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse::<usize>().ok());
+                break (i + 4, len);
+            }
+            if n == 0 || buf.len() > MAX_BODY {
+                return Err("/metrics: no HTTP response".into());
+            }
+        };
+        let want = want.unwrap_or(MAX_BODY).min(MAX_BODY);
+        while buf.len() - head_len < want {
+            let n = s.read(&mut chunk).map_err(|e| format!("/metrics: {e}"))?;
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        let head = String::from_utf8_lossy(&buf[..head_len]);
+        let body = String::from_utf8_lossy(&buf[head_len..]);
+        let status = head.split_whitespace().nth(1).unwrap_or("");
+        if status != "200" {
+            return Err(format!(
+                "/metrics answered {status}{}",
+                if status == "401" {
+                    " (pass --admin-token)"
+                } else {
+                    ""
+                }
+            ));
+        }
+        Ok(body.into_owned())
+    }
+
+    /// The server's count of merged (coalesced) events, all shards together.
+    pub fn coalesced(&self) -> Result<u64, String> {
+        coalesced_in(&self.metrics()?)
+            .ok_or_else(|| format!("/metrics has neither {} nor {}", COALESCED[0], COALESCED[1]))
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Sums every sample of the coalescing counter (one per shard) in a Prometheus text exposition;
+/// the current name wins when both are present. `None` when neither is there.
+pub fn coalesced_in(text: &str) -> Option<u64> {
+    COALESCED.iter().find_map(|name| sum_of(text, name))
+}
+
+fn sum_of(text: &str, name: &str) -> Option<u64> {
+    let mut found = None;
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        // The name must end here: a label set or the value follows.
+        let value = match rest.as_bytes().first() {
+            Some(b'{') => rest.split_once('}').map(|(_, v)| v),
+            Some(b' ') => Some(rest),
+            _ => None,
+        };
+        if let Some(v) = value.and_then(|v| v.split_whitespace().next()) {
+            if let Ok(v) = v.parse::<f64>() {
+                *found.get_or_insert(0u64) += v as u64;
+            }
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_shards_and_accepts_both_names() {
+        let new = "# HELP presenced_coalesced_events_total x\n\
+                   # TYPE presenced_coalesced_events_total counter\n\
+                   presenced_coalesced_events_total{shard=\"0\"} 3\n\
+                   presenced_coalesced_events_total{shard=\"1\"} 4\n\
+                   presenced_coalesced_events_totally 100\n";
+        assert_eq!(coalesced_in(new), Some(7));
+        let old = "presenced_coalesced_total{shard=\"0\"} 5\npresenced_deliveries_total 9\n";
+        assert_eq!(coalesced_in(old), Some(5));
+        assert_eq!(coalesced_in("presenced_coalesced_total 2\n"), Some(2));
+        assert_eq!(
+            coalesced_in(&format!("{new}{old}")),
+            Some(7),
+            "new name wins"
+        );
+        assert_eq!(coalesced_in("presenced_deliveries_total 9\n"), None);
+        assert_eq!(coalesced_in(""), None);
+    }
+
+    #[test]
+    fn parses_urls() {
+        let a = AdminPort::parse("http://127.0.0.1:9090", None).unwrap();
+        assert_eq!((a.addr().port(), a.prefix.as_str()), (9090, ""));
+        let a = AdminPort::parse("http://127.0.0.1:9090/admin/", None).unwrap();
+        assert_eq!(a.prefix, "/admin");
+        assert!(AdminPort::parse("https://127.0.0.1:9090", None).is_err());
+    }
+}

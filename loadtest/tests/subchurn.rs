@@ -1,0 +1,187 @@
+//! The `subchurn` scenario (issue 11 item 13) end to end against a real server started in this
+//! process, scaled down: connections cycling subscribe/unsubscribe over a set of ids, then a
+//! re-subscription whose snapshots are checked, and live events.
+
+use std::process::Command;
+
+use presenced::config::{Config, Placement};
+
+const SECRET: &str = "loadtest-integration-secret-0123";
+const BIN: &str = env!("CARGO_BIN_EXE_presenced-loadtest");
+
+fn server(tweak: impl FnOnce(&mut Config)) -> presenced::ServerHandle {
+    let mut cfg = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        shards: 2,
+        placement: Placement::Unbound,
+        jwt_secret: Some(SECRET.into()),
+        ..Config::default()
+    };
+    cfg.admin.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.history.backend = presenced::config::HistoryBackend::Off;
+    cfg.limits.handshake_rate_per_ip = 0;
+    tweak(&mut cfg);
+    cfg.validate().unwrap();
+    let verifier = presenced::auth::Verifier::new(cfg.jwt_secret.as_deref(), &cfg.auth).unwrap();
+    presenced::start(cfg, verifier).unwrap()
+}
+
+/// 4 watchers cycling over 200 ids (10 of them online targets) in batches of `batch` at the
+/// default 45 ops/s, for 2 s; then --verify.
+fn subchurn(
+    server: &presenced::ServerHandle,
+    name: &str,
+    batch: &str,
+    extra: &[&str],
+) -> (std::process::Output, serde_json::Value) {
+    let json = std::env::temp_dir().join(format!("lt-{name}-{}.json", std::process::id()));
+    let admin = format!(
+        "http://{}",
+        server.admin_addr.expect("the admin port is on")
+    );
+    let out = Command::new(BIN)
+        .args([
+            "--url",
+            &format!("ws://{}/ws", server.addr),
+            "--secret",
+            SECRET,
+        ])
+        .args([
+            "--scenario",
+            "subchurn",
+            "--connections",
+            "4",
+            "--watch",
+            "200",
+        ])
+        .args([
+            "--churn-batch",
+            batch,
+            "--churn-targets",
+            "10",
+            "--duration",
+            "2s",
+        ])
+        .args(["--verify", "--drain", "5s", "--admin-url", &admin])
+        .args(["--quiet", "--threads", "2", "--sources", "2"])
+        .args(extra)
+        .arg("--json")
+        .arg(&json)
+        .env("LT_DEBUG", "1")
+        .output()
+        .unwrap();
+    let report = std::fs::read_to_string(&json)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(serde_json::Value::Null);
+    std::fs::remove_file(&json).ok();
+    (out, report)
+}
+
+fn explain(out: &std::process::Output) -> String {
+    format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn subchurn_counts_the_storm_and_verifies_recovery() {
+    let server = server(|_| {});
+    let (out, r) = subchurn(&server, "subchurn", "50", &[]);
+    assert!(out.status.success(), "{}", explain(&out));
+    let sc = &r["subchurn"];
+    let n = |k: &str| sc[k].as_u64().unwrap_or_else(|| panic!("no {k} in {sc}"));
+    // The storm: ops went out at the asked rate and every one was answered, acked or refused.
+    assert!(n("subscribe_ops") >= 4 * 2 * 45 / 2 * 9 / 10, "{sc}");
+    let refused: u64 = sc["refused"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        n("subscribe_acked") + n("unsubscribe_acked") + refused,
+        n("subscribe_ops") + n("unsubscribe_ops"),
+        "{sc}"
+    );
+    assert!(n("snapshots") > 0);
+    // After the storm: every watcher re-subscribed, got a right snapshot of every id, and saw
+    // every target's live change.
+    assert_eq!((n("watchers"), n("resubscribed")), (4, 4), "{sc}");
+    assert_eq!(n("snapshots_expected"), 4 * 200);
+    assert_eq!(
+        (n("snapshots_missing"), n("snapshots_wrong")),
+        (0, 0),
+        "{sc}"
+    );
+    assert_eq!((n("live_expected"), n("live_missing")), (4 * 10, 0), "{sc}");
+    assert_eq!(r["verify"]["passed"], true);
+    assert_eq!(r["connections_established"], 4 + 10);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("re-snapshots            800 expected, 0 missing, 0 wrong"),
+        "{table}"
+    );
+    server.shutdown();
+}
+
+/// Refusals are counted by code and retried: the server allows 20 ops/s per connection (burst
+/// 20) and the watchers send 30 (under the 2x that gets a connection closed), so once the burst
+/// is spent some of the storm's ops come back `rate_limited`, and re-subscribing right after the
+/// storm, with the budget spent, is refused and retried (28 retries in a manual run). Every op is
+/// answered once, and verification still passes.
+#[test]
+fn subchurn_counts_refusals_and_retries_them() {
+    let server = server(|cfg| cfg.limits.ops_per_second = 20);
+    let (out, r) = subchurn(
+        &server,
+        "subchurn-limited",
+        "50",
+        &["--churn-ops-per-sec", "30"],
+    );
+    assert!(out.status.success(), "{}", explain(&out));
+    let sc = &r["subchurn"];
+    let n = |k: &str| sc[k].as_u64().unwrap_or_else(|| panic!("no {k} in {sc}"));
+    let limited = sc["refused"]["rate_limited"].as_u64().unwrap_or(0);
+    assert!(limited > 0, "{sc}");
+    assert_eq!(
+        n("subscribe_acked") + n("unsubscribe_acked") + limited,
+        n("subscribe_ops") + n("unsubscribe_ops"),
+        "{sc}"
+    );
+    assert_eq!(
+        (n("resubscribed"), n("snapshots_missing"), n("live_missing")),
+        (4, 0, 0),
+        "{sc}"
+    );
+    assert_eq!(r["verify"]["passed"], true);
+    server.shutdown();
+}
+
+/// The red-team finding, scaled down: with a congested mesh the server dropped `Watch`,
+/// `Snapshot` and `Unwatch` messages (`mesh_dropped`), subscriptions stayed pending forever or
+/// owners lost count of their watchers, and after the storm re-subscribing watchers got no
+/// snapshots and no live events. The harness catches it: today this fails with hundreds of
+/// re-snapshots and live events missing. Once the server never drops state messages (it refuses
+/// a subscribe with `overloaded` instead, and the harness retries it), it must pass.
+#[test]
+#[ignore = "issue 11 items 2 and 13: fails until the mesh stops dropping Watch/Snapshot/Unwatch \
+            under congestion (server work in progress); run with --ignored"]
+fn subchurn_recovers_from_a_congested_mesh() {
+    let server = server(|cfg| {
+        cfg.mesh.inbox_capacity = 16;
+        cfg.mesh.overflow_max = 16;
+    });
+    // Every op names all 200 ids: 200 Watch + 200 Snapshot messages per subscribe.
+    let (out, r) = subchurn(&server, "subchurn-congested", "200", &[]);
+    let dropped: u64 = server.metrics().iter().map(|m| m.mesh_dropped).sum();
+    assert!(
+        out.status.success(),
+        "mesh_dropped {dropped}\n{}\n{}",
+        r["subchurn"],
+        explain(&out)
+    );
+    server.shutdown();
+}
