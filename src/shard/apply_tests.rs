@@ -92,7 +92,10 @@ fn drain(session: &Session) -> Vec<Value> {
     while !rest.is_empty() {
         let len = match rest[1] & 0x7f {
             126 => (4, u16::from_be_bytes([rest[2], rest[3]]) as usize),
-            127 => (10, u64::from_be_bytes(rest[2..10].try_into().unwrap()) as usize),
+            127 => (
+                10,
+                u64::from_be_bytes(rest[2..10].try_into().unwrap()) as usize,
+            ),
             n => (2, n as usize),
         };
         let (header, n) = len;
@@ -123,16 +126,28 @@ fn subscribe_acks_then_snapshots_then_live_updates() {
         core.pump();
         let welcome = drain(&watcher);
         assert_eq!(welcome[0]["type"], "welcome");
-        core.send(&watcher, json!({"op":"subscribe","id":1,"users":["bob","carl","bob"]}));
+        core.send(
+            &watcher,
+            json!({"op":"subscribe","id":1,"users":["bob","carl","bob"]}),
+        );
         let got = drain(&watcher);
         assert_eq!(got[0], json!({"type":"ack","id":1}));
         let snaps = of_type(&got, "presence");
         assert_eq!(snaps.len(), 2, "one snapshot per distinct user: {got:?}");
-        assert_eq!(snaps.iter().find(|s| s["user"] == "bob").unwrap()["status"], "online");
-        core.send(&bob, json!({"op":"set_status","status":"busy","text":"call"}));
+        assert_eq!(
+            snaps.iter().find(|s| s["user"] == "bob").unwrap()["status"],
+            "online"
+        );
+        core.send(
+            &bob,
+            json!({"op":"set_status","status":"busy","text":"call"}),
+        );
         let live = drain(&watcher);
         assert_eq!(live.len(), 1);
-        assert_eq!((live[0]["status"].as_str(), live[0]["text"].as_str()), (Some("busy"), Some("call")));
+        assert_eq!(
+            (live[0]["status"].as_str(), live[0]["text"].as_str()),
+            (Some("busy"), Some("call"))
+        );
         core.send(&watcher, json!({"op":"unsubscribe","users":["bob"]}));
         drain(&watcher);
         core.send(&bob, json!({"op":"set_status","status":"away"}));
@@ -150,13 +165,20 @@ fn a_subscribe_past_the_id_budget_applies_nothing() {
         let w = core.open("w").unwrap();
         let ids: Vec<String> = (0..10).map(|i| format!("u{i}")).collect();
         core.send(&w, json!({"op":"subscribe","id":"a","users":ids}));
-        assert_eq!(of_type(&drain(&w), "presence").len(), 10, "the whole allowance at once");
+        assert_eq!(
+            of_type(&drain(&w), "presence").len(),
+            10,
+            "the whole allowance at once"
+        );
         core.send(&w, json!({"op":"unsubscribe","users":ids}));
         drain(&w);
         core.send(&w, json!({"op":"subscribe","id":"b","users":["x", "y"]}));
         let got = drain(&w);
         assert_eq!(got.len(), 1, "an error and nothing else: {got:?}");
-        assert_eq!((got[0]["id"].as_str(), got[0]["code"].as_str()), (Some("b"), Some("rate_limited")));
+        assert_eq!(
+            (got[0]["id"].as_str(), got[0]["code"].as_str()),
+            (Some("b"), Some("rate_limited"))
+        );
         // Nothing was subscribed: a change of x reaches nobody.
         let x = core.open("x").unwrap();
         core.pump();
@@ -179,12 +201,19 @@ fn a_congested_mesh_refuses_new_subscriptions_only() {
         core.send(&w, json!({"op":"set_status","id":3,"status":"away"}));
         core.send(&w, json!({"op":"unsubscribe","id":4,"users":["a"]}));
         let got = drain(&w);
-        let codes: Vec<&str> = got.iter().map(|v| v["code"].as_str().unwrap_or("ack")).collect();
+        let codes: Vec<&str> = got
+            .iter()
+            .map(|v| v["code"].as_str().unwrap_or("ack"))
+            .collect();
         assert_eq!(codes, ["overloaded", "overloaded", "ack", "ack"], "{got:?}");
         assert_eq!(core.metrics().ops_overloaded, 2);
         ShardMetrics::set(&m.mesh_overflow_bytes, 0);
         core.send(&w, json!({"op":"subscribe","id":5,"users":["a"]}));
-        assert_eq!(of_type(&drain(&w), "presence").len(), 1, "drained: admitted again");
+        assert_eq!(
+            of_type(&drain(&w), "presence").len(),
+            1,
+            "drained: admitted again"
+        );
     });
 }
 
@@ -198,7 +227,11 @@ fn reject_new_refuses_the_session_before_it_exists() {
         let _first = core.open("u").unwrap();
         let refused = core.open("u");
         assert!(matches!(refused, Err(Refusal::Close(4009, _))));
-        assert_eq!(core.shard.session_count(), 1, "no session for the refused connection");
+        assert_eq!(
+            core.shard.session_count(),
+            1,
+            "no session for the refused connection"
+        );
         assert_eq!(core.shard.registry().session_count(), 1);
     });
 }
@@ -232,9 +265,15 @@ fn closing_a_session_releases_everything_it_held() {
         core.shard.close_session(&w);
         core.shard.close_session(&w); // idempotent
         core.pump();
-        assert!(core.shard.registry().view("a", 0).is_none(), "unwatched and forgotten");
+        assert!(
+            core.shard.registry().view("a", 0).is_none(),
+            "unwatched and forgotten"
+        );
         assert!(core.shard.groups().page("g", None, 1).is_none());
-        assert_eq!((core.shard.session_count(), core.metrics().connections), (0, 0));
+        assert_eq!(
+            (core.shard.session_count(), core.metrics().connections),
+            (0, 0)
+        );
         assert_eq!(core.metrics().unmatched_unwatches, 0);
     });
 }
@@ -254,7 +293,10 @@ fn a_burst_past_twice_the_rate_gets_errors_then_a_flushed_4008() {
         assert_eq!((pongs, limited, got.len()), (10, 10, 20), "{got:?}");
         let close = s.close_request().expect("the 21st op closes");
         assert_eq!(close.code, 4008);
-        assert!(close.flush_ms > 0, "the queued replies go out before the close");
+        assert!(
+            close.flush_ms > 0,
+            "the queued replies go out before the close"
+        );
     });
 }
 
@@ -270,10 +312,19 @@ fn observers_are_read_only_and_invisible_sessions_send_no_activity() {
             })
             .unwrap();
         let welcome = drain(&admin);
-        assert_eq!((welcome[0]["read_only"].as_bool(), welcome[0]["admin"].as_str()), (Some(true), Some("ops")));
+        assert_eq!(
+            (
+                welcome[0]["read_only"].as_bool(),
+                welcome[0]["admin"].as_str()
+            ),
+            (Some(true), Some("ops"))
+        );
         core.send(&admin, json!({"op":"set_status","id":1,"status":"busy"}));
         assert_eq!(drain(&admin)[0]["code"], "forbidden");
-        assert!(core.shard.registry().view("bob", 0).is_none(), "an observer is no device");
+        assert!(
+            core.shard.registry().view("bob", 0).is_none(),
+            "an observer is no device"
+        );
         let bob = core.open("bob").unwrap();
         drain(&bob);
         core.send(&bob, json!({"op":"set_status","status":"invisible"}));
@@ -296,7 +347,10 @@ fn refresh_moves_the_expiry_and_refuses_another_subject() {
         let mine = crate::auth::mint_hs256(SECRET, &spec("u"));
         core.send(&s, json!({"op":"refresh","id":2,"token":mine}));
         assert_eq!(drain(&s)[0]["type"], "ack");
-        assert!(s.expires_at.get() < u64::MAX / 2, "moved to the new token's exp");
+        assert!(
+            s.expires_at.get() < u64::MAX / 2,
+            "moved to the new token's exp"
+        );
     });
 }
 

@@ -40,6 +40,7 @@ pub async fn run(shard: Rc<Shard>) {
         expire(&shard, now / 1000);
         beat(&shard, now, slot, slots);
         slot = (slot + 1) % slots;
+        shard.mesh.settle(now);
         if now.saturating_sub(rotated) >= LATENCY_WINDOW_MS {
             shard.rotate_latency();
             rotated = now;
