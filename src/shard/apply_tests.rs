@@ -25,8 +25,10 @@ struct Core {
 
 impl Core {
     fn new(tweak: impl FnOnce(&mut Config)) -> Core {
-        let mut cfg = Config::default();
-        cfg.shards = 1;
+        let mut cfg = Config {
+            shards: 1,
+            ..Config::default()
+        };
         tweak(&mut cfg);
         let cfg = cfg.validate().expect("valid test config");
         let verifier = Verifier::new(Some(SECRET), &AuthConfig::default()).unwrap();
