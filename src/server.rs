@@ -84,6 +84,20 @@ impl ServerHandle {
         self.begin_shutdown();
         self.join();
     }
+
+    /// Tests only: runs `f` on shard `shard` and waits for it.
+    #[cfg(feature = "fault-injection")]
+    pub fn run_on(&self, shard: usize, f: impl FnOnce(&Rc<Shard>) + Send + 'static) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.shards.send_job(
+            shard,
+            Box::new(move |s: &Rc<Shard>| {
+                f(s);
+                let _ = tx.send(());
+            }),
+        );
+        rx.recv().expect("the shard ran the job");
+    }
 }
 
 /// Starts the server and returns once every shard is accepting.

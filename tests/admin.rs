@@ -22,17 +22,6 @@ fn server(shards: usize) -> TestServer {
 }
 
 /// Polls `f` until it returns `Some`, failing after [`WAIT`] with `what`.
-fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn health_is_open_and_the_api_needs_an_admin() {
     let s = server(2);
@@ -960,4 +949,57 @@ fn clients_that_stop_reading_cannot_hold_the_admin_port() {
         (s.admin_request("GET", "/healthz", None).0 == 200).then_some(())
     });
     drop(stuck);
+}
+
+/// Item 14: idle sockets cannot lock the admin port. A full pool evicts its longest-idle
+/// connection for a newcomer, so `/healthz` and `/metrics` answer while 50 silent sockets are
+/// open against a pool of 8 (before, every probe got 503 until the sockets' 60 s idle timeout);
+/// one IP holds at most `admin.max_connections_per_ip` (429 past it); a socket that sends
+/// nothing is closed after `admin.header_timeout_ms`.
+#[test]
+fn idle_sockets_cannot_lock_the_admin_port() {
+    let s = TestServer::with(1, |c| {
+        c.admin.max_connections = 8;
+        c.admin.max_connections_per_ip = 1_000;
+        c.admin.header_timeout_ms = 60_000;
+    });
+    let idle: Vec<TcpStream> = (0..50)
+        .map(|_| TcpStream::connect(s.admin).unwrap())
+        .collect();
+    for _ in 0..5 {
+        assert_eq!(s.admin_request("GET", "/healthz", None).0, 200);
+        let (code, body) = raw_request(
+            s.admin,
+            "GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n",
+        );
+        assert_eq!(code, 200, "{body}");
+    }
+    assert!(s.handle().metrics_total().admin_evictions >= 10);
+    drop(idle);
+
+    let s = TestServer::with(1, |c| {
+        c.admin.max_connections_per_ip = 3;
+        c.admin.header_timeout_ms = 300;
+    });
+    let ip = |n| std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, n));
+    let held: Vec<TcpStream> = (0..3).map(|_| tcp_from(ip(2), s.admin, None)).collect();
+    let (code, body) = eventually("the fourth from one IP refused", || {
+        let got = raw_request_from(
+            tcp_from(ip(2), s.admin, None),
+            "GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n",
+        );
+        (got.0 != 200).then_some(got)
+    });
+    assert_eq!(code, 429, "{body}");
+    let (code, _) = raw_request_from(
+        tcp_from(ip(3), s.admin, None),
+        "GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(code, 200, "another IP is unaffected");
+    // The held sockets sent nothing: each is closed after the header timeout.
+    for mut c in held {
+        c.set_read_timeout(Some(WAIT)).unwrap();
+        let mut buf = [0u8; 16];
+        assert!(matches!(c.read(&mut buf), Ok(0)), "closed by the server");
+    }
 }

@@ -66,11 +66,15 @@ impl Shard {
             return;
         }
         #[cfg(feature = "fault-injection")]
-        if let Op::Activity { kind, .. } = &req.op {
-            assert!(
-                &**kind != "__panic",
+        match &req.op {
+            Op::Activity { kind, .. } => assert!(
+                &**kind != super::faults::PANIC_IN_OP,
                 "fault injection: panic while handling an op"
-            );
+            ),
+            Op::SetStatus { text: Some(t), .. } if &**t == super::faults::PANIC_IN_PUBLISH => {
+                self.panic_in_publish.set(true);
+            }
+            _ => {}
         }
         let id = req.id.as_ref();
         let m = &self.metrics;

@@ -215,10 +215,12 @@ pub struct Mesh {
     /// The most `bytes` reached since the queues were last empty (memory is given back to the
     /// system after a large burst drains).
     peak: Cell<usize>,
-    /// After a large burst: trim the heap once more when things have settled (ms since epoch),
-    /// since what the burst left behind (snapshots in outboxes, frames) is freed after the
-    /// mesh itself has drained.
-    trim_again_at: Cell<Option<u64>>,
+    /// After a large burst: keep trimming the heap every [`TRIM_SETTLE_MS`] until this time
+    /// (ms since epoch), since what the burst left behind (snapshots in outboxes, sessions that
+    /// close afterwards) is freed after the mesh itself has drained.
+    trim_until: Cell<u64>,
+    /// The next of those trims (ms since epoch).
+    trim_next: Cell<u64>,
     max_bytes: usize,
     /// Every shard's counters, for [`Mesh::congested`] (each shard's `mesh_overflow_bytes`).
     all: Arc<[Arc<ShardMetrics>]>,
@@ -228,9 +230,10 @@ pub struct Mesh {
 }
 
 /// Overflow beyond which a drained queue gives its memory back to the OS (`malloc_trim`).
-const TRIM_AFTER_BYTES: usize = 8 << 20;
-/// How long after such a drain the heap is trimmed once more.
+const TRIM_AFTER_BYTES: usize = 1 << 20;
+/// After such a drain the heap is trimmed again every `TRIM_SETTLE_MS`, for `TRIM_WINDOW_MS`.
 const TRIM_SETTLE_MS: u64 = 3_000;
+const TRIM_WINDOW_MS: u64 = 60_000;
 
 impl Mesh {
     pub fn new(
@@ -246,7 +249,8 @@ impl Mesh {
             overflow: (0..n).map(|_| RefCell::default()).collect(),
             bytes: Cell::new(0),
             peak: Cell::new(0),
-            trim_again_at: Cell::new(None),
+            trim_until: Cell::new(0),
+            trim_next: Cell::new(0),
             max_bytes,
             metrics: all[usize::from(me)].clone(),
             all,
@@ -359,15 +363,19 @@ impl Mesh {
         if self.bytes.get() == 0 && self.peak.get() >= TRIM_AFTER_BYTES {
             self.peak.set(0);
             trim_heap();
-            self.trim_again_at
-                .set(Some(super::now_ms() + TRIM_SETTLE_MS));
+            let now = super::now_ms();
+            self.trim_next.set(now + TRIM_SETTLE_MS);
+            self.trim_until.set(now + TRIM_WINDOW_MS);
         }
     }
 
-    /// Called by the shard's clock: the second trim after a burst, once it has settled.
+    /// Called by the shard's clock: the trims that follow a burst, while it settles.
     pub fn settle(&self, now_ms: u64) {
-        if self.bytes.get() == 0 && self.trim_again_at.get().is_some_and(|t| now_ms >= t) {
-            self.trim_again_at.set(None);
+        if self.bytes.get() == 0
+            && now_ms >= self.trim_next.get()
+            && now_ms <= self.trim_until.get()
+        {
+            self.trim_next.set(now_ms + TRIM_SETTLE_MS);
             trim_heap();
         }
     }

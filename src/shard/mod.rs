@@ -22,6 +22,8 @@
 pub mod apply;
 pub mod budget;
 pub mod clock;
+#[cfg(feature = "fault-injection")]
+pub mod faults;
 pub mod invoke;
 pub mod mesh;
 pub mod outbox;
@@ -111,6 +113,9 @@ pub struct Shard {
     taps: RefCell<Vec<Listener>>,
     /// Per-shard state of the drivers (Seastar's `sharded<T>`), one value per type.
     locals: RefCell<HashMap<std::any::TypeId, Rc<dyn Any>>>,
+    /// Tests only: the next publish panics after its first send ([`faults`]).
+    #[cfg(feature = "fault-injection")]
+    panic_in_publish: Cell<bool>,
 }
 
 impl Shard {
@@ -145,6 +150,8 @@ impl Shard {
             handshake_latency: RefCell::new(Latency::default()),
             taps: RefCell::new(Vec::new()),
             locals: RefCell::new(HashMap::new()),
+            #[cfg(feature = "fault-injection")]
+            panic_in_publish: Cell::new(false),
         }
     }
 
@@ -314,6 +321,11 @@ impl Shard {
                     state: state.clone(),
                     origin,
                 },
+            );
+            #[cfg(feature = "fault-injection")]
+            assert!(
+                !self.panic_in_publish.take(),
+                "fault injection: panic half-way through a fan-out"
             );
         }
         for (group, member) in change.groups {

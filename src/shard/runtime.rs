@@ -120,6 +120,11 @@ impl Shards {
         }
     }
 
+    /// Sends a job to one shard from outside the shards (tests).
+    pub fn send_job(&self, shard: usize, job: super::mesh::Job) {
+        let _ = self.inboxes[shard].send(MeshMsg::Invoke(job));
+    }
+
     /// Waits for every shard thread to finish.
     pub fn join(&mut self) {
         for t in self.threads.drain(..) {

@@ -209,6 +209,49 @@ pub fn raw_request_from(mut s: TcpStream, request: &str) -> (u16, String) {
     (code, body)
 }
 
+/// Polls `f` every 20 ms until it gives a value, failing after [`WAIT`].
+pub fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A client-to-server WebSocket text frame (masked, as RFC 6455 requires), for tests that
+/// write raw bytes.
+pub fn masked_text(payload: &str) -> Vec<u8> {
+    let p = payload.as_bytes();
+    let mut out = vec![0x81];
+    match p.len() {
+        n if n < 126 => out.push(0x80 | n as u8),
+        n if n <= 0xffff => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    let key = [0x12, 0x34, 0x56, 0x78];
+    out.extend_from_slice(&key);
+    out.extend(p.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    out
+}
+
+/// A complete upgrade request for `/ws` with a bearer token.
+pub fn upgrade_request(token: &str) -> String {
+    format!(
+        "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Authorization: Bearer {token}\r\n\r\n"
+    )
+}
+
 /// A user name that hashes to `shard` of `shards`.
 pub fn user_on(shard: u16, shards: usize, prefix: &str) -> String {
     (0..)
