@@ -29,6 +29,18 @@ pub struct TestServer {
     pub data: tempfile::TempDir,
 }
 
+/// The static admin token of [`admin_server`].
+pub const ADMIN_STATIC_TOKEN: &str = "static-admin-token-0123456789";
+
+/// A server for admin-port tests: no rate limits in the way, and a static admin token.
+pub fn admin_server(shards: usize) -> TestServer {
+    TestServer::with(shards, |c| {
+        c.limits.handshake_rate_per_ip = 0;
+        c.limits.ops_per_second = 0;
+        c.admin.token = Some(ADMIN_STATIC_TOKEN.into());
+    })
+}
+
 /// The admin port on an ephemeral loopback port (tests run side by side).
 pub fn admin_on_any_port() -> presenced::config::AdminConfig {
     presenced::config::AdminConfig {
