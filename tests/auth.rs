@@ -51,6 +51,13 @@ fn bad_tokens_get_401_and_no_upgrade() {
         server.status_for(&hs(Algorithm::HS256, good.clone())).0,
         101
     );
+    // A `sub` no op could name (longer than limits.max_id_bytes, 256 by default).
+    let long = json!({"sub":"x".repeat(257),"exp":now()+600,"iss":"https://idp","aud":"presence"});
+    let (code, body) = server.status_for(&hs(Algorithm::HS256, long));
+    assert_eq!(
+        (code, body.as_str()),
+        (401, "sub longer than limits.max_id_bytes")
+    );
     assert_eq!(
         server.status_for(&hs(Algorithm::HS512, good.clone())).0,
         101

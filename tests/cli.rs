@@ -255,9 +255,11 @@ fn token_mints_only_what_the_server_accepts() {
     // Each of these the server would refuse (the secret at start-up, the token at the
     // handshake), so no token is printed and the error names the flag.
     let good = "0123456789abcdef-good";
+    let long_sub = "x".repeat(257);
     for (args, flag) in [
         (vec!["--secret", "short-secret", "--sub", "bob"], "--secret"),
         (vec!["--secret", good, "--sub", ""], "--sub"),
+        (vec!["--secret", good, "--sub", &long_sub], "--sub"),
         (
             vec!["--secret", good, "--sub", "bob", "--device-type", "phone"],
             "--device-type",

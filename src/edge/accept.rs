@@ -291,6 +291,7 @@ fn authenticate(
         .verifier()
         .verify(token)
         .map_err(|e| Reject::new(401, e.reason()))?;
+    check_sub(&shard.cfg().limits, &claims.sub).map_err(|why| Reject::new(401, why))?;
     let device_type = match claims.device_type.as_deref().or(req.device_type.as_deref()) {
         None => DeviceType::Other,
         Some(t) => DeviceType::parse(t).ok_or(Reject::new(
@@ -329,6 +330,15 @@ fn admission(
         ip: peer.ip(),
         observer,
     }
+}
+
+/// A user id is an id like any other: one nobody could subscribe to (ops refuse ids past
+/// `limits.max_id_bytes`) is refused before it takes a session. (`presenced token` asks the same.)
+pub fn check_sub(limits: &crate::config::Limits, sub: &str) -> Result<(), &'static str> {
+    if sub.len() > limits.max_id_bytes {
+        return Err("sub longer than limits.max_id_bytes");
+    }
+    Ok(())
 }
 
 /// `?as=<user>`: an admin credential (a JWT with role `admin`, or the static admin token) opens
