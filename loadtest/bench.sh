@@ -5,9 +5,11 @@
 #
 #   loadtest/bench.sh                 # everything (about 5 minutes on 2 cores)
 #   IDLE_CONNS=15000 SHARDS=2 loadtest/bench.sh
+#   SERVER=/path/to/old/presenced OUT=target/bench-old loadtest/bench.sh   # another build, same harness
 #
 # Knobs (environment): SHARDS (2), PLACEMENT (unbound), IDLE_CONNS (15000), WATCH (20),
-# LOAD_CONNS (4000), RUN_S (8), HANDSHAKE_CONNS (8000), PORT (18400), OUT (target/bench).
+# LOAD_CONNS (4000), RUN_S (8), HANDSHAKE_CONNS (8000), PORT (18400), OUT (target/bench),
+# SERVER (target/release/presenced: the server binary measured; the harness is always this tree's).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,7 +23,7 @@ HANDSHAKE_CONNS=${HANDSHAKE_CONNS:-8000}
 PORT=${PORT:-18400}
 OUT=${OUT:-target/bench}
 SECRET=bench-secret-0123456789abcdef
-SERVER=target/release/presenced
+SERVER=${SERVER:-target/release/presenced}
 LOAD=target/release/presenced-loadtest
 TCK=$(getconf CLK_TCK)
 PAGE=$(getconf PAGESIZE)

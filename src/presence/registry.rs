@@ -363,21 +363,10 @@ impl Registry {
                 if was_online && entry.view.status == Aggregate::Offline {
                     entry.last_seen = Some(now_ms);
                 }
-                let mut groups: Vec<(GroupId, bool)> = entry
-                    .view
-                    .groups
-                    .iter()
-                    .map(|g| (g.clone(), true))
-                    .collect();
-                for g in old.groups {
-                    if entry.view.groups.binary_search(&g).is_err() {
-                        groups.push((g, false));
-                    }
-                }
                 Some(Change {
                     state: entry.state(&id, now_ms),
                     watchers: entry.watchers.shards().collect(),
-                    groups,
+                    groups: group_changes(old.groups, &entry.view.groups),
                     was_online,
                 })
             }
@@ -419,24 +408,25 @@ impl Registry {
         if old.status != Aggregate::Offline && entry.view.status == Aggregate::Offline {
             entry.last_seen = Some(now_ms);
         }
-        let mut groups: Vec<(GroupId, bool)> = entry
-            .view
-            .groups
-            .iter()
-            .map(|g| (g.clone(), true))
-            .collect();
-        for g in old.groups {
-            if entry.view.groups.binary_search(&g).is_err() {
-                groups.push((g, false));
-            }
-        }
         Some(Change {
             state: entry.state(user, now_ms),
             watchers: entry.watchers.shards().collect(),
-            groups,
+            groups: group_changes(old.groups, &entry.view.groups),
             was_online: old.status != Aggregate::Offline,
         })
     }
+}
+
+/// Every group the user is a visible member of now (`true`), and every one it just left
+/// (`false`): what the group owners must hear of a change.
+fn group_changes(before: Vec<GroupId>, now: &[GroupId]) -> Vec<(GroupId, bool)> {
+    let mut groups: Vec<(GroupId, bool)> = now.iter().map(|g| (g.clone(), true)).collect();
+    for g in before {
+        if now.binary_search(&g).is_err() {
+            groups.push((g, false));
+        }
+    }
+    groups
 }
 
 #[cfg(test)]

@@ -163,62 +163,58 @@ impl Shard {
         };
         fresh.sort_unstable();
         fresh.dedup();
-        let max_subs = self.cfg.limits.max_subscriptions;
-        if self.held(session) + fresh.len() > max_subs {
-            let msg = format!("at most {max_subs} subscriptions per connection");
-            return session.reply_error(id, ErrorCode::TooManySubscriptions, &msg);
+        if self.admit_subscriptions(session, id, fresh.len()) {
+            session.push_reply(events::ack(id));
+            self.watch_users(session, &fresh);
         }
-        if !fresh.is_empty() && self.mesh.congested() {
+    }
+
+    fn op_subscribe_group(&self, session: &Session, id: Option<&RequestId>, group: &GroupId) {
+        let fresh = usize::from(!session.watching_groups.borrow().contains_key(group));
+        if self.admit_subscriptions(session, id, fresh) {
+            session.push_reply(events::ack(id));
+            if fresh == 1 {
+                self.watch_group(session, group);
+            }
+        }
+    }
+
+    /// Whether `n` new subscriptions may be taken, all or none: within `max_subscriptions`,
+    /// the mesh not congested (load shedding), and within the id budget. Otherwise the error is
+    /// replied and false returned; nothing has been applied either way.
+    fn admit_subscriptions(&self, session: &Session, id: Option<&RequestId>, n: usize) -> bool {
+        if n == 0 {
+            return true; // all already held: an ack, nothing new
+        }
+        let limits = &self.cfg.limits;
+        let max_subs = limits.max_subscriptions;
+        if self.held(session) + n > max_subs {
+            let msg = format!("at most {max_subs} subscriptions per connection");
+            session.reply_error(id, ErrorCode::TooManySubscriptions, &msg);
+            return false;
+        }
+        if self.mesh.congested() {
             ShardMetrics::inc(&self.metrics.ops_overloaded);
             let msg = "the server is shedding load: nothing was subscribed, retry later";
-            return session.reply_error(id, ErrorCode::Overloaded, msg);
+            session.reply_error(id, ErrorCode::Overloaded, msg);
+            return false;
         }
-        let n = u32::try_from(fresh.len()).unwrap_or(u32::MAX);
         let granted = session.budget.borrow_mut().subscribe(
-            self.cfg.limits.subscriptions_per_second,
+            limits.subscriptions_per_second,
             self.subscription_burst(),
-            n,
+            u32::try_from(n).unwrap_or(u32::MAX),
             now_ms(),
         );
         if !granted {
             ShardMetrics::inc(&self.metrics.ops_rate_limited);
             let msg = format!(
                 "too many new subscriptions: at most {} ids per second (nothing was subscribed)",
-                self.cfg.limits.subscriptions_per_second
+                limits.subscriptions_per_second
             );
-            return session.reply_error(id, ErrorCode::RateLimited, &msg);
+            session.reply_error(id, ErrorCode::RateLimited, &msg);
+            return false;
         }
-        session.push_reply(events::ack(id));
-        self.watch_users(session, &fresh);
-    }
-
-    fn op_subscribe_group(&self, session: &Session, id: Option<&RequestId>, group: &GroupId) {
-        if session.watching_groups.borrow().contains_key(group) {
-            return session.push_reply(events::ack(id));
-        }
-        let max_subs = self.cfg.limits.max_subscriptions;
-        if self.held(session) + 1 > max_subs {
-            let msg = format!("at most {max_subs} subscriptions per connection");
-            return session.reply_error(id, ErrorCode::TooManySubscriptions, &msg);
-        }
-        if self.mesh.congested() {
-            ShardMetrics::inc(&self.metrics.ops_overloaded);
-            let msg = "the server is shedding load: nothing was subscribed, retry later";
-            return session.reply_error(id, ErrorCode::Overloaded, msg);
-        }
-        let granted = session.budget.borrow_mut().subscribe(
-            self.cfg.limits.subscriptions_per_second,
-            self.subscription_burst(),
-            1,
-            now_ms(),
-        );
-        if !granted {
-            ShardMetrics::inc(&self.metrics.ops_rate_limited);
-            let msg = "too many new subscriptions: slow down (nothing was subscribed)";
-            return session.reply_error(id, ErrorCode::RateLimited, msg);
-        }
-        session.push_reply(events::ack(id));
-        self.watch_group(session, group);
+        true
     }
 
     /// Subscriptions a session holds (users and groups).

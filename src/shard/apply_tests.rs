@@ -53,17 +53,7 @@ impl Core {
     }
 
     fn open(&self, user: &str) -> Result<Rc<Session>, Refusal> {
-        self.shard.open_session(Admission {
-            user: user.into(),
-            expires_at: u64::MAX / 2,
-            device: None,
-            device_type: Default::default(),
-            region: None,
-            groups: Vec::new(),
-            roles: Vec::new(),
-            ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
-            observer: None,
-        })
+        self.shard.open_session(admission(user))
     }
 
     /// Delivers every queued mesh message, as the shard's loop would.

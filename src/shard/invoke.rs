@@ -129,7 +129,22 @@ impl Shard {
         (acc, answered)
     }
 
-    /// Sends each job to its shard and collects the answers by `deadline`.
+    /// Sends each job to its shard; each answers once, on the reply channel it is given.
+    async fn fan_out<R: Send + 'static>(
+        &self,
+        jobs: Vec<(ShardIx, Answering<R>)>,
+        deadline: Duration,
+    ) -> (Vec<(ShardIx, R)>, Answered) {
+        let to: Vec<ShardIx> = jobs.iter().map(|(ix, _)| *ix).collect();
+        let (tx, rx) = flume::bounded(to.len());
+        for (ix, job) in jobs {
+            let tx = tx.clone();
+            self.send_job(ix, Box::new(move |shard: &Rc<Shard>| job(shard, tx)));
+        }
+        drop(tx);
+        collect(rx, &to, deadline).await
+    }
+
     async fn map_each<R, F>(
         &self,
         jobs: Vec<(ShardIx, F)>,
@@ -139,20 +154,17 @@ impl Shard {
         R: Send + 'static,
         F: FnOnce(&Rc<Shard>) -> R + Send + 'static,
     {
-        let to: Vec<ShardIx> = jobs.iter().map(|(ix, _)| *ix).collect();
-        let (tx, rx) = flume::bounded(to.len());
-        for (ix, f) in jobs {
-            let tx = tx.clone();
-            self.send_job(
-                ix,
-                Box::new(move |shard: &Rc<Shard>| {
+        let jobs = jobs
+            .into_iter()
+            .map(|(ix, f)| {
+                let job: Answering<R> = Box::new(move |shard, tx| {
                     // The asker may have given up (deadline): nothing to do then.
                     let _ = tx.try_send((shard.ix, f(shard)));
-                }),
-            );
-        }
-        drop(tx);
-        collect(rx, &to, deadline).await
+                });
+                (ix, job)
+            })
+            .collect();
+        self.fan_out(jobs, deadline).await
     }
 
     async fn map_each_async<R, F, Fut>(
@@ -165,19 +177,14 @@ impl Shard {
         F: FnOnce(Rc<Shard>) -> Fut + Send + 'static,
         Fut: Future<Output = R> + 'static,
     {
-        let to: Vec<ShardIx> = jobs.iter().map(|(ix, _)| *ix).collect();
-        let (tx, rx) = flume::bounded(to.len());
-        for (ix, f) in jobs {
-            let tx = tx.clone();
-            self.send_job(
-                ix,
-                Box::new(move |shard: &Rc<Shard>| {
-                    let shard = shard.clone();
-                    let metrics = shard.metrics.clone();
-                    let task = async move {
-                        let ix = shard.ix;
-                        let answer = AssertUnwindSafe(f(shard)).catch_unwind().await;
-                        match answer {
+        let jobs = jobs
+            .into_iter()
+            .map(|(ix, f)| {
+                let job: Answering<R> = Box::new(move |shard, tx| {
+                    let (ix, metrics) = (shard.ix, shard.metrics.clone());
+                    let answer = AssertUnwindSafe(f(shard.clone())).catch_unwind();
+                    glommio::spawn_local(async move {
+                        match answer.await {
                             Ok(r) => {
                                 let _ = tx.try_send((ix, r));
                             }
@@ -186,15 +193,18 @@ impl Shard {
                                 tracing::error!(shard = ix, "an asynchronous job panicked");
                             }
                         }
-                    };
-                    glommio::spawn_local(task).detach();
-                }),
-            );
-        }
-        drop(tx);
-        collect(rx, &to, deadline).await
+                    })
+                    .detach();
+                });
+                (ix, job)
+            })
+            .collect();
+        self.fan_out(jobs, deadline).await
     }
 }
+
+/// A job that answers on the channel it is given.
+type Answering<R> = Box<dyn FnOnce(&Rc<Shard>, flume::Sender<(ShardIx, R)>) + Send>;
 
 /// Answers from `rx` until every shard in `to` answered or `deadline` passed; sorted by shard.
 async fn collect<R>(

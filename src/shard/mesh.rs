@@ -396,17 +396,21 @@ mod tests {
     use super::*;
     use crate::presence::Aggregate;
 
+    fn state(user: &str, seq: u64) -> Arc<PresenceState> {
+        Arc::new(PresenceState {
+            user: user.into(),
+            status: Aggregate::Online,
+            text: None,
+            devices: 1,
+            last_seen: None,
+            ts: 0,
+            seq,
+        })
+    }
+
     fn update(user: &str, seq: u64) -> MeshMsg {
         MeshMsg::Update {
-            state: Arc::new(PresenceState {
-                user: user.into(),
-                status: Aggregate::Online,
-                text: None,
-                devices: 1,
-                last_seen: None,
-                ts: 0,
-                seq,
-            }),
+            state: state(user, seq),
             origin: Instant::now(),
         }
     }
@@ -465,15 +469,7 @@ mod tests {
                         MeshMsg::Snapshot {
                             session: seq,
                             gen: NonZeroU64::MIN,
-                            state: Arc::new(PresenceState {
-                                user: "a".into(),
-                                status: Aggregate::Online,
-                                text: None,
-                                devices: 1,
-                                last_seen: None,
-                                ts: 0,
-                                seq,
-                            }),
+                            state: state("a", seq),
                         },
                     );
                 }

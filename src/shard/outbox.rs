@@ -256,19 +256,17 @@ mod tests {
         std::iter::from_fn(|| o.pop().map(|p| p.0)).collect()
     }
 
+    fn push(o: &mut Outbox, user: &str, frame: &'static str) -> Queued {
+        o.push_event(key(user), Bytes::from_static(frame.as_bytes()))
+    }
+
     #[test]
     fn a_client_that_keeps_up_gets_every_event() {
         // Two changes of one user land before the connection writes: both go out (the old
         // design merged them and the client saw a seq gap).
         let mut o = Outbox::new(4, 8, 1 << 20);
-        assert_eq!(
-            o.push_event(key("a"), Bytes::from_static(b"a1")),
-            Queued::New
-        );
-        assert_eq!(
-            o.push_event(key("a"), Bytes::from_static(b"a2")),
-            Queued::New
-        );
+        assert_eq!(push(&mut o, "a", "a1"), Queued::New);
+        assert_eq!(push(&mut o, "a", "a2"), Queued::New);
         o.push_reply(Bytes::from_static(b"ack")).unwrap();
         assert_eq!(drain(&mut o), vec!["ack", "a1", "a2"]);
         assert!(o.is_empty());
@@ -277,17 +275,11 @@ mod tests {
     #[test]
     fn a_client_behind_gets_the_newest_state_in_place() {
         let mut o = Outbox::new(4, 8, 1 << 20);
-        o.push_event(key("a"), Bytes::from_static(b"a1"));
-        o.push_event(key("b"), Bytes::from_static(b"b1"));
+        push(&mut o, "a", "a1");
+        push(&mut o, "b", "b1");
         o.set_behind(true);
-        assert_eq!(
-            o.push_event(key("a"), Bytes::from_static(b"a2")),
-            Queued::Coalesced
-        );
-        assert_eq!(
-            o.push_event(key("c"), Bytes::from_static(b"c1")),
-            Queued::New
-        );
+        assert_eq!(push(&mut o, "a", "a2"), Queued::Coalesced);
+        assert_eq!(push(&mut o, "c", "c1"), Queued::New);
         assert_eq!(drain(&mut o), vec!["a2", "b1", "c1"]);
     }
 
