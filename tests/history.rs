@@ -74,6 +74,7 @@ async fn conformance<S: Store>(store: &mut S, tag: &str) {
     let b = base();
     let alice = format!("alice-{tag}");
     let bob = format!("bob-{tag}");
+    let carol = format!("carol-{tag}");
     let (web, ios) = (DeviceType::Web, DeviceType::Ios);
     // alice: web 0..100 s, ios 50..150 s (overlapping), web again from 200 s, still open.
     // Events straddle midnight (b + 86_400_000 - …) to cross Scylla's day partitions.
@@ -91,6 +92,10 @@ async fn conformance<S: Store>(store: &mut S, tag: &str) {
         status(&alice, s(200), Aggregate::Online, 4),
         // Across midnight: a day later.
         status(&alice, s(86_400 + 10), Aggregate::Away, 5),
+        // carol connects and goes invisible ten seconds later: her session stays open.
+        start(&carol, 5, s(10), ios, "us", &["team"]),
+        status(&carol, s(10), Aggregate::Online, 1),
+        status(&carol, s(20), Aggregate::Offline, 2),
     ];
     let samples = [
         Sample {
@@ -182,17 +187,54 @@ async fn conformance<S: Store>(store: &mut S, tag: &str) {
     let counts: Vec<Option<u64>> = replay.iter().map(|p| p.online).collect();
     assert_eq!(counts, [Some(1), Some(1), Some(2), None]);
 
-    // Sessions in a time range (all users), for "who was online at".
-    let sessions = store.sessions_between(s(0), s(130), 100).await.unwrap();
-    assert!(sessions.iter().all(|e| e.kind != EventKind::Status));
-    assert_eq!(sessions.len(), 4, "{sessions:#?}");
+    // carol's analytics: online for the ten seconds before she went invisible.
+    let carols = store
+        .user_events(&carol, s(0), s(90_000), 100)
+        .await
+        .unwrap();
+    let a = presenced::history::analytics::analytics(&carols, s(0), s(1000), s(300));
+    assert_eq!((a.online_ms, a.sessions, a.open_sessions), (10_000, 1, 1));
+    assert_eq!(a.by_device_type["ios"], 10_000);
+    let hidden = presenced::history::analytics::analytics(&carols, s(20), s(1000), s(300));
+    assert_eq!((hidden.online_ms, hidden.sessions), (0, 0), "invisible");
+
+    // Session and status events in a time range (all users), for "who was online at".
+    let sessions = store.presence_between(s(0), s(130), 100).await.unwrap();
+    let kinds = |k: EventKind| sessions.iter().filter(|e| e.kind == k).count();
+    assert_eq!(
+        (
+            kinds(EventKind::SessionStart),
+            kinds(EventKind::SessionEnd),
+            kinds(EventKind::Status)
+        ),
+        (4, 1, 4),
+        "{sessions:#?}"
+    );
+    assert!(sessions.windows(2).all(|w| w[0].ts <= w[1].ts), "oldest first");
+    let carol_status: Vec<Option<Aggregate>> = sessions
+        .iter()
+        .filter(|e| *e.user == *carol && e.kind == EventKind::Status)
+        .map(|e| e.status)
+        .collect();
+    assert_eq!(
+        carol_status,
+        [Some(Aggregate::Online), Some(Aggregate::Offline)],
+        "in the order recorded"
+    );
     let (users, total) = presenced::history::analytics::online_at(&sessions, s(125), None, 10);
     assert_eq!(
         (users, total),
         (vec![alice.clone(), bob.clone()], 2),
-        "alice's ios runs to 150 s"
+        "alice's ios runs to 150 s; carol is invisible"
     );
-    let later = store.sessions_between(s(0), s(170), 100).await.unwrap();
+    let (users, _) = presenced::history::analytics::online_at(&sessions, s(15), None, 10);
+    assert_eq!(users, [alice.clone(), carol.clone()], "carol before she hid");
+    assert_eq!(
+        store.presence_between(s(0), s(130), 3).await.unwrap(),
+        sessions[..3],
+        "at most max, the oldest"
+    );
+    let later = store.presence_between(s(0), s(170), 100).await.unwrap();
     let (users, _) = presenced::history::analytics::online_at(&later, s(170), None, 10);
     assert_eq!(
         users,
@@ -200,7 +242,7 @@ async fn conformance<S: Store>(store: &mut S, tag: &str) {
         "both of alice's first sessions ended"
     );
     let (users, _) = presenced::history::analytics::online_at(&sessions, s(60), Some("team"), 10);
-    assert_eq!(users, std::slice::from_ref(&alice));
+    assert_eq!(users, std::slice::from_ref(&alice), "carol is in team, but invisible");
 }
 
 #[test]
@@ -553,4 +595,78 @@ fn acknowledged_history_survives_kill_9_and_restart() {
     }
     again.kill().unwrap();
     again.wait().unwrap();
+}
+
+// ---- Item 9: invisible is not online -------------------------------------------------------
+
+#[test]
+fn replay_and_analytics_count_an_invisible_user_as_offline() {
+    let s = history_server();
+    let t0 = presenced::shard::now_ms();
+    let crew = |sub: &str| s.token_in_groups(sub, &["crew"]);
+    let _vic = s.connect_token(&crew("vic"));
+    let mut ivy = s.connect_token(&crew("ivy"));
+    ivy.set_status("invisible", Some("hiding"));
+    // The change is in the store once the history API shows it.
+    let hidden_at = wait_for("ivy's invisible change recorded", || {
+        let body = s.admin_get(&format!("/api/history/ivy?from={t0}"));
+        body["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["kind"] == "status" && e["status"] == "offline")
+            .and_then(|e| e["ts"].as_u64())
+    });
+    wait_for("vic recorded", || {
+        let body = s.admin_get(&format!("/api/history/vic?from={t0}"));
+        (body["events"].as_array().unwrap().len() >= 2).then_some(())
+    });
+    // The registry's view (what the dashboard counts): vic only.
+    let online = s.admin_get("/api/online");
+    let live: Vec<&str> = online["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["user"].as_str().unwrap())
+        .collect();
+    assert_eq!(live, ["vic"]);
+    std::thread::sleep(Duration::from_millis(20));
+    let now = presenced::shard::now_ms();
+    for q in [format!("t={now}"), format!("t={now}&group=crew")] {
+        let at = s.admin_get(&format!("/api/replay/at?{q}"));
+        assert_eq!(
+            (at["users"].clone(), at["total"].clone()),
+            (json!(["vic"]), json!(1)),
+            "{q}: history agrees with the registry"
+        );
+    }
+    let hidden = s.admin_get(&format!("/api/analytics/ivy?from={hidden_at}&to={now}"));
+    assert_eq!(
+        (
+            hidden["online_ms"].as_u64(),
+            hidden["sessions"].as_u64(),
+            hidden["open_sessions"].as_u64()
+        ),
+        (Some(0), Some(0), Some(0)),
+        "invisible time is not online time: {hidden}"
+    );
+    assert_eq!(hidden["by_device_type"], json!({}));
+    let shown = s.admin_get(&format!("/api/analytics/vic?from={hidden_at}&to={now}"));
+    assert_eq!(shown["online_ms"].as_u64(), Some(now - hidden_at), "{shown}");
+    assert_eq!(shown["sessions"], 1);
+    // Visible again: online again from then on.
+    ivy.set_status("away", None);
+    let back_at = wait_for("ivy visible again", || {
+        let body = s.admin_get(&format!("/api/history/ivy?from={t0}"));
+        body["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["kind"] == "status" && e["status"] == "away")
+            .and_then(|e| e["ts"].as_u64())
+    });
+    let at = s.admin_get(&format!("/api/replay/at?t={back_at}"));
+    assert_eq!(at["users"], json!(["ivy", "vic"]));
+    let a = s.admin_get(&format!("/api/analytics/ivy?from={hidden_at}&to={}", back_at + 1));
+    assert_eq!(a["online_ms"], 1, "one millisecond of it, from {back_at}");
 }

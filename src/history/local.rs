@@ -14,7 +14,7 @@ use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::event::{EventKind, HistoryEvent, Sample};
+use super::event::{HistoryEvent, Sample};
 use super::store::{Store, StoreError};
 
 const EVENTS: TableDefinition<(&str, u64, u64), &[u8]> = TableDefinition::new("events");
@@ -169,7 +169,7 @@ impl Store for LocalStore {
             .collect()
     }
 
-    async fn sessions_between(
+    async fn presence_between(
         &mut self,
         from: u64,
         to: u64,
@@ -185,13 +185,9 @@ impl Store for LocalStore {
             let Some(v) = events.get((user.value(), ts, n)).map_err(err)? else {
                 continue;
             };
-            let e: HistoryEvent = serde_json::from_slice(v.value())
-                .map_err(|e| StoreError::fatal(format!("local store: corrupt event: {e}")))?;
-            if e.kind != EventKind::Status {
-                out.push(e);
-                if out.len() >= max {
-                    break;
-                }
+            out.push(decode_event(v.value())?);
+            if out.len() >= max {
+                break;
             }
         }
         Ok(out)

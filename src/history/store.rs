@@ -65,8 +65,10 @@ pub trait Store {
         max: usize,
         only_group: Option<Option<&str>>,
     ) -> Result<Vec<Sample>, StoreError>;
-    /// Session start and end events of every user in `[from, to]`, oldest first, at most `max`.
-    async fn sessions_between(
+    /// Session starts and ends and status events of every user in `[from, to]` (what "who was
+    /// online" needs: [`analytics::online_at`](super::analytics::online_at)), oldest first, a
+    /// user's same-millisecond events in the order recorded, at most `max`.
+    async fn presence_between(
         &mut self,
         from: u64,
         to: u64,

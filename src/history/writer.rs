@@ -341,7 +341,7 @@ impl Writer {
             Query::At { t, group, limit } => {
                 let lookback = self.cfg.replay_lookback_h * 3_600_000;
                 let events = store
-                    .sessions_between(t.saturating_sub(lookback), t, max)
+                    .presence_between(t.saturating_sub(lookback), t, max)
                     .await
                     .map_err(fail)?;
                 let (users, total) = analytics::online_at(&events, t, group.as_deref(), limit);
