@@ -167,6 +167,13 @@ pub struct HistoryConfig {
     pub replay_lookback_h: u64,
     /// Events one query may read (bounds the writer's memory per query).
     pub max_query_events: usize,
+    /// Local store: redb's page cache, in MiB (1 to 65536; redb's own default is 1024).
+    pub cache_mb: usize,
+    /// Local store: compact the file (give free space back to the file system) when at least
+    /// this many MiB of it are free (1 to 1048576) ...
+    pub compact_min_free_mb: u64,
+    /// ... and at least this percentage of it (1 to 99).
+    pub compact_min_free_pct: u8,
     pub scylla: ScyllaConfig,
 }
 
@@ -213,6 +220,9 @@ impl Default for HistoryConfig {
             flush_deadline_ms: 3_000,
             replay_lookback_h: 24,
             max_query_events: 1_000_000,
+            cache_mb: 64,
+            compact_min_free_mb: 64,
+            compact_min_free_pct: 25,
             scylla: ScyllaConfig::default(),
         }
     }
@@ -437,6 +447,15 @@ impl Config {
         }
         if h.retention_days > 36_500 {
             return bad("history.retention_days", "at most 36500");
+        }
+        if h.cache_mb == 0 || h.cache_mb > 65_536 {
+            return bad("history.cache_mb", "between 1 and 65536");
+        }
+        if h.compact_min_free_mb == 0 || h.compact_min_free_mb > 1_048_576 {
+            return bad("history.compact_min_free_mb", "between 1 and 1048576");
+        }
+        if h.compact_min_free_pct == 0 || h.compact_min_free_pct > 99 {
+            return bad("history.compact_min_free_pct", "between 1 and 99");
         }
         if h.scylla.nodes.is_empty() && h.backend == HistoryBackend::Scylla {
             return bad("history.scylla.nodes", "at least one contact point");

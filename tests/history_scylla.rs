@@ -724,7 +724,7 @@ fn reads_from_scylla_answer_as_the_local_store_does() {
     };
     let cfg = target.history();
     let dir = tempfile::tempdir().unwrap();
-    let mut local = LocalStore::open(dir.path()).unwrap();
+    let mut local = LocalStore::open(dir.path(), 64).unwrap();
     let mut scylla = ScyllaStore::new(&cfg.scylla, RETENTION_DAYS);
     let sent = events("reads", 400, 6);
     let sent_samples = samples(30);
