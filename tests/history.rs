@@ -865,7 +865,7 @@ fn metric(text: &str, name: &str) -> Option<f64> {
 }
 
 #[test]
-fn metrics_report_the_history_files_size() {
+fn metrics_report_what_the_history_file_takes_on_disk() {
     let s = TestServer::with(1, |c| {
         c.history.batch_interval_ms = 20;
         c.limits.handshake_rate_per_ip = 0;

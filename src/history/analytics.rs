@@ -175,12 +175,13 @@ pub struct Analytics {
     /// Milliseconds online: a session open and the user visible (overlapping devices count
     /// once; invisible time does not count).
     pub online_ms: u64,
-    /// Sessions online (the user visible while they were open) for at least a millisecond of
-    /// the window.
+    /// Sessions in the window during which the user was visible (online) at some point; a
+    /// session shorter than a millisecond occupies the millisecond it started in.
     pub sessions: u64,
     /// Of those, sessions still open at `to` (counted up to `to`).
     pub open_sessions: u64,
-    /// Milliseconds online per device type: a session of that type open and the user visible.
+    /// Milliseconds online per device type (of the sessions counted): a session of that type
+    /// open and the user visible.
     pub by_device_type: BTreeMap<&'static str, u64>,
     /// Sessions online per region (`unknown` when the token had none), as `sessions` counts.
     pub sessions_by_region: BTreeMap<String, u64>,
@@ -196,15 +197,21 @@ pub fn analytics(events: &[HistoryEvent], from: u64, to: u64, now: u64) -> Analy
         to,
         ..Analytics::default()
     };
-    let shown = visible_ranges(events, from, horizon);
+    let shown = visible_ranges(events, from, to);
     let mut all = Vec::new();
     let mut per_type: BTreeMap<&'static str, Vec<(u64, u64)>> = BTreeMap::new();
     for iv in intervals(events) {
-        let end = iv.end.unwrap_or(horizon);
-        let (s, e) = (iv.start.max(from), end.min(horizon));
-        if !overlaps(&shown, s, e) {
+        if iv.start > horizon {
             continue;
         }
+        let end = iv.end.unwrap_or(horizon);
+        // A session counts when the user was visible in a millisecond it occupied: at least the
+        // one it started in (a device can come and go within one).
+        let occupied_end = end.max(iv.start.saturating_add(1)).min(to);
+        if !overlaps(&shown, iv.start.max(from), occupied_end) {
+            continue;
+        }
+        let (s, e) = (iv.start.max(from), end.min(horizon));
         out.sessions += 1;
         out.open_sessions += u64::from(iv.end.is_none());
         let region = iv.region.as_deref().unwrap_or("unknown").to_owned();
@@ -490,6 +497,21 @@ mod tests {
     }
 
     #[test]
+    fn a_device_that_comes_and_goes_within_a_millisecond_is_a_session() {
+        let ev = vec![
+            start("u", 1, 100, DeviceType::Ios, &[]),
+            status("u", 100, Aggregate::Online, 1),
+            start("u", 2, 200, DeviceType::Web, &[]),
+            status("u", 200, Aggregate::Online, 2),
+            end("u", 2, 200, 200, DeviceType::Web),
+            status("u", 200, Aggregate::Online, 3),
+        ];
+        let a = analytics(&ev, 0, 1000, 500);
+        assert_eq!((a.online_ms, a.sessions, a.open_sessions), (400, 2, 1));
+        assert_eq!(a.by_device_type["web"], 0, "listed, with no time");
+    }
+
+    #[test]
     fn a_stale_session_does_not_outlive_an_offline_status() {
         // Session 1 never ended (kill -9); after a restart the user came back and left: the
         // status says offline, so the stale session no longer counts.
@@ -715,27 +737,28 @@ mod tests {
                 let a = analytics(&mine, from, to, now);
                 let online_ms = (from..horizon).filter(|&x| visible(u, x)).count() as u64;
                 prop_assert_eq!(a.online_ms, online_ms, "{} online_ms", u);
+                // A session counts when the user was visible in a millisecond it occupied (at
+                // least the one it started in) within the window, and it started by `now`.
+                let counted: Vec<&Sess> = m
+                    .sessions
+                    .iter()
+                    .filter(|s| s.user == u && s.start <= horizon)
+                    .filter(|s| {
+                        let end = s.end.unwrap_or(horizon).max(s.start + 1).min(to);
+                        (s.start.max(from)..end).any(|x| visible(u, x))
+                    })
+                    .collect();
                 let mut types = BTreeMap::new();
-                for t in TYPES {
+                for s in &counted {
+                    let t = s.device;
                     let ms = (from..horizon)
                         .filter(|&x| visible(u, x) && m.sessions.iter().any(|s| {
                             s.user == u && s.device == t && s.open_at(x)
                         }))
                         .count() as u64;
-                    if ms > 0 {
-                        types.insert(t.as_str(), ms);
-                    }
+                    types.insert(t.as_str(), ms);
                 }
                 prop_assert_eq!(&a.by_device_type, &types, "{} by device type", u);
-                let counted: Vec<&Sess> = m
-                    .sessions
-                    .iter()
-                    .filter(|s| s.user == u && s.start <= now)
-                    .filter(|s| {
-                        let end = s.end.unwrap_or(horizon).min(horizon);
-                        (s.start.max(from)..end).any(|x| visible(u, x))
-                    })
-                    .collect();
                 prop_assert_eq!(a.sessions, counted.len() as u64, "{} sessions", u);
                 prop_assert_eq!(
                     a.open_sessions,
