@@ -189,6 +189,13 @@ pub struct HistoryConfig {
     pub replay_lookback_h: u64,
     /// Events one query may read (bounds the writer's memory per query).
     pub max_query_events: usize,
+    /// Local store: redb's page cache, in MiB (1 to 65536; redb's own default is 1024).
+    pub cache_mb: usize,
+    /// Local store: compact the file (give free space back to the file system) when at least
+    /// this many MiB of it are free (1 to 1048576) ...
+    pub compact_min_free_mb: u64,
+    /// ... and at least this percentage of it (1 to 99).
+    pub compact_min_free_pct: u8,
     pub scylla: ScyllaConfig,
 }
 
@@ -235,6 +242,9 @@ impl Default for HistoryConfig {
             flush_deadline_ms: 3_000,
             replay_lookback_h: 24,
             max_query_events: 1_000_000,
+            cache_mb: 64,
+            compact_min_free_mb: 64,
+            compact_min_free_pct: 25,
             scylla: ScyllaConfig::default(),
         }
     }
@@ -438,6 +448,9 @@ pub const RANGES: &[(&str, u64, u64)] = &[
     ("history.flush_deadline_ms", 0, 600_000),
     ("history.replay_lookback_h", 1, 24 * 366),
     ("history.max_query_events", 1, 1_000_000_000),
+    ("history.cache_mb", 1, 65_536),
+    ("history.compact_min_free_mb", 1, 1_048_576),
+    ("history.compact_min_free_pct", 1, 99),
     ("history.scylla.max_in_flight", 1, 100_000),
     ("history.scylla.request_timeout_ms", 10, 600_000),
     ("history.scylla.max_retries", 0, 100),

@@ -75,6 +75,7 @@ async fn conformance<S: Store>(store: &mut S, tag: &str) {
     let b = base();
     let alice = format!("alice-{tag}");
     let bob = format!("bob-{tag}");
+    let carol = format!("carol-{tag}");
     let (web, ios) = (DeviceType::Web, DeviceType::Ios);
     // alice: web 0..100 s, ios 50..150 s (overlapping), web again from 200 s, still open.
     // Events straddle midnight (b + 86_400_000 - …) to cross Scylla's day partitions.
@@ -92,6 +93,10 @@ async fn conformance<S: Store>(store: &mut S, tag: &str) {
         status(&alice, s(200), Aggregate::Online, 4),
         // Across midnight: a day later.
         status(&alice, s(86_400 + 10), Aggregate::Away, 5),
+        // carol connects and goes invisible ten seconds later: her session stays open.
+        start(&carol, 5, s(10), ios, "us", &["team"]),
+        status(&carol, s(10), Aggregate::Online, 1),
+        status(&carol, s(20), Aggregate::Offline, 2),
     ];
     let samples = [
         Sample {
@@ -183,17 +188,61 @@ async fn conformance<S: Store>(store: &mut S, tag: &str) {
     let counts: Vec<Option<u64>> = replay.iter().map(|p| p.online).collect();
     assert_eq!(counts, [Some(1), Some(1), Some(2), None]);
 
-    // Sessions in a time range (all users), for "who was online at".
-    let sessions = store.sessions_between(s(0), s(130), 100).await.unwrap();
-    assert!(sessions.iter().all(|e| e.kind != EventKind::Status));
-    assert_eq!(sessions.len(), 4, "{sessions:#?}");
+    // carol's analytics: online for the ten seconds before she went invisible.
+    let carols = store
+        .user_events(&carol, s(0), s(90_000), 100)
+        .await
+        .unwrap();
+    let a = presenced::history::analytics::analytics(&carols, s(0), s(1000), s(300));
+    assert_eq!((a.online_ms, a.sessions, a.open_sessions), (10_000, 1, 1));
+    assert_eq!(a.by_device_type["ios"], 10_000);
+    let hidden = presenced::history::analytics::analytics(&carols, s(20), s(1000), s(300));
+    assert_eq!((hidden.online_ms, hidden.sessions), (0, 0), "invisible");
+
+    // Session and status events in a time range (all users), for "who was online at".
+    let sessions = store.presence_between(s(0), s(130), 100).await.unwrap();
+    let kinds = |k: EventKind| sessions.iter().filter(|e| e.kind == k).count();
+    assert_eq!(
+        (
+            kinds(EventKind::SessionStart),
+            kinds(EventKind::SessionEnd),
+            kinds(EventKind::Status)
+        ),
+        (4, 1, 4),
+        "{sessions:#?}"
+    );
+    assert!(
+        sessions.windows(2).all(|w| w[0].ts <= w[1].ts),
+        "oldest first"
+    );
+    let carol_status: Vec<Option<Aggregate>> = sessions
+        .iter()
+        .filter(|e| *e.user == *carol && e.kind == EventKind::Status)
+        .map(|e| e.status)
+        .collect();
+    assert_eq!(
+        carol_status,
+        [Some(Aggregate::Online), Some(Aggregate::Offline)],
+        "in the order recorded"
+    );
     let (users, total) = presenced::history::analytics::online_at(&sessions, s(125), None, 10);
     assert_eq!(
         (users, total),
         (vec![alice.clone(), bob.clone()], 2),
-        "alice's ios runs to 150 s"
+        "alice's ios runs to 150 s; carol is invisible"
     );
-    let later = store.sessions_between(s(0), s(170), 100).await.unwrap();
+    let (users, _) = presenced::history::analytics::online_at(&sessions, s(15), None, 10);
+    assert_eq!(
+        users,
+        [alice.clone(), carol.clone()],
+        "carol before she hid"
+    );
+    assert_eq!(
+        store.presence_between(s(0), s(130), 3).await.unwrap(),
+        sessions[..3],
+        "at most max, the oldest"
+    );
+    let later = store.presence_between(s(0), s(170), 100).await.unwrap();
     let (users, _) = presenced::history::analytics::online_at(&later, s(170), None, 10);
     assert_eq!(
         users,
@@ -201,13 +250,17 @@ async fn conformance<S: Store>(store: &mut S, tag: &str) {
         "both of alice's first sessions ended"
     );
     let (users, _) = presenced::history::analytics::online_at(&sessions, s(60), Some("team"), 10);
-    assert_eq!(users, std::slice::from_ref(&alice));
+    assert_eq!(
+        users,
+        std::slice::from_ref(&alice),
+        "carol is in team, but invisible"
+    );
 }
 
 #[test]
 fn local_store_conforms() {
     let dir = tempfile::tempdir().unwrap();
-    let mut store = LocalStore::open(dir.path()).unwrap();
+    let mut store = LocalStore::open(dir.path(), 64).unwrap();
     rt().block_on(conformance(&mut store, "local"));
 }
 
@@ -244,7 +297,7 @@ fn scylla_store_conforms() {
 #[test]
 fn local_store_expires_what_is_older_than_retention() {
     let dir = tempfile::tempdir().unwrap();
-    let mut store = LocalStore::open(dir.path()).unwrap();
+    let mut store = LocalStore::open(dir.path(), 64).unwrap();
     let b = base();
     rt().block_on(async {
         let old = vec![
@@ -557,4 +610,478 @@ fn acknowledged_history_survives_kill_9_and_restart() {
     }
     again.kill().unwrap();
     again.wait().unwrap();
+}
+
+// ---- Item 15: the local store's memory and disk -------------------------------------------
+
+/// Realistic events for `users` users: each a session start, a status change and a session end,
+/// dated `at` (ms) onwards.
+fn lifecycle_events(tag: &str, users: u64, at: u64) -> Vec<HistoryEvent> {
+    let mut out = Vec::with_capacity(users as usize * 3);
+    for i in 0..users {
+        let user = format!("{tag}-user-{i:06}");
+        let t = at + i;
+        let mut s = start(
+            &user,
+            i + 1,
+            t,
+            DeviceType::Ios,
+            "eu-west",
+            &["team", "crew"],
+        );
+        s.device = Some("phone".into());
+        out.push(s);
+        let mut st = status(&user, t, Aggregate::Busy, 1);
+        st.text = Some("in a meeting".into());
+        out.push(st);
+        // An end carries the session's facts, as the server records it.
+        let mut e = end(&user, i + 1, t, t + 60_000, DeviceType::Ios, "eu-west");
+        e.device = Some("phone".into());
+        e.groups = vec!["team".into(), "crew".into()].into();
+        out.push(e);
+    }
+    out
+}
+
+fn file_len(dir: &std::path::Path) -> u64 {
+    std::fs::metadata(dir.join(presenced::history::local::FILE))
+        .unwrap()
+        .len()
+}
+
+/// What the store's file takes on disk (its blocks, as `du` counts them).
+fn disk_len(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(dir.join(presenced::history::local::FILE))
+        .unwrap()
+        .blocks()
+        * 512
+}
+
+#[test]
+fn history_cache_and_compaction_keys_are_validated() {
+    use presenced::config::Config;
+    let check = |edit: &dyn Fn(&mut Config)| {
+        let mut c = Config::default();
+        edit(&mut c);
+        c.validate().err().map(|e| e.to_string())
+    };
+    assert_eq!(Config::default().history.cache_mb, 64, "not redb's 1 GiB");
+    for (key, bad, good) in [
+        ("history.cache_mb", [0u64, 65_537], [1u64, 65_536]),
+        (
+            "history.compact_min_free_mb",
+            [0, 1_048_577],
+            [1, 1_048_576],
+        ),
+        ("history.compact_min_free_pct", [0, 100], [1, 99]),
+    ] {
+        let set = |c: &mut Config, v: u64| match key {
+            "history.cache_mb" => c.history.cache_mb = v as usize,
+            "history.compact_min_free_mb" => c.history.compact_min_free_mb = v,
+            _ => c.history.compact_min_free_pct = v as u8,
+        };
+        for v in bad {
+            let err = check(&|c| set(c, v)).unwrap_or_else(|| panic!("{key} = {v} accepted"));
+            assert!(err.contains(key), "{key} = {v}: {err}");
+        }
+        for v in good {
+            assert_eq!(check(&|c| set(c, v)), None, "{key} = {v}");
+        }
+    }
+}
+
+#[test]
+fn the_local_store_keeps_its_page_cache_within_cache_mb() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = LocalStore::open(dir.path(), 1).unwrap();
+    let events = lifecycle_events("cache", 6_000, base());
+    rt().block_on(async {
+        for chunk in events.chunks(512) {
+            store.write(chunk, &[]).await.unwrap();
+        }
+        // Read everything back: far more than a MiB of pages passes through the cache.
+        let all = store
+            .presence_between(0, u64::MAX / 2, usize::MAX)
+            .await
+            .unwrap();
+        assert_eq!(all.len(), events.len());
+    });
+    assert!(
+        file_len(dir.path()) > 4 << 20,
+        "the data is larger than the cache"
+    );
+    // The cache's figures need redb's `cache_metrics` feature (a dev-dependency): zero without.
+    let stats = store.cache_stats();
+    assert!(
+        stats.used_bytes() <= 1 << 20,
+        "cache_mb = 1 bounds the cache: {stats:?}"
+    );
+    assert!(stats.read_misses() > 0, "redb counts: {stats:?}");
+    assert!(stats.evictions() > 0, "a full cache evicts: {stats:?}");
+}
+
+#[test]
+fn retention_deletes_old_records_and_compaction_gives_the_space_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let old_at = base() - 45 * 86_400_000;
+    let old = lifecycle_events("old", 8_000, old_at);
+    let new = lifecycle_events("new", 50, base());
+    {
+        let mut store = LocalStore::open(dir.path(), 8).unwrap();
+        let old_samples: Vec<Sample> = (0..100)
+            .map(|i| Sample {
+                ts: old_at + i * 10_000,
+                online: i,
+                groups: vec![("team".into(), i)],
+            })
+            .collect();
+        rt().block_on(async {
+            for chunk in old.chunks(512) {
+                store.write(chunk, &[]).await.unwrap();
+            }
+            store.write(&new, &old_samples).await.unwrap();
+        });
+    }
+    let (before, before_len) = (disk_len(dir.path()), file_len(dir.path()));
+    assert!(before > 2 << 20, "{before}");
+    // The writer, as a server runs it: retention at start, then a compaction check.
+    let cfg = presenced::config::HistoryConfig {
+        data_dir: dir.path().to_owned(),
+        retention_days: 30,
+        cache_mb: 8,
+        compact_min_free_mb: 1,
+        compact_min_free_pct: 25,
+        ..Default::default()
+    };
+    let history = presenced::history::History::start(&cfg).unwrap();
+    let m = history.sink.metrics.clone();
+    use presenced::history::HistoryMetrics as M;
+    wait_for("a compaction", || {
+        (M::get(&m.compactions) >= 1).then_some(())
+    });
+    // Writes go on after it.
+    let after_compaction = lifecycle_events("later", 10, base() + 1_000_000);
+    for e in &after_compaction {
+        history.sink.event(e.clone());
+    }
+    wait_for("the later events", || {
+        (M::get(&m.written) >= after_compaction.len() as u64).then_some(())
+    });
+    assert_eq!(
+        M::get(&m.expired),
+        old.len() as u64 + 100,
+        "every old event and sample"
+    );
+    let gauge = M::get(&m.disk_bytes);
+    assert!(m
+        .disk_bytes_known
+        .load(std::sync::atomic::Ordering::Relaxed));
+    assert_eq!(
+        gauge,
+        disk_len(dir.path()),
+        "the gauge is what the file takes on disk"
+    );
+    assert!(M::get(&m.compaction_freed_bytes) > 0);
+    history.stop(Duration::from_secs(5));
+    let (after, after_len) = (disk_len(dir.path()), file_len(dir.path()));
+    assert!(
+        after * 2 < before && after_len * 2 < before_len,
+        "compaction gave the space back: {before} -> {after} bytes on disk, \
+         {before_len} -> {after_len} long"
+    );
+    let mut store = LocalStore::open(dir.path(), 8).unwrap();
+    rt().block_on(async {
+        let left = store
+            .presence_between(0, u64::MAX / 2, usize::MAX)
+            .await
+            .unwrap();
+        let mut want = new.clone();
+        want.extend(after_compaction.iter().cloned());
+        assert_eq!(sorted_events(left), sorted_events(want), "only the new");
+        assert!(store
+            .history("old-user-000001", 0, u64::MAX / 2, 10)
+            .await
+            .unwrap()
+            .is_empty());
+        assert!(store
+            .samples(0, u64::MAX / 2, 10, None)
+            .await
+            .unwrap()
+            .is_empty());
+    });
+}
+
+#[test]
+fn the_local_store_compacts_only_when_enough_of_it_is_free() {
+    use presenced::history::store::CompactPolicy;
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = LocalStore::open(dir.path(), 8).unwrap();
+    let b = base();
+    let policy = CompactPolicy {
+        min_free_bytes: 1 << 20,
+        min_free_pct: 25,
+    };
+    rt().block_on(async {
+        for chunk in lifecycle_events("old", 6_000, b - 45 * 86_400_000).chunks(512) {
+            store.write(chunk, &[]).await.unwrap();
+        }
+        store
+            .write(&lifecycle_events("new", 100, b), &[])
+            .await
+            .unwrap();
+    });
+    // Nothing deleted: nothing to give back (the growth slack is not on disk).
+    let full = store.space().unwrap();
+    assert!(full.free_bytes() < 1 << 20, "{full:?}");
+    assert_eq!(store.compact_if_worth(policy).unwrap(), None);
+    rt().block_on(async { while store.expire(b - 30 * 86_400_000, 2_000).await.unwrap() > 0 {} });
+    let freed = store.space().unwrap();
+    assert!(freed.free_bytes() * 2 > freed.disk_bytes, "{freed:?}");
+    let c = store
+        .compact_if_worth(policy)
+        .unwrap()
+        .expect("most of the file is free");
+    assert_eq!(c.before, freed);
+    assert_eq!(c.after_disk_bytes, disk_len(dir.path()));
+    assert!(c.after_disk_bytes * 2 < freed.disk_bytes, "{c:?}");
+    // From the estimate alone (no page walk): nothing more to give back.
+    assert_eq!(store.compact_if_worth(policy).unwrap(), None);
+    rt().block_on(async {
+        let left = store
+            .presence_between(0, u64::MAX / 2, usize::MAX)
+            .await
+            .unwrap();
+        assert_eq!(left.len(), 300, "the new records survive compaction");
+    });
+}
+
+fn sorted_events(mut v: Vec<HistoryEvent>) -> Vec<HistoryEvent> {
+    v.sort_by_cached_key(|e| (e.user.clone(), e.ts, serde_json::to_string(e).unwrap()));
+    v
+}
+
+/// A sample's value from Prometheus text (the first line for `name` without labels).
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[test]
+fn metrics_report_what_the_history_file_takes_on_disk() {
+    let s = TestServer::with(1, |c| {
+        c.history.batch_interval_ms = 20;
+        c.limits.handshake_rate_per_ip = 0;
+    });
+    let _c = s.connect("disk");
+    let m = s.handle().history_metrics().unwrap();
+    wait_for("the session start written", || {
+        (presenced::history::HistoryMetrics::get(&m.written) >= 2).then_some(())
+    });
+    let scrape = || {
+        let (code, text) = raw_request(
+            s.admin,
+            &format!(
+                "GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+                s.admin_token()
+            ),
+        );
+        assert_eq!(code, 200);
+        text
+    };
+    // The file changes only when a batch is written; between batches the two agree.
+    wait_for("the gauge to match the file", || {
+        let gauge = metric(&scrape(), "presenced_history_disk_bytes")?;
+        (gauge as u64 == disk_len(s.data.path())).then_some(())
+    });
+    assert!(metric(&scrape(), "presenced_history_compactions_total").is_some());
+}
+
+// ---- Item 9: invisible is not online -------------------------------------------------------
+
+#[test]
+fn replay_and_analytics_count_an_invisible_user_as_offline() {
+    let s = history_server();
+    let t0 = presenced::shard::now_ms();
+    let crew = |sub: &str| s.token_in_groups(sub, &["crew"]);
+    let _vic = s.connect_token(&crew("vic"));
+    let mut ivy = s.connect_token(&crew("ivy"));
+    ivy.set_status("invisible", Some("hiding"));
+    // The change is in the store once the history API shows it.
+    let hidden_at = wait_for("ivy's invisible change recorded", || {
+        let body = s.admin_get(&format!("/api/history/ivy?from={t0}"));
+        body["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["kind"] == "status" && e["status"] == "offline")
+            .and_then(|e| e["ts"].as_u64())
+    });
+    wait_for("vic recorded", || {
+        let body = s.admin_get(&format!("/api/history/vic?from={t0}"));
+        (body["events"].as_array().unwrap().len() >= 2).then_some(())
+    });
+    // The registry's view (what the dashboard counts): vic only.
+    let online = s.admin_get("/api/online");
+    let live: Vec<&str> = online["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["user"].as_str().unwrap())
+        .collect();
+    assert_eq!(live, ["vic"]);
+    std::thread::sleep(Duration::from_millis(20));
+    let now = presenced::shard::now_ms();
+    for q in [format!("t={now}"), format!("t={now}&group=crew")] {
+        let at = s.admin_get(&format!("/api/replay/at?{q}"));
+        assert_eq!(
+            (at["users"].clone(), at["total"].clone()),
+            (json!(["vic"]), json!(1)),
+            "{q}: history agrees with the registry"
+        );
+    }
+    let hidden = s.admin_get(&format!("/api/analytics/ivy?from={hidden_at}&to={now}"));
+    assert_eq!(
+        (
+            hidden["online_ms"].as_u64(),
+            hidden["sessions"].as_u64(),
+            hidden["open_sessions"].as_u64()
+        ),
+        (Some(0), Some(0), Some(0)),
+        "invisible time is not online time: {hidden}"
+    );
+    assert_eq!(hidden["by_device_type"], json!({}));
+    let shown = s.admin_get(&format!("/api/analytics/vic?from={hidden_at}&to={now}"));
+    assert_eq!(
+        shown["online_ms"].as_u64(),
+        Some(now - hidden_at),
+        "{shown}"
+    );
+    assert_eq!(shown["sessions"], 1);
+    // Visible again: online again from then on.
+    ivy.set_status("away", None);
+    let back_at = wait_for("ivy visible again", || {
+        let body = s.admin_get(&format!("/api/history/ivy?from={t0}"));
+        body["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["kind"] == "status" && e["status"] == "away")
+            .and_then(|e| e["ts"].as_u64())
+    });
+    let at = s.admin_get(&format!("/api/replay/at?t={back_at}"));
+    assert_eq!(at["users"], json!(["ivy", "vic"]));
+    let a = s.admin_get(&format!(
+        "/api/analytics/ivy?from={hidden_at}&to={}",
+        back_at + 1
+    ));
+    assert_eq!(a["online_ms"], 1, "one millisecond of it, from {back_at}");
+}
+
+/// Capacity planning (docs/HISTORY.md): bytes on disk per event of each kind, and what retention
+/// and compaction do to the file. A measurement, not a check; run it with
+/// `cargo test --release --test history -- --ignored --nocapture disk_usage_per_event`.
+#[test]
+#[ignore = "a measurement for docs/HISTORY.md; run by hand"]
+fn disk_usage_per_event() {
+    // Events per kind (`PRESENCED_MEASURE_EVENTS`, default 50,000).
+    let n: u64 = std::env::var("PRESENCED_MEASURE_EVENTS").map_or(50_000, |v| v.parse().unwrap());
+    let b = base();
+    let write = |store: &mut LocalStore, events: &[HistoryEvent]| {
+        rt().block_on(async {
+            for chunk in events.chunks(512) {
+                store.write(chunk, &[]).await.unwrap();
+            }
+        })
+    };
+    let mb = |bytes: u64| bytes as f64 / (1 << 20) as f64;
+    eprintln!(
+        "events as a server records them (user ids of 15 bytes, a device name, device type, \
+         region, two groups; status events with a 12-byte text), in batches of 512"
+    );
+    for (name, pick) in [("session_start", 0), ("status", 1), ("session_end", 2)] {
+        let all = lifecycle_events("cap", n, b);
+        let events: Vec<HistoryEvent> = all.into_iter().skip(pick).step_by(3).collect();
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = LocalStore::open(dir.path(), 64).unwrap();
+        write(&mut store, &events[..n as usize / 2]);
+        let half = store.space().unwrap();
+        write(&mut store, &events[n as usize / 2..]);
+        let full = store.space().unwrap();
+        eprintln!(
+            "{name:>13}: {n} events ({} bytes of JSON each): pages in use {:.1} MiB, {:.0} \
+             bytes/event (second half alone: {:.0}); file: {:.1} MiB on disk, {:.1} MiB long",
+            serde_json::to_vec(&events[0]).unwrap().len(),
+            mb(full.allocated_bytes),
+            full.allocated_bytes as f64 / n as f64,
+            (full.allocated_bytes - half.allocated_bytes) as f64 / (n / 2) as f64,
+            mb(full.disk_bytes),
+            mb(file_len(dir.path())),
+        );
+    }
+    // A session's worth (start, status change, end), then retention and compaction.
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = LocalStore::open(dir.path(), 64).unwrap();
+    let old = lifecycle_events("old", n, b - 45 * 86_400_000);
+    let new = lifecycle_events("new", n / 10, b);
+    write(&mut store, &old);
+    write(&mut store, &new);
+    let total = (old.len() + new.len()) as u64;
+    let before = store.space().unwrap();
+    eprintln!(
+        "    lifecycle: {total} events (start, status, end per session): pages in use {:.1} \
+         MiB, {:.0} bytes/event, {:.0} bytes/session; file: {:.1} MiB on disk, {:.1} MiB long",
+        mb(before.allocated_bytes),
+        before.allocated_bytes as f64 / total as f64,
+        before.allocated_bytes as f64 * 3.0 / total as f64,
+        mb(before.disk_bytes),
+        mb(file_len(dir.path())),
+    );
+    let started = Instant::now();
+    let mut expired = 0;
+    rt().block_on(async {
+        loop {
+            let n = store.expire(b - 30 * 86_400_000, 2_000).await.unwrap();
+            expired += n;
+            if n < 2_000 {
+                break;
+            }
+        }
+    });
+    let expire_s = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    let space = store.space().unwrap();
+    eprintln!(
+        "   free space: measured in {:.3} s",
+        started.elapsed().as_secs_f64()
+    );
+    let started = Instant::now();
+    let compacted = store
+        .compact_if_worth(presenced::history::store::CompactPolicy {
+            min_free_bytes: 1,
+            min_free_pct: 1,
+        })
+        .unwrap()
+        .expect("worth it");
+    let compact_s = started.elapsed().as_secs_f64();
+    eprintln!(
+        "    retention: {expired} events deleted in {expire_s:.2} s ({:.0}/s); file {:.1} MiB \
+         on disk, {:.1} MiB of it free",
+        expired as f64 / expire_s,
+        mb(space.disk_bytes),
+        mb(space.free_bytes())
+    );
+    eprintln!(
+        "   compaction: {:.1} MiB -> {:.1} MiB on disk ({:.1} MiB long) in {compact_s:.2} s \
+         ({} build)",
+        mb(compacted.before.disk_bytes),
+        mb(compacted.after_disk_bytes),
+        mb(file_len(dir.path())),
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        }
+    );
 }

@@ -40,6 +40,10 @@ pub struct HistoryScrape {
     pub write_us_sum: u64,
     pub write_us_max: u64,
     pub expired: u64,
+    /// What the local store's file takes on disk; `None` for other backends.
+    pub disk_bytes: Option<u64>,
+    pub compactions: u64,
+    pub compaction_freed_bytes: u64,
 }
 
 impl HistoryScrape {
@@ -59,6 +63,12 @@ impl HistoryScrape {
             write_us_sum: M::get(&m.write_us_sum),
             write_us_max: M::get(&m.write_us_max),
             expired: M::get(&m.expired),
+            disk_bytes: m
+                .disk_bytes_known
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .then(|| M::get(&m.disk_bytes)),
+            compactions: M::get(&m.compactions),
+            compaction_freed_bytes: M::get(&m.compaction_freed_bytes),
         }
     }
 }
@@ -440,6 +450,26 @@ pub fn render(s: &Scrape<'_>) -> String {
             "History records deleted by retention.",
             h.expired.to_string(),
         );
+        if let Some(bytes) = h.disk_bytes {
+            one(
+                "presenced_history_disk_bytes",
+                "gauge",
+                "Bytes the local history store's file takes on disk.",
+                bytes.to_string(),
+            );
+        }
+        one(
+            "presenced_history_compactions_total",
+            "counter",
+            "Compactions of the local history store.",
+            h.compactions.to_string(),
+        );
+        one(
+            "presenced_history_compaction_freed_bytes_total",
+            "counter",
+            "Bytes the local history store's compactions gave back to the file system.",
+            h.compaction_freed_bytes.to_string(),
+        );
         one(
             "presenced_history_write_latency_max_seconds",
             "gauge",
@@ -513,6 +543,7 @@ mod tests {
             answered: 2,
             history: Some(HistoryScrape {
                 written: 7,
+                disk_bytes: Some(4096),
                 ..Default::default()
             }),
         });

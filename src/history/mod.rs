@@ -15,7 +15,7 @@ pub mod scylla;
 pub mod store;
 pub mod writer;
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -51,6 +51,12 @@ pub struct HistoryMetrics {
     pub write_us_max: AtomicU64,
     /// Records deleted by retention (local store).
     pub expired: AtomicU64,
+    /// What the local store's file takes on disk (bytes), once known (`disk_bytes_known`).
+    pub disk_bytes: AtomicU64,
+    pub disk_bytes_known: AtomicBool,
+    /// Compactions of the local store, and the bytes they gave back to the file system.
+    pub compactions: AtomicU64,
+    pub compaction_freed_bytes: AtomicU64,
     /// Queries answered.
     pub queries: AtomicU64,
 }

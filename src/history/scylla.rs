@@ -104,7 +104,7 @@ struct Cql {
 pub const EVENT_COLUMNS: &str = "user_id, ts, n, kind, session, started_at, device, device_type, \
                              region, groups, status, status_text, devices, seq";
 pub const SESSION_COLUMNS: &str =
-    "user_id, ts, n, kind, session, started_at, device, device_type, region, groups";
+    "user_id, ts, n, kind, session, started_at, device, device_type, region, groups, status";
 
 impl Cql {
     fn new(ks: &str, ttl_s: u64) -> Cql {
@@ -272,13 +272,13 @@ impl Store for ScyllaStore {
         self.read_samples(from, to, max, only_group).await
     }
 
-    async fn sessions_between(
+    async fn presence_between(
         &mut self,
         from: u64,
         to: u64,
         max: usize,
     ) -> Result<Vec<HistoryEvent>, StoreError> {
-        self.read_sessions(from, to, max).await
+        self.read_presence(from, to, max).await
     }
 
     async fn expire(&mut self, _before: u64, _max: usize) -> Result<u64, StoreError> {

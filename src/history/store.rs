@@ -1,6 +1,7 @@
 //! The storage interface every history backend implements, and opening the configured one.
 
 use super::event::{HistoryEvent, Sample};
+pub use super::local::{CompactPolicy, Compacted};
 use crate::config::{HistoryBackend, HistoryConfig};
 
 /// A failed store operation. `retryable`: worth trying again (timeouts, overload, lost
@@ -65,8 +66,10 @@ pub trait Store {
         max: usize,
         only_group: Option<Option<&str>>,
     ) -> Result<Vec<Sample>, StoreError>;
-    /// Session start and end events of every user in `[from, to]`, oldest first, at most `max`.
-    async fn sessions_between(
+    /// Session starts and ends and status events of every user in `[from, to]` (what "who was
+    /// online" needs: [`analytics::online_at`](super::analytics::online_at)), oldest first, a
+    /// user's same-millisecond events in the order recorded, at most `max`.
+    async fn presence_between(
         &mut self,
         from: u64,
         to: u64,
@@ -75,6 +78,15 @@ pub trait Store {
     /// Deletes what is older than `before` (at most `max` records per call); returns how many.
     /// Stores with their own expiry (Scylla's TTL) return 0.
     async fn expire(&mut self, before: u64, max: usize) -> Result<u64, StoreError>;
+    /// What the store takes on this machine's disk (`None`: it is not on this machine).
+    fn disk_bytes(&self) -> Option<u64> {
+        None
+    }
+    /// Gives free space back to the file system when `policy` says it is worth it (`None`: it
+    /// was not, or the store has nothing to give back).
+    async fn compact(&mut self, _policy: CompactPolicy) -> Result<Option<Compacted>, StoreError> {
+        Ok(None)
+    }
 }
 
 /// The configured backend, opened (the local store) or ready to connect (scylla).
@@ -86,7 +98,9 @@ pub enum Opened {
 /// Opens the configured backend. Errors name the config key at fault.
 pub fn open(cfg: &HistoryConfig) -> Result<Opened, String> {
     match cfg.backend {
-        HistoryBackend::Local => super::local::LocalStore::open(&cfg.data_dir).map(Opened::Local),
+        HistoryBackend::Local => {
+            super::local::LocalStore::open(&cfg.data_dir, cfg.cache_mb).map(Opened::Local)
+        }
         HistoryBackend::Scylla => Ok(Opened::Scylla(super::scylla::ScyllaStore::new(
             &cfg.scylla,
             cfg.retention_days,

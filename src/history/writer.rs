@@ -5,20 +5,31 @@
 //! default) with a single-threaded tokio runtime, which the `scylla` driver needs and the local
 //! store does not mind. Nothing here can slow a shard: shards only ever `try_send`.
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::analytics;
 use super::event::{HistoryEvent, Sample};
-use super::store::{Opened, Store, StoreError};
+use super::store::{CompactPolicy, Opened, Store, StoreError};
 use super::{Answer, HistoryMetrics, Query, Record, Reply};
 use crate::config::HistoryConfig;
 use crate::shard::now_ms;
 
-/// How often retention runs (local store), and how much it deletes per transaction.
+/// Retention (the local store; Scylla's rows expire by TTL): a turn deletes what is older than
+/// `retention_days`, in transactions of at most `RETENTION_CHUNK` records, for at most
+/// `RETENTION_TURN` of the writer's time. When it caught up, the next turn comes
+/// `RETENTION_EVERY` later; when a backlog is left (the first start after downtime, a shorter
+/// retention, a write rate past what one turn a minute deletes), the next comes after the writer
+/// has had as long again for batches and questions. So retention keeps up with any rate the
+/// writer sustains, and never holds the writer for more than one turn.
 const RETENTION_EVERY: Duration = Duration::from_secs(60);
-const RETENTION_CHUNK: usize = 10_000;
-const RETENTION_CHUNKS_PER_TURN: usize = 10;
+const RETENTION_CHUNK: usize = 2_000;
+const RETENTION_TURN: Duration = Duration::from_millis(100);
+/// At most this often, after a retention turn that deleted something, the writer measures the
+/// local store's free space (which walks its pages) to decide whether to compact it. The first
+/// check is at start.
+const COMPACT_CHECK_EVERY: Duration = Duration::from_secs(600);
 
 pub struct Writer {
     cfg: HistoryConfig,
@@ -93,7 +104,11 @@ impl Writer {
     async fn run_with<S: Store>(mut self, mut store: S) {
         let batch_wait = Duration::from_millis(self.cfg.batch_interval_ms);
         let mut batch_due: Option<tokio::time::Instant> = None;
-        let mut retention = tokio::time::interval(RETENTION_EVERY);
+        // The first retention turn (and the first compaction check) at once.
+        let mut retention_due = tokio::time::Instant::now();
+        let mut compact_checked: Option<Instant> = None;
+        let mut expired_since_check = 0u64;
+        self.note_disk(&store);
         let mut queries_open = true;
         loop {
             if let Some(deadline) = self.stop_by {
@@ -159,7 +174,21 @@ impl Writer {
                     self.flush(&mut store, None).await;
                     batch_due = None;
                 }
-                _ = retention.tick() => self.expire(&mut store).await,
+                _ = tokio::time::sleep_until(retention_due) => {
+                    let (expired, caught_up) = self.expire(&mut store).await;
+                    expired_since_check += expired;
+                    retention_due = tokio::time::Instant::now()
+                        + if caught_up { RETENTION_EVERY } else { RETENTION_TURN };
+                    let check = compact_checked.is_none_or(|at| {
+                        expired_since_check > 0 && at.elapsed() >= COMPACT_CHECK_EVERY
+                    });
+                    if caught_up && check {
+                        self.compact(&mut store).await;
+                        compact_checked = Some(Instant::now());
+                        expired_since_check = 0;
+                    }
+                    self.note_disk(&store);
+                }
             }
         }
     }
@@ -192,6 +221,8 @@ impl Writer {
             let us = started.elapsed().as_micros() as u64;
             match result {
                 Ok(()) => {
+                    // The size first: whoever sees the records counted sees the file that holds them.
+                    self.note_disk(store);
                     let m = &self.metrics;
                     HistoryMetrics::add(&m.written, n);
                     HistoryMetrics::add(&m.batches, 1);
@@ -241,24 +272,64 @@ impl Writer {
         }
     }
 
-    async fn expire<S: Store>(&mut self, store: &mut S) {
+    /// One retention turn: returns how many records it deleted, and whether it caught up.
+    async fn expire<S: Store>(&mut self, store: &mut S) -> (u64, bool) {
         let keep_ms = u64::from(self.cfg.retention_days) * 86_400_000;
         let before = now_ms().saturating_sub(keep_ms);
-        // A bounded number of chunks per turn: a large backlog (first start after downtime, a
-        // shorter retention) is worked off over several minutes, not in one stall.
-        for _ in 0..RETENTION_CHUNKS_PER_TURN {
+        let started = Instant::now();
+        let mut total = 0;
+        loop {
             match store.expire(before, RETENTION_CHUNK).await {
                 Ok(n) => {
                     HistoryMetrics::add(&self.metrics.expired, n);
+                    total += n;
                     if n < RETENTION_CHUNK as u64 {
-                        return;
+                        return (total, true);
+                    }
+                    if started.elapsed() >= RETENTION_TURN {
+                        return (total, false);
                     }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "history: retention failed; next try in a minute");
-                    return;
+                    return (total, true);
                 }
             }
+        }
+    }
+
+    /// Compacts the store if it is worth it (the local store; others have nothing to do). It
+    /// holds the writer while it runs: records wait in the queue (past `queue_capacity`, shards
+    /// drop and count them, as during any slow write) and questions wait (past
+    /// `admin.query_timeout_ms`, they are answered 503).
+    async fn compact<S: Store>(&mut self, store: &mut S) {
+        let policy = CompactPolicy {
+            min_free_bytes: self.cfg.compact_min_free_mb << 20,
+            min_free_pct: self.cfg.compact_min_free_pct,
+        };
+        let started = Instant::now();
+        match store.compact(policy).await {
+            Ok(Some(c)) => {
+                let freed = c.before.disk_bytes.saturating_sub(c.after_disk_bytes);
+                HistoryMetrics::add(&self.metrics.compactions, 1);
+                HistoryMetrics::add(&self.metrics.compaction_freed_bytes, freed);
+                tracing::info!(
+                    before = c.before.disk_bytes,
+                    after = c.after_disk_bytes,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "history: store compacted"
+                );
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "history: compaction failed"),
+        }
+    }
+
+    /// Publishes the store's size on disk (`presenced_history_disk_bytes`).
+    fn note_disk<S: Store>(&self, store: &S) {
+        if let Some(bytes) = store.disk_bytes() {
+            self.metrics.disk_bytes.store(bytes, Relaxed);
+            self.metrics.disk_bytes_known.store(true, Relaxed);
         }
     }
 
@@ -341,7 +412,7 @@ impl Writer {
             Query::At { t, group, limit } => {
                 let lookback = self.cfg.replay_lookback_h * 3_600_000;
                 let events = store
-                    .sessions_between(t.saturating_sub(lookback), t, max)
+                    .presence_between(t.saturating_sub(lookback), t, max)
                     .await
                     .map_err(fail)?;
                 let (users, total) = analytics::online_at(&events, t, group.as_deref(), limit);

@@ -133,8 +133,8 @@ impl ScyllaStore {
         Ok(out)
     }
 
-    /// [`Store::sessions_between`](crate::history::store::Store::sessions_between).
-    pub(super) async fn read_sessions(
+    /// [`Store::presence_between`](crate::history::store::Store::presence_between).
+    pub(super) async fn read_presence(
         &mut self,
         from: u64,
         to: u64,
@@ -226,6 +226,7 @@ mod tests {
             device_type: None,
             region: None,
             groups: None,
+            status: None,
         }
     }
 

@@ -78,7 +78,8 @@ impl<'a> EventRow<'a> {
     }
 }
 
-/// The values of one `sessions_by_hour` insert (session starts and ends only).
+/// The values of one `sessions_by_hour` insert: session starts and ends, and status events with
+/// just their status (what "who was online" needs).
 #[derive(SerializeRow)]
 pub struct SessionRow<'a> {
     pub hour: i64,
@@ -93,16 +94,13 @@ pub struct SessionRow<'a> {
     pub device_type: MaybeUnset<&'a str>,
     pub region: MaybeUnset<&'a str>,
     pub groups: MaybeUnset<Vec<&'a str>>,
+    pub status: MaybeUnset<&'a str>,
 }
 
 impl<'a> SessionRow<'a> {
-    /// `None` for status events (they are not in `sessions_by_hour`).
-    pub fn new(e: &'a HistoryEvent, n: u64) -> Option<SessionRow<'a>> {
-        if e.kind == EventKind::Status {
-            return None;
-        }
+    pub fn new(e: &'a HistoryEvent, n: u64) -> SessionRow<'a> {
         let r = EventRow::new(e, n);
-        Some(SessionRow {
+        SessionRow {
             hour: hour_of(e.ts) as i64,
             bucket: bucket(&e.user),
             ts: r.ts,
@@ -115,7 +113,8 @@ impl<'a> SessionRow<'a> {
             device_type: r.device_type,
             region: r.region,
             groups: r.groups,
-        })
+            status: r.status,
+        }
     }
 }
 
@@ -172,6 +171,7 @@ pub struct SessionOut {
     pub device_type: Option<String>,
     pub region: Option<String>,
     pub groups: Option<Vec<String>>,
+    pub status: Option<String>,
 }
 
 impl From<SessionOut> for EventOut {
@@ -187,7 +187,7 @@ impl From<SessionOut> for EventOut {
             device_type: s.device_type,
             region: s.region,
             groups: s.groups,
-            status: None,
+            status: s.status,
             status_text: None,
             devices: None,
             seq: None,

@@ -183,7 +183,7 @@ impl ScyllaStore {
             .collect();
         let session_rows: Vec<SessionRow> = (0u64..)
             .zip(events)
-            .filter_map(|(i, e)| SessionRow::new(e, base.wrapping_add(i)))
+            .map(|(i, e)| SessionRow::new(e, base.wrapping_add(i)))
             .collect();
         let sample_rows: Vec<SampleRow> = samples.iter().map(SampleRow::new).collect();
         let jobs: Vec<Job> = by_partition(&event_rows, |r| (r.user_id, r.day))
