@@ -461,14 +461,44 @@ fn schema_applies_twice_to_a_real_scylla() {
         format!("[history.scylla]\nkeyspace = \"{ks}\"\ndatacenters = {{ datacenter1 = 1 }}\n"),
     )
     .unwrap();
-    for _ in 0..2 {
+    let apply = || {
         let out = Command::new(BIN)
             .args(["schema", "apply", "--scylla", &addr, "--config"])
             .arg(&real)
             .output()
             .unwrap();
         assert!(out.status.success(), "apply to ScyllaDB: {out:?}");
-    }
+    };
+    apply();
+    apply();
+    // A keyspace from before `sessions_by_hour` had `status`: apply adds the column.
+    let cfg = scylla_cfg(vec![addr.clone()], &ks);
+    let columns = |session: &scylla::client::session::Session| -> Vec<String> {
+        rt().block_on(session.query_unpaged(
+            "SELECT column_name FROM system_schema.columns WHERE keyspace_name = ? AND table_name = 'sessions_by_hour'",
+            (ks.as_str(),),
+        ))
+        .unwrap()
+        .into_rows_result()
+        .unwrap()
+        .rows::<(String,)>()
+        .unwrap()
+        .map(|r| r.unwrap().0)
+        .collect()
+    };
+    let session = rt()
+        .block_on(presenced::history::scylla::connect(&cfg))
+        .unwrap();
+    rt().block_on(
+        session.query_unpaged(format!("ALTER TABLE {ks}.sessions_by_hour DROP status"), ()),
+    )
+    .unwrap();
+    assert!(!columns(&session).contains(&"status".to_string()));
+    apply();
+    assert!(
+        columns(&session).contains(&"status".to_string()),
+        "apply added it back"
+    );
     drop(Target::Real { addr, keyspace: ks });
 }
 

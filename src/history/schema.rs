@@ -117,17 +117,94 @@ pub async fn apply(
     Ok(all.len())
 }
 
-/// Connects to `cfg.nodes` and applies the schema rendered for `cfg`: what
-/// `presenced schema apply` does.
+/// Columns added to tables after they were first released: (table, column, CQL type). A
+/// keyspace made by an older `schema apply` has the table without them; `CREATE TABLE IF NOT
+/// EXISTS` does not add them, so `apply_config` does.
+pub const ADDED_COLUMNS: &[(&str, &str, &str)] = &[("sessions_by_hour", "status", "text")];
+
+/// The `ALTER TABLE` statements that bring `table` (with `existing` columns) up to date. No
+/// columns known (the cluster did not list any) means nothing to do: the table was just created
+/// with every column, or cannot be read, and an `ALTER` would then be a guess.
+pub fn migrations(keyspace: &str, table: &str, existing: &[String]) -> Vec<String> {
+    if existing.is_empty() {
+        return Vec::new();
+    }
+    ADDED_COLUMNS
+        .iter()
+        .filter(|(t, c, _)| *t == table && !existing.iter().any(|e| e == c))
+        .map(|(t, c, ty)| format!("ALTER TABLE {keyspace}.{t} ADD {c} {ty}"))
+        .collect()
+}
+
+/// Adds the columns of [`ADDED_COLUMNS`] that an older keyspace lacks; returns how many.
+async fn migrate(
+    session: &::scylla::client::session::Session,
+    keyspace: &str,
+) -> Result<usize, String> {
+    let mut ran = 0;
+    let tables: std::collections::BTreeSet<&str> = ADDED_COLUMNS.iter().map(|a| a.0).collect();
+    for table in tables {
+        let failed =
+            |e: &dyn std::fmt::Display| format!("reading the columns of {keyspace}.{table}: {e}");
+        let rows = session
+            .query_unpaged(
+                "SELECT column_name FROM system_schema.columns \
+                 WHERE keyspace_name = ? AND table_name = ?",
+                (keyspace, table),
+            )
+            .await
+            .map_err(|e| failed(&e))?
+            .into_rows_result()
+            .map_err(|e| failed(&e))?;
+        let existing: Vec<String> = rows
+            .rows::<(String,)>()
+            .map_err(|e| failed(&e))?
+            .filter_map(Result::ok)
+            .map(|(c,)| c)
+            .collect();
+        for alter in migrations(keyspace, table, &existing) {
+            session
+                .query_unpaged(alter.as_str(), ())
+                .await
+                .map_err(|e| format!("`{alter}`: {e}"))?;
+            ran += 1;
+        }
+    }
+    Ok(ran)
+}
+
+/// Connects to `cfg.nodes` and applies the schema rendered for `cfg`, then adds the columns an
+/// older keyspace lacks: what `presenced schema apply` does. Idempotent.
 pub async fn apply_config(cfg: &ScyllaConfig, retention_days: u32) -> Result<usize, String> {
     let cql = render(cfg, retention_days)?;
     let session = super::scylla::connect(cfg).await.map_err(|e| e.message)?;
-    apply(&session, &cql).await
+    let created = apply(&session, &cql).await?;
+    Ok(created + migrate(&session, &cfg.keyspace).await?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn migrations_add_only_the_missing_columns() {
+        let old: Vec<String> = ["hour", "bucket", "ts", "user", "kind"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(
+            migrations("ks", "sessions_by_hour", &old),
+            vec!["ALTER TABLE ks.sessions_by_hour ADD status text"]
+        );
+        let mut new = old.clone();
+        new.push("status".into());
+        assert!(migrations("ks", "sessions_by_hour", &new).is_empty());
+        assert!(migrations("ks", "events_by_user", &old).is_empty());
+        assert!(
+            migrations("ks", "sessions_by_hour", &[]).is_empty(),
+            "nothing known: no guess"
+        );
+    }
 
     fn cfg() -> ScyllaConfig {
         ScyllaConfig::default()
