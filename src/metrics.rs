@@ -254,6 +254,45 @@ pub fn cumulative_buckets(h: &hdrhistogram::Histogram<u64>) -> Vec<u64> {
         .collect()
 }
 
+/// A latency histogram with the fixed [`LATENCY_BUCKETS_S`] bounds, in atomics: for a thread
+/// that is not a shard (the history writer) and whose figures the admin port reads from another
+/// thread. Lock-free: two `fetch_add`s per sample (its own bucket and the sum); the cumulative
+/// counts are summed at scrape time.
+#[derive(Debug, Default)]
+pub struct AtomicBuckets {
+    /// Samples per bucket: `counts[i]` are those in `(bound[i-1], bound[i]]`; the last slot
+    /// holds what is above every bound.
+    counts: [AtomicU64; LATENCY_BUCKETS_LEN + 1],
+    sum_us: AtomicU64,
+}
+
+const LATENCY_BUCKETS_LEN: usize = 17;
+const _: () = assert!(LATENCY_BUCKETS_S.len() == LATENCY_BUCKETS_LEN);
+
+impl AtomicBuckets {
+    pub fn record(&self, us: u64) {
+        let s = us as f64 / 1e6;
+        let i = LATENCY_BUCKETS_S.partition_point(|le| *le < s);
+        self.counts[i].fetch_add(1, Relaxed);
+        self.sum_us.fetch_add(us, Relaxed);
+    }
+
+    /// Cumulative counts at each bound (as [`cumulative_buckets`]), the total count, and the sum
+    /// in µs.
+    pub fn snapshot(&self) -> (Vec<u64>, u64, u64) {
+        let mut acc = 0;
+        let cumulative = self.counts[..LATENCY_BUCKETS_LEN]
+            .iter()
+            .map(|c| {
+                acc += c.load(Relaxed);
+                acc
+            })
+            .collect();
+        let total = acc + self.counts[LATENCY_BUCKETS_LEN].load(Relaxed);
+        (cumulative, total, self.sum_us.load(Relaxed))
+    }
+}
+
 /// Percentiles of a latency histogram, in microseconds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
 pub struct Percentiles {

@@ -63,6 +63,24 @@ fn metrics_parse_with_the_prometheus_parser_and_move_with_traffic() {
         "every delivery took under 10 s"
     );
     assert!(sum(&after, "presenced_handshake_seconds_count", &[]) >= 2.0);
+    // History's batch writes too (the writer thread, read through atomics).
+    let written = eventually("a history batch written", || {
+        let m = scrape(&s);
+        let n = sum(&m, "presenced_history_write_latency_seconds_count", &[]);
+        (n >= 1.0).then_some(m)
+    });
+    assert_eq!(
+        sum(
+            &written,
+            "presenced_history_write_latency_seconds_bucket",
+            &[("le", "+Inf")]
+        ),
+        sum(
+            &written,
+            "presenced_history_write_latency_seconds_count",
+            &[]
+        )
+    );
     assert_eq!(
         sum(
             &after,

@@ -26,7 +26,7 @@ pub struct Scrape<'a> {
 }
 
 /// The history pipeline's figures.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct HistoryScrape {
     pub queue_depth: u64,
     pub queue_capacity: u64,
@@ -37,6 +37,9 @@ pub struct HistoryScrape {
     pub retries: u64,
     pub batches: u64,
     pub batch_records: u64,
+    /// Batch write latency: cumulative counts at each bucket bound, the count, the sum (µs).
+    pub write_buckets: Vec<u64>,
+    pub write_count: u64,
     pub write_us_sum: u64,
     pub write_us_max: u64,
     pub expired: u64,
@@ -50,6 +53,7 @@ impl HistoryScrape {
     pub fn of(sink: &crate::history::Sink, capacity: usize) -> HistoryScrape {
         use crate::history::HistoryMetrics as M;
         let m = &sink.metrics;
+        let writes = m.write_latency.snapshot();
         HistoryScrape {
             queue_depth: sink.queue_depth() as u64,
             queue_capacity: capacity as u64,
@@ -60,7 +64,9 @@ impl HistoryScrape {
             retries: M::get(&m.retries),
             batches: M::get(&m.batches),
             batch_records: M::get(&m.batch_records),
-            write_us_sum: M::get(&m.write_us_sum),
+            write_buckets: writes.0,
+            write_count: writes.1,
+            write_us_sum: writes.2,
             write_us_max: M::get(&m.write_us_max),
             expired: M::get(&m.expired),
             disk_bytes: m
@@ -498,21 +504,14 @@ pub fn render(s: &Scrape<'_>) -> String {
         );
         let _ = writeln!(o.0, "presenced_history_batch_size_sum {}", h.batch_records);
         let _ = writeln!(o.0, "presenced_history_batch_size_count {}", h.batches);
-        o.family(
-            "presenced_history_write_latency_seconds",
-            "summary",
-            "Time to write one history batch.",
-        );
-        let _ = writeln!(
-            o.0,
-            "presenced_history_write_latency_seconds_sum {:.6}",
-            secs(h.write_us_sum)
-        );
-        let _ = writeln!(
-            o.0,
-            "presenced_history_write_latency_seconds_count {}",
-            h.batches
-        );
+        let name = "presenced_history_write_latency_seconds";
+        o.family(name, "histogram", "Time to write one history batch.");
+        for (le, n) in LATENCY_BUCKETS_S.iter().zip(&h.write_buckets) {
+            let _ = writeln!(o.0, "{name}_bucket{{le=\"{le}\"}} {n}");
+        }
+        let _ = writeln!(o.0, "{name}_bucket{{le=\"+Inf\"}} {}", h.write_count);
+        let _ = writeln!(o.0, "{name}_sum {:.6}", secs(h.write_us_sum));
+        let _ = writeln!(o.0, "{name}_count {}", h.write_count);
     }
     o.0
 }

@@ -46,8 +46,8 @@ pub struct HistoryMetrics {
     /// Batches written, and records in them (mean batch size = sum / count).
     pub batches: AtomicU64,
     pub batch_records: AtomicU64,
-    /// Write latency per batch: sum and max (µs).
-    pub write_us_sum: AtomicU64,
+    /// Write latency per batch: a histogram (fixed Prometheus buckets) and the max (µs).
+    pub write_latency: crate::metrics::AtomicBuckets,
     pub write_us_max: AtomicU64,
     /// Records deleted by retention (local store).
     pub expired: AtomicU64,

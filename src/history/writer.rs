@@ -227,7 +227,7 @@ impl Writer {
                     HistoryMetrics::add(&m.written, n);
                     HistoryMetrics::add(&m.batches, 1);
                     HistoryMetrics::add(&m.batch_records, n);
-                    HistoryMetrics::add(&m.write_us_sum, us);
+                    m.write_latency.record(us);
                     m.write_us_max
                         .fetch_max(us, std::sync::atomic::Ordering::Relaxed);
                     break;
