@@ -16,7 +16,6 @@
 //! request, one request at a time. kassandra is a single-threaded in-memory engine, so the
 //! absolute figure is kassandra's, not a ScyllaDB cluster's; the ratio is the writer's.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -29,7 +28,7 @@ const RECORDS: u64 = 2_000;
 fn event(i: u64) -> HistoryEvent {
     let mut e = HistoryEvent::new(
         1_795_800_000_000 + i,
-        Arc::from(format!("user-{}", i % 5_000)),
+        format!("user-{}", i % 5_000).into(),
         EventKind::Status,
     );
     e.status = Some(if i.is_multiple_of(2) {

@@ -200,7 +200,13 @@ impl Shared {
 fn filled_registry(ids: &[UserId]) -> Registry {
     let mut r = Registry::new();
     for (i, u) in ids.iter().enumerate() {
-        r.connect(u, i as SessionId, Status::Online, info(), NOW_MS);
+        r.connect(
+            u,
+            SessionId::from_raw(i as u64),
+            Status::Online,
+            info(),
+            NOW_MS,
+        );
     }
     assert_eq!(r.online_users(), ids.len(), "every user is online");
     r
@@ -208,7 +214,7 @@ fn filled_registry(ids: &[UserId]) -> Registry {
 
 fn fill_shared(shared: &Shared, ids: &[UserId]) {
     for (i, u) in ids.iter().enumerate() {
-        shared.connect(u, i as SessionId, Status::Online, info());
+        shared.connect(u, SessionId::from_raw(i as u64), Status::Online, info());
     }
 }
 
@@ -259,27 +265,39 @@ fn set_status(c: &mut Criterion) {
     g.bench_function("ours", |b| {
         b.iter(|| {
             let (i, st) = next(&mut n_ours);
-            black_box(ours.set_status(&ids[i], i as SessionId, st, None, NOW_MS))
+            black_box(ours.set_status(&ids[i], SessionId::from_raw(i as u64), st, None, NOW_MS))
         })
     });
     g.bench_function("mutex_hashmap", |b| {
         b.iter(|| {
             let (i, st) = next(&mut n_shared);
-            black_box(shared.set_status(&ids[i], i as SessionId, st))
+            black_box(shared.set_status(&ids[i], SessionId::from_raw(i as u64), st))
         })
     });
     // Another shard busy with its own registry (the other core is not idle in either case).
     let mut peer = filled_registry(&peer_ids);
     with_peer(
         |i, st| {
-            let change = peer.set_status(&peer_ids[i], i as SessionId, st, None, NOW_MS);
+            let change = peer.set_status(
+                &peer_ids[i],
+                SessionId::from_raw(i as u64),
+                st,
+                None,
+                NOW_MS,
+            );
             black_box(change.expect("the peer's users are connected"));
         },
         || {
             g.bench_function("ours/2_threads", |b| {
                 b.iter(|| {
                     let (i, st) = next(&mut n_ours);
-                    black_box(ours.set_status(&ids[i], i as SessionId, st, None, NOW_MS))
+                    black_box(ours.set_status(
+                        &ids[i],
+                        SessionId::from_raw(i as u64),
+                        st,
+                        None,
+                        NOW_MS,
+                    ))
                 })
             });
         },
@@ -288,13 +306,13 @@ fn set_status(c: &mut Criterion) {
     // Another thread on the same shared map (disjoint users: only the lock is shared).
     with_peer(
         |i, st| {
-            black_box(shared.set_status(&peer_ids[i], i as SessionId, st));
+            black_box(shared.set_status(&peer_ids[i], SessionId::from_raw(i as u64), st));
         },
         || {
             g.bench_function("mutex_hashmap/2_threads", |b| {
                 b.iter(|| {
                     let (i, st) = next(&mut n_shared);
-                    black_box(shared.set_status(&ids[i], i as SessionId, st))
+                    black_box(shared.set_status(&ids[i], SessionId::from_raw(i as u64), st))
                 })
             });
         },
@@ -307,7 +325,7 @@ fn sessions_and_watches(c: &mut Criterion) {
     let mut ours = filled_registry(&ids);
     let shared = Shared::default();
     fill_shared(&shared, &ids);
-    let second = |i: usize| (USERS + i) as SessionId;
+    let second = |i: usize| SessionId::from_raw((USERS + i) as u64);
     let mut n = 0;
 
     // A second device of an online user comes and goes: two changes (devices 1 → 2 → 1).

@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -32,11 +31,14 @@ fn start(
     groups: &[&str],
 ) -> HistoryEvent {
     let mut e = HistoryEvent::new(ts, user.into(), EventKind::SessionStart);
-    e.session = session;
+    e.session = presenced::presence::SessionId::from_raw(session);
     e.started_at = ts;
     e.device_type = Some(t);
     e.region = Some(region.into());
-    e.groups = groups.iter().map(|g| Arc::from(*g)).collect();
+    e.groups = groups
+        .iter()
+        .map(|g| presenced::presence::GroupId::from(*g))
+        .collect();
     e
 }
 
@@ -49,7 +51,7 @@ fn end(
     region: &str,
 ) -> HistoryEvent {
     let mut e = HistoryEvent::new(ts, user.into(), EventKind::SessionEnd);
-    e.session = session;
+    e.session = presenced::presence::SessionId::from_raw(session);
     e.started_at = started;
     e.device_type = Some(t);
     e.region = Some(region.into());

@@ -186,7 +186,7 @@ fn events(tag: &str, n: usize, users: usize) -> Vec<HistoryEvent> {
     let mut out: Vec<HistoryEvent> = Vec::with_capacity(n + 1);
     for i in 0..n {
         // Every tenth event shares its predecessor's user and millisecond.
-        let (user, ts): (Arc<str>, u64) = if i % 10 == 1 {
+        let (user, ts): (presenced::presence::UserId, u64) = if i % 10 == 1 {
             (out[i - 1].user.clone(), out[i - 1].ts)
         } else {
             let ts = t0 + (i as u64 * 7_919_000) % (2 * DAY_MS);
@@ -204,7 +204,7 @@ fn events(tag: &str, n: usize, users: usize) -> Vec<HistoryEvent> {
             e.devices = Some((i % 4) as u32);
             e.seq = i as u64 + 1;
         } else {
-            e.session = (i as u64 + 1) << 20;
+            e.session = presenced::presence::SessionId::from_raw((i as u64 + 1) << 20);
             e.started_at = if kind == EventKind::SessionEnd {
                 ts - 60_000
             } else {
@@ -265,7 +265,7 @@ fn read_back(target: &Target, sent: &[HistoryEvent], sent_samples: &[Sample]) ->
     let ks = target.keyspace();
     rt().block_on(async {
         let s = presenced::history::scylla::connect(&cfg).await.unwrap();
-        let mut keys: Vec<(Arc<str>, i32)> = sent
+        let mut keys: Vec<(presenced::presence::UserId, i32)> = sent
             .iter()
             .map(|e| (e.user.clone(), day_of(e.ts) as i32))
             .collect();

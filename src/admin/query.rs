@@ -82,7 +82,7 @@ pub fn decode_cursor(c: &str) -> Option<UserId> {
 
 /// A session id as clients see it (`welcome.session`): lowercase hex.
 pub fn session_hex(id: SessionId) -> String {
-    format!("{id:x}")
+    id.to_string()
 }
 
 /// Filters of `/api/online`; every set one must hold.

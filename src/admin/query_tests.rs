@@ -11,7 +11,7 @@ fn info(groups: &[&str], roles: &[&str], region: Option<&str>, t: DeviceType) ->
         device: None,
         device_type: t,
         region: region.map(Into::into),
-        groups: groups.iter().map(|g| Arc::from(*g)).collect(),
+        groups: groups.iter().map(|g| GroupId::from(*g)).collect(),
         roles: roles.iter().map(|g| Arc::from(*g)).collect(),
         ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
         connected_at_ms: 1,
@@ -22,21 +22,25 @@ fn user_id(i: usize) -> String {
     format!("user-{i:03}")
 }
 
+fn sid(n: u64) -> crate::presence::SessionId {
+    crate::presence::SessionId::from_raw(n)
+}
+
 #[test]
 fn filters_combine() {
     let mut r = Registry::new();
     let web = info(&["team"], &["admin"], Some("eu"), DeviceType::Web);
-    r.connect(&"Alice".into(), 1, Status::Busy, web, 1);
+    r.connect(&"Alice".into(), sid(1), Status::Busy, web, 1);
     r.connect(
         &"bob".into(),
-        2,
+        sid(2),
         Status::Online,
         info(&[], &[], None, DeviceType::Ios),
         1,
     );
     r.connect(
         &"carl".into(),
-        3,
+        sid(3),
         Status::Invisible,
         info(&["team"], &[], None, DeviceType::Ios),
         1,
@@ -105,7 +109,7 @@ fn filters_combine() {
     let row = &rows.rows[0];
     assert_eq!((row.status, row.devices, row.shard), ("busy", 1, 3));
     assert_eq!(row.device_types, ["web"]);
-    assert_eq!(row.groups, [Arc::<str>::from("team")]);
+    assert_eq!(row.groups, [GroupId::from("team")]);
 }
 
 #[test]
@@ -186,7 +190,7 @@ proptest! {
         let mut connect = |regs: &mut Vec<Registry>, online: &mut HashMap<usize, u64>, grouped: &mut HashMap<usize, bool>, i: usize, g: bool| {
             if online.contains_key(&i) { return; }
             let groups: &[&str] = if g { &["g"] } else { &[] };
-            regs[owner(i)].connect(&user_id(i).into(), next_id, Status::Online, info(groups, &[], None, DeviceType::Web), 1);
+            regs[owner(i)].connect(&user_id(i).into(), sid(next_id), Status::Online, info(groups, &[], None, DeviceType::Web), 1);
             online.insert(i, next_id);
             grouped.insert(i, g);
             next_id += 1;
@@ -208,7 +212,7 @@ proptest! {
                 Step::Connect(i, g) => connect(&mut regs, &mut online, &mut grouped, i, g),
                 Step::Disconnect(i) => {
                     if let Some(id) = online.remove(&i) {
-                        regs[owner(i)].disconnect(&user_id(i), id, 2);
+                        regs[owner(i)].disconnect(&user_id(i), sid(id), 2);
                         stable.remove(&i);
                     }
                 }

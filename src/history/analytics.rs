@@ -327,20 +327,22 @@ pub fn online_at(
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use std::sync::Arc;
 
     fn start(user: &str, s: u64, ts: u64, t: DeviceType, groups: &[&str]) -> HistoryEvent {
         let mut e = HistoryEvent::new(ts, user.into(), EventKind::SessionStart);
-        e.session = s;
+        e.session = SessionId::from_raw(s);
         e.started_at = ts;
         e.device_type = Some(t);
-        e.groups = groups.iter().map(|g| Arc::from(*g)).collect();
+        e.groups = groups
+            .iter()
+            .map(|g| crate::presence::GroupId::from(*g))
+            .collect();
         e
     }
 
     fn end(user: &str, s: u64, started: u64, ts: u64, t: DeviceType) -> HistoryEvent {
         let mut e = HistoryEvent::new(ts, user.into(), EventKind::SessionEnd);
-        e.session = s;
+        e.session = SessionId::from_raw(s);
         e.started_at = started;
         e.device_type = Some(t);
         e
@@ -582,7 +584,7 @@ mod tests {
     /// One session in the model: who, what, when, and its status over time.
     struct Sess {
         user: String,
-        id: SessionId,
+        id: u64,
         device: DeviceType,
         groups: &'static [&'static str],
         region: &'static str,
@@ -648,7 +650,7 @@ mod tests {
                     groups,
                     region,
                 } => {
-                    let id = m.sessions.len() as SessionId + 1;
+                    let id = m.sessions.len() as u64 + 1;
                     let s = Sess {
                         user: format!("u{user}"),
                         id,

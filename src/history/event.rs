@@ -45,7 +45,7 @@ pub struct HistoryEvent {
     /// The session (0 for status events, and then left out). In JSON it is the hex string that
     /// `welcome.session`, `/api/users/{id}` and the kick routes use (a number would lose
     /// precision in JavaScript once the shard index reaches 32).
-    #[serde(default, skip_serializing_if = "is_zero", with = "hex_session")]
+    #[serde(default, skip_serializing_if = "no_session", with = "hex_session")]
     pub session: SessionId,
     /// Session events: when the session started (an end carries its start, so one row gives the
     /// whole interval).
@@ -75,11 +75,13 @@ pub struct HistoryEvent {
 mod hex_session {
     use serde::{Deserialize, Deserializer, Serializer};
 
-    pub fn serialize<S: Serializer>(id: &u64, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&format!("{id:x}"))
+    use crate::presence::SessionId;
+
+    pub fn serialize<S: Serializer>(id: &SessionId, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&id.to_string())
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SessionId, D::Error> {
         #[derive(Deserialize)]
         #[serde(untagged)]
         enum Id {
@@ -87,14 +89,19 @@ mod hex_session {
             Num(u64),
         }
         match Id::deserialize(d)? {
-            Id::Num(n) => Ok(n),
-            Id::Hex(h) => u64::from_str_radix(&h, 16).map_err(serde::de::Error::custom),
+            Id::Num(n) => Ok(SessionId::from_raw(n)),
+            Id::Hex(h) => SessionId::parse_hex(&h)
+                .ok_or_else(|| serde::de::Error::custom(format!("bad session id `{h}`"))),
         }
     }
 }
 
 fn is_zero(v: &u64) -> bool {
     *v == 0
+}
+
+fn no_session(id: &SessionId) -> bool {
+    id.get() == 0
 }
 
 impl HistoryEvent {
@@ -104,7 +111,7 @@ impl HistoryEvent {
             ts,
             user,
             kind,
-            session: 0,
+            session: SessionId::default(),
             started_at: 0,
             device: None,
             device_type: None,
@@ -166,7 +173,7 @@ mod tests {
     #[test]
     fn sessions_are_hex_in_json_and_round_trip() {
         let mut e = HistoryEvent::new(5, "u".into(), EventKind::SessionStart);
-        e.session = (33 << 48) | 7;
+        e.session = SessionId::new(33, 7);
         let json = serde_json::to_value(&e).unwrap();
         assert_eq!(json["session"], "21000000000007");
         assert_eq!(serde_json::from_value::<HistoryEvent>(json).unwrap(), e);
@@ -178,6 +185,6 @@ mod tests {
         let legacy: HistoryEvent =
             serde_json::from_str(r#"{"ts":1,"user":"u","kind":"session_end","session":12}"#)
                 .unwrap();
-        assert_eq!(legacy.session, 12);
+        assert_eq!(legacy.session, SessionId::from_raw(12));
     }
 }

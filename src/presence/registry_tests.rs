@@ -20,18 +20,26 @@ fn uid(s: &str) -> UserId {
     UserId::from(s)
 }
 
+fn sid(n: u64) -> crate::presence::SessionId {
+    crate::presence::SessionId::from_raw(n)
+}
+
 #[test]
 fn two_devices_then_offline_with_last_seen() {
     let mut r = Registry::new();
     let alice = uid("alice");
-    let c1 = r.connect(&alice, 1, Status::Online, info(&[]), 10).unwrap();
+    let c1 = r
+        .connect(&alice, sid(1), Status::Online, info(&[]), 10)
+        .unwrap();
     assert_eq!((c1.state.devices, c1.state.seq), (1, 1));
-    let c2 = r.connect(&alice, 2, Status::Online, info(&[]), 20).unwrap();
+    let c2 = r
+        .connect(&alice, sid(2), Status::Online, info(&[]), 20)
+        .unwrap();
     assert_eq!((c2.state.devices, c2.state.seq), (2, 2));
-    let c3 = r.disconnect("alice", 1, 30).unwrap();
+    let c3 = r.disconnect("alice", sid(1), 30).unwrap();
     assert_eq!(c3.state.status, Aggregate::Online);
     assert_eq!(c3.state.last_seen, None);
-    let c4 = r.disconnect("alice", 2, 40).unwrap();
+    let c4 = r.disconnect("alice", sid(2), 40).unwrap();
     assert_eq!(c4.state.status, Aggregate::Offline);
     assert_eq!(c4.state.last_seen, Some(40));
     assert_eq!(c4.state.seq, 4);
@@ -45,20 +53,22 @@ fn invisible_hides_and_ranking_is_online_busy_away() {
     let mut r = Registry::new();
     let bob = uid("bob");
     assert!(r
-        .connect(&bob, 1, Status::Invisible, info(&[]), 1)
+        .connect(&bob, sid(1), Status::Invisible, info(&[]), 1)
         .is_none());
     assert_eq!(r.snapshot(&bob, 1).status, Aggregate::Offline);
     let c = r
-        .set_status("bob", 1, Status::Away, None, 2)
+        .set_status("bob", sid(1), Status::Away, None, 2)
         .unwrap()
         .unwrap();
     assert_eq!(c.state.status, Aggregate::Away);
-    let c = r.connect(&bob, 2, Status::Busy, info(&[]), 3).unwrap();
+    let c = r.connect(&bob, sid(2), Status::Busy, info(&[]), 3).unwrap();
     assert_eq!(c.state.status, Aggregate::Busy);
-    let c = r.connect(&bob, 3, Status::Online, info(&[]), 4).unwrap();
+    let c = r
+        .connect(&bob, sid(3), Status::Online, info(&[]), 4)
+        .unwrap();
     assert_eq!(c.state.status, Aggregate::Online);
     let c = r
-        .set_status("bob", 3, Status::Invisible, None, 5)
+        .set_status("bob", sid(3), Status::Invisible, None, 5)
         .unwrap()
         .unwrap();
     assert_eq!((c.state.status, c.state.devices), (Aggregate::Busy, 2));
@@ -68,16 +78,16 @@ fn invisible_hides_and_ranking_is_online_busy_away() {
 fn text_follows_the_deciding_session_and_same_state_is_no_change() {
     let mut r = Registry::new();
     let u = uid("u");
-    r.connect(&u, 1, Status::Online, info(&[]), 1);
+    r.connect(&u, sid(1), Status::Online, info(&[]), 1);
     let c = r
-        .set_status("u", 1, Status::Online, Some("lunch".into()), 2)
+        .set_status("u", sid(1), Status::Online, Some("lunch".into()), 2)
         .unwrap()
         .unwrap();
     assert_eq!(c.state.text.as_deref(), Some("lunch"));
-    let again = r.set_status("u", 1, Status::Online, Some("lunch".into()), 3);
+    let again = r.set_status("u", sid(1), Status::Online, Some("lunch".into()), 3);
     assert_eq!(again, Ok(None), "no seq for a no-op");
     assert_eq!(
-        r.set_status("u", 9, Status::Away, None, 4),
+        r.set_status("u", sid(9), Status::Away, None, 4),
         Err(RegistryError::UnknownSession)
     );
 }
@@ -90,7 +100,7 @@ fn watchers_are_reported_and_counted() {
     assert_eq!((snap.seq, snap.status, snap.ts), (0, Aggregate::Offline, 7));
     r.watch(&u, 3, 7);
     r.watch(&u, 1, 7);
-    let c = r.connect(&u, 1, Status::Online, info(&[]), 8).unwrap();
+    let c = r.connect(&u, sid(1), Status::Online, info(&[]), 8).unwrap();
     assert_eq!(c.watchers, vec![3, 1]);
     assert!(r.unwatch("u", 3));
     assert!(r.unwatch("u", 3));
@@ -112,13 +122,15 @@ fn group_membership_follows_visible_sessions() {
     let mut r = Registry::new();
     let u = uid("u");
     let c = r
-        .connect(&u, 1, Status::Online, info(&["a", "b"]), 1)
+        .connect(&u, sid(1), Status::Online, info(&["a", "b"]), 1)
         .unwrap();
     assert_eq!(c.groups, vec![("a".into(), true), ("b".into(), true)]);
-    let c = r.connect(&u, 2, Status::Online, info(&["c"]), 2).unwrap();
+    let c = r
+        .connect(&u, sid(2), Status::Online, info(&["c"]), 2)
+        .unwrap();
     assert_eq!(c.groups.len(), 3);
     let c = r
-        .set_status("u", 1, Status::Invisible, None, 3)
+        .set_status("u", sid(1), Status::Invisible, None, 3)
         .unwrap()
         .unwrap();
     let mut g = c.groups.clone();
@@ -242,7 +254,7 @@ proptest! {
                 Op::Connect { user, status, groups } => {
                     next_id += 1;
                     model.sessions.push((user, next_id, status, None, step as u64, groups));
-                    let c = reg.connect(&users[user as usize], next_id, status, info(&group_set(groups)), now);
+                    let c = reg.connect(&users[user as usize], sid(next_id), status, info(&group_set(groups)), now);
                     (user, c)
                 }
                 Op::Disconnect { user, nth } => {
@@ -250,7 +262,7 @@ proptest! {
                     if ids.is_empty() { continue; }
                     let id = ids[nth as usize % ids.len()];
                     model.sessions.retain(|s| s.1 != id);
-                    (user, reg.disconnect(&users[user as usize], id, now))
+                    (user, reg.disconnect(&users[user as usize], sid(id), now))
                 }
                 Op::SetStatus { user, nth, status, text } => {
                     let ids: Vec<u64> = model.sessions.iter().filter(|s| s.0 == user).map(|s| s.1).collect();
@@ -261,7 +273,7 @@ proptest! {
                     s.3 = text;
                     s.4 = step as u64;
                     let text = text.map(|t| Arc::<str>::from(format!("t{t}")));
-                    (user, reg.set_status(&users[user as usize], id, status, text, now).unwrap())
+                    (user, reg.set_status(&users[user as usize], sid(id), status, text, now).unwrap())
                 }
                 Op::Watch { user, shard } => {
                     model.watches.push((user, shard));
@@ -328,32 +340,32 @@ proptest! {
 fn rebuild_recounts_and_republishes() {
     let mut reg = Registry::new();
     let a = uid("a");
-    reg.connect(&a, 1, Status::Online, info(&[]), 1);
-    reg.connect(&a, 2, Status::Away, info(&[]), 1);
+    reg.connect(&a, sid(1), Status::Online, info(&[]), 1);
+    reg.connect(&a, sid(2), Status::Away, info(&[]), 1);
     reg.watch(&a, 3, 1);
     let seq = reg.snapshot(&a, 2).seq;
     // Session 2 is gone (its close was cut short): the rebuild drops it, counts again and
     // publishes a new seq to the watchers.
     let c = reg
-        .rebuild("a", 2, 5)
+        .rebuild("a", sid(2), 5)
         .expect("always a change for a known user");
     assert_eq!(c.state.seq, seq + 1);
     assert_eq!(c.state.devices, 1);
     assert_eq!(c.watchers, vec![3]);
     assert_eq!(reg.session_count(), 1);
     assert_eq!(reg.online_users(), 1);
-    let c = reg.rebuild("a", 1, 6).unwrap();
+    let c = reg.rebuild("a", sid(1), 6).unwrap();
     assert_eq!(c.state.status, Aggregate::Offline);
     assert_eq!(c.state.last_seen, Some(6));
     assert_eq!((reg.session_count(), reg.online_users()), (0, 0));
-    assert!(reg.rebuild("nobody", 9, 7).is_none());
+    assert!(reg.rebuild("nobody", sid(9), 7).is_none());
 }
 
 #[test]
 fn online_scan_resumes_after_any_id() {
     let mut reg = Registry::new();
     for (i, u) in ["d", "b", "a", "c"].iter().enumerate() {
-        reg.connect(&uid(u), i as u64 + 1, Status::Online, info(&[]), 1);
+        reg.connect(&uid(u), sid(i as u64 + 1), Status::Online, info(&[]), 1);
     }
     let after = |a: Option<&str>| -> Vec<String> {
         reg.online_after(a, 1).map(|v| v.user.to_string()).collect()

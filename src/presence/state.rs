@@ -1,17 +1,137 @@
 //! Value types of the presence model: statuses, the aggregate a subscriber sees, and ids.
 
+use std::borrow::Borrow;
+use std::fmt;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-/// A user id (`sub`). `Arc` because the same id travels in mesh messages between shards and sits
-/// in several maps; cloning it is one atomic increment, never a copy of the string.
-pub type UserId = Arc<str>;
-/// A group id, from the token's `groups` claim.
-pub type GroupId = Arc<str>;
-/// One session (= one connection) of a user. Unique within the server process: the owner shard
-/// index is in the top 16 bits, a per-shard counter in the rest.
-pub type SessionId = u64;
+/// A string id that travels between shards and sits in several maps: an `Arc<str>`, so cloning
+/// it is one atomic increment, never a copy of the string. Distinct types for users and groups,
+/// so one cannot be passed for the other; both read as `&str` and are looked up by `&str`
+/// (`Borrow<str>` hashes and orders exactly as `str` does).
+macro_rules! string_id {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(Arc<str>);
+
+        impl std::ops::Deref for $name {
+            type Target = str;
+            fn deref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl From<&str> for $name {
+            fn from(s: &str) -> Self {
+                $name(Arc::from(s))
+            }
+        }
+
+        impl From<String> for $name {
+            fn from(s: String) -> Self {
+                $name(Arc::from(s))
+            }
+        }
+
+        impl From<&String> for $name {
+            fn from(s: &String) -> Self {
+                $name(Arc::from(s.as_str()))
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Debug::fmt(&*self.0, f)
+            }
+        }
+
+        impl PartialEq<str> for $name {
+            fn eq(&self, other: &str) -> bool {
+                &*self.0 == other
+            }
+        }
+    };
+}
+
+string_id!(
+    /// A user id (`sub`).
+    UserId
+);
+string_id!(
+    /// A group id, from the token's `groups` claim.
+    GroupId
+);
+
+/// One session (= one connection) of a user. Unique within the server process: the shard that
+/// serves it is in the top 16 bits ([`SessionId::shard`]), a per-shard counter in the rest.
+/// Clients see it as lowercase hex (`welcome.session`, the admin API).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct SessionId(u64);
+
+impl SessionId {
+    /// Bits below the shard index.
+    const COUNTER_BITS: u32 = 48;
+
+    /// The `n`th session id of `shard` (`n` wraps within 48 bits).
+    pub fn new(shard: u16, n: u64) -> SessionId {
+        SessionId((u64::from(shard) << Self::COUNTER_BITS) | (n & ((1 << Self::COUNTER_BITS) - 1)))
+    }
+
+    /// The shard that serves this session.
+    pub fn shard(self) -> u16 {
+        (self.0 >> Self::COUNTER_BITS) as u16
+    }
+
+    /// The id as a number (storage, hashing into slots).
+    pub fn get(self) -> u64 {
+        self.0
+    }
+
+    pub fn from_raw(raw: u64) -> SessionId {
+        SessionId(raw)
+    }
+
+    /// Parses the hex form clients see; digits only (no sign, no prefix).
+    pub fn parse_hex(s: &str) -> Option<SessionId> {
+        if s.is_empty() || s.len() > 16 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        u64::from_str_radix(s, 16).ok().map(SessionId)
+    }
+}
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:x}", self.0)
+    }
+}
+
+impl fmt::Debug for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:x}", self.0)
+    }
+}
 
 /// The status a single session sets for itself (`set_status`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -140,5 +260,36 @@ impl PresenceState {
             ts: self.ts,
             seq: self.seq,
         }
+    }
+}
+
+#[cfg(test)]
+mod id_tests {
+    use super::*;
+
+    #[test]
+    fn session_ids_name_their_shard_and_read_as_hex() {
+        let id = SessionId::new(3, 7);
+        assert_eq!(id.shard(), 3);
+        assert_eq!(id.to_string(), "3000000000007");
+        assert_eq!(SessionId::parse_hex("3000000000007"), Some(id));
+        for bad in ["", "+1", "0x1", "g", "11112222333344445"] {
+            assert_eq!(SessionId::parse_hex(bad), None, "{bad:?}");
+        }
+        assert_eq!(
+            SessionId::new(1, 1 << 48).shard(),
+            1,
+            "the counter never reaches the shard"
+        );
+    }
+
+    #[test]
+    fn string_ids_look_up_and_serialise_as_strings() {
+        let mut m: hashbrown::HashMap<UserId, u8> = hashbrown::HashMap::new();
+        m.insert(UserId::from("alice"), 1);
+        assert_eq!(m.get("alice"), Some(&1));
+        assert_eq!(serde_json::to_string(&UserId::from("a")).unwrap(), "\"a\"");
+        let g: GroupId = serde_json::from_str("\"team\"").unwrap();
+        assert_eq!(&*g, "team");
     }
 }

@@ -128,7 +128,7 @@ impl Shard {
                     // above, closed sessions at the top); if that invariant breaks, say so to
                     // the client rather than take the shard down.
                     Err(e) => {
-                        tracing::error!(session = %format_args!("{:x}", session.id), error = %e,
+                        tracing::error!(session = %session.id, error = %e,
                             "set_status for a session the registry does not know");
                         session.reply_error(id, ErrorCode::BadRequest, "session not registered");
                     }

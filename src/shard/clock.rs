@@ -76,7 +76,7 @@ fn beat(shard: &Shard, now: u64, slot: u64, slots: u64) {
         .sessions
         .borrow()
         .iter()
-        .filter(|(id, s)| **id % slots == slot && !s.closing())
+        .filter(|(id, s)| id.get() % slots == slot && !s.closing())
         .map(|(_, s)| s.clone())
         .collect();
     for s in due {

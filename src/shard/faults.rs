@@ -3,11 +3,10 @@
 //! machine, and panics at chosen points.
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::Arc;
 
 use super::{now_ms, Shard};
 use crate::metrics::ShardMetrics;
-use crate::presence::{DeviceType, SessionInfo, Status, UserId};
+use crate::presence::{DeviceType, SessionId, SessionInfo, Status, UserId};
 
 /// `set_status` with this text arms a panic in the middle of the fan-out of the change it
 /// causes: after the first watching shard was sent the update, before the others.
@@ -26,14 +25,14 @@ impl Shard {
             device_type: DeviceType::Other,
             region: None,
             groups: self.no_groups.clone(),
-            roles: self.no_groups.clone(),
+            roles: self.no_roles.clone(),
             ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             connected_at_ms: now,
         };
         let mut registry = self.registry.borrow_mut();
         for i in 0..n {
-            let user: UserId = Arc::from(format!("{prefix}{i}"));
-            let id = (u64::from(self.ix) << 48) | (1 << 47) | i as u64;
+            let user = UserId::from(format!("{prefix}{i}"));
+            let id = SessionId::new(self.ix, (1 << 47) | i as u64);
             registry.connect(&user, id, Status::Online, info.clone(), now);
         }
         ShardMetrics::set(&self.metrics.online_users, registry.online_users() as u64);

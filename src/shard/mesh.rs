@@ -432,7 +432,7 @@ mod tests {
         let watch = MeshMsg::Watch {
             user: "a".into(),
             from: 0,
-            session: 1,
+            session: SessionId::from_raw(1),
             gen: NonZeroU64::MIN,
         };
         assert_eq!(watch.class(), Class::State);
@@ -467,7 +467,7 @@ mod tests {
                     mesh.send(
                         0,
                         MeshMsg::Snapshot {
-                            session: seq,
+                            session: SessionId::from_raw(seq),
                             gen: NonZeroU64::MIN,
                             state: state("a", seq),
                         },

@@ -63,11 +63,6 @@ pub fn owner_of(id: &str, shards: usize) -> ShardIx {
     (xxhash_rust::xxh3::xxh3_64(id.as_bytes()) % shards as u64) as ShardIx
 }
 
-/// The shard that serves a session: its index is in the top 16 bits of the id.
-pub fn shard_of_session(id: SessionId) -> ShardIx {
-    (id >> 48) as ShardIx
-}
-
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -104,8 +99,9 @@ pub struct Shard {
     expiries: RefCell<BTreeSet<(u64, SessionId)>>,
     /// Set once shutdown starts: no new sessions.
     stopping: Cell<bool>,
-    /// The empty `groups`/`roles` slice every session without them shares.
-    no_groups: Arc<[Arc<str>]>,
+    /// The empty `groups` and `roles` slices every session without them shares.
+    no_groups: Arc<[GroupId]>,
+    no_roles: Arc<[Arc<str>]>,
     /// Fan-out latency of deliveries made here, and handshake latency of sessions opened here.
     latency: RefCell<Latency>,
     handshake_latency: RefCell<Latency>,
@@ -146,6 +142,7 @@ impl Shard {
             expiries: RefCell::new(BTreeSet::new()),
             stopping: Cell::new(false),
             no_groups: Arc::from([]),
+            no_roles: Arc::from([]),
             latency: RefCell::new(Latency::default()),
             handshake_latency: RefCell::new(Latency::default()),
             taps: RefCell::new(Vec::new()),
@@ -293,12 +290,12 @@ impl Shard {
 
     // --- Internals. ---
 
-    /// A new session id: shard index in the top 16 bits, so ids are unique per process and
-    /// name the shard that serves them ([`shard_of_session`]).
+    /// A new session id: unique per process, and naming the shard that serves it
+    /// ([`SessionId::shard`]).
     fn next_session_id(&self) -> SessionId {
         let n = self.next_session.get() + 1;
         self.next_session.set(n);
-        (u64::from(self.ix) << 48) | (n & ((1 << 48) - 1))
+        SessionId::new(self.ix, n)
     }
 
     fn send(&self, to: ShardIx, msg: MeshMsg) {

@@ -104,8 +104,8 @@ pub struct Session {
     close: Cell<Option<CloseRequest>>,
     /// Set once `close_session` ran.
     pub(super) closed: Cell<bool>,
-    pub(super) watching: RefCell<SubSet<SubState>>,
-    pub(super) watching_groups: RefCell<SubSet<SubState>>,
+    pub(super) watching: RefCell<SubSet<UserId, SubState>>,
+    pub(super) watching_groups: RefCell<SubSet<GroupId, SubState>>,
     /// Token expiry (seconds since epoch); moved by `refresh`.
     pub(super) expires_at: Cell<u64>,
     /// The session's own status (for `activity` from invisible sessions).
@@ -280,11 +280,11 @@ impl Drop for Session {
 }
 
 /// The claim's ids as a shared slice; the common empty case reuses one per-shard allocation.
-fn shared_or_new(ids: &[String], empty: &Arc<[Arc<str>]>) -> Arc<[Arc<str>]> {
+fn shared_or_new<T: for<'a> From<&'a str>>(ids: &[String], empty: &Arc<[T]>) -> Arc<[T]> {
     if ids.is_empty() {
         empty.clone()
     } else {
-        ids.iter().map(|g| Arc::from(g.as_str())).collect()
+        ids.iter().map(|g| T::from(g.as_str())).collect()
     }
 }
 
@@ -331,7 +331,7 @@ impl Shard {
             trim_due: Cell::new(false),
             metrics: self.metrics.clone(),
         });
-        let hex = format!("{id:x}");
+        let hex = id.to_string();
         session.push_reply(events::welcome(
             &hex,
             &a.user,
@@ -360,7 +360,7 @@ impl Shard {
             device_type: a.device_type,
             region: a.region,
             groups: shared_or_new(&a.groups, &self.no_groups),
-            roles: shared_or_new(&a.roles, &self.no_groups),
+            roles: shared_or_new(&a.roles, &self.no_roles),
             ip: a.ip,
             connected_at_ms: now,
         };
@@ -428,7 +428,7 @@ impl Shard {
         if let Some(admin) = &session.observer {
             super::remove_sub(&mut self.observers.borrow_mut(), &session.user, id);
             tracing::info!(target: "presenced::audit", admin = %admin, user = %session.user,
-                session = %format_args!("{id:x}"), "impersonation ended");
+                session = %id, "impersonation ended");
             return;
         }
         let now = now_ms();
@@ -450,7 +450,7 @@ impl Shard {
         if let Some(change) = change {
             self.publish(change);
         }
-        tracing::debug!(session = %format_args!("{id:x}"), user = %session.user, "session closed");
+        tracing::debug!(session = %id, user = %session.user, "session closed");
     }
 
     /// After a panic while applying one of `session`'s ops. The op may have stopped half-way
@@ -465,17 +465,18 @@ impl Shard {
     /// What it costs is documented in docs/ARCHITECTURE.md ("What a panic costs").
     pub(super) fn repair_after_panic(&self, session: &Session) {
         ShardMetrics::inc(&self.metrics.conn_panics);
-        tracing::error!(session = %format_args!("{:x}", session.id), user = %session.user,
+        tracing::error!(session = %session.id, user = %session.user,
             "panic while applying an op: closing the session and rebuilding the state it touched");
         session.request_close(CloseRequest::now(1011, "internal error"));
         self.close_session(session);
         let id = session.id;
-        for subs in [&self.user_subs, &self.group_subs, &self.observers] {
-            subs.borrow_mut().retain(|_, list| {
-                list.retain(|s| *s != id);
-                !list.is_empty()
-            });
-        }
+        let forget = |list: &mut Vec<SessionId>| {
+            list.retain(|s| *s != id);
+            !list.is_empty()
+        };
+        self.user_subs.borrow_mut().retain(|_, l| forget(l));
+        self.group_subs.borrow_mut().retain(|_, l| forget(l));
+        self.observers.borrow_mut().retain(|_, l| forget(l));
         self.expiries.borrow_mut().retain(|(_, s)| *s != id);
         let change = self
             .registry

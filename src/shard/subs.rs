@@ -5,15 +5,15 @@
 //! connection holds at most `limits.max_subscriptions` (1000 by default), so binary search and
 //! the occasional shift are cheap.
 
-use std::sync::Arc;
+use std::borrow::Borrow;
 
-/// Sorted by id; ids unique.
+/// Sorted by id; ids unique. `K` is the id type (a user or a group id), read as `&str`.
 #[derive(Debug)]
-pub struct SubSet<V> {
-    entries: Vec<(Arc<str>, V)>,
+pub struct SubSet<K, V> {
+    entries: Vec<(K, V)>,
 }
 
-impl<V> Default for SubSet<V> {
+impl<K, V> Default for SubSet<K, V> {
     fn default() -> Self {
         SubSet {
             entries: Vec::new(),
@@ -21,9 +21,9 @@ impl<V> Default for SubSet<V> {
     }
 }
 
-impl<V> SubSet<V> {
+impl<K: Borrow<str>, V> SubSet<K, V> {
     fn find(&self, id: &str) -> Result<usize, usize> {
-        self.entries.binary_search_by(|(k, _)| (**k).cmp(id))
+        self.entries.binary_search_by(|(k, _)| k.borrow().cmp(id))
     }
 
     pub fn contains_key(&self, id: &str) -> bool {
@@ -31,8 +31,8 @@ impl<V> SubSet<V> {
     }
 
     /// Inserts or replaces.
-    pub fn insert(&mut self, id: Arc<str>, value: V) {
-        match self.find(&id) {
+    pub fn insert(&mut self, id: K, value: V) {
+        match self.find(id.borrow()) {
             Ok(i) => self.entries[i].1 = value,
             Err(i) => self.entries.insert(i, (id, value)),
         }
@@ -52,7 +52,7 @@ impl<V> SubSet<V> {
         Some(&mut self.entries[i].1)
     }
 
-    pub fn keys(&self) -> impl Iterator<Item = &Arc<str>> {
+    pub fn keys(&self) -> impl Iterator<Item = &K> {
         self.entries.iter().map(|(k, _)| k)
     }
 
@@ -79,17 +79,17 @@ mod tests {
         /// Behaves like a map: same answers as a BTreeMap under any sequence of operations.
         #[test]
         fn matches_a_map(ops in proptest::collection::vec((0..3u8, 0..20u8, 0..100u32), 0..200)) {
-            let mut ours: SubSet<u32> = SubSet::default();
+            let mut ours: SubSet<String, u32> = SubSet::default();
             let mut model = std::collections::BTreeMap::new();
             for (op, key, val) in ops {
                 let k = format!("k{key}");
                 match op {
-                    0 => { ours.insert(k.as_str().into(), val); model.insert(k, val); }
+                    0 => { ours.insert(k.clone(), val); model.insert(k, val); }
                     1 => prop_assert_eq!(ours.remove(&k), model.remove(&k)),
                     _ => prop_assert_eq!(ours.get_mut(&k).copied(), model.get(&k).copied()),
                 }
                 prop_assert_eq!(ours.len(), model.len());
-                prop_assert!(ours.keys().map(|k| &**k).eq(model.keys().map(String::as_str)));
+                prop_assert!(ours.keys().eq(model.keys()));
             }
         }
     }

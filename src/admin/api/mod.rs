@@ -22,8 +22,9 @@ use super::query::{self, merge_online, session_hex, GroupQuery, Kicked, OnlineRo
 use crate::auth::Identity;
 use crate::metrics::ShardMetrics;
 use crate::presence::watchers::ShardIx;
+use crate::presence::SessionId;
 use crate::presence::UserId;
-use crate::shard::{now_ms, shard_of_session, Shard};
+use crate::shard::{now_ms, Shard};
 pub use auth::authenticate;
 use params::{page_args, params, parse_online, segment};
 pub use query::encode_cursor;
@@ -160,13 +161,13 @@ async fn api(
         }
         ["sessions", id, "kick"] => {
             need(method == Method::Post, "POST")?;
-            let Some(session) = segment(id).and_then(|s| params::hex(&s)) else {
+            let Some(session) = segment(id).and_then(|s| SessionId::parse_hex(&s)) else {
                 return Err(Response::error(
                     400,
                     "a session id is the hex `session` of welcome",
                 ));
             };
-            let owner = shard_of_session(session);
+            let owner = session.shard();
             if usize::from(owner) >= shard.shards() {
                 return Err(Response::error(404, "unknown session"));
             }

@@ -13,14 +13,6 @@ pub fn number(s: &str) -> Option<u64> {
     s.parse().ok()
 }
 
-/// A hexadecimal number (a session id) written with hex digits only.
-pub fn hex(s: &str) -> Option<u64> {
-    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    u64::from_str_radix(s, 16).ok()
-}
-
 /// Query parameters, each allowed at most once and only from `allowed`.
 pub fn params(query: &str, allowed: &[&str]) -> Result<Vec<(String, String)>, Response> {
     let mut out: Vec<(String, String)> = Vec::new();

@@ -10,7 +10,7 @@ use ::scylla::{DeserializeRow, SerializeRow};
 use super::super::event::{day_of, hour_of, EventKind, HistoryEvent, Sample};
 use super::super::schema::SESSION_BUCKETS;
 use super::super::store::StoreError;
-use crate::presence::{Aggregate, DeviceType};
+use crate::presence::{Aggregate, DeviceType, GroupId, SessionId};
 
 /// CQL `timestamp` of a time in ms (clamped: CQL timestamps are signed).
 pub fn ts(ms: u64) -> CqlTimestamp {
@@ -64,7 +64,7 @@ impl<'a> EventRow<'a> {
             ts: ts(e.ts),
             n: n as i64,
             kind: e.kind.as_str(),
-            session: e.session as i64,
+            session: e.session.get() as i64,
             started_at: opt((e.started_at != 0).then(|| ts(e.started_at))),
             device: opt(e.device.as_deref()),
             device_type: opt(e.device_type.map(DeviceType::as_str)),
@@ -223,7 +223,7 @@ impl EventOut {
         };
         let arc = |s: String| -> Arc<str> { s.into() };
         let mut e = HistoryEvent::new(ms(self.ts), self.user_id.into(), kind);
-        e.session = self.session.unwrap_or(0) as u64;
+        e.session = SessionId::from_raw(self.session.unwrap_or(0) as u64);
         e.started_at = self.started_at.map_or(0, ms);
         e.device = self.device.map(arc);
         e.device_type = device_type;
@@ -232,7 +232,7 @@ impl EventOut {
             .groups
             .unwrap_or_default()
             .into_iter()
-            .map(arc)
+            .map(GroupId::from)
             .collect();
         e.status = status;
         e.text = self.status_text.map(arc);
@@ -252,7 +252,7 @@ pub struct SampleOut {
 
 impl SampleOut {
     pub fn into_sample(self) -> Sample {
-        let mut groups: Vec<(Arc<str>, u64)> = self
+        let mut groups: Vec<(GroupId, u64)> = self
             .groups
             .unwrap_or_default()
             .into_iter()
