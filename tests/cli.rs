@@ -17,13 +17,24 @@ use serde_json::json;
 
 const BIN: &str = env!("CARGO_BIN_EXE_presenced");
 
-struct Running(Child);
+/// A running `serve` child and its own history store: killed, then the store removed.
+struct Running(
+    Child,
+    #[allow(dead_code)] /* held for its Drop */ tempfile::TempDir,
+);
 
 impl Drop for Running {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Starts `cmd` (from [`serve_cmd`]) with a history store of its own.
+fn spawn_serve(cmd: &mut Command) -> Running {
+    let data = tempfile::tempdir().unwrap();
+    let child = cmd.arg("--data-dir").arg(data.path()).spawn().unwrap();
+    Running(child, data)
 }
 
 /// `presenced serve` on 127.0.0.1:`port` with two unpinned shards.
@@ -41,23 +52,17 @@ fn serve_cmd(port: u16) -> Command {
         "--admin-listen",
         "127.0.0.1:0",
     ]);
-    // Each server its own history store (removed at exit: the OS temp dir).
-    let data =
-        std::env::temp_dir().join(format!("presenced-cli-data-{}-{port}", std::process::id()));
-    cmd.arg("--data-dir").arg(data);
     cmd
 }
 
 #[test]
 fn serve_with_no_config_prints_a_working_quickstart() {
     let port = common::free_port();
-    let mut child = Running(
+    let mut child = spawn_serve(
         serve_cmd(port)
             .env_remove("PRESENCED_JWT_SECRET")
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+            .stderr(Stdio::null()),
     );
     let stdout = BufReader::new(child.0.stdout.take().unwrap());
     let (mut secret, mut url, mut dashboard) = (None, None, None);
@@ -141,13 +146,11 @@ fn serve_with_no_config_prints_a_working_quickstart() {
 fn sigterm_closes_sessions_with_1001_and_exits_zero() {
     let port = common::free_port();
     let secret = "a-secret-for-the-sigterm-test";
-    let mut child = Running(
+    let mut child = spawn_serve(
         serve_cmd(port)
             .args(["--jwt-secret", secret])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+            .stderr(Stdio::null()),
     );
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let token = presenced::auth::mint_hs256(
@@ -456,14 +459,12 @@ fn stdout_and_err(out: &std::process::Output) -> String {
 #[test]
 fn logs_written_to_a_pipe_carry_no_colour_codes() {
     let port = common::free_port();
-    let mut child = Running(
+    let mut child = spawn_serve(
         serve_cmd(port)
             .args(["--jwt-secret", "a-secret-for-the-log-test"])
             .env_remove("NO_COLOR")
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
+            .stderr(Stdio::piped()),
     );
     let stdout = BufReader::new(child.0.stdout.take().unwrap());
     // serve's first log line (main.rs logs the open-file limit before anything else).
