@@ -128,8 +128,12 @@ pub struct Limits {
     /// before a 4008 (rate-limit abuse) close frame.
     pub close_flush_ms: u64,
     /// Upgrade requests one shard reads and authenticates at once (accepted sockets that have
-    /// not finished their handshake); past it, new sockets get 503 at once.
+    /// not finished their handshake). While all are taken, new sockets wait in the kernel's
+    /// listen backlog; one that would wait longer than `handshake_wait_ms` gets 503.
     pub max_handshakes_in_flight: usize,
+    /// How long the accept loop waits for a free handshake slot before it accepts the next
+    /// socket anyway and answers it 503.
+    pub handshake_wait_ms: u64,
     /// IPv6 clients are rate-limited per prefix of this many bits (a client usually holds a
     /// whole /64); 128 limits per address.
     pub ipv6_prefix_len: u8,
@@ -299,8 +303,12 @@ pub struct AdminConfig {
     /// taken, a new connection closes the longest-idle one (waiting between requests or for a
     /// first byte); only when every one is busy does it get 503.
     pub max_connections: usize,
-    /// Admin connections one client IP may hold per shard; more are refused with 429.
+    /// Admin connections one client (an IPv4 address, an IPv6 prefix of
+    /// `limits.ipv6_prefix_len` bits) may hold per shard; more are refused with 429.
     pub max_connections_per_ip: usize,
+    /// Reserved slots per shard where, when every pooled connection is busy, `/healthz`,
+    /// `/readyz` and `/metrics` are still answered (one request each).
+    pub probe_connections: usize,
     /// Users an admin scan (`/api/online`) visits before letting the shard serve its
     /// connections again: a scan of a million users never holds an event loop for long.
     pub scan_chunk: usize,
@@ -328,6 +336,7 @@ impl Default for AdminConfig {
             idle_timeout_ms: 60_000,
             max_connections: 256,
             max_connections_per_ip: 64,
+            probe_connections: 8,
             scan_chunk: 4_096,
             query_timeout_ms: 2_000,
             push_interval_ms: 1_000,
@@ -382,6 +391,7 @@ impl Default for Limits {
             subscriptions_per_second: 500,
             close_flush_ms: 1_000,
             max_handshakes_in_flight: 1_024,
+            handshake_wait_ms: 1_000,
             ipv6_prefix_len: 64,
         }
     }
@@ -417,21 +427,23 @@ pub const RANGES: &[(&str, u64, u64)] = &[
     ("limits.max_tracked_ips", 1, 100_000_000),
     ("limits.ops_per_second", 0, 1_000_000),
     ("limits.max_connections_per_shard", 1, 100_000_000),
-    ("limits.max_pending_replies", 1, 1_000_000),
+    ("limits.max_pending_replies", 16, 1_000_000),
     ("limits.max_pending_events", 1, 10_000_000),
     ("limits.coalesce_after_bytes", 1_024, 1 << 30),
     ("limits.subscriptions_per_second", 0, 10_000_000),
     ("limits.close_flush_ms", 0, 60_000),
     ("limits.max_handshakes_in_flight", 1, 1_000_000),
+    ("limits.handshake_wait_ms", 0, 60_000),
     ("limits.ipv6_prefix_len", 16, 128),
     ("mesh.inbox_capacity", 16, 16 << 20),
-    ("mesh.overflow_max_bytes", 64 << 10, 64 << 30),
-    ("admin.max_request_bytes", 1_024, 16 << 20),
+    ("mesh.overflow_max_bytes", 1 << 20, 64 << 30),
+    ("admin.max_request_bytes", 4_096, 16 << 20),
     ("admin.request_timeout_ms", 100, 600_000),
     ("admin.header_timeout_ms", 100, 600_000),
     ("admin.idle_timeout_ms", 100, 86_400_000),
     ("admin.max_connections", 1, 1_000_000),
     ("admin.max_connections_per_ip", 1, 1_000_000),
+    ("admin.probe_connections", 1, 1_024),
     ("admin.scan_chunk", 16, 10_000_000),
     ("admin.query_timeout_ms", 10, 600_000),
     ("admin.push_interval_ms", 100, 600_000),
@@ -555,6 +567,15 @@ impl Config {
             return bad(
                 "limits.max_message_bytes",
                 "must not exceed limits.max_frame_bytes",
+            );
+        }
+        // The rate-limit policy answers up to 2 × ops_per_second ops of a burst (acks, then
+        // `rate_limited` errors) before its 4008: they must fit in the replies lane, or the
+        // client is closed for "replies not read" first.
+        if l.ops_per_second > 0 && l.max_pending_replies <= 2 * l.ops_per_second as usize {
+            return bad(
+                "limits.max_pending_replies",
+                "must exceed 2 × limits.ops_per_second (the replies of a rate-limited burst)",
             );
         }
         if self.tls.cert.is_some() != self.tls.key.is_some() {

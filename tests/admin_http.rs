@@ -8,12 +8,13 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::*;
+use serde_json::json;
 
 #[test]
 fn the_http_server_keeps_alive_and_enforces_its_limits() {
     let s = TestServer::with(1, |c| {
         c.admin.request_timeout_ms = 300;
-        c.admin.max_request_bytes = 2048;
+        c.admin.max_request_bytes = 4096;
     });
     // Two requests on one connection.
     let mut conn = TcpStream::connect(s.admin).unwrap();
@@ -41,7 +42,7 @@ fn the_http_server_keeps_alive_and_enforces_its_limits() {
     assert_eq!(code, 400, "{body}");
     let huge = format!(
         "GET /healthz HTTP/1.1\r\nX-Pad: {}\r\n\r\n",
-        "a".repeat(4096)
+        "a".repeat(8192)
     );
     let (code, body) = raw_request(s.admin, &huge);
     assert_eq!(code, 413, "{body}");
@@ -114,22 +115,57 @@ fn clients_that_stop_reading_cannot_hold_the_admin_port() {
             c
         })
         .collect();
-    // Give the server a moment to read their requests: until then they are idle connections
-    // (nothing read yet), which a newcomer may evict.
-    std::thread::sleep(Duration::from_millis(300));
-    let (code, body) = s.admin_request("GET", "/healthz", None);
-    assert_eq!(code, 503, "the three stuck clients hold every slot: {body}");
-    // Within a few write timeouts the server has given up on them and answers others again.
+    // However far the server got with them, a probe is answered: by evicting a stuck one not
+    // yet read (idle), or in a reserved probe slot.
+    assert_eq!(s.admin_request("GET", "/healthz", None).0, 200);
+    // Within a few write timeouts the server has given up on them and serves everything again.
+    let token = s.admin_token();
     eventually("the admin port serving again", || {
-        (s.admin_request("GET", "/healthz", None).0 == 200).then_some(())
+        (s.admin_request("GET", "/api/stats", Some(&token)).0 == 200).then_some(())
     });
     drop(stuck);
+}
+
+/// When every pooled admin connection is busy (here: two live `/ws/admin` feeds in a pool of
+/// two), a newcomer gets a reserved probe slot: `/healthz`, `/readyz` and `/metrics` are still
+/// answered, anything else gets 503; once a feed goes, the API answers again.
+#[test]
+fn probes_are_answered_when_every_admin_connection_is_busy() {
+    let s = TestServer::with(1, |c| c.admin.max_connections = 2);
+    let token = s.admin_token();
+    let feeds: Vec<_> = (0..2)
+        .map(|_| {
+            let stream = TcpStream::connect(s.admin).unwrap();
+            stream.set_read_timeout(Some(WAIT)).unwrap();
+            let url = format!("ws://{}/ws/admin", s.admin);
+            let mut ws = tungstenite::client::client(url, stream).expect("upgrade").0;
+            let auth = json!({"op":"auth","token":token}).to_string();
+            ws.send(tungstenite::Message::text(auth)).unwrap();
+            // The hello: this feed is live (busy) from here on.
+            assert!(matches!(ws.read().unwrap(), tungstenite::Message::Text(_)));
+            ws
+        })
+        .collect();
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let (code, _) = raw_request(
+            s.admin,
+            &format!("GET {path} HTTP/1.1\r\nConnection: close\r\n\r\n"),
+        );
+        assert_eq!(code, 200, "{path} in a probe slot");
+    }
+    let (code, body) = s.admin_request("GET", "/api/stats", Some(&token));
+    assert_eq!(code, 503, "{body}");
+    assert!(s.handle().metrics_total().admin_refused >= 1);
+    drop(feeds);
+    eventually("the pool free again", || {
+        (s.admin_request("GET", "/api/stats", Some(&token)).0 == 200).then_some(())
+    });
 }
 
 /// Item 14: idle sockets cannot lock the admin port. A full pool evicts its longest-idle
 /// connection for a newcomer, so `/healthz` and `/metrics` answer while 50 silent sockets are
 /// open against a pool of 8 (before, every probe got 503 until the sockets' 60 s idle timeout);
-/// one IP holds at most `admin.max_connections_per_ip` (429 past it); a socket that sends
+/// one client holds at most `admin.max_connections_per_ip` (429 past it); a socket that sends
 /// nothing is closed after `admin.header_timeout_ms`.
 #[test]
 fn idle_sockets_cannot_lock_the_admin_port() {

@@ -14,7 +14,7 @@ use serde_json::json;
 
 #[test]
 fn resubscribing_yields_the_current_state() {
-    let server = TestServer::with(2, |c| c.limits.ops_per_second = 1000);
+    let server = TestServer::with(2, |c| c.limits.ops_per_second = 0);
     let mut w = server.connect("resub-watcher");
     let mut target = server.connect_token(&server.token_in_groups("resub-target", &["rg"]));
     for round in 0..20 {

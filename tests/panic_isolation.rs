@@ -76,3 +76,24 @@ fn a_panic_half_way_through_a_fan_out_is_repaired() {
         v["user"] == user.as_str() && v["status"] == "busy"
     });
 }
+
+/// A panic while a session is being opened (after the shard knows it, before its user is
+/// registered) is repaired too: the upgrade gets 503 and no session is left behind to count
+/// against the user's device limit or to stay online for good.
+#[test]
+fn a_panic_while_opening_a_session_leaves_nothing_behind() {
+    let s = TestServer::with(2, |c| {
+        c.limits.max_sessions_per_user = 1;
+        c.limits.session_policy = presenced::config::SessionPolicy::RejectNew;
+    });
+    let token = s.token_with("ghost", |t| t.device = Some("__panic_in_open".into()));
+    let (code, _) = s.status_for(&token);
+    assert_eq!(code, 503);
+    assert_eq!(s.handle().metrics_total().conn_panics, 1);
+    assert_eq!(s.handle().metrics_total().connections, 0);
+    let (code, body) = s.admin_request("GET", "/api/users/ghost", Some(&s.admin_token()));
+    assert_eq!(code, 404, "no session, no entry left: {body}");
+    // The device limit (1) is free: a normal session opens.
+    let c = s.connect("ghost");
+    assert_eq!(c.welcome["user"], "ghost");
+}

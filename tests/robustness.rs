@@ -70,10 +70,14 @@ fn a_refused_session_applies_nothing() {
 }
 
 /// Item 3: at most `limits.max_handshakes_in_flight` upgrade requests are read at once per
-/// shard; a socket beyond them gets 503 at once, and the slots come back when those finish.
+/// shard. A socket beyond them waits in the listen backlog and is served when a slot frees; one
+/// that would wait past `limits.handshake_wait_ms` gets 503.
 #[test]
 fn handshakes_in_flight_are_capped() {
-    let s = TestServer::with(1, |c| c.limits.max_handshakes_in_flight = 2);
+    let s = TestServer::with(1, |c| {
+        c.limits.max_handshakes_in_flight = 2;
+        c.limits.handshake_wait_ms = 100;
+    });
     let silent: Vec<TcpStream> = (0..2)
         .map(|_| TcpStream::connect(s.addr).unwrap())
         .collect();
@@ -87,6 +91,24 @@ fn handshakes_in_flight_are_capped() {
     eventually("the slots freed", || {
         (raw_request(s.addr, &upgrade_request(&s.token("fourth"))).0 == 101).then_some(())
     });
+
+    // Backpressure first: with a long wait, a socket beyond the slots is held, then served.
+    let s = TestServer::with(1, |c| {
+        c.limits.max_handshakes_in_flight = 2;
+        c.limits.handshake_wait_ms = 10_000;
+    });
+    let mut silent: Vec<TcpStream> = (0..2)
+        .map(|_| TcpStream::connect(s.addr).unwrap())
+        .collect();
+    let (addr, token) = (s.addr, s.token("patient"));
+    let third = std::thread::spawn(move || raw_request(addr, &upgrade_request(&token)).0);
+    std::thread::sleep(Duration::from_millis(200));
+    silent.pop();
+    assert_eq!(
+        third.join().unwrap(),
+        101,
+        "served once a slot freed, not refused"
+    );
 }
 
 /// Item 18: a burst of 150 ops against a limit of 50/s gets 50 answers, 50 `rate_limited`
@@ -151,4 +173,46 @@ fn a_client_that_keeps_up_sees_every_seq() {
         0,
         "nothing merged for a reader that keeps up"
     );
+}
+
+/// The close that follows a flush is sent even while events keep coming for the closing
+/// session: a closing session takes no new events, so what was queued drains and the 4008
+/// goes out. (The mechanism is unit-tested in `shard::apply` tests,
+/// `a_closing_session_takes_no_new_events`; this is the same over a socket.)
+#[test]
+fn a_flushing_close_is_sent_while_a_watched_user_keeps_changing() {
+    let s = TestServer::with(1, |c| {
+        c.limits.ops_per_second = 50;
+        c.limits.close_flush_ms = 2_000;
+    });
+    let mut c = s.connect("burster2");
+    c.subscribe(&["chatty"]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flapper = {
+        let (stop, mut chatty) = (stop.clone(), s.connect("chatty"));
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let status = ["away", "busy"][n as usize % 2];
+                chatty.send(json!({"op":"set_status","status":status,"text":format!("n{n}")}));
+                n += 1;
+                std::thread::sleep(Duration::from_millis(25)); // 40/s: inside its own limit
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    let burst: Vec<u8> = (0..150)
+        .flat_map(|i| masked_text(&json!({"op":"ping","id":i}).to_string()))
+        .collect();
+    c.ws.get_mut().write_all(&burst).unwrap();
+    let code = loop {
+        match c.ws.read() {
+            Ok(tungstenite::Message::Close(Some(f))) => break u16::from(f.code),
+            Ok(_) => {}
+            Err(e) => panic!("no close frame: {e}"),
+        }
+    };
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flapper.join().unwrap();
+    assert_eq!(code, 4008);
 }

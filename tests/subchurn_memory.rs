@@ -24,9 +24,9 @@ const CLIENTS: usize = 12;
 const IDS: usize = 1_000;
 const STORM: Duration = Duration::from_secs(4);
 /// What the server may keep after the storm beyond where it started, once every client is gone:
-/// the allocator's fragmentation (a storm that peaks ~100 MiB above the start settles ~15 MiB
+/// the allocator's fragmentation (a storm that peaks ~100 MiB above the start settles 15 to 30 MiB
 /// above it).
-const RSS_SLACK_KB: u64 = 24 * 1024;
+const RSS_SLACK_KB: u64 = 32 * 1024;
 /// How far the storm must push RSS up for the test to mean something.
 const STORM_MIN_KB: u64 = 48 * 1024;
 
@@ -60,7 +60,7 @@ fn ids() -> Vec<String> {
     (0..IDS).map(|i| format!("id{i}")).collect()
 }
 
-/// Subscribes to every id, retrying refusals, and returns how many snapshots arrived.
+/// Subscribes to every id, retrying refusals, and returns how many distinct ids got a snapshot.
 fn subscribe_all(c: &mut Client, ids: &[String]) -> usize {
     loop {
         let reply = c.request(json!({"op":"subscribe","users":ids}));
@@ -72,14 +72,15 @@ fn subscribe_all(c: &mut Client, ids: &[String]) -> usize {
             _ => panic!("unexpected reply {reply}"),
         }
     }
-    let mut snapshots = 0;
-    while snapshots < ids.len() {
+    let mut snapshots = std::collections::HashSet::new();
+    while snapshots.len() < ids.len() {
         let v = c.recv();
         if v["type"] == "presence" {
-            snapshots += 1;
+            snapshots.insert(v["user"].as_str().unwrap().to_owned());
         }
     }
-    snapshots
+    assert!(snapshots.iter().all(|u| ids.contains(u)));
+    snapshots.len()
 }
 
 #[test]
@@ -186,7 +187,7 @@ fn a_subscription_storm_loses_no_state_and_memory_comes_back() {
 
     // Memory comes back down once the storm has drained.
     let peak = peak.load(Ordering::Relaxed);
-    let settle = Instant::now() + Duration::from_secs(15);
+    let settle = Instant::now() + Duration::from_secs(30);
     let mut now = rss_kb(pid);
     while now > before + RSS_SLACK_KB && Instant::now() < settle {
         std::thread::sleep(Duration::from_millis(200));

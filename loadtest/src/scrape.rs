@@ -1,6 +1,8 @@
-//! Reads the server's coalescing counter from its admin port (`--admin-url`), so `--verify` can
-//! tell a seq gap the server explains (it merged queued events for a slow consumer) from a lost
-//! event.
+//! Reads the server's merge counters from its admin port (`--admin-url`), so `--verify` can
+//! tell a seq gap the server explains from a lost event. The server merges a user's queued
+//! states in two places: a slow consumer's outbox (`presenced_coalesced_events_total`), and a
+//! congested mesh between shards (`presenced_mesh_coalesced_total`), which reaches even
+//! clients that keep up.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -124,10 +126,15 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-/// Sums every sample of the coalescing counter (one per shard) in a Prometheus text exposition;
-/// the current name wins when both are present. `None` when neither is there.
+/// The mesh's merge counter (a congested mesh merges queued updates of a user).
+pub const MESH_COALESCED: &str = "presenced_mesh_coalesced_total";
+
+/// Sums every sample of the coalescing counter (one per shard) in a Prometheus text exposition
+/// (the current name wins when both are present), plus the mesh's merges when the server has
+/// that counter. `None` when the outbox counter is not there under either name.
 pub fn coalesced_in(text: &str) -> Option<u64> {
-    COALESCED.iter().find_map(|name| sum_of(text, name))
+    let outbox = COALESCED.iter().find_map(|name| sum_of(text, name))?;
+    Some(outbox + sum_of(text, MESH_COALESCED).unwrap_or(0))
 }
 
 fn sum_of(text: &str, name: &str) -> Option<u64> {
@@ -173,6 +180,9 @@ mod tests {
         );
         assert_eq!(coalesced_in("presenced_deliveries_total 9\n"), None);
         assert_eq!(coalesced_in(""), None);
+        // A congested mesh's merges count too.
+        let mesh = format!("{new}presenced_mesh_coalesced_total{{shard=\"1\"}} 2\n");
+        assert_eq!(coalesced_in(&mesh), Some(9));
     }
 
     #[test]

@@ -170,7 +170,7 @@ fn subchurn_counts_refusals_and_retries_them() {
 fn subchurn_recovers_from_a_congested_mesh() {
     let server = server(|cfg| {
         cfg.mesh.inbox_capacity = 16;
-        cfg.mesh.overflow_max_bytes = 64 << 10;
+        cfg.mesh.overflow_max_bytes = 1 << 20;
         // No id budget: the storm reaches the mesh, which must shed it without losing state.
         cfg.limits.subscriptions_per_second = 0;
     });

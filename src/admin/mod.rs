@@ -54,6 +54,8 @@ pub struct AdminLocal {
     pub series: RefCell<Series>,
     /// This shard's admin connections (the pool).
     pub pool: RefCell<server::Pool>,
+    /// Connections in the reserved probe slots (`admin.probe_connections`).
+    pub probes: std::cell::Cell<usize>,
     /// History's queue, counters and questions.
     pub history: Sink,
 }
@@ -80,6 +82,7 @@ pub fn install(
         changes: RefCell::new(ChangeLog::new(cfg.change_log)),
         series: RefCell::new(Series::default()),
         pool: RefCell::new(server::Pool::default()),
+        probes: std::cell::Cell::new(0),
         history,
     });
     shard.insert_local(local.clone());

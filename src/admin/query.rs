@@ -171,6 +171,9 @@ pub struct OnlinePage {
     pub rows: Vec<OnlineRow>,
     pub total: u64,
     pub more: bool,
+    /// The last id this page covered (its rows may have left since): where the next page
+    /// starts when no row is left to name it.
+    pub last_kept: Option<UserId>,
 }
 
 fn online_row(v: &UserView<'_>, shard: ShardIx) -> OnlineRow {
@@ -260,16 +263,20 @@ impl OnlineScan {
         let mut ids = self.best.into_sorted_vec();
         let more = ids.len() > self.q.limit;
         ids.truncate(self.q.limit);
+        let last_kept = ids.last().cloned();
+        // Users kept may have changed while the scan yielded: list them only if they still
+        // match (the cursor still moves past them: `last_kept`).
         let rows = ids
             .iter()
             .filter_map(|id| registry.view(id, now))
-            .filter(|v| v.status != Aggregate::Offline)
+            .filter(|v| v.status != Aggregate::Offline && self.q.filter.matches(v))
             .map(|v| online_row(&v, shard))
             .collect();
         OnlinePage {
             rows,
             total: self.total,
             more,
+            last_kept,
         }
     }
 }
@@ -283,13 +290,20 @@ pub fn online_page(registry: &Registry, q: &OnlineQuery, shard: ShardIx, now: u6
 
 /// A shard's page of `/api/online`, `admin.scan_chunk` users at a time, letting the shard's
 /// other tasks and I/O run between chunks.
+/// A scan still running when the asker's deadline (`admin.query_timeout_ms`) has passed stops:
+/// nobody waits for its answer any more.
 pub async fn online_page_chunked(shard: Rc<Shard>, q: OnlineQuery) -> OnlinePage {
     let chunk = shard.cfg().admin.scan_chunk;
+    let until = std::time::Instant::now()
+        + std::time::Duration::from_millis(shard.cfg().admin.query_timeout_ms);
     let mut scan = OnlineScan::new(q);
     loop {
         let now = crate::shard::now_ms();
         if scan.step(&shard.registry(), chunk, now) {
             break;
+        }
+        if std::time::Instant::now() > until {
+            return OnlinePage::default();
         }
         ShardMetrics::inc(&shard.metrics().admin_scan_yields);
         crate::shard::invoke::yield_to_io().await;
@@ -304,6 +318,13 @@ pub async fn online_page_chunked(shard: Rc<Shard>, q: OnlineQuery) -> OnlinePage
 pub fn merge_online(pages: Vec<OnlinePage>, limit: usize) -> (Vec<OnlineRow>, u64, Option<UserId>) {
     let total = pages.iter().map(|p| p.total).sum();
     let mut more = pages.iter().any(|p| p.more);
+    // Where a page with no row left (all went offline meanwhile) still moves the cursor to: the
+    // smallest last id a shard with more covered, so no shard's next users are skipped.
+    let fallback = pages
+        .iter()
+        .filter(|p| p.more)
+        .filter_map(|p| p.last_kept.clone())
+        .min();
     let mut rows: Vec<OnlineRow> = pages.into_iter().flat_map(|p| p.rows).collect();
     rows.sort_unstable_by(|a, b| a.user.cmp(&b.user));
     if rows.len() > limit {
@@ -311,7 +332,7 @@ pub fn merge_online(pages: Vec<OnlinePage>, limit: usize) -> (Vec<OnlineRow>, u6
         more = true;
     }
     let next = if more {
-        rows.last().map(|r| r.user.clone())
+        rows.last().map(|r| r.user.clone()).or(fallback)
     } else {
         None
     };

@@ -129,11 +129,13 @@ fn merge_takes_the_smallest_ids_and_sets_the_cursor() {
         rows: vec![row("a"), row("d")],
         total: 5,
         more: true,
+        last_kept: Some("d".into()),
     };
     let b = OnlinePage {
         rows: vec![row("b"), row("c")],
         total: 2,
         more: false,
+        last_kept: Some("c".into()),
     };
     let (rows, total, next) = merge_online(vec![a.clone(), b.clone()], 2);
     assert_eq!(
@@ -148,8 +150,17 @@ fn merge_takes_the_smallest_ids_and_sets_the_cursor() {
         rows: vec![row("z")],
         total: 1,
         more: false,
+        last_kept: Some("z".into()),
     };
     assert_eq!(merge_online(vec![last, OnlinePage::default()], 5).2, None);
+    // Every row of a page with more left meanwhile: the cursor still moves on.
+    let emptied = OnlinePage {
+        rows: vec![],
+        total: 3,
+        more: true,
+        last_kept: Some("m".into()),
+    };
+    assert_eq!(merge_online(vec![emptied], 2).2.as_deref(), Some("m"));
 }
 
 /// What happens between two pages of a walk.

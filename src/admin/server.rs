@@ -5,10 +5,14 @@
 //! take: a probe that finds it full would restart a healthy server. So
 //! - a new connection has `admin.header_timeout_ms` to send its first byte, and a keep-alive
 //!   connection `admin.idle_timeout_ms` between requests;
-//! - one client IP holds at most `admin.max_connections_per_ip` (more get 429);
+//! - one client (an IPv4 address, an IPv6 /64) holds at most `admin.max_connections_per_ip`
+//!   (more get 429);
 //! - when the pool is full, a new connection closes the connection that has been idle longest
-//!   (waiting for a first byte or between requests: closing it loses nothing); only when every
-//!   connection is busy with a request does the new one get 503.
+//!   (waiting for a first byte or between requests: closing it loses nothing);
+//! - when every pooled connection is busy with a request, a newcomer still gets one of
+//!   `admin.probe_connections` reserved slots, where `/healthz`, `/readyz` and `/metrics` are
+//!   answered (one request, then close) and anything else gets 503. Only when those are taken
+//!   too does a newcomer get 503 at accept.
 
 use std::net::IpAddr;
 use std::rc::Rc;
@@ -133,14 +137,23 @@ pub async fn accept_loop(
         };
         let cfg = &shard.cfg().admin;
         let m = shard.metrics().clone();
+        let client =
+            crate::edge::ratelimit::limit_key(peer.ip(), shard.cfg().limits.ipv6_prefix_len);
         let admitted = local.pool.borrow_mut().admit(
-            peer.ip(),
+            client,
             cfg.max_connections,
             cfg.max_connections_per_ip,
             &m,
         );
-        let (id, evicted) = match admitted {
-            Ok(a) => a,
+        let conn = match admitted {
+            Ok((id, evicted)) => Conn {
+                pooled: Some((Open::new(shard.clone(), id), Rc::new(evicted))),
+                _probe: None,
+            },
+            Err(Full::Busy) if local.probes.get() < cfg.probe_connections => Conn {
+                pooled: None,
+                _probe: Some(Probe::new(local.clone())),
+            },
             Err(full) => {
                 ShardMetrics::inc(&m.admin_refused);
                 let resp = match full {
@@ -156,11 +169,6 @@ pub async fn accept_loop(
                 .detach();
                 continue;
             }
-        };
-        let open = Open::new(shard.clone(), id);
-        let conn = Conn {
-            open,
-            evicted: Rc::new(evicted),
         };
         let serving = start(shard.clone(), stream, tls.clone(), conn);
         glommio::spawn_local(crate::net::guarded(m, serving)).detach();
@@ -197,10 +205,35 @@ impl Drop for Open {
     }
 }
 
-/// A pooled connection: its place, and the notice that it was evicted.
+/// An admin connection: pooled (its place, and the notice that it was evicted), or in a
+/// reserved probe slot (one request, health and metrics only).
 struct Conn {
-    open: Open,
-    evicted: Rc<LocalReceiver<()>>,
+    pooled: Option<(Open, Rc<LocalReceiver<()>>)>,
+    _probe: Option<Probe>,
+}
+
+impl Conn {
+    fn set_idle(&self, idle: bool) {
+        if let Some((open, _)) = &self.pooled {
+            open.set_idle(idle);
+        }
+    }
+}
+
+/// Holds one of the reserved probe slots for as long as the connection lives.
+struct Probe(Rc<AdminLocal>);
+
+impl Probe {
+    fn new(local: Rc<AdminLocal>) -> Probe {
+        local.probes.set(local.probes.get() + 1);
+        Probe(local)
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        self.0.probes.set(self.0.probes.get() - 1);
+    }
 }
 
 /// Why reading a request stopped.
@@ -248,7 +281,7 @@ async fn read_request<S: AsyncRead + Unpin>(
     let cfg = &shard.cfg().admin;
     let request_timeout = Duration::from_millis(cfg.request_timeout_ms);
     let mut deadline = (!buf.is_empty()).then(|| Instant::now() + request_timeout);
-    conn.open.set_idle(deadline.is_none());
+    conn.set_idle(deadline.is_none());
     let mut chunk = [0u8; 4096];
     let mut head: Option<http::Request> = None;
     loop {
@@ -266,7 +299,7 @@ async fn read_request<S: AsyncRead + Unpin>(
             None if first => Duration::from_millis(cfg.header_timeout_ms),
             None => Duration::from_millis(cfg.idle_timeout_ms),
         };
-        let evicted = conn.evicted.clone();
+        let evicted = conn.pooled.as_ref().map(|(_, e)| e.clone());
         let read = futures_lite::future::or(
             async { Some(stream.read(&mut chunk).await) },
             futures_lite::future::or(
@@ -275,7 +308,12 @@ async fn read_request<S: AsyncRead + Unpin>(
                     None
                 },
                 async move {
-                    evicted.recv().await;
+                    match evicted {
+                        Some(e) => {
+                            e.recv().await;
+                        }
+                        None => futures_lite::future::pending::<()>().await,
+                    }
                     Some(Err(std::io::ErrorKind::ConnectionAborted.into()))
                 },
             ),
@@ -293,7 +331,7 @@ async fn read_request<S: AsyncRead + Unpin>(
                 buf.extend_from_slice(&chunk[..n]);
                 if deadline.is_none() {
                     deadline = Some(Instant::now() + request_timeout);
-                    conn.open.set_idle(false);
+                    conn.set_idle(false);
                 }
             }
         }
@@ -317,6 +355,27 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(shard: Rc<Shard>, mut stream: 
         };
         first = false;
         let end = req.head_len + req.content_length;
+        if conn.pooled.is_none() {
+            // A probe slot: health and metrics, once.
+            let resp = if matches!(req.path.as_str(), "/healthz" | "/readyz" | "/metrics") {
+                super::api::route(
+                    &shard,
+                    req.method,
+                    &req.path,
+                    &req.query,
+                    req.bearer.as_deref(),
+                )
+                .await
+            } else {
+                ShardMetrics::inc(&shard.metrics().admin_refused);
+                Response::error(503, "too many admin connections")
+            };
+            let _ = stream
+                .write_all(&http::encode(&resp, false, req.method == Method::Head))
+                .await;
+            let _ = stream.close().await;
+            return;
+        }
         if req.path == "/ws/admin" {
             match req.ws_key.clone() {
                 Some(key) => {

@@ -34,12 +34,26 @@ pub async fn accept_loop(
     secure: Option<Arc<ServerConfig>>,
     stop: Rc<glommio::channels::local_channel::LocalReceiver<()>>,
 ) {
-    while let Some(mut stream) = crate::net::next_connection(&listener, &stop).await {
+    let wait = Duration::from_millis(edge.shard.cfg().limits.handshake_wait_ms);
+    loop {
+        // Bounded work per shard: at most `max_handshakes_in_flight` upgrades are read at once
+        // (each holds buffers, a timer, maybe a TLS session). While they are all taken, the
+        // next sockets wait in the kernel's listen backlog, not here; only if no slot frees
+        // within `handshake_wait_ms` is one accepted and answered 503.
+        let permit = futures_lite::future::or(
+            async { edge.handshakes.acquire_static_permit(1).await.ok() },
+            async {
+                glommio::timer::sleep(wait).await;
+                None
+            },
+        )
+        .await;
+        let Some(mut stream) = crate::net::next_connection(&listener, &stop).await else {
+            return;
+        };
         let accepted = Instant::now();
         let metrics = edge.shard.metrics().clone();
-        // Bounded work per shard: a flood of sockets that never finish their upgrade cannot
-        // hold more than `max_handshakes_in_flight` handshakes (and their buffers and timers).
-        let Ok(permit) = edge.handshakes.try_acquire_static_permit(1) else {
+        let Some(permit) = permit else {
             ShardMetrics::inc(&metrics.handshakes_unavailable);
             glommio::spawn_local(async move {
                 let busy = http::error_response(503, "too many handshakes in progress");

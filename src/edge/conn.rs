@@ -113,6 +113,11 @@ pub fn start(shard: Rc<Shard>, mut setup: Setup) {
             return;
         }
     };
+    // From now on the session ends with this guard, whatever happens to what follows.
+    let guard = Guard {
+        shard: shard.clone(),
+        session,
+    };
     shard.record_handshake(setup.accepted);
     let limits = &shard.cfg().limits;
     let mut io = Io {
@@ -128,10 +133,10 @@ pub fn start(shard: Rc<Shard>, mut setup: Setup) {
     io.put(&http::switching_protocols(&setup.key));
     // Frames the client sent along with its upgrade request are handled before anything.
     io.decoder.feed(&setup.early);
-    decode_all(&shard, &session, &mut io.decoder);
+    decode_all(&shard, &guard.session, &mut io.decoder);
     let metrics = shard.metrics().clone();
     let live = Live {
-        guard: Guard { shard, session },
+        guard,
         io: Some(io),
     };
     glommio::spawn_local(crate::net::guarded(metrics, live)).detach();

@@ -27,8 +27,11 @@ pub struct IpLimiter {
     probes: u64,
 }
 
-/// The key an address is limited under: IPv4 as is, IPv6 cut to `prefix_len` bits.
+/// The key an address is limited under: IPv4 as is, IPv6 cut to `prefix_len` bits. An
+/// IPv4-mapped IPv6 address (an IPv4 client of a dual-stack `[::]` listener) is its IPv4
+/// address: cut to a /64 it would be `::`, one bucket for every IPv4 client there is.
 pub fn limit_key(ip: IpAddr, prefix_len: u8) -> IpAddr {
+    let ip = ip.to_canonical();
     match ip {
         IpAddr::V4(_) => ip,
         IpAddr::V6(v6) => {
@@ -59,11 +62,14 @@ impl IpLimiter {
 
     /// Whether a handshake from `ip` may proceed now.
     pub fn allow(&mut self, ip: IpAddr, now_ms: u64) -> bool {
+        self.allow_key(limit_key(ip, self.ipv6_prefix_len), now_ms)
+    }
+
+    fn allow_key(&mut self, key: IpAddr, now_ms: u64) -> bool {
         if self.rate == 0 {
             return true;
         }
         let (rate, burst) = (self.rate, self.rate);
-        let key = limit_key(ip, self.ipv6_prefix_len);
         if let Some(bucket) = self.buckets.to_back(&key) {
             return bucket.try_take(rate, burst, now_ms);
         }
@@ -136,6 +142,18 @@ mod tests {
         assert!(per_address.allow(b, 0), "prefix 128: per address");
         assert_eq!(limit_key(a, 48), "2001:db8:1::".parse::<IpAddr>().unwrap());
         assert_eq!(limit_key(v4(1), 64), v4(1));
+        // IPv4 clients of a dual-stack listener arrive IPv4-mapped: each keeps its own bucket.
+        let mapped = |n: u8| IpAddr::V6(Ipv4Addr::new(203, 0, 113, n).to_ipv6_mapped());
+        assert_eq!(
+            limit_key(mapped(7), 64),
+            IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7))
+        );
+        let mut dual = IpLimiter::new(1, 100, 64);
+        assert!(dual.allow(mapped(1), 0));
+        assert!(
+            dual.allow(mapped(2), 0),
+            "another IPv4 client is not the same /64"
+        );
     }
 
     #[test]

@@ -199,7 +199,8 @@ impl Shard {
             session.reply_error(id, ErrorCode::Overloaded, msg);
             return false;
         }
-        let granted = session.budget.borrow_mut().subscribe(
+        let granted = self.subscriptions.borrow_mut().take(
+            &session.user,
             limits.subscriptions_per_second,
             self.subscription_burst(),
             u32::try_from(n).unwrap_or(u32::MAX),

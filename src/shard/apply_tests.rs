@@ -359,3 +359,30 @@ fn admission(user: &str) -> Admission {
         observer: None,
     }
 }
+
+#[test]
+fn a_closing_session_takes_no_new_events() {
+    // A flushing close (4008, shutdown) waits for the backlog to empty; events still arriving
+    // for a watched user must not keep it from ever emptying.
+    run(|| {
+        let core = Core::new(|_| {});
+        let w = core.open("w").unwrap();
+        let bob = core.open("bob").unwrap();
+        core.send(&w, json!({"op":"subscribe","users":["bob"]}));
+        drain(&w);
+        w.request_close(super::super::CloseRequest {
+            code: 4008,
+            reason: "rate limit abuse",
+            flush_ms: 1_000,
+        });
+        for status in ["away", "busy", "online", "away"] {
+            core.send(&bob, json!({"op":"set_status","status":status}));
+        }
+        assert_eq!(
+            w.backlog(),
+            0,
+            "nothing queued after the close was asked for"
+        );
+        assert!(core.metrics().outbox_dropped >= 4);
+    });
+}

@@ -1,12 +1,16 @@
-//! Token buckets for a session's budgets (pure: time is an argument).
+//! Token buckets for the budgets of sessions and users (pure: time is an argument).
 //!
-//! Integer arithmetic in milli-tokens, so refills are exact and nothing drifts. Two budgets
-//! guard every session:
-//! - ops: `limits.ops_per_second` frames with an equal burst (what the client sends);
-//! - subscription ids: `limits.subscriptions_per_second` with a burst of
-//!   `limits.max_subscriptions` (what a subscribe costs the server: one cross-shard `Watch`, and
-//!   a `Snapshot` back, per id). A client may fill its whole allowance at once, but it cannot
-//!   churn through ids faster than the rate however few frames it sends.
+//! Integer arithmetic in milli-tokens, so refills are exact and nothing drifts. Two budgets:
+//! - ops, per session: `limits.ops_per_second` frames with an equal burst (what the client
+//!   sends);
+//! - subscription ids, per *user* (all of a user's sessions live on its owner shard, so the
+//!   shard holds one bucket per user): `limits.subscriptions_per_second` with a burst of
+//!   `limits.max_subscriptions` (what a subscribe costs the server: one cross-shard `Watch`,
+//!   and a `Snapshot` back, per id). A client may fill its whole allowance at once, but it
+//!   cannot churn through ids faster than the rate however few frames it sends — and not by
+//!   reconnecting either, or by opening more sessions.
+
+use crate::presence::UserId;
 
 /// A bucket of `burst` tokens refilled at `rate` tokens per second.
 #[derive(Clone, Debug)]
@@ -28,7 +32,10 @@ impl TokenBucket {
         let elapsed = now_ms.saturating_sub(self.last_ms);
         self.last_ms = self.last_ms.max(now_ms);
         let cap = u64::from(burst) * 1000;
-        self.milli_tokens = (self.milli_tokens + elapsed.saturating_mul(u64::from(rate))).min(cap);
+        self.milli_tokens = self
+            .milli_tokens
+            .saturating_add(elapsed.saturating_mul(u64::from(rate)))
+            .min(cap);
     }
 
     /// Takes one token if there is one.
@@ -66,21 +73,18 @@ pub enum OpVerdict {
     Abuse,
 }
 
-/// A session's budgets (see the module docs). `ops_per_second` 0 disables the op limit;
-/// `subs_per_second` 0 disables the subscription budget.
+/// A session's op budget (see the module docs). `ops_per_second` 0 disables it.
 #[derive(Debug)]
 pub struct Budget {
     ops: TokenBucket,
     strikes: TokenBucket,
-    subs: TokenBucket,
 }
 
 impl Budget {
-    pub fn new(ops_per_second: u32, subs_burst: u32, now_ms: u64) -> Budget {
+    pub fn new(ops_per_second: u32, now_ms: u64) -> Budget {
         Budget {
             ops: TokenBucket::full(ops_per_second, now_ms),
             strikes: TokenBucket::full(ops_per_second, now_ms),
-            subs: TokenBucket::full(subs_burst, now_ms),
         }
     }
 
@@ -97,10 +101,57 @@ impl Budget {
             OpVerdict::Abuse
         }
     }
+}
 
-    /// `n` new subscription ids: all of them or none.
-    pub fn subscribe(&mut self, subs_per_second: u32, burst: u32, n: u32, now_ms: u64) -> bool {
-        subs_per_second == 0 || n == 0 || self.subs.try_take_n(subs_per_second, burst, n, now_ms)
+/// The subscription-id buckets of one shard's users, in least-recently-used order and at most
+/// `max` of them. A user's bucket outlives its sessions (a reconnect gets no fresh allowance);
+/// it is forgotten once it has refilled and the user has no session, or, past `max`, the least
+/// recently used one goes first.
+#[derive(Debug)]
+pub struct Subscriptions {
+    buckets: hashlink::LinkedHashMap<UserId, TokenBucket>,
+    max: usize,
+}
+
+impl Subscriptions {
+    pub fn new(max: usize) -> Subscriptions {
+        Subscriptions {
+            buckets: hashlink::LinkedHashMap::new(),
+            max,
+        }
+    }
+
+    /// `n` new subscription ids for `user`: all of them or none. `rate` 0 disables.
+    pub fn take(&mut self, user: &UserId, rate: u32, burst: u32, n: u32, now_ms: u64) -> bool {
+        if rate == 0 || n == 0 {
+            return true;
+        }
+        if let Some(bucket) = self.buckets.to_back(user) {
+            return bucket.try_take_n(rate, burst, n, now_ms);
+        }
+        if self.buckets.len() >= self.max {
+            self.buckets.pop_front();
+        }
+        let mut bucket = TokenBucket::full(burst, now_ms);
+        let ok = bucket.try_take_n(rate, burst, n, now_ms);
+        self.buckets.insert(user.clone(), bucket);
+        ok
+    }
+
+    /// The user's last session closed: forget its bucket if it has refilled (nothing to
+    /// remember); a churner's partly spent bucket stays.
+    pub fn release(&mut self, user: &str, rate: u32, burst: u32, now_ms: u64) {
+        if self
+            .buckets
+            .get_mut(user)
+            .is_some_and(|b| b.is_full(rate, burst, now_ms))
+        {
+            self.buckets.remove(user);
+        }
+    }
+
+    pub fn tracked(&self) -> usize {
+        self.buckets.len()
     }
 }
 
@@ -125,13 +176,13 @@ mod tests {
 
     #[test]
     fn ops_escalate_only_under_sustained_abuse() {
-        let mut l = Budget::new(10, 100, 0);
+        let mut l = Budget::new(10, 0);
         let verdicts: Vec<OpVerdict> = (0..25).map(|_| l.op(10, 0)).collect();
         assert!(verdicts[..10].iter().all(|v| *v == OpVerdict::Allow));
         assert!(verdicts[10..20].iter().all(|v| *v == OpVerdict::Limited));
         assert!(verdicts[20..].iter().all(|v| *v == OpVerdict::Abuse));
         // A client that slows down recovers.
-        let mut l = Budget::new(10, 100, 0);
+        let mut l = Budget::new(10, 0);
         for i in 0..100u64 {
             assert_eq!(
                 l.op(10, i * 100),
@@ -142,28 +193,43 @@ mod tests {
     }
 
     #[test]
-    fn subscriptions_are_budgeted_by_id_not_by_frame() {
+    fn subscriptions_are_budgeted_by_id_per_user() {
+        let u = UserId::from("u");
         // A full allowance at once, then no faster than the rate.
-        let mut b = Budget::new(50, 1000, 0);
-        assert!(b.subscribe(500, 1000, 1000, 0));
-        assert!(!b.subscribe(500, 1000, 1, 0), "allowance spent");
+        let mut s = Subscriptions::new(100);
+        assert!(s.take(&u, 500, 1000, 1000, 0));
+        assert!(!s.take(&u, 500, 1000, 1, 0), "allowance spent");
         assert!(
-            !b.subscribe(500, 1000, 1000, 1_000),
+            !s.take(&u, 500, 1000, 1000, 1_000),
             "500 ids back after 1 s, not 1000"
         );
-        assert!(b.subscribe(500, 1000, 500, 1_000));
+        assert!(s.take(&u, 500, 1000, 500, 1_000));
         // Cycling 1,000 ids at 45 frames/s (inside the op limit) runs out within a second.
-        let mut b = Budget::new(50, 1000, 0);
+        let mut s = Subscriptions::new(100);
         let granted = (0..45u64)
-            .filter(|i| b.subscribe(500, 1000, 1000, i * 22))
+            .filter(|i| s.take(&u, 500, 1000, 1000, i * 22))
             .count();
         assert_eq!(
             granted, 1,
             "one full subscribe, then refused until the budget refills"
         );
+        // A reconnect (the last session closed, a new one opened) gets no fresh allowance.
+        s.release("u", 500, 1000, 990);
         assert!(
-            Budget::new(50, 1000, 0).subscribe(0, 1000, 5000, 0),
+            !s.take(&u, 500, 1000, 1000, 990),
+            "a spent bucket outlives the session"
+        );
+        s.release("u", 500, 1000, 10_000);
+        assert_eq!(s.tracked(), 0, "a refilled one is forgotten");
+        assert!(
+            Subscriptions::new(1).take(&u, 0, 1000, 5000, 0),
             "0 disables"
         );
+        // Bounded: the least recently used user goes first.
+        let mut s = Subscriptions::new(2);
+        for name in ["a", "b", "c"] {
+            s.take(&UserId::from(name), 500, 1000, 1, 0);
+        }
+        assert_eq!(s.tracked(), 2);
     }
 }

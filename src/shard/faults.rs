@@ -13,6 +13,8 @@ use crate::presence::{DeviceType, SessionId, SessionInfo, Status, UserId};
 pub const PANIC_IN_PUBLISH: &str = "__panic_in_publish";
 /// `activity` with this kind panics while the op is applied.
 pub const PANIC_IN_OP: &str = "__panic";
+/// A session whose device id is this panics while it is being registered.
+pub const PANIC_IN_OPEN: &str = "__panic_in_open";
 
 impl Shard {
     /// Registers `n` synthetic online users (`{prefix}{i}`), each with one session that has no

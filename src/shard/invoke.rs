@@ -12,8 +12,9 @@
 //!
 //! A job that panics is contained: the panic is counted (`invoke_panics`), logged, and the
 //! asker gets no answer for that shard (as if it timed out). Jobs are driver code — read-only
-//! questions, kicks that only ask sessions to close, and socket hand-offs that open sessions
-//! through [`Shard::open_session`] — so a panic inside one cannot leave a half-applied change.
+//! questions, kicks that only ask sessions to close, and socket hand-offs whose only change to
+//! the shard goes through [`Shard::open_session`], which repairs a panic of its own — so a panic
+//! inside one cannot leave a half-applied change.
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;

@@ -302,15 +302,37 @@ impl Mesh {
         }
         let size = msg.approx_bytes();
         let mut q = self.overflow[ix].borrow_mut();
-        let pos = q.head + q.queue.len() as u64;
-        if let Class::Latest(key) = class {
-            if let Some(old) = q.latest.insert(key, pos) {
-                let at = (old - q.head) as usize;
-                if let Some((_, old_size)) = q.queue[at].take() {
-                    self.sub_bytes(old_size);
-                    ShardMetrics::inc(&self.metrics.mesh_coalesced);
+        let q = &mut *q;
+        match (&class, &msg) {
+            // A newer state of a key still queued takes the queued one's place: the key's
+            // position in the stream is kept, so a hot user cannot be pushed back for ever.
+            (Class::Latest(key), _) => {
+                if let Some(&at) = q.latest.get(key) {
+                    let slot = &mut q.queue[(at - q.head) as usize];
+                    if let Some((queued, old_size)) = slot.as_mut() {
+                        *queued = msg;
+                        let old_size = std::mem::replace(old_size, size);
+                        self.sub_bytes(old_size);
+                        self.add_bytes(size);
+                        ShardMetrics::inc(&self.metrics.mesh_coalesced);
+                        return;
+                    }
                 }
+                let pos = q.head + q.queue.len() as u64;
+                q.latest.insert(key.clone(), pos);
             }
+            // A snapshot is a barrier for its key's updates: one queued before it must not be
+            // replaced by a state that the snapshot's receiver would then take as older news
+            // (the update would be applied before the subscription it should follow is live).
+            // Later updates queue behind the snapshot instead.
+            (_, MeshMsg::Snapshot { state, .. }) => {
+                q.latest.remove(&LatestKey::User(state.user.clone()));
+            }
+            (_, MeshMsg::GroupSnapshot { group, .. }) => {
+                q.latest
+                    .retain(|k, _| !matches!(k, LatestKey::GroupEvent(g, _) if g == group));
+            }
+            _ => {}
         }
         ShardMetrics::inc(&self.metrics.mesh_overflowed);
         q.queue.push_back(Some((msg, size)));
@@ -464,14 +486,7 @@ mod tests {
                 mesh.send(0, update("x", 0)); // fills the inbox
                 for seq in 1..=50 {
                     mesh.send(0, update("a", seq));
-                    mesh.send(
-                        0,
-                        MeshMsg::Snapshot {
-                            session: SessionId::from_raw(seq),
-                            gen: NonZeroU64::MIN,
-                            state: state("a", seq),
-                        },
-                    );
+                    mesh.send(0, snapshot("b", seq));
                 }
                 assert!(mesh.congested(), "past 600 bytes of overflow");
                 mesh.send(
@@ -488,35 +503,33 @@ mod tests {
                 // The drain task may already hold the first queued update (in flight to the
                 // full inbox, no longer replaceable); every later one is replaced by the next.
                 assert!(m.mesh_coalesced >= 48, "{m:?}");
-                // Read everything: every snapshot arrives, in order, and updates of "a" only
-                // move later (never ahead of a snapshot queued after them), ending on the newest.
-                let mut got = Vec::new();
-                while !got.contains(&("update", 50)) || !got.contains(&("snapshot", 50)) {
-                    let msg = rx.recv_async().await.unwrap();
-                    if matches!(&msg, MeshMsg::Update { state, .. } if &*state.user == "x") {
-                        continue;
-                    }
-                    got.push((msg.kind(), seq_of(&msg)));
-                }
+                let got = receive(&rx, 2 + 50).await;
                 let snapshots: Vec<u64> = got
                     .iter()
                     .filter(|(k, _)| *k == "snapshot")
                     .map(|(_, s)| *s)
                     .collect();
-                assert_eq!(snapshots, (1..=50).collect::<Vec<_>>());
+                assert_eq!(
+                    snapshots,
+                    (1..=50).collect::<Vec<_>>(),
+                    "every snapshot, in order"
+                );
                 let updates: Vec<u64> = got
                     .iter()
                     .filter(|(k, _)| *k == "update")
                     .map(|(_, s)| *s)
                     .collect();
-                assert!(
-                    updates.len() <= 2 && updates.windows(2).all(|w| w[0] < w[1]),
-                    "{updates:?}"
+                assert_eq!(
+                    updates.last(),
+                    Some(&50),
+                    "converges to the newest: {updates:?}"
                 );
-                // Sent as update 50 then snapshot 50: that order holds.
-                assert_eq!(&got[got.len() - 2..], &[("update", 50), ("snapshot", 50)]);
+                assert!(updates.windows(2).all(|w| w[0] < w[1]), "{updates:?}");
+                // The newest state took the queued one's place, near the front: it did not
+                // wait behind 50 snapshots.
+                let at = got.iter().position(|m| *m == ("update", 50)).unwrap();
+                assert!(at <= 3, "the hot user kept its place: {got:?}");
                 while mesh.bytes.get() > 0 {
-                    glommio::yield_if_needed().await;
                     futures_lite::future::yield_now().await;
                 }
                 assert!(!mesh.congested(), "drained: no longer congested");
@@ -525,5 +538,54 @@ mod tests {
             .unwrap()
             .join()
             .unwrap();
+    }
+
+    #[test]
+    fn a_snapshot_is_a_barrier_for_its_users_updates() {
+        glommio::LocalExecutorBuilder::default()
+            .spawn(|| async {
+                let (tx, rx) = flume::bounded::<MeshMsg>(1);
+                let metrics: Arc<[Arc<ShardMetrics>]> = vec![Arc::<ShardMetrics>::default()].into();
+                let mesh = Mesh::new(
+                    0,
+                    vec![tx],
+                    1 << 20,
+                    metrics,
+                    Arc::new(PeerCounters::new(1)),
+                );
+                mesh.send(0, update("x", 0)); // fills the inbox
+                mesh.send(0, update("x", 1)); // queued first: the drain may take it in flight
+                mesh.send(0, update("a", 1));
+                mesh.send(0, snapshot("a", 1));
+                mesh.send(0, update("a", 2));
+                mesh.send(0, update("a", 3));
+                // Update 1 stays before the snapshot; 2 and 3 come after it, merged into 3.
+                let got = receive(&rx, 3).await;
+                assert_eq!(got, [("update", 1), ("snapshot", 1), ("update", 3)]);
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    fn snapshot(user: &str, seq: u64) -> MeshMsg {
+        MeshMsg::Snapshot {
+            session: SessionId::from_raw(seq),
+            gen: NonZeroU64::MIN,
+            state: state(user, seq),
+        }
+    }
+
+    /// The next `n` messages after the inbox-filling `x` updates, as (kind, seq).
+    async fn receive(rx: &flume::Receiver<MeshMsg>, n: usize) -> Vec<(&'static str, u64)> {
+        let mut got = Vec::new();
+        while got.len() < n {
+            let msg = rx.recv_async().await.unwrap();
+            if matches!(&msg, MeshMsg::Update { state, .. } if &*state.user == "x") {
+                continue;
+            }
+            got.push((msg.kind(), seq_of(&msg)));
+        }
+        got
     }
 }

@@ -94,6 +94,8 @@ pub struct Shard {
     /// Read-only impersonations (`/ws?as=`), per impersonated local user.
     observers: RefCell<HashMap<UserId, Vec<SessionId>>>,
     next_session: Cell<u64>,
+    /// Subscription-id budgets of the users owned here (one per user, across its sessions).
+    subscriptions: RefCell<budget::Subscriptions>,
     /// Token expiry of every local session, sorted: (exp seconds, session). The clock pops
     /// the front instead of keeping a timer per session.
     expiries: RefCell<BTreeSet<(u64, SessionId)>>,
@@ -123,6 +125,8 @@ impl Shard {
         mesh: Rc<Mesh>,
         shared: Arc<Shared>,
     ) -> Shard {
+        // One subscription budget per user with a session here, at most.
+        let max_users = cfg.limits.max_connections_per_shard;
         Shard {
             ix,
             cpu,
@@ -139,6 +143,7 @@ impl Shard {
             group_subs: RefCell::new(HashMap::new()),
             observers: RefCell::new(HashMap::new()),
             next_session: Cell::new(0),
+            subscriptions: RefCell::new(budget::Subscriptions::new(max_users)),
             expiries: RefCell::new(BTreeSet::new()),
             stopping: Cell::new(false),
             no_groups: Arc::from([]),
@@ -512,7 +517,7 @@ impl Shard {
             .or_default()
             .push(id);
         let frame = events::presence(state, None);
-        session.push_event(Key::Presence(state.user.clone(), None), frame);
+        session.push_snapshot(Key::Presence(state.user.clone(), None), frame);
     }
 
     fn on_group_snapshot(
@@ -535,7 +540,7 @@ impl Shard {
             .or_default()
             .push(id);
         let frame = events::group_snapshot(&group, members);
-        session.push_event(Key::GroupSnapshot(group), frame);
+        session.push_snapshot(Key::GroupSnapshot(group), frame);
     }
 
     /// The same bytes to every listed local session.

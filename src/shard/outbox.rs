@@ -100,6 +100,18 @@ impl Outbox {
     }
 
     pub fn push_event(&mut self, key: Key, frame: Bytes) -> Queued {
+        self.push(key, frame, true)
+    }
+
+    /// A subscription's snapshot: queued like an event, but never dropped — it is what makes
+    /// the subscribed state known, and a subscription left without one would stay unknown
+    /// until the user's next change (or for good, for a user who never changes). Still bounded:
+    /// one per subscription (`limits.max_subscriptions`) beyond `max_events`.
+    pub fn push_snapshot(&mut self, key: Key, frame: Bytes) -> Queued {
+        self.push(key, frame, false)
+    }
+
+    fn push(&mut self, key: Key, frame: Bytes, droppable: bool) -> Queued {
         if self.coalescing() {
             if let Some(&(pos, _)) = self.queued.get(&key) {
                 let slot = &mut self.events[(pos - self.head) as usize];
@@ -107,7 +119,7 @@ impl Outbox {
                 self.bytes = self.bytes - old + frame.len();
                 return Queued::Coalesced;
             }
-            if self.live >= self.max_events {
+            if droppable && self.live >= self.max_events {
                 return Queued::Dropped;
             }
         }

@@ -239,22 +239,15 @@ async fn run_inbox(shard: &Rc<Shard>, inbox: flume::Receiver<MeshMsg>) {
             if matches!(msg, MeshMsg::Shutdown) {
                 return;
             }
-            if shard.stopping.get() && matches!(msg, MeshMsg::Invoke(_)) {
-                ShardMetrics::inc(&shard.metrics.mesh_received);
-                // Stopping: no new sessions (a hand-off's socket closes when dropped), no
-                // questions answered (the asker's deadline covers it).
-            } else {
-                let kind = msg.kind();
-                let handled_ok =
-                    std::panic::catch_unwind(AssertUnwindSafe(|| shard.handle(msg, now)));
-                if handled_ok.is_err() {
-                    tracing::error!(
-                        shard = shard.ix,
-                        message = kind,
-                        "panic in a mesh handler: shard state may be half-updated; aborting"
-                    );
-                    std::process::abort();
-                }
+            let kind = msg.kind();
+            let handled_ok = std::panic::catch_unwind(AssertUnwindSafe(|| shard.handle(msg, now)));
+            if handled_ok.is_err() {
+                tracing::error!(
+                    shard = shard.ix,
+                    message = kind,
+                    "panic in a mesh handler: shard state may be half-updated; aborting"
+                );
+                std::process::abort();
             }
             handled += 1;
             if handled < INBOX_BATCH {

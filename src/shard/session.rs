@@ -15,6 +15,7 @@
 use std::cell::{Cell, RefCell};
 use std::net::IpAddr;
 use std::num::NonZeroU64;
+use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::Waker;
@@ -136,9 +137,28 @@ impl Session {
         self.observer.as_ref()
     }
 
-    /// Queues an event (coalescing by key when behind) and wakes the connection.
+    /// Queues an event (coalescing by key when behind) and wakes the connection. A session on
+    /// its way out takes no more events: what is queued is flushed, then the close goes.
     pub(super) fn push_event(&self, key: Key, frame: Bytes) {
-        match self.outbox.borrow_mut().push_event(key, frame) {
+        if self.closing() {
+            ShardMetrics::inc(&self.metrics.outbox_dropped);
+            return;
+        }
+        let queued = self.outbox.borrow_mut().push_event(key, frame);
+        self.count(queued);
+    }
+
+    /// Queues a subscription's snapshot: never dropped (see `Outbox::push_snapshot`).
+    pub(super) fn push_snapshot(&self, key: Key, frame: Bytes) {
+        if self.closing() {
+            return;
+        }
+        let queued = self.outbox.borrow_mut().push_snapshot(key, frame);
+        self.count(queued);
+    }
+
+    fn count(&self, queued: Queued) {
+        match queued {
             Queued::New => ShardMetrics::inc(&self.metrics.outbox_pending),
             Queued::Coalesced => ShardMetrics::inc(&self.metrics.coalesced),
             Queued::Dropped => ShardMetrics::inc(&self.metrics.outbox_dropped),
@@ -321,11 +341,7 @@ impl Shard {
             expires_at: Cell::new(a.expires_at),
             status: Cell::new(Status::Online),
             last_rx_ms: Cell::new(now),
-            budget: RefCell::new(Budget::new(
-                limits.ops_per_second,
-                self.subscription_burst(),
-                now,
-            )),
+            budget: RefCell::new(Budget::new(limits.ops_per_second, now)),
             gens: Cell::new(0),
             ping_due: Cell::new(false),
             trim_due: Cell::new(false),
@@ -343,7 +359,28 @@ impl Shard {
         self.sessions.borrow_mut().insert(id, session.clone());
         self.expiries.borrow_mut().insert((a.expires_at, id));
         ShardMetrics::inc(&self.metrics.connections);
+        // From here on the session is known to the shard: a panic while registering it is
+        // repaired like one in an op (the session closed, its user's entry rebuilt), never
+        // left half-registered.
+        let registered =
+            std::panic::catch_unwind(AssertUnwindSafe(|| self.register(&session, a, now)));
+        if registered.is_err() {
+            self.repair_after_panic(&session);
+            return Err(Refusal::Http(503, "internal error"));
+        }
         ShardMetrics::inc(&self.metrics.handshakes_ok);
+        Ok(session)
+    }
+
+    /// The second half of [`Shard::open_session`]: the observer list, or the registry (and the
+    /// taps, and the user's watchers).
+    fn register(&self, session: &Session, a: Admission, now: u64) {
+        let id = session.id;
+        #[cfg(feature = "fault-injection")]
+        assert!(
+            a.device.as_deref() != Some(super::faults::PANIC_IN_OPEN),
+            "fault injection: panic while opening a session"
+        );
         if let Some(admin) = &a.observer {
             self.observers
                 .borrow_mut()
@@ -352,8 +389,8 @@ impl Shard {
                 .push(id);
             ShardMetrics::inc(&self.metrics.impersonations);
             tracing::info!(target: "presenced::audit", admin = %admin, user = %a.user,
-                session = %hex, peer = %a.ip, "impersonation started");
-            return Ok(session);
+                session = %id, peer = %a.ip, "impersonation started");
+            return;
         }
         let info = SessionInfo {
             device: a.device,
@@ -377,8 +414,7 @@ impl Shard {
         if let Some(change) = change {
             self.publish(change);
         }
-        tracing::debug!(session = %hex, user = %a.user, peer = %a.ip, "session open");
-        Ok(session)
+        tracing::debug!(session = %id, user = %a.user, peer = %a.ip, "session open");
     }
 
     /// `max_sessions_per_user` for a new session of `user`: false to refuse it (reject_new);
@@ -387,18 +423,21 @@ impl Shard {
         let limits = &self.cfg.limits;
         let max = limits.max_sessions_per_user;
         let mut ids = self.registry.borrow().session_ids(user);
+        // Sessions already on their way out (evicted, kicked, expired) do not count.
+        let sessions = self.sessions.borrow();
+        ids.retain(|id| sessions.get(id).is_some_and(|s| !s.closing()));
         if max == 0 || ids.len() < max {
             return true;
         }
-        ShardMetrics::inc(&self.metrics.session_limit_closes);
         if limits.session_policy == SessionPolicy::RejectNew {
+            ShardMetrics::inc(&self.metrics.session_limit_closes);
             return false;
         }
         // Ids grow per shard and all of a user's sessions are on this shard: smallest = oldest.
         ids.sort_unstable();
-        let sessions = self.sessions.borrow();
         for id in &ids[..=ids.len() - max] {
             if let Some(s) = sessions.get(id) {
+                ShardMetrics::inc(&self.metrics.session_limit_closes);
                 s.request_close(CloseRequest::now(
                     4009,
                     "session evicted: too many sessions for this user",
@@ -432,16 +471,22 @@ impl Shard {
             return;
         }
         let now = now_ms();
-        {
-            let registry = self.registry.borrow();
-            if let Some(s) = registry.sessions(&session.user).iter().find(|s| s.id == id) {
-                self.tap(&Tap::SessionEnd {
-                    user: &session.user,
-                    session: id,
-                    info: &s.info,
-                    now,
-                });
-            }
+        // The session's facts, copied out (cheap: `Arc`s) so no registry borrow is held while
+        // the taps run.
+        let info = self
+            .registry
+            .borrow()
+            .sessions(&session.user)
+            .iter()
+            .find(|s| s.id == id)
+            .map(|s| s.info.clone());
+        if let Some(info) = info {
+            self.tap(&Tap::SessionEnd {
+                user: &session.user,
+                session: id,
+                info: &info,
+                now,
+            });
         }
         let change = self
             .registry
@@ -449,6 +494,15 @@ impl Shard {
             .disconnect(&session.user, id, now);
         if let Some(change) = change {
             self.publish(change);
+        }
+        if self.registry.borrow().sessions(&session.user).is_empty() {
+            let limits = &self.cfg.limits;
+            self.subscriptions.borrow_mut().release(
+                &session.user,
+                limits.subscriptions_per_second,
+                self.subscription_burst(),
+                now,
+            );
         }
         tracing::debug!(session = %id, user = %session.user, "session closed");
     }

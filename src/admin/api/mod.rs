@@ -205,8 +205,7 @@ async fn api(
                 return Err(Response::error(400, "bad group id"));
             };
             let p = params(query, &["limit", "cursor"])?;
-            let max = shard.cfg().admin.max_page.max(1000);
-            let (limit, after) = page_args(&p, 1000, max)?;
+            let (limit, after) = page_args(&p, 1000, shard.cfg().admin.max_page)?;
             let owner: ShardIx = shard.owner(&group);
             let q = GroupQuery {
                 group: group.as_str().into(),
