@@ -7,8 +7,8 @@
 //! message type here.
 //!
 //! Jobs may be synchronous ([`Shard::invoke_on`], [`Shard::map_reduce`]) or asynchronous
-//! ([`Shard::invoke_on_async`], [`Shard::map_reduce_async`]) when they walk large state in
-//! chunks and yield between them, so a scan never holds a shard's event loop for long.
+//! ([`Shard::map_reduce_async`]) when they walk large state in chunks and yield between them,
+//! so a scan never holds a shard's event loop for long.
 //!
 //! A job that panics is contained: the panic is counted (`invoke_panics`), logged, and the
 //! asker gets no answer for that shard (as if it timed out). Jobs are driver code — read-only
@@ -66,22 +66,6 @@ impl Shard {
         F: FnOnce(&Rc<Shard>) -> R + Send + 'static,
     {
         let (mut answers, _) = self.map_each(vec![(to, f)], deadline).await;
-        answers.pop().map(|(_, r)| r)
-    }
-
-    /// [`Shard::invoke_on`] with a job that runs as its own task on the target shard.
-    pub async fn invoke_on_async<R, F, Fut>(
-        &self,
-        to: ShardIx,
-        deadline: Duration,
-        f: F,
-    ) -> Option<R>
-    where
-        R: Send + 'static,
-        F: FnOnce(Rc<Shard>) -> Fut + Send + 'static,
-        Fut: Future<Output = R> + 'static,
-    {
-        let (mut answers, _) = self.map_each_async(vec![(to, f)], deadline).await;
         answers.pop().map(|(_, r)| r)
     }
 
