@@ -222,7 +222,8 @@ fn token(args: TokenArgs) -> Result<String, String> {
     let secret = cfg.jwt_secret.as_deref().expect("set above");
     let token = mint_hs256(secret, &spec);
     match verifier.verify(&token) {
-        Ok(claims) => presenced::edge::accept::check_sub(&cfg.limits, &claims.sub)
+        Ok(claims) => claims
+            .check_sub(cfg.limits.max_id_bytes)
             .map(|()| token)
             .map_err(|why| format!("--sub: the server would refuse it ({why})")),
         Err(AuthError::MissingClaim("sub")) => {

@@ -230,66 +230,86 @@ impl Latency {
     }
 }
 
-/// Upper bounds (seconds) of the Prometheus buckets latencies are exported in: fixed, so
-/// histograms from every shard and every node add up, and recent latency can be alerted on
-/// with `rate()` over the buckets.
-pub const LATENCY_BUCKETS_S: &[f64] = &[
-    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-    1.0, 2.5, 5.0, 10.0,
+/// Upper bounds (µs) of the Prometheus buckets latencies are exported in: fixed, so histograms
+/// from every shard and every node add up, and recent latency can be alerted on with `rate()`
+/// over the buckets. Exported in seconds (`le="0.00005"` … `le="10"`).
+pub const LATENCY_BUCKETS_US: [u64; 17] = [
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 2_500_000, 5_000_000, 10_000_000,
 ];
 
-/// Cumulative counts of `h` (µs) at each of [`LATENCY_BUCKETS_S`], for a Prometheus histogram
-/// (at the histogram's 1% resolution).
-pub fn cumulative_buckets(h: &hdrhistogram::Histogram<u64>) -> Vec<u64> {
-    LATENCY_BUCKETS_S
-        .iter()
-        .map(|le| {
-            let us = (le * 1e6).round() as u64;
-            if h.is_empty() {
-                0
-            } else {
-                h.count_between(0, us)
-            }
-        })
-        .collect()
+const BUCKETS: usize = LATENCY_BUCKETS_US.len();
+
+/// A latency distribution in the fixed [`LATENCY_BUCKETS_US`]: what a scrape exports, taken from
+/// an hdrhistogram (at its 1% resolution) or from [`AtomicBuckets`]. Adds up over shards.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Buckets {
+    /// Samples at or below each bound (cumulative); what is above the last is only in `count`.
+    pub cumulative: [u64; BUCKETS],
+    pub count: u64,
+    /// Sum of the samples, in seconds.
+    pub sum_s: f64,
+    /// The largest sample, µs.
+    pub max_us: u64,
 }
 
-/// A latency histogram with the fixed [`LATENCY_BUCKETS_S`] bounds, in atomics: for a thread
+impl Buckets {
+    pub fn of(h: &hdrhistogram::Histogram<u64>) -> Buckets {
+        let mut b = Buckets::default();
+        if h.is_empty() {
+            return b;
+        }
+        for (c, le) in b.cumulative.iter_mut().zip(LATENCY_BUCKETS_US) {
+            *c = h.count_between(0, le);
+        }
+        b.count = h.len();
+        b.sum_s = h.mean() * h.len() as f64 / 1e6;
+        b.max_us = h.max();
+        b
+    }
+
+    pub fn add(&mut self, other: &Buckets) {
+        for (c, o) in self.cumulative.iter_mut().zip(other.cumulative) {
+            *c += o;
+        }
+        self.count += other.count;
+        self.sum_s += other.sum_s;
+        self.max_us = self.max_us.max(other.max_us);
+    }
+}
+
+/// A latency histogram with the fixed [`LATENCY_BUCKETS_US`] bounds, in atomics: for a thread
 /// that is not a shard (the history writer) and whose figures the admin port reads from another
-/// thread. Lock-free: two `fetch_add`s per sample (its own bucket and the sum); the cumulative
-/// counts are summed at scrape time.
+/// thread. Lock-free: three atomic updates per sample (its own bucket, the sum, the maximum);
+/// the cumulative counts are summed at scrape time.
 #[derive(Debug, Default)]
 pub struct AtomicBuckets {
     /// Samples per bucket: `counts[i]` are those in `(bound[i-1], bound[i]]`; the last slot
     /// holds what is above every bound.
-    counts: [AtomicU64; LATENCY_BUCKETS_LEN + 1],
+    counts: [AtomicU64; BUCKETS + 1],
     sum_us: AtomicU64,
+    max_us: AtomicU64,
 }
-
-const LATENCY_BUCKETS_LEN: usize = 17;
-const _: () = assert!(LATENCY_BUCKETS_S.len() == LATENCY_BUCKETS_LEN);
 
 impl AtomicBuckets {
     pub fn record(&self, us: u64) {
-        let s = us as f64 / 1e6;
-        let i = LATENCY_BUCKETS_S.partition_point(|le| *le < s);
+        let i = LATENCY_BUCKETS_US.partition_point(|le| *le < us);
         self.counts[i].fetch_add(1, Relaxed);
         self.sum_us.fetch_add(us, Relaxed);
+        self.max_us.fetch_max(us, Relaxed);
     }
 
-    /// Cumulative counts at each bound (as [`cumulative_buckets`]), the total count, and the sum
-    /// in µs.
-    pub fn snapshot(&self) -> (Vec<u64>, u64, u64) {
+    pub fn snapshot(&self) -> Buckets {
+        let mut b = Buckets::default();
         let mut acc = 0;
-        let cumulative = self.counts[..LATENCY_BUCKETS_LEN]
-            .iter()
-            .map(|c| {
-                acc += c.load(Relaxed);
-                acc
-            })
-            .collect();
-        let total = acc + self.counts[LATENCY_BUCKETS_LEN].load(Relaxed);
-        (cumulative, total, self.sum_us.load(Relaxed))
+        for (c, n) in b.cumulative.iter_mut().zip(&self.counts) {
+            acc += n.load(Relaxed);
+            *c = acc;
+        }
+        b.count = acc + self.counts[BUCKETS].load(Relaxed);
+        b.sum_s = self.sum_us.load(Relaxed) as f64 / 1e6;
+        b.max_us = self.max_us.load(Relaxed);
+        b
     }
 }
 
@@ -302,9 +322,6 @@ pub struct Percentiles {
     pub p99: u64,
     pub p999: u64,
     pub max: u64,
-    /// Sum of all samples (µs), for Prometheus `_sum`; approximate at the histogram's resolution.
-    #[serde(skip)]
-    pub sum: f64,
 }
 
 impl Percentiles {
@@ -319,7 +336,6 @@ impl Percentiles {
             p99: h.value_at_quantile(0.99),
             p999: h.value_at_quantile(0.999),
             max: h.max(),
-            sum: h.mean() * h.len() as f64,
         }
     }
 }
@@ -359,8 +375,7 @@ mod tests {
         for us in [40, 90, 700, 3_000, 20_000_000] {
             h.record(us).unwrap();
         }
-        let b = cumulative_buckets(&h);
-        assert_eq!(b.len(), LATENCY_BUCKETS_S.len());
+        let b = Buckets::of(&h).cumulative;
         assert!(b.windows(2).all(|w| w[0] <= w[1]), "{b:?}");
         assert_eq!(b[0], 1, "40 µs <= 50 µs");
         assert_eq!(b[1], 2, "and 90 µs <= 100 µs");
@@ -369,8 +384,24 @@ mod tests {
             4,
             "20 s is above the last bound: only in +Inf"
         );
-        assert!(cumulative_buckets(&latency_histogram())
+        assert!(Buckets::of(&latency_histogram())
+            .cumulative
             .iter()
             .all(|c| *c == 0));
+    }
+
+    #[test]
+    fn atomic_buckets_count_as_the_histogram_does() {
+        let (mut h, atomic) = (latency_histogram(), AtomicBuckets::default());
+        for us in [40, 50, 51, 90, 700, 3_000, 20_000_000] {
+            h.record(us).unwrap();
+            atomic.record(us);
+        }
+        let (a, b) = (atomic.snapshot(), Buckets::of(&h));
+        assert_eq!((a.cumulative, a.count), (b.cumulative, b.count));
+        assert_eq!(a.max_us, 20_000_000);
+        let mut sum = a.clone();
+        sum.add(&a);
+        assert_eq!((sum.cumulative[0], sum.count), (4, 14));
     }
 }

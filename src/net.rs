@@ -3,7 +3,7 @@
 //! and the panic guard every connection task runs under.
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,6 +11,21 @@ use glommio::net::{TcpListener, TcpStream};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::metrics::ShardMetrics;
+
+/// The key a client address is limited under (the edge's per-IP handshake rate, the admin
+/// port's per-IP connection cap): IPv4 as is, IPv6 cut to `prefix_len` bits. An IPv4-mapped
+/// IPv6 address (an IPv4 client of a dual-stack `[::]` listener) is its IPv4 address: cut to a
+/// /64 it would be `::`, one key for every IPv4 client there is.
+pub fn limit_key(ip: IpAddr, prefix_len: u8) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let keep = u32::from(prefix_len.min(128));
+            let mask = u128::MAX.checked_shl(128 - keep).unwrap_or(0);
+            IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask))
+        }
+        v4 => v4,
+    }
+}
 
 /// Listen backlog per shard.
 const LISTEN_BACKLOG: i32 = 4096;

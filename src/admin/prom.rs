@@ -3,9 +3,7 @@
 
 use std::fmt::Write;
 
-use hdrhistogram::Histogram;
-
-use crate::metrics::{cumulative_buckets, MetricsSnapshot, LATENCY_BUCKETS_S};
+use crate::metrics::{Buckets, MetricsSnapshot, LATENCY_BUCKETS_US};
 
 /// What one scrape shows.
 pub struct Scrape<'a> {
@@ -15,10 +13,10 @@ pub struct Scrape<'a> {
     pub shards: &'a [MetricsSnapshot],
     /// `mesh_pairs[from][to]`: messages sent.
     pub mesh_pairs: &'a [Vec<u64>],
-    /// Fan-out latency, merged over shards, since start (µs).
-    pub fanout: &'a Histogram<u64>,
-    /// Handshake latency (accept to session open), merged over shards, since start (µs).
-    pub handshakes: &'a Histogram<u64>,
+    /// Fan-out latency, added up over shards, since start.
+    pub fanout: &'a Buckets,
+    /// Handshake latency (accept to session open), added up over shards, since start.
+    pub handshakes: &'a Buckets,
     /// Shards that answered this scrape in time (their latency histograms are merged).
     pub answered: usize,
     /// History's writer, when history is on.
@@ -37,11 +35,8 @@ pub struct HistoryScrape {
     pub retries: u64,
     pub batches: u64,
     pub batch_records: u64,
-    /// Batch write latency: cumulative counts at each bucket bound, the count, the sum (µs).
-    pub write_buckets: Vec<u64>,
-    pub write_count: u64,
-    pub write_us_sum: u64,
-    pub write_us_max: u64,
+    /// Batch write latency.
+    pub writes: Buckets,
     pub expired: u64,
     /// What the local store's file takes on disk; `None` for other backends.
     pub disk_bytes: Option<u64>,
@@ -53,7 +48,6 @@ impl HistoryScrape {
     pub fn of(sink: &crate::history::Sink, capacity: usize) -> HistoryScrape {
         use crate::history::HistoryMetrics as M;
         let m = &sink.metrics;
-        let writes = m.write_latency.snapshot();
         HistoryScrape {
             queue_depth: sink.queue_depth() as u64,
             queue_capacity: capacity as u64,
@@ -64,10 +58,7 @@ impl HistoryScrape {
             retries: M::get(&m.retries),
             batches: M::get(&m.batches),
             batch_records: M::get(&m.batch_records),
-            write_buckets: writes.0,
-            write_count: writes.1,
-            write_us_sum: writes.2,
-            write_us_max: M::get(&m.write_us_max),
+            writes: m.write_latency.snapshot(),
             expired: M::get(&m.expired),
             disk_bytes: m
                 .disk_bytes_known
@@ -126,21 +117,21 @@ fn secs(us: u64) -> f64 {
 }
 
 impl Out {
-    /// A Prometheus histogram (fixed buckets) from an hdrhistogram in µs.
-    fn histogram(&mut self, name: &str, help: &str, h: &Histogram<u64>) {
+    /// A family of one unlabelled sample.
+    fn single(&mut self, name: &str, kind: &str, help: &str, v: impl std::fmt::Display) {
+        self.family(name, kind, help);
+        let _ = writeln!(self.0, "{name} {v}");
+    }
+
+    /// A Prometheus histogram in seconds.
+    fn histogram(&mut self, name: &str, help: &str, b: &Buckets) {
         self.family(name, "histogram", help);
-        for (le, n) in LATENCY_BUCKETS_S.iter().zip(cumulative_buckets(h)) {
-            let _ = writeln!(self.0, "{name}_bucket{{le=\"{le}\"}} {n}");
+        for (le, n) in LATENCY_BUCKETS_US.iter().zip(b.cumulative) {
+            let _ = writeln!(self.0, "{name}_bucket{{le=\"{}\"}} {n}", secs(*le));
         }
-        let count = h.len();
-        let _ = writeln!(self.0, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let sum = if count == 0 {
-            0.0
-        } else {
-            h.mean() * count as f64 / 1e6
-        };
-        let _ = writeln!(self.0, "{name}_sum {sum:.6}");
-        let _ = writeln!(self.0, "{name}_count {count}");
+        let _ = writeln!(self.0, "{name}_bucket{{le=\"+Inf\"}} {}", b.count);
+        let _ = writeln!(self.0, "{name}_sum {:.6}", b.sum_s);
+        let _ = writeln!(self.0, "{name}_count {}", b.count);
     }
 }
 
@@ -153,24 +144,24 @@ pub fn render(s: &Scrape<'_>) -> String {
         "Build information; the value is always 1.",
     );
     let _ = writeln!(o.0, "presenced_build_info{{version=\"{}\"}} 1", s.version);
-    o.family(
+    o.single(
         "presenced_uptime_seconds",
         "gauge",
         "Seconds since the server started.",
+        format_args!("{:.3}", s.uptime_s),
     );
-    let _ = writeln!(o.0, "presenced_uptime_seconds {:.3}", s.uptime_s);
-    o.family(
+    o.single(
         "presenced_shards",
         "gauge",
         "Shards (one event loop per core).",
+        sh.len(),
     );
-    let _ = writeln!(o.0, "presenced_shards {}", sh.len());
-    o.family(
+    o.single(
         "presenced_scrape_shards_answered",
         "gauge",
         "Shards that answered this scrape within admin.query_timeout_ms (fewer than presenced_shards: a stuck shard).",
+        s.answered,
     );
-    let _ = writeln!(o.0, "presenced_scrape_shards_answered {}", s.answered);
     o.per_shard(
         "presenced_connections",
         "gauge",
@@ -400,15 +391,11 @@ pub fn render(s: &Scrape<'_>) -> String {
         "Owner publish to local enqueue on a watching shard, merged over shards, since start.",
         s.fanout,
     );
-    o.family(
+    o.single(
         "presenced_fanout_latency_max_seconds",
         "gauge",
         "Largest fan-out latency since start.",
-    );
-    let _ = writeln!(
-        o.0,
-        "presenced_fanout_latency_max_seconds {:.6}",
-        secs(s.fanout.max())
+        format_args!("{:.6}", secs(s.fanout.max_us)),
     );
     o.histogram(
         "presenced_handshake_seconds",
@@ -416,71 +403,67 @@ pub fn render(s: &Scrape<'_>) -> String {
         s.handshakes,
     );
     if let Some(h) = &s.history {
-        let mut one = |name: &str, kind: &str, help: &str, v: String| {
-            o.family(name, kind, help);
-            let _ = writeln!(o.0, "{name} {v}");
-        };
-        one(
+        o.single(
             "presenced_history_queue_depth",
             "gauge",
             "History records waiting for the writer.",
-            h.queue_depth.to_string(),
+            h.queue_depth,
         );
-        one(
+        o.single(
             "presenced_history_queue_capacity",
             "gauge",
             "Capacity of the history queue.",
-            h.queue_capacity.to_string(),
+            h.queue_capacity,
         );
-        one(
+        o.single(
             "presenced_history_written_total",
             "counter",
             "History records the store acknowledged.",
-            h.written.to_string(),
+            h.written,
         );
-        one(
+        o.single(
             "presenced_history_write_errors_total",
             "counter",
             "Failed history write attempts.",
-            h.write_errors.to_string(),
+            h.write_errors,
         );
-        one(
+        o.single(
             "presenced_history_retries_total",
             "counter",
             "History write attempts that were retries.",
-            h.retries.to_string(),
+            h.retries,
         );
-        one(
+        o.single(
             "presenced_history_expired_total",
             "counter",
             "History records deleted by retention.",
-            h.expired.to_string(),
+            h.expired,
         );
         if let Some(bytes) = h.disk_bytes {
-            one(
+            o.single(
                 "presenced_history_disk_bytes",
                 "gauge",
                 "Bytes the local history store's file takes on disk.",
-                bytes.to_string(),
+                bytes,
             );
         }
-        one(
+        o.single(
             "presenced_history_compactions_total",
             "counter",
             "Compactions of the local history store.",
-            h.compactions.to_string(),
+            h.compactions,
         );
-        one(
+        o.single(
             "presenced_history_compaction_freed_bytes_total",
             "counter",
             "Bytes the local history store's compactions gave back to the file system.",
-            h.compaction_freed_bytes.to_string(),
+            h.compaction_freed_bytes,
         );
-        one(
+        o.single(
             "presenced_history_write_latency_max_seconds",
             "gauge",
             "Slowest history batch write.",
-            format!("{:.6}", secs(h.write_us_max)),
+            format_args!("{:.6}", secs(h.writes.max_us)),
         );
         o.family(
             "presenced_history_dropped_total",
@@ -504,14 +487,11 @@ pub fn render(s: &Scrape<'_>) -> String {
         );
         let _ = writeln!(o.0, "presenced_history_batch_size_sum {}", h.batch_records);
         let _ = writeln!(o.0, "presenced_history_batch_size_count {}", h.batches);
-        let name = "presenced_history_write_latency_seconds";
-        o.family(name, "histogram", "Time to write one history batch.");
-        for (le, n) in LATENCY_BUCKETS_S.iter().zip(&h.write_buckets) {
-            let _ = writeln!(o.0, "{name}_bucket{{le=\"{le}\"}} {n}");
-        }
-        let _ = writeln!(o.0, "{name}_bucket{{le=\"+Inf\"}} {}", h.write_count);
-        let _ = writeln!(o.0, "{name}_sum {:.6}", secs(h.write_us_sum));
-        let _ = writeln!(o.0, "{name}_count {}", h.write_count);
+        o.histogram(
+            "presenced_history_write_latency_seconds",
+            "Time to write one history batch.",
+            &h.writes,
+        );
     }
     o.0
 }
@@ -537,8 +517,8 @@ mod tests {
             uptime_s: 1.5,
             shards: &shards,
             mesh_pairs: &[vec![1, 2], vec![3, 4]],
-            fanout: &fanout,
-            handshakes: &crate::metrics::latency_histogram(),
+            fanout: &Buckets::of(&fanout),
+            handshakes: &Buckets::default(),
             answered: 2,
             history: Some(HistoryScrape {
                 written: 7,

@@ -32,7 +32,6 @@ pub struct ShardStats {
     pub sessions: usize,
     pub latency_total: Histogram<u64>,
     pub latency_recent: Histogram<u64>,
-    pub handshake_total: Histogram<u64>,
     /// Shard 0 only: the latest sample and each shard's delivery rate.
     pub sample: Option<(Sample, Vec<f64>)>,
 }
@@ -463,10 +462,9 @@ pub fn kick_session(shard: &Shard, session: SessionId, by: &str) -> Kicked {
     }
 }
 
-/// One shard's part of `/api/stats` and `/metrics`.
+/// One shard's part of `/api/stats`.
 pub fn shard_stats(shard: &Shard) -> ShardStats {
     let latency = shard.latency();
-    let handshakes = shard.handshake_latency();
     let sample = (shard.ix() == 0)
         .then(|| shard.local::<AdminLocal>())
         .flatten()
@@ -478,7 +476,6 @@ pub fn shard_stats(shard: &Shard) -> ShardStats {
         sessions: shard.registry().session_count(),
         latency_total: latency.total.clone(),
         latency_recent: latency.recent(),
-        handshake_total: handshakes.total.clone(),
         sample,
     }
 }

@@ -137,8 +137,7 @@ pub async fn accept_loop(
         };
         let cfg = &shard.cfg().admin;
         let m = shard.metrics().clone();
-        let client =
-            crate::edge::ratelimit::limit_key(peer.ip(), shard.cfg().limits.ipv6_prefix_len);
+        let client = crate::net::limit_key(peer.ip(), shard.cfg().limits.ipv6_prefix_len);
         let admitted = local.pool.borrow_mut().admit(
             client,
             cfg.max_connections,

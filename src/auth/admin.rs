@@ -3,10 +3,18 @@
 
 use std::sync::Arc;
 
-use super::Verifier;
+use super::{Claims, Verifier};
 
 /// Who is asking: the admin JWT's `sub`, or `static-token`.
 pub type Identity = Arc<str>;
+
+/// An admin credential, checked.
+#[derive(Debug)]
+pub struct Admin {
+    pub id: Identity,
+    /// The verified JWT's claims; `None` for the static admin token, which has none.
+    pub claims: Option<Claims>,
+}
 
 /// Why a credential is not an admin's: 401 (not a valid credential at all) or 403 (valid, but
 /// without the admin role).
@@ -21,7 +29,7 @@ pub fn admin_identity(
     verifier: &Verifier,
     static_token: Option<&str>,
     token: &str,
-) -> Result<Identity, NotAdmin> {
+) -> Result<Admin, NotAdmin> {
     if let Some(fixed) = static_token {
         // Digests first: equal lengths, so the comparison's time says nothing about the
         // secret, not even its length.
@@ -29,7 +37,10 @@ pub fn admin_identity(
         let sha = |b: &[u8]| ring::digest::digest(&ring::digest::SHA256, b);
         let (want, got) = (sha(fixed.as_bytes()), sha(token.as_bytes()));
         if bool::from(want.as_ref().ct_eq(got.as_ref())) {
-            return Ok("static-token".into());
+            return Ok(Admin {
+                id: "static-token".into(),
+                claims: None,
+            });
         }
     }
     let claims = verifier.verify(token).map_err(|e| NotAdmin {
@@ -42,5 +53,8 @@ pub fn admin_identity(
             reason: "the token has no admin role",
         });
     }
-    Ok(claims.sub.into())
+    Ok(Admin {
+        id: claims.sub.as_str().into(),
+        claims: Some(claims),
+    })
 }

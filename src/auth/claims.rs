@@ -28,6 +28,18 @@ pub struct Claims {
     pub region: Option<String>,
 }
 
+impl Claims {
+    /// A user id is an id like any other: one nobody could subscribe to (ops refuse ids past
+    /// `limits.max_id_bytes`) is refused before it takes a session. The upgrade and
+    /// `presenced token` both ask this.
+    pub fn check_sub(&self, max_id_bytes: usize) -> Result<(), &'static str> {
+        if self.sub.len() > max_id_bytes {
+            return Err("sub longer than limits.max_id_bytes");
+        }
+        Ok(())
+    }
+}
+
 /// The payload as decoded before the required-claim checks. A field of the wrong JSON type fails
 /// the whole decode (→ [`AuthError::Malformed`]); an absent one becomes `None` here and
 /// [`AuthError::MissingClaim`] in [`RawClaims::into_claims`].

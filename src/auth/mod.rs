@@ -27,7 +27,7 @@ mod verifier;
 #[cfg(test)]
 mod tests;
 
-pub use admin::{admin_identity, Identity, NotAdmin};
+pub use admin::{admin_identity, Admin, Identity, NotAdmin};
 pub use claims::Claims;
 pub use config::{AuthConfig, KeyConfig, LEEWAY_S_MAX};
 pub use error::{AuthError, AuthSetupError};

@@ -17,7 +17,7 @@ use glommio::net::{TcpListener, TcpStream};
 use glommio::sync::StaticPermit;
 use rustls::ServerConfig;
 
-use super::conn::{self, Setup};
+use super::conn::{self, Accepted, Setup};
 use super::http::{self, Reject};
 use super::tls::Tls;
 use super::Edge;
@@ -79,13 +79,6 @@ pub async fn accept_loop(
     }
 }
 
-/// What the handshake learned, for the owner shard.
-struct Accepted {
-    admission: Admission,
-    key: String,
-    early: Vec<u8>,
-}
-
 async fn handshake(
     edge: Rc<Edge>,
     mut stream: TcpStream,
@@ -105,7 +98,7 @@ async fn handshake(
     .await;
     let result = head
         .and_then(|(buf, req)| edge.admit(peer, &req).map(|()| (buf, req)))
-        .and_then(|(buf, req)| authenticate(shard, peer, buf, req))
+        .and_then(|(buf, req)| authenticate(shard, peer, accepted, buf, req))
         .and_then(|a| {
             if shard.congested() {
                 Err(Reject::new(503, "server overloaded: retry later"))
@@ -145,12 +138,8 @@ async fn handshake(
     if owner == shard.ix() {
         let setup = Setup {
             stream,
-            peer,
-            admission: a.admission,
-            key: a.key,
-            early: a.early,
             tls,
-            accepted,
+            accepted: a,
         };
         // The connection gets its own task: this handshake's larger state ends here.
         conn::start(shard.clone(), setup);
@@ -170,12 +159,8 @@ async fn handshake(
     ShardMetrics::inc(&shard.metrics().handoffs_out);
     let handoff = Handoff {
         fd,
-        peer,
-        admission: a.admission,
-        key: a.key,
-        early: a.early,
         tls: tls.map(|t| Box::new(t.into_session())),
-        accepted,
+        accepted: a,
     };
     shard.send_job(
         owner,
@@ -187,13 +172,9 @@ async fn handshake(
 /// dropped; if the owner is stopping, dropping it closes the socket).
 struct Handoff {
     fd: OwnedFd,
-    peer: SocketAddr,
-    admission: Admission,
-    key: String,
-    early: Vec<u8>,
     /// The TLS session, when the socket came in over TLS: it moves with the descriptor.
     tls: Option<Box<rustls::ServerConnection>>,
-    accepted: Instant,
+    accepted: Accepted,
 }
 
 /// The owner's side of a hand-off.
@@ -204,10 +185,6 @@ fn adopt(shard: &Rc<Shard>, h: Handoff) {
     let stream = unsafe { TcpStream::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(h.fd)) };
     let setup = Setup {
         stream,
-        peer: h.peer,
-        admission: h.admission,
-        key: h.key,
-        early: h.early,
         tls: h.tls.map(|t| Box::new(Tls::from_session(*t))),
         accepted: h.accepted,
     };
@@ -291,6 +268,7 @@ impl Edge {
 fn authenticate(
     shard: &Shard,
     peer: SocketAddr,
+    at: Instant,
     mut buf: Vec<u8>,
     req: http::UpgradeRequest,
 ) -> Result<Accepted, Reject> {
@@ -298,27 +276,32 @@ fn authenticate(
         .token
         .as_deref()
         .ok_or(Reject::new(401, "missing token"))?;
-    if let Some(target) = req.as_user {
-        return impersonate(shard, peer, buf, token, target, req.key, req.head_len);
-    }
-    let claims = shard
-        .verifier()
-        .verify(token)
-        .map_err(|e| Reject::new(401, e.reason()))?;
-    check_sub(&shard.cfg().limits, &claims.sub).map_err(|why| Reject::new(401, why))?;
-    let device_type = match claims.device_type.as_deref().or(req.device_type.as_deref()) {
-        None => DeviceType::Other,
-        Some(t) => DeviceType::parse(t).ok_or(Reject::new(
-            400,
-            "unknown device_type (web, ios, android, desktop, other)",
-        ))?,
+    let admission = match req.as_user {
+        Some(target) => observer_admission(shard, peer, token, target)?,
+        None => {
+            let mut claims = shard
+                .verifier()
+                .verify(token)
+                .map_err(|e| Reject::new(401, e.reason()))?;
+            claims
+                .check_sub(shard.cfg().limits.max_id_bytes)
+                .map_err(|why| Reject::new(401, why))?;
+            let device_type = match claims.device_type.as_deref().or(req.device_type.as_deref()) {
+                None => DeviceType::Other,
+                Some(t) => DeviceType::parse(t).ok_or(Reject::new(
+                    400,
+                    "unknown device_type (web, ios, android, desktop, other)",
+                ))?,
+            };
+            let device = claims.device.take().or(req.device);
+            admission(claims, device, device_type, peer, None)
+        }
     };
-    let device = claims.device.clone().or(req.device);
-    let early = buf.split_off(req.head_len);
     Ok(Accepted {
-        admission: admission(claims, device, device_type, peer, None),
+        admission,
         key: req.key,
-        early,
+        early: buf.split_off(req.head_len),
+        at,
     })
 }
 
@@ -346,52 +329,39 @@ fn admission(
     }
 }
 
-/// A user id is an id like any other: one nobody could subscribe to (ops refuse ids past
-/// `limits.max_id_bytes`) is refused before it takes a session. (`presenced token` asks the same.)
-pub fn check_sub(limits: &crate::config::Limits, sub: &str) -> Result<(), &'static str> {
-    if sub.len() > limits.max_id_bytes {
-        return Err("sub longer than limits.max_id_bytes");
-    }
-    Ok(())
-}
-
 /// `?as=<user>`: an admin credential (a JWT with role `admin`, or the static admin token) opens
 /// a read-only view of `target`. The session keeps the admin's identity and token expiry.
-fn impersonate(
+fn observer_admission(
     shard: &Shard,
     peer: SocketAddr,
-    mut buf: Vec<u8>,
     token: &str,
     target: String,
-    key: String,
-    head_len: usize,
-) -> Result<Accepted, Reject> {
+) -> Result<Admission, Reject> {
     if target.is_empty() || target.len() > shard.cfg().limits.max_id_bytes {
         return Err(Reject::new(400, "bad `as` user id"));
     }
     let static_token = shard.cfg().admin.token.as_deref();
-    let claims = match crate::auth::admin_identity(shard.verifier(), static_token, token) {
+    let admin = match crate::auth::admin_identity(shard.verifier(), static_token, token) {
+        Ok(admin) => admin,
         Err(e) if e.status == 401 => return Err(Reject::new(401, e.reason)),
         Err(_) => return Err(Reject::new(403, "impersonation needs an admin token")),
-        Ok(who) => match shard.verifier().verify(token) {
-            Ok(claims) => claims,
-            // The static admin token: no claims of its own; it lasts as long as the server's
-            // configuration keeps it.
-            Err(_) => Claims {
-                sub: who.to_string(),
-                exp: u64::MAX / 2,
-                groups: Vec::new(),
-                roles: vec!["admin".into()],
-                device: None,
-                device_type: None,
-                region: None,
-            },
-        },
     };
-    let early = buf.split_off(head_len);
-    Ok(Accepted {
-        admission: admission(claims, None, DeviceType::Other, peer, Some(target)),
-        key,
-        early,
-    })
+    // The static admin token has no claims of its own; it lasts as long as the server's
+    // configuration keeps it.
+    let claims = admin.claims.unwrap_or_else(|| Claims {
+        sub: admin.id.to_string(),
+        exp: u64::MAX / 2,
+        groups: Vec::new(),
+        roles: vec!["admin".into()],
+        device: None,
+        device_type: None,
+        region: None,
+    });
+    Ok(admission(
+        claims,
+        None,
+        DeviceType::Other,
+        peer,
+        Some(target),
+    ))
 }

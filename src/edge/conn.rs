@@ -6,7 +6,6 @@
 //! no read or write buffer.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
@@ -22,20 +21,25 @@ use crate::protocol::ops::{self, ErrorCode};
 use crate::protocol::ws::{self, Decoder, Inbound};
 use crate::shard::{now_ms, Admission, CloseRequest, Refusal, Session, Shard};
 
-/// An authenticated, upgraded-to-be socket arriving at its owner shard.
-pub struct Setup {
-    pub stream: TcpStream,
-    pub peer: SocketAddr,
+/// What the upgrade handshake learned about an authenticated socket, for the shard that owns its
+/// user (it travels with the socket when that is another shard).
+pub struct Accepted {
     /// Who, from where, on what (for the session layer).
     pub admission: Admission,
-    /// `Sec-WebSocket-Key`, answered here.
+    /// `Sec-WebSocket-Key`, answered by the owner.
     pub key: String,
     /// Bytes the client sent after the request head (already WebSocket frames; decrypted).
     pub early: Vec<u8>,
+    /// When the socket was accepted (handshake latency).
+    pub at: Instant,
+}
+
+/// An authenticated, upgraded-to-be socket arriving at its owner shard.
+pub struct Setup {
+    pub stream: TcpStream,
     /// Boxed: rustls's session is over a kilobyte, and plain connections should not pay for it.
     pub tls: Option<Box<Tls>>,
-    /// When the socket was accepted (handshake latency).
-    pub accepted: Instant,
+    pub accepted: Accepted,
 }
 
 /// Bytes read per `read` call (a stack buffer; the decoder copies what it keeps).
@@ -78,22 +82,33 @@ impl Io {
 /// Takes an upgraded-to-be connection on its owner shard: opens its session (or answers the
 /// refusal) and spawns its task. Synchronous, so the set-up state (claims, key, early bytes) is
 /// gone before the long-lived task starts: the task holds only what a live connection needs.
-pub fn start(shard: Rc<Shard>, mut setup: Setup) {
-    let session = match shard.open_session(setup.admission) {
+pub fn start(shard: Rc<Shard>, setup: Setup) {
+    let Setup {
+        mut stream,
+        mut tls,
+        accepted:
+            Accepted {
+                admission,
+                key,
+                early,
+                at,
+            },
+    } = setup;
+    let session = match shard.open_session(admission) {
         Ok(session) => session,
         Err(Refusal::Http(status, reason)) => {
             ShardMetrics::inc(&shard.metrics().handshakes_unavailable);
             glommio::spawn_local(async move {
-                reject(&mut setup.stream, setup.tls.as_deref_mut(), status, reason).await;
+                reject(&mut stream, tls.as_deref_mut(), status, reason).await;
             })
             .detach();
             return;
         }
         Err(Refusal::Close(code, reason)) => {
             // The upgrade completes, then the close: nothing the client sends is read.
-            let mut plain = http::switching_protocols(&setup.key);
+            let mut plain = http::switching_protocols(&key);
             plain.extend_from_slice(&ws::close_frame(code, reason));
-            let bytes = match setup.tls.as_deref_mut() {
+            let bytes = match tls.as_deref_mut() {
                 None => plain,
                 Some(tls) => {
                     let mut out = Vec::new();
@@ -103,7 +118,6 @@ pub fn start(shard: Rc<Shard>, mut setup: Setup) {
                     out
                 }
             };
-            let mut stream = setup.stream;
             glommio::spawn_local(async move {
                 if stream.write_all(&bytes).await.is_ok() {
                     linger(&mut stream).await;
@@ -118,21 +132,21 @@ pub fn start(shard: Rc<Shard>, mut setup: Setup) {
         shard: shard.clone(),
         session,
     };
-    shard.record_handshake(setup.accepted);
+    shard.record_handshake(at);
     let limits = &shard.cfg().limits;
     let mut io = Io {
-        stream: setup.stream,
+        stream,
         decoder: Decoder::new(limits.max_message_bytes, limits.max_frame_bytes),
         wbuf: Vec::new(),
         wpos: 0,
         close_sent: false,
         close_deadline: None,
-        tls: setup.tls,
+        tls,
     };
     let _ = io.stream.set_nodelay(true); // events are small and latency is the product
-    io.put(&http::switching_protocols(&setup.key));
+    io.put(&http::switching_protocols(&key));
     // Frames the client sent along with its upgrade request are handled before anything.
-    io.decoder.feed(&setup.early);
+    io.decoder.feed(&early);
     decode_all(&shard, &guard.session, &mut io.decoder);
     let metrics = shard.metrics().clone();
     let live = Live {

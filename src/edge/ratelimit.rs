@@ -5,15 +5,17 @@
 //! limit by changing its interface id.
 //!
 //! Bounded: at most `max_ips` keys. The table is kept in least-recently-used order, so when it is
-//! full the front is the key that has been quiet longest: if its bucket has refilled, it is
-//! forgotten to make room (amortised O(1)); if not, no key is quiet enough and the new address
-//! is refused rather than growing the table or scanning it (a flood from many addresses costs
-//! neither memory nor CPU beyond the bound).
+//! full the front is the key whose last attempt is oldest: if its bucket has refilled, it is
+//! forgotten to make room (amortised O(1)); if not, the new address is refused rather than
+//! growing the table or scanning it (a flood from many addresses costs neither memory nor CPU
+//! beyond the bound). An approximation: a key further back may have refilled too, but finding it
+//! would take the scan this avoids.
 
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 
 use hashlink::LinkedHashMap;
 
+use crate::net::limit_key;
 use crate::shard::budget::TokenBucket;
 
 #[derive(Debug)]
@@ -25,26 +27,6 @@ pub struct IpLimiter {
     /// Buckets examined to make room (tests: eviction must not scan the table).
     #[cfg(test)]
     probes: u64,
-}
-
-/// The key an address is limited under: IPv4 as is, IPv6 cut to `prefix_len` bits. An
-/// IPv4-mapped IPv6 address (an IPv4 client of a dual-stack `[::]` listener) is its IPv4
-/// address: cut to a /64 it would be `::`, one bucket for every IPv4 client there is.
-pub fn limit_key(ip: IpAddr, prefix_len: u8) -> IpAddr {
-    let ip = ip.to_canonical();
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => {
-            let bits = u128::from(v6);
-            let keep = u32::from(prefix_len.min(128));
-            let mask = if keep == 0 {
-                0
-            } else {
-                u128::MAX << (128 - keep)
-            };
-            IpAddr::V6(Ipv6Addr::from(bits & mask))
-        }
-    }
 }
 
 impl IpLimiter {
@@ -62,13 +44,10 @@ impl IpLimiter {
 
     /// Whether a handshake from `ip` may proceed now.
     pub fn allow(&mut self, ip: IpAddr, now_ms: u64) -> bool {
-        self.allow_key(limit_key(ip, self.ipv6_prefix_len), now_ms)
-    }
-
-    fn allow_key(&mut self, key: IpAddr, now_ms: u64) -> bool {
         if self.rate == 0 {
             return true;
         }
+        let key = limit_key(ip, self.ipv6_prefix_len);
         let (rate, burst) = (self.rate, self.rate);
         if let Some(bucket) = self.buckets.to_back(&key) {
             return bucket.try_take(rate, burst, now_ms);

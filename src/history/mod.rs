@@ -46,9 +46,8 @@ pub struct HistoryMetrics {
     /// Batches written, and records in them (mean batch size = sum / count).
     pub batches: AtomicU64,
     pub batch_records: AtomicU64,
-    /// Write latency per batch: a histogram (fixed Prometheus buckets) and the max (µs).
+    /// Write latency per batch (fixed Prometheus buckets, and the max).
     pub write_latency: crate::metrics::AtomicBuckets,
-    pub write_us_max: AtomicU64,
     /// Records deleted by retention (local store).
     pub expired: AtomicU64,
     /// What the local store's file takes on disk (bytes), once known (`disk_bytes_known`).

@@ -228,8 +228,6 @@ impl Writer {
                     HistoryMetrics::add(&m.batches, 1);
                     HistoryMetrics::add(&m.batch_records, n);
                     m.write_latency.record(us);
-                    m.write_us_max
-                        .fetch_max(us, std::sync::atomic::Ordering::Relaxed);
                     break;
                 }
                 Err(e) => {

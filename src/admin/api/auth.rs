@@ -15,5 +15,6 @@ pub fn authenticate(shard: &Shard, bearer: Option<&str>) -> Result<Identity, Res
 pub fn identity(shard: &Shard, token: &str) -> Result<Identity, (u16, &'static str)> {
     let static_token = shard.cfg().admin.token.as_deref();
     crate::auth::admin_identity(shard.verifier(), static_token, token)
+        .map(|admin| admin.id)
         .map_err(|e| (e.status, e.reason))
 }

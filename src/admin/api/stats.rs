@@ -8,7 +8,7 @@ use crate::admin::http::Response;
 use crate::admin::query::{shard_stats, ShardStats};
 use crate::admin::series::Sample;
 use crate::admin::AdminLocal;
-use crate::metrics::{latency_histogram, MetricsSnapshot, Percentiles};
+use crate::metrics::{latency_histogram, Buckets, MetricsSnapshot, Percentiles};
 use crate::shard::Shard;
 
 #[derive(Serialize, Default)]
@@ -130,14 +130,21 @@ pub async fn stats(shard: &Shard) -> Result<StatsBody, Response> {
 }
 
 /// `/metrics`. Counters need no shard's answer; the latency histograms come from the shards
-/// that answer in time (`presenced_scrape_shards_answered` says how many).
+/// that answer in time (`presenced_scrape_shards_answered` says how many), each as its fixed
+/// buckets (a few numbers, not its whole histogram).
 pub async fn metrics(shard: &Shard) -> Result<Response, Response> {
-    let (answers, answered) = ask::all_partial(shard, |s| shard_stats(s)).await;
-    let mut fanout = latency_histogram();
-    let mut handshakes = latency_histogram();
-    for (_, s) in &answers {
-        let _ = fanout.add(&s.latency_total);
-        let _ = handshakes.add(&s.handshake_total);
+    let (answers, answered) = ask::all_partial(shard, |s| {
+        (
+            Buckets::of(&s.latency().total),
+            Buckets::of(&s.handshake_latency().total),
+        )
+    })
+    .await;
+    let mut fanout = Buckets::default();
+    let mut handshakes = Buckets::default();
+    for (_, (f, h)) in &answers {
+        fanout.add(f);
+        handshakes.add(h);
     }
     let shared = shard.shared();
     let snaps = shared.snapshots();

@@ -246,12 +246,6 @@ fn audience_checked_only_when_configured() {
     assert!(unchecked
         .verify(&sign_hs(Algorithm::HS256, SECRET, &c))
         .is_ok());
-    // Unchecked is not unparsed: an `iss` that is not a string is malformed either way.
-    let c = json!({ "sub": "a", "exp": now() + 60, "iss": ["anyone"] });
-    assert_eq!(
-        unchecked.verify(&sign_hs(Algorithm::HS256, SECRET, &c)),
-        Err(AuthError::Malformed)
-    );
 }
 
 #[test]
