@@ -143,7 +143,7 @@ pub fn parse(buf: &[u8], max: usize) -> Result<Option<Request>, HttpError> {
 /// `str::parse` also takes a leading `+`, which another parser on the path (a proxy) may read
 /// differently: the kind of disagreement request smuggling is made of. `None` on anything else,
 /// and on overflow.
-pub fn digits(s: &str) -> Option<usize> {
+pub fn digits<T: std::str::FromStr>(s: &str) -> Option<T> {
     if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
@@ -319,9 +319,9 @@ mod tests {
         ] {
             assert_eq!(with(bad).unwrap_err().status, 400, "{bad:?}");
         }
-        assert_eq!(digits(""), None);
+        assert_eq!(digits::<usize>(""), None);
         assert_eq!(digits(&usize::MAX.to_string()), Some(usize::MAX));
-        assert_eq!(digits("+1"), None);
+        assert_eq!(digits::<u64>("+1"), None);
     }
 
     #[test]

@@ -38,7 +38,7 @@ pub struct ShardStats {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct SessionDetail {
-    pub id: String,
+    pub id: SessionId,
     pub device: Option<Arc<str>>,
     pub device_type: &'static str,
     pub region: Option<Arc<str>>,
@@ -77,11 +77,6 @@ pub fn decode_cursor(c: &str) -> Option<UserId> {
         .decode(c)
         .ok()?;
     String::from_utf8(bytes).ok().map(Into::into)
-}
-
-/// A session id as clients see it (`welcome.session`): lowercase hex.
-pub fn session_hex(id: SessionId) -> String {
-    id.to_string()
 }
 
 /// Filters of `/api/online`; every set one must hold.
@@ -280,7 +275,8 @@ impl OnlineScan {
     }
 }
 
-/// A shard's page of `/api/online` in one go (tests and small registries).
+/// A shard's page of `/api/online` in one go (the tests' model of the chunked scan).
+#[cfg(test)]
 pub fn online_page(registry: &Registry, q: &OnlineQuery, shard: ShardIx, now: u64) -> OnlinePage {
     let mut scan = OnlineScan::new(q.clone());
     while !scan.step(registry, usize::MAX, now) {}
@@ -403,7 +399,7 @@ pub fn user_detail(shard: &Shard, user: &str, now: u64) -> Option<UserDetail> {
         .sessions
         .iter()
         .map(|s| SessionDetail {
-            id: session_hex(s.id),
+            id: s.id,
             device: s.info.device.clone(),
             device_type: s.info.device_type.as_str(),
             region: s.info.region.clone(),
@@ -439,7 +435,7 @@ pub fn kick_user(shard: &Shard, user: &UserId, by: &str) -> Kicked {
         kicked += 1;
         ShardMetrics::inc(&shard.metrics().kicks);
         tracing::info!(target: "presenced::audit", admin = %by, user = %user,
-            session = %session_hex(s.id()), "kick");
+            session = %s.id(), "kick");
     }
     Kicked {
         user: (kicked > 0).then(|| user.clone()),
@@ -455,7 +451,7 @@ pub fn kick_session(shard: &Shard, session: SessionId, by: &str) -> Kicked {
     s.request_close(CloseRequest::now(KICK_CODE, KICK_REASON));
     ShardMetrics::inc(&shard.metrics().kicks);
     tracing::info!(target: "presenced::audit", admin = %by, user = %s.user(),
-        session = %session_hex(session), "kick");
+        session = %session, "kick");
     Kicked {
         user: Some(s.user().clone()),
         kicked: 1,

@@ -114,12 +114,9 @@ impl Pool {
         }
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.conns.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.conns.is_empty()
     }
 }
 
@@ -145,13 +142,12 @@ pub async fn accept_loop(
             &m,
         );
         let conn = match admitted {
-            Ok((id, evicted)) => Conn {
-                pooled: Some((Open::new(shard.clone(), id), Rc::new(evicted))),
-                _probe: None,
+            Ok((id, evicted)) => Conn::Pooled {
+                open: Open::new(local.clone(), m.clone(), id),
+                evicted,
             },
-            Err(Full::Busy) if local.probes.get() < cfg.probe_connections => Conn {
-                pooled: None,
-                _probe: Some(Probe::new(local.clone())),
+            Err(Full::Busy) if local.probes.get() < cfg.probe_connections => Conn::Probe {
+                _slot: Probe::new(local.clone()),
             },
             Err(full) => {
                 ShardMetrics::inc(&m.admin_refused);
@@ -176,45 +172,55 @@ pub async fn accept_loop(
 
 /// Holds a connection's place in the pool (and the gauge) for as long as it lives.
 struct Open {
-    shard: Rc<Shard>,
+    local: Rc<AdminLocal>,
+    metrics: Arc<ShardMetrics>,
     id: u64,
 }
 
 impl Open {
-    fn new(shard: Rc<Shard>, id: u64) -> Open {
-        ShardMetrics::inc(&shard.metrics().admin_connections);
-        Open { shard, id }
+    fn new(local: Rc<AdminLocal>, metrics: Arc<ShardMetrics>, id: u64) -> Open {
+        ShardMetrics::inc(&metrics.admin_connections);
+        Open { local, metrics, id }
     }
 
     fn set_idle(&self, idle: bool) {
-        AdminLocal::of(&self.shard)
-            .pool
-            .borrow_mut()
-            .set_idle(self.id, idle);
+        self.local.pool.borrow_mut().set_idle(self.id, idle);
     }
 }
 
 impl Drop for Open {
     fn drop(&mut self) {
-        ShardMetrics::sub(&self.shard.metrics().admin_connections, 1);
-        AdminLocal::of(&self.shard)
-            .pool
-            .borrow_mut()
-            .remove(self.id);
+        ShardMetrics::sub(&self.metrics.admin_connections, 1);
+        self.local.pool.borrow_mut().remove(self.id);
     }
 }
 
-/// An admin connection: pooled (its place, and the notice that it was evicted), or in a
-/// reserved probe slot (one request, health and metrics only).
-struct Conn {
-    pooled: Option<(Open, Rc<LocalReceiver<()>>)>,
-    _probe: Option<Probe>,
+/// An admin connection's place.
+enum Conn {
+    /// In the pool, with the notice that the pool evicted it.
+    Pooled {
+        open: Open,
+        evicted: LocalReceiver<()>,
+    },
+    /// In a reserved probe slot (held until the connection ends): one request, health and
+    /// metrics only.
+    Probe { _slot: Probe },
 }
 
 impl Conn {
     fn set_idle(&self, idle: bool) {
-        if let Some((open, _)) = &self.pooled {
+        if let Conn::Pooled { open, .. } = self {
             open.set_idle(idle);
+        }
+    }
+
+    /// Resolves when the pool evicts this connection; never for a probe.
+    async fn evicted(&self) {
+        match self {
+            Conn::Pooled { evicted, .. } => {
+                evicted.recv().await;
+            }
+            Conn::Probe { .. } => futures_lite::future::pending::<()>().await,
         }
     }
 }
@@ -298,7 +304,6 @@ async fn read_request<S: AsyncRead + Unpin>(
             None if first => Duration::from_millis(cfg.header_timeout_ms),
             None => Duration::from_millis(cfg.idle_timeout_ms),
         };
-        let evicted = conn.pooled.as_ref().map(|(_, e)| e.clone());
         let read = futures_lite::future::or(
             async { Some(stream.read(&mut chunk).await) },
             futures_lite::future::or(
@@ -306,13 +311,8 @@ async fn read_request<S: AsyncRead + Unpin>(
                     glommio::timer::sleep(wait).await;
                     None
                 },
-                async move {
-                    match evicted {
-                        Some(e) => {
-                            e.recv().await;
-                        }
-                        None => futures_lite::future::pending::<()>().await,
-                    }
+                async {
+                    conn.evicted().await;
                     Some(Err(std::io::ErrorKind::ConnectionAborted.into()))
                 },
             ),
@@ -354,7 +354,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(shard: Rc<Shard>, mut stream: 
         };
         first = false;
         let end = req.head_len + req.content_length;
-        if conn.pooled.is_none() {
+        if matches!(conn, Conn::Probe { .. }) {
             // A probe slot: health and metrics, once.
             let resp = if matches!(req.path.as_str(), "/healthz" | "/readyz" | "/metrics") {
                 super::api::route(

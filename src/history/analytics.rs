@@ -92,33 +92,23 @@ pub fn visible_ranges(events: &[HistoryEvent], from: u64, to: u64) -> Vec<(u64, 
         .collect();
     // Stable: equal keys keep the order read.
     changes.sort_by_key(|(e, _)| status_key(e));
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    let mut push = |s: u64, e: u64| {
-        let (s, e) = (s.max(from), e.min(to));
-        if s >= e {
-            return;
-        }
-        match out.last_mut() {
-            Some((_, last_end)) if *last_end >= s => *last_end = (*last_end).max(e),
-            _ => out.push((s, e)),
-        }
-    };
+    let mut stretches: Vec<(u64, u64)> = Vec::new();
     // (since, visible) of the stretch in progress; unknown counts as visible.
     let mut since = 0u64;
     let mut shown = true;
     for (e, v) in changes {
         if v != shown {
             if shown {
-                push(since, e.ts);
+                stretches.push((since, e.ts));
             }
             since = e.ts;
             shown = v;
         }
     }
     if shown {
-        push(since, u64::MAX);
+        stretches.push((since, u64::MAX));
     }
-    out
+    union(stretches, from, to)
 }
 
 /// Sorted, disjoint `[start, end)` ranges covering the union of `ranges`, clipped to `[from, to)`.
@@ -140,7 +130,8 @@ pub fn union(mut ranges: Vec<(u64, u64)>, from: u64, to: u64) -> Vec<(u64, u64)>
 }
 
 /// Total length of the union of `[start, end)` ranges, clipped to `[from, to)`.
-pub fn union_len(ranges: Vec<(u64, u64)>, from: u64, to: u64) -> u64 {
+#[cfg(test)]
+fn union_len(ranges: Vec<(u64, u64)>, from: u64, to: u64) -> u64 {
     union(ranges, from, to).iter().map(|(s, e)| e - s).sum()
 }
 

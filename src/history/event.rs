@@ -45,7 +45,11 @@ pub struct HistoryEvent {
     /// The session (0 for status events, and then left out). In JSON it is the hex string that
     /// `welcome.session`, `/api/users/{id}` and the kick routes use (a number would lose
     /// precision in JavaScript once the shard index reaches 32).
-    #[serde(default, skip_serializing_if = "no_session", with = "hex_session")]
+    #[serde(
+        default,
+        skip_serializing_if = "no_session",
+        deserialize_with = "hex_session::deserialize"
+    )]
     pub session: SessionId,
     /// Session events: when the session started (an end carries its start, so one row gives the
     /// whole interval).
@@ -73,13 +77,9 @@ pub struct HistoryEvent {
 
 /// A session id as lowercase hex in JSON; a number is accepted too.
 mod hex_session {
-    use serde::{Deserialize, Deserializer, Serializer};
+    use serde::{Deserialize, Deserializer};
 
     use crate::presence::SessionId;
-
-    pub fn serialize<S: Serializer>(id: &SessionId, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&id.to_string())
-    }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SessionId, D::Error> {
         #[derive(Deserialize)]

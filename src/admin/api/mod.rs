@@ -18,7 +18,7 @@ use std::rc::Rc;
 use serde::Serialize;
 
 use super::http::{Method, Response};
-use super::query::{self, merge_online, session_hex, GroupQuery, Kicked, OnlineRow};
+use super::query::{self, merge_online, GroupQuery, Kicked, OnlineRow};
 use crate::auth::Identity;
 use crate::metrics::ShardMetrics;
 use crate::presence::watchers::ShardIx;
@@ -107,9 +107,6 @@ async fn api(
             Err(Response::error(405, &format!("use {which}")))
         }
     };
-    if history::is_route(segs) {
-        return history::route(shard, read, segs, query).await;
-    }
     Ok(match segs {
         ["stats"] => {
             need(read, "GET")?;
@@ -182,11 +179,10 @@ async fn api(
                 } => {
                     #[derive(Serialize)]
                     struct Body {
-                        session: String,
+                        session: SessionId,
                         user: UserId,
                         kicked: usize,
                     }
-                    let session = session_hex(session);
                     Response::json(
                         200,
                         &Body {
@@ -216,6 +212,22 @@ async fn api(
                 Some(page) => Response::json(200, &page),
                 None => Response::error(404, "unknown group: no visible member, no subscriber"),
             }
+        }
+        ["history", id] => {
+            need(read, "GET")?;
+            history::history(shard, id, query).await?
+        }
+        ["analytics", id] => {
+            need(read, "GET")?;
+            history::analytics(shard, id, query).await?
+        }
+        ["replay"] => {
+            need(read, "GET")?;
+            history::replay(shard, query).await?
+        }
+        ["replay", "at"] => {
+            need(read, "GET")?;
+            history::replay_at(shard, query).await?
         }
         _ => Response::error(404, "not found"),
     })

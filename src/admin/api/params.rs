@@ -1,16 +1,12 @@
 //! Query parameters and path segments of the admin API, parsed into typed values (or a 400).
 
-use super::super::http::Response;
+use super::super::http::{digits, Response};
 use super::super::query::{decode_cursor, OnlineFilter, OnlineQuery};
 use crate::presence::{Aggregate, DeviceType, UserId};
 
-/// A decimal number written with digits only (RFC 9110 style: no sign, no spaces), as every
-/// number in a query parameter must be; `str::parse` alone would take `+5`.
-pub fn number(s: &str) -> Option<u64> {
-    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    s.parse().ok()
+/// The value of parameter `name`, if given.
+pub fn get<'a>(p: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    p.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
 }
 
 /// Query parameters, each allowed at most once and only from `allowed`.
@@ -45,8 +41,8 @@ pub fn page_args(
     for (k, v) in p {
         match k.as_str() {
             "limit" => {
-                limit = number(v)
-                    .and_then(|n| usize::try_from(n).ok())
+                // Digits only, as every number in a query parameter (`+5` is refused).
+                limit = digits::<usize>(v)
                     .filter(|n| (1..=max).contains(n))
                     .ok_or_else(|| {
                         Response::error(400, &format!("limit must be between 1 and {max}"))
@@ -115,9 +111,9 @@ pub fn parse_online(query: &str, max_page: usize) -> Result<OnlineQuery, Respons
 /// `from`/`to` in ms since the epoch; `to` defaults to now, `from` to a day before `to`.
 pub fn time_range(p: &[(String, String)]) -> Result<(u64, u64), Response> {
     let get = |name: &str| -> Result<Option<u64>, Response> {
-        match p.iter().find(|(k, _)| k == name) {
+        match get(p, name) {
             None => Ok(None),
-            Some((_, v)) => number(v)
+            Some(v) => digits(v)
                 .map(Some)
                 .ok_or_else(|| Response::error(400, &format!("{name} must be ms since the epoch"))),
         }
