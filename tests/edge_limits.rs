@@ -164,3 +164,55 @@ fn session_policy_evict_oldest() {
     assert_eq!(s2.request(json!({"op":"ping"}))["type"], "pong");
     assert_eq!(s3.request(json!({"op":"ping"}))["type"], "pong");
 }
+
+/// One address cannot take the handshake slots everyone else needs: the per-IP rate is checked
+/// at accept, before a slot, a TLS handshake or a read is spent on the socket. (Checked after
+/// the request head, 20 silent sockets from one address held all 8 slots for the handshake
+/// timeout, and everyone else was answered 503.)
+#[test]
+fn silent_sockets_from_one_address_leave_the_slots_to_others() {
+    let server = TestServer::with(1, |c| {
+        c.limits.handshake_rate_per_ip = 5;
+        c.limits.max_handshakes_in_flight = 8;
+        c.limits.handshake_wait_ms = 200;
+        c.limits.handshake_timeout_ms = 30_000;
+    });
+    let silent: Vec<std::net::TcpStream> = (0..20)
+        .map(|_| tcp_from(ip(5), server.addr, None))
+        .collect();
+    let (status, body) = raw_request_from(
+        tcp_from(ip(6), server.addr, None),
+        &upgrade_request(&server.token("other"), ""),
+    );
+    assert_eq!(status, 101, "{body}");
+    let refused = server.handle().metrics_total().handshakes_rate_limited;
+    assert!(
+        refused >= 15,
+        "the 15 past the burst refused at accept: {refused}"
+    );
+    drop(silent);
+}
+
+/// Whether a socket is refused is decided when it is accepted, not when the accept loop last
+/// gave up waiting for a slot: one that arrives after the slots have freed is served. (Decided
+/// before accepting, the next socket after a full spell got 503 however much later it came.)
+#[test]
+fn a_socket_arriving_after_a_full_spell_is_served() {
+    let server = TestServer::with(1, |c| {
+        c.limits.max_handshakes_in_flight = 1;
+        c.limits.handshake_wait_ms = 100;
+    });
+    let silent = std::net::TcpStream::connect(server.addr).unwrap();
+    // Past handshake_wait_ms: the accept loop has stopped waiting for the one slot.
+    std::thread::sleep(Duration::from_millis(400));
+    drop(silent);
+    common::eventually("the silent handshake ended", || {
+        (server.handle().metrics_total().handshakes_bad_request >= 1).then_some(())
+    });
+    let (status, body) = raw_request_from(
+        std::net::TcpStream::connect(server.addr).unwrap(),
+        &upgrade_request(&server.token("late"), ""),
+    );
+    assert_eq!(status, 101, "{body}");
+    assert_eq!(server.handle().metrics_total().handshakes_unavailable, 0);
+}

@@ -277,3 +277,83 @@ fn the_admin_port_speaks_tls_when_asked() {
     assert_eq!(code, 0, "no plaintext answer");
     assert!(get("/healthz", None).starts_with("HTTP/1.1 200 OK"));
 }
+
+/// A TLS listener refuses at accept by closing the socket: a plaintext `HTTP/1.1 503` is
+/// garbage to a TLS client (it used to be written all the same).
+#[test]
+fn refusals_at_accept_on_a_tls_listener_are_closed_unanswered() {
+    let certs = Certs::new("refuse");
+    let server = TestServer::with(1, |c| {
+        c.tls.cert = Some(certs.path("cert.pem"));
+        c.tls.key = Some(certs.path("key.pem"));
+        c.tls.listen = Some("127.0.0.1:0".parse().unwrap());
+        c.limits.max_handshakes_in_flight = 1;
+        c.limits.handshake_wait_ms = 0;
+    });
+    let tls_addr = server.handle().tls_addr.expect("a TLS listener");
+    let _holds_the_slot = TcpStream::connect(tls_addr).unwrap();
+    let (code, body) = common::eventually("a socket refused for want of a slot", || {
+        let got = common::raw_request(tls_addr, "GET /ws HTTP/1.1\r\n\r\n");
+        (server.handle().metrics_total().handshakes_unavailable > 0).then_some(got)
+    });
+    assert_eq!((code, body.as_str()), (0, ""), "no plaintext answer");
+}
+
+/// The admin port over TLS: a new connection is idle until its first request, so the pool may
+/// evict it mid-handshake, and then it is closed at once, not after `admin.header_timeout_ms`
+/// (it used to keep its socket that long, outside the pool's count). A connection refused at
+/// accept is closed unanswered (a plaintext 429 used to be written into the TLS stream).
+#[test]
+fn the_tls_admin_port_closes_what_it_evicts_or_refuses() {
+    use std::io::{Read, Write};
+    let certs = Certs::new("admin-evict");
+    let server = TestServer::with(1, |c| {
+        c.tls.cert = Some(certs.path("cert.pem"));
+        c.tls.key = Some(certs.path("key.pem"));
+        c.tls.listen = Some("127.0.0.1:0".parse().unwrap());
+        c.admin.tls = true;
+        c.admin.max_connections = 2;
+        c.admin.header_timeout_ms = 60_000;
+    });
+    let mut silent: Vec<TcpStream> = (0..6)
+        .map(|_| TcpStream::connect(server.admin).unwrap())
+        .collect();
+    let config = certs.client_config(&[&rustls::version::TLS13]);
+    let mut probe = tls_stream(server.admin, config);
+    write!(
+        probe,
+        "GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    let _ = probe.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+    let closed = silent.iter_mut().map(closed_by_peer).filter(|c| *c).count();
+    assert!(closed >= 4, "the evicted sockets are closed: {closed} of 6");
+
+    let server = TestServer::with(1, |c| {
+        c.tls.cert = Some(certs.path("cert.pem"));
+        c.tls.key = Some(certs.path("key.pem"));
+        c.tls.listen = Some("127.0.0.1:0".parse().unwrap());
+        c.admin.tls = true;
+        c.admin.max_connections_per_ip = 1;
+    });
+    let _held = TcpStream::connect(server.admin).unwrap();
+    let (code, body) = common::eventually("a connection past the per-IP cap refused", || {
+        let got = common::raw_request(server.admin, "GET /healthz HTTP/1.1\r\n\r\n");
+        (server.handle().metrics_total().admin_refused > 0).then_some(got)
+    });
+    assert_eq!((code, body.as_str()), (0, ""), "no plaintext answer");
+}
+
+/// Whether the server has closed `s` (within 5 s).
+fn closed_by_peer(s: &mut TcpStream) -> bool {
+    use std::io::Read;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    match s.read(&mut [0u8; 1]) {
+        Ok(0) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        Ok(_) => false,
+    }
+}

@@ -12,7 +12,8 @@
 //! - when every pooled connection is busy with a request, a newcomer still gets one of
 //!   `admin.probe_connections` reserved slots, where `/healthz`, `/readyz` and `/metrics` are
 //!   answered (one request, then close) and anything else gets 503. Only when those are taken
-//!   too does a newcomer get 503 at accept.
+//!   too does a newcomer get 503 at accept (over TLS, refused connections are closed
+//!   unanswered: a plaintext answer would be garbage to a TLS client).
 
 use std::net::IpAddr;
 use std::rc::Rc;
@@ -149,6 +150,12 @@ pub async fn accept_loop(
             Err(Full::Busy) if local.probes.get() < cfg.probe_connections => Conn::Probe {
                 _slot: Probe::new(local.clone()),
             },
+            Err(_) if tls.is_some() => {
+                // A plaintext answer would be garbage to a TLS client, and a refused socket
+                // gets no TLS handshake: closed unanswered.
+                ShardMetrics::inc(&m.admin_refused);
+                continue;
+            }
             Err(full) => {
                 ShardMetrics::inc(&m.admin_refused);
                 let resp = match full {
@@ -259,12 +266,23 @@ async fn start(shard: Rc<Shard>, stream: TcpStream, tls: Option<Arc<ServerConfig
     match tls {
         None => serve(shard, stream, conn).await,
         Some(tls_cfg) => {
+            // Within the header timeout, and only while the pool keeps the connection: a new
+            // connection counts as idle, so it may be evicted mid-handshake.
             let wait = Duration::from_millis(cfg.header_timeout_ms);
             let accepting = futures_rustls::TlsAcceptor::from(tls_cfg).accept(stream);
-            let handshake = futures_lite::future::or(async { Some(accepting.await) }, async {
-                glommio::timer::sleep(wait).await;
-                None
-            })
+            let handshake = futures_lite::future::or(
+                async { Some(accepting.await) },
+                futures_lite::future::or(
+                    async {
+                        glommio::timer::sleep(wait).await;
+                        None
+                    },
+                    async {
+                        conn.evicted().await;
+                        None
+                    },
+                ),
+            )
             .await;
             if let Some(Ok(tls_stream)) = handshake {
                 serve(shard, tls_stream, conn).await;

@@ -38,29 +38,34 @@ pub async fn accept_loop(
     loop {
         // Bounded work per shard: at most `max_handshakes_in_flight` upgrades are read at once
         // (each holds buffers, a timer, maybe a TLS session). While they are all taken, the
-        // next sockets wait in the kernel's listen backlog, not here; only if no slot frees
-        // within `handshake_wait_ms` is one accepted and answered 503.
-        let permit = futures_lite::future::or(
-            async { edge.handshakes.acquire_static_permit(1).await.ok() },
-            async {
-                glommio::timer::sleep(wait).await;
-                None
-            },
-        )
-        .await;
-        let Some(mut stream) = crate::net::next_connection(&listener, &stop).await else {
+        // next sockets wait in the kernel's listen backlog, not here; only once no slot has
+        // freed for `handshake_wait_ms` is the next one accepted, and answered 503 if there is
+        // still no slot for it then.
+        edge.slot_freed(wait).await;
+        let Some(stream) = crate::net::next_connection(&listener, &stop).await else {
             return;
         };
         let accepted = Instant::now();
+        let Ok(peer) = stream.peer_addr() else {
+            continue;
+        };
         let metrics = edge.shard.metrics().clone();
-        let Some(permit) = permit else {
+        // The per-IP rate first, before a slot, a TLS handshake or a read is spent on the
+        // socket: one address cannot hold the slots everyone else needs.
+        if !edge.ip_limiter.borrow_mut().allow(peer.ip(), now_ms()) {
+            ShardMetrics::inc(&metrics.handshakes_rate_limited);
+            let why = "too many connection attempts from this address";
+            edge.refuse(stream, secure.is_some(), 429, why);
+            continue;
+        }
+        let Ok(permit) = edge.handshakes.try_acquire_static_permit(1) else {
             ShardMetrics::inc(&metrics.handshakes_unavailable);
-            glommio::spawn_local(async move {
-                let busy = http::error_response(503, "too many handshakes in progress");
-                let _ = stream.write_all(&busy).await;
-                let _ = stream.close().await;
-            })
-            .detach();
+            edge.refuse(
+                stream,
+                secure.is_some(),
+                503,
+                "too many handshakes in progress",
+            );
             continue;
         };
         let tls = match secure
@@ -74,20 +79,60 @@ pub async fn accept_loop(
                 continue;
             }
         };
-        let task = handshake(edge.clone(), stream, tls, accepted, permit);
+        let task = handshake(edge.clone(), stream, peer, tls, accepted, permit);
         glommio::spawn_local(crate::net::guarded(metrics, task)).detach();
+    }
+}
+
+impl Edge {
+    /// Waits until a handshake slot is free, or `wait` has passed.
+    async fn slot_freed(&self, wait: Duration) {
+        futures_lite::future::or(
+            async {
+                let _ = self.handshakes.acquire_permit(1).await;
+            },
+            glommio::timer::sleep(wait),
+        )
+        .await;
+    }
+
+    /// Answers a socket refused at accept, before anything of it is read. Plain: the status,
+    /// then a short linger, so that the request the client already sent does not turn the
+    /// close into a reset that loses the answer. TLS: closed unanswered (a plaintext answer
+    /// would be garbage to a TLS client, and a refused socket gets no TLS handshake). At most
+    /// `max_handshakes_in_flight` refusals linger at once; past that a refused socket is
+    /// closed at once.
+    fn refuse(&self, stream: TcpStream, tls: bool, status: u16, reason: &'static str) {
+        if tls {
+            return;
+        }
+        let Ok(permit) = self.refusals.try_acquire_static_permit(1) else {
+            return;
+        };
+        glommio::spawn_local(async move {
+            let mut stream = stream;
+            if stream
+                .write_all(&http::error_response(status, reason))
+                .await
+                .is_ok()
+            {
+                conn::linger(&mut stream).await;
+            }
+            drop(permit);
+        })
+        .detach();
     }
 }
 
 async fn handshake(
     edge: Rc<Edge>,
     mut stream: TcpStream,
+    peer: SocketAddr,
     mut tls: Option<Box<Tls>>,
     accepted: Instant,
     permit: StaticPermit,
 ) {
     let shard = &edge.shard;
-    let Ok(peer) = stream.peer_addr() else { return };
     let limits = &shard.cfg().limits;
     let deadline = Duration::from_millis(limits.handshake_timeout_ms);
     let reading = read_head(&mut stream, &mut tls, limits.max_header_bytes);
@@ -97,13 +142,13 @@ async fn handshake(
     })
     .await;
     let result = head
-        .and_then(|(buf, req)| edge.admit(peer, &req).map(|()| (buf, req)))
-        .and_then(|(buf, req)| authenticate(shard, peer, accepted, buf, req))
-        .and_then(|a| {
+        .and_then(|(buf, req)| edge.check_origin(&req).map(|()| (buf, req)))
+        .and_then(|(buf, req)| {
+            // Shedding load costs less than a signature check.
             if shard.congested() {
                 Err(Reject::new(503, "server overloaded: retry later"))
             } else {
-                Ok(a)
+                authenticate(shard, peer, accepted, buf, req)
             }
         });
     let a = match result {
@@ -245,15 +290,8 @@ async fn read_head(
 }
 
 impl Edge {
-    /// Cheap checks before the token is verified: the per-IP rate limit and the Origin
-    /// allowlist.
-    fn admit(&self, peer: SocketAddr, req: &http::UpgradeRequest) -> Result<(), Reject> {
-        if !self.ip_limiter.borrow_mut().allow(peer.ip(), now_ms()) {
-            return Err(Reject::new(
-                429,
-                "too many connection attempts from this address",
-            ));
-        }
+    /// The Origin allowlist (a request without `Origin`, not a browser's, passes).
+    fn check_origin(&self, req: &http::UpgradeRequest) -> Result<(), Reject> {
         let allowed = &self.shard.cfg().allowed_origins;
         if let Some(origin) = &req.origin {
             if !allowed.is_empty() && !allowed.iter().any(|a| a.eq_ignore_ascii_case(origin)) {

@@ -208,7 +208,7 @@ impl Future for Live {
 
 /// After our close frame: stop sending, let the peer's close (or EOF) arrive so the kernel does
 /// not reset the connection under the frame we just sent.
-async fn linger(stream: &mut TcpStream) {
+pub(super) async fn linger(stream: &mut TcpStream) {
     let _ = stream.close().await; // shutdown(Write)
     let drain = async {
         let mut sink = [0u8; 512];

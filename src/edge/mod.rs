@@ -34,6 +34,8 @@ pub struct Edge {
     ip_limiter: RefCell<IpLimiter>,
     /// Handshakes in progress on this shard (`limits.max_handshakes_in_flight`).
     handshakes: Rc<Semaphore>,
+    /// Sockets refused at accept that are still being answered (as many as handshakes).
+    refusals: Rc<Semaphore>,
 }
 
 impl Edge {
@@ -46,6 +48,7 @@ impl Edge {
                 l.ipv6_prefix_len,
             )),
             handshakes: Rc::new(Semaphore::new(l.max_handshakes_in_flight as u64)),
+            refusals: Rc::new(Semaphore::new(l.max_handshakes_in_flight as u64)),
             shard,
         })
     }
