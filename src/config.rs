@@ -119,8 +119,9 @@ pub struct Limits {
     /// queued user replaces the queued one instead of queueing behind it (a connection whose
     /// socket stops taking data is behind at once). Clients that keep up get every event.
     pub coalesce_after_bytes: usize,
-    /// New subscription ids (users and groups) per second per connection; the burst is
-    /// `max_subscriptions`, so a client can subscribe its whole list at once. A subscribe
+    /// New subscription ids (users and groups) per second per user, shared by all of the user's
+    /// sessions and not refilled by reconnecting; the burst is `max_subscriptions`, so a client
+    /// can subscribe its whole list at once. A subscribe
     /// costs one cross-shard message and one snapshot per id, so this, not the op rate, bounds
     /// what subscription churn costs the server. 0 disables.
     pub subscriptions_per_second: u32,
@@ -425,7 +426,9 @@ pub const RANGES: &[(&str, u64, u64)] = &[
     ("limits.max_sessions_per_user", 0, 100_000),
     ("limits.handshake_rate_per_ip", 0, 1_000_000),
     ("limits.max_tracked_ips", 1, 100_000_000),
-    ("limits.ops_per_second", 0, 1_000_000),
+    // Below half of max_pending_replies' maximum: the relation between them (validate) must
+    // leave every value in this range usable.
+    ("limits.ops_per_second", 0, 100_000),
     ("limits.max_connections_per_shard", 1, 100_000_000),
     ("limits.max_pending_replies", 16, 1_000_000),
     ("limits.max_pending_events", 1, 10_000_000),
@@ -623,8 +626,13 @@ impl Config {
                 return bad("admin.token", "at least 16 bytes");
             }
         }
-        if self.admin.enabled && self.admin.listen == self.listen && self.listen.port() != 0 {
-            return bad("admin.listen", "must differ from `listen`");
+        if self.admin.enabled && self.admin.listen.port() != 0 {
+            if self.admin.listen == self.listen {
+                return bad("admin.listen", "must differ from `listen`");
+            }
+            if Some(self.admin.listen) == self.tls.listen {
+                return bad("admin.listen", "must differ from `tls.listen`");
+            }
         }
         if let Some(s) = &self.jwt_secret {
             if s.len() < 16 {
@@ -818,6 +826,28 @@ mod tests {
         }
         let e = with("history.cpu", 1024).unwrap().validate().unwrap_err().0;
         assert!(e.starts_with("history.cpu"), "{e}");
+    }
+
+    #[test]
+    fn relations_leave_the_ends_of_ranges_usable() {
+        let mut c = with("limits.ops_per_second", 100_000).unwrap();
+        c.limits.max_pending_replies = 1_000_000;
+        c.validate()
+            .expect("the largest op rate, with room for its replies");
+    }
+
+    #[test]
+    fn the_three_listeners_are_distinct() {
+        let mut c = Config::default();
+        c.tls.cert = Some("c.pem".into());
+        c.tls.key = Some("k.pem".into());
+        c.tls.listen = Some("127.0.0.1:9443".parse().unwrap());
+        c.admin.listen = "127.0.0.1:9443".parse().unwrap();
+        let e = c.validate().unwrap_err().0;
+        assert_eq!(e, "admin.listen: must differ from `tls.listen`");
+        c.admin.listen = c.listen;
+        let e = c.validate().unwrap_err().0;
+        assert_eq!(e, "admin.listen: must differ from `listen`");
     }
 
     #[test]
