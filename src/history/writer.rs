@@ -26,10 +26,30 @@ use crate::shard::now_ms;
 const RETENTION_EVERY: Duration = Duration::from_secs(60);
 const RETENTION_CHUNK: usize = 2_000;
 const RETENTION_TURN: Duration = Duration::from_millis(100);
-/// At most this often, after a retention turn that deleted something, the writer measures the
-/// local store's free space (which walks its pages) to decide whether to compact it. The first
-/// check is at start.
+/// At most this often, after retention has deleted something and caught up, the writer
+/// measures the local store's free space (which walks its pages) to decide whether to compact
+/// it. The first such check may come at start: a start that finds nothing to delete does not
+/// walk the store, however large it is.
 const COMPACT_CHECK_EVERY: Duration = Duration::from_secs(600);
+
+/// How a retention turn ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Turn {
+    CaughtUp,
+    /// A backlog is left: the next turn comes soon.
+    MoreLeft,
+    /// The store refused: the next try comes `RETENTION_EVERY` later.
+    Failed,
+}
+
+/// Whether to measure the store for a compaction after a retention turn: only after a turn
+/// that caught up (not after a store error), when something was deleted since the last check,
+/// at most every `COMPACT_CHECK_EVERY`.
+fn compaction_check_due(turn: Turn, expired_since_check: u64, last: Option<Instant>) -> bool {
+    turn == Turn::CaughtUp
+        && expired_since_check > 0
+        && last.is_none_or(|at| at.elapsed() >= COMPACT_CHECK_EVERY)
+}
 
 pub struct Writer {
     cfg: HistoryConfig,
@@ -104,7 +124,7 @@ impl Writer {
     async fn run_with<S: Store>(mut self, mut store: S) {
         let batch_wait = Duration::from_millis(self.cfg.batch_interval_ms);
         let mut batch_due: Option<tokio::time::Instant> = None;
-        // The first retention turn (and the first compaction check) at once.
+        // The first retention turn at once.
         let mut retention_due = tokio::time::Instant::now();
         let mut compact_checked: Option<Instant> = None;
         let mut expired_since_check = 0u64;
@@ -175,14 +195,11 @@ impl Writer {
                     batch_due = None;
                 }
                 _ = tokio::time::sleep_until(retention_due) => {
-                    let (expired, caught_up) = self.expire(&mut store).await;
+                    let (expired, turn) = self.expire(&mut store).await;
                     expired_since_check += expired;
                     retention_due = tokio::time::Instant::now()
-                        + if caught_up { RETENTION_EVERY } else { RETENTION_TURN };
-                    let check = compact_checked.is_none_or(|at| {
-                        expired_since_check > 0 && at.elapsed() >= COMPACT_CHECK_EVERY
-                    });
-                    if caught_up && check {
+                        + if turn == Turn::MoreLeft { RETENTION_TURN } else { RETENTION_EVERY };
+                    if compaction_check_due(turn, expired_since_check, compact_checked) {
                         self.compact(&mut store).await;
                         compact_checked = Some(Instant::now());
                         expired_since_check = 0;
@@ -270,8 +287,8 @@ impl Writer {
         }
     }
 
-    /// One retention turn: returns how many records it deleted, and whether it caught up.
-    async fn expire<S: Store>(&mut self, store: &mut S) -> (u64, bool) {
+    /// One retention turn: returns how many records it deleted, and how it ended.
+    async fn expire<S: Store>(&mut self, store: &mut S) -> (u64, Turn) {
         let keep_ms = u64::from(self.cfg.retention_days) * 86_400_000;
         let before = now_ms().saturating_sub(keep_ms);
         let started = Instant::now();
@@ -282,15 +299,15 @@ impl Writer {
                     HistoryMetrics::add(&self.metrics.expired, n);
                     total += n;
                     if n < RETENTION_CHUNK as u64 {
-                        return (total, true);
+                        return (total, Turn::CaughtUp);
                     }
                     if started.elapsed() >= RETENTION_TURN {
-                        return (total, false);
+                        return (total, Turn::MoreLeft);
                     }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "history: retention failed; next try in a minute");
-                    return (total, true);
+                    return (total, Turn::Failed);
                 }
             }
         }
@@ -455,5 +472,26 @@ mod tests {
         }
         let spread: std::collections::HashSet<_> = (0..50).map(|_| backoff(50, 5_000, 6)).collect();
         assert!(spread.len() > 5, "jittered");
+    }
+
+    #[test]
+    fn the_store_is_measured_only_after_deletions_that_caught_up() {
+        let long_ago = Instant::now().checked_sub(COMPACT_CHECK_EVERY * 2);
+        // At start (never checked): only if the first turn deleted something.
+        assert!(!compaction_check_due(Turn::CaughtUp, 0, None));
+        assert!(compaction_check_due(Turn::CaughtUp, 10, None));
+        // Not while a backlog is left, nor after a store error.
+        assert!(!compaction_check_due(Turn::MoreLeft, 10, None));
+        assert!(!compaction_check_due(Turn::Failed, 10, None));
+        // At most every COMPACT_CHECK_EVERY.
+        assert!(!compaction_check_due(
+            Turn::CaughtUp,
+            10,
+            Some(Instant::now())
+        ));
+        if long_ago.is_some() {
+            assert!(compaction_check_due(Turn::CaughtUp, 10, long_ago));
+            assert!(!compaction_check_due(Turn::CaughtUp, 0, long_ago));
+        }
     }
 }
