@@ -52,19 +52,16 @@ fn judge(
 ) -> Report {
     let mut r = Report::default();
     machine(&mut r.text, cpus);
-    let shards = cfg.shard_count();
-    let flags = flag_spelling(cfg, shards);
+    let flags = flag_spelling(cfg, cfg.shard_count());
+    let _ = writeln!(r.text, "\nplan: {flags}");
     let plan = match plan {
         Ok(plan) => plan,
         Err(e) => {
-            let _ = writeln!(r.text, "\nplan: {flags}");
             r.errors.push(format!("{flags}: {e}"));
             return r;
         }
     };
-    let _ = writeln!(r.text, "\nplan: {flags}");
     let online = |c: usize| cpus.iter().find(|l| l.cpu == c);
-    let online_list = cpu_list(&cpus.iter().map(|c| c.cpu).collect::<Vec<_>>());
     for (ix, cpu) in plan.iter().enumerate() {
         let place = match cpu.map(|c| (c, online(c))) {
             Some((c, Some(l))) => format!("cpu {c} (core {}, numa {})", l.core, l.numa),
@@ -83,8 +80,9 @@ fn judge(
     offline.dedup();
     if !offline.is_empty() {
         r.errors.push(format!(
-            "{flags}: CPU(s) {} not online (online: {online_list}); a shard cannot run there",
-            cpu_list(&offline)
+            "{flags}: CPU(s) {} not online (online: {}); a shard cannot run there",
+            cpu_list(&offline),
+            online_list(cpus)
         ));
     }
     let mut distinct = pinned.clone();
@@ -98,11 +96,7 @@ fn judge(
             distinct.len()
         ));
     }
-    let mut cores: BTreeMap<(usize, usize), Vec<usize>> = BTreeMap::new();
-    for c in cpus {
-        cores.entry((c.package, c.core)).or_default().push(c.cpu);
-    }
-    let smt = cores
+    let smt = cores(cpus)
         .values()
         .filter(|sib| sib.iter().filter(|c| distinct.contains(c)).count() > 1)
         .count();
@@ -130,7 +124,7 @@ fn history_cpu(cfg: &Config, plan: &[Option<usize>], cpus: &[Cpu], r: &mut Repor
         // `serve` starts, logs that it cannot pin the writer, and leaves it unpinned.
         r.warnings.push(format!(
             "history.cpu = {cpu}: not online (online: {}); the writer would run unpinned",
-            cpu_list(&cpus.iter().map(|c| c.cpu).collect::<Vec<_>>())
+            online_list(cpus)
         ));
     }
     if let Some(shard) = plan.iter().position(|c| *c == Some(cpu)) {
@@ -156,10 +150,9 @@ fn machine(w: &mut String, cpus: &[Cpu]) {
             c.cpu, c.core, c.package, c.numa
         );
     }
-    let mut cores: BTreeMap<(usize, usize), Vec<usize>> = BTreeMap::new();
+    let cores = cores(cpus);
     let mut numa: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
     for c in cpus {
-        cores.entry((c.package, c.core)).or_default().push(c.cpu);
         numa.entry(c.numa).or_default().push(c.cpu);
     }
     let _ = writeln!(w, "\nphysical cores: {}", cores.len());
@@ -175,6 +168,20 @@ fn machine(w: &mut String, cpus: &[Cpu]) {
     for (node, list) in &numa {
         let _ = writeln!(w, "  node {node}: cpus {list:?}");
     }
+}
+
+/// Physical cores, (package, core) → their CPUs (SMT siblings share one).
+fn cores(cpus: &[Cpu]) -> BTreeMap<(usize, usize), Vec<usize>> {
+    let mut cores: BTreeMap<(usize, usize), Vec<usize>> = BTreeMap::new();
+    for c in cpus {
+        cores.entry((c.package, c.core)).or_default().push(c.cpu);
+    }
+    cores
+}
+
+/// The online CPUs as `--cpus` spells them.
+fn online_list(cpus: &[Cpu]) -> String {
+    cpu_list(&cpus.iter().map(|c| c.cpu).collect::<Vec<_>>())
 }
 
 /// The plan as the flags that ask for it: `--shards 4 --placement fixed --cpus 0-3`.
@@ -211,9 +218,10 @@ fn cpu_list(cpus: &[usize]) -> String {
         if !out.is_empty() {
             out.push(',');
         }
-        let _ = match j > i {
-            true => write!(out, "{}-{}", cpus[i], cpus[j]),
-            false => write!(out, "{}", cpus[i]),
+        let _ = if j > i {
+            write!(out, "{}-{}", cpus[i], cpus[j])
+        } else {
+            write!(out, "{}", cpus[i])
         };
         i = j + 1;
     }

@@ -132,8 +132,9 @@ impl LocalStore {
         })
     }
 
-    /// What the file takes on disk now: its allocated blocks (`du`), not its length.
-    pub fn disk_bytes(&self) -> Result<u64, StoreError> {
+    /// What the file takes on disk now: its allocated blocks (`du`), not its length. (The
+    /// [`Store::disk_bytes`] of this store, with the error kept.)
+    pub fn disk_usage(&self) -> Result<u64, StoreError> {
         use std::os::unix::fs::MetadataExt;
         Ok(std::fs::metadata(&self.path).map_err(err)?.blocks() * 512)
     }
@@ -159,7 +160,7 @@ impl LocalStore {
         let stats = txn.stats().map_err(err)?;
         txn.abort().map_err(err)?;
         let space = Space {
-            disk_bytes: self.disk_bytes()?,
+            disk_bytes: self.disk_usage()?,
             allocated_bytes: stats.allocated_pages() * stats.page_size() as u64,
         };
         let records = self.records()?;
@@ -184,7 +185,7 @@ impl LocalStore {
     ) -> Result<Option<Compacted>, StoreError> {
         if let Some(per_record) = self.bytes_per_record {
             let estimate = Space {
-                disk_bytes: self.disk_bytes()?,
+                disk_bytes: self.disk_usage()?,
                 allocated_bytes: (self.records()? as f64 * per_record) as u64,
             };
             if !policy.worth_it(estimate) {
@@ -198,7 +199,7 @@ impl LocalStore {
         self.db.compact().map_err(err)?;
         Ok(Some(Compacted {
             before,
-            after_disk_bytes: self.disk_bytes()?,
+            after_disk_bytes: self.disk_usage()?,
         }))
     }
 
@@ -365,7 +366,7 @@ impl Store for LocalStore {
     }
 
     fn disk_bytes(&self) -> Option<u64> {
-        LocalStore::disk_bytes(self).ok()
+        self.disk_usage().ok()
     }
 
     async fn compact(&mut self, policy: CompactPolicy) -> Result<Option<Compacted>, StoreError> {
