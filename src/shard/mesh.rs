@@ -14,8 +14,10 @@
 //!   `overloaded`, an upgrade gets 503), so state traffic is only what already-admitted work
 //!   produces.
 //! - [`Class::Latest`] (presence updates, group member changes and group events): a newer one
-//!   for the same key replaces a queued older one (which moves to the back, so FIFO order with
-//!   snapshots is kept); never dropped, so every watcher converges to the newest state.
+//!   for the same key replaces a queued older one in place (the key keeps its place in the
+//!   stream); a snapshot is a barrier, so an update queued before it is never replaced by one
+//!   sent after it, and FIFO order with snapshots is kept. Never dropped, so every watcher
+//!   converges to the newest state.
 //! - [`Class::Ephemeral`] (`activity`): dropped, and counted, while the overflow is over its
 //!   bound.
 
@@ -196,8 +198,9 @@ impl MeshMsg {
 /// One peer's overflow queue.
 #[derive(Default)]
 struct Overflow {
-    /// `None`: replaced by a newer message of the same [`LatestKey`].
-    queue: VecDeque<Option<(MeshMsg, usize)>>,
+    /// Each message with its [`MeshMsg::approx_bytes`]. A newer message of the same
+    /// [`LatestKey`] replaces the queued one in its slot.
+    queue: VecDeque<(MeshMsg, usize)>,
     /// Absolute position of `queue[0]`.
     head: u64,
     /// Position of the queued message per latest-key.
@@ -308,15 +311,13 @@ impl Mesh {
             // position in the stream is kept, so a hot user cannot be pushed back for ever.
             (Class::Latest(key), _) => {
                 if let Some(&at) = q.latest.get(key) {
-                    let slot = &mut q.queue[(at - q.head) as usize];
-                    if let Some((queued, old_size)) = slot.as_mut() {
-                        *queued = msg;
-                        let old_size = std::mem::replace(old_size, size);
-                        self.sub_bytes(old_size);
-                        self.add_bytes(size);
-                        ShardMetrics::inc(&self.metrics.mesh_coalesced);
-                        return;
-                    }
+                    let (queued, queued_size) = &mut q.queue[(at - q.head) as usize];
+                    *queued = msg;
+                    let old_size = std::mem::replace(queued_size, size);
+                    self.sub_bytes(old_size);
+                    self.add_bytes(size);
+                    ShardMetrics::inc(&self.metrics.mesh_coalesced);
+                    return;
                 }
                 let pos = q.head + q.queue.len() as u64;
                 q.latest.insert(key.clone(), pos);
@@ -335,7 +336,7 @@ impl Mesh {
             _ => {}
         }
         ShardMetrics::inc(&self.metrics.mesh_overflowed);
-        q.queue.push_back(Some((msg, size)));
+        q.queue.push_back((msg, size));
         self.add_bytes(size);
     }
 
@@ -356,12 +357,11 @@ impl Mesh {
         loop {
             let next = {
                 let mut q = self.overflow[ix].borrow_mut();
-                let Some(slot) = q.queue.pop_front() else {
+                let Some((msg, size)) = q.queue.pop_front() else {
                     break;
                 };
                 let pos = q.head;
                 q.head += 1;
-                let Some((msg, size)) = slot else { continue };
                 if let Class::Latest(key) = msg.class() {
                     if q.latest.get(&key) == Some(&pos) {
                         q.latest.remove(&key);
