@@ -254,25 +254,31 @@ impl Shard {
         watching.shrink();
     }
 
-    pub(super) fn unwatch_users(&self, session: &Session, users: &[UserId]) {
+    fn unwatch_users(&self, session: &Session, users: &[UserId]) {
         for user in users {
             let Some(state) = session.watching.borrow_mut().remove(user) else {
                 continue;
             };
-            if state == SubState::Live {
-                remove_sub(&mut self.user_subs.borrow_mut(), user, session.id);
-            }
-            session.cancel(&Key::Presence(user.clone(), None));
-            session.cancel(&Key::Activity(user.clone()));
-            self.send(
-                self.owner(user),
-                MeshMsg::Unwatch {
-                    user: user.clone(),
-                    from: self.ix,
-                },
-            );
+            self.drop_user_sub(session, user, state);
         }
         session.watching.borrow_mut().shrink();
+    }
+
+    /// Undoes one subscription to `user`, already taken out of `session.watching`: the local
+    /// subscriber list, its queued events, and the owner's watcher count.
+    pub(super) fn drop_user_sub(&self, session: &Session, user: &UserId, state: SubState) {
+        if state == SubState::Live {
+            remove_sub(&mut self.user_subs.borrow_mut(), user, session.id);
+        }
+        session.cancel(&Key::Presence(user.clone(), None));
+        session.cancel(&Key::Activity(user.clone()));
+        self.send(
+            self.owner(user),
+            MeshMsg::Unwatch {
+                user: user.clone(),
+                from: self.ix,
+            },
+        );
     }
 
     fn watch_group(&self, session: &Session, group: &GroupId) {
@@ -292,10 +298,15 @@ impl Shard {
         );
     }
 
-    pub(super) fn unwatch_group(&self, session: &Session, group: &GroupId) {
+    fn unwatch_group(&self, session: &Session, group: &GroupId) {
         let Some(state) = session.watching_groups.borrow_mut().remove(group) else {
             return;
         };
+        self.drop_group_sub(session, group, state);
+    }
+
+    /// Undoes one subscription to `group`, already taken out of `session.watching_groups`.
+    pub(super) fn drop_group_sub(&self, session: &Session, group: &GroupId, state: SubState) {
         if state == SubState::Live {
             remove_sub(&mut self.group_subs.borrow_mut(), group, session.id);
         }

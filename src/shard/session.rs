@@ -457,11 +457,14 @@ impl Shard {
         self.expiries
             .borrow_mut()
             .remove(&(session.expires_at.get(), id));
-        let users: Vec<UserId> = session.watching.borrow().keys().cloned().collect();
-        self.unwatch_users(session, &users);
-        let groups: Vec<GroupId> = session.watching_groups.borrow().keys().cloned().collect();
-        for g in &groups {
-            self.unwatch_group(session, g);
+        // Every subscription goes, in one pass each (taken whole, not removed one by one).
+        let users = std::mem::take(&mut *session.watching.borrow_mut());
+        for (user, state) in users {
+            self.drop_user_sub(session, &user, state);
+        }
+        let groups = std::mem::take(&mut *session.watching_groups.borrow_mut());
+        for (group, state) in groups {
+            self.drop_group_sub(session, &group, state);
         }
         ShardMetrics::sub(&self.metrics.connections, 1);
         if let Some(admin) = &session.observer {
