@@ -201,8 +201,6 @@ impl Shard {
         }
         let granted = self.subscriptions.borrow_mut().take(
             &session.user,
-            limits.subscriptions_per_second,
-            self.subscription_burst(),
             u32::try_from(n).unwrap_or(u32::MAX),
             now_ms(),
         );
@@ -221,11 +219,6 @@ impl Shard {
     /// Subscriptions a session holds (users and groups).
     fn held(&self, session: &Session) -> usize {
         session.watching.borrow().len() + session.watching_groups.borrow().len()
-    }
-
-    /// The subscription budget's burst: a client may fill its whole allowance at once.
-    pub(super) fn subscription_burst(&self) -> u32 {
-        u32::try_from(self.cfg.limits.max_subscriptions).unwrap_or(u32::MAX)
     }
 
     /// Subscribes to users not yet watched: mark pending, ask each owner for a snapshot.

@@ -125,8 +125,14 @@ impl Shard {
         mesh: Rc<Mesh>,
         shared: Arc<Shared>,
     ) -> Shard {
-        // One subscription budget per user with a session here, at most.
-        let max_users = cfg.limits.max_connections_per_shard;
+        // One subscription budget per user with a session here, at most. Its burst: a client
+        // may fill its whole allowance at once.
+        let limits = &cfg.limits;
+        let subscriptions = budget::Subscriptions::new(
+            limits.max_connections_per_shard,
+            limits.subscriptions_per_second,
+            u32::try_from(limits.max_subscriptions).unwrap_or(u32::MAX),
+        );
         Shard {
             ix,
             cpu,
@@ -143,7 +149,7 @@ impl Shard {
             group_subs: RefCell::new(HashMap::new()),
             observers: RefCell::new(HashMap::new()),
             next_session: Cell::new(0),
-            subscriptions: RefCell::new(budget::Subscriptions::new(max_users)),
+            subscriptions: RefCell::new(subscriptions),
             expiries: RefCell::new(BTreeSet::new()),
             stopping: Cell::new(false),
             no_groups: Arc::from([]),

@@ -499,13 +499,7 @@ impl Shard {
             self.publish(change);
         }
         if self.registry.borrow().sessions(&session.user).is_empty() {
-            let limits = &self.cfg.limits;
-            self.subscriptions.borrow_mut().release(
-                &session.user,
-                limits.subscriptions_per_second,
-                self.subscription_burst(),
-                now,
-            );
+            self.subscriptions.borrow_mut().release(&session.user, now);
         }
         tracing::debug!(session = %id, user = %session.user, "session closed");
     }
