@@ -25,7 +25,7 @@ use bytes::Bytes;
 use super::budget::Budget;
 use super::outbox::{Key, Outbox, Queued};
 use super::subs::SubSet;
-use super::tap::Tap;
+use super::tap::{SessionTap, Tap};
 use super::{now_ms, Shard};
 use crate::config::SessionPolicy;
 use crate::metrics::ShardMetrics;
@@ -401,12 +401,12 @@ impl Shard {
             ip: a.ip,
             connected_at_ms: now,
         };
-        self.tap(&Tap::SessionStart {
+        self.tap(&Tap::SessionStart(SessionTap {
             user: &a.user,
             session: id,
             info: &info,
             now,
-        });
+        }));
         let change = self
             .registry
             .borrow_mut()
@@ -484,12 +484,12 @@ impl Shard {
             .find(|s| s.id == id)
             .map(|s| s.info.clone());
         if let Some(info) = info {
-            self.tap(&Tap::SessionEnd {
+            self.tap(&Tap::SessionEnd(SessionTap {
                 user: &session.user,
                 session: id,
                 info: &info,
                 now,
-            });
+            }));
         }
         let change = self
             .registry
