@@ -43,7 +43,6 @@ impl Core {
         );
         let shard = Rc::new(Shard::new(
             0,
-            None,
             cfg.config_arc(),
             Arc::new(verifier),
             mesh,

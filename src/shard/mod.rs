@@ -72,8 +72,6 @@ pub fn now_ms() -> u64 {
 
 pub struct Shard {
     ix: ShardIx,
-    /// The CPU this shard is pinned to, if any.
-    cpu: Option<usize>,
     cfg: Arc<Config>,
     verifier: Arc<Verifier>,
     op_limits: OpLimits,
@@ -119,7 +117,6 @@ pub struct Shard {
 impl Shard {
     pub fn new(
         ix: ShardIx,
-        cpu: Option<usize>,
         cfg: Arc<Config>,
         verifier: Arc<Verifier>,
         mesh: Rc<Mesh>,
@@ -135,7 +132,6 @@ impl Shard {
         );
         Shard {
             ix,
-            cpu,
             op_limits: cfg.op_limits(),
             metrics: shared.metrics[usize::from(ix)].clone(),
             cfg,
@@ -167,10 +163,6 @@ impl Shard {
 
     pub fn ix(&self) -> ShardIx {
         self.ix
-    }
-
-    pub fn cpu(&self) -> Option<usize> {
-        self.cpu
     }
 
     pub fn cfg(&self) -> &Config {

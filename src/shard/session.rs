@@ -352,7 +352,7 @@ impl Shard {
             &hex,
             &a.user,
             usize::from(self.ix),
-            self.cpu,
+            self.shared.cpus[usize::from(self.ix)],
             self.cfg.heartbeat_ms,
             a.observer.as_deref(),
         ));
