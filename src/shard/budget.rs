@@ -157,6 +157,7 @@ impl Subscriptions {
         }
     }
 
+    #[cfg(test)]
     pub fn tracked(&self) -> usize {
         self.buckets.len()
     }

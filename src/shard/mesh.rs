@@ -4,21 +4,21 @@
 //! order. Sending never blocks the shard: when a peer's inbox is full, messages wait in a
 //! per-peer overflow queue, drained in order by a task that awaits capacity.
 //!
-//! Every message has a delivery [`Class`], because losing one kind is harmless and losing
+//! Every message has a delivery `Class`, because losing one kind is harmless and losing
 //! another corrupts state for good:
-//! - [`Class::State`] (watch/unwatch, snapshots, invoked jobs such as socket hand-offs,
+//! - `Class::State` (watch/unwatch, snapshots, invoked jobs such as socket hand-offs,
 //!   shutdown): never dropped. A lost `Watch` or `Snapshot` would leave a subscription pending
 //!   forever; a lost `Unwatch` would leak a watcher count. Their volume is bounded by
 //!   *admission* instead: while any shard's overflow holds more than `mesh.overflow_max_bytes`,
 //!   the mesh is [`congested`](Mesh::congested) and shards refuse new work (a `subscribe` gets
 //!   `overloaded`, an upgrade gets 503), so state traffic is only what already-admitted work
 //!   produces.
-//! - [`Class::Latest`] (presence updates, group member changes and group events): a newer one
+//! - `Class::Latest` (presence updates, group member changes and group events): a newer one
 //!   for the same key replaces a queued older one in place (the key keeps its place in the
 //!   stream); a snapshot is a barrier, so an update queued before it is never replaced by one
 //!   sent after it, and FIFO order with snapshots is kept. Never dropped, so every watcher
 //!   converges to the newest state.
-//! - [`Class::Ephemeral`] (`activity`): dropped, and counted, while the overflow is over its
+//! - `Class::Ephemeral` (`activity`): dropped, and counted, while the overflow is over its
 //!   bound.
 
 use std::cell::{Cell, RefCell};
@@ -114,7 +114,7 @@ impl std::fmt::Debug for MeshMsg {
 
 /// How a message may be treated when a peer cannot keep up (module docs).
 #[derive(Debug, PartialEq, Eq)]
-pub enum Class {
+enum Class {
     State,
     Latest(LatestKey),
     Ephemeral,
@@ -122,7 +122,7 @@ pub enum Class {
 
 /// What a [`Class::Latest`] message is the newest state of.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum LatestKey {
+enum LatestKey {
     User(UserId),
     Member(GroupId, UserId),
     GroupEvent(GroupId, UserId),
@@ -146,7 +146,7 @@ impl MeshMsg {
         }
     }
 
-    pub fn class(&self) -> Class {
+    fn class(&self) -> Class {
         match self {
             MeshMsg::Update { state, .. } => Class::Latest(LatestKey::User(state.user.clone())),
             MeshMsg::GroupMember { group, state, .. } => {
@@ -162,7 +162,7 @@ impl MeshMsg {
 
     /// Memory this message holds while queued, approximately (its strings counted once, shared
     /// or not): what `mesh.overflow_max_bytes` bounds.
-    pub fn approx_bytes(&self) -> usize {
+    fn approx_bytes(&self) -> usize {
         fn state(s: &PresenceState) -> usize {
             std::mem::size_of::<PresenceState>()
                 + s.user.len()

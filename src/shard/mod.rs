@@ -52,7 +52,8 @@ use crate::protocol::{events, OpLimits};
 use mesh::{Mesh, MeshMsg};
 use outbox::Key;
 pub use runtime::Shared;
-pub use session::{Admission, CloseRequest, Refusal, Session, SubState};
+use session::SubState;
+pub use session::{Admission, CloseRequest, Refusal, Session};
 use tap::{Listener, Tap};
 
 /// The owner shard of a user or group id: `xxh3(id) mod shards`. xxh3 is a specified,

@@ -121,6 +121,7 @@ impl Shards {
     }
 
     /// Sends a job to one shard from outside the shards (tests).
+    #[cfg(feature = "fault-injection")]
     pub fn send_job(&self, shard: usize, job: super::mesh::Job) {
         let _ = self.inboxes[shard].send(MeshMsg::Invoke(job));
     }

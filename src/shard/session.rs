@@ -132,11 +132,6 @@ impl Session {
         &self.user
     }
 
-    /// The admin of a read-only impersonation.
-    pub fn observer(&self) -> Option<&Arc<str>> {
-        self.observer.as_ref()
-    }
-
     /// Queues an event (coalescing by key when behind) and wakes the connection. A session on
     /// its way out takes no more events: what is queued is flushed, then the close goes.
     pub(super) fn push_event(&self, key: Key, frame: Bytes) {
