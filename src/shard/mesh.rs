@@ -474,15 +474,7 @@ mod tests {
     fn overflow_keeps_state_coalesces_latest_and_sheds_ephemeral() {
         glommio::LocalExecutorBuilder::default()
             .spawn(|| async {
-                let (tx, rx) = flume::bounded::<MeshMsg>(1);
-                let metrics: Arc<[Arc<ShardMetrics>]> = vec![Arc::<ShardMetrics>::default()].into();
-                let mesh = Mesh::new(
-                    0,
-                    vec![tx],
-                    600,
-                    metrics.clone(),
-                    Arc::new(PeerCounters::new(1)),
-                );
+                let (mesh, rx, metrics) = one_peer(600);
                 mesh.send(0, update("x", 0)); // fills the inbox
                 for seq in 1..=50 {
                     mesh.send(0, update("a", seq));
@@ -544,15 +536,7 @@ mod tests {
     fn a_snapshot_is_a_barrier_for_its_users_updates() {
         glommio::LocalExecutorBuilder::default()
             .spawn(|| async {
-                let (tx, rx) = flume::bounded::<MeshMsg>(1);
-                let metrics: Arc<[Arc<ShardMetrics>]> = vec![Arc::<ShardMetrics>::default()].into();
-                let mesh = Mesh::new(
-                    0,
-                    vec![tx],
-                    1 << 20,
-                    metrics,
-                    Arc::new(PeerCounters::new(1)),
-                );
+                let (mesh, rx, _) = one_peer(1 << 20);
                 mesh.send(0, update("x", 0)); // fills the inbox
                 mesh.send(0, update("x", 1)); // queued first: the drain may take it in flight
                 mesh.send(0, update("a", 1));
@@ -566,6 +550,23 @@ mod tests {
             .unwrap()
             .join()
             .unwrap();
+    }
+
+    /// A one-shard mesh whose inbox holds a single message, allowed `max_bytes` of overflow:
+    /// the mesh, its inbox (read by nobody until the test does), and the shards' counters.
+    fn one_peer(
+        max_bytes: usize,
+    ) -> (Rc<Mesh>, flume::Receiver<MeshMsg>, Arc<[Arc<ShardMetrics>]>) {
+        let (tx, rx) = flume::bounded::<MeshMsg>(1);
+        let metrics: Arc<[Arc<ShardMetrics>]> = vec![Arc::<ShardMetrics>::default()].into();
+        let mesh = Mesh::new(
+            0,
+            vec![tx],
+            max_bytes,
+            metrics.clone(),
+            Arc::new(PeerCounters::new(1)),
+        );
+        (mesh, rx, metrics)
     }
 
     fn snapshot(user: &str, seq: u64) -> MeshMsg {
