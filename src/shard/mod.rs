@@ -482,10 +482,12 @@ impl Shard {
                         }
                     }
                     Some(to) => {
-                        let mut sessions = self.registry.borrow().session_ids(&to);
+                        let registry = self.registry.borrow();
+                        let observers = self.observers.borrow();
                         // Admins impersonating `to` see what its sessions see.
-                        sessions.extend(self.observers_of(&to));
-                        self.deliver(&sessions, &key, &frame);
+                        let sessions = registry.sessions(&to).iter().map(|s| &s.id);
+                        let sessions = sessions.chain(observers.get(&*to).into_iter().flatten());
+                        self.deliver(sessions, &key, &frame);
                     }
                 }
             }
@@ -516,7 +518,7 @@ impl Shard {
             .or_default()
             .push(id);
         let frame = events::presence(state, None);
-        session.push_snapshot(Key::Presence(state.user.clone(), None), frame);
+        session.push_snapshot(&Key::Presence(state.user.clone(), None), frame);
     }
 
     fn on_group_snapshot(
@@ -539,15 +541,15 @@ impl Shard {
             .or_default()
             .push(id);
         let frame = events::group_snapshot(&group, members);
-        session.push_snapshot(Key::GroupSnapshot(group), frame);
+        session.push_snapshot(&Key::GroupSnapshot(group), frame);
     }
 
     /// The same bytes to every listed local session.
-    fn deliver(&self, ids: &[SessionId], key: &Key, frame: &Bytes) {
+    fn deliver<'a>(&self, ids: impl IntoIterator<Item = &'a SessionId>, key: &Key, frame: &Bytes) {
         let all = self.sessions.borrow();
         for id in ids {
             if let Some(session) = all.get(id) {
-                session.push_event(key.clone(), frame.clone());
+                session.push_event(key, frame.clone());
             }
         }
     }

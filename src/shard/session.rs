@@ -134,7 +134,7 @@ impl Session {
 
     /// Queues an event (coalescing by key when behind) and wakes the connection. A session on
     /// its way out takes no more events: what is queued is flushed, then the close goes.
-    pub(super) fn push_event(&self, key: Key, frame: Bytes) {
+    pub(super) fn push_event(&self, key: &Key, frame: Bytes) {
         if self.closing() {
             ShardMetrics::inc(&self.metrics.outbox_dropped);
             return;
@@ -144,7 +144,7 @@ impl Session {
     }
 
     /// Queues a subscription's snapshot: never dropped (see `Outbox::push_snapshot`).
-    pub(super) fn push_snapshot(&self, key: Key, frame: Bytes) {
+    pub(super) fn push_snapshot(&self, key: &Key, frame: Bytes) {
         if self.closing() {
             return;
         }
