@@ -56,9 +56,9 @@ fn fanout(c: &mut Criterion) {
         g.bench_function(BenchmarkId::new("ours_serialise_once", k), |b| {
             b.iter(|| {
                 let frame = events::presence(&state, None);
+                let key = Key::Presence(state.user.clone(), None);
                 for o in outboxes.iter_mut() {
-                    let key = Key::Presence(state.user.clone(), None);
-                    let queued = o.push_event(key, frame.clone());
+                    let queued = o.push_event(&key, frame.clone());
                     debug_assert_eq!(queued, Queued::New);
                 }
                 drain(&mut outboxes);
@@ -69,7 +69,7 @@ fn fanout(c: &mut Criterion) {
                 for o in outboxes.iter_mut() {
                     let frame = events::presence(&state, None);
                     let key = Key::Presence(state.user.clone(), None);
-                    let queued = o.push_event(key, frame);
+                    let queued = o.push_event(&key, frame);
                     debug_assert_eq!(queued, Queued::New);
                 }
                 drain(&mut outboxes);

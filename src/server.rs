@@ -12,7 +12,7 @@ use crate::config::ValidConfig;
 use crate::history::{EventKind, History, HistoryEvent, Record, Sample, Sink};
 use crate::metrics::MetricsSnapshot;
 use crate::shard::runtime::{self, plan_cpus, Init, Shards, Shared, Stop};
-use crate::shard::tap::Tap;
+use crate::shard::tap::{SessionTap, Tap};
 use crate::shard::{now_ms, Shard};
 
 #[derive(Debug, thiserror::Error)]
@@ -191,32 +191,8 @@ fn install_history(shard: &Rc<Shard>, sink: Sink) {
 /// The history record of a tapped event.
 fn history_event(t: &Tap<'_>) -> HistoryEvent {
     match t {
-        Tap::SessionStart {
-            user,
-            session,
-            info,
-            now,
-        }
-        | Tap::SessionEnd {
-            user,
-            session,
-            info,
-            now,
-        } => {
-            let kind = if matches!(t, Tap::SessionStart { .. }) {
-                EventKind::SessionStart
-            } else {
-                EventKind::SessionEnd
-            };
-            let mut e = HistoryEvent::new(*now, (*user).clone(), kind);
-            e.session = *session;
-            e.started_at = info.connected_at_ms;
-            e.device = info.device.clone();
-            e.device_type = Some(info.device_type);
-            e.region = info.region.clone();
-            e.groups = info.groups.clone();
-            e
-        }
+        Tap::SessionStart(s) => session_event(EventKind::SessionStart, s),
+        Tap::SessionEnd(s) => session_event(EventKind::SessionEnd, s),
         Tap::Change(state) => {
             let mut e = HistoryEvent::new(state.ts, state.user.clone(), EventKind::Status);
             e.status = Some(state.status);
@@ -226,6 +202,19 @@ fn history_event(t: &Tap<'_>) -> HistoryEvent {
             e
         }
     }
+}
+
+/// The history record of a session's start or end.
+fn session_event(kind: EventKind, s: &SessionTap<'_>) -> HistoryEvent {
+    let info = s.info;
+    let mut e = HistoryEvent::new(s.now, s.user.clone(), kind);
+    e.session = s.session;
+    e.started_at = info.connected_at_ms;
+    e.device = info.device.clone();
+    e.device_type = Some(info.device_type);
+    e.region = info.region.clone();
+    e.groups = info.groups.clone();
+    e
 }
 
 /// Shard 0's history sampler: every `history.sample_interval_s`, the online count and the

@@ -201,8 +201,6 @@ impl Shard {
         }
         let granted = self.subscriptions.borrow_mut().take(
             &session.user,
-            limits.subscriptions_per_second,
-            self.subscription_burst(),
             u32::try_from(n).unwrap_or(u32::MAX),
             now_ms(),
         );
@@ -221,11 +219,6 @@ impl Shard {
     /// Subscriptions a session holds (users and groups).
     fn held(&self, session: &Session) -> usize {
         session.watching.borrow().len() + session.watching_groups.borrow().len()
-    }
-
-    /// The subscription budget's burst: a client may fill its whole allowance at once.
-    pub(super) fn subscription_burst(&self) -> u32 {
-        u32::try_from(self.cfg.limits.max_subscriptions).unwrap_or(u32::MAX)
     }
 
     /// Subscribes to users not yet watched: mark pending, ask each owner for a snapshot.
@@ -254,25 +247,31 @@ impl Shard {
         watching.shrink();
     }
 
-    pub(super) fn unwatch_users(&self, session: &Session, users: &[UserId]) {
+    fn unwatch_users(&self, session: &Session, users: &[UserId]) {
         for user in users {
             let Some(state) = session.watching.borrow_mut().remove(user) else {
                 continue;
             };
-            if state == SubState::Live {
-                remove_sub(&mut self.user_subs.borrow_mut(), user, session.id);
-            }
-            session.cancel(&Key::Presence(user.clone(), None));
-            session.cancel(&Key::Activity(user.clone()));
-            self.send(
-                self.owner(user),
-                MeshMsg::Unwatch {
-                    user: user.clone(),
-                    from: self.ix,
-                },
-            );
+            self.drop_user_sub(session, user, state);
         }
         session.watching.borrow_mut().shrink();
+    }
+
+    /// Undoes one subscription to `user`, already taken out of `session.watching`: the local
+    /// subscriber list, its queued events, and the owner's watcher count.
+    pub(super) fn drop_user_sub(&self, session: &Session, user: &UserId, state: SubState) {
+        if state == SubState::Live {
+            remove_sub(&mut self.user_subs.borrow_mut(), user, session.id);
+        }
+        session.cancel(&Key::Presence(user.clone(), None));
+        session.cancel(&Key::Activity(user.clone()));
+        self.send(
+            self.owner(user),
+            MeshMsg::Unwatch {
+                user: user.clone(),
+                from: self.ix,
+            },
+        );
     }
 
     fn watch_group(&self, session: &Session, group: &GroupId) {
@@ -292,10 +291,15 @@ impl Shard {
         );
     }
 
-    pub(super) fn unwatch_group(&self, session: &Session, group: &GroupId) {
+    fn unwatch_group(&self, session: &Session, group: &GroupId) {
         let Some(state) = session.watching_groups.borrow_mut().remove(group) else {
             return;
         };
+        self.drop_group_sub(session, group, state);
+    }
+
+    /// Undoes one subscription to `group`, already taken out of `session.watching_groups`.
+    pub(super) fn drop_group_sub(&self, session: &Session, group: &GroupId, state: SubState) {
         if state == SubState::Live {
             remove_sub(&mut self.group_subs.borrow_mut(), group, session.id);
         }

@@ -2,11 +2,13 @@
 //! with its mesh inbox pumped by hand. No socket anywhere: the replies are read from the
 //! session's outbox exactly as the socket driver would write them.
 
+use std::io::Cursor;
 use std::net::{IpAddr, Ipv4Addr};
 use std::rc::Rc;
 use std::sync::Arc;
 
 use serde_json::{json, Value};
+use tungstenite::protocol::frame::FrameHeader;
 
 use super::super::session::{Admission, Refusal, Session};
 use super::super::{Shard, Shared};
@@ -43,7 +45,6 @@ impl Core {
         );
         let shard = Rc::new(Shard::new(
             0,
-            None,
             cfg.config_arc(),
             Arc::new(verifier),
             mesh,
@@ -79,20 +80,13 @@ impl Core {
 fn drain(session: &Session) -> Vec<Value> {
     let mut bytes = Vec::new();
     session.fill(&mut bytes, usize::MAX);
+    let mut frames = Cursor::new(&bytes[..]);
     let mut out = Vec::new();
-    let mut rest = &bytes[..];
-    while !rest.is_empty() {
-        let len = match rest[1] & 0x7f {
-            126 => (4, u16::from_be_bytes([rest[2], rest[3]]) as usize),
-            127 => (
-                10,
-                u64::from_be_bytes(rest[2..10].try_into().unwrap()) as usize,
-            ),
-            n => (2, n as usize),
-        };
-        let (header, n) = len;
-        out.push(serde_json::from_slice(&rest[header..header + n]).unwrap());
-        rest = &rest[header + n..];
+    while let Some((_, len)) = FrameHeader::parse(&mut frames).unwrap() {
+        let start = frames.position() as usize;
+        let end = start + len as usize;
+        out.push(serde_json::from_slice(&bytes[start..end]).unwrap());
+        frames.set_position(end as u64);
     }
     out
 }

@@ -111,18 +111,24 @@ impl Budget {
 pub struct Subscriptions {
     buckets: hashlink::LinkedHashMap<UserId, TokenBucket>,
     max: usize,
+    /// Ids per second per user (0 disables the budget), and how many may be taken at once.
+    rate: u32,
+    burst: u32,
 }
 
 impl Subscriptions {
-    pub fn new(max: usize) -> Subscriptions {
+    pub fn new(max: usize, rate: u32, burst: u32) -> Subscriptions {
         Subscriptions {
             buckets: hashlink::LinkedHashMap::new(),
             max,
+            rate,
+            burst,
         }
     }
 
-    /// `n` new subscription ids for `user`: all of them or none. `rate` 0 disables.
-    pub fn take(&mut self, user: &UserId, rate: u32, burst: u32, n: u32, now_ms: u64) -> bool {
+    /// `n` new subscription ids for `user`: all of them or none.
+    pub fn take(&mut self, user: &UserId, n: u32, now_ms: u64) -> bool {
+        let (rate, burst) = (self.rate, self.burst);
         if rate == 0 || n == 0 {
             return true;
         }
@@ -140,7 +146,8 @@ impl Subscriptions {
 
     /// The user's last session closed: forget its bucket if it has refilled (nothing to
     /// remember); a churner's partly spent bucket stays.
-    pub fn release(&mut self, user: &str, rate: u32, burst: u32, now_ms: u64) {
+    pub fn release(&mut self, user: &str, now_ms: u64) {
+        let (rate, burst) = (self.rate, self.burst);
         if self
             .buckets
             .get_mut(user)
@@ -150,6 +157,7 @@ impl Subscriptions {
         }
     }
 
+    #[cfg(test)]
     pub fn tracked(&self) -> usize {
         self.buckets.len()
     }
@@ -196,39 +204,34 @@ mod tests {
     fn subscriptions_are_budgeted_by_id_per_user() {
         let u = UserId::from("u");
         // A full allowance at once, then no faster than the rate.
-        let mut s = Subscriptions::new(100);
-        assert!(s.take(&u, 500, 1000, 1000, 0));
-        assert!(!s.take(&u, 500, 1000, 1, 0), "allowance spent");
-        assert!(
-            !s.take(&u, 500, 1000, 1000, 1_000),
-            "500 ids back after 1 s, not 1000"
-        );
-        assert!(s.take(&u, 500, 1000, 500, 1_000));
+        let mut s = Subscriptions::new(100, 500, 1000);
+        assert!(s.take(&u, 1000, 0));
+        assert!(!s.take(&u, 1, 0), "allowance spent");
+        assert!(!s.take(&u, 1000, 1_000), "500 ids back after 1 s, not 1000");
+        assert!(s.take(&u, 500, 1_000));
         // Cycling 1,000 ids at 45 frames/s (inside the op limit) runs out within a second.
-        let mut s = Subscriptions::new(100);
-        let granted = (0..45u64)
-            .filter(|i| s.take(&u, 500, 1000, 1000, i * 22))
-            .count();
+        let mut s = Subscriptions::new(100, 500, 1000);
+        let granted = (0..45u64).filter(|i| s.take(&u, 1000, i * 22)).count();
         assert_eq!(
             granted, 1,
             "one full subscribe, then refused until the budget refills"
         );
         // A reconnect (the last session closed, a new one opened) gets no fresh allowance.
-        s.release("u", 500, 1000, 990);
+        s.release("u", 990);
         assert!(
-            !s.take(&u, 500, 1000, 1000, 990),
+            !s.take(&u, 1000, 990),
             "a spent bucket outlives the session"
         );
-        s.release("u", 500, 1000, 10_000);
+        s.release("u", 10_000);
         assert_eq!(s.tracked(), 0, "a refilled one is forgotten");
         assert!(
-            Subscriptions::new(1).take(&u, 0, 1000, 5000, 0),
+            Subscriptions::new(1, 0, 1000).take(&u, 5000, 0),
             "0 disables"
         );
         // Bounded: the least recently used user goes first.
-        let mut s = Subscriptions::new(2);
+        let mut s = Subscriptions::new(2, 500, 1000);
         for name in ["a", "b", "c"] {
-            s.take(&UserId::from(name), 500, 1000, 1, 0);
+            s.take(&UserId::from(name), 1, 0);
         }
         assert_eq!(s.tracked(), 2);
     }

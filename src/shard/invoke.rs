@@ -6,9 +6,9 @@
 //! within a deadline. A new admin question is a new closure where it is asked, not a new
 //! message type here.
 //!
-//! Jobs may be synchronous ([`Shard::invoke_on`], [`Shard::map_reduce`]) or asynchronous
-//! ([`Shard::map_reduce_async`]) when they walk large state in chunks and yield between them,
-//! so a scan never holds a shard's event loop for long.
+//! Jobs may be synchronous ([`Shard::invoke_on`], [`Shard::map_all`], [`Shard::map_reduce`]) or
+//! asynchronous ([`Shard::map_all_async`]) when they walk large state in chunks and yield
+//! between them, so a scan never holds a shard's event loop for long.
 //!
 //! A job that panics is contained: the panic is counted (`invoke_panics`), logged, and the
 //! asker gets no answer for that shard (as if it timed out). Jobs are driver code — read-only
@@ -19,7 +19,7 @@
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_lite::FutureExt;
 
@@ -46,10 +46,10 @@ impl Shard {
     /// Runs a job sent by another shard (or by this one, through its own inbox).
     pub(super) fn run_job(self: &Rc<Self>, job: Job) {
         if std::panic::catch_unwind(AssertUnwindSafe(|| job(self))).is_err() {
-            ShardMetrics::inc(&self.metrics.invoke_panics);
-            tracing::error!(
-                shard = self.ix,
-                "a job sent to this shard panicked; it was dropped"
+            job_panicked(
+                &self.metrics,
+                self.ix,
+                "a job sent to this shard panicked; it was dropped",
             );
         }
     }
@@ -65,8 +65,33 @@ impl Shard {
         R: Send + 'static,
         F: FnOnce(&Rc<Shard>) -> R + Send + 'static,
     {
-        let (mut answers, _) = self.map_each(vec![(to, f)], deadline).await;
+        let (mut answers, _) = self.fan_out(vec![(to, answer_now(f))], deadline).await;
         answers.pop().map(|(_, r)| r)
+    }
+
+    /// Runs `f` on every shard: the answers that arrive by `deadline`, in shard order.
+    pub async fn map_all<R, F>(&self, deadline: Duration, f: F) -> (Vec<(ShardIx, R)>, Answered)
+    where
+        R: Send + 'static,
+        F: Fn(&Rc<Shard>) -> R + Send + Clone + 'static,
+    {
+        let jobs = self.on_every_shard(|| answer_now(f.clone()));
+        self.fan_out(jobs, deadline).await
+    }
+
+    /// [`Shard::map_all`] with jobs that run as tasks on their shards.
+    pub async fn map_all_async<R, F, Fut>(
+        &self,
+        deadline: Duration,
+        f: F,
+    ) -> (Vec<(ShardIx, R)>, Answered)
+    where
+        R: Send + 'static,
+        F: FnOnce(Rc<Shard>) -> Fut + Send + Clone + 'static,
+        Fut: Future<Output = R> + 'static,
+    {
+        let jobs = self.on_every_shard(|| answer_later(f.clone()));
+        self.fan_out(jobs, deadline).await
     }
 
     /// Runs `f` on every shard and folds the answers that arrive by `deadline`, in shard order.
@@ -81,37 +106,18 @@ impl Shard {
         R: Send + 'static,
         F: Fn(&Rc<Shard>) -> R + Send + Clone + 'static,
     {
-        let jobs = (0..self.shards() as ShardIx)
-            .map(|ix| (ix, f.clone()))
-            .collect();
-        let (answers, answered) = self.map_each(jobs, deadline).await;
+        let (answers, answered) = self.map_all(deadline, f).await;
         let acc = answers
             .into_iter()
             .fold(init, |acc, (ix, r)| reduce(acc, ix, r));
         (acc, answered)
     }
 
-    /// [`Shard::map_reduce`] with jobs that run as tasks on their shards.
-    pub async fn map_reduce_async<R, F, Fut, A>(
-        &self,
-        deadline: Duration,
-        f: F,
-        init: A,
-        mut reduce: impl FnMut(A, ShardIx, R) -> A,
-    ) -> (A, Answered)
-    where
-        R: Send + 'static,
-        F: FnOnce(Rc<Shard>) -> Fut + Send + Clone + 'static,
-        Fut: Future<Output = R> + 'static,
-    {
-        let jobs = (0..self.shards() as ShardIx)
-            .map(|ix| (ix, f.clone()))
-            .collect();
-        let (answers, answered) = self.map_each_async(jobs, deadline).await;
-        let acc = answers
-            .into_iter()
-            .fold(init, |acc, (ix, r)| reduce(acc, ix, r));
-        (acc, answered)
+    /// One job per shard, in shard order.
+    fn on_every_shard<R>(&self, job: impl Fn() -> Answering<R>) -> Vec<(ShardIx, Answering<R>)> {
+        (0..self.shards() as ShardIx)
+            .map(|ix| (ix, job()))
+            .collect()
     }
 
     /// Sends each job to its shard; each answers once, on the reply channel it is given.
@@ -129,67 +135,50 @@ impl Shard {
         drop(tx);
         collect(rx, &to, deadline).await
     }
-
-    async fn map_each<R, F>(
-        &self,
-        jobs: Vec<(ShardIx, F)>,
-        deadline: Duration,
-    ) -> (Vec<(ShardIx, R)>, Answered)
-    where
-        R: Send + 'static,
-        F: FnOnce(&Rc<Shard>) -> R + Send + 'static,
-    {
-        let jobs = jobs
-            .into_iter()
-            .map(|(ix, f)| {
-                let job: Answering<R> = Box::new(move |shard, tx| {
-                    // The asker may have given up (deadline): nothing to do then.
-                    let _ = tx.try_send((shard.ix, f(shard)));
-                });
-                (ix, job)
-            })
-            .collect();
-        self.fan_out(jobs, deadline).await
-    }
-
-    async fn map_each_async<R, F, Fut>(
-        &self,
-        jobs: Vec<(ShardIx, F)>,
-        deadline: Duration,
-    ) -> (Vec<(ShardIx, R)>, Answered)
-    where
-        R: Send + 'static,
-        F: FnOnce(Rc<Shard>) -> Fut + Send + 'static,
-        Fut: Future<Output = R> + 'static,
-    {
-        let jobs = jobs
-            .into_iter()
-            .map(|(ix, f)| {
-                let job: Answering<R> = Box::new(move |shard, tx| {
-                    let (ix, metrics) = (shard.ix, shard.metrics.clone());
-                    let answer = AssertUnwindSafe(f(shard.clone())).catch_unwind();
-                    glommio::spawn_local(async move {
-                        match answer.await {
-                            Ok(r) => {
-                                let _ = tx.try_send((ix, r));
-                            }
-                            Err(_) => {
-                                ShardMetrics::inc(&metrics.invoke_panics);
-                                tracing::error!(shard = ix, "an asynchronous job panicked");
-                            }
-                        }
-                    })
-                    .detach();
-                });
-                (ix, job)
-            })
-            .collect();
-        self.fan_out(jobs, deadline).await
-    }
 }
 
 /// A job that answers on the channel it is given.
 type Answering<R> = Box<dyn FnOnce(&Rc<Shard>, flume::Sender<(ShardIx, R)>) + Send>;
+
+/// `f` as a job that answers as soon as it has run (a panic is caught by [`Shard::run_job`]).
+fn answer_now<R, F>(f: F) -> Answering<R>
+where
+    R: Send + 'static,
+    F: FnOnce(&Rc<Shard>) -> R + Send + 'static,
+{
+    Box::new(move |shard, tx| {
+        // The asker may have given up (deadline): nothing to do then.
+        let _ = tx.try_send((shard.ix, f(shard)));
+    })
+}
+
+/// `f` as a job that runs as a task on its shard and answers when that task completes.
+fn answer_later<R, F, Fut>(f: F) -> Answering<R>
+where
+    R: Send + 'static,
+    F: FnOnce(Rc<Shard>) -> Fut + Send + 'static,
+    Fut: Future<Output = R> + 'static,
+{
+    Box::new(move |shard, tx| {
+        let (ix, metrics) = (shard.ix, shard.metrics.clone());
+        let answer = AssertUnwindSafe(f(shard.clone())).catch_unwind();
+        glommio::spawn_local(async move {
+            match answer.await {
+                Ok(r) => {
+                    let _ = tx.try_send((ix, r));
+                }
+                Err(_) => job_panicked(&metrics, ix, "an asynchronous job panicked"),
+            }
+        })
+        .detach();
+    })
+}
+
+/// A job panicked on shard `ix`: counted and logged; its asker gets no answer from this shard.
+fn job_panicked(metrics: &ShardMetrics, ix: ShardIx, what: &str) {
+    ShardMetrics::inc(&metrics.invoke_panics);
+    tracing::error!(shard = ix, "{what}");
+}
 
 /// Answers from `rx` until every shard in `to` answered or `deadline` passed; sorted by shard.
 async fn collect<R>(
@@ -197,12 +186,11 @@ async fn collect<R>(
     to: &[ShardIx],
     deadline: Duration,
 ) -> (Vec<(ShardIx, R)>, Answered) {
-    let until = Instant::now() + deadline;
+    let mut timeout = glommio::timer::Timer::new(deadline);
     let mut out: Vec<(ShardIx, R)> = Vec::with_capacity(to.len());
     while out.len() < to.len() {
-        let wait = until.saturating_duration_since(Instant::now());
         let next = futures_lite::future::or(async { rx.recv_async().await.ok() }, async {
-            glommio::timer::sleep(wait).await;
+            (&mut timeout).await;
             None
         })
         .await;

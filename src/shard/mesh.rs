@@ -4,19 +4,21 @@
 //! order. Sending never blocks the shard: when a peer's inbox is full, messages wait in a
 //! per-peer overflow queue, drained in order by a task that awaits capacity.
 //!
-//! Every message has a delivery [`Class`], because losing one kind is harmless and losing
+//! Every message has a delivery `Class`, because losing one kind is harmless and losing
 //! another corrupts state for good:
-//! - [`Class::State`] (watch/unwatch, snapshots, invoked jobs such as socket hand-offs,
+//! - `Class::State` (watch/unwatch, snapshots, invoked jobs such as socket hand-offs,
 //!   shutdown): never dropped. A lost `Watch` or `Snapshot` would leave a subscription pending
 //!   forever; a lost `Unwatch` would leak a watcher count. Their volume is bounded by
 //!   *admission* instead: while any shard's overflow holds more than `mesh.overflow_max_bytes`,
 //!   the mesh is [`congested`](Mesh::congested) and shards refuse new work (a `subscribe` gets
 //!   `overloaded`, an upgrade gets 503), so state traffic is only what already-admitted work
 //!   produces.
-//! - [`Class::Latest`] (presence updates, group member changes and group events): a newer one
-//!   for the same key replaces a queued older one (which moves to the back, so FIFO order with
-//!   snapshots is kept); never dropped, so every watcher converges to the newest state.
-//! - [`Class::Ephemeral`] (`activity`): dropped, and counted, while the overflow is over its
+//! - `Class::Latest` (presence updates, group member changes and group events): a newer one
+//!   for the same key replaces a queued older one in place (the key keeps its place in the
+//!   stream); a snapshot is a barrier, so an update queued before it is never replaced by one
+//!   sent after it, and FIFO order with snapshots is kept. Never dropped, so every watcher
+//!   converges to the newest state.
+//! - `Class::Ephemeral` (`activity`): dropped, and counted, while the overflow is over its
 //!   bound.
 
 use std::cell::{Cell, RefCell};
@@ -112,7 +114,7 @@ impl std::fmt::Debug for MeshMsg {
 
 /// How a message may be treated when a peer cannot keep up (module docs).
 #[derive(Debug, PartialEq, Eq)]
-pub enum Class {
+enum Class {
     State,
     Latest(LatestKey),
     Ephemeral,
@@ -120,7 +122,7 @@ pub enum Class {
 
 /// What a [`Class::Latest`] message is the newest state of.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum LatestKey {
+enum LatestKey {
     User(UserId),
     Member(GroupId, UserId),
     GroupEvent(GroupId, UserId),
@@ -144,7 +146,7 @@ impl MeshMsg {
         }
     }
 
-    pub fn class(&self) -> Class {
+    fn class(&self) -> Class {
         match self {
             MeshMsg::Update { state, .. } => Class::Latest(LatestKey::User(state.user.clone())),
             MeshMsg::GroupMember { group, state, .. } => {
@@ -160,7 +162,7 @@ impl MeshMsg {
 
     /// Memory this message holds while queued, approximately (its strings counted once, shared
     /// or not): what `mesh.overflow_max_bytes` bounds.
-    pub fn approx_bytes(&self) -> usize {
+    fn approx_bytes(&self) -> usize {
         fn state(s: &PresenceState) -> usize {
             std::mem::size_of::<PresenceState>()
                 + s.user.len()
@@ -196,8 +198,9 @@ impl MeshMsg {
 /// One peer's overflow queue.
 #[derive(Default)]
 struct Overflow {
-    /// `None`: replaced by a newer message of the same [`LatestKey`].
-    queue: VecDeque<Option<(MeshMsg, usize)>>,
+    /// Each message with its [`MeshMsg::approx_bytes`]. A newer message of the same
+    /// [`LatestKey`] replaces the queued one in its slot.
+    queue: VecDeque<(MeshMsg, usize)>,
     /// Absolute position of `queue[0]`.
     head: u64,
     /// Position of the queued message per latest-key.
@@ -308,15 +311,13 @@ impl Mesh {
             // position in the stream is kept, so a hot user cannot be pushed back for ever.
             (Class::Latest(key), _) => {
                 if let Some(&at) = q.latest.get(key) {
-                    let slot = &mut q.queue[(at - q.head) as usize];
-                    if let Some((queued, old_size)) = slot.as_mut() {
-                        *queued = msg;
-                        let old_size = std::mem::replace(old_size, size);
-                        self.sub_bytes(old_size);
-                        self.add_bytes(size);
-                        ShardMetrics::inc(&self.metrics.mesh_coalesced);
-                        return;
-                    }
+                    let (queued, queued_size) = &mut q.queue[(at - q.head) as usize];
+                    *queued = msg;
+                    let old_size = std::mem::replace(queued_size, size);
+                    self.sub_bytes(old_size);
+                    self.add_bytes(size);
+                    ShardMetrics::inc(&self.metrics.mesh_coalesced);
+                    return;
                 }
                 let pos = q.head + q.queue.len() as u64;
                 q.latest.insert(key.clone(), pos);
@@ -335,7 +336,7 @@ impl Mesh {
             _ => {}
         }
         ShardMetrics::inc(&self.metrics.mesh_overflowed);
-        q.queue.push_back(Some((msg, size)));
+        q.queue.push_back((msg, size));
         self.add_bytes(size);
     }
 
@@ -356,12 +357,11 @@ impl Mesh {
         loop {
             let next = {
                 let mut q = self.overflow[ix].borrow_mut();
-                let Some(slot) = q.queue.pop_front() else {
+                let Some((msg, size)) = q.queue.pop_front() else {
                     break;
                 };
                 let pos = q.head;
                 q.head += 1;
-                let Some((msg, size)) = slot else { continue };
                 if let Class::Latest(key) = msg.class() {
                     if q.latest.get(&key) == Some(&pos) {
                         q.latest.remove(&key);
@@ -474,15 +474,7 @@ mod tests {
     fn overflow_keeps_state_coalesces_latest_and_sheds_ephemeral() {
         glommio::LocalExecutorBuilder::default()
             .spawn(|| async {
-                let (tx, rx) = flume::bounded::<MeshMsg>(1);
-                let metrics: Arc<[Arc<ShardMetrics>]> = vec![Arc::<ShardMetrics>::default()].into();
-                let mesh = Mesh::new(
-                    0,
-                    vec![tx],
-                    600,
-                    metrics.clone(),
-                    Arc::new(PeerCounters::new(1)),
-                );
+                let (mesh, rx, metrics) = one_peer(600);
                 mesh.send(0, update("x", 0)); // fills the inbox
                 for seq in 1..=50 {
                     mesh.send(0, update("a", seq));
@@ -544,15 +536,7 @@ mod tests {
     fn a_snapshot_is_a_barrier_for_its_users_updates() {
         glommio::LocalExecutorBuilder::default()
             .spawn(|| async {
-                let (tx, rx) = flume::bounded::<MeshMsg>(1);
-                let metrics: Arc<[Arc<ShardMetrics>]> = vec![Arc::<ShardMetrics>::default()].into();
-                let mesh = Mesh::new(
-                    0,
-                    vec![tx],
-                    1 << 20,
-                    metrics,
-                    Arc::new(PeerCounters::new(1)),
-                );
+                let (mesh, rx, _) = one_peer(1 << 20);
                 mesh.send(0, update("x", 0)); // fills the inbox
                 mesh.send(0, update("x", 1)); // queued first: the drain may take it in flight
                 mesh.send(0, update("a", 1));
@@ -566,6 +550,23 @@ mod tests {
             .unwrap()
             .join()
             .unwrap();
+    }
+
+    /// A one-shard mesh whose inbox holds a single message, allowed `max_bytes` of overflow:
+    /// the mesh, its inbox (read by nobody until the test does), and the shards' counters.
+    fn one_peer(
+        max_bytes: usize,
+    ) -> (Rc<Mesh>, flume::Receiver<MeshMsg>, Arc<[Arc<ShardMetrics>]>) {
+        let (tx, rx) = flume::bounded::<MeshMsg>(1);
+        let metrics: Arc<[Arc<ShardMetrics>]> = vec![Arc::<ShardMetrics>::default()].into();
+        let mesh = Mesh::new(
+            0,
+            vec![tx],
+            max_bytes,
+            metrics.clone(),
+            Arc::new(PeerCounters::new(1)),
+        );
+        (mesh, rx, metrics)
     }
 
     fn snapshot(user: &str, seq: u64) -> MeshMsg {

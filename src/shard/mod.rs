@@ -52,7 +52,8 @@ use crate::protocol::{events, OpLimits};
 use mesh::{Mesh, MeshMsg};
 use outbox::Key;
 pub use runtime::Shared;
-pub use session::{Admission, CloseRequest, Refusal, Session, SubState};
+use session::SubState;
+pub use session::{Admission, CloseRequest, Refusal, Session};
 use tap::{Listener, Tap};
 
 /// The owner shard of a user or group id: `xxh3(id) mod shards`. xxh3 is a specified,
@@ -72,8 +73,6 @@ pub fn now_ms() -> u64 {
 
 pub struct Shard {
     ix: ShardIx,
-    /// The CPU this shard is pinned to, if any.
-    cpu: Option<usize>,
     cfg: Arc<Config>,
     verifier: Arc<Verifier>,
     op_limits: OpLimits,
@@ -119,17 +118,21 @@ pub struct Shard {
 impl Shard {
     pub fn new(
         ix: ShardIx,
-        cpu: Option<usize>,
         cfg: Arc<Config>,
         verifier: Arc<Verifier>,
         mesh: Rc<Mesh>,
         shared: Arc<Shared>,
     ) -> Shard {
-        // One subscription budget per user with a session here, at most.
-        let max_users = cfg.limits.max_connections_per_shard;
+        // One subscription budget per user with a session here, at most. Its burst: a client
+        // may fill its whole allowance at once.
+        let limits = &cfg.limits;
+        let subscriptions = budget::Subscriptions::new(
+            limits.max_connections_per_shard,
+            limits.subscriptions_per_second,
+            u32::try_from(limits.max_subscriptions).unwrap_or(u32::MAX),
+        );
         Shard {
             ix,
-            cpu,
             op_limits: cfg.op_limits(),
             metrics: shared.metrics[usize::from(ix)].clone(),
             cfg,
@@ -143,7 +146,7 @@ impl Shard {
             group_subs: RefCell::new(HashMap::new()),
             observers: RefCell::new(HashMap::new()),
             next_session: Cell::new(0),
-            subscriptions: RefCell::new(budget::Subscriptions::new(max_users)),
+            subscriptions: RefCell::new(subscriptions),
             expiries: RefCell::new(BTreeSet::new()),
             stopping: Cell::new(false),
             no_groups: Arc::from([]),
@@ -161,10 +164,6 @@ impl Shard {
 
     pub fn ix(&self) -> ShardIx {
         self.ix
-    }
-
-    pub fn cpu(&self) -> Option<usize> {
-        self.cpu
     }
 
     pub fn cfg(&self) -> &Config {
@@ -483,10 +482,12 @@ impl Shard {
                         }
                     }
                     Some(to) => {
-                        let mut sessions = self.registry.borrow().session_ids(&to);
+                        let registry = self.registry.borrow();
+                        let observers = self.observers.borrow();
                         // Admins impersonating `to` see what its sessions see.
-                        sessions.extend(self.observers_of(&to));
-                        self.deliver(&sessions, &key, &frame);
+                        let sessions = registry.sessions(&to).iter().map(|s| &s.id);
+                        let sessions = sessions.chain(observers.get(&*to).into_iter().flatten());
+                        self.deliver(sessions, &key, &frame);
                     }
                 }
             }
@@ -517,7 +518,7 @@ impl Shard {
             .or_default()
             .push(id);
         let frame = events::presence(state, None);
-        session.push_snapshot(Key::Presence(state.user.clone(), None), frame);
+        session.push_snapshot(&Key::Presence(state.user.clone(), None), frame);
     }
 
     fn on_group_snapshot(
@@ -540,15 +541,15 @@ impl Shard {
             .or_default()
             .push(id);
         let frame = events::group_snapshot(&group, members);
-        session.push_snapshot(Key::GroupSnapshot(group), frame);
+        session.push_snapshot(&Key::GroupSnapshot(group), frame);
     }
 
     /// The same bytes to every listed local session.
-    fn deliver(&self, ids: &[SessionId], key: &Key, frame: &Bytes) {
+    fn deliver<'a>(&self, ids: impl IntoIterator<Item = &'a SessionId>, key: &Key, frame: &Bytes) {
         let all = self.sessions.borrow();
         for id in ids {
             if let Some(session) = all.get(id) {
-                session.push_event(key.clone(), frame.clone());
+                session.push_event(key, frame.clone());
             }
         }
     }

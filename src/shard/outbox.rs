@@ -99,7 +99,7 @@ impl Outbox {
         self.behind || self.bytes >= self.coalesce_bytes || self.live >= self.max_events
     }
 
-    pub fn push_event(&mut self, key: Key, frame: Bytes) -> Queued {
+    pub fn push_event(&mut self, key: &Key, frame: Bytes) -> Queued {
         self.push(key, frame, true)
     }
 
@@ -107,16 +107,18 @@ impl Outbox {
     /// the subscribed state known, and a subscription left without one would stay unknown
     /// until the user's next change (or for good, for a user who never changes). Still bounded:
     /// one per subscription (`limits.max_subscriptions`) beyond `max_events`.
-    pub fn push_snapshot(&mut self, key: Key, frame: Bytes) -> Queued {
+    pub fn push_snapshot(&mut self, key: &Key, frame: Bytes) -> Queued {
         self.push(key, frame, false)
     }
 
-    fn push(&mut self, key: Key, frame: Bytes, droppable: bool) -> Queued {
+    /// The key is cloned only when a new slot is made (and once more for a key not queued yet).
+    fn push(&mut self, key: &Key, frame: Bytes, droppable: bool) -> Queued {
         if self.coalescing() {
-            if let Some(&(pos, _)) = self.queued.get(&key) {
+            if let Some(&(pos, _)) = self.queued.get(key) {
                 let slot = &mut self.events[(pos - self.head) as usize];
-                let old = slot.frame.replace(frame.clone()).map_or(0, |f| f.len());
-                self.bytes = self.bytes - old + frame.len();
+                let new = frame.len();
+                let old = slot.frame.replace(frame).map_or(0, |f| f.len());
+                self.bytes = self.bytes - old + new;
                 return Queued::Coalesced;
             }
             if droppable && self.live >= self.max_events {
@@ -130,8 +132,12 @@ impl Outbox {
             key: key.clone(),
             frame: Some(frame),
         });
-        let entry = self.queued.entry(key).or_insert((pos, 0));
-        *entry = (pos, entry.1 + 1);
+        match self.queued.get_mut(key) {
+            Some(entry) => *entry = (pos, entry.1 + 1),
+            None => {
+                self.queued.insert(key.clone(), (pos, 1));
+            }
+        }
         Queued::New
     }
 
@@ -269,7 +275,7 @@ mod tests {
     }
 
     fn push(o: &mut Outbox, user: &str, frame: &'static str) -> Queued {
-        o.push_event(key(user), Bytes::from_static(frame.as_bytes()))
+        o.push_event(&key(user), Bytes::from_static(frame.as_bytes()))
     }
 
     #[test]
@@ -298,18 +304,18 @@ mod tests {
     #[test]
     fn bytes_and_count_bounds_turn_coalescing_on() {
         let mut o = Outbox::new(4, 100, 4);
-        o.push_event(key("a"), Bytes::from_static(b"a1a1"));
+        o.push_event(&key("a"), Bytes::from_static(b"a1a1"));
         assert_eq!(
-            o.push_event(key("a"), Bytes::from_static(b"a2")),
+            o.push_event(&key("a"), Bytes::from_static(b"a2")),
             Queued::Coalesced
         );
         let mut o = Outbox::new(1, 2, 1 << 20);
         o.push_reply(Bytes::new()).unwrap();
         assert_eq!(o.push_reply(Bytes::new()), Err(RepliesFull));
-        o.push_event(key("a"), Bytes::new());
-        o.push_event(key("b"), Bytes::new());
-        assert_eq!(o.push_event(key("c"), Bytes::new()), Queued::Dropped);
-        assert_eq!(o.push_event(key("a"), Bytes::new()), Queued::Coalesced);
+        o.push_event(&key("a"), Bytes::new());
+        o.push_event(&key("b"), Bytes::new());
+        assert_eq!(o.push_event(&key("c"), Bytes::new()), Queued::Dropped);
+        assert_eq!(o.push_event(&key("a"), Bytes::new()), Queued::Coalesced);
         assert_eq!(o.cancel(&key("a")), 1);
         assert_eq!(o.len(), 2);
     }
@@ -320,14 +326,14 @@ mod tests {
         // ahead of the fresh snapshot.
         let mut o = Outbox::new(4, 8, 1 << 20);
         let member = Key::Presence("m".into(), Some("g".into()));
-        o.push_event(member.clone(), Bytes::from_static(b"m-old"));
-        o.push_event(member.clone(), Bytes::from_static(b"m-old2"));
+        o.push_event(&member, Bytes::from_static(b"m-old"));
+        o.push_event(&member, Bytes::from_static(b"m-old2"));
         assert_eq!(
             o.cancel_where(|k| matches!(k, Key::Presence(_, Some(g)) if &**g == "g")),
             2
         );
-        o.push_event(Key::GroupSnapshot("g".into()), Bytes::from_static(b"snap"));
-        o.push_event(member, Bytes::from_static(b"m-new"));
+        o.push_event(&Key::GroupSnapshot("g".into()), Bytes::from_static(b"snap"));
+        o.push_event(&member, Bytes::from_static(b"m-new"));
         assert_eq!(drain(&mut o), vec!["snap", "m-new"]);
     }
 
@@ -335,7 +341,7 @@ mod tests {
     fn stale_entries_stay_bounded() {
         let mut o = Outbox::new(4, 8, 1 << 20);
         for _ in 0..10_000 {
-            o.push_event(key("a"), Bytes::new());
+            o.push_event(&key("a"), Bytes::new());
             o.cancel(&key("a"));
         }
         assert!(o.events.len() <= STALE_KEEP + 1, "{}", o.events.len());
@@ -366,7 +372,7 @@ mod tests {
                 o.set_behind(*behind);
                 let was_full = o.len() >= max_events;
                 let frame = Bytes::from(format!("{user}:{i}"));
-                let q = o.push_event(key(&user.to_string()), frame);
+                let q = o.push_event(&key(&user.to_string()), frame);
                 if q != Queued::New && !*behind && !was_full {
                     skipped_while_keeping_up = true;
                 }

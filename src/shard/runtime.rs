@@ -121,6 +121,7 @@ impl Shards {
     }
 
     /// Sends a job to one shard from outside the shards (tests).
+    #[cfg(feature = "fault-injection")]
     pub fn send_job(&self, shard: usize, job: super::mesh::Job) {
         let _ = self.inboxes[shard].send(MeshMsg::Invoke(job));
     }
@@ -152,8 +153,7 @@ pub fn spawn(
         threads: Vec::with_capacity(shards),
     };
     for (ix, inbox) in receivers.into_iter().enumerate() {
-        let cpu = shared.cpus[ix];
-        let placement = cpu.map_or(GPlacement::Unbound, GPlacement::Fixed);
+        let placement = shared.cpus[ix].map_or(GPlacement::Unbound, GPlacement::Fixed);
         let (cfg, verifier, peers, shared, ready, init) = (
             cfg.clone(),
             verifier.clone(),
@@ -176,7 +176,6 @@ pub fn spawn(
                 );
                 let shard = Rc::new(Shard::new(
                     ix16,
-                    cpu,
                     cfg.config_arc(),
                     verifier,
                     mesh,

@@ -25,7 +25,7 @@ use bytes::Bytes;
 use super::budget::Budget;
 use super::outbox::{Key, Outbox, Queued};
 use super::subs::SubSet;
-use super::tap::Tap;
+use super::tap::{SessionTap, Tap};
 use super::{now_ms, Shard};
 use crate::config::SessionPolicy;
 use crate::metrics::ShardMetrics;
@@ -132,14 +132,9 @@ impl Session {
         &self.user
     }
 
-    /// The admin of a read-only impersonation.
-    pub fn observer(&self) -> Option<&Arc<str>> {
-        self.observer.as_ref()
-    }
-
     /// Queues an event (coalescing by key when behind) and wakes the connection. A session on
     /// its way out takes no more events: what is queued is flushed, then the close goes.
-    pub(super) fn push_event(&self, key: Key, frame: Bytes) {
+    pub(super) fn push_event(&self, key: &Key, frame: Bytes) {
         if self.closing() {
             ShardMetrics::inc(&self.metrics.outbox_dropped);
             return;
@@ -149,7 +144,7 @@ impl Session {
     }
 
     /// Queues a subscription's snapshot: never dropped (see `Outbox::push_snapshot`).
-    pub(super) fn push_snapshot(&self, key: Key, frame: Bytes) {
+    pub(super) fn push_snapshot(&self, key: &Key, frame: Bytes) {
         if self.closing() {
             return;
         }
@@ -352,7 +347,7 @@ impl Shard {
             &hex,
             &a.user,
             usize::from(self.ix),
-            self.cpu,
+            self.shared.cpus[usize::from(self.ix)],
             self.cfg.heartbeat_ms,
             a.observer.as_deref(),
         ));
@@ -401,12 +396,12 @@ impl Shard {
             ip: a.ip,
             connected_at_ms: now,
         };
-        self.tap(&Tap::SessionStart {
+        self.tap(&Tap::SessionStart(SessionTap {
             user: &a.user,
             session: id,
             info: &info,
             now,
-        });
+        }));
         let change = self
             .registry
             .borrow_mut()
@@ -457,11 +452,14 @@ impl Shard {
         self.expiries
             .borrow_mut()
             .remove(&(session.expires_at.get(), id));
-        let users: Vec<UserId> = session.watching.borrow().keys().cloned().collect();
-        self.unwatch_users(session, &users);
-        let groups: Vec<GroupId> = session.watching_groups.borrow().keys().cloned().collect();
-        for g in &groups {
-            self.unwatch_group(session, g);
+        // Every subscription goes, in one pass each (taken whole, not removed one by one).
+        let users = std::mem::take(&mut *session.watching.borrow_mut());
+        for (user, state) in users {
+            self.drop_user_sub(session, &user, state);
+        }
+        let groups = std::mem::take(&mut *session.watching_groups.borrow_mut());
+        for (group, state) in groups {
+            self.drop_group_sub(session, &group, state);
         }
         ShardMetrics::sub(&self.metrics.connections, 1);
         if let Some(admin) = &session.observer {
@@ -481,12 +479,12 @@ impl Shard {
             .find(|s| s.id == id)
             .map(|s| s.info.clone());
         if let Some(info) = info {
-            self.tap(&Tap::SessionEnd {
+            self.tap(&Tap::SessionEnd(SessionTap {
                 user: &session.user,
                 session: id,
                 info: &info,
                 now,
-            });
+            }));
         }
         let change = self
             .registry
@@ -496,13 +494,7 @@ impl Shard {
             self.publish(change);
         }
         if self.registry.borrow().sessions(&session.user).is_empty() {
-            let limits = &self.cfg.limits;
-            self.subscriptions.borrow_mut().release(
-                &session.user,
-                limits.subscriptions_per_second,
-                self.subscription_burst(),
-                now,
-            );
+            self.subscriptions.borrow_mut().release(&session.user, now);
         }
         tracing::debug!(session = %id, user = %session.user, "session closed");
     }

@@ -70,6 +70,16 @@ impl<K: Borrow<str>, V> SubSet<K, V> {
     }
 }
 
+/// The entries, in id order.
+impl<K, V> IntoIterator for SubSet<K, V> {
+    type Item = (K, V);
+    type IntoIter = std::vec::IntoIter<(K, V)>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.entries.into_iter()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,21 +12,21 @@ use crate::presence::{PresenceState, SessionId, SessionInfo, UserId};
 #[derive(Debug)]
 pub enum Tap<'a> {
     /// A device session opened (impersonations are not sessions and are not tapped).
-    SessionStart {
-        user: &'a UserId,
-        session: SessionId,
-        info: &'a SessionInfo,
-        now: u64,
-    },
+    SessionStart(SessionTap<'a>),
     /// A device session ended, for whatever reason.
-    SessionEnd {
-        user: &'a UserId,
-        session: SessionId,
-        info: &'a SessionInfo,
-        now: u64,
-    },
+    SessionEnd(SessionTap<'a>),
     /// A local user's aggregate changed (a new `seq`).
     Change(&'a Arc<PresenceState>),
+}
+
+/// The device session a [`Tap::SessionStart`] or [`Tap::SessionEnd`] is about.
+#[derive(Debug)]
+pub struct SessionTap<'a> {
+    pub user: &'a UserId,
+    pub session: SessionId,
+    pub info: &'a SessionInfo,
+    /// When it started or ended (ms since epoch).
+    pub now: u64,
 }
 
 /// A registered listener.

@@ -54,12 +54,7 @@ where
     R: Send + 'static,
     F: Fn(&Rc<Shard>) -> R + Send + Clone + 'static,
 {
-    shard
-        .map_reduce(deadline(shard), f, Vec::new(), |mut acc, ix, r| {
-            acc.push((ix, r));
-            acc
-        })
-        .await
+    shard.map_all(deadline(shard), f).await
 }
 
 /// An asynchronous `f` (a chunked scan) on every shard, or 503 if any is missing.
@@ -69,14 +64,9 @@ where
     F: FnOnce(Rc<Shard>) -> Fut + Send + Clone + 'static,
     Fut: Future<Output = R> + 'static,
 {
-    let (answers, answered) = shard
-        .map_reduce_async(deadline(shard), f, Vec::new(), |mut acc, _, r| {
-            acc.push(r);
-            acc
-        })
-        .await;
+    let (answers, answered) = shard.map_all_async(deadline(shard), f).await;
     if !answered.complete() {
         return Err(unavailable(&answered.missing));
     }
-    Ok(answers)
+    Ok(answers.into_iter().map(|(_, r)| r).collect())
 }
