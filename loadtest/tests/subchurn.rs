@@ -171,20 +171,46 @@ fn subchurn_recovers_from_a_congested_mesh() {
     let server = server(|cfg| {
         cfg.mesh.inbox_capacity = 16;
         cfg.mesh.overflow_max_bytes = 1 << 20;
-        // No id budget: the storm reaches the mesh, which must shed it without losing state.
+        // No id budget and no op limit: the storm reaches the mesh, which must shed it without
+        // losing state.
         cfg.limits.subscriptions_per_second = 0;
+        cfg.limits.ops_per_second = 0;
     });
-    // Every op names all 200 ids: 200 Watch + 200 Snapshot messages per subscribe.
-    let (out, r) = subchurn(&server, "subchurn-congested", "200", &[]);
-    let dropped: u64 = server.metrics().iter().map(|m| m.mesh_dropped).sum();
+    // Every op names all 200 ids: 200 Watch + 200 Snapshot messages per subscribe, 100
+    // subscribes a second per watcher.
+    let (out, r) = subchurn(
+        &server,
+        "subchurn-congested",
+        "200",
+        &["--churn-ops-per-sec", "200"],
+    );
+    let m = server.metrics_total();
+    // The storm did congest the mesh (otherwise this test proves nothing): subscribes were
+    // refused `overloaded`, and the harness counted them.
     assert!(
-        out.status.success(),
-        "mesh_dropped {dropped}\n{}\n{}",
+        m.ops_overloaded > 0,
+        "the mesh never congested\n{}\n{}",
         r["subchurn"],
         explain(&out)
     );
-    assert_eq!(dropped, 0, "no activity was sent: nothing may be dropped");
-    let unmatched: u64 = server.metrics().iter().map(|m| m.unmatched_unwatches).sum();
-    assert_eq!(unmatched, 0, "every unwatch matched a watch");
+    assert!(
+        r["subchurn"]["refused"]["overloaded"].as_u64() > Some(0),
+        "{}",
+        r["subchurn"]
+    );
+    // And everything recovered: verification passed, and no state was lost.
+    assert!(
+        out.status.success(),
+        "mesh_dropped {}\n{}\n{}",
+        m.mesh_dropped,
+        r["subchurn"],
+        explain(&out)
+    );
+    assert_eq!(r["verify"]["passed"], true);
+    assert_eq!(
+        m.mesh_dropped, 0,
+        "no activity was sent: nothing may be dropped"
+    );
+    assert_eq!(m.unmatched_unwatches, 0, "every unwatch matched a watch");
     server.shutdown();
 }
