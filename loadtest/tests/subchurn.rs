@@ -128,10 +128,12 @@ fn subchurn_counts_the_storm_and_verifies_recovery() {
 }
 
 /// Refusals are counted by code and retried: the server allows 20 ops/s per connection (burst
-/// 20) and the watchers send 30 (under the 2x that gets a connection closed), so once the burst
-/// is spent some of the storm's ops come back `rate_limited`, and re-subscribing right after the
-/// storm, with the budget spent, is refused and retried (28 retries in a manual run). Every op is
-/// answered once, and verification still passes.
+/// 20) and the watchers send 30 (under the 2x that gets a connection closed). Over the 2 s storm
+/// that is about as many ops as the budget holds (20 + 2 × 20), so how many storm ops come back
+/// `rate_limited` depends on timing (4 to 7 in all in runs seen, and it can be 0); but the storm
+/// leaves the budget spent, so re-subscribing right after it (8 ops per watcher) is refused
+/// `rate_limited` and retried: 7 times per watcher, 27 to 28 in all, in every run seen. Every op
+/// is answered once, and verification still passes.
 #[test]
 fn subchurn_counts_refusals_and_retries_them() {
     let server = server(|cfg| cfg.limits.ops_per_second = 20);
@@ -144,8 +146,12 @@ fn subchurn_counts_refusals_and_retries_them() {
     assert!(out.status.success(), "{}", explain(&out));
     let sc = &r["subchurn"];
     let n = |k: &str| sc[k].as_u64().unwrap_or_else(|| panic!("no {k} in {sc}"));
+    let retried = sc["resubscribe_refused"]["rate_limited"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(retried > 0, "{sc}");
+    // The storm's ops were each acked or refused `rate_limited`, nothing else.
     let limited = sc["refused"]["rate_limited"].as_u64().unwrap_or(0);
-    assert!(limited > 0, "{sc}");
     assert_eq!(
         n("subscribe_acked") + n("unsubscribe_acked") + limited,
         n("subscribe_ops") + n("unsubscribe_ops"),
