@@ -108,9 +108,11 @@ fn churn_scenario_verifies_and_reports() {
     assert!(report["deliveries"].as_u64().unwrap() > 300, "{report}");
     assert_eq!(report["verify"]["passed"], true);
     assert_eq!(report["verify"]["out_of_order"], 0);
-    // Issue 11 item 19: gaps are counted, and attributed through the admin port.
-    assert!(report["verify"]["seq_gaps"].as_u64().is_some(), "{report}");
-    assert!(report["verify"]["coalesced"].as_u64().is_some(), "{report}");
+    // Issue 11 item 19: gaps are counted, and attributed through the admin port (`coalesced`
+    // is read from its /metrics: a number, not null). A fleet this small keeps up: it sees no
+    // gap and the server coalesces nothing.
+    assert_eq!(report["verify"]["seq_gaps"], 0, "{report}");
+    assert_eq!(report["verify"]["coalesced"], 0, "{report}");
     // Issue 11 item 8: the fleet sends the advertised rate (churn: 500 flaps/s, here for 2 s),
     // whatever the threads. With 2 threads it used to send half: every flapper (every tenth
     // user) sat on one thread, which sent 500 / 2 per second.
@@ -123,6 +125,7 @@ fn churn_scenario_verifies_and_reports() {
     // The server saw the same traffic.
     let m = server.metrics_total();
     assert!(m.deliveries >= report["deliveries"].as_u64().unwrap());
+    assert_eq!(m.coalesced, 0);
     std::fs::remove_file(&json).ok();
     server.shutdown();
 }
