@@ -2,29 +2,9 @@
 //! process, scaled down: connections cycling subscribe/unsubscribe over a set of ids, then a
 //! re-subscription whose snapshots are checked, and live events.
 
-use std::process::Command;
+mod common;
 
-use presenced::config::{Config, Placement};
-
-const SECRET: &str = "loadtest-integration-secret-0123";
-const BIN: &str = env!("CARGO_BIN_EXE_presenced-loadtest");
-
-fn server(tweak: impl FnOnce(&mut Config)) -> presenced::ServerHandle {
-    let mut cfg = Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        shards: 2,
-        placement: Placement::Unbound,
-        jwt_secret: Some(SECRET.into()),
-        ..Config::default()
-    };
-    cfg.admin.listen = "127.0.0.1:0".parse().unwrap();
-    cfg.history.backend = presenced::config::HistoryBackend::Off;
-    cfg.limits.handshake_rate_per_ip = 0;
-    tweak(&mut cfg);
-    let cfg = cfg.validate().unwrap();
-    let verifier = presenced::auth::Verifier::new(cfg.jwt_secret.as_deref(), &cfg.auth).unwrap();
-    presenced::start(cfg, verifier).unwrap()
-}
+use common::{admin_url, harness, server, SECRET};
 
 /// 4 watchers cycling over 200 ids (10 of them online targets) in batches of `batch` at the
 /// default 45 ops/s, for 2 s; then --verify.
@@ -35,17 +15,8 @@ fn subchurn(
     extra: &[&str],
 ) -> (std::process::Output, serde_json::Value) {
     let json = std::env::temp_dir().join(format!("lt-{name}-{}.json", std::process::id()));
-    let admin = format!(
-        "http://{}",
-        server.admin_addr.expect("the admin port is on")
-    );
-    let out = Command::new(BIN)
-        .args([
-            "--url",
-            &format!("ws://{}/ws", server.addr),
-            "--secret",
-            SECRET,
-        ])
+    let admin = admin_url(server);
+    let out = harness(server, SECRET, 2, &json)
         .args([
             "--scenario",
             "subchurn",
@@ -63,10 +34,7 @@ fn subchurn(
             "2s",
         ])
         .args(["--verify", "--drain", "5s", "--admin-url", &admin])
-        .args(["--quiet", "--threads", "2", "--sources", "2"])
         .args(extra)
-        .arg("--json")
-        .arg(&json)
         .env("LT_DEBUG", "1")
         .output()
         .unwrap();
