@@ -1,7 +1,8 @@
 //! Regression tests for the robustness defects of issue 11, each over real sockets against a
-//! real server: a refused session applies nothing; handshakes in flight are capped; an admin
-//! scan of 200k users does not stop presence; a panic half-way through a fan-out is repaired; a
-//! 4008 flushes its replies first; a client that keeps up sees every `seq`.
+//! real server: a refused session applies nothing; handshakes in flight are capped; a 4008
+//! flushes its replies first, and is sent even while a watched user keeps changing; a client that
+//! keeps up sees every `seq`. (An admin scan of 200k users not stopping presence is in
+//! admin_scan.rs; a panic half-way through a fan-out being repaired, in panic_isolation.rs.)
 
 mod common;
 
