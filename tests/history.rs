@@ -1,6 +1,6 @@
 //! Presence history: the backend conformance suite (the same checks against every backend
 //! available: the local store always; a real ScyllaDB in an `#[ignore]`d test, run with
-//! `PRESENCED_TEST_SCYLLA=host:port` and `-- --ignored`),
+//! `PRESENCED_TEST_SCYLLA=host:port` and `-- --ignored scylla`),
 //! the whole pipeline through a real server and the admin API, persistence across `kill -9`, and
 //! retention.
 
