@@ -1,7 +1,9 @@
 //! The `subchurn` scenario (issue 11 item 13): connections that cycle `subscribe`/`unsubscribe`
-//! over the same set of ids as fast as the per-connection op limit allows, and then, with
-//! `--verify`, a check that the server came through it: every watcher unsubscribes and
-//! re-subscribes and must get a correct snapshot of every id, and live events must flow again.
+//! over the same set of ids at `churn_ops_per_sec` (by default inside the server's per-connection
+//! op limit; the per-user subscription-id budget refuses most of it at the server's defaults, see
+//! loadtest/README.md), and then, with `--verify`, a check that the server came through it:
+//! every watcher unsubscribes and re-subscribes and must get a correct snapshot of every id, and
+//! live events must flow again.
 //!
 //! Who is who: the ids are `u0 … u{watch-1}`. `churn_targets` of them, spread evenly, are online
 //! harness connections whose state is known (`online`, text `<final text>-base`); the others are
