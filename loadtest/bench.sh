@@ -10,6 +10,7 @@
 # Knobs (environment): SHARDS (2), PLACEMENT (unbound), IDLE_CONNS (15000), WATCH (20),
 # LOAD_CONNS (4000), RUN_S (8), HANDSHAKE_CONNS (8000), PORT (18400), OUT (target/bench),
 # SERVER (target/release/presenced: the server binary measured; the harness is always this tree's).
+# Server settings and where history goes: loadtest/lib.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,78 +23,39 @@ RUN_S=${RUN_S:-8}
 HANDSHAKE_CONNS=${HANDSHAKE_CONNS:-8000}
 PORT=${PORT:-18400}
 OUT=${OUT:-target/bench}
-SECRET=bench-secret-0123456789abcdef
 SERVER=${SERVER:-target/release/presenced}
-LOAD=target/release/presenced-loadtest
-TCK=$(getconf CLK_TCK)
 PAGE=$(getconf PAGESIZE)
 
 mkdir -p "$OUT"
+# shellcheck source=loadtest/lib.sh
+. loadtest/lib.sh
 cargo build --release -q -p presenced -p presenced-loadtest
 
 ulimit -n "$(ulimit -Hn)"
-SPID=""
-cleanup() { [ -n "$SPID" ] && kill "$SPID" 2>/dev/null && wait "$SPID" 2>/dev/null; true; }
-trap cleanup EXIT
+write_server_toml
 
-# The fleet comes from a few loopback addresses and flaps fast: lift the per-IP handshake and
-# per-connection op limits, which exist for real clients.
-# A 3 s heartbeat: idle memory is measured in steady state, after the heartbeat sweep has
-# given back the buffers a connection's set-up burst used.
-cat > "$OUT/server.toml" <<TOML
-jwt_secret = "$SECRET"
-heartbeat_ms = 3000
-[limits]
-handshake_rate_per_ip = 0
-ops_per_second = 0
-max_sessions_per_user = 0
-TOML
-
-start_server() { # $1 = shards
-  cleanup
-  "$SERVER" serve --config "$OUT/server.toml" --listen "127.0.0.1:$PORT" --shards "$1" \
-    --placement "$PLACEMENT" > "$OUT/server-$1.log" 2>&1 &
-  SPID=$!
-  for _ in $(seq 100); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then return 0; fi
-    sleep 0.05
-  done
-  echo "server did not start" >&2; exit 1
+start_server_shards() { # $1 = shards
+  start_server "$SERVER" "$OUT/server-$1.log" --shards "$1" --placement "$PLACEMENT"
 }
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$SPID/stat"; }
-user_ticks() { awk '{print $14}' "/proc/$SPID/stat"; }
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$SPID/status"; }
 anon_kb() { awk '/^RssAnon/ {print $2}' "/proc/$SPID/status"; }
 sock_pages() { awk '/^TCP:/ {for (i = 1; i < NF; i++) if ($i == "mem") print $(i + 1)}' /proc/net/sockstat; }
 # TCP socket objects themselves live in slab caches, which sockstat's "mem" (buffer pages) omits.
 tcp_slab_bytes() { awk '$1 == "TCP" || $1 == "TCPv6" {b += $3 * $4} END {print b + 0}' /proc/slabinfo 2>/dev/null || echo 0; }
 fds() { ls "/proc/$SPID/fd" | wc -l; }
-get() { "$LOAD" get "$1" "$2"; }
 load() { # $1 = report name, rest = flags
   local name=$1; shift
-  "$LOAD" --url "ws://127.0.0.1:$PORT/ws" --secret "$SECRET" --quiet --json "$OUT/$name.json" "$@" \
-    > "$OUT/$name.txt"
+  harness --json "$OUT/$name.json" "$@" > "$OUT/$name.txt"
 }
-# Runs the harness in the background and samples server CPU ticks when its run phase starts and
-# when it is done, so set-up (handshakes, subscribes) is not charged to deliveries.
-# $1 = report name, rest = flags. Sets RUN_TICKS.
+# The harness in the background, with the server's CPU ticks over its run phase only (see
+# run_phase_ticks). $1 = report name, rest = flags. Sets RUN_TICKS and RUN_USER_TICKS.
 load_timed() {
   local name=$1; shift
   local pf="$OUT/$name.phase"
   rm -f "$pf"
   load "$name" --phase-file "$pf" "$@" &
-  local lpid=$! t0="" t1="" u0="" u1=""
-  while kill -0 "$lpid" 2>/dev/null; do
-    local ph; ph=$(cat "$pf" 2>/dev/null || true)
-    if [ -z "$t0" ] && [ "$ph" != "" ] && [ "$ph" != "ramp" ]; then t0=$(cpu_ticks); u0=$(user_ticks); fi
-    if [ -z "$t1" ] && [ "$ph" = "done" ]; then t1=$(cpu_ticks); u1=$(user_ticks); fi
-    sleep 0.01
-  done
-  wait "$lpid" || true
-  RUN_TICKS=$(( ${t1:-$(cpu_ticks)} - ${t0:-0} ))
-  RUN_USER_TICKS=$(( ${u1:-$(user_ticks)} - ${u0:-0} ))
+  run_phase_ticks $! "$pf"
 }
-us_per() { awk -v t="$1" -v n="$2" -v k="$TCK" 'BEGIN { printf "%.2f", (n > 0 ? t / k * 1e6 / n : 0) }'; }
 
 echo "## presenced benchmarks — $(date -u +%Y-%m-%d), $(nproc) CPUs: $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)"
 echo
@@ -101,7 +63,7 @@ echo "server: $SHARDS shard(s), placement $PLACEMENT; client and server share th
 echo
 
 # 1. Memory per idle connection with $WATCH subscriptions.
-start_server "$SHARDS"
+start_server_shards "$SHARDS"
 sleep 0.5
 base_rss=$(rss_kb); base_anon=$(anon_kb); base_sock=$(sock_pages); base_fds=$(fds)
 base_slab=$(tcp_slab_bytes)
@@ -125,7 +87,7 @@ echo "| 1 | kernel memory per loopback connection pair (client + server socket),
 
 # 2 + 5. Deliveries/s and server CPU per delivery while stepping the flap rate up, for 1 and N shards.
 step_rates() { # $1 = shards; prints "rate deliveries/s p99_us cpu_us/delivery client_cpu_s verify user_us/delivery"
-  start_server "$1"
+  start_server_shards "$1"
   for rate in 250 500 1000 2000 4000 8000; do
     load_timed "churn-$1-$rate" --scenario churn --connections "$LOAD_CONNS" --watch "$WATCH" \
       --flap-fraction 0.25 --flaps-per-sec "$rate" --duration "${RUN_S}s" --rate 4000 --verify
@@ -151,11 +113,11 @@ r="$OUT/latency-half.json"
 echo "| 3 | fan-out latency at $half flaps/s ($(printf %.0f "$(get "$r" deliveries_per_sec)") deliveries/s) | p50 $(get "$r" fanout_latency_us.p50) µs, p99 $(get "$r" fanout_latency_us.p99) µs, p99.9 $(get "$r" fanout_latency_us.p999) µs, max $(get "$r" fanout_latency_us.max) µs |"
 
 # 4. Handshakes: connect as fast as possible (HS256 validation, upgrade, welcome, subscribe to 1).
-start_server "$SHARDS"
-t0=$(cpu_ticks)
+start_server_shards "$SHARDS"
+t0=$(ticks all)
 load handshakes --scenario storm --connections "$HANDSHAKE_CONNS" --watch 1 --flaps-per-sec 0 \
   --duration 1s --threads 2 || true
-t1=$(cpu_ticks)
+t1=$(ticks all)
 r="$OUT/handshakes.json"
 n=$(get "$r" connections_established)
 echo "| 4 | handshakes/s (HS256, $n connections, as fast as the client can) | $(printf %.0f "$(get "$r" handshakes_per_sec)")/s; server CPU $(us_per $((t1 - t0)) "$n") µs per connection (handshake + session + 1 subscription + close) |"

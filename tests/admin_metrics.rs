@@ -114,12 +114,7 @@ fn sum(samples: &Samples, name: &str, labels: &[(&str, &str)]) -> f64 {
 }
 
 fn scrape(s: &TestServer) -> Samples {
-    let (code, text) = raw_request(
-        s.admin,
-        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-    );
-    assert_eq!(code, 200);
-    prometheus_parse(&text)
+    prometheus_parse(&metrics_text(s.admin, None))
 }
 
 /// Parses exposition text with the reference Python client's parser (installed on first use:
@@ -180,10 +175,7 @@ fn every_metric_family_and_route_is_documented() {
     let s = admin_server(2);
     let doc =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/ADMIN.md")).unwrap();
-    let (_, text) = raw_request(
-        s.admin,
-        "GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n",
-    );
+    let text = metrics_text(s.admin, None);
     let families: BTreeSet<&str> = text
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))

@@ -10,61 +10,38 @@ mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{serve_cmd, spawn_serve};
 use serde_json::json;
 
 const BIN: &str = env!("CARGO_BIN_EXE_presenced");
 
-/// A running `serve` child and its own history store: killed, then the store removed.
-struct Running(
-    Child,
-    #[allow(dead_code)] /* held for its Drop */ tempfile::TempDir,
-);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `cmd` (from [`serve_cmd`]) with a history store of its own.
-fn spawn_serve(cmd: &mut Command) -> Running {
-    let data = tempfile::tempdir().unwrap();
-    let child = cmd.arg("--data-dir").arg(data.path()).spawn().unwrap();
-    Running(child, data)
-}
-
-/// `presenced serve` on 127.0.0.1:`port` with two unpinned shards.
-fn serve_cmd(port: u16) -> Command {
-    let mut cmd = Command::new(BIN);
-    let listen = format!("127.0.0.1:{port}");
-    cmd.args([
-        "serve",
-        "--listen",
-        &listen,
-        "--shards",
-        "2",
-        "--placement",
-        "unbound",
-        "--admin-listen",
-        "127.0.0.1:0",
-    ]);
-    cmd
+/// `serve` on any port with no admin port and `args`, for a plan it refuses: waits for it to
+/// exit (history in `data`).
+fn serve_refused(args: &[&str], data: &std::path::Path) -> std::process::Output {
+    Command::new(BIN)
+        .arg("serve")
+        .args(args)
+        .args(["--no-admin", "--listen", "127.0.0.1:0"])
+        .args(["--jwt-secret", "0123456789abcdef0123"])
+        .arg("--data-dir")
+        .arg(data)
+        .output()
+        .unwrap()
 }
 
 #[test]
 fn serve_with_no_config_prints_a_working_quickstart() {
     let port = common::free_port();
     let mut child = spawn_serve(
-        serve_cmd(port)
+        serve_cmd(port, 0)
             .env_remove("PRESENCED_JWT_SECRET")
             .stdout(Stdio::piped())
             .stderr(Stdio::null()),
     );
-    let stdout = BufReader::new(child.0.stdout.take().unwrap());
+    let stdout = BufReader::new(child.child.stdout.take().unwrap());
     let (mut secret, mut url, mut dashboard) = (None, None, None);
     let (mut exported, mut next_command) = (None, None);
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -147,7 +124,7 @@ fn sigterm_closes_sessions_with_1001_and_exits_zero() {
     let port = common::free_port();
     let secret = "a-secret-for-the-sigterm-test";
     let mut child = spawn_serve(
-        serve_cmd(port)
+        serve_cmd(port, 0)
             .args(["--jwt-secret", secret])
             .stdout(Stdio::null())
             .stderr(Stdio::null()),
@@ -164,9 +141,9 @@ fn sigterm_closes_sessions_with_1001_and_exits_zero() {
     }
     let mut c = common::Client::connect(addr, &token);
     // SAFETY: sending a signal to our own child process.
-    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
+    unsafe { libc::kill(child.child.id() as i32, libc::SIGTERM) };
     assert_eq!(c.close_code(), 1001);
-    let status = child.0.wait().unwrap();
+    let status = child.child.wait().unwrap();
     assert!(status.success(), "exit status {status}");
 }
 
@@ -368,18 +345,8 @@ fn topology_fails_on_plans_serve_refuses_and_warns_on_poor_ones() {
         "{}",
         stderr(&out)
     );
-    let serve = Command::new(BIN)
-        .args(["serve", "--shards", "1", "--cpus", "1023", "--no-admin"])
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--jwt-secret",
-            "0123456789abcdef0123",
-        ])
-        .arg("--data-dir")
-        .arg(tempfile::tempdir().unwrap().path())
-        .output()
-        .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let serve = serve_refused(&["--shards", "1", "--cpus", "1023"], data.path());
     assert!(!serve.status.success(), "and serve does refuse it");
 
     // Shards sharing a CPU: serve runs it, so a warning and success.
@@ -417,25 +384,10 @@ fn history_cpu_past_cpu_setsize_is_refused_and_an_offline_one_reported() {
         assert!(stderr(&out).contains("history.cpu"), "{}", stderr(&out));
     }
     // serve used to panic (index past the cpu_set_t) and abort; now it refuses with exit 1.
-    let serve = Command::new(BIN)
-        .args([
-            "serve",
-            "--config",
-            config_arg,
-            "--no-admin",
-            "--placement",
-            "unbound",
-        ])
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--jwt-secret",
-            "0123456789abcdef0123",
-        ])
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .output()
-        .unwrap();
+    let serve = serve_refused(
+        &["--config", config_arg, "--placement", "unbound"],
+        &dir.path().join("data"),
+    );
     assert_eq!(serve.status.code(), Some(1), "{}", stderr(&serve));
     assert!(stdout_and_err(&serve).contains("history.cpu"));
 
@@ -460,13 +412,13 @@ fn stdout_and_err(out: &std::process::Output) -> String {
 fn logs_written_to_a_pipe_carry_no_colour_codes() {
     let port = common::free_port();
     let mut child = spawn_serve(
-        serve_cmd(port)
+        serve_cmd(port, 0)
             .args(["--jwt-secret", "a-secret-for-the-log-test"])
             .env_remove("NO_COLOR")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped()),
     );
-    let stdout = BufReader::new(child.0.stdout.take().unwrap());
+    let stdout = BufReader::new(child.child.stdout.take().unwrap());
     // serve's first log line (main.rs logs the open-file limit before anything else).
     let first = stdout.lines().next().expect("a log line").unwrap();
     assert!(first.contains("open-file limit"), "{first:?}");

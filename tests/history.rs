@@ -1,6 +1,6 @@
 //! Presence history: the backend conformance suite (the same checks against every backend
 //! available: the local store always; a real ScyllaDB in an `#[ignore]`d test, run with
-//! `PRESENCED_TEST_SCYLLA=host:port` and `-- --ignored`),
+//! `PRESENCED_TEST_SCYLLA=host:port` and `-- --ignored scylla`),
 //! the whole pipeline through a real server and the admin API, persistence across `kill -9`, and
 //! retention.
 
@@ -8,6 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::history::{real_scylla, sorted_events};
 use common::*;
 use presenced::history::local::LocalStore;
 use presenced::history::store::Store;
@@ -271,13 +272,7 @@ fn local_store_conforms() {
 #[test]
 #[ignore = "needs a real ScyllaDB: PRESENCED_TEST_SCYLLA=host:port, run with --ignored (docs/HISTORY.md)"]
 fn scylla_store_conforms() {
-    let addr = match std::env::var("PRESENCED_TEST_SCYLLA") {
-        Ok(addr) if !addr.is_empty() => addr,
-        _ => panic!(
-            "this test needs a real ScyllaDB: set PRESENCED_TEST_SCYLLA=host:port \
-             (docs/HISTORY.md, \"Against a real ScyllaDB\")"
-        ),
-    };
+    let addr = real_scylla();
     // A fresh keyspace per run: a rerun into the same one would hold the last run's events.
     let tag = format!("{}_{}", std::process::id(), presenced::shard::now_ms());
     let cfg = presenced::config::ScyllaConfig {
@@ -343,15 +338,11 @@ fn local_store_expires_what_is_older_than_retention() {
     });
 }
 
-fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// How long history's waits may take: a batch, a sample or a compaction lands within it.
+const PATIENCE: Duration = Duration::from_secs(15);
+
+fn wait_for<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
+    eventually_within(what, PATIENCE, f)
 }
 
 fn history_server() -> TestServer {
@@ -529,22 +520,8 @@ fn a_full_queue_drops_and_counts_but_never_blocks_a_shard() {
 
 /// `presenced serve` with history in `dir`, as a child process.
 fn serve_child(port: u16, admin: u16, dir: &std::path::Path) -> std::process::Child {
-    std::process::Command::new(env!("CARGO_BIN_EXE_presenced"))
-        .args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--admin-listen",
-            &format!("127.0.0.1:{admin}"),
-        ])
-        .args([
-            "--shards",
-            "2",
-            "--placement",
-            "unbound",
-            "--jwt-secret",
-            SECRET,
-        ])
+    serve_cmd(port, admin)
+        .args(["--jwt-secret", SECRET])
         .arg("--data-dir")
         .arg(dir)
         .env("RUST_LOG", "warn")
@@ -858,18 +835,6 @@ fn the_local_store_compacts_only_when_enough_of_it_is_free() {
     });
 }
 
-fn sorted_events(mut v: Vec<HistoryEvent>) -> Vec<HistoryEvent> {
-    v.sort_by_cached_key(|e| (e.user.clone(), e.ts, serde_json::to_string(e).unwrap()));
-    v
-}
-
-/// A sample's value from Prometheus text (the first line for `name` without labels).
-fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
 #[test]
 fn metrics_report_what_the_history_file_takes_on_disk() {
     let s = TestServer::with(1, |c| {
@@ -881,23 +846,13 @@ fn metrics_report_what_the_history_file_takes_on_disk() {
     wait_for("the session start written", || {
         (presenced::history::HistoryMetrics::get(&m.written) >= 2).then_some(())
     });
-    let scrape = || {
-        let (code, text) = raw_request(
-            s.admin,
-            &format!(
-                "GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
-                s.admin_token()
-            ),
-        );
-        assert_eq!(code, 200);
-        text
-    };
+    let scrape = || metrics_text(s.admin, Some(&s.admin_token()));
     // The file changes only when a batch is written; between batches the two agree.
     wait_for("the gauge to match the file", || {
-        let gauge = metric(&scrape(), "presenced_history_disk_bytes")?;
+        let gauge = metric_sum(&scrape(), "presenced_history_disk_bytes")?;
         (gauge as u64 == disk_len(s.data.path())).then_some(())
     });
-    assert!(metric(&scrape(), "presenced_history_compactions_total").is_some());
+    assert!(metric_sum(&scrape(), "presenced_history_compactions_total").is_some());
 }
 
 // ---- Item 9: invisible is not online -------------------------------------------------------

@@ -22,7 +22,7 @@ mod kassandra;
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use presenced::config::{HistoryBackend, HistoryConfig, ScyllaConfig};
 use presenced::history::event::{day_of, hour_of};
@@ -36,6 +36,7 @@ use presenced::history::{
 use presenced::presence::{Aggregate, DeviceType};
 use presenced::shard::now_ms;
 
+use common::history::{real_scylla, sorted_events};
 use common::TestServer;
 use kassandra::{Cluster, Fault, When, Write};
 
@@ -50,18 +51,6 @@ fn rt() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap()
-}
-
-/// The real ScyllaDB the `#[ignore]`d tests run against. Without one such a test fails: asked to
-/// run (`--ignored`), it must not pass without testing anything.
-fn real_scylla() -> String {
-    match std::env::var("PRESENCED_TEST_SCYLLA") {
-        Ok(addr) if !addr.is_empty() => addr,
-        _ => panic!(
-            "this test needs a real ScyllaDB: set PRESENCED_TEST_SCYLLA=host:port \
-             (docs/HISTORY.md, \"Against a real ScyllaDB\")"
-        ),
-    }
 }
 
 /// Where a test writes.
@@ -237,19 +226,9 @@ fn samples(n: u64) -> Vec<Sample> {
         .collect()
 }
 
-/// Sorts by every field, for comparing what was sent with what is stored.
-fn sorted(mut v: Vec<HistoryEvent>) -> Vec<HistoryEvent> {
-    v.sort_by_cached_key(|e| (e.user.clone(), e.ts, serde_json::to_string(e).unwrap()));
-    v
-}
-
 /// Waits, at most [`PATIENCE`], for `done`.
 fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + PATIENCE;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::eventually_within(what, PATIENCE, || done().then_some(()));
 }
 
 /// Everything stored for `sent`, read back one whole partition at a time (what kassandra
@@ -346,15 +325,15 @@ fn assert_stored_once(target: &Target, sent: &[HistoryEvent], sent_samples: &[Sa
     let name = target.name();
     assert_eq!(got.events.len(), sent.len(), "{name}: one row per event");
     assert_eq!(
-        sorted(got.events),
-        sorted(sent.to_vec()),
+        sorted_events(got.events),
+        sorted_events(sent.to_vec()),
         "{name}: every field"
     );
     // sessions_by_hour keeps what "who was online" needs.
     let sessions = presence_only(sent.to_vec());
     assert_eq!(
-        sorted(got.sessions),
-        sorted(sessions),
+        sorted_events(got.sessions),
+        sorted_events(sessions),
         "{name}: sessions_by_hour"
     );
     assert_eq!(got.samples, sent_samples, "{name}: samples");

@@ -20,7 +20,7 @@ const COALESCE_BYTES: usize = 1024;
 const QUEUED_BEFORE_MERGING: u64 = (COALESCE_BYTES / 60) as u64;
 
 #[test]
-fn a_client_that_stops_reading_holds_one_event_per_user_and_converges() {
+fn a_client_that_stops_reading_holds_the_merge_threshold_plus_one_event_per_user_and_converges() {
     let server = TestServer::with(2, |c| {
         c.limits.ops_per_second = 0;
         c.limits.coalesce_after_bytes = COALESCE_BYTES;
@@ -64,8 +64,9 @@ fn a_client_that_stops_reading_holds_one_event_per_user_and_converges() {
         "backlog {max_backlog} during 10,000 flaps"
     );
     // Settled (fast clients read everything): what still waits in the outbox is the slow
-    // client's, at most one event per watched user plus a heartbeat ping. (Beyond the outbox it
-    // holds at most one 64 KiB write batch and what the kernel's socket buffer takes.)
+    // client's, at most what the merge threshold holds, then one event per watched user, plus a
+    // heartbeat ping. (Beyond the outbox it holds at most one 64 KiB write batch and what the
+    // kernel's socket buffer takes.)
     let settled = m.outbox_pending;
     assert!(
         settled <= QUEUED_BEFORE_MERGING + (USERS + 1) as u64,

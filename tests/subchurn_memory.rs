@@ -12,12 +12,12 @@
 mod common;
 
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{free_port, raw_request, Client, SECRET};
+use common::{free_port, metric_sum, metrics_text, serve_cmd, spawn_serve, Client, SECRET};
 use serde_json::json;
 
 const CLIENTS: usize = 12;
@@ -30,15 +30,6 @@ const RSS_SLACK_KB: u64 = 32 * 1024;
 /// How far the storm must push RSS up for the test to mean something.
 const STORM_MIN_KB: u64 = 48 * 1024;
 
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn rss_kb(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
@@ -48,12 +39,9 @@ fn rss_kb(pid: u32) -> u64 {
         .unwrap()
 }
 
+/// Metric `name` summed over the shards; it must be there.
 fn metric(admin: SocketAddr, name: &str) -> f64 {
-    let (_, text) = raw_request(admin, "GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n");
-    text.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    metric_sum(&metrics_text(admin, None), name).unwrap_or_else(|| panic!("no {name} in /metrics"))
 }
 
 fn ids() -> Vec<String> {
@@ -95,25 +83,15 @@ fn a_subscription_storm_loses_no_state_and_memory_comes_back() {
     )
     .unwrap();
     let (port, admin_port) = (free_port(), free_port());
-    let child = Command::new(env!("CARGO_BIN_EXE_presenced"))
-        .args([
-            "serve",
-            "--shards",
-            "2",
-            "--placement",
-            "unbound",
-            "--config",
-        ])
-        .arg(&config)
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
-        .env("PRESENCED_JWT_SECRET", SECRET)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let server = Server(child);
-    let pid = server.0.id();
+    let server = spawn_serve(
+        serve_cmd(port, admin_port)
+            .arg("--config")
+            .arg(&config)
+            .env("PRESENCED_JWT_SECRET", SECRET)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    let pid = server.child.id();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -2,12 +2,14 @@
 //! subscribe, then read and check every event until told to stop. Reconnects (counted) if the
 //! server drops it mid-run.
 
-use std::borrow::Cow;
+use std::borrow::{Borrow, Cow};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{SplitSink, StreamExt};
@@ -48,9 +50,49 @@ pub struct Track {
 pub struct ConnState {
     /// The subscriber: user id of this connection.
     pub subscriber: usize,
-    /// Keyed by (user, group feed or "").
+    /// Keyed by (user, group feed or ""); looked up per event as a [`TrackKey`], so an event
+    /// for a known track allocates nothing.
     pub tracks: HashMap<(String, String), Track>,
 }
+
+/// A track's key, (user, feed), whether owned (as stored) or borrowed (as an event carries it):
+/// `(String, String)` borrows as `dyn TrackKey`, so a map keyed by it can be searched with
+/// `&(&str, &str)`. Both hash and compare as the pair of strings, as `(String, String)` does.
+pub trait TrackKey {
+    fn pair(&self) -> (&str, &str);
+}
+
+impl TrackKey for (String, String) {
+    fn pair(&self) -> (&str, &str) {
+        (&self.0, &self.1)
+    }
+}
+
+impl TrackKey for (&str, &str) {
+    fn pair(&self) -> (&str, &str) {
+        (self.0, self.1)
+    }
+}
+
+impl<'a> Borrow<dyn TrackKey + 'a> for (String, String) {
+    fn borrow(&self) -> &(dyn TrackKey + 'a) {
+        self
+    }
+}
+
+impl Hash for dyn TrackKey + '_ {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        self.pair().hash(h);
+    }
+}
+
+impl PartialEq for dyn TrackKey + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.pair() == other.pair()
+    }
+}
+
+impl Eq for dyn TrackKey + '_ {}
 
 #[derive(Deserialize)]
 struct Event<'a> {
@@ -318,20 +360,30 @@ fn track(shared: &Shared, stats: &RefCell<Stats>, state: &RefCell<ConnState>, se
     }
     let mut st = state.borrow_mut();
     let subscriber = st.subscriber;
-    let flaps = plan::flaps(
-        seen.user
-            .strip_prefix('u')
-            .and_then(|u| u.parse().ok())
-            .unwrap_or(usize::MAX),
-        shared.scn.flap_fraction,
-    );
-    let t = st
-        .tracks
-        .entry((seen.user.to_owned(), seen.feed.to_owned()))
-        .or_insert_with(|| Track {
-            flaps,
-            ..Track::default()
-        });
+    let key: &dyn TrackKey = &(seen.user, seen.feed);
+    if let Some(t) = st.tracks.get_mut(key) {
+        observe(shared, &mut stats, subscriber, t, seen);
+    } else {
+        let flaps = plan::flaps(
+            seen.user
+                .strip_prefix('u')
+                .and_then(|u| u.parse().ok())
+                .unwrap_or(usize::MAX),
+            shared.scn.flap_fraction,
+        );
+        let t = st
+            .tracks
+            .entry((seen.user.to_owned(), seen.feed.to_owned()))
+            .or_insert(Track {
+                flaps,
+                ..Track::default()
+            });
+        observe(shared, &mut stats, subscriber, t, seen);
+    }
+}
+
+/// Checks one event of `subscriber`'s against what its track knew, and records it there.
+fn observe(shared: &Shared, stats: &mut Stats, subscriber: usize, t: &mut Track, seen: &Seen) {
     if let Some(last) = t.last_seq {
         let ok = seen.seq > last || (t.resync && seen.seq == last);
         if !ok {
@@ -393,9 +445,10 @@ pub fn verify(state: &ConnState, stats: &mut Stats) {
     }
 }
 
-/// `LT_DEBUG` is set: print what verification counts as missing, and seq gaps.
+/// `LT_DEBUG` is set: print what verification counts as missing, and seq gaps. Read once.
 pub fn debug() -> bool {
-    std::env::var_os("LT_DEBUG").is_some()
+    static DEBUG: OnceLock<bool> = OnceLock::new();
+    *DEBUG.get_or_init(|| std::env::var_os("LT_DEBUG").is_some())
 }
 
 /// A status as a static string, so a track keeps it without allocating.
@@ -417,4 +470,31 @@ pub fn unconverged(state: &ConnState) -> usize {
         .values()
         .filter(|t| t.flaps && !t.final_seen)
         .count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Tracks stored under owned keys are found from borrowed ones: the two hash alike.
+    #[test]
+    fn tracks_are_found_by_borrowed_keys() {
+        let mut tracks: HashMap<(String, String), Track> = HashMap::new();
+        for (user, feed) in [("u1", ""), ("u1", "g0"), ("u10", ""), ("", "u1")] {
+            let t = Track {
+                last_seq: Some(user.len() as u64 * 10 + feed.len() as u64),
+                ..Track::default()
+            };
+            tracks.insert((user.to_owned(), feed.to_owned()), t);
+        }
+        for (user, feed) in [("u1", ""), ("u1", "g0"), ("u10", ""), ("", "u1")] {
+            let key: &dyn TrackKey = &(user, feed);
+            let want = user.len() as u64 * 10 + feed.len() as u64;
+            assert_eq!(tracks.get(key).and_then(|t| t.last_seq), Some(want));
+        }
+        for (user, feed) in [("u", "1"), ("u1g0", ""), ("u2", "")] {
+            let key: &dyn TrackKey = &(user, feed);
+            assert!(!tracks.contains_key(key), "{user} {feed}");
+        }
+    }
 }

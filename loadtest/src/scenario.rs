@@ -113,7 +113,11 @@ impl Scenario {
                 ..base
             },
             // 40 connections each cycle subscribe/unsubscribe of the same 1,000 ids at 45 ops/s
-            // (inside the default per-connection limit of 50): issue 11 item 13's red-team run.
+            // (inside the default per-connection op limit of 50): issue 11 item 13's red-team run.
+            // At the server's defaults most subscribes are refused `rate_limited` by the
+            // subscription-id budget, which is per user (shared by a user's sessions, not
+            // refilled by reconnecting); `limits.subscriptions_per_second = 0` lets the storm
+            // reach the mesh.
             "subchurn" => Scenario {
                 mode: Mode::Subchurn,
                 connections: 40,

@@ -2,10 +2,12 @@
 //! real WebSocket client (tungstenite) or raw HTTP.
 #![allow(dead_code)]
 
+pub mod history;
 pub mod tools;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use presenced::auth::{mint_hs256, TokenSpec, Verifier};
@@ -222,8 +224,13 @@ pub fn raw_request_from(mut s: TcpStream, request: &str) -> (u16, String) {
 }
 
 /// Polls `f` every 20 ms until it gives a value, failing after [`WAIT`].
-pub fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + WAIT;
+pub fn eventually<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
+    eventually_within(what, WAIT, f)
+}
+
+/// [`eventually`], failing after `patience`.
+pub fn eventually_within<T>(what: &str, patience: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + patience;
     loop {
         if let Some(v) = f() {
             return v;
@@ -231,6 +238,74 @@ pub fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// `GET /metrics` on the admin port `admin`, with a bearer token when it is protected: the
+/// exposition text. Panics unless 200.
+pub fn metrics_text(admin: SocketAddr, token: Option<&str>) -> String {
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    let (code, text) = raw_request(
+        admin,
+        &format!("GET /metrics HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n"),
+    );
+    assert_eq!(code, 200, "GET /metrics: {text}");
+    text
+}
+
+/// The sum of metric `name`'s samples in exposition `text`, over every label set; `None` when it
+/// has none. The name matches whole: a sample line is `name` then `{labels}` or a space, so
+/// `presenced_x` does not count `presenced_x_total`.
+pub fn metric_sum(text: &str, name: &str) -> Option<f64> {
+    let values: Vec<f64> = text
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(name)?;
+            let rest = match rest.strip_prefix('{') {
+                Some(labelled) => labelled.rsplit_once('}')?.1,
+                None => rest,
+            };
+            rest.strip_prefix(' ')?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
+}
+
+/// The `presenced` binary under test.
+pub const PRESENCED: &str = env!("CARGO_BIN_EXE_presenced");
+
+/// `presenced serve` on 127.0.0.1:`port` with two unpinned shards and the admin port on
+/// 127.0.0.1:`admin` (0: any free port). The caller adds the rest: secret, config, data
+/// directory, output.
+pub fn serve_cmd(port: u16, admin: u16) -> Command {
+    let mut cmd = Command::new(PRESENCED);
+    cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--shards", "2", "--placement", "unbound"])
+        .args(["--admin-listen", &format!("127.0.0.1:{admin}")]);
+    cmd
+}
+
+/// A running `serve` child and its own history store: killed, then the store removed.
+pub struct Served {
+    pub child: Child,
+    _data: tempfile::TempDir,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `cmd` (from [`serve_cmd`]) with a history store of its own.
+pub fn spawn_serve(cmd: &mut Command) -> Served {
+    let data = tempfile::tempdir().unwrap();
+    let child = cmd.arg("--data-dir").arg(data.path()).spawn().unwrap();
+    Served { child, _data: data }
 }
 
 /// A client-to-server WebSocket text frame (masked, as RFC 6455 requires), for tests that

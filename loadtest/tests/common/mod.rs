@@ -1,0 +1,66 @@
+//! What the harness's integration tests share: a real server started in this process, and the
+//! harness binary pointed at it.
+
+use std::path::Path;
+use std::process::Command;
+
+use presenced::config::{Config, HistoryBackend, Placement};
+
+pub const SECRET: &str = "loadtest-integration-secret-0123";
+pub const BIN: &str = env!("CARGO_BIN_EXE_presenced-loadtest");
+
+/// A server with 2 unpinned shards on 127.0.0.1:0 and its admin port on, with what `tweak`
+/// changes.
+pub fn server(tweak: impl FnOnce(&mut Config)) -> presenced::ServerHandle {
+    let mut cfg = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        shards: 2,
+        placement: Placement::Unbound,
+        jwt_secret: Some(SECRET.into()),
+        ..Config::default()
+    };
+    cfg.admin.listen = "127.0.0.1:0".parse().unwrap();
+    // History is measured by the benchmarks, not here; keep the tests free of a data directory.
+    cfg.history.backend = HistoryBackend::Off;
+    // The whole fleet comes from a few loopback addresses.
+    cfg.limits.handshake_rate_per_ip = 0;
+    tweak(&mut cfg);
+    let cfg = cfg.validate().unwrap();
+    let verifier = presenced::auth::Verifier::new(cfg.jwt_secret.as_deref(), &cfg.auth).unwrap();
+    presenced::start(cfg, verifier).unwrap()
+}
+
+/// The `--admin-url` of `server`.
+pub fn admin_url(server: &presenced::ServerHandle) -> String {
+    format!(
+        "http://{}",
+        server.admin_addr.expect("the admin port is on")
+    )
+}
+
+/// The harness against `server` with the flags every test shares: quiet, 2 threads, connections
+/// spread over `sources` loopback addresses, the JSON report written to `json`.
+pub fn harness(
+    server: &presenced::ServerHandle,
+    secret: &str,
+    sources: usize,
+    json: &Path,
+) -> Command {
+    let mut c = Command::new(BIN);
+    c.args([
+        "--url",
+        &format!("ws://{}/ws", server.addr),
+        "--secret",
+        secret,
+    ])
+    .args([
+        "--quiet",
+        "--threads",
+        "2",
+        "--sources",
+        &sources.to_string(),
+    ])
+    .arg("--json")
+    .arg(json);
+    c
+}
