@@ -7,10 +7,12 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use glommio::channels::local_channel::LocalReceiver;
 use glommio::net::{TcpListener, TcpStream};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::metrics::ShardMetrics;
+use crate::shard::runtime::Stop;
 
 /// The key a client address is limited under (the edge's per-IP handshake rate, the admin
 /// port's per-IP connection cap): IPv4 as is, IPv6 cut to `prefix_len` bits. An IPv4-mapped
@@ -45,7 +47,7 @@ pub fn bind(addr: SocketAddr, listen: bool) -> std::io::Result<Socket> {
 }
 
 /// A listening glommio socket for this shard.
-pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     use std::os::fd::{FromRawFd, IntoRawFd};
     let sock = bind(addr, true)?;
     // SAFETY: a freshly bound, listening socket whose ownership moves into the listener.
@@ -75,7 +77,7 @@ pub fn reserve_port(want: SocketAddr) -> std::io::Result<(Socket, SocketAddr)> {
 /// friends) are logged and followed by a short pause instead of a spin.
 pub async fn next_connection(
     listener: &TcpListener,
-    stop: &glommio::channels::local_channel::LocalReceiver<()>,
+    stop: &LocalReceiver<()>,
 ) -> Option<TcpStream> {
     loop {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
@@ -111,11 +113,17 @@ pub async fn guarded(metrics: Arc<ShardMetrics>, task: impl Future<Output = ()>)
     }
 }
 
-/// A stop signal for an accept loop: fire it with `try_send(())`.
-pub fn stop_channel() -> (
-    glommio::channels::local_channel::LocalSender<()>,
-    std::rc::Rc<glommio::channels::local_channel::LocalReceiver<()>>,
-) {
-    let (tx, rx) = glommio::channels::local_channel::new_bounded(1);
-    (tx, std::rc::Rc::new(rx))
+/// Binds this shard's listener on `addr` and spawns `accept(listener, stop)` on it, where
+/// `stop` fires when the returned [`Stop`] is called. `what` names the listener in errors.
+pub fn serve<F: Future<Output = ()> + 'static>(
+    what: &str,
+    addr: SocketAddr,
+    accept: impl FnOnce(TcpListener, LocalReceiver<()>) -> F,
+) -> Result<Stop, String> {
+    let listener = listen(addr).map_err(|e| format!("{what} listen on {addr}: {e}"))?;
+    let (stop_tx, stop_rx) = glommio::channels::local_channel::new_bounded(1);
+    glommio::spawn_local(accept(listener, stop_rx)).detach();
+    Ok(Box::new(move || {
+        let _ = stop_tx.try_send(());
+    }))
 }

@@ -40,18 +40,12 @@ pub struct ServerHandle {
     pub tls_addr: Option<SocketAddr>,
     /// The admin port's address, when it is enabled.
     pub admin_addr: Option<SocketAddr>,
-    /// CPU of each shard (None = unpinned).
-    pub cpus: Vec<Option<usize>>,
     shards: Shards,
     history: Option<History>,
     flush_deadline: Duration,
 }
 
 impl ServerHandle {
-    pub fn shards(&self) -> usize {
-        self.shards.len()
-    }
-
     /// Per-shard counters, read from another thread.
     pub fn metrics(&self) -> Vec<MetricsSnapshot> {
         self.shards.shared.snapshots()
@@ -138,12 +132,12 @@ pub fn start(cfg: ValidConfig, verifier: Verifier) -> Result<ServerHandle, Start
     let admin_tls = if cfg.admin.tls { secure.clone() } else { None };
 
     let history = History::start(&cfg.history).map_err(StartError::History)?;
-    let shared = Arc::new(Shared::new(cpus.clone()));
+    let shared = Arc::new(Shared::new(cpus));
     let sink = history.sink.clone();
     let init: Init = Arc::new(move |shard: &Rc<Shard>| {
         let mut stops: Vec<Stop> = crate::edge::Edge::new(shard.clone()).listen(&listeners)?;
         if let Some(admin) = admin_addr {
-            stops.extend(crate::admin::install(
+            stops.push(crate::admin::install(
                 shard,
                 admin,
                 admin_tls.clone(),
@@ -163,6 +157,7 @@ pub fn start(cfg: ValidConfig, verifier: Verifier) -> Result<ServerHandle, Start
         }
     };
     drop(reserved);
+    let cpus = &running.shared.cpus;
     tracing::info!(%addr, ?tls_addr, shards, ?cpus, "accepting WebSocket connections");
     if let Some(a) = admin_addr {
         tracing::info!(admin = %a, "admin port (API, /metrics, dashboard) listening");
@@ -171,7 +166,6 @@ pub fn start(cfg: ValidConfig, verifier: Verifier) -> Result<ServerHandle, Start
         addr,
         tls_addr,
         admin_addr,
-        cpus,
         shards: running,
         flush_deadline: Duration::from_millis(cfg.history.flush_deadline_ms),
         history: Some(history),
@@ -228,7 +222,10 @@ async fn sample_online(shard: Rc<Shard>, sink: Sink) {
         let ((online, mut groups), answered) = shard
             .map_reduce(
                 deadline,
-                move |s: &Rc<Shard>| crate::admin::query::counts(s, max_groups),
+                move |s: &Rc<Shard>| {
+                    let online = s.registry().online_users() as u64;
+                    (online, s.groups().largest(max_groups))
+                },
                 (0u64, Vec::new()),
                 |(online, mut groups), _, (n, g)| {
                     groups.extend(g);
@@ -239,7 +236,7 @@ async fn sample_online(shard: Rc<Shard>, sink: Sink) {
         if !answered.complete() {
             continue; // a partial count would read as a drop in the replay
         }
-        groups.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        groups.sort_unstable_by(crate::presence::groups::largest_first);
         groups.truncate(max_groups);
         sink.record(Record::Sample(Sample {
             ts: now_ms(),

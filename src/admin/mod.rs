@@ -76,7 +76,7 @@ pub fn install(
     addr: SocketAddr,
     tls: Option<Arc<ServerConfig>>,
     history: Sink,
-) -> Result<Vec<Stop>, String> {
+) -> Result<Stop, String> {
     let cfg = &shard.cfg().admin;
     let local = Rc::new(AdminLocal {
         changes: RefCell::new(ChangeLog::new(cfg.change_log)),
@@ -92,15 +92,13 @@ pub fn install(
             log.changes.borrow_mut().record((*state).clone());
         }
     }));
-    let listener = crate::net::listen(addr).map_err(|e| format!("admin listen on {addr}: {e}"))?;
-    let (stop_tx, stop_rx) = crate::net::stop_channel();
-    glommio::spawn_local(server::accept_loop(shard.clone(), listener, tls, stop_rx)).detach();
+    let stop = crate::net::serve("admin", addr, |listener, stop| {
+        server::accept_loop(shard.clone(), listener, tls, stop)
+    })?;
     if shard.ix() == 0 {
         glommio::spawn_local(sample_series(shard.clone())).detach();
     }
-    Ok(vec![Box::new(move || {
-        let _ = stop_tx.try_send(());
-    })])
+    Ok(stop)
 }
 
 /// Shard 0 samples the dashboard's series every second: every shard's counters (atomics, read

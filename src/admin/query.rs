@@ -476,13 +476,6 @@ pub fn shard_stats(shard: &Shard) -> ShardStats {
     }
 }
 
-/// This shard's online users, and its `max_groups` largest groups by visible members (one pass
-/// over its groups keeping the largest in a bounded heap).
-pub fn counts(shard: &Shard, max_groups: usize) -> (u64, Vec<(GroupId, u64)>) {
-    let groups = shard.groups().largest(max_groups);
-    (shard.registry().online_users() as u64, groups)
-}
-
 /// The dashboard feed's changes after `mark` on this shard (`u64::MAX`: start now).
 pub fn changes_since(shard: &Shard, mark: u64) -> ChangeBatch {
     let Some(local) = shard.local::<AdminLocal>() else {

@@ -126,7 +126,7 @@ pub async fn accept_loop(
     shard: Rc<Shard>,
     listener: TcpListener,
     tls: Option<Arc<ServerConfig>>,
-    stop: Rc<LocalReceiver<()>>,
+    stop: LocalReceiver<()>,
 ) {
     let local = AdminLocal::of(&shard);
     while let Some(mut stream) = crate::net::next_connection(&listener, &stop).await {

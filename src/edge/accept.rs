@@ -32,7 +32,7 @@ pub async fn accept_loop(
     edge: Rc<Edge>,
     listener: TcpListener,
     secure: Option<Arc<ServerConfig>>,
-    stop: Rc<glommio::channels::local_channel::LocalReceiver<()>>,
+    stop: glommio::channels::local_channel::LocalReceiver<()>,
 ) {
     let wait = Duration::from_millis(edge.shard.cfg().limits.handshake_wait_ms);
     loop {

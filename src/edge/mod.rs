@@ -59,17 +59,13 @@ impl Edge {
         self: &Rc<Self>,
         listeners: &[(SocketAddr, Option<Arc<ServerConfig>>)],
     ) -> Result<Vec<Stop>, String> {
-        let mut stops: Vec<Stop> = Vec::new();
-        for (addr, tls) in listeners {
-            let listener =
-                crate::net::listen(*addr).map_err(|e| format!("listen on {addr}: {e}"))?;
-            let (stop_tx, stop_rx) = crate::net::stop_channel();
-            let accepting = accept::accept_loop(self.clone(), listener, tls.clone(), stop_rx);
-            glommio::spawn_local(accepting).detach();
-            stops.push(Box::new(move || {
-                let _ = stop_tx.try_send(());
-            }));
-        }
-        Ok(stops)
+        listeners
+            .iter()
+            .map(|(addr, tls)| {
+                crate::net::serve("WebSocket", *addr, |listener, stop| {
+                    accept::accept_loop(self.clone(), listener, tls.clone(), stop)
+                })
+            })
+            .collect()
     }
 }

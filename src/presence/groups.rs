@@ -130,11 +130,14 @@ impl Groups {
     pub fn largest(&self, max: usize) -> Vec<(GroupId, u64)> {
         use std::cmp::Reverse;
         use std::collections::BinaryHeap;
+        if max == 0 {
+            return Vec::new();
+        }
         // Min-heap on (count, Reverse(name)): the top is the weakest kept.
         let mut best: BinaryHeap<Reverse<(u64, Reverse<&GroupId>)>> = BinaryHeap::new();
         for (name, g) in &self.groups {
             let n = g.members.len() as u64;
-            if n == 0 || max == 0 {
+            if n == 0 {
                 continue;
             }
             let item = Reverse((n, Reverse(name)));
@@ -149,7 +152,7 @@ impl Groups {
             .into_iter()
             .map(|Reverse((n, Reverse(name)))| (name.clone(), n))
             .collect();
-        out.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        out.sort_unstable_by(largest_first);
         out
     }
 
@@ -171,6 +174,12 @@ impl Groups {
             self.groups.remove(group);
         }
     }
+}
+
+/// The order of [`Groups::largest`]: most members first, ties by name (also how the shards'
+/// lists are merged).
+pub fn largest_first(a: &(GroupId, u64), b: &(GroupId, u64)) -> std::cmp::Ordering {
+    b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0))
 }
 
 #[cfg(test)]
