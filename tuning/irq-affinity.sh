@@ -99,9 +99,10 @@ if [[ -n $ROOT ]]; then
     [[ -d $ROOT ]] || die "--root $ROOT is not a directory"
 fi
 if [[ -n $IRQ_MATCH ]]; then
-    # Reject a regex bash cannot compile now, not halfway through.
+    # Reject a regex that cannot compile now, not halfway through. grep -E and bash's =~ both use
+    # the C library's POSIX extended regex; grep exits 2 (not 1, "no match") when it cannot compile.
     status=0
-    [[ "" =~ $IRQ_MATCH ]] || status=$?
+    grep -qE -- "$IRQ_MATCH" </dev/null 2>/dev/null || status=$?
     [[ $status -le 1 ]] || die "--irq-match '$IRQ_MATCH' is not a valid extended regex"
 fi
 
