@@ -5,43 +5,89 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Where Debian's `chromium` package puts its launcher.
-const CHROMIUM_DEFAULT: &str = "/usr/bin/chromium";
+/// One tool: how to find it, and how to get it when it is not there.
+struct Tool {
+    /// The argument of `ensure-tools.sh`, and the Debian package's name.
+    name: &'static str,
+    /// The variable that points at a binary of the caller's choice.
+    env: &'static str,
+    /// Where the Debian package may put the binary, in the order tried.
+    defaults: &'static [&'static str],
+    /// Which tests need it, for the failure message.
+    needed_by: &'static str,
+}
+
+/// Debian's `chromium` package puts its launcher in /usr/bin.
+const CHROMIUM: Tool = Tool {
+    name: "chromium",
+    env: "CHROMIUM",
+    defaults: &["/usr/bin/chromium"],
+    needed_by: "the dashboard browser test",
+};
+
+/// Debian's `nats-server` package puts the server in /usr/sbin (bookworm); /usr/bin too, should
+/// a later package move it.
+const NATS_SERVER: Tool = Tool {
+    name: "nats-server",
+    env: "NATS_SERVER",
+    defaults: &["/usr/sbin/nats-server", "/usr/bin/nats-server"],
+    needed_by: "the tests that run a real NATS server",
+};
 
 /// The Chromium binary for browser tests: `$CHROMIUM` or `/usr/bin/chromium` when either
 /// exists; otherwise installs the `chromium` package (as root, with apt-get) and uses that.
 /// Panics with the reason when none can be had.
 pub fn chromium() -> PathBuf {
-    if let Some(found) = chromium_candidates().into_iter().find(|p| p.is_file()) {
+    ensure(&CHROMIUM)
+}
+
+/// The `nats-server` binary for tests that need a real NATS server: `$NATS_SERVER`, or Debian's
+/// `/usr/sbin/nats-server` (or `/usr/bin/nats-server`) when one exists; otherwise installs the
+/// `nats-server` package (as root, with apt-get) and uses that. Panics with the reason when none
+/// can be had.
+pub fn nats_server() -> PathBuf {
+    ensure(&NATS_SERVER)
+}
+
+fn ensure(tool: &Tool) -> PathBuf {
+    if let Some(found) = candidates(tool).into_iter().find(|p| p.is_file()) {
         return found;
     }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/ensure-tools.sh");
     let out = Command::new("bash")
         .arg(&script)
-        .arg("chromium")
+        .arg(tool.name)
         .output()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-    let path = PathBuf::from(CHROMIUM_DEFAULT);
-    if !out.status.success() || !path.is_file() {
-        panic!(
-            "chromium is required by the dashboard browser test and could not be obtained \
-             (set $CHROMIUM to a Chromium binary, or install Debian's `chromium` package).\n\
-             {} chromium exited with {}:\n{}{}",
-            script.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-        );
+    let installed = tool
+        .defaults
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file());
+    match installed {
+        Some(path) if out.status.success() => path,
+        _ => panic!(
+            "{name} is required by {needed_by} and could not be obtained (set ${env} to a \
+             {name} binary, or install Debian's `{name}` package).\n\
+             {script} {name} exited with {status}:\n{stdout}{stderr}",
+            name = tool.name,
+            needed_by = tool.needed_by,
+            env = tool.env,
+            script = script.display(),
+            status = out.status,
+            stdout = String::from_utf8_lossy(&out.stdout),
+            stderr = String::from_utf8_lossy(&out.stderr),
+        ),
     }
-    path
 }
 
-fn chromium_candidates() -> Vec<PathBuf> {
-    let mut c: Vec<PathBuf> = std::env::var_os("CHROMIUM")
+/// `$ENV` when set and not empty, then the package's paths.
+fn candidates(tool: &Tool) -> Vec<PathBuf> {
+    let mut c: Vec<PathBuf> = std::env::var_os(tool.env)
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
         .into_iter()
         .collect();
-    c.push(PathBuf::from(CHROMIUM_DEFAULT));
+    c.extend(tool.defaults.iter().map(PathBuf::from));
     c
 }
