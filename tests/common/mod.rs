@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod history;
+pub mod nats;
 pub mod tools;
 
 use std::io::{Read, Write};
