@@ -127,8 +127,9 @@ pub struct Spec {
     pub group: Option<String>,
 }
 
-/// Opens one WebSocket as `user` (token minted here) from source address number `n`, and waits
-/// for its `welcome`. Connect and handshake latencies go into `stats` when given.
+/// Opens one WebSocket as `user` (token minted here) from source address number `n` to the
+/// server of connection `n` ([`Shared::target`]), and waits for its `welcome`. Connect and
+/// handshake latencies go into `stats` when given.
 pub async fn connect(
     shared: &Shared,
     user: &str,
@@ -138,11 +139,12 @@ pub async fn connect(
 ) -> Result<WebSocketStream<TcpStream>, String> {
     let started = Instant::now();
     let src: Ipv4Addr = plan::source_ip(n, shared.sources);
+    let target = shared.target(n);
     let socket = TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
     socket
         .bind(SocketAddr::new(src.into(), 0))
         .map_err(|_| "bind".to_string())?;
-    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(shared.addr))
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(target.addr))
         .await
         .map_err(|_| "connect_timeout".to_string())?
         .map_err(|_| "connect".to_string())?;
@@ -153,7 +155,7 @@ pub async fn connect(
             .connect_us
             .saturating_record(started.elapsed().as_micros() as u64);
     }
-    let mut req = shared
+    let mut req = target
         .url
         .as_str()
         .into_client_request()
@@ -246,7 +248,7 @@ pub async fn run(
             }
         };
         if first {
-            stats.borrow_mut().connections += 1;
+            stats.borrow_mut().established(shared.target_index(spec.n));
             shared.connected.fetch_add(1, Relaxed);
             ready.set(ready.get() + 1);
             first = false;

@@ -9,8 +9,8 @@ mod run;
 mod scenario;
 mod scrape;
 mod subchurn;
+mod target;
 
-use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
@@ -53,7 +53,9 @@ enum Cmd {
 
 #[derive(Args)]
 struct RunArgs {
-    /// Server WebSocket URL (loopback only unless --allow-remote).
+    /// Server WebSocket URL, or several comma-separated (e.g. the nodes of a cluster):
+    /// connection n goes to URL n mod count, so watchers and watched land on different URLs and
+    /// --verify checks delivery across them. Loopback only unless --allow-remote.
     #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
     url: String,
     /// HS256 secret the server was started with.
@@ -134,7 +136,8 @@ struct RunArgs {
     quiet: bool,
     /// The server's admin port, e.g. http://127.0.0.1:9090: `--verify` reads its coalescing
     /// counter (`/metrics`) before and after the run to tell a seq gap the server explains
-    /// (coalescing for a slow consumer) from a lost event.
+    /// (coalescing for a slow consumer) from a lost event. Several comma-separated (one per
+    /// server behind --url): their counters are added up.
     #[arg(long)]
     admin_url: Option<String>,
     /// Bearer token for the admin port, when its `/metrics` is protected.
@@ -241,24 +244,6 @@ fn resolve(args: &RunArgs) -> Result<Scenario, String> {
     Ok(s)
 }
 
-fn target(url: &str, allow_remote: bool) -> Result<SocketAddr, String> {
-    let rest = url
-        .strip_prefix("ws://")
-        .ok_or("only ws:// URLs are supported")?;
-    let hostport = rest.split('/').next().unwrap_or(rest);
-    let addr = hostport
-        .to_socket_addrs()
-        .map_err(|e| format!("{hostport}: {e}"))?
-        .next()
-        .ok_or(format!("{hostport}: no address"))?;
-    if !addr.ip().is_loopback() && !allow_remote {
-        return Err(format!(
-            "{addr} is not loopback; pass --allow-remote to target it"
-        ));
-    }
-    Ok(addr)
-}
-
 fn cpu_seconds() -> f64 {
     // SAFETY: getrusage fills the struct we pass; RUSAGE_SELF covers every thread.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
@@ -270,16 +255,17 @@ fn cpu_seconds() -> f64 {
 fn run_load(args: RunArgs) -> Result<ExitCode, String> {
     presenced::raise_nofile();
     let scn = resolve(&args)?;
-    let addr = target(&args.url, args.allow_remote)?;
+    let targets = target::resolve_all(&args.url, args.allow_remote)?;
     if args.secret.is_empty() {
         return Err("--secret (or PRESENCED_JWT_SECRET) is required".into());
     }
-    let admin = args
+    let admins = args
         .admin_url
         .as_deref()
-        .map(|u| scrape::AdminPort::parse(u, args.admin_token.clone()))
-        .transpose()?;
-    if let Some(a) = &admin {
+        .map(|u| scrape::parse_list(u, args.admin_token.clone()))
+        .transpose()?
+        .unwrap_or_default();
+    for a in &admins {
         if !a.addr().ip().is_loopback() && !args.allow_remote {
             return Err(format!(
                 "--admin-url {} is not loopback; pass --allow-remote to read it",
@@ -287,10 +273,11 @@ fn run_load(args: RunArgs) -> Result<ExitCode, String> {
             ));
         }
     }
-    // The coalescing counter before the run: a scrape that fails here is a usage error.
-    let coalesced_before = match &admin {
-        Some(a) => Some(a.coalesced().map_err(|e| format!("--admin-url: {e}"))?),
-        None => None,
+    // The coalescing counters before the run: a scrape that fails here is a usage error.
+    let coalesced_before = if admins.is_empty() {
+        None
+    } else {
+        Some(scrape::coalesced_sum(&admins).map_err(|e| format!("--admin-url: {e}"))?)
     };
     let (worker, workers) = args.worker;
     let threads = args
@@ -298,8 +285,7 @@ fn run_load(args: RunArgs) -> Result<ExitCode, String> {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         .max(1);
     let shared = Arc::new(Shared {
-        url: args.url.clone(),
-        addr,
+        targets,
         secret: args.secret.clone(),
         scn: scn.clone(),
         seed: args.seed,
@@ -484,8 +470,8 @@ fn run_load(args: RunArgs) -> Result<ExitCode, String> {
     }
     // Every subscriber has verified: nothing it counted can be merged any more.
     let mut coalesced_error = None;
-    let coalesced = match (&admin, coalesced_before) {
-        (Some(a), Some(before)) => match a.coalesced() {
+    let coalesced = match coalesced_before {
+        Some(before) => match scrape::coalesced_sum(&admins) {
             Ok(after) => Some(after.saturating_sub(before)),
             Err(e) => {
                 if !args.quiet {
@@ -495,7 +481,7 @@ fn run_load(args: RunArgs) -> Result<ExitCode, String> {
                 None
             }
         },
-        _ => None,
+        None => None,
     };
     shared.release.store(true, Release);
     let mut stats = Stats::default();
@@ -545,6 +531,8 @@ fn run_load(args: RunArgs) -> Result<ExitCode, String> {
     }
     let mut report = Report::new(&args.scenario, &stats, run_s, cpu_s, args.verify, coalesced);
     report.workers = 1;
+    let urls: Vec<String> = shared.targets.iter().map(|t| t.url.clone()).collect();
+    report.urls = report::UrlConnections::of(&urls, &stats);
     if churn.is_some() {
         report.subchurn = Some(stats.subchurn.clone());
     }

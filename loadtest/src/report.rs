@@ -19,6 +19,8 @@ pub struct Stats {
     pub handshake_us: Histogram<u64>,
     pub fanout_us: Histogram<u64>,
     pub connections: u64,
+    /// `connections` by the index of the `--url` each went to.
+    pub connections_by_url: BTreeMap<usize, u64>,
     pub deliveries: u64,
     pub flaps_sent: u64,
     pub reconnects: u64,
@@ -140,6 +142,7 @@ impl Default for Stats {
             handshake_us: histogram(),
             fanout_us: histogram(),
             connections: 0,
+            connections_by_url: BTreeMap::new(),
             deliveries: 0,
             flaps_sent: 0,
             reconnects: 0,
@@ -158,6 +161,12 @@ impl Stats {
         *self.errors.entry(kind.into()).or_default() += 1;
     }
 
+    /// A connection was established (the first time) to `--url` number `url`.
+    pub fn established(&mut self, url: usize) {
+        self.connections += 1;
+        *self.connections_by_url.entry(url).or_default() += 1;
+    }
+
     pub fn add(&mut self, other: Stats) {
         self.connect_us.add(&other.connect_us).expect("same bounds");
         self.handshake_us
@@ -173,6 +182,9 @@ impl Stats {
         self.checked += other.checked;
         self.seq_gaps += other.seq_gaps;
         self.subchurn.add(&other.subchurn);
+        for (k, v) in other.connections_by_url {
+            *self.connections_by_url.entry(k).or_default() += v;
+        }
         for (k, v) in other.errors {
             *self.errors.entry(k).or_default() += v;
         }
@@ -216,7 +228,8 @@ pub struct Verify {
     #[serde(default)]
     pub seq_gaps: u64,
     /// How far the server's coalescing counter (`presenced_coalesced_events_total`) moved over
-    /// the run, read from `--admin-url`; `null` without it. When it did not move, every seq gap
+    /// the run, read from `--admin-url` (summed over every server when it names several);
+    /// `null` without it. When it did not move, every seq gap
     /// is a lost event and fails verification; when it did, gaps are allowed (counted).
     #[serde(default)]
     pub coalesced: Option<u64>,
@@ -244,12 +257,47 @@ impl Verify {
     }
 }
 
+/// Connections established to one `--url`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UrlConnections {
+    pub url: String,
+    pub connections: u64,
+}
+
+impl UrlConnections {
+    /// One entry per URL of `urls`, in order, with the counts of `stats`.
+    pub fn of(urls: &[String], stats: &Stats) -> Vec<UrlConnections> {
+        urls.iter()
+            .enumerate()
+            .map(|(i, url)| UrlConnections {
+                url: url.clone(),
+                connections: stats.connections_by_url.get(&i).copied().unwrap_or(0),
+            })
+            .collect()
+    }
+
+    /// Adds `more` (another worker's) to `into`: position by position while the URLs agree
+    /// (workers of one fleet get the same `--url`), any other entry appended.
+    fn merge(into: &mut Vec<UrlConnections>, more: Vec<UrlConnections>) {
+        for (i, u) in more.into_iter().enumerate() {
+            match into.get_mut(i) {
+                Some(mine) if mine.url == u.url => mine.connections += u.connections,
+                _ => into.push(u),
+            }
+        }
+    }
+}
+
 /// The machine-readable report (`--json`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Report {
     pub scenario: String,
     pub workers: usize,
     pub connections_established: u64,
+    /// `connections_established` by `--url`, in the order given (a repeated URL is listed
+    /// each time).
+    #[serde(default)]
+    pub urls: Vec<UrlConnections>,
     /// Time to open and subscribe every connection, and the resulting rate (handshakes/s).
     pub ramp_s: f64,
     pub handshakes_per_sec: f64,
@@ -317,6 +365,7 @@ impl Report {
             scenario: scenario.into(),
             workers: 1,
             connections_established: stats.connections,
+            urls: Vec::new(),
             ramp_s: 0.0,
             handshakes_per_sec: 0.0,
             deliveries: stats.deliveries,
@@ -361,6 +410,7 @@ impl Report {
         for r in it {
             out.workers += r.workers;
             out.connections_established += r.connections_established;
+            UrlConnections::merge(&mut out.urls, r.urls);
             out.ramp_s = out.ramp_s.max(r.ramp_s);
             out.deliveries += r.deliveries;
             out.duration_s = out.duration_s.max(r.duration_s);
@@ -448,6 +498,12 @@ impl Report {
         t += &row("connect", &self.connect_latency_us);
         t += &row("handshake", &self.handshake_latency_us);
         t += &row("fan-out", &self.fanout_latency_us);
+        if self.urls.len() > 1 {
+            t += "\n  connections by --url\n";
+            for u in &self.urls {
+                t += &format!("    {:<40} {}\n", u.url, u.connections);
+            }
+        }
         if let Some(sc) = &self.subchurn {
             t += "\n";
             t += &sc.table(self.run_phase_s);
@@ -501,6 +557,48 @@ mod tests {
         assert!(m.fanout_latency_us.p99 >= 1000);
         assert_eq!(m.errors["read"], 1);
         assert!(!m.verify.unwrap().passed, "nothing was checked");
+    }
+
+    /// Connections by `--url`: counted per URL index across threads, reported in `--url`'s
+    /// order (a repeated URL twice), and added up position by position across workers.
+    #[test]
+    fn connections_by_url_add_up() {
+        let urls = vec!["ws://a:1/ws".to_string(), "ws://a:1/ws".to_string()];
+        let mut a = Stats::default();
+        let mut b = Stats::default();
+        for n in 0..5 {
+            a.established(n % 2);
+        }
+        b.established(1);
+        a.add(b);
+        assert_eq!(a.connections, 6);
+        let by = UrlConnections::of(&urls, &a);
+        assert_eq!(
+            by.iter().map(|u| u.connections).collect::<Vec<_>>(),
+            vec![3, 3]
+        );
+        let mut r1 = Report::new("t", &a, 1.0, 1.0, false, None);
+        r1.urls = by.clone();
+        let mut r2 = r1.clone();
+        r2.urls[1].connections = 10;
+        let m = Report::merge(vec![r1, r2]).unwrap();
+        assert_eq!(
+            m.urls.iter().map(|u| u.connections).collect::<Vec<_>>(),
+            vec![6, 13]
+        );
+        assert!(m.table().contains("connections by --url"), "{}", m.table());
+        // A worker with other URLs: its entries are listed after.
+        let mut other = Vec::new();
+        UrlConnections::merge(&mut other, by.clone());
+        UrlConnections::merge(
+            &mut other,
+            vec![UrlConnections {
+                url: "ws://b:2/ws".into(),
+                connections: 4,
+            }],
+        );
+        assert_eq!(other.len(), 3);
+        assert_eq!(other[2].url, "ws://b:2/ws");
     }
 
     /// Issue 11 item 19: a seq gap fails verification when the server says it coalesced

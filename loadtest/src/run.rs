@@ -3,7 +3,6 @@
 //! through a few atomics: ramp → run (flapping) → finals → drain → finish.
 
 use std::cell::{Cell, RefCell};
-use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
@@ -17,11 +16,12 @@ use crate::client::{self, ConnState, Sink, Spec};
 use crate::plan;
 use crate::report::Stats;
 use crate::scenario::Scenario;
+use crate::target::{self, Target};
 
 /// What every thread shares: the plan and the phase flags. Phase flags only go false → true.
 pub struct Shared {
-    pub url: String,
-    pub addr: SocketAddr,
+    /// The servers (`--url`, one or more); connection `n` goes to [`Shared::target`]`(n)`.
+    pub targets: Vec<Target>,
     pub secret: String,
     pub scn: Scenario,
     pub seed: u64,
@@ -62,6 +62,15 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Which of [`Shared::targets`] connection number `n` of this process uses (round-robin).
+    pub fn target_index(&self, n: usize) -> usize {
+        target::index_of(n, self.targets.len())
+    }
+
+    pub fn target(&self, n: usize) -> &Target {
+        &self.targets[self.target_index(n)]
+    }
+
     /// The token of `user` (HS256, minted here: no identity provider needed).
     pub fn token_for(&self, user: &str, group: Option<&str>) -> String {
         let mut spec = presenced::auth::TokenSpec::new(user, Duration::from_secs(24 * 3600));

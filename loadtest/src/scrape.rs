@@ -122,6 +122,37 @@ impl AdminPort {
     }
 }
 
+/// Every admin port of an `--admin-url` list (comma-separated: one per server of a cluster),
+/// each with the same bearer token.
+pub fn parse_list(list: &str, token: Option<String>) -> Result<Vec<AdminPort>, String> {
+    let ports = list
+        .split(',')
+        .map(str::trim)
+        .map(|u| {
+            if u.is_empty() {
+                Err(format!("--admin-url `{list}`: an empty URL in the list"))
+            } else {
+                AdminPort::parse(u, token.clone())
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if ports.len() > crate::target::MAX_URLS {
+        return Err(format!(
+            "--admin-url: at most {} URLs",
+            crate::target::MAX_URLS
+        ));
+    }
+    Ok(ports)
+}
+
+/// The merge counters of every server in `ports`, added up: the fleet's servers together.
+pub fn coalesced_sum(ports: &[AdminPort]) -> Result<u64, String> {
+    ports.iter().try_fold(0u64, |sum, p| {
+        let c = p.coalesced().map_err(|e| format!("{}: {e}", p.addr()))?;
+        Ok(sum + c)
+    })
+}
+
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
@@ -192,5 +223,15 @@ mod tests {
         let a = AdminPort::parse("http://127.0.0.1:9090/admin/", None).unwrap();
         assert_eq!(a.prefix, "/admin");
         assert!(AdminPort::parse("https://127.0.0.1:9090", None).is_err());
+        let list = parse_list("http://127.0.0.1:9090, http://127.0.0.1:9091/admin", None).unwrap();
+        assert_eq!(
+            list.iter()
+                .map(|a| (a.addr().port(), a.prefix.as_str()))
+                .collect::<Vec<_>>(),
+            vec![(9090, ""), (9091, "/admin")]
+        );
+        assert!(parse_list("http://127.0.0.1:9090,", None).is_err());
+        assert!(parse_list("http://127.0.0.1:9090,ws://127.0.0.1:1", None).is_err());
+        assert_eq!(coalesced_sum(&[]), Ok(0));
     }
 }

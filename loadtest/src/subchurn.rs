@@ -376,7 +376,7 @@ async fn churner(
     ready.set(ready.get() + 1);
     let mut tx = match opened {
         Ok(tx) => {
-            stats.borrow_mut().connections += 1;
+            stats.borrow_mut().established(shared.target_index(c));
             shared.connected.fetch_add(1, Relaxed);
             Some(tx)
         }
@@ -606,7 +606,7 @@ async fn target(
     let opened = open(&shared, &plan, t, n, &stats, &conn).await;
     let mut tx = match opened {
         Ok(mut tx) => {
-            stats.borrow_mut().connections += 1;
+            stats.borrow_mut().established(shared.target_index(n));
             shared.connected.fetch_add(1, Relaxed);
             let op = serde_json::json!({"op": "set_status", "id": "vt0", "status": "online",
                                         "text": plan.base_text});

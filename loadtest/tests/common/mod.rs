@@ -1,5 +1,7 @@
 //! What the harness's integration tests share: a real server started in this process, and the
 //! harness binary pointed at it.
+// Each test binary uses a subset of these.
+#![allow(dead_code)]
 
 use std::path::Path;
 use std::process::Command;
@@ -38,6 +40,11 @@ pub fn admin_url(server: &presenced::ServerHandle) -> String {
     )
 }
 
+/// The `--url` of `server`.
+pub fn ws_url(server: &presenced::ServerHandle) -> String {
+    format!("ws://{}/ws", server.addr)
+}
+
 /// The harness against `server` with the flags every test shares: quiet, 2 threads, connections
 /// spread over `sources` loopback addresses, the JSON report written to `json`.
 pub fn harness(
@@ -46,21 +53,21 @@ pub fn harness(
     sources: usize,
     json: &Path,
 ) -> Command {
+    harness_at(&ws_url(server), secret, sources, json)
+}
+
+/// [`harness`] against `--url urls` (one URL or several, comma-separated).
+pub fn harness_at(urls: &str, secret: &str, sources: usize, json: &Path) -> Command {
     let mut c = Command::new(BIN);
-    c.args([
-        "--url",
-        &format!("ws://{}/ws", server.addr),
-        "--secret",
-        secret,
-    ])
-    .args([
-        "--quiet",
-        "--threads",
-        "2",
-        "--sources",
-        &sources.to_string(),
-    ])
-    .arg("--json")
-    .arg(json);
+    c.args(["--url", urls, "--secret", secret])
+        .args([
+            "--quiet",
+            "--threads",
+            "2",
+            "--sources",
+            &sources.to_string(),
+        ])
+        .arg("--json")
+        .arg(json);
     c
 }
