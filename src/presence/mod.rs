@@ -9,12 +9,13 @@
 //! Every function takes the current time as an argument, so the whole model is deterministic and
 //! is tested exhaustively (unit tests and a proptest reference model in `registry`).
 
+pub mod contrib;
 pub mod groups;
 pub mod registry;
 pub mod state;
 pub mod watchers;
 
 pub use groups::{Groups, StatusCounts};
-pub use registry::{Change, Registry, Session, SessionInfo, UserView};
+pub use registry::{Change, Outgoing, Registry, Session, SessionInfo, UserView};
 pub use state::{Aggregate, DeviceType, GroupId, PresenceState, SessionId, Status, UserId};
 pub use watchers::Watchers;

@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use hashbrown::HashMap;
 
+use super::contrib::{self, bucket_of, Contribution, Hlc, NodeIx};
 use super::state::{Aggregate, DeviceType, GroupId, PresenceState, SessionId, Status, UserId};
 use super::watchers::{ShardIx, Watchers};
 
@@ -63,6 +64,56 @@ struct UserEntry {
     changed_at_ms: u64,
     stamps: u64,
     watchers: Watchers,
+    /// In a cluster: this node's share and the shares heard from other nodes (boxed, so a
+    /// single node pays one pointer per user for it).
+    replica: Option<Box<Replica>>,
+}
+
+/// A user's shares in a cluster ([`contrib`]).
+#[derive(Debug, Default)]
+struct Replica {
+    /// This node's share, as last published.
+    local: Contribution,
+    /// The newest share heard from each other node (offline ones kept as tombstones).
+    remote: Vec<(NodeIx, Contribution)>,
+}
+
+impl Replica {
+    fn merged(&self) -> contrib::Merged {
+        contrib::merge(std::iter::once(&self.local).chain(self.remote.iter().map(|(_, c)| c)))
+    }
+}
+
+/// A registry's part in a cluster: the clock its shares are stamped with, and what the shard
+/// must hand to the cluster bridge after each operation ([`Registry::take_outgoing`]).
+#[derive(Debug)]
+pub struct Replication {
+    hlc: Arc<Hlc>,
+    buckets: u32,
+    outgoing: Vec<(UserId, Contribution)>,
+    interest: Vec<(u32, i32)>,
+}
+
+/// What a registry operation left for the cluster bridge: this node's shares that changed, and
+/// buckets that gained (+1) or lost (-1) their first or last watched user here.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Outgoing {
+    pub shares: Vec<(UserId, Contribution)>,
+    pub interest: Vec<(u32, i32)>,
+}
+
+impl Outgoing {
+    pub fn is_empty(&self) -> bool {
+        self.shares.is_empty() && self.interest.is_empty()
+    }
+}
+
+/// What a recomputed view is stamped with when it goes from visible to offline: now for an
+/// operation here, the time the other node reported for a share heard from it.
+#[derive(Clone, Copy, Debug)]
+enum Cause {
+    Local,
+    Remote { at: u64 },
 }
 
 impl UserEntry {
@@ -82,6 +133,7 @@ impl UserEntry {
         }
     }
 
+    /// The view from this node's sessions alone.
     fn compute_view(&self) -> View {
         let mut view = View::default();
         let mut best_stamp = 0;
@@ -148,6 +200,9 @@ impl<'a> UserView<'a> {
 /// A change of a user's aggregate state, with everyone who must hear of it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Change {
+    /// Caused by a session here (false: by a share heard from another node). History records
+    /// a change on the node where it happened.
+    pub local: bool,
     pub state: PresenceState,
     /// Shards with subscribers of this user: one mesh message each.
     pub watchers: Vec<ShardIx>,
@@ -175,11 +230,37 @@ pub struct Registry {
     /// the last id seen, so a scan can yield between chunks and still see every user that stays
     /// online exactly once.
     online: BTreeSet<UserId>,
+    /// Set in a cluster.
+    replication: Option<Replication>,
 }
 
 impl Registry {
     pub fn new() -> Registry {
         Registry::default()
+    }
+
+    /// A registry of a cluster node: shares stamped by `hlc`, users bucketed into `buckets`.
+    pub fn replicated(hlc: Arc<Hlc>, buckets: u32) -> Registry {
+        Registry {
+            replication: Some(Replication {
+                hlc,
+                buckets: buckets.max(1),
+                outgoing: Vec::new(),
+                interest: Vec::new(),
+            }),
+            ..Registry::default()
+        }
+    }
+
+    /// What the last operations left for the cluster bridge (empty on a single node).
+    pub fn take_outgoing(&mut self) -> Outgoing {
+        match &mut self.replication {
+            None => Outgoing::default(),
+            Some(r) => Outgoing {
+                shares: std::mem::take(&mut r.outgoing),
+                interest: std::mem::take(&mut r.interest),
+            },
+        }
     }
 
     /// A new session of `user`, starting with `status`.
@@ -205,8 +286,14 @@ impl Registry {
             info,
         });
         self.sessions += 1;
-        let change = Self::recompute(user, entry, now_ms);
-        self.count_online(change.as_ref());
+        let change = settle(
+            user,
+            entry,
+            self.replication.as_mut(),
+            &mut self.online,
+            now_ms,
+            Cause::Local,
+        );
         change
     }
 
@@ -217,8 +304,14 @@ impl Registry {
         entry.sessions.swap_remove(pos);
         self.sessions -= 1;
         let user = user.clone();
-        let change = Self::recompute(&user, entry, now_ms);
-        self.count_online(change.as_ref());
+        let change = settle(
+            &user,
+            entry,
+            self.replication.as_mut(),
+            &mut self.online,
+            now_ms,
+            Cause::Local,
+        );
         self.forget_if_empty(&user);
         change
     }
@@ -247,15 +340,25 @@ impl Registry {
         session.text = text;
         session.stamp = stamp;
         let user = user.clone();
-        let change = Self::recompute(&user, entry, now_ms);
-        self.count_online(change.as_ref());
+        let change = settle(
+            &user,
+            entry,
+            self.replication.as_mut(),
+            &mut self.online,
+            now_ms,
+            Cause::Local,
+        );
         Ok(change)
     }
 
     /// A subscription from `shard`: count it and return the snapshot to send back.
     pub fn watch(&mut self, user: &UserId, shard: ShardIx, now_ms: u64) -> PresenceState {
         let entry = self.users.entry_ref(user).or_default();
+        let first = entry.watchers.is_empty();
         entry.watchers.add(shard);
+        if let (true, Some(r)) = (first, &mut self.replication) {
+            r.interest.push((bucket_of(user, r.buckets), 1));
+        }
         entry.state(user, now_ms)
     }
 
@@ -265,6 +368,9 @@ impl Registry {
             return false;
         };
         let known = entry.watchers.remove(shard);
+        if let (true, true, Some(r)) = (known, entry.watchers.is_empty(), &mut self.replication) {
+            r.interest.push((bucket_of(user, r.buckets), -1));
+        }
         self.forget_if_empty(user);
         known
     }
@@ -331,20 +437,6 @@ impl Registry {
         self.users.len()
     }
 
-    /// Keeps the online index when a change crosses between offline and visible.
-    fn count_online(&mut self, change: Option<&Change>) {
-        let Some(c) = change else { return };
-        match (c.was_online, c.state.status != Aggregate::Offline) {
-            (false, true) => {
-                self.online.insert(c.state.user.clone());
-            }
-            (true, false) => {
-                self.online.remove(&c.state.user);
-            }
-            _ => {}
-        }
-    }
-
     /// Rebuilds `user`'s entry after a panic may have left it half-updated (the session layer's
     /// repair): drops `gone` if it is still listed, recomputes the aggregate, and recounts the
     /// registry's totals from scratch (O(users)). Always returns a change with a new `seq`, so
@@ -355,20 +447,14 @@ impl Registry {
             Some((id, entry)) => {
                 entry.sessions.retain(|s| s.id != gone);
                 let id = id.clone();
-                let old = std::mem::take(&mut entry.view);
-                let was_online = old.status != Aggregate::Offline;
-                entry.view = entry.compute_view();
-                entry.seq += 1;
-                entry.changed_at_ms = now_ms;
-                if was_online && entry.view.status == Aggregate::Offline {
-                    entry.last_seen = Some(now_ms);
-                }
-                Some(Change {
-                    state: entry.state(&id, now_ms),
-                    watchers: entry.watchers.shards().collect(),
-                    groups: group_changes(old.groups, &entry.view.groups),
-                    was_online,
-                })
+                refresh(
+                    &id,
+                    entry,
+                    self.replication.as_mut(),
+                    now_ms,
+                    Cause::Local,
+                    true,
+                )
             }
         };
         self.sessions = self.users.values().map(|e| e.sessions.len()).sum();
@@ -388,33 +474,274 @@ impl Registry {
         }
     }
 
-    fn recompute(user: &UserId, entry: &mut UserEntry, now_ms: u64) -> Option<Change> {
-        let new = entry.compute_view();
-        if new == entry.view {
-            return None;
+    // --- The cluster (SPEC §12): shares heard from other nodes. ---
+
+    /// A share of `user` heard from `node`. Ignored unless newer than the one held (so
+    /// duplicates and late arrivals change nothing), and on a single node.
+    pub fn apply_remote(
+        &mut self,
+        user: &UserId,
+        node: NodeIx,
+        share: Contribution,
+        now_ms: u64,
+    ) -> Option<Change> {
+        let repl = self.replication.as_mut()?;
+        if !share.visible() && !self.users.contains_key(user) {
+            return None; // nothing held to put out
         }
-        let old = std::mem::replace(&mut entry.view, new);
-        let visible_changed = old.status != entry.view.status
-            || old.text != entry.view.text
-            || old.devices != entry.view.devices;
-        // Group membership can change on its own only through sessions that are visible, which
-        // also changes `devices`; so a group-only difference cannot happen. Assert it.
-        assert!(
-            visible_changed,
-            "group membership changes only with devices"
-        );
-        entry.seq += 1;
-        entry.changed_at_ms = now_ms;
-        if old.status != Aggregate::Offline && entry.view.status == Aggregate::Offline {
-            entry.last_seen = Some(now_ms);
+        let entry = self.users.entry_ref(user).or_default();
+        let replica = entry.replica.get_or_insert_with(Box::default);
+        let at = share.last_seen.unwrap_or(now_ms);
+        match replica.remote.iter().position(|(n, _)| *n == node) {
+            Some(i) if contrib::newer(Some(&replica.remote[i].1), &share) => {
+                replica.remote[i].1 = share;
+            }
+            Some(_) => return None,
+            None => replica.remote.push((node, share)),
         }
-        Some(Change {
-            state: entry.state(user, now_ms),
-            watchers: entry.watchers.shards().collect(),
-            groups: group_changes(old.groups, &entry.view.groups),
-            was_online: old.status != Aggregate::Offline,
-        })
+        settle(
+            user,
+            entry,
+            Some(repl),
+            &mut self.online,
+            now_ms,
+            Cause::Remote { at },
+        )
     }
+
+    /// A node's snapshot of the users in scope: every listed share is applied, and a visible
+    /// share held from `node` for an in-scope user the snapshot leaves out is put out, unless
+    /// it is newer than the snapshot (`snap_clock`, the node's clock when it took it).
+    pub fn apply_snapshot(
+        &mut self,
+        node: NodeIx,
+        shares: Vec<(UserId, Contribution)>,
+        in_scope: &dyn Fn(&str) -> bool,
+        snap_clock: u64,
+        now_ms: u64,
+    ) -> Vec<Change> {
+        let listed: hashbrown::HashSet<UserId> = shares.iter().map(|(u, _)| u.clone()).collect();
+        let mut changes: Vec<Change> = shares
+            .into_iter()
+            .filter_map(|(user, share)| self.apply_remote(&user, node, share, now_ms))
+            .collect();
+        let gone_at = Hlc::millis(snap_clock);
+        let Registry {
+            users,
+            online,
+            replication,
+            ..
+        } = self;
+        let Some(repl) = replication.as_mut() else {
+            return changes;
+        };
+        for (user, entry) in users.iter_mut() {
+            let Some(replica) = entry.replica.as_mut() else {
+                continue;
+            };
+            let Some(held) = replica.remote.iter_mut().find(|(n, _)| *n == node) else {
+                continue;
+            };
+            if !held.1.visible()
+                || held.1.clock >= snap_clock
+                || listed.contains(user)
+                || !in_scope(user)
+            {
+                continue;
+            }
+            held.1 = Contribution::offline(snap_clock, Some(gone_at));
+            let change = settle(
+                user,
+                entry,
+                Some(repl),
+                online,
+                now_ms,
+                Cause::Remote { at: gone_at },
+            );
+            changes.extend(change);
+        }
+        changes
+    }
+
+    /// `node` is gone (its lease expired, or it restarted): its shares are dropped, and users
+    /// it alone kept online go offline with `last_seen` = `last_heard`.
+    pub fn drop_node(&mut self, node: NodeIx, last_heard: u64, now_ms: u64) -> Vec<Change> {
+        self.drop_remote(|n, _| n == node, last_heard, now_ms)
+    }
+
+    /// Drops every share heard from other nodes for the users in scope (their buckets are no
+    /// longer followed here, so the shares would go stale).
+    pub fn forget_remote(&mut self, in_scope: &dyn Fn(&str) -> bool, now_ms: u64) -> Vec<Change> {
+        self.drop_remote(|_, user| in_scope(user), now_ms, now_ms)
+    }
+
+    fn drop_remote(
+        &mut self,
+        drop: impl Fn(NodeIx, &str) -> bool,
+        at: u64,
+        now_ms: u64,
+    ) -> Vec<Change> {
+        let Registry {
+            users,
+            online,
+            replication,
+            ..
+        } = self;
+        let Some(repl) = replication.as_mut() else {
+            return Vec::new();
+        };
+        let mut changes = Vec::new();
+        for (user, entry) in users.iter_mut() {
+            let Some(replica) = entry.replica.as_mut() else {
+                continue;
+            };
+            let before = replica.remote.len();
+            replica.remote.retain(|(n, _)| !drop(*n, user));
+            if replica.remote.len() == before {
+                continue;
+            }
+            let change = settle(
+                user,
+                entry,
+                Some(repl),
+                online,
+                now_ms,
+                Cause::Remote { at },
+            );
+            changes.extend(change);
+        }
+        changes
+    }
+
+    /// This node's visible shares of the users in scope: what a snapshot sends.
+    pub fn local_shares(&self, in_scope: &dyn Fn(&str) -> bool) -> Vec<(UserId, Contribution)> {
+        self.users
+            .iter()
+            .filter_map(|(user, e)| {
+                let r = e.replica.as_ref()?;
+                (r.local.visible() && in_scope(user)).then(|| (user.clone(), r.local.clone()))
+            })
+            .collect()
+    }
+
+    /// Shares heard from other nodes and held here (tombstones included).
+    pub fn remote_share_count(&self) -> usize {
+        self.users
+            .values()
+            .filter_map(|e| e.replica.as_ref())
+            .map(|r| r.remote.len())
+            .sum()
+    }
+}
+
+/// Keeps the online index when a change crosses between offline and visible.
+fn note_online(online: &mut BTreeSet<UserId>, change: Option<&Change>) {
+    let Some(c) = change else { return };
+    match (c.was_online, c.state.status != Aggregate::Offline) {
+        (false, true) => {
+            online.insert(c.state.user.clone());
+        }
+        (true, false) => {
+            online.remove(&c.state.user);
+        }
+        _ => {}
+    }
+}
+
+/// [`recompute`], keeping the online index.
+fn settle(
+    user: &UserId,
+    entry: &mut UserEntry,
+    repl: Option<&mut Replication>,
+    online: &mut BTreeSet<UserId>,
+    now_ms: u64,
+    cause: Cause,
+) -> Option<Change> {
+    let change = recompute(user, entry, repl, now_ms, cause);
+    note_online(online, change.as_ref());
+    change
+}
+
+/// Recomputes `user`'s view after its sessions or shares changed; a change when it differs.
+fn recompute(
+    user: &UserId,
+    entry: &mut UserEntry,
+    repl: Option<&mut Replication>,
+    now_ms: u64,
+    cause: Cause,
+) -> Option<Change> {
+    refresh(user, entry, repl, now_ms, cause, false)
+}
+
+/// [`recompute`], or with `force` a change (and a new `seq`) even when the view is the same.
+///
+/// In a cluster, this node's share is rebuilt from the sessions first; when it changed it is
+/// stamped with a new clock and queued for the bridge. The view is then the merge of every
+/// share, and `seq` = max(`seq` + 1, the newest share's clock), so it keeps rising when a
+/// watcher moves to another node (docs/PROTOCOL.md, "seq").
+fn refresh(
+    user: &UserId,
+    entry: &mut UserEntry,
+    repl: Option<&mut Replication>,
+    now_ms: u64,
+    cause: Cause,
+    force: bool,
+) -> Option<Change> {
+    let local = entry.compute_view();
+    let (new, clock) = match repl {
+        None => (local, 0),
+        Some(r) => {
+            let replica = entry.replica.get_or_insert_with(Box::default);
+            let share = Contribution {
+                status: local.status,
+                text: local.text,
+                devices: local.devices,
+                groups: local.groups,
+                last_seen: replica.local.last_seen,
+                clock: replica.local.clock,
+            };
+            if !share.same_share(&replica.local) {
+                let went_offline = replica.local.visible() && !share.visible();
+                replica.local = Contribution {
+                    last_seen: if went_offline {
+                        Some(now_ms)
+                    } else {
+                        share.last_seen
+                    },
+                    clock: r.hlc.tick(now_ms),
+                    ..share
+                };
+                r.outgoing.push((user.clone(), replica.local.clone()));
+            }
+            let m = replica.merged();
+            let view = View {
+                status: m.status,
+                text: m.text,
+                devices: m.devices,
+                groups: m.groups,
+            };
+            (view, m.clock)
+        }
+    };
+    if new == entry.view && !force {
+        return None;
+    }
+    let old = std::mem::replace(&mut entry.view, new);
+    entry.seq = (entry.seq + 1).max(clock);
+    entry.changed_at_ms = now_ms;
+    if old.status != Aggregate::Offline && entry.view.status == Aggregate::Offline {
+        entry.last_seen = Some(match cause {
+            Cause::Local => now_ms,
+            Cause::Remote { at } => at,
+        });
+    }
+    Some(Change {
+        local: matches!(cause, Cause::Local),
+        state: entry.state(user, now_ms),
+        watchers: entry.watchers.shards().collect(),
+        groups: group_changes(old.groups, &entry.view.groups),
+        was_online: old.status != Aggregate::Offline,
+    })
 }
 
 /// Every group the user is a visible member of now (`true`), and every one it just left

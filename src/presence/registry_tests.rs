@@ -379,3 +379,189 @@ fn online_scan_resumes_after_any_id() {
     );
     assert!(after(Some("d")).is_empty());
 }
+
+// --- The cluster: shares heard from other nodes (SPEC §12). ---
+
+fn replicated() -> Registry {
+    Registry::replicated(Arc::new(crate::presence::contrib::Hlc::new()), 64)
+}
+
+fn share(status: Aggregate, devices: u32, clock: u64) -> Contribution {
+    Contribution {
+        status,
+        text: None,
+        devices,
+        groups: Vec::new(),
+        last_seen: None,
+        clock,
+    }
+}
+
+#[test]
+fn a_single_node_registry_hands_nothing_to_a_bridge() {
+    let mut r = Registry::new();
+    r.connect(&uid("a"), sid(1), Status::Online, info(&[]), 10);
+    r.watch(&uid("b"), 0, 10);
+    assert!(r.take_outgoing().is_empty());
+    assert_eq!(
+        r.apply_remote(&uid("a"), 1, share(Aggregate::Busy, 1, 5), 10),
+        None,
+        "remote shares mean nothing on a single node"
+    );
+}
+
+#[test]
+fn local_changes_become_shares_and_watch_interest_is_counted_per_user() {
+    let mut r = replicated();
+    let alice = uid("alice");
+    r.connect(&alice, sid(1), Status::Online, info(&["g"]), 1_000);
+    let out = r.take_outgoing();
+    assert_eq!(out.shares.len(), 1);
+    let (user, s) = &out.shares[0];
+    assert_eq!((user, s.status, s.devices), (&alice, Aggregate::Online, 1));
+    assert_eq!(s.groups, vec![GroupId::from("g")]);
+    assert_eq!(crate::presence::contrib::Hlc::millis(s.clock), 1_000);
+    // A second invisible session changes nothing visible: no share.
+    r.connect(&alice, sid(2), Status::Invisible, info(&[]), 1_001);
+    assert!(r.take_outgoing().shares.is_empty());
+    // Interest: the first watcher of a user adds its bucket, the last removes it.
+    let b = crate::presence::contrib::bucket_of("bob", 64);
+    r.watch(&uid("bob"), 0, 1);
+    r.watch(&uid("bob"), 1, 1);
+    assert_eq!(r.take_outgoing().interest, vec![(b, 1)]);
+    r.unwatch("bob", 0);
+    assert!(r.take_outgoing().interest.is_empty());
+    r.unwatch("bob", 1);
+    assert_eq!(r.take_outgoing().interest, vec![(b, -1)]);
+    // Going offline here is a share too, with last_seen.
+    r.disconnect("alice", sid(1), 2_000);
+    let out = r.take_outgoing();
+    assert_eq!(out.shares[0].1.status, Aggregate::Offline);
+    assert_eq!(out.shares[0].1.last_seen, Some(2_000));
+}
+
+#[test]
+fn remote_shares_merge_with_local_sessions_and_seq_follows_the_clock() {
+    let mut r = replicated();
+    let alice = uid("alice");
+    r.watch(&alice, 0, 0);
+    r.connect(&alice, sid(1), Status::Away, info(&[]), 1_000);
+    let local_seq = r.snapshot(&alice, 0).seq;
+    let clock = 5_000 << crate::presence::contrib::HLC_LOGICAL_BITS;
+    let c = r
+        .apply_remote(&alice, 7, share(Aggregate::Busy, 2, clock), 1_001)
+        .expect("a visible change");
+    assert!(
+        !c.local,
+        "heard, not made here: history records it where it happened"
+    );
+    assert_eq!((c.state.status, c.state.devices), (Aggregate::Busy, 3));
+    assert!(
+        c.state.seq >= clock && c.state.seq > local_seq,
+        "seq = the newest clock"
+    );
+    assert_eq!(c.watchers, vec![0]);
+    // The same share again, or an older one: nothing.
+    assert_eq!(
+        r.apply_remote(&alice, 7, share(Aggregate::Busy, 2, clock), 1_002),
+        None
+    );
+    assert_eq!(
+        r.apply_remote(&alice, 7, share(Aggregate::Online, 9, clock - 1), 1_002),
+        None
+    );
+    // A later local change still rises above it.
+    let c = r
+        .set_status("alice", sid(1), Status::Online, None, 1_003)
+        .unwrap()
+        .unwrap();
+    assert!(
+        c.state.seq > clock,
+        "local clocks observe nothing yet, but seq never falls"
+    );
+}
+
+#[test]
+fn a_dead_node_takes_its_devices_and_sets_last_seen_to_its_last_heartbeat() {
+    let mut r = replicated();
+    let bob = uid("bob");
+    r.watch(&bob, 0, 0);
+    r.apply_remote(&bob, 1, share(Aggregate::Online, 1, 10), 100);
+    r.apply_remote(&bob, 2, share(Aggregate::Away, 1, 11), 100);
+    assert_eq!(r.online_users(), 1);
+    let changes = r.drop_node(1, 4_242, 5_000);
+    assert_eq!(changes.len(), 1);
+    assert_eq!(
+        (changes[0].state.status, changes[0].state.devices),
+        (Aggregate::Away, 1)
+    );
+    let changes = r.drop_node(2, 4_343, 5_000);
+    assert_eq!(changes[0].state.status, Aggregate::Offline);
+    assert_eq!(changes[0].state.last_seen, Some(4_343));
+    assert_eq!(
+        r.online_users(),
+        0,
+        "the online index follows remote changes"
+    );
+    assert!(
+        r.drop_node(2, 1, 1).is_empty(),
+        "dropping twice changes nothing"
+    );
+}
+
+#[test]
+fn a_snapshot_puts_out_what_it_leaves_out_unless_newer() {
+    let mut r = replicated();
+    let (a, b, c) = (uid("a"), uid("b"), uid("c"));
+    for u in [&a, &b, &c] {
+        r.watch(u, 0, 0);
+    }
+    r.apply_remote(&a, 1, share(Aggregate::Online, 1, 10), 0);
+    r.apply_remote(&b, 1, share(Aggregate::Online, 1, 10), 0);
+    r.apply_remote(&c, 1, share(Aggregate::Online, 1, 30), 0);
+    // The node's snapshot at clock 20 lists only `a` (with a newer share): `b` is gone there;
+    // `c`'s share is newer than the snapshot, so it stays; users out of scope are untouched.
+    let in_scope = |u: &str| u != "zzz";
+    let changes = r.apply_snapshot(
+        1,
+        vec![(a.clone(), share(Aggregate::Busy, 1, 15))],
+        &in_scope,
+        20,
+        100,
+    );
+    let got: Vec<(String, Aggregate)> = changes
+        .iter()
+        .map(|c| (c.state.user.to_string(), c.state.status))
+        .collect();
+    assert!(got.contains(&("a".into(), Aggregate::Busy)), "{got:?}");
+    assert!(got.contains(&("b".into(), Aggregate::Offline)), "{got:?}");
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(r.snapshot(&c, 0).status, Aggregate::Online);
+    // Forgetting a bucket drops what was heard there.
+    let changes = r.forget_remote(&|u| u == "c", 200);
+    assert_eq!(changes.len(), 1);
+    assert_eq!(r.snapshot(&c, 0).status, Aggregate::Offline);
+    assert_eq!(
+        r.remote_share_count(),
+        2,
+        "a's share and b's tombstone remain"
+    );
+    assert_eq!(
+        r.local_shares(&|_| true),
+        vec![],
+        "nothing of this node's own"
+    );
+}
+
+#[test]
+fn local_shares_are_what_a_snapshot_of_this_node_sends() {
+    let mut r = replicated();
+    r.connect(&uid("x"), sid(1), Status::Busy, info(&[]), 10);
+    r.connect(&uid("y"), sid(2), Status::Invisible, info(&[]), 10);
+    r.apply_remote(&uid("z"), 3, share(Aggregate::Online, 1, 5), 10);
+    let shares = r.local_shares(&|_| true);
+    assert_eq!(shares.len(), 1, "visible local users only: {shares:?}");
+    assert_eq!(shares[0].0, uid("x"));
+    assert_eq!(shares[0].1.status, Aggregate::Busy);
+    assert!(r.local_shares(&|u| u != "x").is_empty());
+}
