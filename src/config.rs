@@ -37,6 +37,166 @@ pub struct Config {
     pub mesh: MeshConfig,
     pub admin: AdminConfig,
     pub history: HistoryConfig,
+    /// Many nodes as one service over NATS (`[cluster]`, docs/CLUSTER.md). Absent: a single
+    /// node, with no bus code running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// The cluster (`[cluster]`, SPEC §12, docs/CLUSTER.md).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// NATS servers, `nats://HOST:PORT` (or `tls://`), one or more; the client fails over
+    /// between them and learns the rest of the NATS cluster from them. `nats://USER:PASS@HOST`
+    /// and `nats://TOKEN@HOST` carry credentials in the URL.
+    pub nats_url: Vec<String>,
+    /// This node's name on the bus: letters, digits, `-` and `_`, at most 64. Unset: the host
+    /// name and a random suffix. Two live nodes may not share one (the second is refused).
+    pub node_id: Option<String>,
+    /// Subject prefix of every bus subject (dot-separated tokens); clusters sharing a NATS
+    /// system keep apart by prefix.
+    pub prefix: String,
+    /// A node not heard from for this long is dead: its shares are dropped everywhere.
+    /// Heartbeats go out every `lease_ms / 3`.
+    pub lease_ms: u64,
+    /// Buckets users are hashed into; a node follows only the buckets its watchers need.
+    /// Every node of a cluster must use the same value.
+    pub buckets: u32,
+    /// Longest a changed share waits to be published with others of its bucket.
+    pub batch_us: u64,
+    /// Changed shares a shard may queue for the bridge before it coalesces them per user.
+    pub queue_capacity: usize,
+    /// How long a snapshot request to another node waits for the whole answer.
+    pub request_timeout_ms: u64,
+    /// A bucket nobody here watches any more is unfollowed after this long (hysteresis).
+    pub unsubscribe_after_ms: u64,
+    /// NATS user and password (both or neither).
+    pub user: Option<String>,
+    pub password: Option<String>,
+    /// NATS authentication token.
+    pub token: Option<String>,
+    /// NATS credentials file (JWT and NKey seed, `.creds`).
+    pub credentials_file: Option<std::path::PathBuf>,
+    /// PEM CA certificates to trust for the NATS servers' TLS.
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// PEM client certificate and key for mutual TLS (both or neither).
+    pub tls_cert: Option<std::path::PathBuf>,
+    pub tls_key: Option<std::path::PathBuf>,
+    /// Refuse a NATS server that does not offer TLS.
+    pub tls_required: bool,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            nats_url: vec!["nats://127.0.0.1:4222".into()],
+            node_id: None,
+            prefix: "presenced".into(),
+            lease_ms: 6_000,
+            buckets: 4_096,
+            batch_us: 1_000,
+            queue_capacity: 65_536,
+            request_timeout_ms: 2_000,
+            unsubscribe_after_ms: 30_000,
+            user: None,
+            password: None,
+            token: None,
+            credentials_file: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_required: false,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// Checks what the ranges cannot: names, URLs, and settings that go together.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: String| Err(ConfigError(format!("cluster.{key}: {why}")));
+        if self.nats_url.is_empty() {
+            return bad("nats_url", "at least one NATS server URL".into());
+        }
+        for url in &self.nats_url {
+            if let Err(why) = check_nats_url(url) {
+                return bad("nats_url", format!("`{url}`: {why}"));
+            }
+        }
+        if let Some(id) = &self.node_id {
+            if let Err(why) = check_node_id(id) {
+                return bad("node_id", why);
+            }
+        }
+        let token_ok = |t: &str| !t.is_empty() && t.bytes().all(is_subject_byte);
+        if self.prefix.split('.').any(|t| !token_ok(t)) {
+            return bad(
+                "prefix",
+                "dot-separated tokens of letters, digits, `-` and `_`".into(),
+            );
+        }
+        if self.user.is_some() != self.password.is_some() {
+            return bad("user", "`user` and `password` go together".into());
+        }
+        let ways = [
+            self.user.is_some(),
+            self.token.is_some(),
+            self.credentials_file.is_some(),
+        ];
+        if ways.iter().filter(|w| **w).count() > 1 {
+            return bad(
+                "token",
+                "one of user/password, token or credentials_file".into(),
+            );
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return bad("tls_cert", "`tls_cert` and `tls_key` go together".into());
+        }
+        Ok(())
+    }
+}
+
+/// A byte allowed in a NATS subject token as we use them.
+fn is_subject_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'-' || b == b'_'
+}
+
+/// A node id: it becomes one token of bus subjects.
+pub fn check_node_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > 64 || !id.bytes().all(is_subject_byte) {
+        return Err(format!(
+            "`{id}`: 1 to 64 letters, digits, `-` and `_` (it names bus subjects)"
+        ));
+    }
+    Ok(())
+}
+
+/// `nats://HOST:PORT`, `tls://HOST:PORT`, `ws://`, `wss://`, or a bare `HOST:PORT`.
+fn check_nats_url(url: &str) -> Result<(), &'static str> {
+    let rest = match url.split_once("://") {
+        Some((scheme, rest)) => {
+            if !matches!(scheme, "nats" | "tls" | "ws" | "wss") {
+                return Err("the scheme must be nats://, tls://, ws:// or wss://");
+            }
+            rest
+        }
+        None => url,
+    };
+    let host_port = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    let host_port = host_port.trim_end_matches('/');
+    let host = match host_port.rsplit_once(':') {
+        Some((h, port)) => {
+            if port.parse::<u16>().is_err() {
+                return Err("the port must be a number up to 65535");
+            }
+            h
+        }
+        None => host_port,
+    };
+    if host.is_empty() || host.contains(['/', ' ', ',']) {
+        return Err("no host");
+    }
+    Ok(())
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -364,6 +524,7 @@ impl Default for Config {
             mesh: MeshConfig::default(),
             admin: AdminConfig::default(),
             history: HistoryConfig::default(),
+            cluster: None,
         }
     }
 }
@@ -473,6 +634,12 @@ pub const RANGES: &[(&str, u64, u64)] = &[
     ("history.scylla.retry_max_ms", 1, 3_600_000),
     ("history.scylla.replication_factor", 1, 100),
     ("history.scylla.datacenters.*", 1, 100),
+    ("cluster.lease_ms", 300, 600_000),
+    ("cluster.buckets", 1, 65_536),
+    ("cluster.batch_us", 50, 1_000_000),
+    ("cluster.queue_capacity", 16, 16 << 20),
+    ("cluster.request_timeout_ms", 10, 600_000),
+    ("cluster.unsubscribe_after_ms", 0, 86_400_000),
 ];
 
 /// Checks every numeric key of `cfg` against [`RANGES`]. Unset optional keys are skipped.
@@ -639,6 +806,15 @@ impl Config {
                 return bad("jwt_secret", "at least 16 bytes");
             }
         }
+        if let Some(c) = &self.cluster {
+            c.validate()?;
+            if u128::from(c.batch_us) >= u128::from(c.lease_ms) * 1000 / 3 {
+                return bad(
+                    "cluster.batch_us",
+                    "must be well under a heartbeat (lease_ms / 3)",
+                );
+            }
+        }
         Ok(ValidConfig(Arc::new(self.clone())))
     }
 
@@ -724,6 +900,7 @@ mod tests {
     fn numeric_keys() -> Vec<String> {
         let mut cfg = Config::default();
         cfg.history.cpu = Some(1);
+        cfg.cluster = Some(ClusterConfig::default());
         let value = toml::Value::try_from(&cfg).unwrap();
         let mut out = Vec::new();
         fn walk(prefix: &str, v: &toml::Value, out: &mut Vec<String>) {
@@ -848,6 +1025,66 @@ mod tests {
         c.admin.listen = c.listen;
         let e = c.validate().unwrap_err().0;
         assert_eq!(e, "admin.listen: must differ from `listen`");
+    }
+
+    #[test]
+    fn a_cluster_block_is_checked_naming_the_key() {
+        let ok = Config::from_toml("[cluster]\nnats_url = [\"nats://127.0.0.1:4222\"]").unwrap();
+        assert_eq!(
+            ok.cluster.as_ref().unwrap().lease_ms,
+            6_000,
+            "defaults fill the rest"
+        );
+        ok.validate().unwrap();
+        assert!(
+            Config::default().cluster.is_none(),
+            "no block: a single node"
+        );
+        let cases = [
+            ("nats_url = []", "cluster.nats_url: at least one"),
+            (
+                "nats_url = [\"http://x:1\"]",
+                "cluster.nats_url: `http://x:1`: the scheme",
+            ),
+            (
+                "nats_url = [\"nats://x:99999\"]",
+                "cluster.nats_url: `nats://x:99999`: the port",
+            ),
+            ("node_id = \"a.b\"", "cluster.node_id: `a.b`: 1 to 64"),
+            ("node_id = \"\"", "cluster.node_id"),
+            ("prefix = \"a..b\"", "cluster.prefix"),
+            ("prefix = \"a.>\"", "cluster.prefix"),
+            (
+                "user = \"u\"",
+                "cluster.user: `user` and `password` go together",
+            ),
+            (
+                "token = \"t\"\ncredentials_file = \"c\"",
+                "cluster.token: one of",
+            ),
+            ("tls_cert = \"c.pem\"", "cluster.tls_cert"),
+            (
+                "lease_ms = 300\nbatch_us = 200000",
+                "cluster.batch_us: must be well under",
+            ),
+            ("lease_ms = 10", "cluster.lease_ms: must be between"),
+            ("surprise = 1", "unknown field `surprise`"),
+        ];
+        for (body, want) in cases {
+            let e = match Config::from_toml(&format!("[cluster]\n{body}")) {
+                Err(e) => e.0,
+                Ok(c) => c.validate().unwrap_err().0,
+            };
+            assert!(e.contains(want), "{body}: {e}");
+        }
+        for url in [
+            "nats://u:p@h:4222",
+            "tls://h:4443",
+            "h:4222",
+            "nats://tok@h",
+        ] {
+            assert_eq!(check_nats_url(url), Ok(()), "{url}");
+        }
     }
 
     #[test]

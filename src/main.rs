@@ -117,6 +117,65 @@ struct ServeArgs {
     /// Directory of the local history store [default: ./data].
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    cluster: ClusterArgs,
+}
+
+/// `[cluster]` keys as flags (docs/CLUSTER.md). Any of them turns the cluster on, with the
+/// config file's `[cluster]` block (or the defaults) for the rest.
+#[derive(Args)]
+struct ClusterArgs {
+    /// NATS servers, comma-separated (`nats://HOST:PORT`): run as a cluster node.
+    #[arg(long, value_delimiter = ',', env = "PRESENCED_NATS_URL")]
+    nats_url: Vec<String>,
+    /// This node's id on the bus [default: host name and a random suffix].
+    #[arg(long)]
+    node_id: Option<String>,
+    /// Bus subject prefix [default: presenced].
+    #[arg(long)]
+    cluster_prefix: Option<String>,
+    /// A node silent this long is dead [default: 6000].
+    #[arg(long)]
+    cluster_lease_ms: Option<u64>,
+    /// User buckets on the bus; the same on every node [default: 4096].
+    #[arg(long)]
+    cluster_buckets: Option<u32>,
+    /// Longest a change waits to be batched [default: 1000].
+    #[arg(long)]
+    cluster_batch_us: Option<u64>,
+}
+
+impl ClusterArgs {
+    fn apply(self, cfg: &mut Config) {
+        let any = !self.nats_url.is_empty()
+            || self.node_id.is_some()
+            || self.cluster_prefix.is_some()
+            || self.cluster_lease_ms.is_some()
+            || self.cluster_buckets.is_some()
+            || self.cluster_batch_us.is_some();
+        if !any {
+            return;
+        }
+        let c = cfg.cluster.get_or_insert_with(Default::default);
+        if !self.nats_url.is_empty() {
+            c.nats_url = self.nats_url;
+        }
+        if let Some(v) = self.node_id {
+            c.node_id = Some(v);
+        }
+        if let Some(v) = self.cluster_prefix {
+            c.prefix = v;
+        }
+        if let Some(v) = self.cluster_lease_ms {
+            c.lease_ms = v;
+        }
+        if let Some(v) = self.cluster_buckets {
+            c.buckets = v;
+        }
+        if let Some(v) = self.cluster_batch_us {
+            c.batch_us = v;
+        }
+    }
 }
 
 #[derive(Args)]
@@ -259,8 +318,31 @@ fn check_config(args: ServeArgs) -> Result<(), String> {
     if shown.admin.token.is_some() {
         shown.admin.token = Some("<redacted>".into());
     }
+    if shown.history.scylla.password.is_some() {
+        shown.history.scylla.password = Some("<redacted>".into());
+    }
+    if let Some(c) = &mut shown.cluster {
+        for secret in [&mut c.password, &mut c.token] {
+            if secret.is_some() {
+                *secret = Some("<redacted>".into());
+            }
+        }
+        for url in &mut c.nats_url {
+            *url = redact_userinfo(url);
+        }
+    }
     print!("{}", toml::to_string(&shown).map_err(|e| e.to_string())?);
     Ok(())
+}
+
+/// `nats://user:pass@host` → `nats://<redacted>@host` (credentials in a URL are secrets too).
+fn redact_userinfo(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    match rest.rsplit_once('@') {
+        Some((_, host)) if scheme.is_empty() => format!("<redacted>@{host}"),
+        Some((_, host)) => format!("{scheme}://<redacted>@{host}"),
+        None => url.to_owned(),
+    }
 }
 
 /// `schema apply`: connects (waiting for schema agreement after each statement) and applies.
@@ -330,6 +412,7 @@ fn effective_config(args: ServeArgs) -> Result<Config, String> {
     if let Some(v) = args.data_dir {
         cfg.history.data_dir = v;
     }
+    args.cluster.apply(&mut cfg);
     Ok(cfg)
 }
 

@@ -132,6 +132,9 @@ counters! {
     mesh_coalesced,
     /// Bytes waiting in this shard's overflow queues (gauge; `mesh.overflow_max_bytes`).
     mesh_overflow_bytes,
+    /// Changed shares replaced by a newer one of the same user while the cluster bridge's
+    /// queue was full (cluster only).
+    cluster_coalesced,
 }
 
 impl ShardMetrics {

@@ -28,6 +28,8 @@ pub enum StartError {
     Placement(String),
     #[error("{0}")]
     History(String),
+    #[error("{0}")]
+    Cluster(String),
     #[error("shard {shard} failed to start: {why}")]
     Shard { shard: usize, why: String },
 }
@@ -42,6 +44,7 @@ pub struct ServerHandle {
     pub admin_addr: Option<SocketAddr>,
     shards: Shards,
     history: Option<History>,
+    cluster: Option<crate::cluster::Cluster>,
     flush_deadline: Duration,
 }
 
@@ -69,6 +72,10 @@ impl ServerHandle {
     /// `history.flush_deadline_ms`).
     pub fn join(mut self) {
         self.shards.join();
+        // After the shards: their last changes (sessions closed at shutdown) go out first.
+        if let Some(mut c) = self.cluster.take() {
+            c.stop();
+        }
         if let Some(h) = self.history.take() {
             h.stop(self.flush_deadline);
         }
@@ -132,7 +139,25 @@ pub fn start(cfg: ValidConfig, verifier: Verifier) -> Result<ServerHandle, Start
     let admin_tls = if cfg.admin.tls { secure.clone() } else { None };
 
     let history = History::start(&cfg.history).map_err(StartError::History)?;
-    let shared = Arc::new(Shared::new(cpus));
+    let mut shared = Shared::new(cpus);
+    let mut cluster = None;
+    if let Some(cc) = &cfg.cluster {
+        let scheme = if admin_tls.is_some() { "https" } else { "http" };
+        let admin_url = admin_addr.map(|a| format!("{scheme}://{a}"));
+        let id = crate::cluster::Identity::new(cc, admin_url);
+        match crate::cluster::Cluster::start(cc, id, shards) {
+            Ok((c, link)) => {
+                shared.cluster = Some(link);
+                cluster = Some(c);
+            }
+            Err(why) => {
+                history.stop(Duration::ZERO);
+                return Err(StartError::Cluster(why));
+            }
+        }
+    }
+    let status = cluster.as_ref().map(|c| c.status.clone());
+    let shared = Arc::new(shared);
     let sink = history.sink.clone();
     let init: Init = Arc::new(move |shard: &Rc<Shard>| {
         let mut stops: Vec<Stop> = crate::edge::Edge::new(shard.clone()).listen(&listeners)?;
@@ -142,6 +167,7 @@ pub fn start(cfg: ValidConfig, verifier: Verifier) -> Result<ServerHandle, Start
                 admin,
                 admin_tls.clone(),
                 sink.clone(),
+                status.clone(),
             )?);
         }
         if sink.enabled() {
@@ -157,6 +183,9 @@ pub fn start(cfg: ValidConfig, verifier: Verifier) -> Result<ServerHandle, Start
         }
     };
     drop(reserved);
+    if let Some(c) = &mut cluster {
+        c.attach(running.doors(), running.shared.clone());
+    }
     let cpus = &running.shared.cpus;
     tracing::info!(%addr, ?tls_addr, shards, ?cpus, "accepting WebSocket connections");
     if let Some(a) = admin_addr {
@@ -169,6 +198,7 @@ pub fn start(cfg: ValidConfig, verifier: Verifier) -> Result<ServerHandle, Start
         shards: running,
         flush_deadline: Duration::from_millis(cfg.history.flush_deadline_ms),
         history: Some(history),
+        cluster,
     })
 }
 

@@ -499,3 +499,24 @@ fn config_md_lists_every_command_line_flag() {
         "flags missing from CONFIG.md: {missing:?}"
     );
 }
+
+#[test]
+fn check_config_redacts_bus_and_database_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("presenced.toml");
+    std::fs::write(
+        &config,
+        "jwt_secret = \"0123456789abcdef\"\n\
+         [history.scylla]\nusername = \"db\"\npassword = \"db-secret\"\n\
+         [cluster]\nnats_url = [\"nats://bususer:url-secret@127.0.0.1:4222\"]\n\
+         user = \"u\"\npassword = \"bus-secret\"\n",
+    )
+    .unwrap();
+    let out = run(&["check-config", "--config", config.to_str().unwrap()], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8(out.stdout).unwrap();
+    for secret in ["db-secret", "url-secret", "bus-secret", "bususer"] {
+        assert!(!text.contains(secret), "{secret} shown: {text}");
+    }
+    assert!(text.contains("nats://<redacted>@127.0.0.1:4222"), "{text}");
+}

@@ -42,6 +42,17 @@ fn config_md_lists_every_key() {
     cfg.tls.listen = Some("127.0.0.1:1".parse().unwrap());
     cfg.auth.jwks = Some("j".into());
     cfg.auth.issuer = Some("i".into());
+    cfg.cluster = Some(presenced::config::ClusterConfig {
+        node_id: Some("n".into()),
+        user: Some("u".into()),
+        password: Some("p".into()),
+        token: Some("t".into()),
+        credentials_file: Some("c".into()),
+        tls_ca: Some("ca".into()),
+        tls_cert: Some("c".into()),
+        tls_key: Some("k".into()),
+        ..Default::default()
+    });
     let table: toml::Table = toml::from_str(&toml::to_string(&cfg).unwrap()).unwrap();
     let mut all = Vec::new();
     keys("", &table, &mut all);

@@ -58,6 +58,8 @@ pub struct AdminLocal {
     pub probes: std::cell::Cell<usize>,
     /// History's queue, counters and questions.
     pub history: Sink,
+    /// The cluster's state, when the node runs in one.
+    pub cluster: Option<Arc<crate::cluster::Status>>,
 }
 
 impl AdminLocal {
@@ -76,6 +78,7 @@ pub fn install(
     addr: SocketAddr,
     tls: Option<Arc<ServerConfig>>,
     history: Sink,
+    cluster: Option<Arc<crate::cluster::Status>>,
 ) -> Result<Stop, String> {
     let cfg = &shard.cfg().admin;
     let local = Rc::new(AdminLocal {
@@ -84,6 +87,7 @@ pub fn install(
         pool: RefCell::new(server::Pool::default()),
         probes: std::cell::Cell::new(0),
         history,
+        cluster,
     });
     shard.insert_local(local.clone());
     let log = local.clone();

@@ -21,6 +21,117 @@ pub struct Scrape<'a> {
     pub answered: usize,
     /// History's writer, when history is on.
     pub history: Option<HistoryScrape>,
+    /// The cluster bridge, when the node runs in a cluster.
+    pub cluster: Option<ClusterScrape>,
+}
+
+/// Quantiles of the cross-node propagation latency that `/metrics` shows.
+pub const PROPAGATION_QUANTILES: [f64; 4] = [0.5, 0.9, 0.99, 0.999];
+
+/// The cluster bridge's figures.
+#[derive(Debug, Clone)]
+pub struct ClusterScrape {
+    pub bus: &'static str,
+    /// Live nodes, this one included.
+    pub nodes: u64,
+    pub followed_buckets: u64,
+    /// `(suffix, help, value)` of each counter.
+    pub counters: Vec<(&'static str, &'static str, u64)>,
+    /// Microseconds at [`PROPAGATION_QUANTILES`], and the sample count.
+    pub propagation_us: Vec<u64>,
+    pub propagation_count: u64,
+}
+
+impl ClusterScrape {
+    pub fn of(s: &crate::cluster::Status) -> ClusterScrape {
+        use crate::cluster::Counters as C;
+        let c = &s.counters;
+        let (propagation_us, propagation_count) = s.latency(&PROPAGATION_QUANTILES);
+        ClusterScrape {
+            bus: s.bus().as_str(),
+            nodes: s.nodes().len() as u64 + 1,
+            followed_buckets: s.followed.load(std::sync::atomic::Ordering::Relaxed),
+            counters: vec![
+                (
+                    "messages_out_total",
+                    "Bus messages published (deltas, heartbeats).",
+                    C::get(&c.messages_out),
+                ),
+                (
+                    "bytes_out_total",
+                    "Payload bytes published on the bus.",
+                    C::get(&c.bytes_out),
+                ),
+                (
+                    "messages_in_total",
+                    "Bus messages received.",
+                    C::get(&c.messages_in),
+                ),
+                (
+                    "bytes_in_total",
+                    "Payload bytes received from the bus.",
+                    C::get(&c.bytes_in),
+                ),
+                (
+                    "deltas_out_total",
+                    "Changed shares of this node published.",
+                    C::get(&c.deltas_out),
+                ),
+                (
+                    "deltas_in_total",
+                    "Shares received in other nodes' deltas.",
+                    C::get(&c.deltas_in),
+                ),
+                (
+                    "snapshots_requested_total",
+                    "Snapshot requests sent to other nodes.",
+                    C::get(&c.snapshots_requested),
+                ),
+                (
+                    "snapshots_served_total",
+                    "Snapshot requests answered.",
+                    C::get(&c.snapshots_served),
+                ),
+                (
+                    "snapshots_failed_total",
+                    "Snapshot requests that got no whole answer in time (retried).",
+                    C::get(&c.snapshots_failed),
+                ),
+                (
+                    "gaps_total",
+                    "Lost delta messages detected (each healed by a snapshot).",
+                    C::get(&c.gaps),
+                ),
+                (
+                    "lease_expiries_total",
+                    "Nodes dropped for a silent lease.",
+                    C::get(&c.lease_expiries),
+                ),
+                (
+                    "reconnects_total",
+                    "Reconnections to the bus.",
+                    C::get(&c.reconnects),
+                ),
+                (
+                    "coalesced_total",
+                    "Shares replaced by a newer one of the same user before publication.",
+                    C::get(&c.coalesced),
+                ),
+                (
+                    "duplicate_ids_total",
+                    "Messages from another process using this node's id.",
+                    C::get(&c.duplicate_ids),
+                ),
+                (
+                    "malformed_total",
+                    "Bus messages that did not parse (dropped).",
+                    C::get(&c.malformed),
+                ),
+            ],
+            propagation_us,
+            propagation_count,
+        }
+    }
 }
 
 /// The history pipeline's figures.
@@ -352,6 +463,13 @@ pub fn render(s: &Scrape<'_>) -> String {
         |m| m.mesh_overflow_bytes,
     );
     o.per_shard(
+        "presenced_cluster_shard_coalesced_total",
+        "counter",
+        "Changed shares a shard replaced by a newer one of the same user while the cluster bridge's queue was full.",
+        sh,
+        |m| m.cluster_coalesced,
+    );
+    o.per_shard(
         "presenced_mesh_unmatched_unwatches_total",
         "counter",
         "Unwatch messages that matched no subscription.",
@@ -402,6 +520,49 @@ pub fn render(s: &Scrape<'_>) -> String {
         "Accept to session open (upgrade answered), merged over shards, since start.",
         s.handshakes,
     );
+    if let Some(c) = &s.cluster {
+        o.family(
+            "presenced_cluster_bus_state",
+            "gauge",
+            "1 for the bus connection's current state.",
+        );
+        for state in ["connecting", "connected", "disconnected", "refused"] {
+            let v = u8::from(state == c.bus);
+            let _ = writeln!(o.0, "presenced_cluster_bus_state{{state=\"{state}\"}} {v}");
+        }
+        o.single(
+            "presenced_cluster_nodes",
+            "gauge",
+            "Live nodes of the cluster as this node sees them, itself included.",
+            c.nodes,
+        );
+        o.single(
+            "presenced_cluster_followed_buckets",
+            "gauge",
+            "User buckets this node subscribes to (it has watchers there).",
+            c.followed_buckets,
+        );
+        for (suffix, help, v) in &c.counters {
+            o.single(&format!("presenced_cluster_{suffix}"), "counter", help, v);
+        }
+        o.family(
+            "presenced_cluster_propagation_seconds",
+            "summary",
+            "Cross-node propagation: the origin node's clock at the change to its application here.",
+        );
+        for (q, us) in PROPAGATION_QUANTILES.iter().zip(&c.propagation_us) {
+            let _ = writeln!(
+                o.0,
+                "presenced_cluster_propagation_seconds{{quantile=\"{q}\"}} {}",
+                secs(*us)
+            );
+        }
+        let _ = writeln!(
+            o.0,
+            "presenced_cluster_propagation_seconds_count {}",
+            c.propagation_count
+        );
+    }
     if let Some(h) = &s.history {
         o.single(
             "presenced_history_queue_depth",
@@ -525,6 +686,14 @@ mod tests {
                 disk_bytes: Some(4096),
                 ..Default::default()
             }),
+            cluster: Some(ClusterScrape {
+                bus: "connected",
+                nodes: 3,
+                followed_buckets: 2,
+                counters: vec![("gaps_total", "Gaps.", 4)],
+                propagation_us: vec![500, 900, 1500, 2000],
+                propagation_count: 9,
+            }),
         });
         let mut families = std::collections::HashSet::new();
         for line in text.lines() {
@@ -550,5 +719,8 @@ mod tests {
         assert!(text.contains("presenced_fanout_latency_seconds_count 2\n"));
         assert!(text.contains("presenced_handshake_seconds_count 0\n"));
         assert!(text.contains("# TYPE presenced_fanout_latency_seconds histogram\n"));
+        assert!(text.contains("presenced_cluster_bus_state{state=\"connected\"} 1\n"));
+        assert!(text.contains("presenced_cluster_gaps_total 4\n"));
+        assert!(text.contains("presenced_cluster_propagation_seconds{quantile=\"0.99\"} 0.0015\n"));
     }
 }

@@ -116,6 +116,7 @@ impl Shard {
                     text,
                     now_ms(),
                 );
+                self.hand_to_bridge();
                 match change {
                     Ok(change) => {
                         session.status.set(status);

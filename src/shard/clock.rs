@@ -41,6 +41,7 @@ pub async fn run(shard: Rc<Shard>) {
         beat(&shard, now, slot, slots);
         slot = (slot + 1) % slots;
         shard.mesh.settle(now);
+        shard.retry_bridge_backlog();
         if now.saturating_sub(rotated) >= LATENCY_WINDOW_MS {
             shard.rotate_latency();
             rotated = now;

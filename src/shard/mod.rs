@@ -27,6 +27,7 @@ pub mod faults;
 pub mod invoke;
 pub mod mesh;
 pub mod outbox;
+pub mod replica;
 pub mod runtime;
 pub mod session;
 pub mod subs;
@@ -110,6 +111,8 @@ pub struct Shard {
     taps: RefCell<Vec<Listener>>,
     /// Per-shard state of the drivers (Seastar's `sharded<T>`), one value per type.
     locals: RefCell<HashMap<std::any::TypeId, Rc<dyn Any>>>,
+    /// In a cluster: changes the bridge could not take yet ([`replica`]).
+    cluster_backlog: replica::BacklogCell,
     /// Tests only: the next publish panics after its first send ([`faults`]).
     #[cfg(feature = "fault-injection")]
     panic_in_publish: Cell<bool>,
@@ -131,6 +134,10 @@ impl Shard {
             limits.subscriptions_per_second,
             u32::try_from(limits.max_subscriptions).unwrap_or(u32::MAX),
         );
+        let registry = match &shared.cluster {
+            Some(link) => Registry::replicated(link.hlc.clone(), link.buckets),
+            None => Registry::new(),
+        };
         Shard {
             ix,
             op_limits: cfg.op_limits(),
@@ -139,7 +146,7 @@ impl Shard {
             verifier,
             mesh,
             shared,
-            registry: RefCell::new(Registry::new()),
+            registry: RefCell::new(registry),
             groups: RefCell::new(Groups::new()),
             sessions: RefCell::new(HashMap::new()),
             user_subs: RefCell::new(HashMap::new()),
@@ -155,6 +162,7 @@ impl Shard {
             handshake_latency: RefCell::new(Latency::default()),
             taps: RefCell::new(Vec::new()),
             locals: RefCell::new(HashMap::new()),
+            cluster_backlog: Default::default(),
             #[cfg(feature = "fault-injection")]
             panic_in_publish: Cell::new(false),
         }
@@ -306,7 +314,8 @@ impl Shard {
         self.mesh.send(to, msg);
     }
 
-    /// Tells everyone who must hear of a change of a local user's aggregate.
+    /// Tells everyone who must hear of a change of a local user's aggregate. Recorders hear
+    /// of the changes made here only: one made on another node is recorded there.
     fn publish(&self, change: Change) {
         ShardMetrics::set(
             &self.metrics.online_users,
@@ -314,7 +323,9 @@ impl Shard {
         );
         let state = Arc::new(change.state);
         let origin = Instant::now();
-        self.tap(&Tap::Change(&state));
+        if change.local {
+            self.tap(&Tap::Change(&state));
+        }
         for shard in change.watchers {
             self.send(
                 shard,
@@ -385,6 +396,7 @@ impl Shard {
                 gen,
             } => {
                 let state = self.registry.borrow_mut().watch(&user, from, now);
+                self.hand_to_bridge();
                 let state = Arc::new(state);
                 self.send(
                     from,
@@ -399,6 +411,7 @@ impl Shard {
                 if !self.registry.borrow_mut().unwatch(&user, from) {
                     ShardMetrics::inc(&self.metrics.unmatched_unwatches);
                 }
+                self.hand_to_bridge();
             }
             MeshMsg::Snapshot {
                 session,

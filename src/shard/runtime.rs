@@ -38,6 +38,8 @@ pub struct Shared {
     pub accepting: AtomicUsize,
     /// Set when shutdown begins (`/readyz` turns 503 so load balancers stop sending).
     pub stopping: AtomicBool,
+    /// Set when the node runs in a cluster.
+    pub cluster: Option<super::replica::ClusterLink>,
 }
 
 impl Shared {
@@ -53,6 +55,7 @@ impl Shared {
             cpus,
             accepting: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
+            cluster: None,
         }
     }
 
@@ -118,6 +121,12 @@ impl Shards {
         for inbox in &self.inboxes {
             let _ = inbox.send(MeshMsg::Shutdown);
         }
+    }
+
+    /// Every shard's inbox, for a driver running outside the shards (the cluster bridge) to
+    /// send jobs with.
+    pub fn doors(&self) -> Vec<flume::Sender<MeshMsg>> {
+        self.inboxes.clone()
     }
 
     /// Sends a job to one shard from outside the shards (tests).

@@ -409,6 +409,7 @@ impl Shard {
         if let Some(change) = change {
             self.publish(change);
         }
+        self.hand_to_bridge();
         tracing::debug!(session = %id, user = %a.user, peer = %a.ip, "session open");
     }
 
@@ -493,6 +494,7 @@ impl Shard {
         if let Some(change) = change {
             self.publish(change);
         }
+        self.hand_to_bridge();
         if self.registry.borrow().sessions(&session.user).is_empty() {
             self.subscriptions.borrow_mut().release(&session.user, now);
         }
@@ -531,5 +533,6 @@ impl Shard {
         if let Some(change) = change {
             self.publish(change);
         }
+        self.hand_to_bridge();
     }
 }

@@ -64,11 +64,21 @@ pub async fn route(
                 "readyz" => {
                     let shared = shard.shared();
                     let ready = shared.ready();
-                    let body = serde_json::json!({
+                    let mut body = serde_json::json!({
                         "ready": ready,
                         "shards": shared.shards(),
                         "accepting": shared.accepting.load(std::sync::atomic::Ordering::Acquire),
                     });
+                    // A node without the bus still serves its own clients, so it stays ready;
+                    // the body says what it is missing.
+                    if let Some(c) = &crate::admin::AdminLocal::of(shard).cluster {
+                        body["cluster"] = serde_json::json!({
+                            "node": c.node_id,
+                            "bus": c.bus().as_str(),
+                            "why": c.why(),
+                            "nodes": c.nodes().len() + 1,
+                        });
+                    }
                     Response::json(if ready { 200 } else { 503 }, &body)
                 }
                 _ => stats::metrics(shard).await.unwrap_or_else(|e| e),

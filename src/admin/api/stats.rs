@@ -62,6 +62,65 @@ pub struct StatsBody {
     pub per_shard: Vec<ShardRow>,
     /// The latest point of the dashboard's series.
     pub sample: Sample,
+    /// In a cluster: this node, the others, the bus.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterStats>,
+}
+
+/// `/api/stats`'s `cluster`: this node and every live node with its counts, as of its last
+/// heartbeat (at most `lease_ms / 3` old), and their totals.
+#[derive(Serialize)]
+pub struct ClusterStats {
+    pub node: String,
+    pub incarnation: u64,
+    pub bus: &'static str,
+    pub why: String,
+    pub nodes: Vec<NodeRow>,
+    /// Over every live node, this one included.
+    pub totals: ClusterTotals,
+}
+
+#[derive(Serialize)]
+pub struct NodeRow {
+    pub node: String,
+    pub incarnation: u64,
+    pub admin: Option<String>,
+    pub connections: u64,
+    /// Online users as that node sees them (its own and those it hears of).
+    pub online_users: u64,
+    pub last_heard_ms: u64,
+}
+
+#[derive(Serialize)]
+pub struct ClusterTotals {
+    pub nodes: usize,
+    pub connections: u64,
+}
+
+fn cluster_stats(c: &crate::cluster::Status, connections: u64) -> ClusterStats {
+    let nodes: Vec<NodeRow> = c
+        .nodes()
+        .into_iter()
+        .map(|p| NodeRow {
+            node: p.id,
+            incarnation: p.incarnation,
+            admin: p.info.admin,
+            connections: p.info.sessions,
+            online_users: p.info.online,
+            last_heard_ms: p.last_heard,
+        })
+        .collect();
+    ClusterStats {
+        node: c.node_id.clone(),
+        incarnation: c.incarnation,
+        bus: c.bus().as_str(),
+        why: c.why(),
+        totals: ClusterTotals {
+            nodes: nodes.len() + 1,
+            connections: connections + nodes.iter().map(|n| n.connections).sum::<u64>(),
+        },
+        nodes,
+    }
 }
 
 /// `/api/stats`.
@@ -126,6 +185,10 @@ pub async fn stats(shard: &Shard) -> Result<StatsBody, Response> {
         latency_recent_us: Percentiles::of(&recent_h),
         per_shard,
         sample,
+        cluster: AdminLocal::of(shard)
+            .cluster
+            .as_deref()
+            .map(|c| cluster_stats(c, sum.connections)),
     })
 }
 
@@ -161,6 +224,10 @@ pub async fn metrics(shard: &Shard) -> Result<Response, Response> {
         history: history.enabled().then(|| {
             crate::admin::prom::HistoryScrape::of(history, shard.cfg().history.queue_capacity)
         }),
+        cluster: AdminLocal::of(shard)
+            .cluster
+            .as_deref()
+            .map(crate::admin::prom::ClusterScrape::of),
     });
     Ok(Response::text(
         200,

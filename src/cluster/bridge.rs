@@ -1,0 +1,944 @@
+//! The bridge's event loop: NATS on one side, the shards on the other (module docs in
+//! [`super`]). One thread, one current-thread `tokio` runtime; every queue is bounded:
+//! - shards → bridge: `cluster.queue_capacity` per process (then shards coalesce, see
+//!   [`crate::shard::replica`]);
+//! - shares waiting to be published: one per user at most (latest wins), so a slow or dead bus
+//!   costs memory bounded by the node's users, never a growing queue;
+//! - bus → bridge: the NATS client's per-subscription buffer and [`INCOMING`]; past them the
+//!   client drops and counts (slow consumer), and the gap detection heals the loss.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::{Client, ConnectOptions, Event, Message};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+
+use super::gaps::{Gaps, Seen};
+use super::interest::{Follow, Interest};
+use super::members::{Heard, Members, NodeInfo};
+use super::wire::{Delta, Heartbeat, SnapChunk, SnapRequest, Subjects, SHARES_PER_MESSAGE};
+use super::{BusState, Counters, Identity, Status};
+use crate::config::ClusterConfig;
+use crate::presence::contrib::{bucket_of, Contribution, Hlc, NodeIx};
+use crate::presence::{Outgoing, UserId};
+use crate::shard::mesh::MeshMsg;
+use crate::shard::replica::{on_every_shard, BucketSet};
+use crate::shard::runtime::Shared;
+use crate::shard::{now_ms, owner_of, Shard};
+
+/// Bus messages waiting for the loop, over all subscriptions.
+const INCOMING: usize = 4_096;
+
+type Door = flume::Sender<MeshMsg>;
+
+/// What the bridge gets once the shards run: their inboxes, and their counters.
+pub type Attach = (Vec<Door>, Arc<Shared>);
+
+/// What [`super::Cluster::start`] hands the thread.
+pub struct Setup {
+    pub cfg: ClusterConfig,
+    pub id: Identity,
+    pub shards: usize,
+    pub hlc: Arc<Hlc>,
+    pub from_shards: flume::Receiver<Outgoing>,
+    pub status: Arc<Status>,
+    pub doors: std::sync::mpsc::Receiver<Attach>,
+    pub stop: tokio::sync::oneshot::Receiver<()>,
+    pub verdict: std::sync::mpsc::Sender<Result<(), String>>,
+}
+
+/// The thread's body.
+pub fn run(setup: Setup) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = setup
+                .verdict
+                .send(Err(format!("cluster bridge runtime: {e}")));
+            return;
+        }
+    };
+    rt.block_on(async move {
+        if let Some(mut bridge) = Bridge::connect(setup).await {
+            bridge.serve().await;
+        }
+    });
+}
+
+/// Everything the loop hears.
+enum Incoming {
+    Bus(Message),
+    Event(Event),
+    Snapshot {
+        node: String,
+        ix: NodeIx,
+        buckets: Vec<u32>,
+        answer: Result<Snapshot, String>,
+    },
+}
+
+/// A whole snapshot answer.
+struct Snapshot {
+    inc: u64,
+    clock: u64,
+    covered: Vec<(u32, u64)>,
+    shares: Vec<(UserId, Contribution)>,
+}
+
+struct Bridge {
+    cfg: ClusterConfig,
+    id: Identity,
+    subjects: Subjects,
+    client: Client,
+    shards: usize,
+    hlc: Arc<Hlc>,
+    status: Arc<Status>,
+    from_shards: flume::Receiver<Outgoing>,
+    doors: Vec<Door>,
+    doors_rx: Option<std::sync::mpsc::Receiver<Attach>>,
+    /// The shards' counters (heartbeats carry the node's totals); set with `doors`.
+    shared: Option<Arc<Shared>>,
+    stop: tokio::sync::oneshot::Receiver<()>,
+    tx: mpsc::Sender<Incoming>,
+    rx: mpsc::Receiver<Incoming>,
+    /// Shares waiting for the next batch, per bucket, newest per user.
+    pending: HashMap<u32, HashMap<UserId, Contribution>>,
+    /// Messages published per bucket (the next one is this + 1).
+    numbers: HashMap<u32, u64>,
+    members: Members,
+    gaps: Gaps,
+    interest: Interest,
+    /// Subscription tasks of followed buckets.
+    subs: HashMap<u32, tokio::task::JoinHandle<()>>,
+    /// Buckets newly followed: snapshots to ask for at the next batch.
+    fresh: BTreeSet<u32>,
+    /// Per node: a snapshot request in flight, and buckets to ask for when it ends.
+    asking: HashMap<String, BTreeSet<u32>>,
+    again: HashMap<String, BTreeSet<u32>>,
+    /// Whether this node's id was checked against the live nodes (on the first connection).
+    id_checked: bool,
+    connected: bool,
+    /// Background subscriptions for the node's own subjects (heartbeats, snapshot requests,
+    /// id checks), started on the first connection.
+    own_subs: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Bridge {
+    /// Connects (or starts retrying), checks the node id when the bus answers, and tells
+    /// `start` how it went. `None`: the start failed and was told so.
+    async fn connect(s: Setup) -> Option<Bridge> {
+        let (tx, rx) = mpsc::channel(INCOMING);
+        let events = tx.clone();
+        let mut opts = ConnectOptions::new()
+            .name(format!("presenced {}", s.id.node_id))
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .no_echo()
+            .connection_timeout(Duration::from_millis(s.cfg.request_timeout_ms.max(100)))
+            .reconnect_delay_callback(|attempt| {
+                // 100 ms doubling to 5 s: quick after a blip, gentle on a dead bus.
+                Duration::from_millis((100u64 << attempt.min(6)).min(5_000))
+            })
+            .event_callback(move |e| {
+                let tx = events.clone();
+                async move {
+                    let _ = tx.send(Incoming::Event(e)).await;
+                }
+            });
+        match auth(opts, &s.cfg).await {
+            Ok(o) => opts = o,
+            Err(why) => {
+                let _ = s.verdict.send(Err(why));
+                return None;
+            }
+        }
+        let urls: Vec<async_nats::ServerAddr> =
+            match s.cfg.nats_url.iter().map(|u| u.parse()).collect() {
+                Ok(u) => u,
+                Err(e) => {
+                    let _ = s.verdict.send(Err(format!("cluster.nats_url: {e}")));
+                    return None;
+                }
+            };
+        let client = match opts.connect(urls).await {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = s
+                    .verdict
+                    .send(Err(format!("cluster: cannot use NATS: {e}")));
+                return None;
+            }
+        };
+        let mut bridge = Bridge {
+            subjects: Subjects::new(&s.cfg.prefix),
+            interest: super::interest::Interest::new(s.cfg.unsubscribe_after_ms),
+            cfg: s.cfg,
+            id: s.id,
+            client,
+            shards: s.shards,
+            hlc: s.hlc,
+            status: s.status,
+            from_shards: s.from_shards,
+            doors: Vec::new(),
+            doors_rx: Some(s.doors),
+            shared: None,
+            stop: s.stop,
+            tx,
+            rx,
+            pending: HashMap::new(),
+            numbers: HashMap::new(),
+            members: Members::new(),
+            gaps: Gaps::new(),
+            subs: HashMap::new(),
+            fresh: BTreeSet::new(),
+            asking: HashMap::new(),
+            again: HashMap::new(),
+            id_checked: false,
+            connected: false,
+            own_subs: Vec::new(),
+        };
+        // Wait a little for the first connection, so a duplicate id is refused at start.
+        let wait = Duration::from_millis(self_wait(&bridge.cfg));
+        let deadline = tokio::time::Instant::now() + wait;
+        while bridge.client.connection_state() != async_nats::connection::State::Connected {
+            if tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if bridge.client.connection_state() == async_nats::connection::State::Connected {
+            if let Err(why) = bridge.on_connected().await {
+                let _ = s.verdict.send(Err(why));
+                return None;
+            }
+        } else {
+            tracing::warn!(urls = ?bridge.cfg.nats_url, "cluster: NATS not reachable; serving \
+                local clients and retrying");
+            bridge
+                .status
+                .set_bus(BusState::Connecting, "NATS not reachable yet; retrying");
+        }
+        let _ = s.verdict.send(Ok(()));
+        Some(bridge)
+    }
+
+    /// The first connection (or the first after a refusal was lifted): check the id, then
+    /// subscribe to the node's own subjects. Err: another live node holds this id.
+    async fn on_connected(&mut self) -> Result<(), String> {
+        self.connected = true;
+        if !self.id_checked {
+            let ask = self.client.request(
+                self.subjects.whois(&self.id.node_id),
+                Bytes::from(self.heartbeat_body()),
+            );
+            match tokio::time::timeout(Duration::from_millis(self.cfg.request_timeout_ms), ask)
+                .await
+            {
+                Ok(Ok(reply)) => {
+                    let holder = serde_json::from_slice::<Heartbeat>(&reply.payload).ok();
+                    let admin = holder.and_then(|h| h.info.admin).unwrap_or_default();
+                    let why = format!(
+                        "cluster.node_id `{}` is already used by a live node (admin: {admin}); \
+                         give every node its own id",
+                        self.id.node_id
+                    );
+                    self.status.set_bus(BusState::Refused, why.clone());
+                    return Err(why);
+                }
+                Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {}
+                Ok(Err(e)) => tracing::warn!("cluster: node id check: {e}; assuming it is free"),
+                Err(_) => tracing::warn!("cluster: node id check timed out; assuming it is free"),
+            }
+            self.id_checked = true;
+            self.subscribe_own().await?;
+        }
+        self.status
+            .set_bus(BusState::Connected, "connected to NATS");
+        tracing::info!(node = %self.id.node_id, "cluster: connected to NATS");
+        Ok(())
+    }
+
+    /// Heartbeats, snapshot requests to this node, and id checks of this node's id.
+    async fn subscribe_own(&mut self) -> Result<(), String> {
+        for subject in [
+            self.subjects.heartbeat(),
+            self.subjects.snapshot(&self.id.node_id),
+            self.subjects.whois(&self.id.node_id),
+        ] {
+            let sub = self
+                .client
+                .subscribe(subject.clone())
+                .await
+                .map_err(|e| format!("cluster: cannot subscribe to {subject}: {e}"))?;
+            self.own_subs.push(forward(sub, self.tx.clone()));
+        }
+        Ok(())
+    }
+
+    fn heartbeat_body(&self) -> Vec<u8> {
+        let totals = self.local_counts();
+        serde_json::to_vec(&Heartbeat {
+            node: self.id.node_id.clone(),
+            inc: self.id.incarnation,
+            info: NodeInfo {
+                admin: self.id.admin_url.clone(),
+                sessions: totals.0,
+                online: totals.1,
+            },
+        })
+        .unwrap_or_default()
+    }
+
+    /// Connections here, and online users as this node sees them (from the shards' counters).
+    fn local_counts(&self) -> (u64, u64) {
+        let Some(shared) = &self.shared else {
+            return (0, 0);
+        };
+        let total = crate::metrics::MetricsSnapshot::sum(&shared.snapshots());
+        (total.connections, total.online_users)
+    }
+
+    async fn serve(&mut self) {
+        let doors_rx = self.doors_rx.take();
+        // The shards start after the bridge; wait for their inboxes before anything else.
+        if let Some(rx) = doors_rx {
+            let got = tokio::task::spawn_blocking(move || rx.recv()).await;
+            match got {
+                Ok(Ok((doors, shared))) => {
+                    self.doors = doors;
+                    self.shared = Some(shared);
+                }
+                _ => return, // the server stopped before its shards started
+            }
+        }
+        let beat_every = Duration::from_millis((self.cfg.lease_ms / 3).max(1));
+        let mut beat = tokio::time::interval(beat_every);
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut batch = tokio::time::interval(Duration::from_micros(self.cfg.batch_us));
+        batch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = &mut self.stop => break,
+                out = self.from_shards.recv_async() => match out {
+                    Ok(out) => self.take(out),
+                    Err(_) => break, // every shard is gone
+                },
+                Some(msg) = self.rx.recv() => self.on_incoming(msg).await,
+                _ = batch.tick() => self.flush().await,
+                _ = beat.tick() => self.beat().await,
+            }
+        }
+        // The shards are gone (or going): what they last changed, sessions closed at shutdown
+        // included, goes out now rather than waiting for the others' leases.
+        while let Ok(out) = self.from_shards.try_recv() {
+            self.take(out);
+        }
+        self.flush().await;
+        for t in self
+            .subs
+            .drain()
+            .map(|(_, t)| t)
+            .chain(self.own_subs.drain(..))
+        {
+            t.abort();
+        }
+        let _ = self.client.flush().await;
+    }
+
+    /// Shares and interest from a shard.
+    fn take(&mut self, out: Outgoing) {
+        let now = now_ms();
+        for (bucket, delta) in out.interest {
+            if let Follow::Start(b) = self.interest.add(bucket, delta, now) {
+                self.follow(b);
+            }
+        }
+        for (user, share) in out.shares {
+            let bucket = bucket_of(&user, self.cfg.buckets);
+            let held = self.pending.entry(bucket).or_default();
+            match held.get_mut(&user) {
+                Some(h) => {
+                    Counters::add(&self.status.counters.coalesced, 1);
+                    if share.clock > h.clock {
+                        *h = share;
+                    }
+                }
+                None => {
+                    held.insert(user, share);
+                }
+            }
+        }
+    }
+
+    /// Starts following `bucket`: subscribe, and ask the live nodes for its snapshot.
+    fn follow(&mut self, bucket: u32) {
+        tracing::trace!(bucket, "cluster: following");
+        let subject = self.subjects.delta(bucket);
+        let client = self.client.clone();
+        let tx = self.tx.clone();
+        let task = tokio::spawn(async move {
+            match client.subscribe(subject.clone()).await {
+                Ok(sub) => pump(sub, tx).await,
+                Err(e) => tracing::warn!("cluster: cannot subscribe to {subject}: {e}"),
+            }
+        });
+        self.subs.insert(bucket, task);
+        self.fresh.insert(bucket);
+        self.status
+            .followed
+            .store(self.subs.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Publishes the waiting shares, one message per bucket (more past
+    /// [`SHARES_PER_MESSAGE`]), and asks for the snapshots of newly followed buckets.
+    async fn flush(&mut self) {
+        if !self.connected {
+            return; // kept, newest per user, until the bus is back
+        }
+        if !self.fresh.is_empty() {
+            let fresh: Vec<u32> = std::mem::take(&mut self.fresh).into_iter().collect();
+            for peer in self.members.live() {
+                self.ask_snapshot(&peer.id, peer.ix, fresh.iter().copied());
+            }
+        }
+        if self.pending.is_empty() {
+            return;
+        }
+        let pending = std::mem::take(&mut self.pending);
+        for (bucket, shares) in pending {
+            let shares: Vec<(UserId, Contribution)> = shares.into_iter().collect();
+            for chunk in shares.chunks(SHARES_PER_MESSAGE) {
+                let n = self.numbers.entry(bucket).or_default();
+                *n += 1;
+                let delta = Delta {
+                    node: self.id.node_id.clone(),
+                    inc: self.id.incarnation,
+                    bucket,
+                    n: *n,
+                    shares: chunk.to_vec(),
+                };
+                let body = serde_json::to_vec(&delta).unwrap_or_default();
+                let c = &self.status.counters;
+                Counters::add(&c.messages_out, 1);
+                Counters::add(&c.bytes_out, body.len() as u64);
+                Counters::add(&c.deltas_out, chunk.len() as u64);
+                if let Err(e) = self
+                    .client
+                    .publish(self.subjects.delta(bucket), body.into())
+                    .await
+                {
+                    // The client is closed (it never is while reconnecting): receivers see
+                    // the gap in `n` and resync.
+                    tracing::debug!("cluster: publish failed: {e}");
+                }
+            }
+        }
+    }
+
+    /// Every `lease_ms / 3`: a heartbeat, expired nodes, buckets to stop following.
+    async fn beat(&mut self) {
+        let now = now_ms();
+        if self.connected {
+            let body = self.heartbeat_body();
+            Counters::add(&self.status.counters.messages_out, 1);
+            Counters::add(&self.status.counters.bytes_out, body.len() as u64);
+            let _ = self
+                .client
+                .publish(self.subjects.heartbeat(), body.into())
+                .await;
+        }
+        for peer in self.members.expire(now, self.cfg.lease_ms) {
+            Counters::add(&self.status.counters.lease_expiries, 1);
+            tracing::warn!(node = %peer.id, silent_ms = now - peer.last_heard,
+                "cluster: node lease expired; dropping its presence");
+            self.forget_node(peer.ix, peer.last_heard, &peer.id);
+        }
+        let unfollow = self.interest.due(now);
+        if !unfollow.is_empty() {
+            for b in &unfollow {
+                if let Some(t) = self.subs.remove(b) {
+                    t.abort();
+                }
+                self.gaps.forget_bucket(*b);
+                self.fresh.remove(b);
+            }
+            let scope = Arc::new(BucketSet::of(self.cfg.buckets, unfollow));
+            on_every_shard(&self.doors, move |s: &std::rc::Rc<Shard>| {
+                s.forget_remote(&scope)
+            });
+            self.status
+                .followed
+                .store(self.subs.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        // Requests that failed are retried here, once per beat.
+        let again = std::mem::take(&mut self.again);
+        for (node, buckets) in again {
+            if let Some(peer) = self.members.get(&node).cloned() {
+                self.ask_snapshot(&peer.id, peer.ix, buckets.into_iter());
+            }
+        }
+        self.status.set_nodes(self.members.live());
+    }
+
+    fn forget_node(&mut self, ix: NodeIx, last_heard: u64, id: &str) {
+        self.gaps.forget_node(ix);
+        self.asking.remove(id);
+        self.again.remove(id);
+        on_every_shard(&self.doors, move |s: &std::rc::Rc<Shard>| {
+            s.drop_node(ix, last_heard)
+        });
+        self.status.set_nodes(self.members.live());
+    }
+
+    async fn on_incoming(&mut self, msg: Incoming) {
+        match msg {
+            Incoming::Event(e) => self.on_event(e).await,
+            Incoming::Bus(m) => {
+                let c = &self.status.counters;
+                Counters::add(&c.messages_in, 1);
+                Counters::add(&c.bytes_in, m.payload.len() as u64);
+                if let Some(bucket) = self.subjects.delta_bucket(&m.subject) {
+                    self.on_delta(bucket, &m.payload);
+                } else if m.subject.as_str() == self.subjects.heartbeat() {
+                    self.on_heartbeat(&m.payload);
+                } else if m.subject.as_str() == self.subjects.snapshot(&self.id.node_id) {
+                    self.serve_snapshot(m);
+                } else if m.subject.as_str() == self.subjects.whois(&self.id.node_id) {
+                    if let Some(reply) = m.reply {
+                        let body = self.heartbeat_body();
+                        let _ = self.client.publish(reply, body.into()).await;
+                    }
+                }
+            }
+            Incoming::Snapshot {
+                node,
+                ix,
+                buckets,
+                answer,
+            } => self.on_snapshot(node, ix, buckets, answer),
+        }
+    }
+
+    async fn on_event(&mut self, e: Event) {
+        match e {
+            Event::Connected => {
+                if self.connected {
+                    return; // the first connection, already handled in `connect`
+                }
+                let again = self.id_checked;
+                if let Err(why) = self.on_connected().await {
+                    tracing::error!("{why}");
+                    self.connected = false;
+                    return;
+                }
+                if again {
+                    Counters::add(&self.status.counters.reconnects, 1);
+                    // Whatever was published meanwhile may be lost: ask everyone again.
+                    let followed = self.interest.followed();
+                    for peer in self.members.live() {
+                        self.ask_snapshot(&peer.id, peer.ix, followed.iter().copied());
+                    }
+                }
+            }
+            Event::Disconnected => {
+                self.connected = false;
+                if self.status.bus() != BusState::Refused {
+                    self.status.set_bus(
+                        BusState::Disconnected,
+                        "lost the NATS connection; reconnecting",
+                    );
+                }
+                tracing::warn!(
+                    "cluster: lost the NATS connection; serving local clients and \
+                    reconnecting"
+                );
+            }
+            Event::SlowConsumer(_) => {
+                // The client dropped messages for us; the gaps they leave are healed by
+                // snapshots when the next message of each bucket arrives.
+                tracing::debug!("cluster: slow consumer");
+            }
+            other => tracing::debug!("cluster: {other}"),
+        }
+    }
+
+    /// A bus message's body from another node: `None` (counted) when it does not parse, and
+    /// `None` when it is this node's id (counted when it is another process's).
+    fn peer_message<T: serde::de::DeserializeOwned>(
+        &self,
+        body: &[u8],
+        who: impl Fn(&T) -> (&str, u64),
+    ) -> Option<T> {
+        let Ok(msg) = serde_json::from_slice::<T>(body) else {
+            Counters::add(&self.status.counters.malformed, 1);
+            return None;
+        };
+        let (node, inc) = who(&msg);
+        if node == self.id.node_id {
+            self.duplicate(inc);
+            return None;
+        }
+        Some(msg)
+    }
+
+    fn on_heartbeat(&mut self, body: &[u8]) {
+        let Some(hb) = self.peer_message(body, |h: &Heartbeat| (&h.node, h.inc)) else {
+            return;
+        };
+        self.heard(&hb.node, hb.inc, Some(hb.info));
+        self.status.set_nodes(self.members.live());
+    }
+
+    /// Another process speaks with this node's id (both started while the bus was split, so
+    /// neither was refused): said loudly, counted; the operator must rename one.
+    fn duplicate(&self, inc: u64) {
+        if inc != self.id.incarnation {
+            Counters::add(&self.status.counters.duplicate_ids, 1);
+            tracing::error!(node = %self.id.node_id, "cluster: another live process uses this \
+                node id; presence from both is mixed up until one is renamed");
+        }
+    }
+
+    /// Something was heard from `node`: membership, and the snapshots that (re)appearing asks
+    /// for. The node's index, unless the message is stale.
+    fn heard(&mut self, node: &str, inc: u64, info: Option<NodeInfo>) -> Option<NodeIx> {
+        match self.members.heard(node, inc, now_ms(), info) {
+            Heard::Known(ix) => Some(ix),
+            Heard::Appeared(ix) => {
+                tracing::info!(node, "cluster: node joined");
+                let followed = self.interest.followed();
+                self.ask_snapshot(node, ix, followed.into_iter());
+                Some(ix)
+            }
+            Heard::Restarted {
+                old,
+                last_heard,
+                new,
+            } => {
+                tracing::info!(node, "cluster: node restarted");
+                self.forget_node(old, last_heard, node);
+                let followed = self.interest.followed();
+                self.ask_snapshot(node, new, followed.into_iter());
+                Some(new)
+            }
+            Heard::Stale => None,
+        }
+    }
+
+    fn on_delta(&mut self, bucket: u32, body: &[u8]) {
+        let Some(d) = self.peer_message(body, |d: &Delta| (&d.node, d.inc)) else {
+            return;
+        };
+        if d.bucket != bucket {
+            Counters::add(&self.status.counters.malformed, 1);
+            return;
+        }
+        let Some(ix) = self.heard(&d.node, d.inc, None) else {
+            return;
+        };
+        if !self.interest.follows(bucket) {
+            return; // a late message of a bucket just unfollowed
+        }
+        match self.gaps.see(ix, bucket, d.n) {
+            Seen::Old => return,
+            Seen::Gap { missed } => {
+                Counters::add(&self.status.counters.gaps, 1);
+                tracing::debug!(node = %d.node, bucket, missed, "cluster: gap; asking for a snapshot");
+                self.ask_snapshot(&d.node, ix, std::iter::once(bucket));
+            }
+            Seen::InOrder => {}
+        }
+        Counters::add(&self.status.counters.deltas_in, d.shares.len() as u64);
+        tracing::trace!(node = %d.node, bucket, n = d.n, shares = d.shares.len(), "cluster: delta");
+        self.apply(ix, d.shares);
+    }
+
+    /// Routes shares heard from `ix` to their owner shards.
+    fn apply(&self, ix: NodeIx, shares: Vec<(UserId, Contribution)>) {
+        let mut per_shard: Vec<Vec<(UserId, Contribution)>> = vec![Vec::new(); self.shards];
+        for (user, share) in shares {
+            self.hlc.observe(share.clock);
+            per_shard[usize::from(owner_of(&user, self.shards))].push((user, share));
+        }
+        for (shard, shares) in per_shard.into_iter().enumerate() {
+            if shares.is_empty() {
+                continue;
+            }
+            let status = self.status.clone();
+            let job = move |s: &std::rc::Rc<Shard>| {
+                let now = now_ms();
+                let oldest = shares.iter().map(|(_, c)| c.clock).min().unwrap_or(0);
+                s.apply_remote(ix, shares);
+                let lag_ms = now.saturating_sub(Hlc::millis(oldest));
+                status.record_latency(lag_ms.saturating_mul(1_000));
+            };
+            let _ = self.doors[shard].send(MeshMsg::Invoke(Box::new(job)));
+        }
+    }
+
+    /// Asks `node` for its shares of `buckets` (merged into a request already in flight).
+    fn ask_snapshot(&mut self, node: &str, ix: NodeIx, buckets: impl Iterator<Item = u32>) {
+        let buckets: BTreeSet<u32> = buckets.collect();
+        if buckets.is_empty() || !self.connected {
+            if !buckets.is_empty() {
+                self.again
+                    .entry(node.to_owned())
+                    .or_default()
+                    .extend(buckets);
+            }
+            return;
+        }
+        if let Some(waiting) = self.asking.get_mut(node) {
+            waiting.extend(buckets);
+            return;
+        }
+        self.asking.insert(node.to_owned(), BTreeSet::new());
+        Counters::add(&self.status.counters.snapshots_requested, 1);
+        let client = self.client.clone();
+        let subject = self.subjects.snapshot(node);
+        let req = SnapRequest {
+            from: self.id.node_id.clone(),
+            buckets: buckets.iter().copied().collect(),
+        };
+        let timeout = Duration::from_millis(self.cfg.request_timeout_ms);
+        let tx = self.tx.clone();
+        let node = node.to_owned();
+        tokio::spawn(async move {
+            let answer = tokio::time::timeout(timeout, fetch_snapshot(client, subject, &req))
+                .await
+                .unwrap_or_else(|_| Err("no whole answer in time".into()));
+            let _ = tx
+                .send(Incoming::Snapshot {
+                    node,
+                    ix,
+                    buckets: req.buckets,
+                    answer,
+                })
+                .await;
+        });
+    }
+
+    fn on_snapshot(
+        &mut self,
+        node: String,
+        ix: NodeIx,
+        buckets: Vec<u32>,
+        answer: Result<Snapshot, String>,
+    ) {
+        let queued = self.asking.remove(&node).unwrap_or_default();
+        let live = self.members.get(&node).map(|p| (p.ix, p.incarnation));
+        match (answer, live) {
+            (Ok(snap), Some((now_ix, inc))) if now_ix == ix && inc == snap.inc => {
+                tracing::trace!(%node, shares = snap.shares.len(), ?buckets, "cluster: snapshot");
+                for (bucket, n) in &snap.covered {
+                    self.gaps.covered(ix, *bucket, *n);
+                }
+                let followed: Vec<u32> = buckets
+                    .into_iter()
+                    .filter(|b| self.interest.follows(*b))
+                    .collect();
+                let scope = Arc::new(BucketSet::of(self.cfg.buckets, followed));
+                let mut per_shard: Vec<Vec<(UserId, Contribution)>> = vec![Vec::new(); self.shards];
+                for (user, share) in snap.shares {
+                    if scope.holds_user(&user) {
+                        self.hlc.observe(share.clock);
+                        per_shard[usize::from(owner_of(&user, self.shards))].push((user, share));
+                    }
+                }
+                // Every shard hears it, with or without shares: a share it holds from this node
+                // and the snapshot leaves out is gone.
+                for (shard, shares) in per_shard.into_iter().enumerate() {
+                    let scope = scope.clone();
+                    let clock = snap.clock;
+                    let job = move |s: &std::rc::Rc<Shard>| {
+                        s.apply_remote_snapshot(ix, shares, &scope, clock)
+                    };
+                    let _ = self.doors[shard].send(MeshMsg::Invoke(Box::new(job)));
+                }
+            }
+            (Ok(_), _) => {} // the node restarted or died meanwhile: its new self is asked anew
+            (Err(why), Some((now_ix, _))) if now_ix == ix => {
+                Counters::add(&self.status.counters.snapshots_failed, 1);
+                tracing::debug!(%node, "cluster: snapshot request failed: {why}; retrying");
+                self.again.entry(node.clone()).or_default().extend(buckets);
+            }
+            (Err(_), _) => {}
+        }
+        if !queued.is_empty() {
+            if let Some(peer) = self.members.get(&node).cloned() {
+                self.ask_snapshot(&peer.id, peer.ix, queued.into_iter());
+            }
+        }
+    }
+
+    /// Answers a snapshot request: the shares of the asked buckets from every shard, in
+    /// chunks, to the request's reply subject. The clock and the numbers are read first, so
+    /// what changes while the shards are asked is newer than the answer says (and its deltas
+    /// follow).
+    fn serve_snapshot(&mut self, m: Message) {
+        let (Some(reply), Ok(req)) = (m.reply, serde_json::from_slice::<SnapRequest>(&m.payload))
+        else {
+            Counters::add(&self.status.counters.malformed, 1);
+            return;
+        };
+        Counters::add(&self.status.counters.snapshots_served, 1);
+        let buckets: Vec<u32> = req
+            .buckets
+            .into_iter()
+            .filter(|b| *b < self.cfg.buckets)
+            .collect();
+        let covered: Vec<(u32, u64)> = buckets
+            .iter()
+            .map(|b| (*b, self.numbers.get(b).copied().unwrap_or(0)))
+            .collect();
+        let clock = self.hlc.tick(now_ms());
+        let scope = Arc::new(BucketSet::of(self.cfg.buckets, buckets));
+        let doors = self.doors.clone();
+        let client = self.client.clone();
+        let (node, inc) = (self.id.node_id.clone(), self.id.incarnation);
+        let deadline = Duration::from_millis(self.cfg.request_timeout_ms);
+        // The shards hold the newest shares; those still waiting to be published are the
+        // same or older, so the answer reads the shards.
+        tokio::spawn(async move {
+            let mut shares = Vec::new();
+            for door in &doors {
+                let (tx, rx) = flume::bounded(1);
+                let scope = scope.clone();
+                let job = move |s: &std::rc::Rc<Shard>| {
+                    let _ = tx.send(s.local_shares(&scope));
+                };
+                if door
+                    .send_async(MeshMsg::Invoke(Box::new(job)))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                match tokio::time::timeout(deadline, rx.recv_async()).await {
+                    Ok(Ok(part)) => shares.extend(part),
+                    _ => return, // no answer: the asker times out and retries
+                }
+            }
+            let mut chunks: Vec<&[(UserId, Contribution)]> =
+                shares.chunks(SHARES_PER_MESSAGE).collect();
+            if chunks.is_empty() {
+                chunks.push(&[]);
+            }
+            let count = chunks.len();
+            for (i, chunk) in chunks.into_iter().enumerate() {
+                let body = SnapChunk {
+                    node: node.clone(),
+                    inc,
+                    clock,
+                    covered: if i == 0 { covered.clone() } else { Vec::new() },
+                    shares: chunk.to_vec(),
+                    last: i + 1 == count,
+                };
+                let body = serde_json::to_vec(&body).unwrap_or_default();
+                if client.publish(reply.clone(), body.into()).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// How long `start` waits for the bus before serving without it.
+fn self_wait(cfg: &ClusterConfig) -> u64 {
+    cfg.request_timeout_ms.clamp(200, 2_000)
+}
+
+/// Credentials and TLS from the config.
+async fn auth(mut opts: ConnectOptions, cfg: &ClusterConfig) -> Result<ConnectOptions, String> {
+    if let (Some(u), Some(p)) = (&cfg.user, &cfg.password) {
+        opts = opts.user_and_password(u.clone(), p.clone());
+    }
+    if let Some(t) = &cfg.token {
+        opts = opts.token(t.clone());
+    }
+    if let Some(path) = &cfg.credentials_file {
+        opts = opts
+            .credentials_file(path)
+            .await
+            .map_err(|e| format!("cluster.credentials_file {}: {e}", path.display()))?;
+    }
+    if let Some(ca) = &cfg.tls_ca {
+        if !ca.is_file() {
+            return Err(format!(
+                "cluster.tls_ca {}: not a readable file",
+                ca.display()
+            ));
+        }
+        opts = opts.add_root_certificates(ca.clone());
+    }
+    if let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) {
+        for (k, p) in [("tls_cert", cert), ("tls_key", key)] {
+            if !p.is_file() {
+                return Err(format!("cluster.{k} {}: not a readable file", p.display()));
+            }
+        }
+        opts = opts.add_client_certificate(cert.clone(), key.clone());
+    }
+    if cfg.tls_required {
+        opts = opts.require_tls(true);
+    }
+    Ok(opts)
+}
+
+/// Forwards a subscription's messages to the loop (a task; aborting it unsubscribes).
+fn forward(sub: async_nats::Subscriber, tx: mpsc::Sender<Incoming>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(pump(sub, tx))
+}
+
+async fn pump(mut sub: async_nats::Subscriber, tx: mpsc::Sender<Incoming>) {
+    while let Some(m) = sub.next().await {
+        if tx.send(Incoming::Bus(m)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Sends a snapshot request and gathers its chunks.
+async fn fetch_snapshot(
+    client: Client,
+    subject: String,
+    req: &SnapRequest,
+) -> Result<Snapshot, String> {
+    let inbox = client.new_inbox();
+    let mut sub = client
+        .subscribe(inbox.clone())
+        .await
+        .map_err(|e| e.to_string())?;
+    let body = serde_json::to_vec(req).map_err(|e| e.to_string())?;
+    client
+        .publish_with_reply(subject, inbox, body.into())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut snap: Option<Snapshot> = None;
+    while let Some(m) = sub.next().await {
+        if m.status
+            .is_some_and(|s| s == async_nats::StatusCode::NO_RESPONDERS)
+        {
+            return Err("the node does not answer (no responders)".into());
+        }
+        let chunk: SnapChunk = serde_json::from_slice(&m.payload).map_err(|e| e.to_string())?;
+        let s = snap.get_or_insert_with(|| Snapshot {
+            inc: chunk.inc,
+            clock: chunk.clock,
+            covered: Vec::new(),
+            shares: Vec::new(),
+        });
+        s.covered.extend(chunk.covered);
+        s.shares.extend(chunk.shares);
+        if chunk.last {
+            return snap.ok_or_else(|| "empty answer".into());
+        }
+    }
+    Err("the answer stopped half-way".into())
+}

@@ -1,0 +1,308 @@
+//! The cluster bridge (SPEC §12, docs/CLUSTER.md): many nodes as one presence service over
+//! NATS.
+//!
+//! A side thread off the shard cores, like the history writer, runs the `async-nats` client on
+//! a small current-thread `tokio` runtime. The shards hand it their changed shares and interest
+//! over a bounded `flume` channel ([`crate::shard::replica`]) and it feeds them back through
+//! their mesh inboxes as jobs. Shards never wait on it.
+//!
+//! - [`members`]: who is alive (heartbeats, leases); [`gaps`]: lost messages, by number;
+//!   [`interest`]: which buckets to follow; [`wire`]: subjects and bodies. All pure.
+//! - [`bridge`]: the event loop that does the I/O.
+//!
+//! No `[cluster]` block: none of this runs.
+
+pub mod bridge;
+pub mod gaps;
+pub mod interest;
+pub mod members;
+pub mod wire;
+
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::config::ClusterConfig;
+use crate::presence::contrib::Hlc;
+use crate::shard::mesh::MeshMsg;
+use crate::shard::replica::ClusterLink;
+use crate::shard::runtime::Shared;
+use members::Peer;
+
+/// The bus connection as `/readyz`, `/api/stats` and `/metrics` report it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum BusState {
+    /// Not connected yet (the first attempt is still retrying).
+    Connecting = 0,
+    Connected = 1,
+    /// Lost; the client is reconnecting with backoff. Local clients are served meanwhile.
+    Disconnected = 2,
+    /// Another live node holds this `node_id`: this node does not join (it serves locally).
+    Refused = 3,
+}
+
+impl BusState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BusState::Connecting => "connecting",
+            BusState::Connected => "connected",
+            BusState::Disconnected => "disconnected",
+            BusState::Refused => "refused",
+        }
+    }
+
+    fn from_u8(v: u8) -> BusState {
+        match v {
+            1 => BusState::Connected,
+            2 => BusState::Disconnected,
+            3 => BusState::Refused,
+            _ => BusState::Connecting,
+        }
+    }
+}
+
+/// Counters of the bridge (`presenced_cluster_*` in `/metrics`).
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub messages_out: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub messages_in: AtomicU64,
+    pub bytes_in: AtomicU64,
+    /// Shares published / applied from deltas.
+    pub deltas_out: AtomicU64,
+    pub deltas_in: AtomicU64,
+    pub snapshots_requested: AtomicU64,
+    pub snapshots_served: AtomicU64,
+    /// Snapshot requests that failed (no answer in time, or the bus went away).
+    pub snapshots_failed: AtomicU64,
+    pub gaps: AtomicU64,
+    pub lease_expiries: AtomicU64,
+    pub reconnects: AtomicU64,
+    /// Shares replaced by a newer one of the same user before they were published (the bus
+    /// was slow or down, or several changes fell in one batch).
+    pub coalesced: AtomicU64,
+    /// Messages from another process using this node's id.
+    pub duplicate_ids: AtomicU64,
+    /// Bus messages that did not parse (counted, dropped).
+    pub malformed: AtomicU64,
+}
+
+impl Counters {
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+}
+
+/// What any thread may read about the cluster: the bus state, the live nodes, the counters and
+/// the cross-node propagation latency.
+#[derive(Debug)]
+pub struct Status {
+    pub node_id: String,
+    pub incarnation: u64,
+    bus: AtomicU8,
+    why: Mutex<String>,
+    nodes: Mutex<Vec<Peer>>,
+    pub counters: Counters,
+    /// Followed buckets (gauge).
+    pub followed: AtomicU64,
+    /// Origin clock → applied here, in microseconds (wall clocks of two machines: skew shows).
+    latency: Mutex<hdrhistogram::Histogram<u64>>,
+}
+
+impl Status {
+    fn new(node_id: String, incarnation: u64) -> Status {
+        Status {
+            node_id,
+            incarnation,
+            bus: AtomicU8::new(BusState::Connecting as u8),
+            why: Mutex::new("connecting to NATS".into()),
+            nodes: Mutex::new(Vec::new()),
+            counters: Counters::default(),
+            followed: AtomicU64::new(0),
+            latency: Mutex::new(
+                hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 2)
+                    .expect("constant bounds are valid"),
+            ),
+        }
+    }
+
+    pub fn bus(&self) -> BusState {
+        BusState::from_u8(self.bus.load(Ordering::Acquire))
+    }
+
+    /// Why the bus is in its state, in words (for `/readyz` and `/api/stats`).
+    pub fn why(&self) -> String {
+        lock(&self.why).clone()
+    }
+
+    fn set_bus(&self, state: BusState, why: impl Into<String>) {
+        self.bus.store(state as u8, Ordering::Release);
+        *lock(&self.why) = why.into();
+    }
+
+    /// The other live nodes, sorted by id.
+    pub fn nodes(&self) -> Vec<Peer> {
+        lock(&self.nodes).clone()
+    }
+
+    fn set_nodes(&self, nodes: Vec<Peer>) {
+        *lock(&self.nodes) = nodes;
+    }
+
+    pub fn record_latency(&self, us: u64) {
+        let _ = lock(&self.latency).record(us.max(1));
+    }
+
+    /// Propagation latency quantiles in microseconds, and the sample count.
+    pub fn latency(&self, quantiles: &[f64]) -> (Vec<u64>, u64) {
+        let h = lock(&self.latency);
+        (
+            quantiles.iter().map(|q| h.value_at_quantile(*q)).collect(),
+            h.len(),
+        )
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Who this node is on the bus.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    pub node_id: String,
+    pub incarnation: u64,
+    /// Its admin URL, announced in heartbeats.
+    pub admin_url: Option<String>,
+}
+
+impl Identity {
+    /// `node_id` from the config, or the host name and a random suffix. The incarnation is the
+    /// start time in microseconds, so a restarted node's is larger.
+    pub fn new(cfg: &ClusterConfig, admin_url: Option<String>) -> Identity {
+        let node_id = cfg.node_id.clone().unwrap_or_else(default_node_id);
+        let incarnation = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_micros() as u64);
+        Identity {
+            node_id,
+            incarnation,
+            admin_url,
+        }
+    }
+}
+
+/// The host name (only the characters a subject token allows) and 6 random hex digits.
+fn default_node_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let mut host: String = host
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(48)
+        .collect();
+    if host.is_empty() {
+        host = "node".into();
+    }
+    format!("{host}-{:06x}", rand::random::<u32>() & 0xff_ffff)
+}
+
+/// A running bridge.
+pub struct Cluster {
+    pub status: Arc<Status>,
+    doors: Option<std::sync::mpsc::Sender<bridge::Attach>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Cluster {
+    /// Starts the bridge thread and waits (up to `request_timeout_ms`, at least a second) for
+    /// the bus. Reachable: this node's id is checked first, and a live holder of it is an
+    /// error. Unreachable: it returns anyway, serving locally, and the client keeps trying
+    /// (the check runs on the first connection). Returns the link the shards are built with.
+    pub fn start(
+        cfg: &ClusterConfig,
+        id: Identity,
+        shards: usize,
+    ) -> Result<(Cluster, ClusterLink), String> {
+        let hlc = Arc::new(Hlc::new());
+        let (tx, rx) = flume::bounded(cfg.queue_capacity);
+        let status = Arc::new(Status::new(id.node_id.clone(), id.incarnation));
+        let (doors_tx, doors_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+        let (verdict_tx, verdict_rx) = std::sync::mpsc::channel();
+        let setup = bridge::Setup {
+            cfg: cfg.clone(),
+            id,
+            shards,
+            hlc: hlc.clone(),
+            from_shards: rx,
+            status: status.clone(),
+            doors: doors_rx,
+            stop: stop_rx,
+            verdict: verdict_tx,
+        };
+        let thread = std::thread::Builder::new()
+            .name("cluster-bridge".into())
+            .spawn(move || bridge::run(setup))
+            .map_err(|e| format!("cannot start the cluster bridge thread: {e}"))?;
+        let wait = Duration::from_millis(cfg.request_timeout_ms.max(1_000) + 1_000);
+        let verdict = verdict_rx
+            .recv_timeout(wait)
+            .unwrap_or_else(|_| Err("the cluster bridge did not start".into()));
+        let mut cluster = Cluster {
+            status,
+            doors: Some(doors_tx),
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        };
+        if let Err(why) = verdict {
+            cluster.stop();
+            return Err(why);
+        }
+        let link = ClusterLink {
+            hlc,
+            buckets: cfg.buckets,
+            tx,
+        };
+        Ok((cluster, link))
+    }
+
+    /// Hands the bridge the shards' inboxes (and counters) once they run; it starts feeding
+    /// them.
+    pub fn attach(&mut self, doors: Vec<flume::Sender<MeshMsg>>, shared: Arc<Shared>) {
+        if let Some(tx) = self.doors.take() {
+            let _ = tx.send((doors, shared));
+        }
+    }
+
+    /// Stops the bridge: it says nothing more on the bus (the others drop this node within a
+    /// lease) and its thread ends.
+    pub fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.doors.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

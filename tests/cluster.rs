@@ -1,0 +1,500 @@
+//! The cluster (SPEC §12, docs/CLUSTER.md): real `presenced` processes joined by a real
+//! `nats-server` on loopback, real WebSocket clients on each node.
+//!
+//! Leases are short here (1.5 s, heartbeats every 0.5 s) so node loss shows quickly; every
+//! wait is bounded.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::nats::Nats;
+use common::{eventually_within, serve_cmd, spawn_serve, Client, Served, SECRET};
+use presenced::auth::{mint_hs256, TokenSpec};
+use serde_json::Value;
+
+const LEASE_MS: u64 = 1_500;
+const ADMIN_TOKEN: &str = "cluster-admin-token-0123456789";
+/// Long enough for a lease to expire, a heartbeat to land and a snapshot to travel.
+const CONVERGE: Duration = Duration::from_secs(10);
+
+/// One `presenced serve` process in the cluster.
+struct Node {
+    id: String,
+    addr: SocketAddr,
+    admin: SocketAddr,
+    served: Served,
+}
+
+impl Node {
+    fn start(id: &str, nats: &str) -> Node {
+        Node::start_with(id, nats, LEASE_MS)
+    }
+
+    fn start_with(id: &str, nats: &str, lease_ms: u64) -> Node {
+        let (port, admin) = (common::free_port(), common::free_port());
+        let mut cmd = serve_cmd(port, admin);
+        cmd.args(["--jwt-secret", SECRET, "--nats-url", nats, "--node-id", id])
+            .args(["--cluster-lease-ms", &lease_ms.to_string()])
+            .args(["--admin-token", ADMIN_TOKEN])
+            .env("RUST_LOG", "presenced=trace")
+            .stdout(log_file(id))
+            .stderr(Stdio::null());
+        let node = Node {
+            id: id.to_owned(),
+            addr: format!("127.0.0.1:{port}").parse().unwrap(),
+            admin: format!("127.0.0.1:{admin}").parse().unwrap(),
+            served: spawn_serve(&mut cmd),
+        };
+        node.wait_ready();
+        node
+    }
+
+    /// `/readyz`'s body when it answers 200.
+    fn readyz(&self) -> Option<Value> {
+        let s = std::net::TcpStream::connect_timeout(&self.admin, Duration::from_secs(1)).ok()?;
+        let (code, body) = common::raw_request_from(
+            s,
+            "GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        if code != 200 {
+            return None;
+        }
+        serde_json::from_str(&body).ok()
+    }
+
+    fn wait_ready(&self) {
+        eventually_within(
+            &format!("{} ready and on the bus", self.id),
+            CONVERGE,
+            || {
+                self.readyz()
+                    .filter(|r| r["cluster"]["bus"] == "connected")
+                    .map(|_| ())
+            },
+        );
+    }
+
+    /// Waits until this node sees `n` nodes in all (itself included).
+    fn wait_nodes(&self, n: u64) {
+        eventually_within(&format!("{} sees {n} nodes", self.id), CONVERGE, || {
+            self.readyz()
+                .filter(|r| r["cluster"]["nodes"] == n)
+                .map(|_| ())
+        });
+    }
+
+    /// GET `path` on the admin port with the admin token: (status, body).
+    fn admin_get(&self, path: &str) -> (u16, String) {
+        let s = std::net::TcpStream::connect(self.admin).unwrap();
+        common::raw_request_from(
+            s,
+            &format!(
+                "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n\
+                 Connection: close\r\n\r\n"
+            ),
+        )
+    }
+
+    fn connect(&self, sub: &str) -> Client {
+        Client::connect(self.addr, &token(sub))
+    }
+
+    fn pid(&self) -> i32 {
+        self.served.child.id() as i32
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(self.pid(), sig) }, 0);
+    }
+}
+
+/// Where a node's log goes: `$CLUSTER_TEST_LOGS/{id}.log` when that is set (for debugging a
+/// failure), nowhere otherwise.
+fn log_file(id: &str) -> Stdio {
+    match std::env::var_os("CLUSTER_TEST_LOGS") {
+        Some(dir) => std::fs::File::create(std::path::Path::new(&dir).join(format!("{id}.log")))
+            .map_or_else(|_| Stdio::null(), Stdio::from),
+        None => Stdio::null(),
+    }
+}
+
+fn token(sub: &str) -> String {
+    mint_hs256(SECRET, &TokenSpec::new(sub, Duration::from_secs(3600)))
+}
+
+/// Reads `user`'s presence events until `want` holds, checking that `seq` never goes back.
+/// Returns the matching event.
+fn until(c: &mut Client, user: &str, last_seq: &mut u64, want: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        assert!(Instant::now() < deadline, "timed out waiting on {user}");
+        let v = c.presence_of(user);
+        let seq = v["seq"].as_u64().unwrap();
+        assert!(
+            seq >= *last_seq,
+            "seq went back: {seq} after {last_seq}: {v}"
+        );
+        *last_seq = seq;
+        if want(&v) {
+            return v;
+        }
+    }
+}
+
+fn three(nats: &Nats) -> (Node, Node, Node) {
+    let url = nats.url();
+    let nodes = (
+        Node::start("node-a", &url),
+        Node::start("node-b", &url),
+        Node::start("node-c", &url),
+    );
+    for n in [&nodes.0, &nodes.1, &nodes.2] {
+        n.wait_nodes(3);
+    }
+    nodes
+}
+
+/// Tests 1 and 2 of the issue: one aggregate over devices on two nodes, in order; then node
+/// loss by `kill -9`.
+#[test]
+fn devices_on_two_nodes_merge_for_a_watcher_on_a_third_and_node_loss_drops_them() {
+    let nats = Nats::start();
+    let (a, b, c) = three(&nats);
+    let mut watcher = c.connect("watcher");
+    let snap = watcher.subscribe(&["alice"]);
+    assert_eq!(snap[0]["status"], "offline");
+    let mut seq = snap[0]["seq"].as_u64().unwrap();
+
+    let mut phone = a.connect("alice");
+    until(&mut watcher, "alice", &mut seq, |v| {
+        v["status"] == "online" && v["devices"] == 1
+    });
+    let mut laptop = b.connect("alice");
+    until(&mut watcher, "alice", &mut seq, |v| v["devices"] == 2);
+
+    // The highest status over both nodes; changes from either node arrive in order.
+    phone.set_status("away", Some("on the train"));
+    laptop.set_status("busy", Some("in a call"));
+    let v = until(&mut watcher, "alice", &mut seq, |v| {
+        v["status"] == "busy" && v["devices"] == 2
+    });
+    assert_eq!(v["text"], "in a call");
+    laptop.set_status("away", Some("lunch"));
+    let v = until(&mut watcher, "alice", &mut seq, |v| {
+        v["status"] == "away" && v["text"] == "lunch"
+    });
+    assert_eq!(v["devices"], 2);
+    phone.set_status("online", None);
+    until(&mut watcher, "alice", &mut seq, |v| v["status"] == "online");
+
+    // kill -9 node A: its device goes within a lease (no goodbye was said).
+    let killed = Instant::now();
+    a.signal(libc::SIGKILL);
+    let v = until(&mut watcher, "alice", &mut seq, |v| v["devices"] == 1);
+    assert_eq!(v["status"], "away", "only the laptop's status is left");
+    assert!(
+        killed.elapsed() < Duration::from_millis(LEASE_MS * 3),
+        "dropped within about a lease: {:?}",
+        killed.elapsed()
+    );
+
+    // kill B too: offline, last seen at B's last heartbeat (before the kill, within a beat).
+    let before_kill = presenced::shard::now_ms();
+    b.signal(libc::SIGKILL);
+    let v = until(&mut watcher, "alice", &mut seq, |v| {
+        v["status"] == "offline"
+    });
+    assert_eq!(v["devices"], 0);
+    let last_seen = v["last_seen"].as_u64().expect("last_seen set");
+    assert!(
+        last_seen <= before_kill + 50 && last_seen + LEASE_MS >= before_kill,
+        "last_seen {last_seen} is B's last heartbeat, just before {before_kill}"
+    );
+    drop((phone, laptop));
+}
+
+/// Test 3: a node frozen past the lease is dropped; thawed, it rejoins and everyone converges,
+/// with `seq` never going back.
+#[test]
+fn a_frozen_node_is_dropped_then_rejoins_and_everyone_converges() {
+    let nats = Nats::start();
+    let (a, b, c) = three(&nats);
+    let mut watcher_c = c.connect("w1");
+    let mut watcher_b = b.connect("w2");
+    let mut seq_c = watcher_c.subscribe(&["bob"])[0]["seq"].as_u64().unwrap();
+    let mut seq_b = watcher_b.subscribe(&["bob"])[0]["seq"].as_u64().unwrap();
+    let mut bob_a = a.connect("bob");
+    bob_a.set_status("busy", Some("frozen soon"));
+    let mut bob_c = c.connect("bob");
+    bob_c.set_status("away", None);
+    until(&mut watcher_c, "bob", &mut seq_c, |v| {
+        v["devices"] == 2 && v["status"] == "busy"
+    });
+    until(&mut watcher_b, "bob", &mut seq_b, |v| {
+        v["devices"] == 2 && v["status"] == "busy"
+    });
+
+    a.signal(libc::SIGSTOP);
+    until(&mut watcher_c, "bob", &mut seq_c, |v| {
+        v["devices"] == 1 && v["status"] == "away"
+    });
+    until(&mut watcher_b, "bob", &mut seq_b, |v| v["devices"] == 1);
+    c.wait_nodes(2);
+
+    a.signal(libc::SIGCONT);
+    // A's session may or may not survive the freeze (A closes sockets silent for two
+    // heartbeats, and the client's socket buffered meanwhile); either way every watcher
+    // converges on what A really has, with seq rising.
+    until(&mut watcher_c, "bob", &mut seq_c, |v| {
+        v["devices"] == 2 && v["status"] == "busy"
+    });
+    until(&mut watcher_b, "bob", &mut seq_b, |v| {
+        v["devices"] == 2 && v["status"] == "busy"
+    });
+    for n in [&a, &b, &c] {
+        n.wait_nodes(3);
+    }
+}
+
+/// Test 5 (one server): nats-server restarted; nodes reconnect and resync, nothing stays stale.
+#[test]
+fn nodes_resync_after_the_bus_restarts() {
+    let mut nats = Nats::start();
+    let (a, b, c) = three(&nats);
+    let mut watcher = c.connect("w");
+    let mut seq = watcher.subscribe(&["carol"])[0]["seq"].as_u64().unwrap();
+    let mut carol = a.connect("carol");
+    until(&mut watcher, "carol", &mut seq, |v| v["status"] == "online");
+
+    nats.kill();
+    // While the bus is down: changes on A cannot travel; each node serves its own clients.
+    carol.set_status("away", Some("bus down"));
+    let mut local = a.connect("w-local");
+    assert_eq!(local.subscribe(&["carol"])[0]["status"], "away");
+    let mut carol_b = b.connect("carol");
+    carol_b.set_status("away", Some("also down"));
+
+    nats.restart();
+    for n in [&a, &b, &c] {
+        n.wait_ready();
+    }
+    // After the restart: what changed while the bus was down arrives; seq keeps rising.
+    until(&mut watcher, "carol", &mut seq, |v| {
+        v["status"] == "away" && v["devices"] == 2
+    });
+    carol.set_status("busy", None);
+    until(&mut watcher, "carol", &mut seq, |v| v["status"] == "busy");
+}
+
+/// Test 5 (two routed servers): the one a node uses dies; it fails over to the other.
+#[test]
+fn nodes_fail_over_between_routed_nats_servers() {
+    let (mut n1, n2) = Nats::cluster2();
+    let both = format!("{},{}", n1.url(), n2.url());
+    let a = Node::start("node-a", &n1.url());
+    let b = Node::start("node-b", &both);
+    let c = Node::start("node-c", &n2.url());
+    for n in [&a, &b, &c] {
+        n.wait_nodes(3);
+    }
+    let mut watcher = c.connect("w");
+    let mut seq = watcher.subscribe(&["dave"])[0]["seq"].as_u64().unwrap();
+    let mut dave = b.connect("dave");
+    until(&mut watcher, "dave", &mut seq, |v| v["status"] == "online");
+
+    n1.kill();
+    // A knew only n1 at start, but learned n2 from it (NATS gossips its cluster's URLs).
+    for n in [&a, &b] {
+        n.wait_ready();
+    }
+    dave.set_status("busy", Some("failed over"));
+    until(&mut watcher, "dave", &mut seq, |v| v["status"] == "busy");
+    let _dave_a = a.connect("dave");
+    until(&mut watcher, "dave", &mut seq, |v| v["devices"] == 2);
+}
+
+/// Test 7: a second live node with the same id is refused at start with a clear error.
+#[test]
+fn a_duplicate_node_id_is_refused_with_a_clear_error() {
+    let nats = Nats::start();
+    let _a = Node::start("same-name", &nats.url());
+    let (port, admin) = (common::free_port(), common::free_port());
+    let data = tempfile::tempdir().unwrap();
+    let out = serve_cmd(port, admin)
+        .args(["--jwt-secret", SECRET, "--nats-url", &nats.url()])
+        .args(["--node-id", "same-name"])
+        .arg("--data-dir")
+        .arg(data.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the duplicate must not start");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("node_id `same-name` is already used by a live node"),
+        "{err}"
+    );
+}
+
+/// Test 7: bad `[cluster]` settings are refused at start, naming the key.
+#[test]
+fn bad_cluster_settings_are_refused_naming_the_key() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["--nats-url", "http://x:1"], "cluster.nats_url"),
+        (
+            &["--nats-url", "nats://127.0.0.1:1", "--node-id", "a.b"],
+            "cluster.node_id",
+        ),
+        (
+            &[
+                "--nats-url",
+                "nats://127.0.0.1:1",
+                "--cluster-lease-ms",
+                "5",
+            ],
+            "cluster.lease_ms",
+        ),
+        (
+            &["--nats-url", "nats://127.0.0.1:1", "--cluster-buckets", "0"],
+            "cluster.buckets",
+        ),
+    ];
+    for (args, want) in cases {
+        let out = Command::new(common::PRESENCED)
+            .args(["check-config", "--jwt-secret", SECRET])
+            .args(*args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} refused");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}
+
+/// A bus that is not there at start: the node serves its own clients, says why on `/readyz`,
+/// and joins when the bus comes up.
+#[test]
+fn a_node_without_its_bus_serves_locally_and_joins_later() {
+    let mut nats = Nats::start();
+    let url = nats.url();
+    nats.kill();
+    let (port, admin) = (common::free_port(), common::free_port());
+    let mut cmd = serve_cmd(port, admin);
+    cmd.args([
+        "--jwt-secret",
+        SECRET,
+        "--nats-url",
+        &url,
+        "--node-id",
+        "lonely",
+    ])
+    .args(["--cluster-lease-ms", &LEASE_MS.to_string()])
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    let lonely = Node {
+        id: "lonely".into(),
+        addr: format!("127.0.0.1:{port}").parse().unwrap(),
+        admin: format!("127.0.0.1:{admin}").parse().unwrap(),
+        served: spawn_serve(&mut cmd),
+    };
+    let r = eventually_within("ready without the bus", CONVERGE, || lonely.readyz());
+    assert_ne!(r["cluster"]["bus"], "connected", "{r}");
+    assert!(
+        r["cluster"]["why"].as_str().unwrap().contains("NATS"),
+        "{r}"
+    );
+    let mut w = lonely.connect("w");
+    w.subscribe(&["erin"]);
+    let _erin = lonely.connect("erin");
+    assert_eq!(
+        w.presence_of("erin")["status"],
+        "online",
+        "local presence works"
+    );
+
+    nats.restart();
+    lonely.wait_ready();
+    let other = Node::start("other", &url);
+    other.wait_nodes(2);
+    let mut remote = other.connect("w2");
+    let mut seq = remote.subscribe(&["erin"])[0]["seq"].as_u64().unwrap();
+    until(&mut remote, "erin", &mut seq, |v| v["status"] == "online");
+}
+
+/// A node that stops cleanly (SIGTERM) says goodbye: its sessions' ends reach the others at
+/// once, not after a lease (here a long one, so waiting for it would fail the test).
+#[test]
+fn a_node_stopping_cleanly_takes_its_devices_away_at_once() {
+    let nats = Nats::start();
+    let url = nats.url();
+    let lease = 30_000;
+    let a = Node::start_with("node-a", &url, lease);
+    let c = Node::start_with("node-c", &url, lease);
+    a.wait_nodes(2);
+    c.wait_nodes(2);
+    let mut watcher = c.connect("w");
+    let mut seq = watcher.subscribe(&["frank"])[0]["seq"].as_u64().unwrap();
+    let _frank = a.connect("frank");
+    until(&mut watcher, "frank", &mut seq, |v| v["status"] == "online");
+    let stopped = Instant::now();
+    a.signal(libc::SIGTERM);
+    until(&mut watcher, "frank", &mut seq, |v| {
+        v["status"] == "offline"
+    });
+    assert!(
+        stopped.elapsed() < Duration::from_secs(8),
+        "offline long before the {lease} ms lease: {:?}",
+        stopped.elapsed()
+    );
+}
+
+/// The admin port of a cluster node: `/api/stats` lists the other nodes with their admin URLs,
+/// `/metrics` carries the bus families, and every one of them is documented.
+#[test]
+fn the_admin_port_reports_the_cluster_and_documents_every_family() {
+    let nats = Nats::start();
+    let a = Node::start("node-a", &nats.url());
+    let b = Node::start("node-b", &nats.url());
+    a.wait_nodes(2);
+    let _u = b.connect("gina");
+    // Heartbeats carry the counts: wait for B's connection to show on A.
+    let stats = eventually_within("B's connection in A's stats", CONVERGE, || {
+        let (code, body) = a.admin_get("/api/stats");
+        assert_eq!(code, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        (v["cluster"]["totals"]["connections"] == 1).then_some(v)
+    });
+    let c = &stats["cluster"];
+    assert_eq!(c["node"], "node-a");
+    assert_eq!(c["bus"], "connected");
+    assert_eq!(c["totals"]["nodes"], 2);
+    let other = &c["nodes"][0];
+    assert_eq!(other["node"], "node-b");
+    assert_eq!(other["admin"], format!("http://{}", b.admin), "{other}");
+    assert_eq!(other["connections"], 1);
+
+    let (code, text) = a.admin_get("/metrics");
+    assert_eq!(code, 200);
+    assert!(
+        text.contains("presenced_cluster_bus_state{state=\"connected\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("presenced_cluster_nodes 2"), "{text}");
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/ADMIN.md")).unwrap();
+    let families: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE presenced_cluster_"))
+        .map(|l| l.split(' ').next().unwrap())
+        .collect();
+    assert!(families.len() > 15, "{families:?}");
+    for f in families {
+        assert!(
+            doc.contains(&format!("`presenced_cluster_{f}`")),
+            "presenced_cluster_{f} is not in docs/ADMIN.md"
+        );
+    }
+}
