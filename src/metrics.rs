@@ -134,7 +134,10 @@ counters! {
     mesh_overflow_bytes,
     /// Changed shares replaced by a newer one of the same user while the cluster bridge's
     /// queue was full (cluster only).
-    cluster_coalesced,
+        cluster_coalesced,
+    /// `activity` events for other nodes dropped because the cluster bridge's queue was full
+    /// (ephemeral: never queued).
+    cluster_activity_dropped,
 }
 
 impl ShardMetrics {

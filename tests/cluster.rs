@@ -498,3 +498,97 @@ fn the_admin_port_reports_the_cluster_and_documents_every_family() {
         );
     }
 }
+
+/// Test 6 (groups): a group feed on one node shows members whose devices are on other nodes,
+/// with one aggregate per member, and sees them leave.
+#[test]
+fn group_feeds_show_members_on_other_nodes() {
+    let nats = Nats::start();
+    let (a, b, c) = three(&nats);
+    let mut watcher = c.connect("gw");
+    let ack = watcher.request(serde_json::json!({"op":"subscribe_group","group":"team"}));
+    assert_eq!(ack["type"], "ack", "{ack}");
+    let snap = watcher.recv_until("the group snapshot", |v| v["type"] == "group_snapshot");
+    assert_eq!(snap["members"], serde_json::json!([]), "{snap}");
+    let mut seq = 0;
+    let member = |n: &Node, user: &str| {
+        let t = mint_hs256(SECRET, &{
+            let mut spec = TokenSpec::new(user, Duration::from_secs(3600));
+            spec.groups = vec!["team".into()];
+            spec
+        });
+        Client::connect(n.addr, &t)
+    };
+    let mut on_a = member(&a, "ivy");
+    let ev = group_until(&mut watcher, "ivy", &mut seq, |v| v["status"] == "online");
+    assert_eq!(ev["devices"], 1);
+    on_a.set_status("away", Some("far"));
+    let mut on_b = member(&b, "ivy");
+    on_b.set_status("busy", None);
+    group_until(&mut watcher, "ivy", &mut seq, |v| {
+        v["status"] == "busy" && v["devices"] == 2
+    });
+    // A device outside the group adds to the aggregate but not to membership.
+    let _plain = a.connect("ivy");
+    group_until(&mut watcher, "ivy", &mut seq, |v| v["devices"] == 3);
+    drop(on_b);
+    group_until(&mut watcher, "ivy", &mut seq, |v| {
+        v["devices"] == 2 && v["status"] == "online"
+    });
+    // The last member session goes: ivy leaves the group (offline there), though still online.
+    drop(on_a);
+    group_until(&mut watcher, "ivy", &mut seq, |v| v["status"] == "offline");
+}
+
+/// Reads `user`'s events on the `team` feed until `want` holds; `seq` never goes back.
+fn group_until(c: &mut Client, user: &str, last: &mut u64, want: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting on {user} in team"
+        );
+        let v = c.recv_until(&format!("{user} in team"), |v| {
+            v["type"] == "presence" && v["user"] == user && v["group"] == "team"
+        });
+        let seq = v["seq"].as_u64().unwrap();
+        assert!(seq >= *last, "seq went back: {seq} after {last}: {v}");
+        *last = seq;
+        if want(&v) {
+            return v;
+        }
+    }
+}
+
+/// Test 6 (activity): `activity` reaches watchers on other nodes, and `activity` with `to`
+/// reaches that user's sessions on other nodes; never stored.
+#[test]
+fn activity_reaches_watchers_and_sessions_on_other_nodes() {
+    let nats = Nats::start();
+    let (a, b, c) = three(&nats);
+    let mut watcher = c.connect("aw");
+    let mut seq = watcher.subscribe(&["jack"])[0]["seq"].as_u64().unwrap();
+    let mut kate = b.connect("kate");
+    let mut jack = a.connect("jack");
+    until(&mut watcher, "jack", &mut seq, |v| v["status"] == "online");
+    // Directed activity follows the sessions of `to`: B says it has kate's within a batch, but
+    // give the subscription a moment to reach the NATS server before the first send.
+    let typed = eventually_within("activity to the watcher on C", CONVERGE, || {
+        let ack = jack.request(serde_json::json!({"op":"activity","kind":"typing"}));
+        assert_eq!(ack["type"], "ack", "{ack}");
+        watcher.try_recv_for(Duration::from_millis(300), |v| v["type"] == "activity")
+    });
+    assert_eq!(
+        (&typed["user"], &typed["kind"]),
+        (&"jack".into(), &"typing".into())
+    );
+    let got = eventually_within("activity to kate's session on B", CONVERGE, || {
+        let ack = jack.request(serde_json::json!({"op":"activity","kind":"poke","to":"kate"}));
+        assert_eq!(ack["type"], "ack", "{ack}");
+        kate.try_recv_for(Duration::from_millis(300), |v| v["type"] == "activity")
+    });
+    assert_eq!(
+        (&got["user"], &got["kind"]),
+        (&"jack".into(), &"poke".into())
+    );
+}

@@ -127,6 +127,21 @@ impl ClusterScrape {
                     "Bus messages that did not parse (dropped).",
                     C::get(&c.malformed),
                 ),
+                (
+                    "activity_out_total",
+                    "Activity events sent to other nodes.",
+                    C::get(&c.activity_out),
+                ),
+                (
+                    "activity_in_total",
+                    "Activity events received from other nodes.",
+                    C::get(&c.activity_in),
+                ),
+                (
+                    "activity_dropped_total",
+                    "Activity events not sent (bus down, or too many for one batch).",
+                    C::get(&c.activity_dropped),
+                ),
             ],
             propagation_us,
             propagation_count,
@@ -468,6 +483,13 @@ pub fn render(s: &Scrape<'_>) -> String {
         "Changed shares a shard replaced by a newer one of the same user while the cluster bridge's queue was full.",
         sh,
         |m| m.cluster_coalesced,
+    );
+    o.per_shard(
+        "presenced_cluster_activity_dropped_total",
+        "counter",
+        "Activity events for other nodes dropped because the cluster bridge's queue was full.",
+        sh,
+        |m| m.cluster_activity_dropped,
     );
     o.per_shard(
         "presenced_mesh_unmatched_unwatches_total",

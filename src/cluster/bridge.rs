@@ -7,7 +7,7 @@
 //! - bus → bridge: the NATS client's per-subscription buffer and [`INCOMING`]; past them the
 //!   client drops and counts (slow consumer), and the gap detection heals the loss.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,18 +19,23 @@ use tokio::sync::mpsc;
 use super::gaps::{Gaps, Seen};
 use super::interest::{Follow, Interest};
 use super::members::{Heard, Members, NodeInfo};
-use super::wire::{Delta, Heartbeat, SnapChunk, SnapRequest, Subjects, SHARES_PER_MESSAGE};
+use super::wire::{
+    ActivityMsg, Delta, Heartbeat, SnapChunk, SnapRequest, Subjects, SHARES_PER_MESSAGE,
+};
 use super::{BusState, Counters, Identity, Status};
 use crate::config::ClusterConfig;
-use crate::presence::contrib::{bucket_of, Contribution, Hlc, NodeIx};
-use crate::presence::{Outgoing, UserId};
+use crate::presence::contrib::{bucket_of, Activity, Contribution, Hlc, NodeIx};
+use crate::presence::{GroupId, Outgoing, UserId};
 use crate::shard::mesh::MeshMsg;
-use crate::shard::replica::{on_every_shard, BucketSet};
+use crate::shard::replica::{on_every_shard, BucketSet, Scope};
 use crate::shard::runtime::Shared;
 use crate::shard::{now_ms, owner_of, Shard};
 
 /// Bus messages waiting for the loop, over all subscriptions.
 const INCOMING: usize = 4_096;
+
+/// `activity` events waiting for one batch; more are dropped and counted (they are ephemeral).
+pub const PENDING_ACTIVITY: usize = 10_000;
 
 type Door = flume::Sender<MeshMsg>;
 
@@ -71,6 +76,39 @@ pub fn run(setup: Setup) {
     });
 }
 
+/// One numbered stream of deltas: a user bucket's (`{prefix}.d.{b}`: changes of the users in
+/// it) or a group bucket's (`{prefix}.g.{b}`: changes of the members of its groups). A node
+/// follows a user bucket while it has a watcher of a user in it, a group bucket while it has a
+/// watcher of a group in it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Stream {
+    User(u32),
+    Group(u32),
+}
+
+impl Stream {
+    /// Its key in [`Gaps`]: user buckets first, group buckets after them.
+    fn gaps_key(self, buckets: u32) -> u32 {
+        match self {
+            Stream::User(b) => b,
+            Stream::Group(b) => buckets + b,
+        }
+    }
+
+    fn bucket(self) -> u32 {
+        match self {
+            Stream::User(b) | Stream::Group(b) => b,
+        }
+    }
+
+    fn subject(self, subjects: &Subjects) -> String {
+        match self {
+            Stream::User(b) => subjects.delta(b),
+            Stream::Group(b) => subjects.group(b),
+        }
+    }
+}
+
 /// Everything the loop hears.
 enum Incoming {
     Bus(Message),
@@ -78,7 +116,7 @@ enum Incoming {
     Snapshot {
         node: String,
         ix: NodeIx,
-        buckets: Vec<u32>,
+        streams: Vec<Stream>,
         answer: Result<Snapshot, String>,
     },
 }
@@ -88,6 +126,7 @@ struct Snapshot {
     inc: u64,
     clock: u64,
     covered: Vec<(u32, u64)>,
+    covered_groups: Vec<(u32, u64)>,
     shares: Vec<(UserId, Contribution)>,
 }
 
@@ -107,20 +146,33 @@ struct Bridge {
     stop: tokio::sync::oneshot::Receiver<()>,
     tx: mpsc::Sender<Incoming>,
     rx: mpsc::Receiver<Incoming>,
-    /// Shares waiting for the next batch, per bucket, newest per user.
-    pending: HashMap<u32, HashMap<UserId, Contribution>>,
-    /// Messages published per bucket (the next one is this + 1).
-    numbers: HashMap<u32, u64>,
+    /// Shares waiting for the next batch, newest per user.
+    pending: HashMap<UserId, Contribution>,
+    /// The groups last published per user with groups: a user who leaves a group is published
+    /// on that group's bucket once more, so its watchers hear it leave.
+    published_groups: HashMap<UserId, Vec<GroupId>>,
+    /// Messages published per stream (the next one is this + 1).
+    numbers: HashMap<Stream, u64>,
     members: Members,
     gaps: Gaps,
-    interest: Interest,
-    /// Subscription tasks of followed buckets.
-    subs: HashMap<u32, tokio::task::JoinHandle<()>>,
-    /// Buckets newly followed: snapshots to ask for at the next batch.
-    fresh: BTreeSet<u32>,
-    /// Per node: a snapshot request in flight, and buckets to ask for when it ends.
-    asking: HashMap<String, BTreeSet<u32>>,
-    again: HashMap<String, BTreeSet<u32>>,
+    /// Watched users (groups) here per user (group) bucket.
+    users: Interest,
+    groups: Interest,
+    /// Subscription tasks of followed streams.
+    subs: HashMap<Stream, tokio::task::JoinHandle<()>>,
+    /// Users with sessions here per user bucket: directed `activity` must reach them.
+    sessions: Interest,
+    /// Subscriptions to `activity` of followed user buckets (`a.`), and to directed `activity`
+    /// of buckets with sessions here (`t.`).
+    activity_subs: HashMap<u32, tokio::task::JoinHandle<()>>,
+    directed_subs: HashMap<u32, tokio::task::JoinHandle<()>>,
+    /// `activity` waiting for the next batch (at most [`PENDING_ACTIVITY`]).
+    pending_activity: Vec<Activity>,
+    /// Streams newly followed: snapshots to ask for at the next batch.
+    fresh: BTreeSet<Stream>,
+    /// Per node: a snapshot request in flight, and streams to ask for when it ends.
+    asking: HashMap<String, BTreeSet<Stream>>,
+    again: HashMap<String, BTreeSet<Stream>>,
     /// Whether this node's id was checked against the live nodes (on the first connection).
     id_checked: bool,
     connected: bool,
@@ -141,6 +193,9 @@ impl Bridge {
             .max_reconnects(None)
             .no_echo()
             .connection_timeout(Duration::from_millis(s.cfg.request_timeout_ms.max(100)))
+            // A link that dies without a reset (a partition) is noticed within about a lease:
+            // the client gives up after two unanswered pings.
+            .ping_interval(Duration::from_millis((s.cfg.lease_ms / 2).max(100)))
             .reconnect_delay_callback(|attempt| {
                 // 100 ms doubling to 5 s: quick after a blip, gentle on a dead bus.
                 Duration::from_millis((100u64 << attempt.min(6)).min(5_000))
@@ -177,7 +232,9 @@ impl Bridge {
         };
         let mut bridge = Bridge {
             subjects: Subjects::new(&s.cfg.prefix),
-            interest: super::interest::Interest::new(s.cfg.unsubscribe_after_ms),
+            users: Interest::new(s.cfg.unsubscribe_after_ms),
+            groups: Interest::new(s.cfg.unsubscribe_after_ms),
+            sessions: Interest::new(s.cfg.unsubscribe_after_ms),
             cfg: s.cfg,
             id: s.id,
             client,
@@ -192,10 +249,14 @@ impl Bridge {
             tx,
             rx,
             pending: HashMap::new(),
+            published_groups: HashMap::new(),
             numbers: HashMap::new(),
             members: Members::new(),
             gaps: Gaps::new(),
             subs: HashMap::new(),
+            activity_subs: HashMap::new(),
+            directed_subs: HashMap::new(),
+            pending_activity: Vec::new(),
             fresh: BTreeSet::new(),
             asking: HashMap::new(),
             again: HashMap::new(),
@@ -340,12 +401,11 @@ impl Bridge {
             self.take(out);
         }
         self.flush().await;
-        for t in self
-            .subs
-            .drain()
-            .map(|(_, t)| t)
-            .chain(self.own_subs.drain(..))
-        {
+        let tasks = (self.subs.drain().map(|(_, t)| t))
+            .chain(self.activity_subs.drain().map(|(_, t)| t))
+            .chain(self.directed_subs.drain().map(|(_, t)| t))
+            .chain(self.own_subs.drain(..));
+        for t in tasks {
             t.abort();
         }
         let _ = self.client.flush().await;
@@ -355,14 +415,30 @@ impl Bridge {
     fn take(&mut self, out: Outgoing) {
         let now = now_ms();
         for (bucket, delta) in out.interest {
-            if let Follow::Start(b) = self.interest.add(bucket, delta, now) {
-                self.follow(b);
+            if let Follow::Start(b) = self.users.add(bucket, delta, now) {
+                self.follow(Stream::User(b));
+            }
+        }
+        for (bucket, delta) in out.group_interest {
+            if let Follow::Start(b) = self.groups.add(bucket, delta, now) {
+                self.follow(Stream::Group(b));
+            }
+        }
+        for (bucket, delta) in out.session_interest {
+            if let Follow::Start(b) = self.sessions.add(bucket, delta, now) {
+                let task = self.subscribe(self.subjects.directed(b));
+                self.directed_subs.insert(b, task);
+            }
+        }
+        for a in out.activity {
+            if self.pending_activity.len() < PENDING_ACTIVITY {
+                self.pending_activity.push(a);
+            } else {
+                Counters::add(&self.status.counters.activity_dropped, 1);
             }
         }
         for (user, share) in out.shares {
-            let bucket = bucket_of(&user, self.cfg.buckets);
-            let held = self.pending.entry(bucket).or_default();
-            match held.get_mut(&user) {
+            match self.pending.get_mut(&user) {
                 Some(h) => {
                     Counters::add(&self.status.counters.coalesced, 1);
                     if share.clock > h.clock {
@@ -370,39 +446,85 @@ impl Bridge {
                     }
                 }
                 None => {
-                    held.insert(user, share);
+                    self.pending.insert(user, share);
                 }
             }
         }
     }
 
-    /// Starts following `bucket`: subscribe, and ask the live nodes for its snapshot.
-    fn follow(&mut self, bucket: u32) {
-        tracing::trace!(bucket, "cluster: following");
-        let subject = self.subjects.delta(bucket);
-        let client = self.client.clone();
-        let tx = self.tx.clone();
-        let task = tokio::spawn(async move {
-            match client.subscribe(subject.clone()).await {
-                Ok(sub) => pump(sub, tx).await,
-                Err(e) => tracing::warn!("cluster: cannot subscribe to {subject}: {e}"),
-            }
-        });
-        self.subs.insert(bucket, task);
-        self.fresh.insert(bucket);
+    /// Starts following `stream`: subscribe, and ask the live nodes for its snapshot.
+    fn follow(&mut self, stream: Stream) {
+        tracing::trace!(?stream, "cluster: following");
+        let task = self.subscribe(stream.subject(&self.subjects));
+        self.subs.insert(stream, task);
+        if let Stream::User(b) = stream {
+            let task = self.subscribe(self.subjects.activity(b));
+            self.activity_subs.insert(b, task);
+        }
+        self.fresh.insert(stream);
         self.status
             .followed
             .store(self.subs.len() as u64, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Publishes the waiting shares, one message per bucket (more past
-    /// [`SHARES_PER_MESSAGE`]), and asks for the snapshots of newly followed buckets.
+    /// A task forwarding `subject`'s messages to the loop (aborting it unsubscribes).
+    fn subscribe(&self, subject: String) -> tokio::task::JoinHandle<()> {
+        let client = self.client.clone();
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            match client.subscribe(subject.clone()).await {
+                Ok(sub) => pump(sub, tx).await,
+                Err(e) => tracing::warn!("cluster: cannot subscribe to {subject}: {e}"),
+            }
+        })
+    }
+
+    /// Publishes the waiting `activity`, one message per subject. While the bus is down it is
+    /// dropped and counted: it is ephemeral, and late typing indicators mislead.
+    async fn flush_activity(&mut self) {
+        if self.pending_activity.is_empty() {
+            return;
+        }
+        let items = std::mem::take(&mut self.pending_activity);
+        let c = &self.status.counters;
+        if !self.connected {
+            Counters::add(&c.activity_dropped, items.len() as u64);
+            return;
+        }
+        let buckets = self.cfg.buckets;
+        let mut by_subject: BTreeMap<String, Vec<Activity>> = BTreeMap::new();
+        for a in items {
+            let subject = match &a.to {
+                None => self.subjects.activity(bucket_of(&a.user, buckets)),
+                Some(to) => self.subjects.directed(bucket_of(to, buckets)),
+            };
+            by_subject.entry(subject).or_default().push(a);
+        }
+        for (subject, items) in by_subject {
+            let n = items.len() as u64;
+            let body = serde_json::to_vec(&ActivityMsg {
+                node: self.id.node_id.clone(),
+                inc: self.id.incarnation,
+                items,
+            })
+            .unwrap_or_default();
+            Counters::add(&c.messages_out, 1);
+            Counters::add(&c.bytes_out, body.len() as u64);
+            Counters::add(&c.activity_out, n);
+            let _ = self.client.publish(subject, body.into()).await;
+        }
+    }
+
+    /// Publishes the waiting shares: one message per stream (more past
+    /// [`SHARES_PER_MESSAGE`]), on the user's bucket and on the bucket of each group it is in
+    /// or just left; and asks for the snapshots of newly followed streams.
     async fn flush(&mut self) {
+        self.flush_activity().await;
         if !self.connected {
             return; // kept, newest per user, until the bus is back
         }
         if !self.fresh.is_empty() {
-            let fresh: Vec<u32> = std::mem::take(&mut self.fresh).into_iter().collect();
+            let fresh = std::mem::take(&mut self.fresh);
             for peer in self.members.live() {
                 self.ask_snapshot(&peer.id, peer.ix, fresh.iter().copied());
             }
@@ -410,16 +532,37 @@ impl Bridge {
         if self.pending.is_empty() {
             return;
         }
-        let pending = std::mem::take(&mut self.pending);
-        for (bucket, shares) in pending {
-            let shares: Vec<(UserId, Contribution)> = shares.into_iter().collect();
+        let buckets = self.cfg.buckets;
+        let mut streams: BTreeMap<Stream, Vec<(UserId, Contribution)>> = BTreeMap::new();
+        for (user, share) in std::mem::take(&mut self.pending) {
+            let mut group_buckets: BTreeSet<u32> =
+                share.groups.iter().map(|g| bucket_of(g, buckets)).collect();
+            let before = if share.groups.is_empty() {
+                self.published_groups.remove(&user)
+            } else {
+                self.published_groups
+                    .insert(user.clone(), share.groups.clone())
+            };
+            group_buckets.extend(before.iter().flatten().map(|g| bucket_of(g, buckets)));
+            for gb in group_buckets {
+                streams
+                    .entry(Stream::Group(gb))
+                    .or_default()
+                    .push((user.clone(), share.clone()));
+            }
+            streams
+                .entry(Stream::User(bucket_of(&user, buckets)))
+                .or_default()
+                .push((user, share));
+        }
+        for (stream, shares) in streams {
             for chunk in shares.chunks(SHARES_PER_MESSAGE) {
-                let n = self.numbers.entry(bucket).or_default();
+                let n = self.numbers.entry(stream).or_default();
                 *n += 1;
                 let delta = Delta {
                     node: self.id.node_id.clone(),
                     inc: self.id.incarnation,
-                    bucket,
+                    bucket: stream.bucket(),
                     n: *n,
                     shares: chunk.to_vec(),
                 };
@@ -427,10 +570,12 @@ impl Bridge {
                 let c = &self.status.counters;
                 Counters::add(&c.messages_out, 1);
                 Counters::add(&c.bytes_out, body.len() as u64);
-                Counters::add(&c.deltas_out, chunk.len() as u64);
+                if matches!(stream, Stream::User(_)) {
+                    Counters::add(&c.deltas_out, chunk.len() as u64);
+                }
                 if let Err(e) = self
                     .client
-                    .publish(self.subjects.delta(bucket), body.into())
+                    .publish(stream.subject(&self.subjects), body.into())
                     .await
                 {
                     // The client is closed (it never is while reconnecting): receivers see
@@ -459,22 +604,35 @@ impl Bridge {
                 "cluster: node lease expired; dropping its presence");
             self.forget_node(peer.ix, peer.last_heard, &peer.id);
         }
-        let unfollow = self.interest.due(now);
+        let unfollow: Vec<Stream> = (self.users.due(now).into_iter().map(Stream::User))
+            .chain(self.groups.due(now).into_iter().map(Stream::Group))
+            .collect();
         if !unfollow.is_empty() {
-            for b in &unfollow {
-                if let Some(t) = self.subs.remove(b) {
+            for stream in &unfollow {
+                if let Some(t) = self.subs.remove(stream) {
                     t.abort();
                 }
-                self.gaps.forget_bucket(*b);
-                self.fresh.remove(b);
+                if let Stream::User(b) = stream {
+                    if let Some(t) = self.activity_subs.remove(b) {
+                        t.abort();
+                    }
+                }
+                self.gaps.forget_bucket(stream.gaps_key(self.cfg.buckets));
+                self.fresh.remove(stream);
             }
-            let scope = Arc::new(BucketSet::of(self.cfg.buckets, unfollow));
+            let users = Arc::new(BucketSet::of(self.cfg.buckets, self.users.followed()));
+            let groups = Arc::new(BucketSet::of(self.cfg.buckets, self.groups.followed()));
             on_every_shard(&self.doors, move |s: &std::rc::Rc<Shard>| {
-                s.forget_remote(&scope)
+                s.retain_remote(&users, &groups)
             });
             self.status
                 .followed
                 .store(self.subs.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        for b in self.sessions.due(now) {
+            if let Some(t) = self.directed_subs.remove(&b) {
+                t.abort();
+            }
         }
         // Requests that failed are retried here, once per beat.
         let again = std::mem::take(&mut self.again);
@@ -504,7 +662,11 @@ impl Bridge {
                 Counters::add(&c.messages_in, 1);
                 Counters::add(&c.bytes_in, m.payload.len() as u64);
                 if let Some(bucket) = self.subjects.delta_bucket(&m.subject) {
-                    self.on_delta(bucket, &m.payload);
+                    self.on_delta(Stream::User(bucket), &m.payload);
+                } else if let Some(bucket) = self.subjects.group_bucket(&m.subject) {
+                    self.on_delta(Stream::Group(bucket), &m.payload);
+                } else if self.subjects.is_activity(&m.subject) {
+                    self.on_activity(&m.payload);
                 } else if m.subject.as_str() == self.subjects.heartbeat() {
                     self.on_heartbeat(&m.payload);
                 } else if m.subject.as_str() == self.subjects.snapshot(&self.id.node_id) {
@@ -519,9 +681,9 @@ impl Bridge {
             Incoming::Snapshot {
                 node,
                 ix,
-                buckets,
+                streams,
                 answer,
-            } => self.on_snapshot(node, ix, buckets, answer),
+            } => self.on_snapshot(node, ix, streams, answer),
         }
     }
 
@@ -540,7 +702,7 @@ impl Bridge {
                 if again {
                     Counters::add(&self.status.counters.reconnects, 1);
                     // Whatever was published meanwhile may be lost: ask everyone again.
-                    let followed = self.interest.followed();
+                    let followed = self.followed();
                     for peer in self.members.live() {
                         self.ask_snapshot(&peer.id, peer.ix, followed.iter().copied());
                     }
@@ -612,7 +774,7 @@ impl Bridge {
             Heard::Known(ix) => Some(ix),
             Heard::Appeared(ix) => {
                 tracing::info!(node, "cluster: node joined");
-                let followed = self.interest.followed();
+                let followed = self.followed();
                 self.ask_snapshot(node, ix, followed.into_iter());
                 Some(ix)
             }
@@ -623,7 +785,7 @@ impl Bridge {
             } => {
                 tracing::info!(node, "cluster: node restarted");
                 self.forget_node(old, last_heard, node);
-                let followed = self.interest.followed();
+                let followed = self.followed();
                 self.ask_snapshot(node, new, followed.into_iter());
                 Some(new)
             }
@@ -631,7 +793,22 @@ impl Bridge {
         }
     }
 
-    fn on_delta(&mut self, bucket: u32, body: &[u8]) {
+    /// Every followed stream.
+    fn followed(&self) -> Vec<Stream> {
+        (self.users.followed().into_iter().map(Stream::User))
+            .chain(self.groups.followed().into_iter().map(Stream::Group))
+            .collect()
+    }
+
+    fn follows(&self, stream: Stream) -> bool {
+        match stream {
+            Stream::User(b) => self.users.follows(b),
+            Stream::Group(b) => self.groups.follows(b),
+        }
+    }
+
+    fn on_delta(&mut self, stream: Stream, body: &[u8]) {
+        let bucket = stream.bucket();
         let Some(d) = self.peer_message(body, |d: &Delta| (&d.node, d.inc)) else {
             return;
         };
@@ -642,21 +819,35 @@ impl Bridge {
         let Some(ix) = self.heard(&d.node, d.inc, None) else {
             return;
         };
-        if !self.interest.follows(bucket) {
-            return; // a late message of a bucket just unfollowed
+        if !self.follows(stream) {
+            return; // a late message of a stream just unfollowed
         }
-        match self.gaps.see(ix, bucket, d.n) {
+        match self.gaps.see(ix, stream.gaps_key(self.cfg.buckets), d.n) {
             Seen::Old => return,
             Seen::Gap { missed } => {
                 Counters::add(&self.status.counters.gaps, 1);
-                tracing::debug!(node = %d.node, bucket, missed, "cluster: gap; asking for a snapshot");
-                self.ask_snapshot(&d.node, ix, std::iter::once(bucket));
+                tracing::debug!(node = %d.node, ?stream, missed, "cluster: gap; asking for a snapshot");
+                self.ask_snapshot(&d.node, ix, std::iter::once(stream));
             }
             Seen::InOrder => {}
         }
         Counters::add(&self.status.counters.deltas_in, d.shares.len() as u64);
-        tracing::trace!(node = %d.node, bucket, n = d.n, shares = d.shares.len(), "cluster: delta");
+        tracing::trace!(node = %d.node, ?stream, n = d.n, shares = d.shares.len(), "cluster: delta");
         self.apply(ix, d.shares);
+    }
+
+    /// `activity` from another node: to the owner shard of the user whose watchers get it, or
+    /// of the user whose sessions get it.
+    fn on_activity(&mut self, body: &[u8]) {
+        let Some(msg) = self.peer_message(body, |m: &ActivityMsg| (&m.node, m.inc)) else {
+            return;
+        };
+        Counters::add(&self.status.counters.activity_in, msg.items.len() as u64);
+        for a in msg.items {
+            let owner = owner_of(a.to.as_deref().unwrap_or(&a.user), self.shards);
+            let job = move |s: &std::rc::Rc<Shard>| s.relay_activity(&a.user, &a.kind, a.ts, a.to);
+            let _ = self.doors[usize::from(owner)].send(MeshMsg::Invoke(Box::new(job)));
+        }
     }
 
     /// Routes shares heard from `ix` to their owner shards.
@@ -682,29 +873,37 @@ impl Bridge {
         }
     }
 
-    /// Asks `node` for its shares of `buckets` (merged into a request already in flight).
-    fn ask_snapshot(&mut self, node: &str, ix: NodeIx, buckets: impl Iterator<Item = u32>) {
-        let buckets: BTreeSet<u32> = buckets.collect();
-        if buckets.is_empty() || !self.connected {
-            if !buckets.is_empty() {
+    /// Asks `node` for its shares of `streams` (merged into a request already in flight).
+    fn ask_snapshot(&mut self, node: &str, ix: NodeIx, streams: impl Iterator<Item = Stream>) {
+        let streams: BTreeSet<Stream> = streams.collect();
+        if streams.is_empty() || !self.connected {
+            if !streams.is_empty() {
                 self.again
                     .entry(node.to_owned())
                     .or_default()
-                    .extend(buckets);
+                    .extend(streams);
             }
             return;
         }
         if let Some(waiting) = self.asking.get_mut(node) {
-            waiting.extend(buckets);
+            waiting.extend(streams);
             return;
         }
         self.asking.insert(node.to_owned(), BTreeSet::new());
         Counters::add(&self.status.counters.snapshots_requested, 1);
         let client = self.client.clone();
         let subject = self.subjects.snapshot(node);
+        let pick = |user: bool| -> Vec<u32> {
+            streams
+                .iter()
+                .filter(|s| matches!(s, Stream::User(_)) == user)
+                .map(|s| s.bucket())
+                .collect()
+        };
         let req = SnapRequest {
             from: self.id.node_id.clone(),
-            buckets: buckets.iter().copied().collect(),
+            buckets: pick(true),
+            groups: pick(false),
         };
         let timeout = Duration::from_millis(self.cfg.request_timeout_ms);
         let tx = self.tx.clone();
@@ -717,7 +916,7 @@ impl Bridge {
                 .send(Incoming::Snapshot {
                     node,
                     ix,
-                    buckets: req.buckets,
+                    streams: streams.into_iter().collect(),
                     answer,
                 })
                 .await;
@@ -728,25 +927,45 @@ impl Bridge {
         &mut self,
         node: String,
         ix: NodeIx,
-        buckets: Vec<u32>,
+        streams: Vec<Stream>,
         answer: Result<Snapshot, String>,
     ) {
         let queued = self.asking.remove(&node).unwrap_or_default();
         let live = self.members.get(&node).map(|p| (p.ix, p.incarnation));
         match (answer, live) {
             (Ok(snap), Some((now_ix, inc))) if now_ix == ix && inc == snap.inc => {
-                tracing::trace!(%node, shares = snap.shares.len(), ?buckets, "cluster: snapshot");
-                for (bucket, n) in &snap.covered {
-                    self.gaps.covered(ix, *bucket, *n);
+                tracing::trace!(%node, shares = snap.shares.len(), ?streams, "cluster: snapshot");
+                let buckets = self.cfg.buckets;
+                let covered = (snap.covered.iter().map(|(b, n)| (Stream::User(*b), *n))).chain(
+                    snap.covered_groups
+                        .iter()
+                        .map(|(b, n)| (Stream::Group(*b), *n)),
+                );
+                for (stream, n) in covered {
+                    self.gaps.covered(ix, stream.gaps_key(buckets), n);
                 }
-                let followed: Vec<u32> = buckets
-                    .into_iter()
-                    .filter(|b| self.interest.follows(*b))
-                    .collect();
-                let scope = Arc::new(BucketSet::of(self.cfg.buckets, followed));
+                // Only what is still followed counts: an unfollowed stream's shares are dropped.
+                let followed: Vec<Stream> =
+                    streams.into_iter().filter(|s| self.follows(*s)).collect();
+                let of_kind = |user: bool| {
+                    BucketSet::of(
+                        buckets,
+                        followed
+                            .iter()
+                            .filter(|s| matches!(s, Stream::User(_)) == user)
+                            .map(|s| s.bucket()),
+                    )
+                };
+                let scope = Arc::new(Scope {
+                    users: of_kind(true),
+                    groups: of_kind(false),
+                    followed: BucketSet::of(buckets, self.users.followed()),
+                });
                 let mut per_shard: Vec<Vec<(UserId, Contribution)>> = vec![Vec::new(); self.shards];
                 for (user, share) in snap.shares {
-                    if scope.holds_user(&user) {
+                    let wanted = scope.users.holds(&user)
+                        || share.groups.iter().any(|g| scope.groups.holds(g));
+                    if wanted {
                         self.hlc.observe(share.clock);
                         per_shard[usize::from(owner_of(&user, self.shards))].push((user, share));
                     }
@@ -766,7 +985,7 @@ impl Bridge {
             (Err(why), Some((now_ix, _))) if now_ix == ix => {
                 Counters::add(&self.status.counters.snapshots_failed, 1);
                 tracing::debug!(%node, "cluster: snapshot request failed: {why}; retrying");
-                self.again.entry(node.clone()).or_default().extend(buckets);
+                self.again.entry(node.clone()).or_default().extend(streams);
             }
             (Err(_), _) => {}
         }
@@ -788,17 +1007,22 @@ impl Bridge {
             return;
         };
         Counters::add(&self.status.counters.snapshots_served, 1);
-        let buckets: Vec<u32> = req
-            .buckets
-            .into_iter()
-            .filter(|b| *b < self.cfg.buckets)
-            .collect();
-        let covered: Vec<(u32, u64)> = buckets
-            .iter()
-            .map(|b| (*b, self.numbers.get(b).copied().unwrap_or(0)))
-            .collect();
+        let buckets = self.cfg.buckets;
+        let covered_of = |stream: fn(u32) -> Stream, asked: &[u32]| -> Vec<(u32, u64)> {
+            asked
+                .iter()
+                .filter(|b| **b < buckets)
+                .map(|b| (*b, self.numbers.get(&stream(*b)).copied().unwrap_or(0)))
+                .collect()
+        };
+        let covered = covered_of(Stream::User, &req.buckets);
+        let covered_groups = covered_of(Stream::Group, &req.groups);
         let clock = self.hlc.tick(now_ms());
-        let scope = Arc::new(BucketSet::of(self.cfg.buckets, buckets));
+        let users = Arc::new(BucketSet::of(buckets, covered.iter().map(|(b, _)| *b)));
+        let groups = Arc::new(BucketSet::of(
+            buckets,
+            covered_groups.iter().map(|(b, _)| *b),
+        ));
         let doors = self.doors.clone();
         let client = self.client.clone();
         let (node, inc) = (self.id.node_id.clone(), self.id.incarnation);
@@ -809,9 +1033,9 @@ impl Bridge {
             let mut shares = Vec::new();
             for door in &doors {
                 let (tx, rx) = flume::bounded(1);
-                let scope = scope.clone();
+                let (users, groups) = (users.clone(), groups.clone());
                 let job = move |s: &std::rc::Rc<Shard>| {
-                    let _ = tx.send(s.local_shares(&scope));
+                    let _ = tx.send(s.local_shares(&users, &groups));
                 };
                 if door
                     .send_async(MeshMsg::Invoke(Box::new(job)))
@@ -837,6 +1061,11 @@ impl Bridge {
                     inc,
                     clock,
                     covered: if i == 0 { covered.clone() } else { Vec::new() },
+                    covered_groups: if i == 0 {
+                        covered_groups.clone()
+                    } else {
+                        Vec::new()
+                    },
                     shares: chunk.to_vec(),
                     last: i + 1 == count,
                 };
@@ -932,9 +1161,11 @@ async fn fetch_snapshot(
             inc: chunk.inc,
             clock: chunk.clock,
             covered: Vec::new(),
+            covered_groups: Vec::new(),
             shares: Vec::new(),
         });
         s.covered.extend(chunk.covered);
+        s.covered_groups.extend(chunk.covered_groups);
         s.shares.extend(chunk.shares);
         if chunk.last {
             return snap.ok_or_else(|| "empty answer".into());

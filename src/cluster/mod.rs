@@ -87,6 +87,12 @@ pub struct Counters {
     pub duplicate_ids: AtomicU64,
     /// Bus messages that did not parse (counted, dropped).
     pub malformed: AtomicU64,
+    /// `activity` events sent to / received from other nodes.
+    pub activity_out: AtomicU64,
+    pub activity_in: AtomicU64,
+    /// `activity` events not sent: the bus was down, or more than
+    /// [`bridge::PENDING_ACTIVITY`] waited for one batch (they are ephemeral).
+    pub activity_dropped: AtomicU64,
 }
 
 impl Counters {

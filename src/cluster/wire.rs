@@ -3,6 +3,9 @@
 //! | subject | body | from → to |
 //! |---|---|---|
 //! | `{prefix}.d.{bucket}` | [`Delta`] | a node's changed shares → nodes following the bucket |
+//! | `{prefix}.g.{bucket}` | [`Delta`] | the same, for users in (or leaving) a group of the group bucket → nodes watching such a group |
+//! | `{prefix}.a.{bucket}` | [`ActivityMsg`] | `activity` of users in the bucket → nodes with watchers there |
+//! | `{prefix}.t.{bucket}` | [`ActivityMsg`] | `activity` with `to` a user in the bucket → nodes with sessions there |
 //! | `{prefix}.hb` | [`Heartbeat`] | every node → every node, every `lease_ms / 3` |
 //! | `{prefix}.snap.{node}` | [`SnapRequest`] → [`SnapChunk`]s | request/reply: a node's shares |
 //! | `{prefix}.id.{node}` | [`Heartbeat`] | "is this id taken?" → the live holder answers |
@@ -10,7 +13,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::members::NodeInfo;
-use crate::presence::contrib::Contribution;
+use crate::presence::contrib::{Activity, Contribution};
 use crate::presence::UserId;
 
 /// Shares one message carries at most (a snapshot is several chunks; a large delta several
@@ -32,6 +35,36 @@ impl Subjects {
 
     pub fn delta(&self, bucket: u32) -> String {
         format!("{}.d.{bucket}", self.prefix)
+    }
+
+    pub fn group(&self, bucket: u32) -> String {
+        format!("{}.g.{bucket}", self.prefix)
+    }
+
+    /// The bucket of a group delta subject, if it is one of this cluster's.
+    pub fn group_bucket(&self, subject: &str) -> Option<u32> {
+        subject
+            .strip_prefix(&self.prefix)?
+            .strip_prefix(".g.")?
+            .parse()
+            .ok()
+    }
+
+    /// `activity` for the watchers of users in `bucket`.
+    pub fn activity(&self, bucket: u32) -> String {
+        format!("{}.a.{bucket}", self.prefix)
+    }
+
+    /// `activity` with `to`, for the sessions of users in `bucket`.
+    pub fn directed(&self, bucket: u32) -> String {
+        format!("{}.t.{bucket}", self.prefix)
+    }
+
+    /// Whether `subject` carries `activity` (either kind).
+    pub fn is_activity(&self, subject: &str) -> bool {
+        subject
+            .strip_prefix(&self.prefix)
+            .is_some_and(|r| r.starts_with(".a.") || r.starts_with(".t."))
     }
 
     pub fn heartbeat(&self) -> String {
@@ -75,11 +108,22 @@ pub struct Heartbeat {
     pub info: NodeInfo,
 }
 
-/// "Send me your shares of the users in these buckets."
+/// `activity` events from one node (ephemeral: not numbered, never resent).
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct ActivityMsg {
+    pub node: String,
+    pub inc: u64,
+    pub items: Vec<Activity>,
+}
+
+/// "Send me your shares of the users in these user buckets, and of the members of the groups in
+/// these group buckets."
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
 pub struct SnapRequest {
     pub from: String,
     pub buckets: Vec<u32>,
+    #[serde(default)]
+    pub groups: Vec<u32>,
 }
 
 /// One part of a snapshot answer. `clock` is the answering node's clock when it started: a
@@ -91,6 +135,9 @@ pub struct SnapChunk {
     pub inc: u64,
     pub clock: u64,
     pub covered: Vec<(u32, u64)>,
+    /// The same for the group buckets asked for.
+    #[serde(default)]
+    pub covered_groups: Vec<(u32, u64)>,
     pub shares: Vec<(UserId, Contribution)>,
     pub last: bool,
 }
@@ -107,6 +154,10 @@ mod tests {
         assert_eq!(s.delta_bucket("other.d.17"), None);
         assert_eq!(s.delta_bucket("presenced.eu.d.x"), None);
         assert_eq!(s.snapshot("n1"), "presenced.eu.snap.n1");
+        assert_eq!(s.group_bucket(&s.group(5)), Some(5));
+        assert_eq!(s.group_bucket(&s.delta(5)), None);
+        assert!(s.is_activity(&s.activity(3)) && s.is_activity(&s.directed(3)));
+        assert!(!s.is_activity(&s.delta(3)));
         assert_eq!(s.heartbeat(), "presenced.eu.hb");
     }
 

@@ -73,6 +73,17 @@ impl Contribution {
     }
 }
 
+/// An `activity` event on its way to other nodes (ephemeral: never stored, never resent).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Activity {
+    pub user: super::UserId,
+    pub kind: Arc<str>,
+    pub ts: u64,
+    /// For the sessions of this user; `None`: for the watchers of `user`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<super::UserId>,
+}
+
 /// Whether `incoming` replaces `held` (last writer wins by the writer's clock; a node's clock
 /// never repeats, so equal clocks are the same contribution seen twice).
 pub fn newer(held: Option<&Contribution>, incoming: &Contribution) -> bool {

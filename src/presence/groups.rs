@@ -50,11 +50,35 @@ struct GroupEntry {
 #[derive(Debug, Default)]
 pub struct Groups {
     groups: HashMap<GroupId, GroupEntry>,
+    /// In a cluster: `cluster.buckets`, and the group buckets that gained (+1) or lost (-1)
+    /// their first or last watched group here, for the bridge ([`Groups::take_interest`]).
+    interest: Option<(u32, Vec<(u32, i32)>)>,
 }
 
 impl Groups {
     pub fn new() -> Groups {
         Groups::default()
+    }
+
+    /// The groups of a cluster node: watched groups are reported by bucket.
+    pub fn replicated(buckets: u32) -> Groups {
+        Groups {
+            interest: Some((buckets.max(1), Vec::new())),
+            ..Groups::default()
+        }
+    }
+
+    /// Group buckets whose interest changed since the last call (empty on a single node).
+    pub fn take_interest(&mut self) -> Vec<(u32, i32)> {
+        self.interest
+            .as_mut()
+            .map_or_else(Vec::new, |(_, v)| std::mem::take(v))
+    }
+
+    fn note_interest(&mut self, group: &str, delta: i32) {
+        if let Some((buckets, v)) = &mut self.interest {
+            v.push((super::contrib::bucket_of(group, *buckets), delta));
+        }
     }
 
     /// A member's state as seen through `group` (its aggregate, or offline when it left).
@@ -86,8 +110,13 @@ impl Groups {
     /// user id so snapshots are stable.
     pub fn watch(&mut self, group: &GroupId, shard: ShardIx) -> Vec<PresenceState> {
         let entry = self.groups.entry_ref(group).or_default();
+        let first = entry.watchers.is_empty();
         entry.watchers.add(shard);
-        entry.members.values().cloned().collect()
+        let members = entry.members.values().cloned().collect();
+        if first {
+            self.note_interest(group, 1);
+        }
+        members
     }
 
     /// A group subscription from `shard` ended. False when there was none to end.
@@ -96,6 +125,9 @@ impl Groups {
             return false;
         };
         let known = entry.watchers.remove(shard);
+        if known && entry.watchers.is_empty() {
+            self.note_interest(group, -1);
+        }
         self.forget_if_empty(group);
         known
     }
@@ -196,6 +228,23 @@ mod tests {
             ts: seq,
             seq,
         }
+    }
+
+    #[test]
+    fn watched_groups_are_reported_by_bucket_in_a_cluster_only() {
+        let mut single = Groups::new();
+        single.watch(&"team".into(), 0);
+        assert!(single.take_interest().is_empty());
+        let mut g = Groups::replicated(16);
+        let b = crate::presence::contrib::bucket_of("team", 16);
+        g.watch(&"team".into(), 0);
+        g.watch(&"team".into(), 1);
+        assert_eq!(g.take_interest(), vec![(b, 1)], "the first watcher only");
+        g.unwatch("team", 0);
+        g.unwatch("team", 1);
+        assert_eq!(g.take_interest(), vec![(b, -1)], "the last one only");
+        assert!(!g.unwatch("team", 1));
+        assert!(g.take_interest().is_empty());
     }
 
     #[test]

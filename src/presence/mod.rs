@@ -16,6 +16,6 @@ pub mod state;
 pub mod watchers;
 
 pub use groups::{Groups, StatusCounts};
-pub use registry::{Change, Outgoing, Registry, Session, SessionInfo, UserView};
+pub use registry::{Change, Outgoing, Registry, Session, SessionInfo, SnapScope, UserView};
 pub use state::{Aggregate, DeviceType, GroupId, PresenceState, SessionId, Status, UserId};
 pub use watchers::Watchers;

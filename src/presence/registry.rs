@@ -92,6 +92,17 @@ pub struct Replication {
     buckets: u32,
     outgoing: Vec<(UserId, Contribution)>,
     interest: Vec<(u32, i32)>,
+    session_interest: Vec<(u32, i32)>,
+}
+
+/// What a snapshot answer covers ([`Registry::apply_snapshot`]).
+pub struct SnapScope<'a> {
+    /// Users whose bucket was asked for.
+    pub users: &'a dyn Fn(&str) -> bool,
+    /// Groups whose bucket was asked for.
+    pub groups: &'a dyn Fn(&GroupId) -> bool,
+    /// Users whose bucket this node follows.
+    pub followed: &'a dyn Fn(&str) -> bool,
 }
 
 /// What a registry operation left for the cluster bridge: this node's shares that changed, and
@@ -99,12 +110,24 @@ pub struct Replication {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Outgoing {
     pub shares: Vec<(UserId, Contribution)>,
+    /// User buckets.
     pub interest: Vec<(u32, i32)>,
+    /// Group buckets (from the shard's [`Groups`](super::Groups)).
+    pub group_interest: Vec<(u32, i32)>,
+    /// User buckets that gained (+1) or lost (-1) a user with sessions here (directed
+    /// `activity` for them must reach this node).
+    pub session_interest: Vec<(u32, i32)>,
+    /// `activity` events for other nodes (ephemeral).
+    pub activity: Vec<contrib::Activity>,
 }
 
 impl Outgoing {
     pub fn is_empty(&self) -> bool {
-        self.shares.is_empty() && self.interest.is_empty()
+        self.shares.is_empty()
+            && self.interest.is_empty()
+            && self.group_interest.is_empty()
+            && self.session_interest.is_empty()
+            && self.activity.is_empty()
     }
 }
 
@@ -247,6 +270,7 @@ impl Registry {
                 buckets: buckets.max(1),
                 outgoing: Vec::new(),
                 interest: Vec::new(),
+                session_interest: Vec::new(),
             }),
             ..Registry::default()
         }
@@ -259,6 +283,9 @@ impl Registry {
             Some(r) => Outgoing {
                 shares: std::mem::take(&mut r.outgoing),
                 interest: std::mem::take(&mut r.interest),
+                group_interest: Vec::new(),
+                session_interest: std::mem::take(&mut r.session_interest),
+                activity: Vec::new(),
             },
         }
     }
@@ -278,6 +305,9 @@ impl Registry {
             "session ids are unique"
         );
         entry.stamps += 1;
+        if let (true, Some(r)) = (entry.sessions.is_empty(), &mut self.replication) {
+            r.session_interest.push((bucket_of(user, r.buckets), 1));
+        }
         entry.sessions.push(Session {
             id,
             status,
@@ -303,6 +333,9 @@ impl Registry {
         let pos = entry.sessions.iter().position(|s| s.id == id)?;
         entry.sessions.swap_remove(pos);
         self.sessions -= 1;
+        if let (true, Some(r)) = (entry.sessions.is_empty(), &mut self.replication) {
+            r.session_interest.push((bucket_of(user, r.buckets), -1));
+        }
         let user = user.clone();
         let change = settle(
             &user,
@@ -445,7 +478,13 @@ impl Registry {
         let change = match self.users.get_key_value_mut(user) {
             None => None,
             Some((id, entry)) => {
+                let had = !entry.sessions.is_empty();
                 entry.sessions.retain(|s| s.id != gone);
+                if let (true, true, Some(r)) =
+                    (had, entry.sessions.is_empty(), &mut self.replication)
+                {
+                    r.session_interest.push((bucket_of(user, r.buckets), -1));
+                }
                 let id = id.clone();
                 refresh(
                     &id,
@@ -509,14 +548,18 @@ impl Registry {
         )
     }
 
-    /// A node's snapshot of the users in scope: every listed share is applied, and a visible
-    /// share held from `node` for an in-scope user the snapshot leaves out is put out, unless
-    /// it is newer than the snapshot (`snap_clock`, the node's clock when it took it).
+    /// A node's snapshot of the buckets in `scope`: every listed share is applied, and a
+    /// visible share held from `node` that the snapshot leaves out, and that is older than it
+    /// (`snap_clock`, the node's clock when it took it), is gone there:
+    /// - for a user whose bucket was asked for, the whole share goes;
+    /// - otherwise the share loses the groups whose buckets were asked for (the node no longer
+    ///   has the user in them), and goes when no group is left and `scope.followed` says the
+    ///   user's own bucket is not followed here either.
     pub fn apply_snapshot(
         &mut self,
         node: NodeIx,
         shares: Vec<(UserId, Contribution)>,
-        in_scope: &dyn Fn(&str) -> bool,
+        scope: &SnapScope<'_>,
         snap_clock: u64,
         now_ms: u64,
     ) -> Vec<Change> {
@@ -539,17 +582,22 @@ impl Registry {
             let Some(replica) = entry.replica.as_mut() else {
                 continue;
             };
-            let Some(held) = replica.remote.iter_mut().find(|(n, _)| *n == node) else {
+            let Some((_, held)) = replica.remote.iter_mut().find(|(n, _)| *n == node) else {
                 continue;
             };
-            if !held.1.visible()
-                || held.1.clock >= snap_clock
-                || listed.contains(user)
-                || !in_scope(user)
-            {
+            if !held.visible() || held.clock >= snap_clock || listed.contains(user) {
                 continue;
             }
-            held.1 = Contribution::offline(snap_clock, Some(gone_at));
+            if (scope.users)(user) {
+                *held = Contribution::offline(snap_clock, Some(gone_at));
+            } else if held.groups.iter().any(|g| (scope.groups)(g)) {
+                held.groups.retain(|g| !(scope.groups)(g));
+                if held.groups.is_empty() && !(scope.followed)(user) {
+                    *held = Contribution::offline(snap_clock, Some(gone_at));
+                }
+            } else {
+                continue;
+            }
             let change = settle(
                 user,
                 entry,
@@ -566,18 +614,22 @@ impl Registry {
     /// `node` is gone (its lease expired, or it restarted): its shares are dropped, and users
     /// it alone kept online go offline with `last_seen` = `last_heard`.
     pub fn drop_node(&mut self, node: NodeIx, last_heard: u64, now_ms: u64) -> Vec<Change> {
-        self.drop_remote(|n, _| n == node, last_heard, now_ms)
+        self.drop_remote(|n, _, _| n == node, last_heard, now_ms)
     }
 
-    /// Drops every share heard from other nodes for the users in scope (their buckets are no
-    /// longer followed here, so the shares would go stale).
-    pub fn forget_remote(&mut self, in_scope: &dyn Fn(&str) -> bool, now_ms: u64) -> Vec<Change> {
-        self.drop_remote(|_, user| in_scope(user), now_ms, now_ms)
+    /// Keeps only the shares heard from other nodes that `keep` wants (the buckets they came
+    /// through are still followed); the others would go stale, so they are dropped.
+    pub fn retain_remote(
+        &mut self,
+        keep: &dyn Fn(&str, &Contribution) -> bool,
+        now_ms: u64,
+    ) -> Vec<Change> {
+        self.drop_remote(|_, user, share| !keep(user, share), now_ms, now_ms)
     }
 
     fn drop_remote(
         &mut self,
-        drop: impl Fn(NodeIx, &str) -> bool,
+        drop: impl Fn(NodeIx, &str, &Contribution) -> bool,
         at: u64,
         now_ms: u64,
     ) -> Vec<Change> {
@@ -596,7 +648,7 @@ impl Registry {
                 continue;
             };
             let before = replica.remote.len();
-            replica.remote.retain(|(n, _)| !drop(*n, user));
+            replica.remote.retain(|(n, c)| !drop(*n, user, c));
             if replica.remote.len() == before {
                 continue;
             }
@@ -613,13 +665,17 @@ impl Registry {
         changes
     }
 
-    /// This node's visible shares of the users in scope: what a snapshot sends.
-    pub fn local_shares(&self, in_scope: &dyn Fn(&str) -> bool) -> Vec<(UserId, Contribution)> {
+    /// This node's visible shares that `in_scope` wants: what a snapshot sends.
+    pub fn local_shares(
+        &self,
+        in_scope: &dyn Fn(&str, &Contribution) -> bool,
+    ) -> Vec<(UserId, Contribution)> {
         self.users
             .iter()
             .filter_map(|(user, e)| {
                 let r = e.replica.as_ref()?;
-                (r.local.visible() && in_scope(user)).then(|| (user.clone(), r.local.clone()))
+                (r.local.visible() && in_scope(user, &r.local))
+                    .then(|| (user.clone(), r.local.clone()))
             })
             .collect()
     }

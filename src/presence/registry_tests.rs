@@ -521,11 +521,15 @@ fn a_snapshot_puts_out_what_it_leaves_out_unless_newer() {
     r.apply_remote(&c, 1, share(Aggregate::Online, 1, 30), 0);
     // The node's snapshot at clock 20 lists only `a` (with a newer share): `b` is gone there;
     // `c`'s share is newer than the snapshot, so it stays; users out of scope are untouched.
-    let in_scope = |u: &str| u != "zzz";
+    let scope = SnapScope {
+        users: &|u: &str| u != "zzz",
+        groups: &|_: &GroupId| false,
+        followed: &|_: &str| true,
+    };
     let changes = r.apply_snapshot(
         1,
         vec![(a.clone(), share(Aggregate::Busy, 1, 15))],
-        &in_scope,
+        &scope,
         20,
         100,
     );
@@ -538,7 +542,7 @@ fn a_snapshot_puts_out_what_it_leaves_out_unless_newer() {
     assert_eq!(got.len(), 2, "{got:?}");
     assert_eq!(r.snapshot(&c, 0).status, Aggregate::Online);
     // Forgetting a bucket drops what was heard there.
-    let changes = r.forget_remote(&|u| u == "c", 200);
+    let changes = r.retain_remote(&|u, _| u != "c", 200);
     assert_eq!(changes.len(), 1);
     assert_eq!(r.snapshot(&c, 0).status, Aggregate::Offline);
     assert_eq!(
@@ -547,7 +551,7 @@ fn a_snapshot_puts_out_what_it_leaves_out_unless_newer() {
         "a's share and b's tombstone remain"
     );
     assert_eq!(
-        r.local_shares(&|_| true),
+        r.local_shares(&|_, _| true),
         vec![],
         "nothing of this node's own"
     );
@@ -559,9 +563,50 @@ fn local_shares_are_what_a_snapshot_of_this_node_sends() {
     r.connect(&uid("x"), sid(1), Status::Busy, info(&[]), 10);
     r.connect(&uid("y"), sid(2), Status::Invisible, info(&[]), 10);
     r.apply_remote(&uid("z"), 3, share(Aggregate::Online, 1, 5), 10);
-    let shares = r.local_shares(&|_| true);
+    let shares = r.local_shares(&|_, _| true);
     assert_eq!(shares.len(), 1, "visible local users only: {shares:?}");
     assert_eq!(shares[0].0, uid("x"));
     assert_eq!(shares[0].1.status, Aggregate::Busy);
-    assert!(r.local_shares(&|u| u != "x").is_empty());
+    assert!(r.local_shares(&|u, _| u != "x").is_empty());
+}
+
+#[test]
+fn a_group_bucket_snapshot_trims_groups_and_drops_what_only_a_group_kept() {
+    let mut r = replicated();
+    let grouped = |groups: &[&str], clock| Contribution {
+        groups: groups.iter().map(|g| GroupId::from(*g)).collect(),
+        ..share(Aggregate::Online, 1, clock)
+    };
+    let (a, b) = (uid("a"), uid("b"));
+    r.apply_remote(&a, 1, grouped(&["g1", "g2"], 10), 0);
+    r.apply_remote(&b, 1, grouped(&["g1"], 10), 0);
+    // The node's snapshot of g1's bucket lists neither: both left g1 there. `a` is still in g2
+    // (its share stays, trimmed); `b` was held only for g1 and its own bucket is not followed
+    // here, so its share goes.
+    let scope = SnapScope {
+        users: &|_: &str| false,
+        groups: &|g: &GroupId| &**g == "g1",
+        followed: &|_: &str| false,
+    };
+    let changes = r.apply_snapshot(1, Vec::new(), &scope, 20, 100);
+    assert_eq!(changes.len(), 2);
+    let a_now = r.view("a", 0).unwrap();
+    assert_eq!(
+        (a_now.status, a_now.groups),
+        (Aggregate::Online, &[GroupId::from("g2")][..])
+    );
+    let c = changes.iter().find(|c| &*c.state.user == "a").unwrap();
+    assert_eq!(
+        c.groups,
+        vec![(GroupId::from("g2"), true), (GroupId::from("g1"), false)]
+    );
+    assert_eq!(r.snapshot(&b, 0).status, Aggregate::Offline);
+    // Retaining by interest: a share with no followed group and an unfollowed user goes.
+    let changes = r.retain_remote(&|_, s| s.groups.iter().any(|g| &**g == "g9"), 200);
+    assert_eq!(
+        changes.len(),
+        1,
+        "a's share goes; b's tombstone goes silently"
+    );
+    assert_eq!(r.remote_share_count(), 0);
 }

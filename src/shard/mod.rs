@@ -134,9 +134,12 @@ impl Shard {
             limits.subscriptions_per_second,
             u32::try_from(limits.max_subscriptions).unwrap_or(u32::MAX),
         );
-        let registry = match &shared.cluster {
-            Some(link) => Registry::replicated(link.hlc.clone(), link.buckets),
-            None => Registry::new(),
+        let (registry, groups) = match &shared.cluster {
+            Some(link) => (
+                Registry::replicated(link.hlc.clone(), link.buckets),
+                Groups::replicated(link.buckets),
+            ),
+            None => (Registry::new(), Groups::new()),
         };
         Shard {
             ix,
@@ -147,7 +150,7 @@ impl Shard {
             mesh,
             shared,
             registry: RefCell::new(registry),
-            groups: RefCell::new(Groups::new()),
+            groups: RefCell::new(groups),
             sessions: RefCell::new(HashMap::new()),
             user_subs: RefCell::new(HashMap::new()),
             group_subs: RefCell::new(HashMap::new()),
@@ -357,8 +360,23 @@ impl Shard {
         }
     }
 
+    /// An `activity` op of a local user: to this node's watchers (or sessions of `to`), and in
+    /// a cluster to the other nodes'.
     fn send_activity(&self, user: &UserId, kind: Arc<str>, to: Option<UserId>) {
         let ts = now_ms();
+        self.relay_activity(user, &kind, ts, to.clone());
+        self.publish_activity(crate::presence::contrib::Activity {
+            user: user.clone(),
+            kind,
+            ts,
+            to,
+        });
+    }
+
+    /// Delivers an `activity` event on this node: to the watchers of `user` (this must be its
+    /// owner shard), or to the sessions of `to`.
+    pub fn relay_activity(&self, user: &UserId, kind: &Arc<str>, ts: u64, to: Option<UserId>) {
+        let kind = kind.clone();
         match to {
             None => {
                 let watchers = self.registry.borrow().watchers(user);
@@ -434,6 +452,7 @@ impl Shard {
                 gen,
             } => {
                 let members = self.groups.borrow_mut().watch(&group, from);
+                self.hand_to_bridge();
                 self.send(
                     from,
                     MeshMsg::GroupSnapshot {
@@ -448,6 +467,7 @@ impl Shard {
                 if !self.groups.borrow_mut().unwatch(&group, from) {
                     ShardMetrics::inc(&self.metrics.unmatched_unwatches);
                 }
+                self.hand_to_bridge();
             }
             MeshMsg::GroupSnapshot {
                 session,

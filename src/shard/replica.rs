@@ -18,8 +18,8 @@ use hashbrown::HashMap;
 
 use super::{now_ms, Shard};
 use crate::metrics::ShardMetrics;
-use crate::presence::contrib::{bucket_of, Contribution, Hlc, NodeIx};
-use crate::presence::{Outgoing, UserId};
+use crate::presence::contrib::{bucket_of, Activity, Contribution, Hlc, NodeIx};
+use crate::presence::{Outgoing, SnapScope, UserId};
 
 /// What every shard shares with the cluster bridge: set in [`super::Shared`] when the node runs
 /// in a cluster.
@@ -66,9 +66,9 @@ impl BucketSet {
         bucket < self.buckets && self.bits[(bucket / 64) as usize] & (1 << (bucket % 64)) != 0
     }
 
-    /// Whether `user` hashes into one of these buckets.
-    pub fn holds_user(&self, user: &str) -> bool {
-        self.contains(bucket_of(user, self.buckets))
+    /// Whether the user or group id `id` hashes into one of these buckets.
+    pub fn holds(&self, id: &str) -> bool {
+        self.contains(bucket_of(id, self.buckets))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -86,10 +86,13 @@ impl BucketSet {
 pub(super) struct Backlog {
     shares: HashMap<UserId, Contribution>,
     interest: HashMap<u32, i32>,
+    group_interest: HashMap<u32, i32>,
+    session_interest: HashMap<u32, i32>,
 }
 
 impl Backlog {
-    /// Adds `out`; returns how many older shares it replaced.
+    /// Adds `out`; returns how many older shares it replaced. `activity` is ephemeral and
+    /// not kept: the caller counts it as dropped.
     fn absorb(&mut self, out: Outgoing) -> u64 {
         let mut coalesced = 0;
         for (user, share) in out.shares {
@@ -105,21 +108,33 @@ impl Backlog {
                 }
             }
         }
-        for (bucket, delta) in out.interest {
-            *self.interest.entry(bucket).or_default() += delta;
+        for (sums, deltas) in [
+            (&mut self.interest, out.interest),
+            (&mut self.group_interest, out.group_interest),
+            (&mut self.session_interest, out.session_interest),
+        ] {
+            for (bucket, delta) in deltas {
+                *sums.entry(bucket).or_default() += delta;
+            }
+            sums.retain(|_, d| *d != 0);
         }
-        self.interest.retain(|_, d| *d != 0);
         coalesced
     }
 
     fn is_empty(&self) -> bool {
-        self.shares.is_empty() && self.interest.is_empty()
+        self.shares.is_empty()
+            && self.interest.is_empty()
+            && self.group_interest.is_empty()
+            && self.session_interest.is_empty()
     }
 
     fn take(&mut self) -> Outgoing {
         Outgoing {
             shares: self.shares.drain().collect(),
             interest: self.interest.drain().collect(),
+            group_interest: self.group_interest.drain().collect(),
+            session_interest: self.session_interest.drain().collect(),
+            activity: Vec::new(),
         }
     }
 }
@@ -132,19 +147,41 @@ impl Shard {
         let Some(link) = &self.shared.cluster else {
             return;
         };
-        let out = self.registry.borrow_mut().take_outgoing();
+        let mut out = self.registry.borrow_mut().take_outgoing();
+        out.group_interest = self.groups.borrow_mut().take_interest();
         if out.is_empty() {
             return;
         }
+        self.send_to_bridge(link, out);
+    }
+
+    /// Sends `out`, or keeps it in the backlog (behind what already waits there).
+    fn send_to_bridge(&self, link: &ClusterLink, out: Outgoing) {
         let mut backlog = self.cluster_backlog.borrow_mut();
-        if !backlog.is_empty() {
-            let n = backlog.absorb(out); // keep order: behind what already waits
-            ShardMetrics::add(&self.metrics.cluster_coalesced, n);
-            return;
-        }
-        if let Err(flume::TrySendError::Full(out)) = link.tx.try_send(out) {
-            let n = backlog.absorb(out);
-            ShardMetrics::add(&self.metrics.cluster_coalesced, n);
+        let out = if backlog.is_empty() {
+            match link.tx.try_send(out) {
+                Err(flume::TrySendError::Full(out)) => out,
+                _ => return,
+            }
+        } else {
+            out
+        };
+        ShardMetrics::add(
+            &self.metrics.cluster_activity_dropped,
+            out.activity.len() as u64,
+        );
+        let n = backlog.absorb(out);
+        ShardMetrics::add(&self.metrics.cluster_coalesced, n);
+    }
+
+    /// An `activity` event made here, for the other nodes (a no-op on a single node).
+    pub(super) fn publish_activity(&self, activity: Activity) {
+        if let Some(link) = &self.shared.cluster {
+            let out = Outgoing {
+                activity: vec![activity],
+                ..Outgoing::default()
+            };
+            self.send_to_bridge(link, out);
         }
     }
 
@@ -178,23 +215,26 @@ impl Shard {
         }
     }
 
-    /// `node`'s snapshot of the users of `scope` owned here ([`Registry::apply_snapshot`]).
+    /// `node`'s snapshot of the buckets in `scope`, for the users owned here
+    /// ([`Registry::apply_snapshot`]).
     ///
     /// [`Registry::apply_snapshot`]: crate::presence::Registry::apply_snapshot
     pub fn apply_remote_snapshot(
         &self,
         node: NodeIx,
         shares: Vec<(UserId, Contribution)>,
-        scope: &BucketSet,
+        scope: &Scope,
         snap_clock: u64,
     ) {
-        let changes = self.registry.borrow_mut().apply_snapshot(
-            node,
-            shares,
-            &|u| scope.holds_user(u),
-            snap_clock,
-            now_ms(),
-        );
+        let snap = SnapScope {
+            users: &|u| scope.users.holds(u),
+            groups: &|g| scope.groups.holds(g),
+            followed: &|u| scope.followed.holds(u),
+        };
+        let changes =
+            self.registry
+                .borrow_mut()
+                .apply_snapshot(node, shares, &snap, snap_clock, now_ms());
         for change in changes {
             self.publish(change);
         }
@@ -211,23 +251,37 @@ impl Shard {
         }
     }
 
-    /// The buckets of `scope` are no longer followed: shares heard for their users are dropped.
-    pub fn forget_remote(&self, scope: &BucketSet) {
-        let changes = self
-            .registry
-            .borrow_mut()
-            .forget_remote(&|u| scope.holds_user(u), now_ms());
+    /// Buckets were unfollowed: shares heard for users neither in a followed user bucket
+    /// (`users`) nor in a group of a followed group bucket (`groups`) are dropped.
+    pub fn retain_remote(&self, users: &BucketSet, groups: &BucketSet) {
+        let keep =
+            |u: &str, c: &Contribution| users.holds(u) || c.groups.iter().any(|g| groups.holds(g));
+        let changes = self.registry.borrow_mut().retain_remote(&keep, now_ms());
         for change in changes {
             self.publish(change);
         }
     }
 
-    /// This node's visible shares of the users of `scope` owned here (a snapshot's part).
-    pub fn local_shares(&self, scope: &BucketSet) -> Vec<(UserId, Contribution)> {
-        self.registry
-            .borrow()
-            .local_shares(&|u| scope.holds_user(u))
+    /// This node's visible shares of the users in `users`' buckets, or in a group of `groups`'
+    /// buckets, owned here (a snapshot's part).
+    pub fn local_shares(
+        &self,
+        users: &BucketSet,
+        groups: &BucketSet,
+    ) -> Vec<(UserId, Contribution)> {
+        let wanted =
+            |u: &str, c: &Contribution| users.holds(u) || c.groups.iter().any(|g| groups.holds(g));
+        self.registry.borrow().local_shares(&wanted)
     }
+}
+
+/// What a snapshot answer covers, as bucket sets: the user and group buckets asked for, and the
+/// user buckets this node follows.
+#[derive(Debug)]
+pub struct Scope {
+    pub users: BucketSet,
+    pub groups: BucketSet,
+    pub followed: BucketSet,
 }
 
 /// Runs `f` on every shard from outside them (the bridge's thread): one job per inbox.
@@ -253,7 +307,7 @@ mod tests {
         assert!(BucketSet::new(7).is_empty());
         let user = "alice";
         let b = bucket_of(user, 100);
-        assert!(BucketSet::of(100, [b]).holds_user(user));
+        assert!(BucketSet::of(100, [b]).holds(user));
     }
 
     #[test]
@@ -269,16 +323,24 @@ mod tests {
         let n = backlog.absorb(Outgoing {
             shares: vec![(a.clone(), share(5))],
             interest: vec![(3, 1), (4, 1)],
+            group_interest: vec![(3, 1)],
+            ..Outgoing::default()
         });
         assert_eq!(n, 0);
         let n = backlog.absorb(Outgoing {
             shares: vec![(a.clone(), share(9)), (a.clone(), share(7))],
             interest: vec![(3, -1)],
+            ..Outgoing::default()
         });
         assert_eq!(n, 2, "two older shares coalesced");
         let out = backlog.take();
         assert_eq!(out.shares, vec![(a, share(9))]);
         assert_eq!(out.interest, vec![(4, 1)], "+1 -1 nets out");
+        assert_eq!(
+            out.group_interest,
+            vec![(3, 1)],
+            "group buckets are kept apart"
+        );
         assert!(backlog.is_empty());
     }
 }

@@ -487,6 +487,40 @@ impl Client {
         self.ws.get_ref().set_read_timeout(Some(WAIT)).unwrap();
     }
 
+    /// The first frame within `d` that matches `want` (others are skipped), or `None` when
+    /// none came.
+    pub fn try_recv_for(&mut self, d: Duration, want: impl Fn(&Value) -> bool) -> Option<Value> {
+        let end = Instant::now() + d;
+        let found = loop {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break None;
+            }
+            self.ws.get_ref().set_read_timeout(Some(left)).unwrap();
+            match self.ws.read() {
+                Ok(Message::Text(t)) => {
+                    let v: Value = serde_json::from_str(&t).unwrap();
+                    if want(&v) {
+                        break Some(v);
+                    }
+                }
+                Ok(Message::Ping(_) | Message::Pong(_)) => continue,
+                Ok(other) => panic!("unexpected frame {other:?}"),
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    break None
+                }
+                Err(e) => panic!("the connection failed: {e}"),
+            }
+        };
+        self.ws.get_ref().set_read_timeout(Some(WAIT)).unwrap();
+        found
+    }
+
     /// Upgrades and expects the server to close right away; returns the close code.
     pub fn connect_expect_close(addr: SocketAddr, token: &str) -> u16 {
         let mut req = format!("ws://{addr}/ws").into_client_request().unwrap();
