@@ -2,12 +2,13 @@
 //! routed into a cluster, on loopback ports of their own, each killable and restartable on the
 //! same ports so a test can take NATS away from presenced and give it back.
 //!
-//! Every server listens on 127.0.0.1 only, without JetStream, and writes its log to a file in
-//! a temporary directory; a server that does not come up fails the test with the log's tail.
+//! Every server listens on 127.0.0.1 only (or, from [`Nats::start_on`], on one address of the
+//! caller's choice), without JetStream, and writes its log to a file in a temporary directory; a
+//! server that does not come up fails the test with the log's tail.
 
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -32,6 +33,9 @@ pub const CLUSTER_NAME: &str = "presenced-test";
 pub struct Nats {
     /// `None` between [`Nats::kill`] and [`Nats::restart`].
     child: Option<Child>,
+    /// The address it listens on, clients and monitoring alike: 127.0.0.1 unless started with
+    /// [`Nats::start_on`].
+    host: Ipv4Addr,
     /// Client port.
     port: u16,
     /// HTTP monitoring port (`/varz`, `/routez`).
@@ -45,10 +49,17 @@ pub struct Nats {
 impl Nats {
     /// One server on free loopback ports, accepting clients.
     pub fn start() -> Nats {
+        Nats::start_on(Ipv4Addr::LOCALHOST)
+    }
+
+    /// One server listening on `host` only (clients and monitoring), on ports free on
+    /// loopback, accepting clients: for a test whose clients reach it over another interface,
+    /// such as a veth into a network namespace. [`Nats::url`] and [`Nats::addr`] name `host`.
+    pub fn start_on(host: Ipv4Addr) -> Nats {
         let mut why = Vec::new();
         for _ in 0..START_TRIES {
             let [port, monitor_port] = distinct_ports();
-            let mut n = Nats::spawn(port, monitor_port, None);
+            let mut n = Nats::spawn(host, port, monitor_port, None);
             match n.wait_ready() {
                 Ok(()) => return n,
                 Err(NotReady::Exited(e)) => why.push(e),
@@ -67,8 +78,8 @@ impl Nats {
         let mut why = Vec::new();
         for _ in 0..START_TRIES {
             let [pa, pb, ma, mb, ca, cb] = distinct_ports();
-            let mut a = Nats::spawn(pa, ma, Some((ca, cb)));
-            let mut b = Nats::spawn(pb, mb, Some((cb, ca)));
+            let mut a = Nats::spawn(Ipv4Addr::LOCALHOST, pa, ma, Some((ca, cb)));
+            let mut b = Nats::spawn(Ipv4Addr::LOCALHOST, pb, mb, Some((cb, ca)));
             let up = a
                 .wait_ready()
                 .and_then(|()| b.wait_ready())
@@ -86,9 +97,9 @@ impl Nats {
         );
     }
 
-    /// `nats://127.0.0.1:PORT`, for clients.
+    /// `nats://127.0.0.1:PORT` (or the address given to [`Nats::start_on`]), for clients.
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        format!("nats://{}:{}", self.host, self.port)
     }
 
     pub fn port(&self) -> u16 {
@@ -96,7 +107,7 @@ impl Nats {
     }
 
     pub fn addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
+        SocketAddr::from((self.host, self.port))
     }
 
     /// The server is running (not killed, and not exited by itself).
@@ -124,6 +135,7 @@ impl Nats {
         loop {
             self.child = Some(spawn_child(
                 &self.log_path(),
+                self.host,
                 self.port,
                 self.monitor_port,
                 self.route,
@@ -174,7 +186,7 @@ impl Nats {
 
     /// `num_routes` from the monitoring endpoint's `/routez`.
     pub fn routes(&self) -> Result<u64, String> {
-        let body = http_get(self.monitor_port, "/routez")?;
+        let body = http_get(self.host, self.monitor_port, "/routez")?;
         let v: serde_json::Value =
             serde_json::from_str(&body).map_err(|e| format!("/routez: {e}: {body}"))?;
         v["num_routes"]
@@ -194,11 +206,12 @@ impl Nats {
     }
 
     /// Starts the process in a fresh directory for its log; does not wait for it.
-    fn spawn(port: u16, monitor_port: u16, route: Option<(u16, u16)>) -> Nats {
+    fn spawn(host: Ipv4Addr, port: u16, monitor_port: u16, route: Option<(u16, u16)>) -> Nats {
         let dir = tempfile::tempdir().expect("a temp dir for the nats-server log");
-        let child = spawn_child(&dir.path().join(LOG_FILE), port, monitor_port, route);
+        let child = spawn_child(&dir.path().join(LOG_FILE), host, port, monitor_port, route);
         Nats {
             child: Some(child),
+            host,
             port,
             monitor_port,
             route,
@@ -287,10 +300,10 @@ pub fn read_info(addr: SocketAddr) -> Result<String, String> {
     }
 }
 
-/// `GET path` on the monitoring port over HTTP/1.0 (the server closes after answering): the
-/// body, or why not.
-fn http_get(port: u16, path: &str) -> Result<String, String> {
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+/// `GET path` on the monitoring port at `host` over HTTP/1.0 (the server closes after
+/// answering): the body, or why not.
+fn http_get(host: Ipv4Addr, port: u16, path: &str) -> Result<String, String> {
+    let addr = SocketAddr::from((host, port));
     let mut s = TcpStream::connect_timeout(&addr, PROBE_TIMEOUT).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(PROBE_TIMEOUT))
         .map_err(|e| e.to_string())?;
@@ -325,10 +338,17 @@ fn distinct_ports<const N: usize>() -> [u16; N] {
     out
 }
 
-/// Starts `nats-server` on loopback: clients on `port`, monitoring on `monitor_port`, and for a
-/// routed server (own cluster port, peer's cluster port) the cluster flags. Its output is
-/// appended to `log`, so a restarted server's log follows the first run's.
-fn spawn_child(log: &Path, port: u16, monitor_port: u16, route: Option<(u16, u16)>) -> Child {
+/// Starts `nats-server` on `host` (loopback but for [`Nats::start_on`]): clients on `port`,
+/// monitoring on `monitor_port`, and for a routed server (own cluster port, peer's cluster port,
+/// both on loopback) the cluster flags. Its output is appended to `log`, so a restarted server's
+/// log follows the first run's.
+fn spawn_child(
+    log: &Path,
+    host: Ipv4Addr,
+    port: u16,
+    monitor_port: u16,
+    route: Option<(u16, u16)>,
+) -> Child {
     let file = OpenOptions::new()
         .create(true)
         .append(true)
@@ -336,7 +356,7 @@ fn spawn_child(log: &Path, port: u16, monitor_port: u16, route: Option<(u16, u16
         .unwrap_or_else(|e| panic!("the nats-server log {}: {e}", log.display()));
     let bin = nats_server();
     let mut cmd = Command::new(&bin);
-    cmd.args(["-a", "127.0.0.1", "-p", &port.to_string()])
+    cmd.args(["-a", &host.to_string(), "-p", &port.to_string()])
         .args(["-m", &monitor_port.to_string()])
         .args(["--server_name", &format!("presenced-test-{port}")]);
     if let Some((own, peer)) = route {
