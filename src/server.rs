@@ -157,6 +157,10 @@ pub fn start(cfg: ValidConfig, verifier: Verifier) -> Result<ServerHandle, Start
         }
     }
     let status = cluster.as_ref().map(|c| c.status.clone());
+    if let (Some(status), true) = (&status, admin_addr.is_some()) {
+        // Other nodes' admin questions are answered by this node's admin port code.
+        status.serve_admin_with(crate::admin::api::cluster::serve_call);
+    }
     let shared = Arc::new(shared);
     let sink = history.sink.clone();
     let init: Init = Arc::new(move |shard: &Rc<Shard>| {

@@ -98,6 +98,18 @@ impl Node {
         )
     }
 
+    /// POST `path` on the admin port with the admin token: (status, body).
+    fn admin_post(&self, path: &str) -> (u16, String) {
+        let s = std::net::TcpStream::connect(self.admin).unwrap();
+        common::raw_request_from(
+            s,
+            &format!(
+                "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n\
+                 Content-Length: 0\r\nConnection: close\r\n\r\n"
+            ),
+        )
+    }
+
     fn connect(&self, sub: &str) -> Client {
         Client::connect(self.addr, &token(sub))
     }
@@ -591,4 +603,95 @@ fn activity_reaches_watchers_and_sessions_on_other_nodes() {
         (&got["user"], &got["kind"]),
         (&"jack".into(), &"poke".into())
     );
+}
+
+/// Test 6 (admin): lookups, online lists, group pages and kicks answer for the whole cluster
+/// from any node; a node that does not answer is named.
+#[test]
+fn admin_lookups_and_kicks_work_from_any_node_and_name_missing_nodes() {
+    let nats = Nats::start();
+    let (a, b, c) = three(&nats);
+    let member = |n: &Node, user: &str| {
+        let t = mint_hs256(SECRET, &{
+            let mut spec = TokenSpec::new(user, Duration::from_secs(3600));
+            spec.groups = vec!["crew".into()];
+            spec
+        });
+        Client::connect(n.addr, &t)
+    };
+    let mut on_a = member(&a, "liam");
+    on_a.set_status("away", Some("at A"));
+    let mut on_b = member(&b, "liam");
+    on_b.set_status("busy", Some("at B"));
+    let _mia = member(&b, "mia");
+    let get = |n: &Node, path: &str| -> Value {
+        let (code, body) = n.admin_get(path);
+        assert_eq!(code, 200, "{path}: {body}");
+        serde_json::from_str(&body).unwrap()
+    };
+    // Asked on C, where liam has no session: both sessions, each with its node.
+    let u = eventually_within("liam's sessions from C", CONVERGE, || {
+        let u = get(&c, "/api/users/liam");
+        (u["sessions"].as_array().map_or(0, Vec::len) == 2).then_some(u)
+    });
+    let mut nodes: Vec<&str> = u["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["node"].as_str().unwrap())
+        .collect();
+    nodes.sort_unstable();
+    assert_eq!(nodes, ["node-a", "node-b"]);
+    assert_eq!((&u["status"], &u["devices"]), (&"busy".into(), &2.into()));
+    assert_eq!(u["nodes_missing"], serde_json::json!([]));
+
+    // The online list from C: liam once (two devices), mia.
+    let online = get(&c, "/api/online");
+    let users: Vec<(&str, u64)> = online["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["user"].as_str().unwrap(), r["devices"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(users, [("liam", 2), ("mia", 1)], "{online}");
+    // The group page from A: both members, once each.
+    let g = get(&a, "/api/groups/crew");
+    let members: Vec<&str> = g["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["user"].as_str().unwrap())
+        .collect();
+    assert_eq!(members, ["liam", "mia"], "{g}");
+    assert_eq!(g["counts_exact"], true);
+
+    // A session kick sent from C to the node serving it.
+    let b_session = u["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["node"] == "node-b")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (code, body) = c.admin_post(&format!("/api/sessions/{b_session}/kick?node=node-b"));
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(on_b.close_code(), 4003);
+    // A user kick from C reaches A.
+    let (code, body) = c.admin_post("/api/users/liam/kick");
+    assert_eq!(code, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["kicked"], 1, "{v}");
+    assert_eq!(on_a.close_code(), 4003);
+
+    // A node that does not answer is named, not left out.
+    b.signal(libc::SIGSTOP);
+    let online = get(&c, "/api/online");
+    assert_eq!(
+        online["nodes_missing"],
+        serde_json::json!(["node-b"]),
+        "{online}"
+    );
+    b.signal(libc::SIGCONT);
 }

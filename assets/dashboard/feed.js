@@ -77,7 +77,8 @@ function onStats(msg) {
   setText("#meta-uptime", fmtDuration(msg.uptime_s));
   if (msg.version) setText("#meta-version", "v" + msg.version);
   if (typeof msg.shards === "number") setText("#meta-shards", fmtInt(msg.shards));
-  renderShards(Array.isArray(msg.per_shard) ? msg.per_shard : []);
+    renderShards(Array.isArray(msg.per_shard) ? msg.per_shard : []);
+  renderNodes(msg.cluster, totals.connections);
   const sample = msg.sample || {
     t: Date.now(), online: totals.online_users, connections: totals.connections,
     handshakes_per_s: rates.handshakes_per_s, deliveries_per_s: rates.deliveries_per_s,
@@ -116,6 +117,46 @@ function renderShards(shards) {
   body.replaceChildren(...rows);
 }
 
+/** The cluster's nodes (this one first), when the server runs in a cluster; hidden otherwise. */
+function renderNodes(cluster, connections) {
+  const card = $("#nodes-card");
+  if (!cluster || typeof cluster !== "object") {
+    card.hidden = true;
+    return;
+  }
+  card.hidden = false;
+  const totals = cluster.totals || {};
+  setText("#nodes-total", fmtInt(totals.nodes));
+  setText("#nodes-bus", `bus ${cluster.bus || "?"}` + (cluster.bus === "connected" ? "" : ` — ${cluster.why || ""}`));
+  const self = { node: cluster.node + " (this node)", connections, online_users: null, last_heard_ms: null, admin: null };
+  const others = Array.isArray(cluster.nodes) ? cluster.nodes : [];
+  const rows = [self, ...others].map((n) => {
+    const tr = el("tr");
+    tr.dataset.node = String(n.node);
+    const heard = typeof n.last_heard_ms === "number"
+      ? fmtDuration(Math.max(0, (Date.now() + (state.serverOffsetMs || 0) - n.last_heard_ms) / 1000)) + " ago"
+      : "—";
+    const admin = el("td", "mono");
+    if (typeof n.admin === "string" && /^https?:\/\//.test(n.admin)) {
+      const a = el("a", "", n.admin);
+      a.href = n.admin;
+      a.rel = "noopener";
+      admin.append(a);
+    } else {
+      admin.textContent = "—";
+    }
+    tr.append(
+      el("td", "mono", n.node),
+      el("td", "num", fmtInt(n.connections)),
+      el("td", "num", n.online_users === null ? "—" : fmtInt(n.online_users)),
+      el("td", "num", heard),
+      admin,
+    );
+    return tr;
+  });
+  $("#nodes tbody").replaceChildren(...rows);
+}
+
 function onChanges(msg) {
   const users = Array.isArray(msg.users) ? msg.users : [];
   applyChanges(users, msg.missed);
@@ -129,5 +170,7 @@ function onChanges(msg) {
 export function clearFeed() {
   for (const sel of ["#online-count", "#conn-count", "#handshake-rate", "#delivery-rate",
     "#latency-p50", "#latency-p99", "#meta-uptime", "#meta-admin"]) setText(sel, "—");
-  $("#shards tbody").replaceChildren();
+    $("#shards tbody").replaceChildren();
+  $("#nodes tbody").replaceChildren();
+  $("#nodes-card").hidden = true;
 }

@@ -89,18 +89,33 @@ pub struct OnlineFilter {
     pub status: Option<Aggregate>,
     /// Substring of the user id, ASCII case-insensitive.
     pub q: Option<String>,
+    /// Only users with a visible session on this node, described by those sessions alone (a
+    /// cluster's scatter-gather: each node answers for its own sessions).
+    pub local: bool,
 }
 
 impl OnlineFilter {
     pub fn matches(&self, v: &UserView<'_>) -> bool {
-        if self.status.is_some_and(|s| s != v.status) {
+        let status = if self.local {
+            match local_aggregate(v.sessions) {
+                Some((status, _, _)) => status,
+                None => return false,
+            }
+        } else {
+            v.status
+        };
+        if self.status.is_some_and(|s| s != status) {
             return false;
         }
         if let Some(g) = &self.group {
-            if v.groups
-                .binary_search_by(|x| (**x).cmp(g.as_str()))
-                .is_err()
-            {
+            let member = if self.local {
+                v.sessions.iter().any(|s| {
+                    s.status.visible().is_some() && s.info.groups.iter().any(|x| **x == **g)
+                })
+            } else {
+                v.groups.binary_search_by(|x| (**x).cmp(g.as_str())).is_ok()
+            };
+            if !member {
                 return false;
             }
         }
@@ -170,7 +185,26 @@ pub struct OnlinePage {
     pub last_kept: Option<UserId>,
 }
 
-fn online_row(v: &UserView<'_>, shard: ShardIx) -> OnlineRow {
+/// The aggregate of these sessions alone (status, text, visible devices); `None` when none is
+/// visible.
+fn local_aggregate(
+    sessions: &[crate::presence::Session],
+) -> Option<(Aggregate, Option<Arc<str>>, u32)> {
+    let mut best: Option<(Aggregate, Option<Arc<str>>, u32)> = None;
+    for s in sessions {
+        let Some(agg) = s.status.visible() else {
+            continue;
+        };
+        let b = best.get_or_insert((agg, s.text.clone(), 0));
+        b.2 += 1;
+        if agg > b.0 {
+            (b.0, b.1) = (agg, s.text.clone());
+        }
+    }
+    best
+}
+
+fn online_row(v: &UserView<'_>, shard: ShardIx, local: bool) -> OnlineRow {
     let mut device_types: Vec<&'static str> = v
         .sessions
         .iter()
@@ -185,11 +219,15 @@ fn online_row(v: &UserView<'_>, shard: ShardIx) -> OnlineRow {
         .collect();
     regions.sort_unstable();
     regions.dedup();
+    let (status, text, devices) = match local.then(|| local_aggregate(v.sessions)).flatten() {
+        Some(mine) => mine,
+        None => (v.status, v.text.cloned(), v.devices),
+    };
     OnlineRow {
         user: v.user.clone(),
-        status: v.status.as_str(),
-        text: v.text.cloned(),
-        devices: v.devices,
+        status: status.as_str(),
+        text,
+        devices,
         ts: v.ts,
         device_types,
         regions,
@@ -264,7 +302,7 @@ impl OnlineScan {
             .iter()
             .filter_map(|id| registry.view(id, now))
             .filter(|v| v.status != Aggregate::Offline && self.q.filter.matches(v))
-            .map(|v| online_row(&v, shard))
+            .map(|v| online_row(&v, shard, self.q.filter.local))
             .collect();
         OnlinePage {
             rows,

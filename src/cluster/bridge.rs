@@ -53,6 +53,7 @@ pub struct Setup {
     pub doors: std::sync::mpsc::Receiver<Attach>,
     pub stop: tokio::sync::oneshot::Receiver<()>,
     pub verdict: std::sync::mpsc::Sender<Result<(), String>>,
+    pub asks: flume::Receiver<super::AdminAsk>,
 }
 
 /// The thread's body.
@@ -144,6 +145,7 @@ struct Bridge {
     /// The shards' counters (heartbeats carry the node's totals); set with `doors`.
     shared: Option<Arc<Shared>>,
     stop: tokio::sync::oneshot::Receiver<()>,
+    asks: flume::Receiver<super::AdminAsk>,
     tx: mpsc::Sender<Incoming>,
     rx: mpsc::Receiver<Incoming>,
     /// Shares waiting for the next batch, newest per user.
@@ -246,6 +248,7 @@ impl Bridge {
             doors_rx: Some(s.doors),
             shared: None,
             stop: s.stop,
+            asks: s.asks,
             tx,
             rx,
             pending: HashMap::new(),
@@ -331,6 +334,7 @@ impl Bridge {
             self.subjects.heartbeat(),
             self.subjects.snapshot(&self.id.node_id),
             self.subjects.whois(&self.id.node_id),
+            self.subjects.admin(&self.id.node_id),
         ] {
             let sub = self
                 .client
@@ -390,7 +394,8 @@ impl Bridge {
                     Ok(out) => self.take(out),
                     Err(_) => break, // every shard is gone
                 },
-                Some(msg) = self.rx.recv() => self.on_incoming(msg).await,
+                                Some(msg) = self.rx.recv() => self.on_incoming(msg).await,
+                Ok(ask) = self.asks.recv_async() => self.scatter(ask),
                 _ = batch.tick() => self.flush().await,
                 _ = beat.tick() => self.beat().await,
             }
@@ -671,6 +676,8 @@ impl Bridge {
                     self.on_heartbeat(&m.payload);
                 } else if m.subject.as_str() == self.subjects.snapshot(&self.id.node_id) {
                     self.serve_snapshot(m);
+                } else if m.subject.as_str() == self.subjects.admin(&self.id.node_id) {
+                    self.answer_admin(m);
                 } else if m.subject.as_str() == self.subjects.whois(&self.id.node_id) {
                     if let Some(reply) = m.reply {
                         let body = self.heartbeat_body();
@@ -834,6 +841,69 @@ impl Bridge {
         Counters::add(&self.status.counters.deltas_in, d.shares.len() as u64);
         tracing::trace!(node = %d.node, ?stream, n = d.n, shares = d.shares.len(), "cluster: delta");
         self.apply(ix, d.shares);
+    }
+
+    /// Asks the nodes of `ask` its admin question, concurrently, each within the deadline.
+    fn scatter(&self, ask: super::AdminAsk) {
+        let targets: Vec<String> = match &ask.only {
+            Some(n) => vec![n.clone()],
+            None => self.members.live().into_iter().map(|p| p.id).collect(),
+        };
+        let client = self.client.clone();
+        let subjects = self.subjects.clone();
+        let connected = self.connected;
+        tokio::spawn(async move {
+            let body = Bytes::from(serde_json::to_vec(&ask.call).unwrap_or_default());
+            let asks = targets.into_iter().map(|node| {
+                let req = client.request(subjects.admin(&node), body.clone());
+                async move {
+                    let got = match connected {
+                        false => None,
+                        true => tokio::time::timeout(ask.deadline, req)
+                            .await
+                            .ok()
+                            .and_then(Result::ok)
+                            .and_then(|m| serde_json::from_slice(&m.payload).ok()),
+                    };
+                    (node, got)
+                }
+            });
+            let mut out = super::Scattered::default();
+            for (node, got) in futures_util::future::join_all(asks).await {
+                match got {
+                    Some(answer) => out.answers.push((node, answer)),
+                    None => out.missing.push(node),
+                }
+            }
+            let _ = ask.reply.send(out);
+        });
+    }
+
+    /// Answers another node's admin question on shard 0 (the admin port's own code, set with
+    /// [`super::Status::serve_admin_with`]); no answer in time means none at all (the asker
+    /// names this node as missing).
+    fn answer_admin(&self, m: Message) {
+        let (Some(reply), Ok(call), Some(serve)) = (
+            m.reply,
+            serde_json::from_slice::<super::AdminCall>(&m.payload),
+            self.status.local_admin(),
+        ) else {
+            Counters::add(&self.status.counters.malformed, 1);
+            return;
+        };
+        let (tx, rx) = flume::bounded(1);
+        let job = move |s: &std::rc::Rc<Shard>| serve(s, call, tx);
+        if self.doors[0].send(MeshMsg::Invoke(Box::new(job))).is_err() {
+            return;
+        }
+        let client = self.client.clone();
+        let deadline = Duration::from_millis(self.cfg.request_timeout_ms);
+        tokio::spawn(async move {
+            if let Ok(Ok(answer)) = tokio::time::timeout(deadline, rx.recv_async()).await {
+                let body = serde_json::to_vec(&answer).unwrap_or_default();
+                let _ = client.publish(reply, body.into()).await;
+            }
+        });
     }
 
     /// `activity` from another node: to the owner shard of the user whose watchers get it, or

@@ -105,6 +105,45 @@ impl Counters {
     }
 }
 
+/// An admin API request sent to another node ([`Status::scatter`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AdminCall {
+    /// `GET` or `POST`.
+    pub method: String,
+    pub path: String,
+    pub query: String,
+    /// Who asked (for the audit log of kicks), as the asking node authenticated them.
+    pub by: String,
+}
+
+/// A node's answer: its status and JSON body.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AdminAnswer {
+    pub code: u16,
+    pub body: serde_json::Value,
+}
+
+/// What a scatter-gather got: each answering node's answer, and the nodes asked that did not
+/// answer in time (never silently left out).
+#[derive(Clone, Debug, Default)]
+pub struct Scattered {
+    pub answers: Vec<(String, AdminAnswer)>,
+    pub missing: Vec<String>,
+}
+
+/// How the admin port answers a request from another node on shard 0 (set by the admin port
+/// at start-up, so the bridge knows nothing of HTTP): the answer goes to the sender.
+pub type LocalAdmin = fn(&std::rc::Rc<crate::shard::Shard>, AdminCall, flume::Sender<AdminAnswer>);
+
+/// A scatter-gather for the bridge to run.
+pub struct AdminAsk {
+    pub call: AdminCall,
+    /// One node only; `None`: every live node.
+    pub only: Option<String>,
+    pub deadline: Duration,
+    pub reply: flume::Sender<Scattered>,
+}
+
 /// What any thread may read about the cluster: the bus state, the live nodes, the counters and
 /// the cross-node propagation latency.
 #[derive(Debug)]
@@ -119,11 +158,17 @@ pub struct Status {
     pub followed: AtomicU64,
     /// Origin clock → applied here, in microseconds (wall clocks of two machines: skew shows).
     latency: Mutex<hdrhistogram::Histogram<u64>>,
+    /// Scatter-gathers for the bridge (bounded: an admin burst waits, never queues without
+    /// bound).
+    asks: flume::Sender<AdminAsk>,
+    local_admin: std::sync::OnceLock<LocalAdmin>,
 }
 
 impl Status {
-    fn new(node_id: String, incarnation: u64) -> Status {
+    fn new(node_id: String, incarnation: u64, asks: flume::Sender<AdminAsk>) -> Status {
         Status {
+            asks,
+            local_admin: std::sync::OnceLock::new(),
             node_id,
             incarnation,
             bus: AtomicU8::new(BusState::Connecting as u8),
@@ -159,6 +204,46 @@ impl Status {
 
     fn set_nodes(&self, nodes: Vec<Peer>) {
         *lock(&self.nodes) = nodes;
+    }
+
+    /// Asks every other live node (or only `only`) an admin question over the bus, waiting at
+    /// most `deadline` for each.
+    pub async fn scatter(
+        &self,
+        call: AdminCall,
+        only: Option<String>,
+        deadline: Duration,
+    ) -> Scattered {
+        let (reply, answer) = flume::bounded(1);
+        let asked = only.clone().map_or_else(
+            || self.nodes().into_iter().map(|p| p.id).collect(),
+            |n| vec![n],
+        );
+        let ask = AdminAsk {
+            call,
+            only,
+            deadline,
+            reply,
+        };
+        if self.asks.send_async(ask).await.is_err() {
+            return Scattered {
+                answers: Vec::new(),
+                missing: asked,
+            };
+        }
+        answer.recv_async().await.unwrap_or(Scattered {
+            answers: Vec::new(),
+            missing: asked,
+        })
+    }
+
+    /// Sets how this node answers other nodes' admin questions (once, at start-up).
+    pub fn serve_admin_with(&self, f: LocalAdmin) {
+        let _ = self.local_admin.set(f);
+    }
+
+    pub(crate) fn local_admin(&self) -> Option<LocalAdmin> {
+        self.local_admin.get().copied()
     }
 
     pub fn record_latency(&self, us: u64) {
@@ -245,7 +330,8 @@ impl Cluster {
     ) -> Result<(Cluster, ClusterLink), String> {
         let hlc = Arc::new(Hlc::new());
         let (tx, rx) = flume::bounded(cfg.queue_capacity);
-        let status = Arc::new(Status::new(id.node_id.clone(), id.incarnation));
+        let (asks_tx, asks_rx) = flume::bounded(64);
+        let status = Arc::new(Status::new(id.node_id.clone(), id.incarnation, asks_tx));
         let (doors_tx, doors_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
         let (verdict_tx, verdict_rx) = std::sync::mpsc::channel();
@@ -259,6 +345,7 @@ impl Cluster {
             doors: doors_rx,
             stop: stop_rx,
             verdict: verdict_tx,
+            asks: asks_rx,
         };
         let thread = std::thread::Builder::new()
             .name("cluster-bridge".into())

@@ -8,6 +8,7 @@
 //! | `{prefix}.t.{bucket}` | [`ActivityMsg`] | `activity` with `to` a user in the bucket → nodes with sessions there |
 //! | `{prefix}.hb` | [`Heartbeat`] | every node → every node, every `lease_ms / 3` |
 //! | `{prefix}.snap.{node}` | [`SnapRequest`] → [`SnapChunk`]s | request/reply: a node's shares |
+//! | `{prefix}.admin.{node}` | [`AdminCall`](super::AdminCall) → [`AdminAnswer`](super::AdminAnswer) | request/reply: a cluster-wide admin question |
 //! | `{prefix}.id.{node}` | [`Heartbeat`] | "is this id taken?" → the live holder answers |
 
 use serde::{Deserialize, Serialize};
@@ -73,6 +74,11 @@ impl Subjects {
 
     pub fn snapshot(&self, node: &str) -> String {
         format!("{}.snap.{node}", self.prefix)
+    }
+
+    /// Admin API questions to `node` (request/reply).
+    pub fn admin(&self, node: &str) -> String {
+        format!("{}.admin.{node}", self.prefix)
     }
 
     pub fn whois(&self, node: &str) -> String {

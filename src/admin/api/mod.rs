@@ -9,6 +9,7 @@
 
 pub mod ask;
 pub mod auth;
+pub mod cluster;
 pub mod history;
 pub mod params;
 pub mod stats;
@@ -26,6 +27,7 @@ use crate::presence::SessionId;
 use crate::presence::UserId;
 use crate::shard::{now_ms, Shard};
 pub use auth::authenticate;
+use cluster::Scope;
 use params::{page_args, params, parse_online, segment};
 pub use query::encode_cursor;
 pub use stats::stats;
@@ -89,7 +91,8 @@ pub async fn route(
                 Ok(a) => a,
                 Err(e) => return e,
             };
-            api(shard, method, rest, query, admin)
+            let scope = cluster::scope_of(shard);
+            api(shard, method, rest, query, admin, scope)
                 .await
                 .unwrap_or_else(|e| e)
         }
@@ -101,13 +104,18 @@ pub async fn route(
     }
 }
 
+/// One API request, answered for this node's sessions or (`Scope::Cluster`) for the whole
+/// cluster's ([`cluster`]).
 async fn api(
     shard: &Rc<Shard>,
     method: Method,
     segs: &[&str],
     query: &str,
     admin: Identity,
+    scope: Scope,
 ) -> Result<Response, Response> {
+    let path = format!("/api/{}", segs.join("/"));
+    let me = cluster::node_id(shard);
     let read = matches!(method, Method::Get | Method::Head);
     // 405 unless the method is right.
     let need = |ok: bool, which: &str| {
@@ -125,18 +133,38 @@ async fn api(
         }
         ["online"] => {
             need(read, "GET")?;
-            let q = parse_online(query, shard.cfg().admin.max_page)?;
+            let mut q = parse_online(query, shard.cfg().admin.max_page)?;
+            // In a cluster every node lists the users with sessions on it, and the asker merges.
+            q.filter.local = me.is_some();
             let limit = q.limit;
             let pages = ask::all_async(shard, move |s| query::online_page_chunked(s, q)).await?;
             let (users, total, next) = merge_online(pages, limit);
-            Response::json(
-                200,
-                &OnlineBody {
-                    users,
-                    total,
-                    next_cursor: next.map(|u| encode_cursor(&u)),
-                },
-            )
+            let body = OnlineBody {
+                users,
+                total,
+                next_cursor: next.map(|u| encode_cursor(&u)),
+            };
+            match cluster::others(shard, scope, "GET", path, query, &admin, None).await {
+                None => Response::json(200, &body),
+                Some(remote) => {
+                    let mut pages = vec![serde_json::to_value(&body).unwrap_or_default()];
+                    pages.extend(cluster::ok_bodies(&remote).map(|(_, b)| b.clone()));
+                    let (users, total, more) = cluster::merge_online(pages, limit);
+                    let next = more
+                        .then(|| {
+                            users
+                                .last()
+                                .and_then(|u| u["user"].as_str())
+                                .map(encode_cursor)
+                        })
+                        .flatten();
+                    Response::json(
+                        200,
+                        &serde_json::json!({"users": users, "total": total,
+                            "next_cursor": next, "nodes_missing": remote.missing}),
+                    )
+                }
+            }
         }
         ["users", id] => {
             need(read, "GET")?;
@@ -149,9 +177,26 @@ async fn api(
                 query::user_detail(s, &user, now_ms())
             })
             .await?;
-            match detail {
-                Some(d) => Response::json(200, &d),
-                None => Response::error(404, "unknown user"),
+            match cluster::others(shard, scope, "GET", path, query, &admin, None).await {
+                None => match detail {
+                    Some(d) => Response::json(200, &d),
+                    None => Response::error(404, "unknown user"),
+                },
+                Some(remote) => {
+                    let local = detail.map(|d| serde_json::to_value(d).unwrap_or_default());
+                    let me = me.unwrap_or_default();
+                    match cluster::merge_user(&me, local, &remote) {
+                        Some(v) => Response::json(200, &v),
+                        None if remote.missing.is_empty() => Response::error(404, "unknown user"),
+                        None => Response::error(
+                            404,
+                            &format!(
+                                "unknown to the nodes that answered; not answered by {}",
+                                remote.missing.join(", ")
+                            ),
+                        ),
+                    }
+                }
             }
         }
         ["users", id, "kick"] => {
@@ -161,9 +206,23 @@ async fn api(
             };
             let owner = shard.owner(&user);
             let user: UserId = user.into();
-            match ask::on(shard, owner, move |s| query::kick_user(s, &user, &admin)).await? {
-                k if k.kicked > 0 => Response::json(200, &k),
-                _ => Response::error(404, "the user has no session"),
+            let by = admin.clone();
+            let local = ask::on(shard, owner, move |s| query::kick_user(s, &user, &by)).await?;
+            match cluster::others(shard, scope, "POST", path, query, &admin, None).await {
+                None => match local {
+                    k if k.kicked > 0 => Response::json(200, &k),
+                    _ => Response::error(404, "the user has no session"),
+                },
+                Some(remote) => {
+                    let mut v =
+                        cluster::merge_kicks(&me.unwrap_or_default(), local.kicked, &remote);
+                    v["user"] = serde_json::json!(segment(id));
+                    if v["kicked"] == 0 && remote.missing.is_empty() {
+                        Response::error(404, "the user has no session on any node")
+                    } else {
+                        Response::json(200, &v)
+                    }
+                }
             }
         }
         ["sessions", id, "kick"] => {
@@ -174,6 +233,26 @@ async fn api(
                     "a session id is the hex `session` of welcome",
                 ));
             };
+            // Session ids are per node: `?node=` (the `node` of the session in
+            // `/api/users/{id}`) sends the kick to the node that serves it.
+            let p = params(query, &["node"])?;
+            if let Some((_, node)) = p.iter().find(|(k, _)| k == "node") {
+                if me.as_deref() != Some(node.as_str()) {
+                    let Some(remote) =
+                        cluster::others(shard, scope, "POST", path, "", &admin, Some(node.clone()))
+                            .await
+                    else {
+                        return Err(Response::error(404, "no such node: not in a cluster"));
+                    };
+                    return Ok(match remote.answers.into_iter().next() {
+                        Some((_, a)) => Response::json(a.code, &a.body),
+                        None => Response::error(
+                            503,
+                            &format!("node {node} did not answer in time (is it live?)"),
+                        ),
+                    });
+                }
+            }
             let owner = session.shard();
             if usize::from(owner) >= shard.shards() {
                 return Err(Response::error(404, "unknown session"));
@@ -218,9 +297,30 @@ async fn api(
                 after,
                 limit,
             };
-            match ask::on(shard, owner, move |s| query::group_page(&s.groups(), &q)).await? {
-                Some(page) => Response::json(200, &page),
-                None => Response::error(404, "unknown group: no visible member, no subscriber"),
+            let page = ask::on(shard, owner, move |s| query::group_page(&s.groups(), &q)).await?;
+            match cluster::others(shard, scope, "GET", path, query, &admin, None).await {
+                None => match page {
+                    Some(page) => Response::json(200, &page),
+                    None => Response::error(404, "unknown group: no visible member, no subscriber"),
+                },
+                Some(remote) => {
+                    let mut pages: Vec<serde_json::Value> = page
+                        .iter()
+                        .filter_map(|p| serde_json::to_value(p).ok())
+                        .collect();
+                    pages.extend(cluster::ok_bodies(&remote).map(|(_, b)| b.clone()));
+                    match cluster::merge_group(pages, limit) {
+                        Some(mut v) => {
+                            v["nodes_missing"] = serde_json::json!(remote.missing);
+                            Response::json(200, &v)
+                        }
+                        None => Response::error(
+                            404,
+                            "unknown group on every node that answered: no visible member, no \
+                             subscriber",
+                        ),
+                    }
+                }
             }
         }
         ["history", id] => {
