@@ -157,6 +157,14 @@ fn until(c: &mut Client, user: &str, last_seq: &mut u64, want: impl Fn(&Value) -
     }
 }
 
+/// Kills `nats` and keeps its port taken while it is down (a listener that never answers, so
+/// nodes see a bus that does not speak), so no other test's server or port takes it before
+/// [`Nats::restart`]. Drop the listener right before restarting.
+fn take_down(nats: &mut Nats) -> std::net::TcpListener {
+    nats.kill();
+    std::net::TcpListener::bind(nats.addr()).expect("the bus port is ours again")
+}
+
 fn three(nats: &Nats) -> (Node, Node, Node) {
     let url = nats.url();
     let nodes = (
@@ -282,14 +290,15 @@ fn nodes_resync_after_the_bus_restarts() {
     let mut carol = a.connect("carol");
     until(&mut watcher, "carol", &mut seq, |v| v["status"] == "online");
 
-    nats.kill();
+        let hold = take_down(&mut nats);
     // While the bus is down: changes on A cannot travel; each node serves its own clients.
     carol.set_status("away", Some("bus down"));
     let mut local = a.connect("w-local");
     assert_eq!(local.subscribe(&["carol"])[0]["status"], "away");
     let mut carol_b = b.connect("carol");
-    carol_b.set_status("away", Some("also down"));
+        carol_b.set_status("away", Some("also down"));
 
+    drop(hold);
     nats.restart();
     for n in [&a, &b, &c] {
         n.wait_ready();
@@ -390,9 +399,9 @@ fn bad_cluster_settings_are_refused_naming_the_key() {
 /// and joins when the bus comes up.
 #[test]
 fn a_node_without_its_bus_serves_locally_and_joins_later() {
-    let mut nats = Nats::start();
+        let mut nats = Nats::start();
     let url = nats.url();
-    nats.kill();
+    let hold = take_down(&mut nats);
     let (port, admin) = (common::free_port(), common::free_port());
     let mut cmd = serve_cmd(port, admin);
     cmd.args([
@@ -421,12 +430,9 @@ fn a_node_without_its_bus_serves_locally_and_joins_later() {
     let mut w = lonely.connect("w");
     w.subscribe(&["erin"]);
     let _erin = lonely.connect("erin");
-    assert_eq!(
-        w.presence_of("erin")["status"],
-        "online",
-        "local presence works"
-    );
+        assert_eq!(w.presence_of("erin")["status"], "online", "local presence works");
 
+    drop(hold);
     nats.restart();
     lonely.wait_ready();
     let other = Node::start("other", &url);
@@ -694,4 +700,27 @@ fn admin_lookups_and_kicks_work_from_any_node_and_name_missing_nodes() {
         "{online}"
     );
     b.signal(libc::SIGCONT);
+}
+
+/// A node whose bus died stops promptly on SIGTERM: the last flush to the bus is bounded.
+#[test]
+fn a_node_stops_promptly_when_its_bus_is_gone() {
+    let mut nats = Nats::start();
+    let mut a = Node::start("node-a", &nats.url());
+        let _u = a.connect("nora");
+    let _hold = take_down(&mut nats);
+    eventually_within("A notices the bus is gone", CONVERGE, || {
+        a.readyz().filter(|r| r["cluster"]["bus"] != "connected")
+    });
+    let asked = Instant::now();
+    a.signal(libc::SIGTERM);
+    let status = eventually_within("A exits after SIGTERM", CONVERGE, || {
+        a.served.child.try_wait().unwrap()
+    });
+    assert!(status.success(), "{status}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(8),
+        "shutdown took {:?}",
+        asked.elapsed()
+    );
 }

@@ -542,11 +542,14 @@ fn a_partitioned_node_serves_locally_and_everyone_converges_after_the_heal() {
         "P dropped A and B within a few leases: {dropped_by_p:?}"
     );
 
-    // What the nodes say: P sees only itself, A and B each other, and P stays ready. P's bus
-    // state is printed, not asserted: it stays `connected` through a silent partition, since
-    // async-nats 0.42 sends a PING only after `ping_interval` (60 s) without any command, and
-    // P publishes a heartbeat every lease / 3 (so it never pings). Only the leases notice.
+    // What the nodes say: P sees only itself, A and B each other, and P stays ready. P also
+    // says it lost the bus: its probe (a request the NATS server itself answers) goes
+    // unanswered, since a link that dies without a reset is never noticed by the client's own
+    // pings while P keeps publishing heartbeats.
     let ready_p = p.wait_nodes(1);
+    p.wait_readyz("P reports the bus lost", |r| {
+        r["cluster"]["bus"] != "connected"
+    });
     a.wait_nodes(2);
     b.wait_nodes(2);
     assert_eq!(ready_p["ready"], true, "P still serves: {ready_p}");
@@ -572,6 +575,7 @@ fn a_partitioned_node_serves_locally_and_everyone_converges_after_the_heal() {
     }
     let bus_during = p.readyz().expect("P answers /readyz during the partition")["cluster"].clone();
     assert_eq!(bus_during["nodes"], 1, "{bus_during}");
+    assert_ne!(bus_during["bus"], "connected", "{bus_during}");
     let partitioned_for = cut.elapsed();
 
     // The heal: each side hears the other's heartbeats again, asks for snapshots, converges.

@@ -120,6 +120,8 @@ enum Incoming {
         streams: Vec<Stream>,
         answer: Result<Snapshot, String>,
     },
+    /// Whether the NATS server answered this beat's probe in time.
+    Probe(bool),
 }
 
 /// A whole snapshot answer.
@@ -177,6 +179,8 @@ struct Bridge {
     again: HashMap<String, BTreeSet<Stream>>,
     /// Whether this node's id was checked against the live nodes (on the first connection).
     id_checked: bool,
+    /// A probe of the bus is in flight ([`Bridge::probe`]).
+    probing: bool,
     connected: bool,
     /// Background subscriptions for the node's own subjects (heartbeats, snapshot requests,
     /// id checks), started on the first connection.
@@ -264,6 +268,7 @@ impl Bridge {
             asking: HashMap::new(),
             again: HashMap::new(),
             id_checked: false,
+            probing: false,
             connected: false,
             own_subs: Vec::new(),
         };
@@ -405,7 +410,9 @@ impl Bridge {
         while let Ok(out) = self.from_shards.try_recv() {
             self.take(out);
         }
-        self.flush().await;
+        // Bounded: a dead bus must not hold the process up at shutdown.
+        let deadline = Duration::from_millis(self.cfg.request_timeout_ms);
+        let _ = tokio::time::timeout(deadline, self.flush()).await;
         let tasks = (self.subs.drain().map(|(_, t)| t))
             .chain(self.activity_subs.drain().map(|(_, t)| t))
             .chain(self.directed_subs.drain().map(|(_, t)| t))
@@ -413,7 +420,7 @@ impl Bridge {
         for t in tasks {
             t.abort();
         }
-        let _ = self.client.flush().await;
+        let _ = tokio::time::timeout(deadline, self.client.flush()).await;
     }
 
     /// Shares and interest from a shard.
@@ -491,7 +498,8 @@ impl Bridge {
             return;
         }
         let items = std::mem::take(&mut self.pending_activity);
-        let c = &self.status.counters;
+        let status = self.status.clone();
+        let c = &status.counters;
         if !self.connected {
             Counters::add(&c.activity_dropped, items.len() as u64);
             return;
@@ -516,7 +524,7 @@ impl Bridge {
             Counters::add(&c.messages_out, 1);
             Counters::add(&c.bytes_out, body.len() as u64);
             Counters::add(&c.activity_out, n);
-            let _ = self.client.publish(subject, body.into()).await;
+            self.send(subject, body).await;
         }
     }
 
@@ -578,15 +586,7 @@ impl Bridge {
                 if matches!(stream, Stream::User(_)) {
                     Counters::add(&c.deltas_out, chunk.len() as u64);
                 }
-                if let Err(e) = self
-                    .client
-                    .publish(stream.subject(&self.subjects), body.into())
-                    .await
-                {
-                    // The client is closed (it never is while reconnecting): receivers see
-                    // the gap in `n` and resync.
-                    tracing::debug!("cluster: publish failed: {e}");
-                }
+                self.send(stream.subject(&self.subjects), body).await;
             }
         }
     }
@@ -598,10 +598,8 @@ impl Bridge {
             let body = self.heartbeat_body();
             Counters::add(&self.status.counters.messages_out, 1);
             Counters::add(&self.status.counters.bytes_out, body.len() as u64);
-            let _ = self
-                .client
-                .publish(self.subjects.heartbeat(), body.into())
-                .await;
+            self.send(self.subjects.heartbeat(), body).await;
+            self.probe();
         }
         for peer in self.members.expire(now, self.cfg.lease_ms) {
             Counters::add(&self.status.counters.lease_expiries, 1);
@@ -649,6 +647,60 @@ impl Bridge {
         self.status.set_nodes(self.members.live());
     }
 
+    /// Publishes, waiting at most `request_timeout_ms` for the client to take the message: a
+    /// client stuck on a dead link must not hold the loop (the bus is then taken for lost).
+    async fn send(&mut self, subject: String, body: Vec<u8>) {
+        let wait = Duration::from_millis(self.cfg.request_timeout_ms);
+        match tokio::time::timeout(wait, self.client.publish(subject, body.into())).await {
+            Ok(Ok(())) => {}
+            // The client is closed (it never is while reconnecting): receivers see the gap in
+            // the numbers and resync.
+            Ok(Err(e)) => tracing::debug!("cluster: publish failed: {e}"),
+            Err(_) => self.bus_lost("publishing to NATS blocked"),
+        }
+    }
+
+    /// Asks the NATS server for an answer (a request nobody serves: the server itself says "no
+    /// responders"). The client pings only after 60 s of silence, and a node that publishes a
+    /// heartbeat every `lease_ms / 3` is never silent, so a link that died without a reset (a
+    /// partition) would go unnoticed for as long as TCP takes to give up; this notices it within
+    /// a beat and a half.
+    fn probe(&mut self) {
+        if self.probing {
+            return;
+        }
+        self.probing = true;
+        let client = self.client.clone();
+        let subject = self.subjects.probe(&self.id.node_id);
+        let wait = Duration::from_millis((self.cfg.lease_ms / 2).max(100));
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let ask = client.request(subject, Bytes::new());
+            let answered = match tokio::time::timeout(wait, ask).await {
+                Ok(Ok(_)) => true,
+                Ok(Err(e)) => e.kind() == async_nats::RequestErrorKind::NoResponders,
+                Err(_) => false,
+            };
+            let _ = tx.send(Incoming::Probe(answered)).await;
+        });
+    }
+
+    /// The bus stopped answering while the client still thinks it is connected: hold shares
+    /// (newest per user) as for a lost connection, say so, and make the client reconnect.
+    fn bus_lost(&mut self, why: &str) {
+        if !self.connected {
+            return;
+        }
+        self.connected = false;
+        tracing::warn!("cluster: {why}; serving local clients and reconnecting");
+        self.status
+            .set_bus(BusState::Disconnected, format!("{why}; reconnecting"));
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            let _ = client.force_reconnect().await;
+        });
+    }
+
     fn forget_node(&mut self, ix: NodeIx, last_heard: u64, id: &str) {
         self.gaps.forget_node(ix);
         self.asking.remove(id);
@@ -691,6 +743,13 @@ impl Bridge {
                 streams,
                 answer,
             } => self.on_snapshot(node, ix, streams, answer),
+            Incoming::Probe(answered) => {
+                self.probing = false;
+                if !answered {
+                    let wait = (self.cfg.lease_ms / 2).max(100);
+                    self.bus_lost(&format!("NATS did not answer a probe within {wait} ms"));
+                }
+            }
         }
     }
 

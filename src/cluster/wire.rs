@@ -76,6 +76,12 @@ impl Subjects {
         format!("{}.snap.{node}", self.prefix)
     }
 
+    /// Nobody subscribes here: a request to it is answered "no responders" by the NATS server
+    /// itself, which proves the link to the server works (the bridge's probe).
+    pub fn probe(&self, node: &str) -> String {
+        format!("{}.probe.{node}", self.prefix)
+    }
+
     /// Admin API questions to `node` (request/reply).
     pub fn admin(&self, node: &str) -> String {
         format!("{}.admin.{node}", self.prefix)
