@@ -137,7 +137,8 @@ struct RunArgs {
     /// The server's admin port, e.g. http://127.0.0.1:9090: `--verify` reads its coalescing
     /// counter (`/metrics`) before and after the run to tell a seq gap the server explains
     /// (coalescing for a slow consumer) from a lost event. Several comma-separated (one per
-    /// server behind --url): their counters are added up.
+    /// server behind --url): their counters are added up. Cluster nodes are told by their
+    /// metrics: there seq is a hybrid logical clock, and gaps do not fail verification.
     #[arg(long)]
     admin_url: Option<String>,
     /// Bearer token for the admin port, when its `/metrics` is protected.
@@ -273,11 +274,12 @@ fn run_load(args: RunArgs) -> Result<ExitCode, String> {
             ));
         }
     }
-    // The coalescing counters before the run: a scrape that fails here is a usage error.
-    let coalesced_before = if admins.is_empty() {
+    // The coalescing counters before the run (and whether the servers are cluster nodes): a
+    // scrape that fails here is a usage error.
+    let counters_before = if admins.is_empty() {
         None
     } else {
-        Some(scrape::coalesced_sum(&admins).map_err(|e| format!("--admin-url: {e}"))?)
+        Some(scrape::counters_sum(&admins).map_err(|e| format!("--admin-url: {e}"))?)
     };
     let (worker, workers) = args.worker;
     let threads = args
@@ -470,9 +472,9 @@ fn run_load(args: RunArgs) -> Result<ExitCode, String> {
     }
     // Every subscriber has verified: nothing it counted can be merged any more.
     let mut coalesced_error = None;
-    let coalesced = match coalesced_before {
-        Some(before) => match scrape::coalesced_sum(&admins) {
-            Ok(after) => Some(after.saturating_sub(before)),
+    let coalesced = match counters_before {
+        Some(before) => match scrape::counters_sum(&admins) {
+            Ok(after) => Some(after.coalesced.saturating_sub(before.coalesced)),
             Err(e) => {
                 if !args.quiet {
                     eprintln!("warning: --admin-url after the run: {e}");
@@ -530,6 +532,7 @@ fn run_load(args: RunArgs) -> Result<ExitCode, String> {
         );
     }
     let mut report = Report::new(&args.scenario, &stats, run_s, cpu_s, args.verify, coalesced);
+    report.set_cluster(counters_before.is_some_and(|c| c.cluster));
     report.workers = 1;
     let urls: Vec<String> = shared.targets.iter().map(|t| t.url.clone()).collect();
     report.urls = report::UrlConnections::of(&urls, &stats);

@@ -233,12 +233,17 @@ pub struct Verify {
     /// is a lost event and fails verification; when it did, gaps are allowed (counted).
     #[serde(default)]
     pub coalesced: Option<u64>,
+    /// A server behind `--admin-url` is a cluster node (docs/CLUSTER.md): there `seq` is a
+    /// hybrid logical clock that rises by at least one per change, so gaps are the norm, are
+    /// counted, and never fail verification; the finals and the order of `seq` still do.
+    #[serde(default)]
+    pub cluster: bool,
 }
 
 impl Verify {
     /// The verdict: everything checked arrived, in order, and every seq gap is explained.
     pub fn judge(&mut self) {
-        let gaps_unexplained = self.seq_gaps > 0 && self.coalesced == Some(0);
+        let gaps_unexplained = self.seq_gaps > 0 && self.coalesced == Some(0) && !self.cluster;
         self.passed =
             self.missing == 0 && self.out_of_order == 0 && self.checked > 0 && !gaps_unexplained;
     }
@@ -247,6 +252,9 @@ impl Verify {
     pub fn gaps_line(&self) -> String {
         let why = match self.coalesced {
             _ if self.seq_gaps == 0 => "none".to_string(),
+            _ if self.cluster => "not losses: in a cluster seq is a hybrid logical clock, which \
+                                  rises by at least one per change"
+                .to_string(),
             None => "not attributed: without --admin-url it is unknown whether the server \
                      coalesced"
                 .to_string(),
@@ -390,11 +398,21 @@ impl Report {
                     checked: stats.checked,
                     seq_gaps: stats.seq_gaps,
                     coalesced,
+                    cluster: false,
                 };
                 v.judge();
                 v
             }),
             histograms,
+        }
+    }
+
+    /// The servers behind `--admin-url` are cluster nodes (see [`Verify::cluster`]): judged
+    /// again.
+    pub fn set_cluster(&mut self, cluster: bool) {
+        if let Some(v) = &mut self.verify {
+            v.cluster = cluster;
+            v.judge();
         }
     }
 
@@ -438,6 +456,7 @@ impl Report {
                     checked: a.checked + b.checked,
                     seq_gaps: a.seq_gaps + b.seq_gaps,
                     coalesced: a.coalesced.max(b.coalesced),
+                    cluster: a.cluster || b.cluster,
                 }),
                 (a, b) => a.or(b),
             };
@@ -641,5 +660,50 @@ mod tests {
         );
         let m = Report::merge(vec![a, b]).unwrap().verify.unwrap();
         assert_eq!((m.passed, m.seq_gaps, m.coalesced), (false, 2, Some(0)));
+    }
+
+    /// Against cluster nodes `seq` is a hybrid logical clock: gaps with nothing coalesced are
+    /// no loss, but a missing final or a `seq` going back still fail.
+    #[test]
+    fn in_a_cluster_seq_gaps_are_not_losses() {
+        let mut s = Stats {
+            checked: 10,
+            seq_gaps: 7,
+            ..Stats::default()
+        };
+        let judged = |s: &Stats| {
+            let mut r = Report::new("t", s, 1.0, 1.0, true, Some(0));
+            r.set_cluster(true);
+            (r.verify.clone().unwrap(), r.table())
+        };
+        let (v, table) = judged(&s);
+        assert!(v.passed && v.cluster, "{table}");
+        assert!(table.contains("hybrid logical clock"), "{table}");
+        s.missing = 1;
+        assert!(!judged(&s).0.passed, "a missing final still fails");
+        s.missing = 0;
+        s.out_of_order = 1;
+        assert!(!judged(&s).0.passed, "seq going back still fails");
+        // A fleet is a cluster's if any worker's servers were; the flag survives JSON.
+        s.out_of_order = 0;
+        let a = serde_json::to_string(&judged(&s).0).unwrap();
+        let a: Verify = serde_json::from_str(&a).unwrap();
+        assert!(a.cluster);
+        let worker = || {
+            let one_check = Stats {
+                checked: 1,
+                ..Stats::default()
+            };
+            Report::new("t", &one_check, 1.0, 1.0, true, Some(0))
+        };
+        let (two, mut one) = (worker(), worker());
+        one.set_cluster(true);
+        let m = Report::merge(vec![two, one]).unwrap().verify.unwrap();
+        assert!(m.cluster);
+        // A report written before the field existed reads as not a cluster's.
+        let old: Verify =
+            serde_json::from_str(r#"{"passed":true,"missing":0,"out_of_order":0,"checked":1}"#)
+                .unwrap();
+        assert!(!old.cluster);
     }
 }

@@ -2,7 +2,8 @@
 //! tell a seq gap the server explains from a lost event. The server merges a user's queued
 //! states in two places: a slow consumer's outbox (`presenced_coalesced_events_total`), and a
 //! congested mesh between shards (`presenced_mesh_coalesced_total`), which reaches even
-//! clients that keep up.
+//! clients that keep up. It also tells whether a server is a cluster node
+//! (`presenced_cluster_nodes`): there `seq` is a hybrid logical clock, and a gap is no loss.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -115,11 +116,27 @@ impl AdminPort {
         Ok(body.into_owned())
     }
 
-    /// The server's count of merged (coalesced) events, all shards together.
-    pub fn coalesced(&self) -> Result<u64, String> {
-        coalesced_in(&self.metrics()?)
-            .ok_or_else(|| format!("/metrics has neither {} nor {}", COALESCED[0], COALESCED[1]))
+    /// The server's count of merged (coalesced) events, all shards together, and whether it
+    /// is a cluster node.
+    pub fn counters(&self) -> Result<Counters, String> {
+        let text = self.metrics()?;
+        let coalesced = coalesced_in(&text)
+            .ok_or_else(|| format!("/metrics has neither {} nor {}", COALESCED[0], COALESCED[1]))?;
+        Ok(Counters {
+            coalesced,
+            cluster: is_cluster_node(&text),
+        })
     }
+}
+
+/// What `--verify` reads from the servers' admin ports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Merged (coalesced) events, every shard of every server added up.
+    pub coalesced: u64,
+    /// At least one server is a cluster node (docs/CLUSTER.md): its `seq` is a hybrid logical
+    /// clock, which rises by at least one per change, not by exactly one.
+    pub cluster: bool,
 }
 
 /// Every admin port of an `--admin-url` list (comma-separated: one per server of a cluster),
@@ -145,11 +162,15 @@ pub fn parse_list(list: &str, token: Option<String>) -> Result<Vec<AdminPort>, S
     Ok(ports)
 }
 
-/// The merge counters of every server in `ports`, added up: the fleet's servers together.
-pub fn coalesced_sum(ports: &[AdminPort]) -> Result<u64, String> {
-    ports.iter().try_fold(0u64, |sum, p| {
-        let c = p.coalesced().map_err(|e| format!("{}: {e}", p.addr()))?;
-        Ok(sum + c)
+/// The merge counters of every server in `ports`, added up: the fleet's servers together; and
+/// whether any of them is a cluster node.
+pub fn counters_sum(ports: &[AdminPort]) -> Result<Counters, String> {
+    ports.iter().try_fold(Counters::default(), |sum, p| {
+        let c = p.counters().map_err(|e| format!("{}: {e}", p.addr()))?;
+        Ok(Counters {
+            coalesced: sum.coalesced + c.coalesced,
+            cluster: sum.cluster || c.cluster,
+        })
     })
 }
 
@@ -159,6 +180,15 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 
 /// The mesh's merge counter (a congested mesh merges queued updates of a user).
 pub const MESH_COALESCED: &str = "presenced_mesh_coalesced_total";
+
+/// A gauge only a cluster node exports (docs/CLUSTER.md, "What you can watch"), whatever its
+/// bus state and however many nodes it sees.
+pub const CLUSTER_NODES: &str = "presenced_cluster_nodes";
+
+/// The exposition is a cluster node's.
+pub fn is_cluster_node(text: &str) -> bool {
+    sum_of(text, CLUSTER_NODES).is_some()
+}
 
 /// Sums every sample of the coalescing counter (one per shard) in a Prometheus text exposition
 /// (the current name wins when both are present), plus the mesh's merges when the server has
@@ -217,6 +247,17 @@ mod tests {
     }
 
     #[test]
+    fn a_cluster_node_is_told_by_its_node_gauge() {
+        let node = "presenced_coalesced_events_total{shard=\"0\"} 0\n\
+                    # TYPE presenced_cluster_nodes gauge\n\
+                    presenced_cluster_nodes 1\n";
+        assert!(is_cluster_node(node), "alone on its bus, still a node");
+        assert!(!is_cluster_node("presenced_coalesced_events_total 0\n"));
+        assert!(!is_cluster_node("presenced_cluster_nodes_seen 3\n"));
+        assert!(!is_cluster_node("# HELP presenced_cluster_nodes x\n"));
+    }
+
+    #[test]
     fn parses_urls() {
         let a = AdminPort::parse("http://127.0.0.1:9090", None).unwrap();
         assert_eq!((a.addr().port(), a.prefix.as_str()), (9090, ""));
@@ -232,6 +273,6 @@ mod tests {
         );
         assert!(parse_list("http://127.0.0.1:9090,", None).is_err());
         assert!(parse_list("http://127.0.0.1:9090,ws://127.0.0.1:1", None).is_err());
-        assert_eq!(coalesced_sum(&[]), Ok(0));
+        assert_eq!(counters_sum(&[]), Ok(Counters::default()));
     }
 }
