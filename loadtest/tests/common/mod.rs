@@ -1,7 +1,10 @@
 //! What the harness's integration tests share: a real server started in this process, and the
-//! harness binary pointed at it.
+//! harness binary pointed at it; and, in [`cluster`], a real cluster of `presenced serve`
+//! processes over a real `nats-server`.
 // Each test binary uses a subset of these.
 #![allow(dead_code)]
+
+pub mod cluster;
 
 use std::path::Path;
 use std::process::Command;
