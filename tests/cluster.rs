@@ -290,13 +290,13 @@ fn nodes_resync_after_the_bus_restarts() {
     let mut carol = a.connect("carol");
     until(&mut watcher, "carol", &mut seq, |v| v["status"] == "online");
 
-        let hold = take_down(&mut nats);
+    let hold = take_down(&mut nats);
     // While the bus is down: changes on A cannot travel; each node serves its own clients.
     carol.set_status("away", Some("bus down"));
     let mut local = a.connect("w-local");
     assert_eq!(local.subscribe(&["carol"])[0]["status"], "away");
     let mut carol_b = b.connect("carol");
-        carol_b.set_status("away", Some("also down"));
+    carol_b.set_status("away", Some("also down"));
 
     drop(hold);
     nats.restart();
@@ -399,7 +399,7 @@ fn bad_cluster_settings_are_refused_naming_the_key() {
 /// and joins when the bus comes up.
 #[test]
 fn a_node_without_its_bus_serves_locally_and_joins_later() {
-        let mut nats = Nats::start();
+    let mut nats = Nats::start();
     let url = nats.url();
     let hold = take_down(&mut nats);
     let (port, admin) = (common::free_port(), common::free_port());
@@ -430,7 +430,11 @@ fn a_node_without_its_bus_serves_locally_and_joins_later() {
     let mut w = lonely.connect("w");
     w.subscribe(&["erin"]);
     let _erin = lonely.connect("erin");
-        assert_eq!(w.presence_of("erin")["status"], "online", "local presence works");
+    assert_eq!(
+        w.presence_of("erin")["status"],
+        "online",
+        "local presence works"
+    );
 
     drop(hold);
     nats.restart();
@@ -707,7 +711,7 @@ fn admin_lookups_and_kicks_work_from_any_node_and_name_missing_nodes() {
 fn a_node_stops_promptly_when_its_bus_is_gone() {
     let mut nats = Nats::start();
     let mut a = Node::start("node-a", &nats.url());
-        let _u = a.connect("nora");
+    let _u = a.connect("nora");
     let _hold = take_down(&mut nats);
     eventually_within("A notices the bus is gone", CONVERGE, || {
         a.readyz().filter(|r| r["cluster"]["bus"] != "connected")
@@ -723,4 +727,81 @@ fn a_node_stops_promptly_when_its_bus_is_gone() {
         "shutdown took {:?}",
         asked.elapsed()
     );
+}
+
+/// NATS credentials from `[cluster]`: the right ones join, wrong ones are refused by the NATS
+/// server and `/readyz` says so (the node still serves its own clients).
+#[test]
+fn nats_credentials_from_the_config_are_used_and_a_refusal_is_reported() {
+    let port = common::free_port();
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut server = Command::new(common::tools::nats_server())
+        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+        .args(["--user", "presenced", "--pass", "bus-secret-1"])
+        .stdout(Stdio::null())
+        .stderr(log.reopen().unwrap())
+        .spawn()
+        .unwrap();
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _server = Kill(&mut server);
+    eventually_within("nats-server with auth listens", CONVERGE, || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+    let node = |id: &str, password: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("presenced.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[cluster]\nnats_url = [\"nats://127.0.0.1:{port}\"]\nnode_id = \"{id}\"\n\
+                 user = \"presenced\"\npassword = \"{password}\"\nlease_ms = {LEASE_MS}\n"
+            ),
+        )
+        .unwrap();
+        let (p, admin) = (common::free_port(), common::free_port());
+        let mut cmd = serve_cmd(p, admin);
+        cmd.args(["--jwt-secret", SECRET, "--admin-token", ADMIN_TOKEN])
+            .arg("--config")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let n = Node {
+            id: id.into(),
+            addr: format!("127.0.0.1:{p}").parse().unwrap(),
+            admin: format!("127.0.0.1:{admin}").parse().unwrap(),
+            served: spawn_serve(&mut cmd),
+        };
+        (n, dir)
+    };
+    let (good, _d1) = node("with-creds", "bus-secret-1");
+    good.wait_ready();
+    let (bad, _d2) = node("wrong-creds", "nope");
+    let r = eventually_within("the refusal on /readyz", CONVERGE, || {
+        bad.readyz().filter(|r| {
+            r["cluster"]["why"]
+                .as_str()
+                .is_some_and(|w| w.contains("refused"))
+        })
+    });
+    assert_ne!(r["cluster"]["bus"], "connected", "{r}");
+    assert!(
+        r["cluster"]["why"]
+            .as_str()
+            .unwrap()
+            .contains("uthorization"),
+        "{r}"
+    );
+    let mut w = bad.connect("w");
+    assert_eq!(
+        w.subscribe(&["x"])[0]["status"],
+        "offline",
+        "it still serves locally"
+    );
+    good.wait_nodes(1);
 }

@@ -599,3 +599,43 @@ fn dashboard_asks_for_a_token_and_refuses_bad_ones() {
     );
     assert_page_clean(&mut b);
 }
+
+/// In a cluster the dashboard lists the nodes (this one first) and the bus state, from
+/// `/api/stats`' `cluster`; on a single node that card stays hidden (the other tests).
+#[test]
+fn dashboard_lists_the_cluster_nodes() {
+    let nats = common::nats::Nats::start();
+    let on_bus = |id: &'static str| {
+        let url = nats.url();
+        move |c: &mut presenced::Config| {
+            c.cluster = Some(presenced::config::ClusterConfig {
+                nats_url: vec![url],
+                node_id: Some(id.into()),
+                lease_ms: 1_500,
+                ..Default::default()
+            });
+        }
+    };
+    let server = TestServer::with(1, on_bus("dash-a"));
+    let _other = TestServer::with(1, on_bus("dash-b"));
+    let mut b = Browser::launch(&tools::chromium(), VIEWPORT.0, VIEWPORT.1);
+    open_page(
+        &mut b,
+        &format!("http://{}/#token={}", server.admin, server.admin_token()),
+    );
+    b.wait_text("#conn-state", "live");
+    b.wait_for(
+        "both nodes listed, this one first",
+        "Array.from(document.querySelectorAll('#nodes tbody tr')).map(r => r.dataset.node)",
+        |v| v == &json!(["dash-a (this node)", "dash-b"]),
+    );
+    assert_eq!(
+        b.eval("document.querySelector('#nodes-card').hidden"),
+        false
+    );
+    b.wait_for("the bus state", &shown_text("#nodes-bus"), |v| {
+        v.as_str() == Some("bus connected")
+    });
+    screenshot(&mut b, "dashboard-cluster-nodes.png");
+    assert_page_clean(&mut b);
+}

@@ -78,6 +78,16 @@ impl ClusterScrape {
                     C::get(&c.deltas_out),
                 ),
                 (
+                    "delta_messages_out_total",
+                    "Delta messages published (user and group buckets; several shares each).",
+                    C::get(&c.delta_messages_out),
+                ),
+                (
+                    "delta_bytes_out_total",
+                    "Payload bytes of the delta messages published.",
+                    C::get(&c.delta_bytes_out),
+                ),
+                (
                     "deltas_in_total",
                     "Shares received in other nodes' deltas.",
                     C::get(&c.deltas_in),

@@ -583,6 +583,8 @@ impl Bridge {
                 let c = &self.status.counters;
                 Counters::add(&c.messages_out, 1);
                 Counters::add(&c.bytes_out, body.len() as u64);
+                Counters::add(&c.delta_messages_out, 1);
+                Counters::add(&c.delta_bytes_out, body.len() as u64);
                 if matches!(stream, Stream::User(_)) {
                     Counters::add(&c.deltas_out, chunk.len() as u64);
                 }
@@ -791,6 +793,17 @@ impl Bridge {
                 // The client dropped messages for us; the gaps they leave are healed by
                 // snapshots when the next message of each bucket arrives.
                 tracing::debug!("cluster: slow consumer");
+            }
+            Event::ServerError(_) | Event::ClientError(_) => {
+                // An authorization failure, most often: say it where operators look, once per
+                // distinct error, and keep retrying (credentials may be fixed server-side).
+                let why = format!("NATS refused this node: {e}; retrying");
+                if self.status.why() != why {
+                    tracing::error!("cluster: {why}");
+                }
+                if !self.connected && self.status.bus() != BusState::Refused {
+                    self.status.set_bus(self.status.bus(), why);
+                }
             }
             other => tracing::debug!("cluster: {other}"),
         }

@@ -70,6 +70,10 @@ pub struct Counters {
     pub bytes_out: AtomicU64,
     pub messages_in: AtomicU64,
     pub bytes_in: AtomicU64,
+    /// Delta messages published (user and group buckets) and their bytes: with `deltas_out`,
+    /// the bus cost of a change.
+    pub delta_messages_out: AtomicU64,
+    pub delta_bytes_out: AtomicU64,
     /// Shares published / applied from deltas.
     pub deltas_out: AtomicU64,
     pub deltas_in: AtomicU64,
