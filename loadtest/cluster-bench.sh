@@ -10,6 +10,7 @@
 #
 #   loadtest/cluster-bench.sh [PRESENCED_BINARY]      # default target/release/presenced
 #   ROUNDS=2 FLAPS=2000 CONNS=3000 WATCHES="5 40" loadtest/cluster-bench.sh
+#   CONFIGS=3 ROUNDS=1 WATCHES=40 FLAPS=8000 loadtest/cluster-bench.sh   # the cluster only
 #
 # Loopback only; every run is bounded (DURATION run phases, CONNS connections).
 set -euo pipefail
@@ -98,7 +99,7 @@ metric() {
 echo "config,round,watch,deliveries_per_s,p50_us,p99_us,cpu_us_per_delivery_nodes,cpu_us_per_delivery_with_nats,flaps,changes_published,delta_msgs,delta_bytes,msgs_per_change,bytes_per_change,verify"
 for round in $(seq "$ROUNDS"); do
   for watch in $WATCHES; do
-    for nodes in 3 1; do
+    for nodes in ${CONFIGS:-3 1}; do
       start_nodes "$nodes"
       name=$([ "$nodes" -gt 1 ] && echo cluster3 || echo single)
       r="$OUT/$name-w$watch-$round.json" pf="$OUT/phase"

@@ -390,9 +390,25 @@ impl Bridge {
         let beat_every = Duration::from_millis((self.cfg.lease_ms / 3).max(1));
         let mut beat = tokio::time::interval(beat_every);
         beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut batch = tokio::time::interval(Duration::from_micros(self.cfg.batch_us));
-        batch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A batch is armed by the first change that waits: published at once when the last
+        // batch went out at least `batch_us` ago, else `batch_us` after it. So a lone change
+        // travels without delay, a busy bucket still gets at most one message per `batch_us`,
+        // and nothing wakes the thread while nothing waits.
+        let batch_wait = Duration::from_micros(self.cfg.batch_us);
+        let mut due: Option<tokio::time::Instant> = None;
+        let mut last_batch = tokio::time::Instant::now() - batch_wait;
         loop {
+            if due.is_none() && self.waiting() {
+                due = Some((last_batch + batch_wait).max(tokio::time::Instant::now()));
+            }
+            // Due now: at once, not through the timer (whose resolution is a millisecond).
+            if due.is_some_and(|d| d <= tokio::time::Instant::now()) {
+                due = None;
+                last_batch = tokio::time::Instant::now();
+                self.flush().await;
+                continue;
+            }
+            let batch = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now));
             tokio::select! {
                 _ = &mut self.stop => break,
                 out = self.from_shards.recv_async() => match out {
@@ -401,7 +417,11 @@ impl Bridge {
                 },
                                 Some(msg) = self.rx.recv() => self.on_incoming(msg).await,
                 Ok(ask) = self.asks.recv_async() => self.scatter(ask),
-                _ = batch.tick() => self.flush().await,
+                                                _ = batch, if due.is_some() => {
+                    due = None;
+                    last_batch = tokio::time::Instant::now();
+                    self.flush().await;
+                }
                 _ = beat.tick() => self.beat().await,
             }
         }
@@ -443,7 +463,8 @@ impl Bridge {
             }
         }
         for a in out.activity {
-            if self.pending_activity.len() < PENDING_ACTIVITY {
+            // Ephemeral: while the bus is down it is dropped, not held (a late "typing" misleads).
+            if self.connected && self.pending_activity.len() < PENDING_ACTIVITY {
                 self.pending_activity.push(a);
             } else {
                 Counters::add(&self.status.counters.activity_dropped, 1);
@@ -477,6 +498,16 @@ impl Bridge {
         self.status
             .followed
             .store(self.subs.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether a batch has something to do: shares, `activity` or snapshots of newly followed
+    /// streams waiting, and a bus to send them on (while it is down, shares wait for the
+    /// reconnection, which arms the next batch).
+    fn waiting(&self) -> bool {
+        self.connected
+            && !(self.pending.is_empty()
+                && self.pending_activity.is_empty()
+                && self.fresh.is_empty())
     }
 
     /// A task forwarding `subject`'s messages to the loop (aborting it unsubscribes).
