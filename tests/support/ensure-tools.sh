@@ -6,7 +6,7 @@
 # the tool cannot be installed here.
 set -euo pipefail
 
-usage="usage: $0 chromium|nats-server"
+usage="usage: $0 chromium|nats-server|ip"
 tool=${1:-}
 # bins: where the package may put the binary, any one will do. Debian's nats-server has it in
 # /usr/sbin (bookworm); /usr/bin is checked too, should a later package move it.
@@ -15,6 +15,8 @@ case "$tool" in
   nats-server)
     bins=(/usr/sbin/nats-server /usr/bin/nats-server); pkg=nats-server; env_var=NATS_SERVER
     what="a nats-server binary" ;;
+  # The partition test's network namespaces and veth pairs (tests/cluster_partition.rs).
+  ip) bins=(/usr/sbin/ip /usr/bin/ip /sbin/ip /bin/ip); pkg=iproute2; env_var=PATH; what="a folder with iproute2's ip" ;;
   *) echo "$usage" >&2; exit 2 ;;
 esac
 
