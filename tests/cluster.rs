@@ -805,3 +805,53 @@ fn nats_credentials_from_the_config_are_used_and_a_refusal_is_reported() {
     );
     good.wait_nodes(1);
 }
+
+/// Bad input on the bus: a message that does not parse, and a forged contribution whose clock
+/// runs far ahead, are counted and change nothing; the node keeps serving.
+#[test]
+fn forged_and_malformed_bus_messages_are_counted_and_change_nothing() {
+    use std::io::{BufRead, BufReader, Write};
+    let nats = Nats::start();
+    let a = Node::start("node-a", &nats.url());
+    let mut watcher = a.connect("w");
+    let mut seq = watcher.subscribe(&["zed"])[0]["seq"].as_u64().unwrap();
+    // A raw NATS client (the wire protocol is text): publish on zed's bucket.
+    let bucket = presenced::presence::contrib::bucket_of("zed", 4096);
+    let mut bus = std::net::TcpStream::connect(nats.addr()).unwrap();
+    let mut info = String::new();
+    BufReader::new(bus.try_clone().unwrap())
+        .read_line(&mut info)
+        .unwrap();
+    assert!(info.starts_with("INFO "), "{info}");
+    let forged = serde_json::json!({
+        "node": "forger", "inc": 1, "bucket": bucket, "n": 1,
+        "shares": [["zed", {"status": "online", "devices": 1, "clock": u64::MAX / 2}]],
+    })
+    .to_string();
+    let subject = format!("presenced.d.{bucket}");
+    let mut wire = String::from("CONNECT {\"verbose\":false}\r\n");
+    for body in [forged.as_str(), "{not json"] {
+        wire.push_str(&format!("PUB {subject} {}\r\n{body}\r\n", body.len()));
+    }
+    bus.write_all(wire.as_bytes()).unwrap();
+    let metric = |name: &str| -> u64 {
+        let (_, text) = a.admin_get("/metrics");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    eventually_within("both counted", CONVERGE, || {
+        (metric("presenced_cluster_clock_ahead_total") == 1
+            && metric("presenced_cluster_malformed_total") == 1)
+            .then_some(())
+    });
+    watcher.expect_silence(Duration::from_millis(500));
+    // Still serving, with seq where it was.
+    let _zed = a.connect("zed");
+    let v = until(&mut watcher, "zed", &mut seq, |v| v["status"] == "online");
+    assert!(
+        v["seq"].as_u64().unwrap() < 1 << 53,
+        "seq was not dragged forward: {v}"
+    );
+}

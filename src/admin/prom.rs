@@ -133,6 +133,11 @@ impl ClusterScrape {
                     C::get(&c.duplicate_ids),
                 ),
                 (
+                    "clock_ahead_total",
+                    "Shares refused: their clock was more than 60 s ahead of this node's.",
+                    C::get(&c.clock_ahead),
+                ),
+                (
                     "malformed_total",
                     "Bus messages that did not parse (dropped).",
                     C::get(&c.malformed),

@@ -34,6 +34,14 @@ use crate::shard::{now_ms, owner_of, Shard};
 /// Bus messages waiting for the loop, over all subscriptions.
 const INCOMING: usize = 4_096;
 
+/// How far ahead of this node's wall clock a share's clock may be ([`clock_believable`]).
+pub const MAX_CLOCK_AHEAD_MS: u64 = 60_000;
+
+/// Whether `clock` (an HLC value) is at most [`MAX_CLOCK_AHEAD_MS`] ahead of `now_ms`.
+pub fn clock_believable(clock: u64, now_ms: u64) -> bool {
+    Hlc::millis(clock) <= now_ms.saturating_add(MAX_CLOCK_AHEAD_MS)
+}
+
 /// `activity` events waiting for one batch; more are dropped and counted (they are ephemeral).
 pub const PENDING_ACTIVITY: usize = 10_000;
 
@@ -1023,12 +1031,32 @@ impl Bridge {
         }
     }
 
+    /// Whether a share's clock is believable: not more than [`MAX_CLOCK_AHEAD_MS`] ahead of this
+    /// node's wall clock. A node whose clock runs far ahead (or a forged message) would otherwise
+    /// drag every node's clock, and every user's `seq`, with it for good. Refused shares are
+    /// counted (`presenced_cluster_clock_ahead_total`) and said in the log.
+    fn believable(&self, share: &Contribution) -> bool {
+        if clock_believable(share.clock, now_ms()) {
+            return true;
+        }
+        if Counters::get(&self.status.counters.clock_ahead) == 0 {
+            tracing::error!(
+                "cluster: a node's clock is more than {MAX_CLOCK_AHEAD_MS} ms ahead of this \
+                 one's; its presence is refused until the clocks agree (check NTP)"
+            );
+        }
+        Counters::add(&self.status.counters.clock_ahead, 1);
+        false
+    }
+
     /// Routes shares heard from `ix` to their owner shards.
     fn apply(&self, ix: NodeIx, shares: Vec<(UserId, Contribution)>) {
         let mut per_shard: Vec<Vec<(UserId, Contribution)>> = vec![Vec::new(); self.shards];
         for (user, share) in shares {
-            self.hlc.observe(share.clock);
-            per_shard[usize::from(owner_of(&user, self.shards))].push((user, share));
+            if self.believable(&share) {
+                self.hlc.observe(share.clock);
+                per_shard[usize::from(owner_of(&user, self.shards))].push((user, share));
+            }
         }
         for (shard, shares) in per_shard.into_iter().enumerate() {
             if shares.is_empty() {
@@ -1138,7 +1166,7 @@ impl Bridge {
                 for (user, share) in snap.shares {
                     let wanted = scope.users.holds(&user)
                         || share.groups.iter().any(|g| scope.groups.holds(g));
-                    if wanted {
+                    if wanted && self.believable(&share) {
                         self.hlc.observe(share.clock);
                         per_shard[usize::from(owner_of(&user, self.shards))].push((user, share));
                     }
@@ -1345,4 +1373,29 @@ async fn fetch_snapshot(
         }
     }
     Err("the answer stopped half-way".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::presence::contrib::HLC_LOGICAL_BITS;
+
+    #[test]
+    fn a_clock_far_ahead_is_not_believed() {
+        let now = 1_800_000_000_000;
+        assert!(clock_believable(now << HLC_LOGICAL_BITS, now));
+        assert!(clock_believable(
+            (now + MAX_CLOCK_AHEAD_MS) << HLC_LOGICAL_BITS,
+            now
+        ));
+        assert!(!clock_believable(
+            (now + MAX_CLOCK_AHEAD_MS + 1) << HLC_LOGICAL_BITS,
+            now
+        ));
+        assert!(!clock_believable(u64::MAX, now), "a forged clock");
+        assert!(
+            clock_believable(0, now),
+            "behind is fine: the merge orders it"
+        );
+    }
 }

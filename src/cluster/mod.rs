@@ -91,6 +91,9 @@ pub struct Counters {
     pub duplicate_ids: AtomicU64,
     /// Bus messages that did not parse (counted, dropped).
     pub malformed: AtomicU64,
+    /// Shares refused because their clock was too far ahead of this node's
+    /// ([`bridge::MAX_CLOCK_AHEAD_MS`]).
+    pub clock_ahead: AtomicU64,
     /// `activity` events sent to / received from other nodes.
     pub activity_out: AtomicU64,
     pub activity_in: AtomicU64,
