@@ -189,6 +189,9 @@ struct Bridge {
     id_checked: bool,
     /// A probe of the bus is in flight ([`Bridge::probe`]).
     probing: bool,
+    /// The client dropped messages for us: ask for every followed stream again at the next
+    /// beat.
+    resync_due: bool,
     connected: bool,
     /// Background subscriptions for the node's own subjects (heartbeats, snapshot requests,
     /// id checks), started on the first connection.
@@ -215,10 +218,10 @@ impl Bridge {
                 Duration::from_millis((100u64 << attempt.min(6)).min(5_000))
             })
             .event_callback(move |e| {
-                let tx = events.clone();
-                async move {
-                    let _ = tx.send(Incoming::Event(e)).await;
-                }
+                // Never wait here: the client runs its callbacks in line. An event lost to a full
+                // queue is made up for by `beat` (the connection state is read there too).
+                let _ = events.try_send(Incoming::Event(e));
+                async {}
             });
         match auth(opts, &s.cfg).await {
             Ok(o) => opts = o,
@@ -277,6 +280,7 @@ impl Bridge {
             again: HashMap::new(),
             id_checked: false,
             probing: false,
+            resync_due: false,
             connected: false,
             own_subs: Vec::new(),
         };
@@ -635,6 +639,18 @@ impl Bridge {
     /// Every `lease_ms / 3`: a heartbeat, expired nodes, buckets to stop following.
     async fn beat(&mut self) {
         let now = now_ms();
+        // A `Connected` event can be lost (the client drops events when its queue is full):
+        // the connection state says what the events did not.
+        let up = self.client.connection_state() == async_nats::connection::State::Connected;
+        if !self.connected && up && self.status.bus() != BusState::Refused {
+            self.on_event(Event::Connected).await;
+        }
+        if std::mem::take(&mut self.resync_due) && self.connected {
+            let followed = self.followed();
+            for peer in self.members.live() {
+                self.ask_snapshot(&peer.id, peer.ix, followed.iter().copied());
+            }
+        }
         if self.connected {
             let body = self.heartbeat_body();
             Counters::add(&self.status.counters.messages_out, 1);
@@ -774,7 +790,7 @@ impl Bridge {
                 } else if m.subject.as_str() == self.subjects.whois(&self.id.node_id) {
                     if let Some(reply) = m.reply {
                         let body = self.heartbeat_body();
-                        let _ = self.client.publish(reply, body.into()).await;
+                        self.send(reply.to_string(), body).await;
                     }
                 }
             }
@@ -829,9 +845,11 @@ impl Bridge {
                 );
             }
             Event::SlowConsumer(_) => {
-                // The client dropped messages for us; the gaps they leave are healed by
-                // snapshots when the next message of each bucket arrives.
-                tracing::debug!("cluster: slow consumer");
+                // The client dropped messages for us. A gap shows when the next message of its
+                // stream arrives, but a quiet stream may have no next one: at the next beat
+                // every followed stream is asked for again (once per beat at most).
+                tracing::debug!("cluster: slow consumer; resyncing at the next beat");
+                self.resync_due = true;
             }
             Event::ServerError(_) | Event::ClientError(_) => {
                 // An authorization failure, most often: say it where operators look, once per
@@ -1134,6 +1152,11 @@ impl Bridge {
         let queued = self.asking.remove(&node).unwrap_or_default();
         let live = self.members.get(&node).map(|p| (p.ix, p.incarnation));
         match (answer, live) {
+            (Ok(snap), Some(_)) if !clock_believable(snap.clock, now_ms()) => {
+                // Its clock would become tombstones' clocks, and `seq`s: refused whole.
+                Counters::add(&self.status.counters.clock_ahead, 1);
+                tracing::warn!(%node, "cluster: a snapshot stamped far ahead of this node's clock was refused");
+            }
             (Ok(snap), Some((now_ix, inc))) if now_ix == ix && inc == snap.inc => {
                 tracing::trace!(%node, shares = snap.shares.len(), ?streams, "cluster: snapshot");
                 let buckets = self.cfg.buckets;
@@ -1143,7 +1166,9 @@ impl Bridge {
                         .map(|(b, n)| (Stream::Group(*b), *n)),
                 );
                 for (stream, n) in covered {
-                    self.gaps.covered(ix, stream.gaps_key(buckets), n);
+                    if stream.bucket() < buckets {
+                        self.gaps.covered(ix, stream.gaps_key(buckets), n);
+                    }
                 }
                 // Only what is still followed counts: an unfollowed stream's shares are dropped.
                 let followed: Vec<Stream> =
@@ -1161,6 +1186,7 @@ impl Bridge {
                     users: of_kind(true),
                     groups: of_kind(false),
                     followed: BucketSet::of(buckets, self.users.followed()),
+                    followed_groups: BucketSet::of(buckets, self.groups.followed()),
                 });
                 let mut per_shard: Vec<Vec<(UserId, Contribution)>> = vec![Vec::new(); self.shards];
                 for (user, share) in snap.shares {

@@ -103,6 +103,8 @@ pub struct SnapScope<'a> {
     pub groups: &'a dyn Fn(&GroupId) -> bool,
     /// Users whose bucket this node follows.
     pub followed: &'a dyn Fn(&str) -> bool,
+    /// Groups whose bucket this node follows.
+    pub followed_groups: &'a dyn Fn(&GroupId) -> bool,
 }
 
 /// What a registry operation left for the cluster bridge: this node's shares that changed, and
@@ -553,8 +555,9 @@ impl Registry {
     /// (`snap_clock`, the node's clock when it took it), is gone there:
     /// - for a user whose bucket was asked for, the whole share goes;
     /// - otherwise the share loses the groups whose buckets were asked for (the node no longer
-    ///   has the user in them), and goes when no group is left and `scope.followed` says the
-    ///   user's own bucket is not followed here either.
+    ///   has the user in them), and goes when none of the groups left is followed here and the
+    ///   user's own bucket is not followed either (what keeps a share, as in
+    ///   [`retain_remote`](Self::retain_remote)).
     pub fn apply_snapshot(
         &mut self,
         node: NodeIx,
@@ -592,7 +595,8 @@ impl Registry {
                 *held = Contribution::offline(snap_clock, Some(gone_at));
             } else if held.groups.iter().any(|g| (scope.groups)(g)) {
                 held.groups.retain(|g| !(scope.groups)(g));
-                if held.groups.is_empty() && !(scope.followed)(user) {
+                let kept = (scope.followed)(user) || held.groups.iter().any(scope.followed_groups);
+                if !kept {
                     *held = Contribution::offline(snap_clock, Some(gone_at));
                 }
             } else {

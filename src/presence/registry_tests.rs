@@ -525,6 +525,7 @@ fn a_snapshot_puts_out_what_it_leaves_out_unless_newer() {
         users: &|u: &str| u != "zzz",
         groups: &|_: &GroupId| false,
         followed: &|_: &str| true,
+        followed_groups: &|_: &GroupId| false,
     };
     let changes = r.apply_snapshot(
         1,
@@ -580,13 +581,14 @@ fn a_group_bucket_snapshot_trims_groups_and_drops_what_only_a_group_kept() {
     let (a, b) = (uid("a"), uid("b"));
     r.apply_remote(&a, 1, grouped(&["g1", "g2"], 10), 0);
     r.apply_remote(&b, 1, grouped(&["g1"], 10), 0);
-    // The node's snapshot of g1's bucket lists neither: both left g1 there. `a` is still in g2
-    // (its share stays, trimmed); `b` was held only for g1 and its own bucket is not followed
-    // here, so its share goes.
+    // The node's snapshot of g1's bucket lists neither: both left g1 there. `a` is still in g2,
+    // a followed group (its share stays, trimmed); `b` was held only for g1 and its own bucket
+    // is not followed here, so its share goes.
     let scope = SnapScope {
         users: &|_: &str| false,
         groups: &|g: &GroupId| &**g == "g1",
         followed: &|_: &str| false,
+        followed_groups: &|g: &GroupId| &**g == "g2",
     };
     let changes = r.apply_snapshot(1, Vec::new(), &scope, 20, 100);
     assert_eq!(changes.len(), 2);
@@ -609,4 +611,26 @@ fn a_group_bucket_snapshot_trims_groups_and_drops_what_only_a_group_kept() {
         "a's share goes; b's tombstone goes silently"
     );
     assert_eq!(r.remote_share_count(), 0);
+}
+
+#[test]
+fn a_share_left_only_with_unfollowed_groups_goes() {
+    let mut r = replicated();
+    let share = Contribution {
+        groups: vec![GroupId::from("g1"), GroupId::from("g2")],
+        ..share(Aggregate::Online, 1, 10)
+    };
+    r.apply_remote(&uid("a"), 1, share, 0);
+    // g1's bucket snapshot leaves `a` out; g2 is not followed here, nor is `a`'s own bucket:
+    // nothing would keep the share accurate, so it goes (it would otherwise stay online).
+    let scope = SnapScope {
+        users: &|_: &str| false,
+        groups: &|g: &GroupId| &**g == "g1",
+        followed: &|_: &str| false,
+        followed_groups: &|_: &GroupId| false,
+    };
+    let changes = r.apply_snapshot(1, Vec::new(), &scope, 20, 100);
+    assert_eq!(changes.len(), 1);
+    assert_eq!(r.snapshot(&uid("a"), 0).status, Aggregate::Offline);
+    assert_eq!(r.online_users(), 0);
 }

@@ -230,6 +230,7 @@ impl Shard {
             users: &|u| scope.users.holds(u),
             groups: &|g| scope.groups.holds(g),
             followed: &|u| scope.followed.holds(u),
+            followed_groups: &|g| scope.followed_groups.holds(g),
         };
         let changes =
             self.registry
@@ -282,6 +283,8 @@ pub struct Scope {
     pub users: BucketSet,
     pub groups: BucketSet,
     pub followed: BucketSet,
+    /// The group buckets this node follows.
+    pub followed_groups: BucketSet,
 }
 
 /// Runs `f` on every shard from outside them (the bridge's thread): one job per inbox.
