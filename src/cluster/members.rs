@@ -120,18 +120,13 @@ impl Members {
         dead.iter().filter_map(|id| self.peers.remove(id)).collect()
     }
 
-    /// Forgets every node at once (this node lost the bus for longer than a lease and will
-    /// meet them again): returned, like [`expire`](Self::expire).
-    pub fn clear(&mut self) -> Vec<Peer> {
-        self.peers.drain().map(|(_, p)| p).collect()
-    }
-
     pub fn get(&self, id: &str) -> Option<&Peer> {
         self.peers.get(id)
     }
 
     /// The node holding `ix`, if it is still live.
-    pub fn by_ix(&self, ix: NodeIx) -> Option<&Peer> {
+    #[cfg(test)]
+    fn by_ix(&self, ix: NodeIx) -> Option<&Peer> {
         self.peers.values().find(|p| p.ix == ix)
     }
 
@@ -142,11 +137,8 @@ impl Members {
         v
     }
 
-    pub fn len(&self) -> usize {
-        self.peers.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.peers.is_empty()
     }
 }
@@ -207,13 +199,11 @@ mod tests {
     }
 
     #[test]
-    fn clear_returns_everyone_and_live_is_sorted() {
+    fn live_nodes_are_sorted_by_id() {
         let mut m = Members::new();
         m.heard("b", 1, 0, None);
         m.heard("a", 1, 0, None);
         let ids: Vec<String> = m.live().into_iter().map(|p| p.id).collect();
         assert_eq!(ids, ["a", "b"]);
-        assert_eq!(m.clear().len(), 2);
-        assert_eq!(m.len(), 0);
     }
 }

@@ -171,11 +171,6 @@ impl Hlc {
         self.last.fetch_max(remote, Ordering::AcqRel);
     }
 
-    /// The latest value handed out or observed.
-    pub fn peek(&self) -> u64 {
-        self.last.load(Ordering::Acquire)
-    }
-
     /// The milliseconds part of a clock value.
     pub fn millis(clock: u64) -> u64 {
         clock >> HLC_LOGICAL_BITS

@@ -572,46 +572,28 @@ impl Registry {
             .filter_map(|(user, share)| self.apply_remote(&user, node, share, now_ms))
             .collect();
         let gone_at = Hlc::millis(snap_clock);
-        let Registry {
-            users,
-            online,
-            replication,
-            ..
-        } = self;
-        let Some(repl) = replication.as_mut() else {
-            return changes;
-        };
-        for (user, entry) in users.iter_mut() {
-            let Some(replica) = entry.replica.as_mut() else {
-                continue;
-            };
-            let Some((_, held)) = replica.remote.iter_mut().find(|(n, _)| *n == node) else {
-                continue;
-            };
-            if !held.visible() || held.clock >= snap_clock || listed.contains(user) {
-                continue;
-            }
-            if (scope.users)(user) {
-                *held = Contribution::offline(snap_clock, Some(gone_at));
-            } else if held.groups.iter().any(|g| (scope.groups)(g)) {
-                held.groups.retain(|g| !(scope.groups)(g));
-                let kept = (scope.followed)(user) || held.groups.iter().any(scope.followed_groups);
-                if !kept {
-                    *held = Contribution::offline(snap_clock, Some(gone_at));
+        changes.extend(self.each_replica(
+            |user, replica| {
+                let (_, held) = replica.remote.iter_mut().find(|(n, _)| *n == node)?;
+                if !held.visible() || held.clock >= snap_clock || listed.contains(user) {
+                    return None;
                 }
-            } else {
-                continue;
-            }
-            let change = settle(
-                user,
-                entry,
-                Some(repl),
-                online,
-                now_ms,
-                Cause::Remote { at: gone_at },
-            );
-            changes.extend(change);
-        }
+                if (scope.users)(user) {
+                    *held = Contribution::offline(snap_clock, Some(gone_at));
+                } else if held.groups.iter().any(|g| (scope.groups)(g)) {
+                    held.groups.retain(|g| !(scope.groups)(g));
+                    let kept =
+                        (scope.followed)(user) || held.groups.iter().any(scope.followed_groups);
+                    if !kept {
+                        *held = Contribution::offline(snap_clock, Some(gone_at));
+                    }
+                } else {
+                    return None;
+                }
+                Some(gone_at)
+            },
+            now_ms,
+        ));
         changes
     }
 
@@ -637,6 +619,23 @@ impl Registry {
         at: u64,
         now_ms: u64,
     ) -> Vec<Change> {
+        self.each_replica(
+            |user, replica| {
+                let before = replica.remote.len();
+                replica.remote.retain(|(n, c)| !drop(*n, user, c));
+                (replica.remote.len() != before).then_some(at)
+            },
+            now_ms,
+        )
+    }
+
+    /// Runs `touch` on every user's shares (a single node has none); where it changed them and
+    /// returns when (`last_seen` if the user went offline), the view is recomputed.
+    fn each_replica(
+        &mut self,
+        mut touch: impl FnMut(&UserId, &mut Replica) -> Option<u64>,
+        now_ms: u64,
+    ) -> Vec<Change> {
         let Registry {
             users,
             online,
@@ -648,23 +647,11 @@ impl Registry {
         };
         let mut changes = Vec::new();
         for (user, entry) in users.iter_mut() {
-            let Some(replica) = entry.replica.as_mut() else {
+            let Some(at) = entry.replica.as_mut().and_then(|r| touch(user, r)) else {
                 continue;
             };
-            let before = replica.remote.len();
-            replica.remote.retain(|(n, c)| !drop(*n, user, c));
-            if replica.remote.len() == before {
-                continue;
-            }
-            let change = settle(
-                user,
-                entry,
-                Some(repl),
-                online,
-                now_ms,
-                Cause::Remote { at },
-            );
-            changes.extend(change);
+            let cause = Cause::Remote { at };
+            changes.extend(settle(user, entry, Some(&mut *repl), online, now_ms, cause));
         }
         changes
     }
@@ -685,6 +672,7 @@ impl Registry {
     }
 
     /// Shares heard from other nodes and held here (tombstones included).
+    #[cfg(test)]
     pub fn remote_share_count(&self) -> usize {
         self.users
             .values()

@@ -71,11 +71,13 @@ impl BucketSet {
         self.contains(bucket_of(id, self.buckets))
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.bits.iter().all(|w| *w == 0)
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+    #[cfg(test)]
+    fn iter(&self) -> impl Iterator<Item = u32> + '_ {
         (0..self.buckets).filter(|b| self.contains(*b))
     }
 }
