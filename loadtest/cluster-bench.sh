@@ -41,14 +41,9 @@ stop_all() {
 }
 trap stop_all EXIT
 
-wait_port() {
-  for _ in $(seq 200); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-    sleep 0.05
-  done
-  echo "nothing listens on $1" >&2
-  exit 1
-}
+# Like lib.sh's wait_port, but the run ends when nothing listens.
+listening() { wait_port "$1" || { echo "nothing listens on $1" >&2; exit 1; }; }
+
 
 # Starts `nodes` nodes (1: a single node, no cluster); sets PIDS, URLS, ADMINS.
 start_nodes() {
@@ -58,7 +53,7 @@ start_nodes() {
   if [ "$nodes" -gt 1 ]; then
     "$NATS_BIN" -a 127.0.0.1 -p "$((BASE + 99))" > "$OUT/nats.log" 2>&1 &
     NPID=$!
-    wait_port "$((BASE + 99))"
+    listening "$((BASE + 99))"
   fi
   for i in $(seq "$nodes"); do
     local port=$((BASE + i)) admin=$((BASE + 50 + i)) cluster=()
@@ -71,7 +66,7 @@ start_nodes() {
     ADMINS+=("$admin")
     URLS="${URLS:+$URLS,}ws://127.0.0.1:$port/ws"
   done
-  for i in $(seq "$nodes"); do wait_port $((BASE + i)); done
+  for i in $(seq "$nodes"); do listening $((BASE + i)); done
   if [ "$nodes" -gt 1 ]; then
     for a in "${ADMINS[@]}"; do
       for _ in $(seq 200); do

@@ -45,14 +45,19 @@ start_server() {
   shift 2
   stop_server
   rm -rf "$OUT/data"
-  "$bin" serve --config "$OUT/server.toml" --listen "127.0.0.1:$PORT" "$@" > "$log" 2>&1 &
+    "$bin" serve --config "$OUT/server.toml" --listen "127.0.0.1:$PORT" "$@" > "$log" 2>&1 &
   SPID=$!
-  for _ in $(seq 100); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then return 0; fi
+  wait_port "$PORT" 100 || { echo "server did not start" >&2; exit 1; }
+}
+
+# Waits until something listens on 127.0.0.1:$1, polling every 50 ms up to $2 times (default
+# 200); non-zero when nothing did.
+wait_port() {
+  for _ in $(seq "${2:-200}"); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
     sleep 0.05
   done
-  echo "server did not start" >&2
-  exit 1
+  return 1
 }
 
 # The server's CPU time so far, in clock ticks: `all` (user + system) or `user`.

@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::nats::Nats;
-use common::{eventually_within, serve_cmd, spawn_serve, Client, Served, SECRET};
+use common::{eventually_within, log_file, serve_cmd, spawn_serve, token, Client, Served, SECRET};
 use presenced::auth::{mint_hs256, TokenSpec};
 use serde_json::Value;
 
@@ -114,6 +114,13 @@ impl Node {
         Client::connect(self.addr, &token(sub))
     }
 
+    /// Connects `sub` with `group` in its token.
+    fn connect_in(&self, sub: &str, group: &str) -> Client {
+        let mut spec = TokenSpec::new(sub, Duration::from_secs(3600));
+        spec.groups = vec![group.into()];
+        Client::connect(self.addr, &mint_hs256(SECRET, &spec))
+    }
+
     fn pid(&self) -> i32 {
         self.served.child.id() as i32
     }
@@ -122,20 +129,6 @@ impl Node {
         // SAFETY: kill(2) on our own child's pid.
         assert_eq!(unsafe { libc::kill(self.pid(), sig) }, 0);
     }
-}
-
-/// Where a node's log goes: `$CLUSTER_TEST_LOGS/{id}.log` when that is set (for debugging a
-/// failure), nowhere otherwise.
-fn log_file(id: &str) -> Stdio {
-    match std::env::var_os("CLUSTER_TEST_LOGS") {
-        Some(dir) => std::fs::File::create(std::path::Path::new(&dir).join(format!("{id}.log")))
-            .map_or_else(|_| Stdio::null(), Stdio::from),
-        None => Stdio::null(),
-    }
-}
-
-fn token(sub: &str) -> String {
-    mint_hs256(SECRET, &TokenSpec::new(sub, Duration::from_secs(3600)))
 }
 
 /// Reads `user`'s presence events until `want` holds, checking that `seq` never goes back.
@@ -533,14 +526,7 @@ fn group_feeds_show_members_on_other_nodes() {
     let snap = watcher.recv_until("the group snapshot", |v| v["type"] == "group_snapshot");
     assert_eq!(snap["members"], serde_json::json!([]), "{snap}");
     let mut seq = 0;
-    let member = |n: &Node, user: &str| {
-        let t = mint_hs256(SECRET, &{
-            let mut spec = TokenSpec::new(user, Duration::from_secs(3600));
-            spec.groups = vec!["team".into()];
-            spec
-        });
-        Client::connect(n.addr, &t)
-    };
+    let member = |n: &Node, user: &str| n.connect_in(user, "team");
     let mut on_a = member(&a, "ivy");
     let ev = group_until(&mut watcher, "ivy", &mut seq, |v| v["status"] == "online");
     assert_eq!(ev["devices"], 1);
@@ -621,14 +607,7 @@ fn activity_reaches_watchers_and_sessions_on_other_nodes() {
 fn admin_lookups_and_kicks_work_from_any_node_and_name_missing_nodes() {
     let nats = Nats::start();
     let (a, b, c) = three(&nats);
-    let member = |n: &Node, user: &str| {
-        let t = mint_hs256(SECRET, &{
-            let mut spec = TokenSpec::new(user, Duration::from_secs(3600));
-            spec.groups = vec!["crew".into()];
-            spec
-        });
-        Client::connect(n.addr, &t)
-    };
+    let member = |n: &Node, user: &str| n.connect_in(user, "crew");
     let mut on_a = member(&a, "liam");
     on_a.set_status("away", Some("at A"));
     let mut on_b = member(&b, "liam");

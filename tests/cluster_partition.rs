@@ -24,8 +24,9 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::nats::Nats;
-use common::{eventually_within, serve_cmd, spawn_serve, Client, Served, PRESENCED, SECRET};
-use presenced::auth::{mint_hs256, TokenSpec};
+use common::{
+    eventually_within, log_file, serve_cmd, spawn_serve, token, Client, Served, PRESENCED, SECRET,
+};
 use presenced::shard::now_ms;
 use serde_json::Value;
 use tungstenite::Message;
@@ -352,20 +353,6 @@ impl Node {
     fn connect(&self, sub: &str) -> Client {
         Client::connect(self.addr, &token(sub))
     }
-}
-
-/// Where a node's log goes: `$CLUSTER_TEST_LOGS/{id}.log` when that is set (for debugging a
-/// failure), nowhere otherwise.
-fn log_file(id: &str) -> Stdio {
-    match std::env::var_os("CLUSTER_TEST_LOGS") {
-        Some(dir) => std::fs::File::create(std::path::Path::new(&dir).join(format!("{id}.log")))
-            .map_or_else(|_| Stdio::null(), Stdio::from),
-        None => Stdio::null(),
-    }
-}
-
-fn token(sub: &str) -> String {
-    mint_hs256(SECRET, &TokenSpec::new(sub, Duration::from_secs(3600)))
 }
 
 /// The latest presence a watcher has of each user.

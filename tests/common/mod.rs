@@ -278,6 +278,22 @@ pub fn metric_sum(text: &str, name: &str) -> Option<f64> {
 /// The `presenced` binary under test.
 pub const PRESENCED: &str = env!("CARGO_BIN_EXE_presenced");
 
+/// A token for `sub` signed with [`SECRET`], valid an hour.
+pub fn token(sub: &str) -> String {
+    mint_hs256(SECRET, &TokenSpec::new(sub, Duration::from_secs(3600)))
+}
+
+/// Where a spawned node's log goes: `$CLUSTER_TEST_LOGS/{id}.log` when that is set (for
+/// debugging a failure), nowhere otherwise.
+pub fn log_file(id: &str) -> std::process::Stdio {
+    use std::process::Stdio;
+    match std::env::var_os("CLUSTER_TEST_LOGS") {
+        Some(dir) => std::fs::File::create(std::path::Path::new(&dir).join(format!("{id}.log")))
+            .map_or_else(|_| Stdio::null(), Stdio::from),
+        None => Stdio::null(),
+    }
+}
+
 /// `presenced serve` on 127.0.0.1:`port` with two unpinned shards and the admin port on
 /// 127.0.0.1:`admin` (0: any free port). The caller adds the rest: secret, config, data
 /// directory, output.
