@@ -28,6 +28,16 @@ pub struct Config {
     pub heartbeat_ms: u64,
     /// How long shutdown waits for sessions to close before exiting.
     pub shutdown_deadline_ms: u64,
+    /// After an upgrade hand-over (docs/OPERATIONS.md), the old process closes its sessions with
+    /// 1001 spread evenly over this window, so clients do not reconnect in one burst.
+    pub drain_ms: u64,
+    /// When a user's last visible session ends (a drop or a close by the client), the offline is
+    /// held this long; a new session of the user within it re-attaches and watchers see no flap.
+    /// Kicks and token expiry bypass it. 0: offline at once.
+    pub offline_grace_ms: u64,
+    /// A shard whose event loop has not turned for this long is reported stalled (log with the
+    /// task queue it was running, `presenced_shard_stalls_total`).
+    pub stall_threshold_ms: u64,
     /// Origins allowed to open WebSockets (exact match, e.g. "https://app.example.com"); empty
     /// allows all. Requests without an Origin header (non-browser clients) are allowed.
     pub allowed_origins: Vec<String>,
@@ -37,10 +47,52 @@ pub struct Config {
     pub mesh: MeshConfig,
     pub admin: AdminConfig,
     pub history: HistoryConfig,
+    /// Zero-downtime upgrades (`[upgrade]`, docs/OPERATIONS.md).
+    pub upgrade: UpgradeConfig,
     /// Many nodes as one service over NATS (`[cluster]`, docs/CLUSTER.md). Absent: a single
     /// node, with no bus code running.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterConfig>,
+}
+
+/// Zero-downtime upgrades (`[upgrade]`, SPEC §11, docs/OPERATIONS.md): the control socket that
+/// `presenced upgrade` (and a new process taking over) talks to, and the hand-over's limits.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpgradeConfig {
+    /// Path of the Unix control socket (mode 0600; only the server's own uid may use it).
+    /// Empty: `<history.data_dir>/presenced.sock`. `none`: no control socket, so no upgrades.
+    pub socket: String,
+    /// How long the new process has, from its start, to take over and say it is ready; past
+    /// it, it is killed and the old process goes on serving.
+    pub timeout_ms: u64,
+    /// Largest presence state the new process accepts from the old one.
+    pub max_state_bytes: u64,
+    /// How long after the old process closed a session it may still re-attach to its user in
+    /// the new process (beside `offline_grace_ms`, whichever is longer).
+    pub reattach_ms: u64,
+}
+
+impl Default for UpgradeConfig {
+    fn default() -> Self {
+        UpgradeConfig {
+            socket: String::new(),
+            timeout_ms: 30_000,
+            max_state_bytes: 1 << 30,
+            reattach_ms: 5_000,
+        }
+    }
+}
+
+impl UpgradeConfig {
+    /// The control socket's path, `None` when turned off.
+    pub fn socket_path(&self, data_dir: &Path) -> Option<std::path::PathBuf> {
+        match self.socket.as_str() {
+            "none" => None,
+            "" => Some(data_dir.join("presenced.sock")),
+            p => Some(p.into()),
+        }
+    }
 }
 
 /// The cluster (`[cluster]`, SPEC §12, docs/CLUSTER.md).
@@ -517,6 +569,9 @@ impl Default for Config {
             jwt_secret: None,
             heartbeat_ms: 25_000,
             shutdown_deadline_ms: 5_000,
+            drain_ms: 10_000,
+            offline_grace_ms: 0,
+            stall_threshold_ms: 50,
             allowed_origins: Vec::new(),
             tls: TlsConfig::default(),
             auth: AuthConfig::default(),
@@ -524,6 +579,7 @@ impl Default for Config {
             mesh: MeshConfig::default(),
             admin: AdminConfig::default(),
             history: HistoryConfig::default(),
+            upgrade: UpgradeConfig::default(),
             cluster: None,
         }
     }
@@ -575,6 +631,12 @@ pub const RANGES: &[(&str, u64, u64)] = &[
     ("shards", 0, 65_535),
     ("heartbeat_ms", 100, 3_600_000),
     ("shutdown_deadline_ms", 100, 600_000),
+    ("drain_ms", 0, 600_000),
+    ("offline_grace_ms", 0, 3_600_000),
+    ("stall_threshold_ms", 1, 60_000),
+    ("upgrade.timeout_ms", 1_000, 600_000),
+    ("upgrade.max_state_bytes", 1 << 20, 64 << 30),
+    ("upgrade.reattach_ms", 0, 3_600_000),
     ("auth.leeway_s", 0, crate::auth::LEEWAY_S_MAX),
     ("limits.max_message_bytes", 64, 16 << 20),
     ("limits.max_frame_bytes", 64, 64 << 20),
@@ -804,6 +866,15 @@ impl Config {
         if let Some(s) = &self.jwt_secret {
             if s.len() < 16 {
                 return bad("jwt_secret", "at least 16 bytes");
+            }
+        }
+        if let Some(p) = self.upgrade.socket_path(&h.data_dir) {
+            // sun_path holds 108 bytes with its NUL.
+            if p.as_os_str().len() > 107 {
+                return bad(
+                    "upgrade.socket",
+                    "a Unix socket path must be under 108 bytes; set a shorter one",
+                );
             }
         }
         if let Some(c) = &self.cluster {

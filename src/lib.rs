@@ -28,6 +28,7 @@ pub mod edge;
 pub mod history;
 pub mod metrics;
 pub mod net;
+pub mod ops;
 pub mod presence;
 pub mod protocol;
 pub mod server;
