@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use presenced::presence::{
-    Aggregate, DeviceType, PresenceState, Registry, SessionId, SessionInfo, Status, UserId,
+    Aggregate, DeviceType, Hold, PresenceState, Registry, SessionId, SessionInfo, Status, UserId,
 };
 
 const USERS: usize = 100_000;
@@ -334,7 +334,7 @@ fn sessions_and_watches(c: &mut Criterion) {
         b.iter(|| {
             let (i, _) = next(&mut n);
             black_box(ours.connect(&ids[i], second(i), Status::Online, info(), NOW_MS));
-            black_box(ours.disconnect(&ids[i], second(i), NOW_MS))
+            black_box(ours.disconnect(&ids[i], second(i), Hold::None, NOW_MS))
         })
     });
     g.bench_function("mutex_hashmap", |b| {

@@ -16,7 +16,12 @@
 //!    driver), [`admin`] (HTTP to questions put to shards: API, metrics, dashboard),
 //!    [`history`] (a writer thread fed over a bounded channel). [`net`] is their shared
 //!    socket plumbing.
-//! 4. [`server`]: wires them together ([`start`]); `main.rs` is the CLI around it.
+//! 4. [`server`]: wires them together ([`start`], [`start_with`] for an upgrade's new
+//!    process); `main.rs` is the CLI around it.
+//! 5. [`ops`]: what runs beside the server for operators — systemd's notify protocol and
+//!    watchdog ([`ops::notify`], [`ops::watchdog`]), stall reports ([`ops::stall`]), and the
+//!    zero-downtime upgrade ([`ops::upgrade`] over the control socket, [`ops::handover`] its
+//!    byte format).
 //!
 //! [`topology`] is the CPU report behind `presenced topology`.
 
@@ -59,4 +64,4 @@ pub fn raise_nofile() -> Option<u64> {
         Some(lim.rlim_cur)
     }
 }
-pub use server::{start, ServerHandle, StartError};
+pub use server::{start, start_with, Doors, ServerHandle, StartError, Takeover};

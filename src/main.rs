@@ -38,6 +38,27 @@ enum Cmd {
     /// The ScyllaDB history schema (docs/HISTORY.md): print it, or apply it.
     #[command(subcommand)]
     Schema(SchemaCmd),
+    /// Upgrade the running server without dropping presence (docs/OPERATIONS.md): it starts the
+    /// new binary, hands it its sockets and users, and drains. Waits for the outcome; exits
+    /// non-zero, saying why, if the old process goes on serving.
+    Upgrade(UpgradeArgs),
+}
+
+#[derive(Args)]
+struct UpgradeArgs {
+    /// TOML config file of the running server (for `upgrade.socket` and `history.data_dir`).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The control socket [default: upgrade.socket, or <data_dir>/presenced.sock].
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Directory of the local history store, where the default socket is.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// The binary to start [default: the path the running server was started from]. Naming
+    /// the previous release's binary is a rollback.
+    #[arg(long)]
+    binary: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -227,6 +248,7 @@ fn main() -> ExitCode {
             Ok(())
         }),
         Cmd::Schema(SchemaCmd::Apply { config, scylla }) => schema_apply(config.as_ref(), scylla),
+        Cmd::Upgrade(args) => upgrade(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -430,6 +452,28 @@ fn generated_secret(bytes: [u8; 32]) -> String {
     })
 }
 
+/// `presenced upgrade`: asks the running server for an upgrade and reports the outcome.
+fn upgrade(args: UpgradeArgs) -> Result<(), String> {
+    let mut cfg = load(args.config.as_ref())?;
+    if let Some(d) = args.data_dir {
+        cfg.history.data_dir = d;
+    }
+    let cfg = cfg.validate().map_err(|e| e.to_string())?;
+    let socket = match args.socket {
+        Some(s) => s,
+        None => cfg
+            .upgrade
+            .socket_path(&cfg.history.data_dir)
+            .ok_or("upgrade.socket is `none`: this server takes no upgrades")?,
+    };
+    // The server waits up to upgrade.timeout_ms for the new process; a little more here.
+    let wait = Duration::from_millis(cfg.upgrade.timeout_ms + 5_000);
+    let done = presenced::ops::upgrade::request(&socket, args.binary.as_deref(), wait)
+        .map_err(|why| format!("upgrade failed, the old process goes on serving: {why}"))?;
+    println!("upgraded: {done}");
+    Ok(())
+}
+
 fn serve(args: ServeArgs) -> Result<(), String> {
     // Colour only for a terminal: redirected logs stay plain text. NO_COLOR is honoured too.
     let ansi = std::io::stdout().is_terminal()
@@ -444,27 +488,88 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         Some(n) => tracing::info!(max_open_files = n, "open-file limit"),
         None => tracing::warn!("could not read or raise the open-file limit"),
     }
-    let mut cfg = effective_config(args)?;
+    use presenced::ops::{notify, upgrade};
+    // Started by an upgrade: the old process waits for this one's word, whatever it is.
+    let successor = match upgrade::successor() {
+        None => None,
+        Some(Ok(s)) => Some(s),
+        Some(Err(why)) => return Err(why),
+    };
+    let refuse = |why: String| {
+        if let Some(s) = &successor {
+            s.refuse(&why);
+        }
+        why
+    };
+    let mut cfg = effective_config(args).map_err(refuse)?;
     let generated = no_key(&cfg).then(|| {
         let secret = generated_secret(rand::random());
         cfg.jwt_secret = Some(secret.clone());
         secret
     });
-    let cfg = cfg.validate().map_err(|e| e.to_string())?;
+    let cfg = cfg.validate().map_err(|e| refuse(e.to_string()))?;
     let verifier =
-        Verifier::new(cfg.jwt_secret.as_deref(), &cfg.auth).map_err(|e| e.to_string())?;
-    let server = presenced::start(cfg, verifier).map_err(|e| e.to_string())?;
-    if let Some(secret) = generated {
-        print_quickstart(&secret, server.addr, server.admin_addr);
+        Verifier::new(cfg.jwt_secret.as_deref(), &cfg.auth).map_err(|e| refuse(e.to_string()))?;
+    let takeover = match &successor {
+        Some(s) => s.receive(cfg.upgrade.max_state_bytes).map_err(refuse)?,
+        None => presenced::Takeover::default(),
+    };
+    let server = presenced::start_with(cfg.clone(), verifier, takeover)
+        .map_err(|e| refuse(e.to_string()))?;
+    if let (Some(secret), None) = (&generated, &successor) {
+        print_quickstart(secret, server.addr, server.admin_addr);
     }
+    // The next upgrade's new process gets a generated secret too, so tokens go on verifying.
+    let env: Vec<(String, String)> = generated
+        .map(|s| vec![("PRESENCED_JWT_SECRET".to_owned(), s)])
+        .unwrap_or_default();
+    let upgrader = match cfg.upgrade.socket_path(&cfg.history.data_dir) {
+        Some(path) => Some(
+            upgrade::Upgrader::new(cfg.clone(), server.doors(), path, env)
+                .map_err(|e| refuse(format!("upgrade control socket: {e}")))?,
+        ),
+        None => None,
+    };
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGUSR2,
     ])
-    .map_err(|e| format!("installing signal handlers: {e}"))?;
-    if let Some(sig) = signals.forever().next() {
-        tracing::info!(signal = sig, "shutting down");
+    .map_err(|e| refuse(format!("installing signal handlers: {e}")))?;
+    match successor {
+        // The old process tells systemd (MAINPID, READY=1) once it has this word.
+        Some(s) => s
+            .ready(server.doors(), upgrader.clone())
+            .map_err(|e| format!("upgrade: telling the old process: {e}"))?,
+        None => {
+            if let Some(u) = &upgrader {
+                u.listen().map_err(|e| format!("upgrade.socket: {e}"))?;
+            }
+            notify::ready();
+        }
     }
+    for sig in signals.forever() {
+        if sig == signal_hook::consts::SIGUSR2 {
+            match &upgrader {
+                Some(u) => {
+                    let u = u.clone();
+                    // Off the signal loop: an upgrade takes seconds, and a SIGTERM meanwhile
+                    // must still stop the server.
+                    let _ = std::thread::Builder::new()
+                        .name("upgrade-sig".into())
+                        .spawn(move || match u.upgrade(None) {
+                            Ok(done) => tracing::info!(done, "upgrade (SIGUSR2) done"),
+                            Err(why) => tracing::error!(why, "upgrade (SIGUSR2) failed"),
+                        });
+                }
+                None => tracing::warn!("SIGUSR2: upgrade.socket is `none`, so no upgrades"),
+            }
+            continue;
+        }
+        tracing::info!(signal = sig, "shutting down");
+        break;
+    }
+    notify::stopping();
     server.shutdown();
     tracing::info!("stopped");
     Ok(())

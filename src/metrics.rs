@@ -4,18 +4,31 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 macro_rules! counters {
-    ($($(#[$doc:meta])* $name:ident,)*) => {
-        /// Counters of one shard.
+    (
+        $($(#[$doc:meta])* $name:ident,)*
+        ;
+        $($(#[$hdoc:meta])* $hist:ident,)*
+    ) => {
+        /// Counters (and a few histograms) of one shard.
         #[derive(Debug, Default)]
-        pub struct ShardMetrics { $($(#[$doc])* pub $name: AtomicU64,)* }
+        pub struct ShardMetrics {
+            $($(#[$doc])* pub $name: AtomicU64,)*
+            $($(#[$hdoc])* pub $hist: AtomicBuckets,)*
+        }
 
         /// A plain copy of the counters, for reports and tests.
         #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
-        pub struct MetricsSnapshot { $(pub $name: u64,)* }
+        pub struct MetricsSnapshot {
+            $(pub $name: u64,)*
+            $(pub $hist: BucketCounts,)*
+        }
 
         impl ShardMetrics {
             pub fn snapshot(&self) -> MetricsSnapshot {
-                MetricsSnapshot { $($name: self.$name.load(Relaxed),)* }
+                MetricsSnapshot {
+                    $($name: self.$name.load(Relaxed),)*
+                    $($hist: self.$hist.counts(),)*
+                }
             }
         }
 
@@ -23,7 +36,10 @@ macro_rules! counters {
             /// Sum of per-shard snapshots.
             pub fn sum<'a>(all: impl IntoIterator<Item = &'a MetricsSnapshot>) -> MetricsSnapshot {
                 let mut out = MetricsSnapshot::default();
-                for s in all { $(out.$name += s.$name;)* }
+                for s in all {
+                    $(out.$name += s.$name;)*
+                    $(out.$hist.add(&s.$hist);)*
+                }
                 out
             }
         }
@@ -101,6 +117,15 @@ counters! {
     conn_panics,
     /// Sessions closed by an admin kick (4003).
     kicks,
+    /// New sessions that re-attached to a held session of their user (reconnect grace or an
+    /// upgrade's hand-over): their watchers saw no flap.
+    reattached,
+    /// Held sessions whose grace ran out (the user's devices or offline then published).
+    grace_expired,
+    /// Sessions closed with 1001 by an upgrade's drain (old process).
+    upgrade_drained,
+    /// Changed users' records the old process could not queue for the new one (full queue).
+    upgrade_records_dropped,
     /// Read-only impersonation sessions opened (`/ws?as=`).
     impersonations,
     /// Admin HTTP requests and `/ws/admin` queries answered by this shard.
@@ -134,10 +159,16 @@ counters! {
     mesh_overflow_bytes,
     /// Changed shares replaced by a newer one of the same user while the cluster bridge's
     /// queue was full (cluster only).
-        cluster_coalesced,
+    cluster_coalesced,
     /// `activity` events for other nodes dropped because the cluster bridge's queue was full
     /// (ephemeral: never queued).
     cluster_activity_dropped,
+    /// Times this shard's event loop did not turn for longer than `stall_threshold_ms`
+    /// (reported by glommio's stall detector once the loop turns again: `ops::stall`).
+    shard_stalls,
+    ;
+    /// How long each of those stalls kept the loop from turning, µs.
+    stall_duration_us,
 }
 
 impl ShardMetrics {
@@ -306,15 +337,54 @@ impl AtomicBuckets {
     }
 
     pub fn snapshot(&self) -> Buckets {
+        self.counts().buckets()
+    }
+
+    /// A plain copy of the counts.
+    pub fn counts(&self) -> BucketCounts {
+        BucketCounts {
+            counts: std::array::from_fn(|i| self.counts[i].load(Relaxed)),
+            sum_us: self.sum_us.load(Relaxed),
+            max_us: self.max_us.load(Relaxed),
+        }
+    }
+}
+
+/// What an [`AtomicBuckets`] holds, copied into plain numbers (so a [`MetricsSnapshot`] can
+/// carry it and compare equal): samples per bucket, not yet cumulative. Adds up over shards.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct BucketCounts {
+    /// `counts[i]`: samples in `(bound[i-1], bound[i]]`; the last slot is above every bound.
+    pub counts: [u64; BUCKETS + 1],
+    pub sum_us: u64,
+    pub max_us: u64,
+}
+
+impl BucketCounts {
+    /// Samples recorded.
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    pub fn add(&mut self, other: &BucketCounts) {
+        for (c, o) in self.counts.iter_mut().zip(other.counts) {
+            *c += o;
+        }
+        self.sum_us += other.sum_us;
+        self.max_us = self.max_us.max(other.max_us);
+    }
+
+    /// The cumulative form a scrape exports.
+    pub fn buckets(&self) -> Buckets {
         let mut b = Buckets::default();
         let mut acc = 0;
-        for (c, n) in b.cumulative.iter_mut().zip(&self.counts) {
-            acc += n.load(Relaxed);
+        for (c, n) in b.cumulative.iter_mut().zip(self.counts) {
+            acc += n;
             *c = acc;
         }
-        b.count = acc + self.counts[BUCKETS].load(Relaxed);
-        b.sum_s = self.sum_us.load(Relaxed) as f64 / 1e6;
-        b.max_us = self.max_us.load(Relaxed);
+        b.count = acc + self.counts[BUCKETS];
+        b.sum_s = self.sum_us as f64 / 1e6;
+        b.max_us = self.max_us;
         b
     }
 }
@@ -409,5 +479,24 @@ mod tests {
         let mut sum = a.clone();
         sum.add(&a);
         assert_eq!((sum.cumulative[0], sum.count), (4, 14));
+    }
+
+    #[test]
+    fn shard_histograms_add_up_over_shards() {
+        let (one, two) = (ShardMetrics::default(), ShardMetrics::default());
+        one.stall_duration_us.record(80_000);
+        two.stall_duration_us.record(300_000);
+        two.stall_duration_us.record(20_000_000);
+        let sum = MetricsSnapshot::sum(&[one.snapshot(), two.snapshot()]);
+        assert_eq!(sum.stall_duration_us.count(), 3);
+        assert_eq!(sum.stall_duration_us.max_us, 20_000_000);
+        let b = sum.stall_duration_us.buckets();
+        assert_eq!(b.count, 3);
+        assert_eq!(
+            b.cumulative[LATENCY_BUCKETS_US.partition_point(|le| *le < 100_000)],
+            1
+        );
+        assert_eq!(*b.cumulative.last().unwrap(), 2, "20 s: only in +Inf");
+        assert!((b.sum_s - 20.38).abs() < 1e-9, "{}", b.sum_s);
     }
 }

@@ -4,7 +4,9 @@
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use glommio::channels::local_channel::LocalReceiver;
@@ -46,12 +48,128 @@ pub fn bind(addr: SocketAddr, listen: bool) -> std::io::Result<Socket> {
     Ok(sock)
 }
 
-/// A listening glommio socket for this shard.
-fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    use std::os::fd::{FromRawFd, IntoRawFd};
-    let sock = bind(addr, true)?;
-    // SAFETY: a freshly bound, listening socket whose ownership moves into the listener.
-    Ok(unsafe { TcpListener::from_raw_fd(sock.into_raw_fd()) })
+/// A listening socket a server serves, kept (as a duplicate) so that an upgrade can hand it to
+/// the next process: `role` is `ws`, `wss` or `admin`.
+pub struct Listening {
+    pub role: String,
+    pub addr: SocketAddr,
+    pub fd: OwnedFd,
+}
+
+/// One server's listening sockets: those it serves (duplicates, for an upgrade to hand over)
+/// and those it received from the old process and its shards have not taken yet.
+#[derive(Default)]
+pub struct Sockets {
+    serving: Mutex<Vec<Listening>>,
+    /// In the order received; a taken one leaves `None`, so positions stay put.
+    inherited: Mutex<Vec<(String, SocketAddr, Option<OwnedFd>)>>,
+}
+
+impl std::fmt::Debug for Sockets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let serving = self.serving.lock().map_or(0, |v| v.len());
+        let inherited = self
+            .inherited
+            .lock()
+            .map_or(0, |v| v.iter().filter(|l| l.2.is_some()).count());
+        f.debug_struct("Sockets")
+            .field("serving", &serving)
+            .field("inherited", &inherited)
+            .finish()
+    }
+}
+
+impl Sockets {
+    /// Duplicates of every listening socket served (for the next process).
+    pub fn serving(&self) -> std::io::Result<Vec<Listening>> {
+        let held = self.serving.lock().unwrap_or_else(|e| e.into_inner());
+        held.iter()
+            .map(|l| {
+                Ok(Listening {
+                    role: l.role.clone(),
+                    addr: l.addr,
+                    fd: l.fd.try_clone()?,
+                })
+            })
+            .collect()
+    }
+
+    /// Sockets received from the old process: the shards take them instead of binding anew.
+    pub fn inherit(&self, sockets: Vec<Listening>) {
+        self.inherited
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(sockets.into_iter().map(|l| (l.role, l.addr, Some(l.fd))));
+    }
+
+    /// The address an inherited socket of `role` listens on, if one matches `want` (any port
+    /// on the same IP when `want`'s is 0).
+    pub fn inherited_addr(&self, role: &str, want: SocketAddr) -> Option<SocketAddr> {
+        let held = self.inherited.lock().unwrap_or_else(|e| e.into_inner());
+        held.iter()
+            .find(|(r, addr, fd)| {
+                fd.is_some()
+                    && r == role
+                    && (*addr == want || (want.port() == 0 && addr.ip() == want.ip()))
+            })
+            .map(|l| l.1)
+    }
+
+    /// Inherited sockets no shard took (their address left the configuration).
+    pub fn take_unclaimed(&self) -> Vec<Listening> {
+        std::mem::take(&mut *self.inherited.lock().unwrap_or_else(|e| e.into_inner()))
+            .into_iter()
+            .filter_map(|(role, addr, fd)| fd.map(|fd| Listening { role, addr, fd }))
+            .collect()
+    }
+
+    /// This shard's listening sockets for `addr`: of the inherited ones, those whose position
+    /// is `shard` modulo `shards` (so each is served, whatever either process's shard count);
+    /// with none, a new one bound with SO_REUSEPORT.
+    fn listen(
+        &self,
+        role: &str,
+        addr: SocketAddr,
+        shard: usize,
+        shards: usize,
+    ) -> std::io::Result<Vec<TcpListener>> {
+        use std::os::fd::{FromRawFd, IntoRawFd};
+        let mine: Vec<OwnedFd> = {
+            let mut held = self.inherited.lock().unwrap_or_else(|e| e.into_inner());
+            let mut matching = 0;
+            let mut mine = Vec::new();
+            // Taken ones stay in place (their fd gone), so every shard counts the same
+            // positions.
+            for (r, a, fd) in held.iter_mut() {
+                if r == role && *a == addr {
+                    if matching % shards.max(1) == shard {
+                        mine.extend(fd.take());
+                    }
+                    matching += 1;
+                }
+            }
+            mine
+        };
+        let socks: Vec<OwnedFd> = if mine.is_empty() {
+            vec![bind(addr, true)?.into()]
+        } else {
+            mine
+        };
+        let mut out = Vec::with_capacity(socks.len());
+        for fd in socks {
+            self.serving
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(Listening {
+                    role: role.to_owned(),
+                    addr,
+                    fd: fd.try_clone()?,
+                });
+            // SAFETY: a bound, listening socket whose ownership moves into the listener.
+            out.push(unsafe { TcpListener::from_raw_fd(fd.into_raw_fd()) });
+        }
+        Ok(out)
+    }
 }
 
 /// Reserves `want` for the shards: refuses a port another process holds (SO_REUSEPORT would
@@ -113,17 +231,29 @@ pub async fn guarded(metrics: Arc<ShardMetrics>, task: impl Future<Output = ()>)
     }
 }
 
-/// Binds this shard's listener on `addr` and spawns `accept(listener, stop)` on it, where
-/// `stop` fires when the returned [`Stop`] is called. `what` names the listener in errors.
+/// Takes this shard's listening sockets for `addr` (inherited from an upgrade's old process, or
+/// bound anew) and spawns `accept(listener, stop)` on each, where `stop` fires when the returned
+/// [`Stop`] is called. `role` (`ws`, `wss`, `admin`) names them in errors and in a hand-over.
 pub fn serve<F: Future<Output = ()> + 'static>(
-    what: &str,
+    shard: &crate::shard::Shard,
+    role: &str,
     addr: SocketAddr,
-    accept: impl FnOnce(TcpListener, LocalReceiver<()>) -> F,
+    accept: impl Fn(TcpListener, LocalReceiver<()>) -> F,
 ) -> Result<Stop, String> {
-    let listener = listen(addr).map_err(|e| format!("{what} listen on {addr}: {e}"))?;
-    let (stop_tx, stop_rx) = glommio::channels::local_channel::new_bounded(1);
-    glommio::spawn_local(accept(listener, stop_rx)).detach();
+    let listeners = shard
+        .shared()
+        .sockets
+        .listen(role, addr, usize::from(shard.ix()), shard.shards())
+        .map_err(|e| format!("{role} listen on {addr}: {e}"))?;
+    let mut stops = Vec::with_capacity(listeners.len());
+    for listener in listeners {
+        let (stop_tx, stop_rx) = glommio::channels::local_channel::new_bounded(1);
+        glommio::spawn_local(accept(listener, stop_rx)).detach();
+        stops.push(stop_tx);
+    }
     Ok(Box::new(move || {
-        let _ = stop_tx.try_send(());
+        for stop in stops {
+            let _ = stop.try_send(());
+        }
     }))
 }

@@ -11,6 +11,7 @@ use crate::auth::Verifier;
 use crate::config::ValidConfig;
 use crate::history::{EventKind, History, HistoryEvent, Record, Sample, Sink};
 use crate::metrics::MetricsSnapshot;
+use crate::presence::handover::UserRecord;
 use crate::shard::runtime::{self, plan_cpus, Init, Shards, Shared, Stop};
 use crate::shard::tap::{SessionTap, Tap};
 use crate::shard::{now_ms, Shard};
@@ -46,6 +47,8 @@ pub struct ServerHandle {
     history: Option<History>,
     cluster: Option<crate::cluster::Cluster>,
     flush_deadline: Duration,
+    /// Feeds systemd's watchdog while every shard makes progress (when systemd asked).
+    watchdog: Option<crate::ops::watchdog::Watchdog>,
 }
 
 impl ServerHandle {
@@ -71,6 +74,9 @@ impl ServerHandle {
     /// Waits for every shard thread to finish, then flushes history (within
     /// `history.flush_deadline_ms`).
     pub fn join(mut self) {
+        if let Some(w) = self.watchdog.take() {
+            w.stop();
+        }
         self.shards.join();
         // After the shards: their last changes (sessions closed at shutdown) go out first.
         if let Some(mut c) = self.cluster.take() {
@@ -99,10 +105,94 @@ impl ServerHandle {
         );
         rx.recv().expect("the shard ran the job");
     }
+
+    /// A handle for drivers outside the shards (the upgrade) to reach them.
+    pub fn doors(&self) -> Doors {
+        Doors {
+            inboxes: self.shards.doors(),
+            shared: self.shards.shared.clone(),
+        }
+    }
+}
+
+/// What the new process of an upgrade starts from: the old process's listening sockets and its
+/// presence (docs/OPERATIONS.md).
+#[derive(Default)]
+pub struct Takeover {
+    pub sockets: Vec<crate::net::Listening>,
+    pub records: Vec<UserRecord>,
+}
+
+/// The shards' doors, for a driver on another thread (the upgrade): cheap to clone, `Send`.
+#[derive(Clone)]
+pub struct Doors {
+    inboxes: Vec<flume::Sender<crate::shard::mesh::MeshMsg>>,
+    shared: Arc<Shared>,
+}
+
+impl Doors {
+    fn send(&self, shard: usize, job: crate::shard::mesh::Job) -> bool {
+        self.inboxes[shard]
+            .send(crate::shard::mesh::MeshMsg::Invoke(job))
+            .is_ok()
+    }
+
+    /// Shards running.
+    pub fn shard_count(&self) -> usize {
+        self.shared.shards()
+    }
+
+    /// Runs `f` on every shard and returns what each answered, in shard order (`None` for a
+    /// shard that stopped). For drivers outside the shards (the upgrade).
+    pub fn on_each<R: Send + 'static>(
+        &self,
+        f: impl Fn(&Rc<Shard>) -> R + Send + Sync + 'static,
+    ) -> Vec<Option<R>> {
+        let f = Arc::new(f);
+        let waits: Vec<_> = (0..self.shard_count())
+            .map(|ix| {
+                let (tx, rx) = std::sync::mpsc::channel();
+                let f = f.clone();
+                let sent = self.send(
+                    ix,
+                    Box::new(move |s: &Rc<Shard>| {
+                        let _ = tx.send(f(s));
+                    }),
+                );
+                sent.then_some(rx)
+            })
+            .collect();
+        waits
+            .into_iter()
+            .map(|rx| rx.and_then(|rx| rx.recv().ok()))
+            .collect()
+    }
+
+    /// Sends `f` to the shard that owns `user` (without waiting).
+    pub fn on_owner(&self, user: &str, f: impl FnOnce(&Rc<Shard>) + Send + 'static) {
+        let ix = crate::shard::owner_of(user, self.shard_count());
+        self.send(usize::from(ix), Box::new(f));
+    }
+
+    /// Duplicates of the listening sockets (for an upgrade's new process).
+    pub fn listening(&self) -> std::io::Result<Vec<crate::net::Listening>> {
+        self.shared.sockets.serving()
+    }
 }
 
 /// Starts the server and returns once every shard is accepting.
 pub fn start(cfg: ValidConfig, verifier: Verifier) -> Result<ServerHandle, StartError> {
+    start_with(cfg, verifier, Takeover::default())
+}
+
+/// [`start`], taking over from an upgrade's old process: its sockets are served instead of
+/// binding anew (so no connection is refused in the switch), and its users are adopted on
+/// their owner shards before any connection is accepted.
+pub fn start_with(
+    cfg: ValidConfig,
+    verifier: Verifier,
+    takeover: Takeover,
+) -> Result<ServerHandle, StartError> {
     let shards = cfg.shard_count();
     let cpus = plan_cpus(&cfg, shards).map_err(StartError::Placement)?;
     let secure = crate::edge::tls::load(&cfg.tls).map_err(|e| StartError::Tls(e.0))?;
@@ -117,29 +207,42 @@ pub fn start(cfg: ValidConfig, verifier: Verifier) -> Result<ServerHandle, Start
             wanted.push((tls_addr, Some(tls.clone())));
         }
     }
-    let reserve = |want: SocketAddr| {
-        crate::net::reserve_port(want).map_err(|source| StartError::Listen { addr: want, source })
-    };
+    let takeover_mode = !takeover.sockets.is_empty();
+    let mut shared = Shared::new(cpus);
+    shared.sockets.inherit(takeover.sockets);
+    // A socket inherited from the old process serves its address; any other is reserved here.
     let mut reserved = Vec::new();
+    let mut reserve = |role: &str, want: SocketAddr| {
+        if let Some(addr) = shared.sockets.inherited_addr(role, want) {
+            return Ok(addr);
+        }
+        let (sock, addr) = crate::net::reserve_port(want)
+            .map_err(|source| StartError::Listen { addr: want, source })?;
+        reserved.push(sock);
+        Ok::<_, StartError>(addr)
+    };
     let mut listeners = Vec::new();
     for (want, tls) in wanted {
-        let (sock, addr) = reserve(want)?;
-        reserved.push(sock);
-        listeners.push((addr, tls));
+        let role = if tls.is_some() { "wss" } else { "ws" };
+        listeners.push((reserve(role, want)?, tls));
     }
     let addr = listeners[0].0;
     let tls_addr = listeners.iter().find(|l| l.1.is_some()).map(|l| l.0);
     let admin_addr = if cfg.admin.enabled {
-        let (sock, admin_addr) = reserve(cfg.admin.listen)?;
-        reserved.push(sock);
-        Some(admin_addr)
+        Some(reserve("admin", cfg.admin.listen)?)
     } else {
         None
     };
     let admin_tls = if cfg.admin.tls { secure.clone() } else { None };
 
-    let history = History::start(&cfg.history).map_err(StartError::History)?;
-    let mut shared = Shared::new(cpus);
+    let history = if takeover_mode {
+        // The old process lets go of the store when it exits, after its drain.
+        let wait = cfg.drain_ms + cfg.shutdown_deadline_ms + cfg.history.flush_deadline_ms + 30_000;
+        History::start_waiting(&cfg.history, Duration::from_millis(wait))
+    } else {
+        History::start(&cfg.history)
+    }
+    .map_err(StartError::History)?;
     let mut cluster = None;
     if let Some(cc) = &cfg.cluster {
         let scheme = if admin_tls.is_some() { "https" } else { "http" };
@@ -163,7 +266,23 @@ pub fn start(cfg: ValidConfig, verifier: Verifier) -> Result<ServerHandle, Start
     }
     let shared = Arc::new(shared);
     let sink = history.sink.clone();
+    // The old process's users, each on its owner shard here.
+    let mut adopt: Vec<Vec<UserRecord>> = (0..shards).map(|_| Vec::new()).collect();
+    for rec in takeover.records {
+        adopt[usize::from(crate::shard::owner_of(&rec.user, shards))].push(rec);
+    }
+    let adopt: Arc<Vec<std::sync::Mutex<Vec<UserRecord>>>> =
+        Arc::new(adopt.into_iter().map(std::sync::Mutex::new).collect());
     let init: Init = Arc::new(move |shard: &Rc<Shard>| {
+        // Before the first accept, so no client sees a handed-over user missing.
+        let records = std::mem::take(
+            &mut *adopt[usize::from(shard.ix())]
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        shard
+            .adopt(&records)
+            .map_err(|e| format!("the old process's state: {e}"))?;
         let mut stops: Vec<Stop> = crate::edge::Edge::new(shard.clone()).listen(&listeners)?;
         if let Some(admin) = admin_addr {
             stops.push(crate::admin::install(
@@ -187,6 +306,11 @@ pub fn start(cfg: ValidConfig, verifier: Verifier) -> Result<ServerHandle, Start
         }
     };
     drop(reserved);
+    for left in running.shared.sockets.take_unclaimed() {
+        tracing::warn!(role = left.role, addr = %left.addr,
+            "upgrade: the old process listened here and this configuration does not; connections \
+             waiting there are refused when it exits");
+    }
     if let Some(c) = &mut cluster {
         c.attach(running.doors(), running.shared.clone());
     }
@@ -195,6 +319,7 @@ pub fn start(cfg: ValidConfig, verifier: Verifier) -> Result<ServerHandle, Start
     if let Some(a) = admin_addr {
         tracing::info!(admin = %a, "admin port (API, /metrics, dashboard) listening");
     }
+    let watchdog = crate::ops::watchdog::Watchdog::start(&running);
     Ok(ServerHandle {
         addr,
         tls_addr,
@@ -203,6 +328,7 @@ pub fn start(cfg: ValidConfig, verifier: Verifier) -> Result<ServerHandle, Start
         flush_deadline: Duration::from_millis(cfg.history.flush_deadline_ms),
         history: Some(history),
         cluster,
+        watchdog,
     })
 }
 

@@ -253,7 +253,14 @@ pub async fn run(
             ready.set(ready.get() + 1);
             first = false;
         } else {
-            stats.borrow_mut().reconnects += 1;
+            {
+                let mut stats = stats.borrow_mut();
+                stats.reconnects += 1;
+                *stats
+                    .reconnect_windows
+                    .entry(now_us() / 100_000)
+                    .or_default() += 1;
+            }
             for t in state.borrow_mut().tracks.values_mut() {
                 t.resync = true;
             }
@@ -363,6 +370,14 @@ fn track(shared: &Shared, stats: &RefCell<Stats>, state: &RefCell<ConnState>, se
     let mut st = state.borrow_mut();
     let subscriber = st.subscriber;
     let key: &dyn TrackKey = &(seen.user, seen.feed);
+    if seen.status == "offline"
+        && st
+            .tracks
+            .get(key)
+            .is_some_and(|t| matches!(t.last_status, "online" | "away" | "busy"))
+    {
+        stats.went_offline += 1;
+    }
     if let Some(t) = st.tracks.get_mut(key) {
         observe(shared, &mut stats, subscriber, t, seen);
     } else {

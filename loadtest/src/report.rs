@@ -32,6 +32,54 @@ pub struct Stats {
     pub seq_gaps: u64,
     /// The `subchurn` scenario's counts.
     pub subchurn: Subchurn,
+    /// Events that took a watched user from visible to offline. Every harness user stays
+    /// connected (reconnecting when closed), so each is a flap a watcher saw (an upgrade or a
+    /// grace that did not hold).
+    pub went_offline: u64,
+    /// Reconnects per 100 ms window (unix ms / 100 → count): the reconnect burst's shape.
+    pub reconnect_windows: BTreeMap<u64, u64>,
+}
+
+/// The shape of the reconnects of a run (`--json` `reconnect_shape`): when the first and the
+/// last came, and the busiest 100 ms.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReconnectShape {
+    pub count: u64,
+    /// From the first reconnect to the last.
+    pub spread_ms: u64,
+    /// The most reconnects in one 100 ms window.
+    pub peak_per_100ms: u64,
+    /// Half, and 99 %, of the reconnects had come this long after the first.
+    pub p50_ms: u64,
+    pub p99_ms: u64,
+    /// The windows themselves (unix ms / 100 → count), so worker reports merge exactly.
+    pub windows: BTreeMap<u64, u64>,
+}
+
+impl ReconnectShape {
+    pub fn of(windows: &BTreeMap<u64, u64>) -> Option<ReconnectShape> {
+        let (first, last) = (*windows.keys().next()?, *windows.keys().next_back()?);
+        let count: u64 = windows.values().sum();
+        let at = |q: f64| {
+            let want = (count as f64 * q).ceil() as u64;
+            let mut seen = 0;
+            for (w, n) in windows {
+                seen += n;
+                if seen >= want {
+                    return (w - first) * 100;
+                }
+            }
+            (last - first) * 100
+        };
+        Some(ReconnectShape {
+            count,
+            spread_ms: (last - first) * 100,
+            peak_per_100ms: windows.values().copied().max().unwrap_or(0),
+            p50_ms: at(0.5),
+            p99_ms: at(0.99),
+            windows: windows.clone(),
+        })
+    }
 }
 
 /// What the `subchurn` scenario counted (README "Subscription churn").
@@ -152,6 +200,8 @@ impl Default for Stats {
             checked: 0,
             seq_gaps: 0,
             subchurn: Subchurn::default(),
+            went_offline: 0,
+            reconnect_windows: BTreeMap::new(),
         }
     }
 }
@@ -182,6 +232,10 @@ impl Stats {
         self.checked += other.checked;
         self.seq_gaps += other.seq_gaps;
         self.subchurn.add(&other.subchurn);
+        self.went_offline += other.went_offline;
+        for (k, v) in other.reconnect_windows {
+            *self.reconnect_windows.entry(k).or_default() += v;
+        }
         for (k, v) in other.connections_by_url {
             *self.connections_by_url.entry(k).or_default() += v;
         }
@@ -323,6 +377,12 @@ pub struct Report {
     #[serde(default)]
     pub flaps_per_sec: f64,
     pub reconnects: u64,
+    /// Watched users seen going from visible to offline (see [`Stats::went_offline`]).
+    #[serde(default)]
+    pub went_offline: u64,
+    /// When the reconnects came (absent when there were none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reconnect_shape: Option<ReconnectShape>,
     pub connect_latency_us: Percentiles,
     pub handshake_latency_us: Percentiles,
     pub fanout_latency_us: Percentiles,
@@ -385,6 +445,8 @@ impl Report {
             run_phase_s: 0.0,
             flaps_per_sec: 0.0,
             reconnects: stats.reconnects,
+            went_offline: stats.went_offline,
+            reconnect_shape: ReconnectShape::of(&stats.reconnect_windows),
             connect_latency_us: Percentiles::of(&stats.connect_us),
             handshake_latency_us: Percentiles::of(&stats.handshake_us),
             fanout_latency_us: Percentiles::of(&stats.fanout_us),
@@ -436,6 +498,16 @@ impl Report {
             out.flaps_sent += r.flaps_sent;
             out.run_phase_s = out.run_phase_s.max(r.run_phase_s);
             out.reconnects += r.reconnects;
+            out.went_offline += r.went_offline;
+            let mut windows = out
+                .reconnect_shape
+                .take()
+                .map(|s| s.windows)
+                .unwrap_or_default();
+            for (k, v) in r.reconnect_shape.map(|s| s.windows).unwrap_or_default() {
+                *windows.entry(k).or_default() += v;
+            }
+            out.reconnect_shape = ReconnectShape::of(&windows);
             for (k, v) in r.errors {
                 *out.errors.entry(k).or_default() += v;
             }
@@ -492,7 +564,7 @@ impl Report {
         let mut t = format!(
             "scenario {} ({} worker(s))\n  connections established {} in {:.2} s ({:.0}/s)\n  run                     {:.1} s\n  \
              flaps sent              {} ({:.0}/s over {:.1} s; asked {}/s)\n  deliveries              {} ({:.0}/s)\n  client CPU              {:.2} s\n  \
-             reconnects              {}\n\n  latency (µs)           {:>9} {:>9} {:>9} {:>9} {:>9} {:>10}\n",
+             reconnects              {}{}\n  went offline            {}\n\n  latency (µs)           {:>9} {:>9} {:>9} {:>9} {:>9} {:>10}\n",
             self.scenario,
             self.workers,
             self.connections_established,
@@ -507,6 +579,11 @@ impl Report {
             self.deliveries_per_sec,
             self.client_cpu_s,
             self.reconnects,
+            self.reconnect_shape.as_ref().map_or(String::new(), |s| format!(
+                " (over {} ms; p50 {} ms, p99 {} ms after the first; peak {} per 100 ms)",
+                s.spread_ms, s.p50_ms, s.p99_ms, s.peak_per_100ms
+            )),
+            self.went_offline,
             "p50",
             "p90",
             "p99",

@@ -96,8 +96,8 @@ pub fn install(
             log.changes.borrow_mut().record((*state).clone());
         }
     }));
-    let stop = crate::net::serve("admin", addr, |listener, stop| {
-        server::accept_loop(shard.clone(), listener, tls, stop)
+    let stop = crate::net::serve(shard, "admin", addr, |listener, stop| {
+        server::accept_loop(shard.clone(), listener, tls.clone(), stop)
     })?;
     if shard.ix() == 0 {
         glommio::spawn_local(sample_series(shard.clone())).detach();

@@ -407,7 +407,29 @@ pub fn render(s: &Scrape<'_>) -> String {
             ("rate_abuse", |m| m.rate_abuse_closes),
             ("kicked", |m| m.kicks),
             ("panic", |m| m.conn_panics),
+            ("upgrade_drain", |m| m.upgrade_drained),
         ],
+    );
+    o.per_shard(
+        "presenced_reattached_total",
+        "counter",
+        "New sessions that re-attached to a held session of their user (reconnect grace or an upgrade): no flap for watchers.",
+        sh,
+        |m| m.reattached,
+    );
+    o.per_shard(
+        "presenced_grace_expired_total",
+        "counter",
+        "Held sessions whose grace ran out without a reconnect (then published as gone).",
+        sh,
+        |m| m.grace_expired,
+    );
+    o.per_shard(
+        "presenced_upgrade_records_dropped_total",
+        "counter",
+        "Changed users' records the old process of an upgrade could not queue for the new one.",
+        sh,
+        |m| m.upgrade_records_dropped,
     );
     o.per_shard(
         "presenced_deliveries_total",
@@ -521,6 +543,13 @@ pub fn render(s: &Scrape<'_>) -> String {
         |m| m.invoke_panics,
     );
     o.per_shard(
+        "presenced_shard_stalls_total",
+        "counter",
+        "Times the shard's event loop did not turn for longer than stall_threshold_ms (counted when it turns again).",
+        sh,
+        |m| m.shard_stalls,
+    );
+    o.per_shard(
         "presenced_admin_evictions_total",
         "counter",
         "Idle admin connections closed to make room in a full pool.",
@@ -556,6 +585,15 @@ pub fn render(s: &Scrape<'_>) -> String {
         "presenced_handshake_seconds",
         "Accept to session open (upgrade answered), merged over shards, since start.",
         s.handshakes,
+    );
+    let mut stalls = crate::metrics::BucketCounts::default();
+    for shard in sh {
+        stalls.add(&shard.stall_duration_us);
+    }
+    o.histogram(
+        "presenced_shard_stall_seconds",
+        "How long each stall kept a shard's event loop from turning, merged over shards, since start.",
+        &stalls.buckets(),
     );
     if let Some(c) = &s.cluster {
         o.family(
@@ -703,13 +741,17 @@ mod tests {
         let mut fanout = crate::metrics::latency_histogram();
         fanout.record(40).unwrap();
         fanout.record(90).unwrap();
-        let shards = vec![
+        let mut shards = vec![
             MetricsSnapshot {
                 connections: 3,
                 ..Default::default()
             };
             2
         ];
+        let stalled = crate::metrics::ShardMetrics::default();
+        stalled.stall_duration_us.record(300_000);
+        shards[1].shard_stalls = 1;
+        shards[1].stall_duration_us = stalled.stall_duration_us.counts();
         let text = render(&Scrape {
             version: "1.2.3",
             uptime_s: 1.5,
@@ -755,6 +797,12 @@ mod tests {
         assert!(text.contains("presenced_fanout_latency_seconds_bucket{le=\"+Inf\"} 2\n"));
         assert!(text.contains("presenced_fanout_latency_seconds_count 2\n"));
         assert!(text.contains("presenced_handshake_seconds_count 0\n"));
+        assert!(text.contains("presenced_shard_stalls_total{shard=\"0\"} 0\n"));
+        assert!(text.contains("presenced_shard_stalls_total{shard=\"1\"} 1\n"));
+        assert!(text.contains("presenced_shard_stall_seconds_bucket{le=\"0.25\"} 0\n"));
+        assert!(text.contains("presenced_shard_stall_seconds_bucket{le=\"0.5\"} 1\n"));
+        assert!(text.contains("presenced_shard_stall_seconds_sum 0.300000\n"));
+        assert!(text.contains("# TYPE presenced_shard_stall_seconds histogram\n"));
         assert!(text.contains("# TYPE presenced_fanout_latency_seconds histogram\n"));
         assert!(text.contains("presenced_cluster_bus_state{state=\"connected\"} 1\n"));
         assert!(text.contains("presenced_cluster_gaps_total 4\n"));

@@ -30,6 +30,8 @@ use crate::shard::{CloseRequest, Shard};
 #[derive(Debug)]
 pub struct ShardStats {
     pub sessions: usize,
+    /// Ended sessions still counted for their users (reconnect grace, upgrade hand-over).
+    pub held: usize,
     pub latency_total: Histogram<u64>,
     pub latency_recent: Histogram<u64>,
     /// Shard 0 only: the latest sample and each shard's delivery rate.
@@ -508,6 +510,7 @@ pub fn shard_stats(shard: &Shard) -> ShardStats {
         });
     ShardStats {
         sessions: shard.registry().session_count(),
+        held: shard.registry().held_count(),
         latency_total: latency.total.clone(),
         latency_recent: latency.recent(),
         sample,

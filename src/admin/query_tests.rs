@@ -4,7 +4,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use proptest::prelude::*;
 
 use super::*;
-use crate::presence::{Registry, SessionInfo, Status};
+use crate::presence::{Hold, Registry, SessionInfo, Status};
 
 fn info(groups: &[&str], roles: &[&str], region: Option<&str>, t: DeviceType) -> SessionInfo {
     SessionInfo {
@@ -223,7 +223,7 @@ proptest! {
                 Step::Connect(i, g) => connect(&mut regs, &mut online, &mut grouped, i, g),
                 Step::Disconnect(i) => {
                     if let Some(id) = online.remove(&i) {
-                        regs[owner(i)].disconnect(&user_id(i), sid(id), 2);
+                        regs[owner(i)].disconnect(&user_id(i), sid(id), Hold::None, 2);
                         stable.remove(&i);
                     }
                 }

@@ -62,7 +62,8 @@ impl Edge {
         listeners
             .iter()
             .map(|(addr, tls)| {
-                crate::net::serve("WebSocket", *addr, |listener, stop| {
+                let role = if tls.is_some() { "wss" } else { "ws" };
+                crate::net::serve(&self.shard, role, *addr, |listener, stop| {
                     accept::accept_loop(self.clone(), listener, tls.clone(), stop)
                 })
             })

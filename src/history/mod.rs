@@ -171,6 +171,16 @@ const QUERY_QUEUE: usize = 64;
 impl History {
     /// Opens the configured store and starts the writer thread. Errors name the config key.
     pub fn start(cfg: &HistoryConfig) -> Result<History, String> {
+        Self::start_waiting(cfg, std::time::Duration::ZERO)
+    }
+
+    /// [`History::start`], for the new process of an upgrade: while the old process still
+    /// holds the local store (redb allows one process at a time), events queue (bounded, as
+    /// always) and the writer retries opening it for up to `wait`.
+    pub fn start_waiting(
+        cfg: &HistoryConfig,
+        wait: std::time::Duration,
+    ) -> Result<History, String> {
         if cfg.backend == HistoryBackend::Off {
             return Ok(History {
                 sink: Sink::off(),
@@ -178,15 +188,52 @@ impl History {
                 thread: None,
             });
         }
-        let opened = store::open(cfg)?;
+        let opened = match store::open(cfg) {
+            Ok(o) => Some(o),
+            Err(e) if wait.is_zero() => return Err(e),
+            Err(e) => {
+                tracing::info!(error = %e, "history: the store is busy (the old process of an upgrade still holds it); retrying");
+                None
+            }
+        };
         let (tx, rx) = flume::bounded(cfg.queue_capacity);
         let (qtx, qrx) = flume::bounded(QUERY_QUEUE);
         let (stop_tx, stop_rx) = flume::bounded(1);
         let metrics = Arc::new(HistoryMetrics::default());
+        let stopped = stop_rx.clone();
         let w = writer::Writer::new(cfg.clone(), rx, qrx, stop_rx, metrics.clone());
         let thread = std::thread::Builder::new()
             .name("history".into())
-            .spawn(move || w.run(opened))
+            .spawn({
+                let cfg = cfg.clone();
+                move || {
+                    let opened = match opened {
+                        Some(o) => o,
+                        None => {
+                            let deadline = std::time::Instant::now() + wait;
+                            loop {
+                                // Stopped before the store came free (the upgrade failed).
+                                if stopped
+                                    .recv_timeout(std::time::Duration::from_millis(100))
+                                    .is_ok()
+                                {
+                                    return;
+                                }
+                                match store::open(&cfg) {
+                                    Ok(o) => break o,
+                                    Err(e) if std::time::Instant::now() >= deadline => {
+                                        tracing::error!(error = %e,
+                                            "history: could not open the store after the upgrade; events are not recorded");
+                                        return;
+                                    }
+                                    Err(_) => {}
+                                }
+                            }
+                        }
+                    };
+                    w.run(opened)
+                }
+            })
             .map_err(|e| format!("history: cannot start the writer thread: {e}"))?;
         Ok(History {
             sink: Sink {

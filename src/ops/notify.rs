@@ -5,10 +5,24 @@
 
 use std::io;
 use std::os::unix::net::UnixDatagram;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Set once this process handed the service over to an upgrade's new process: from then on the
+/// new one speaks for the service, and this one must not (a `STOPPING=1` from it would read as
+/// the service stopping).
+static SILENCED: AtomicBool = AtomicBool::new(false);
+
+/// Stops this process telling the service manager anything (see [`SILENCED`]).
+pub fn silence() {
+    SILENCED.store(true, Ordering::Release);
+}
 
 /// Sends `state` (e.g. `"READY=1"`, or several lines) to the service manager. `Ok(false)`
-/// when there is none to tell.
+/// when there is none to tell, or this process was [`silence`]d.
 pub fn send(state: &str) -> io::Result<bool> {
+    if SILENCED.load(Ordering::Acquire) {
+        return Ok(false);
+    }
     let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
         return Ok(false);
     };

@@ -11,11 +11,14 @@
 
 pub mod contrib;
 pub mod groups;
+pub mod handover;
 pub mod registry;
 pub mod state;
 pub mod watchers;
 
 pub use groups::{Groups, StatusCounts};
-pub use registry::{Change, Outgoing, Registry, Session, SessionInfo, SnapScope, UserView};
+pub use registry::{
+    Change, Held, Hold, Outgoing, Registry, Session, SessionInfo, SnapScope, UserView,
+};
 pub use state::{Aggregate, DeviceType, GroupId, PresenceState, SessionId, Status, UserId};
 pub use watchers::Watchers;

@@ -8,7 +8,8 @@
 //! - `last_seen` is set when a user goes from visible to offline;
 //! - an entry exists while it has sessions, watchers, or history (`seq > 0`) worth remembering.
 
-use std::collections::BTreeSet;
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap};
 use std::net::IpAddr;
 use std::ops::Bound;
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use std::sync::Arc;
 use hashbrown::HashMap;
 
 use super::contrib::{self, bucket_of, Contribution, Hlc, NodeIx};
+use super::handover::{status_name, RecordError, SessionRecord, UserRecord};
 use super::state::{Aggregate, DeviceType, GroupId, PresenceState, SessionId, Status, UserId};
 use super::watchers::{ShardIx, Watchers};
 
@@ -44,6 +46,52 @@ pub struct Session {
     pub info: SessionInfo,
 }
 
+/// A session that has ended but still counts for its user (SPEC §11): the last session of a user
+/// within `offline_grace_ms` of its end, or a session handed over by the old process of an
+/// upgrade. A new session of the user re-attaches to one ([`Registry::connect`]): it takes the
+/// held status and text, so watchers see nothing change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Held {
+    /// The id of the session it stands for, in the process that served it.
+    pub origin: u64,
+    /// Served by the old process of an upgrade (its ids may repeat this process's).
+    pub from_old: bool,
+    pub status: Status,
+    pub text: Option<Arc<str>>,
+    pub device: Option<Arc<str>>,
+    pub device_type: DeviceType,
+    pub groups: Arc<[GroupId]>,
+    pub connected_at_ms: u64,
+    /// When the session ended (ms since the epoch): the user's `last_seen` if it goes
+    /// offline when the hold runs out.
+    pub ended_at_ms: u64,
+    /// The order of its last status change among the user's sessions.
+    pub stamp: u64,
+    /// When it stops counting (ms since the epoch). `None`: the old process of an upgrade still
+    /// serves it.
+    pub until: Option<u64>,
+}
+
+/// A user's held sessions, and which of the old process's sessions were re-attached here (so a
+/// late update from the old process does not bring them back). Boxed in [`UserEntry`]: most
+/// users never have one.
+#[derive(Debug, Default)]
+struct Holds {
+    held: Vec<Held>,
+    claimed: Vec<u64>,
+}
+
+/// How [`Registry::disconnect`] ends a session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hold {
+    /// Gone at once.
+    None,
+    /// Held until then if it was the user's last visible session (the reconnect grace).
+    IfLast(u64),
+    /// Held until then whatever else the user has (the old process of an upgrade, draining).
+    Always(u64),
+}
+
 /// The part of a user's presence that subscribers see; `seq` moves exactly when this changes.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 struct View {
@@ -67,6 +115,8 @@ struct UserEntry {
     /// In a cluster: this node's share and the shares heard from other nodes (boxed, so a
     /// single node pays one pointer per user for it).
     replica: Option<Box<Replica>>,
+    /// Ended sessions that still count ([`Held`]).
+    holds: Option<Box<Holds>>,
 }
 
 /// A user's shares in a cluster ([`contrib`]).
@@ -138,7 +188,13 @@ impl Outgoing {
 #[derive(Clone, Copy, Debug)]
 enum Cause {
     Local,
-    Remote { at: u64 },
+    Remote {
+        at: u64,
+    },
+    /// Held sessions ran out: `last_seen` is when the last of them really ended.
+    Ended {
+        at: u64,
+    },
 }
 
 impl UserEntry {
@@ -158,21 +214,29 @@ impl UserEntry {
         }
     }
 
-    /// The view from this node's sessions alone.
+    /// The view from this node's sessions (live and held) alone.
     fn compute_view(&self) -> View {
         let mut view = View::default();
         let mut best_stamp = 0;
-        for s in &self.sessions {
-            let Some(agg) = s.status.visible() else {
+        let live = self
+            .sessions
+            .iter()
+            .map(|s| (s.status, &s.text, s.stamp, &s.info.groups));
+        let held = self
+            .held()
+            .iter()
+            .map(|h| (h.status, &h.text, h.stamp, &h.groups));
+        for (status, text, stamp, groups) in live.chain(held) {
+            let Some(agg) = status.visible() else {
                 continue;
             };
             view.devices += 1;
-            if agg > view.status || (agg == view.status && s.stamp >= best_stamp) {
+            if agg > view.status || (agg == view.status && stamp >= best_stamp) {
                 view.status = agg;
-                view.text = s.text.clone();
-                best_stamp = s.stamp;
+                view.text = text.clone();
+                best_stamp = stamp;
             }
-            for g in s.info.groups.iter() {
+            for g in groups.iter() {
                 if let Err(pos) = view.groups.binary_search(g) {
                     view.groups.insert(pos, g.clone());
                 }
@@ -181,8 +245,42 @@ impl UserEntry {
         view
     }
 
+    fn held(&self) -> &[Held] {
+        self.holds.as_ref().map_or(&[], |h| &h.held)
+    }
+
     fn forgettable(&self) -> bool {
-        self.sessions.is_empty() && self.watchers.is_empty() && self.seq == 0
+        self.sessions.is_empty()
+            && self.watchers.is_empty()
+            && self.seq == 0
+            && self.held().is_empty()
+    }
+
+    /// Takes the held session a new session with these facts re-attaches to: the same device
+    /// id first, then the same device type, then the oldest.
+    fn claim(&mut self, device: Option<&Arc<str>>, device_type: DeviceType) -> Option<Held> {
+        let holds = self.holds.as_mut()?;
+        let pos = device
+            .and_then(|d| holds.held.iter().position(|h| h.device.as_ref() == Some(d)))
+            .or_else(|| holds.held.iter().position(|h| h.device_type == device_type))
+            .or(if holds.held.is_empty() { None } else { Some(0) })?;
+        let held = holds.held.remove(pos);
+        if held.from_old {
+            holds.claimed.push(held.origin);
+        }
+        self.tidy_holds();
+        Some(held)
+    }
+
+    /// Drops the box when nothing is left in it.
+    fn tidy_holds(&mut self) {
+        if self
+            .holds
+            .as_ref()
+            .is_some_and(|h| h.held.is_empty() && h.claimed.is_empty())
+        {
+            self.holds = None;
+        }
     }
 }
 
@@ -201,6 +299,8 @@ pub struct UserView<'a> {
     /// Groups where the user is a visible member, sorted.
     pub groups: &'a [GroupId],
     pub sessions: &'a [Session],
+    /// Ended sessions that still count (reconnect grace, upgrade hand-over).
+    pub held: &'a [Held],
     /// Subscriptions to this user, over all shards.
     pub watchers: u64,
 }
@@ -217,6 +317,7 @@ impl<'a> UserView<'a> {
             last_seen: e.last_seen,
             groups: &e.view.groups,
             sessions: &e.sessions,
+            held: e.held(),
             watchers: e.watchers.total(),
         }
     }
@@ -257,6 +358,11 @@ pub struct Registry {
     online: BTreeSet<UserId>,
     /// Set in a cluster.
     replication: Option<Replication>,
+    /// When held sessions stop counting: `(until, user)`, soonest first. Entries whose held
+    /// session was re-attached or replaced meanwhile are skipped when they come up.
+    hold_deadlines: BinaryHeap<Reverse<(u64, UserId)>>,
+    /// Held sessions, all users.
+    held: usize,
 }
 
 impl Registry {
@@ -310,11 +416,19 @@ impl Registry {
         if let (true, Some(r)) = (entry.sessions.is_empty(), &mut self.replication) {
             r.session_interest.push((bucket_of(user, r.buckets), 1));
         }
+        // A held session of the user: this one re-attaches to it and goes on with its status.
+        let (status, text, stamp) = match entry.claim(info.device.as_ref(), info.device_type) {
+            Some(h) => {
+                self.held -= 1;
+                (h.status, h.text, h.stamp)
+            }
+            None => (status, None, entry.stamps),
+        };
         entry.sessions.push(Session {
             id,
             status,
-            text: None,
-            stamp: entry.stamps,
+            text,
+            stamp,
             info,
         });
         self.sessions += 1;
@@ -329,12 +443,50 @@ impl Registry {
         change
     }
 
-    /// The session ended (closed, dropped, kicked). Unknown sessions are ignored.
-    pub fn disconnect(&mut self, user: &str, id: SessionId, now_ms: u64) -> Option<Change> {
+    /// The session ended (closed, dropped, kicked). Unknown sessions are ignored. With a
+    /// [`Hold`], it may go on counting as a [`Held`] session until a deadline.
+    pub fn disconnect(
+        &mut self,
+        user: &str,
+        id: SessionId,
+        hold: Hold,
+        now_ms: u64,
+    ) -> Option<Change> {
         let (user, entry) = self.users.get_key_value_mut(user)?;
         let pos = entry.sessions.iter().position(|s| s.id == id)?;
-        entry.sessions.swap_remove(pos);
+        let gone = entry.sessions.swap_remove(pos);
         self.sessions -= 1;
+        let until = match hold {
+            Hold::None => None,
+            Hold::Always(until) => Some(until),
+            Hold::IfLast(until) => {
+                let others = entry.sessions.iter().any(|s| s.status.visible().is_some());
+                (!others).then_some(until)
+            }
+        };
+        if let (Some(until), true) = (until, gone.status.visible().is_some()) {
+            if until > now_ms {
+                entry
+                    .holds
+                    .get_or_insert_with(Box::default)
+                    .held
+                    .push(Held {
+                        origin: id.get(),
+                        from_old: false,
+                        status: gone.status,
+                        text: gone.text,
+                        device: gone.info.device,
+                        device_type: gone.info.device_type,
+                        groups: gone.info.groups,
+                        connected_at_ms: gone.info.connected_at_ms,
+                        ended_at_ms: now_ms,
+                        stamp: gone.stamp,
+                        until: Some(until),
+                    });
+                self.held += 1;
+                self.hold_deadlines.push(Reverse((until, user.clone())));
+            }
+        }
         if let (true, Some(r)) = (entry.sessions.is_empty(), &mut self.replication) {
             r.session_interest.push((bucket_of(user, r.buckets), -1));
         }
@@ -455,6 +607,237 @@ impl Registry {
         self.users
             .get(user)
             .map_or_else(Vec::new, |e| e.watchers.shards().collect())
+    }
+
+    /// The soonest deadline of a held session (ms since the epoch), if any is held.
+    pub fn next_hold_deadline(&self) -> Option<u64> {
+        self.hold_deadlines.peek().map(|Reverse((t, _))| *t)
+    }
+
+    /// Held sessions whose deadline has passed stop counting: the changes to publish (an
+    /// offline, or fewer devices).
+    pub fn expire_holds(&mut self, now_ms: u64) -> Vec<Change> {
+        let mut changes = Vec::new();
+        while let Some(Reverse((t, _))) = self.hold_deadlines.peek() {
+            if *t > now_ms {
+                break;
+            }
+            let Some(Reverse((_, user))) = self.hold_deadlines.pop() else {
+                break;
+            };
+            let Some(entry) = self.users.get_mut(&user) else {
+                continue;
+            };
+            let Some(holds) = entry.holds.as_mut() else {
+                continue;
+            };
+            let before = holds.held.len();
+            let mut ended = 0;
+            holds.held.retain(|h| {
+                let keep = h.until.is_none_or(|u| u > now_ms);
+                if !keep {
+                    let at = if h.ended_at_ms == 0 {
+                        now_ms
+                    } else {
+                        h.ended_at_ms
+                    };
+                    ended = ended.max(at);
+                }
+                keep
+            });
+            let expired = before - holds.held.len();
+            if expired == 0 {
+                continue;
+            }
+            self.held -= expired;
+            entry.tidy_holds();
+            let change = settle(
+                &user,
+                entry,
+                self.replication.as_mut(),
+                &mut self.online,
+                now_ms,
+                Cause::Ended { at: ended },
+            );
+            changes.extend(change);
+            self.forget_if_empty(&user);
+        }
+        changes
+    }
+
+    /// Held sessions, all users.
+    pub fn held_count(&self) -> usize {
+        self.held
+    }
+
+    // --- Upgrades (SPEC §11): the presence one process hands the next. ---
+
+    /// What the next process must know of `user`: its live sessions (`until` = `None`), its
+    /// held ones, `seq` and `last_seen`. `None` for a user with nothing worth handing over
+    /// (never changed, no session).
+    pub fn handover_record(&self, user: &str) -> Option<UserRecord> {
+        let (id, e) = self.users.get_key_value(user)?;
+        if e.seq == 0 && e.sessions.is_empty() && e.held().is_empty() {
+            return None;
+        }
+        let live = e.sessions.iter().map(|s| SessionRecord {
+            origin: s.id.get(),
+            status: status_name(s.status).to_owned(),
+            text: s.text.as_deref().map(str::to_owned),
+            device: s.info.device.as_deref().map(str::to_owned),
+            device_type: s.info.device_type.as_str().to_owned(),
+            groups: s.info.groups.iter().map(|g| g.to_string()).collect(),
+            connected_at_ms: s.info.connected_at_ms,
+            ended_at_ms: 0,
+            stamp: s.stamp,
+            until: None,
+        });
+        let held = e.held().iter().map(|h| SessionRecord {
+            origin: h.origin,
+            status: status_name(h.status).to_owned(),
+            text: h.text.as_deref().map(str::to_owned),
+            device: h.device.as_deref().map(str::to_owned),
+            device_type: h.device_type.as_str().to_owned(),
+            groups: h.groups.iter().map(|g| g.to_string()).collect(),
+            connected_at_ms: h.connected_at_ms,
+            ended_at_ms: h.ended_at_ms,
+            stamp: h.stamp,
+            until: h.until,
+        });
+        Some(UserRecord {
+            user: id.to_string(),
+            seq: e.seq,
+            last_seen: e.last_seen,
+            changed_at_ms: e.changed_at_ms,
+            sessions: live.chain(held).collect(),
+        })
+    }
+
+    /// Every user's [`Registry::handover_record`].
+    pub fn handover_records(&self) -> Vec<UserRecord> {
+        self.users
+            .keys()
+            .filter_map(|u| self.handover_record(u))
+            .collect()
+    }
+
+    /// A user handed over by the old process (at start, before any session here): its sessions
+    /// held, its `seq`, `last_seen` and change time kept as they were, so nothing is published.
+    pub fn adopt(&mut self, rec: &UserRecord, now_ms: u64) -> Result<(), RecordError> {
+        let held = rec
+            .sessions
+            .iter()
+            .map(|s| s.to_held(&rec.user))
+            .collect::<Result<Vec<_>, _>>()?;
+        let user = UserId::from(rec.user.as_str());
+        let entry = self.users.entry_ref(&user).or_default();
+        self.held += held.len();
+        for h in &held {
+            if let Some(until) = h.until {
+                self.hold_deadlines.push(Reverse((until, user.clone())));
+            }
+        }
+        entry.stamps = entry
+            .stamps
+            .max(held.iter().map(|h| h.stamp).max().unwrap_or(0));
+        entry
+            .holds
+            .get_or_insert_with(Box::default)
+            .held
+            .extend(held);
+        entry.tidy_holds();
+        let change = settle(
+            &user,
+            entry,
+            self.replication.as_mut(),
+            &mut self.online,
+            now_ms,
+            Cause::Local,
+        );
+        // The view is the old process's: its seq, its last_seen, its time of change.
+        entry.seq = rec.seq;
+        entry.last_seen = rec.last_seen;
+        if change.is_some() || rec.seq > 0 {
+            entry.changed_at_ms = rec.changed_at_ms;
+        }
+        self.forget_if_empty(&user);
+        Ok(())
+    }
+
+    /// A later state of a user the old process still serves (a change there, or a session it
+    /// closed while draining): its sessions replace the ones held from it, less those already
+    /// re-attached here. `seq` never falls behind the old process's, so a watcher that moves
+    /// over never sees it go back.
+    pub fn update_from_old(
+        &mut self,
+        rec: &UserRecord,
+        now_ms: u64,
+    ) -> Result<Option<Change>, RecordError> {
+        let incoming = rec
+            .sessions
+            .iter()
+            .map(|s| s.to_held(&rec.user))
+            .collect::<Result<Vec<_>, _>>()?;
+        let user = UserId::from(rec.user.as_str());
+        let entry = self.users.entry_ref(&user).or_default();
+        let holds = entry.holds.get_or_insert_with(Box::default);
+        let before = holds.held.len();
+        holds.held.retain(|h| !h.from_old);
+        let kept = holds.held.len();
+        for h in incoming {
+            if holds.claimed.contains(&h.origin) {
+                continue;
+            }
+            if let Some(until) = h.until {
+                self.hold_deadlines.push(Reverse((until, user.clone())));
+            }
+            entry.stamps = entry.stamps.max(h.stamp);
+            holds.held.push(h);
+        }
+        self.held = self.held + holds.held.len() - kept - (before - kept);
+        entry.tidy_holds();
+        if rec.seq > entry.seq + 1 {
+            entry.seq = rec.seq - 1;
+        }
+        let change = settle(
+            &user,
+            entry,
+            self.replication.as_mut(),
+            &mut self.online,
+            now_ms,
+            Cause::Local,
+        );
+        entry.seq = entry.seq.max(rec.seq);
+        if entry.last_seen < rec.last_seen {
+            entry.last_seen = rec.last_seen;
+        }
+        self.forget_if_empty(&user);
+        Ok(change)
+    }
+
+    /// The old process is gone (drained, or its link broke): the sessions it still served are
+    /// held until `until`, and the record of re-attached ones is dropped.
+    pub fn end_old(&mut self, now_ms: u64, until: u64) {
+        for (user, entry) in self.users.iter_mut() {
+            let Some(holds) = entry.holds.as_mut() else {
+                continue;
+            };
+            holds.claimed = Vec::new();
+            let mut due = false;
+            for h in holds
+                .held
+                .iter_mut()
+                .filter(|h| h.from_old && h.until.is_none())
+            {
+                h.until = Some(until);
+                h.ended_at_ms = now_ms;
+                due = true;
+            }
+            if due {
+                self.hold_deadlines.push(Reverse((until, user.clone())));
+            }
+            entry.tidy_holds();
+        }
     }
 
     /// Users with at least one visible session.
@@ -780,11 +1163,11 @@ fn refresh(
     if old.status != Aggregate::Offline && entry.view.status == Aggregate::Offline {
         entry.last_seen = Some(match cause {
             Cause::Local => now_ms,
-            Cause::Remote { at } => at,
+            Cause::Remote { at } | Cause::Ended { at } => at,
         });
     }
     Some(Change {
-        local: matches!(cause, Cause::Local),
+        local: !matches!(cause, Cause::Remote { .. }),
         state: entry.state(user, now_ms),
         watchers: entry.watchers.shards().collect(),
         groups: group_changes(old.groups, &entry.view.groups),

@@ -36,10 +36,10 @@ fn two_devices_then_offline_with_last_seen() {
         .connect(&alice, sid(2), Status::Online, info(&[]), 20)
         .unwrap();
     assert_eq!((c2.state.devices, c2.state.seq), (2, 2));
-    let c3 = r.disconnect("alice", sid(1), 30).unwrap();
+    let c3 = r.disconnect("alice", sid(1), Hold::None, 30).unwrap();
     assert_eq!(c3.state.status, Aggregate::Online);
     assert_eq!(c3.state.last_seen, None);
-    let c4 = r.disconnect("alice", sid(2), 40).unwrap();
+    let c4 = r.disconnect("alice", sid(2), Hold::None, 40).unwrap();
     assert_eq!(c4.state.status, Aggregate::Offline);
     assert_eq!(c4.state.last_seen, Some(40));
     assert_eq!(c4.state.seq, 4);
@@ -262,7 +262,7 @@ proptest! {
                     if ids.is_empty() { continue; }
                     let id = ids[nth as usize % ids.len()];
                     model.sessions.retain(|s| s.1 != id);
-                    (user, reg.disconnect(&users[user as usize], sid(id), now))
+                    (user, reg.disconnect(&users[user as usize], sid(id), Hold::None, now))
                 }
                 Op::SetStatus { user, nth, status, text } => {
                     let ids: Vec<u64> = model.sessions.iter().filter(|s| s.0 == user).map(|s| s.1).collect();
@@ -434,7 +434,7 @@ fn local_changes_become_shares_and_watch_interest_is_counted_per_user() {
     r.unwatch("bob", 1);
     assert_eq!(r.take_outgoing().interest, vec![(b, -1)]);
     // Going offline here is a share too, with last_seen.
-    r.disconnect("alice", sid(1), 2_000);
+    r.disconnect("alice", sid(1), Hold::None, 2_000);
     let out = r.take_outgoing();
     assert_eq!(out.shares[0].1.status, Aggregate::Offline);
     assert_eq!(out.shares[0].1.last_seen, Some(2_000));
@@ -633,4 +633,85 @@ fn a_share_left_only_with_unfollowed_groups_goes() {
     assert_eq!(changes.len(), 1);
     assert_eq!(r.snapshot(&uid("a"), 0).status, Aggregate::Offline);
     assert_eq!(r.online_users(), 0);
+}
+
+/// The reconnect grace and the upgrade hand-over (issue 13): holds, re-attaching, expiry.
+mod holds {
+    use super::*;
+
+    fn alice() -> UserId {
+        UserId::from("alice")
+    }
+
+    #[test]
+    fn a_held_last_session_is_reattached_without_a_change() {
+        let mut r = Registry::new();
+        r.watch(&alice(), 0, 1);
+        r.connect(&alice(), sid(1), Status::Online, info(&[]), 10)
+            .unwrap();
+        r.set_status("alice", sid(1), Status::Away, Some("lunch".into()), 20)
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.disconnect("alice", sid(1), Hold::IfLast(1_000), 30), None);
+        assert_eq!(r.held_count(), 1);
+        assert_eq!(
+            r.connect(&alice(), sid(2), Status::Online, info(&[]), 40),
+            None
+        );
+        assert_eq!(r.held_count(), 0);
+        let s = r.snapshot(&alice(), 50);
+        assert_eq!(
+            (s.status, s.text.as_deref(), s.devices),
+            (Aggregate::Away, Some("lunch"), 1)
+        );
+        assert!(r.expire_holds(2_000).is_empty(), "nothing left to expire");
+    }
+
+    #[test]
+    fn an_unclaimed_hold_expires_with_the_real_end_as_last_seen() {
+        let mut r = Registry::new();
+        r.watch(&alice(), 0, 1);
+        r.connect(&alice(), sid(1), Status::Online, info(&[]), 10)
+            .unwrap();
+        assert_eq!(r.disconnect("alice", sid(1), Hold::IfLast(1_000), 30), None);
+        assert!(r.expire_holds(999).is_empty());
+        let c = r.expire_holds(1_000);
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].state.status, Aggregate::Offline);
+        assert_eq!(c[0].state.last_seen, Some(30));
+        assert!(c[0].local, "history records it");
+    }
+
+    #[test]
+    fn handed_over_users_keep_seq_and_follow_the_old_process() {
+        let mut old = Registry::new();
+        old.connect(&alice(), sid(1), Status::Online, info(&[]), 10)
+            .unwrap();
+        old.set_status("alice", sid(1), Status::Busy, None, 20)
+            .unwrap();
+        let rec = old.handover_record("alice").unwrap();
+        let mut new = Registry::new();
+        new.adopt(&rec, 30).unwrap();
+        assert_eq!(new.snapshot(&alice(), 40), old.snapshot(&alice(), 40));
+        // A change on the old process after the hand-over: followed, seq never behind.
+        old.set_status("alice", sid(1), Status::Away, None, 50)
+            .unwrap();
+        let rec = old.handover_record("alice").unwrap();
+        let c = new.update_from_old(&rec, 60).unwrap().unwrap();
+        assert_eq!(c.state.status, Aggregate::Away);
+        assert!(c.state.seq >= old.snapshot(&alice(), 60).seq);
+        // The session re-attaches here; a late record naming it does not bring it back.
+        new.connect(&alice(), sid(1), Status::Online, info(&[]), 70);
+        let s = new.snapshot(&alice(), 71);
+        assert_eq!((s.status, s.devices), (Aggregate::Away, 1));
+        old.disconnect("alice", sid(1), Hold::Always(5_000), 80);
+        let rec = old.handover_record("alice").unwrap();
+        assert_eq!(new.update_from_old(&rec, 90).unwrap(), None);
+        assert_eq!(new.snapshot(&alice(), 91).devices, 1);
+        new.end_old(100, 200);
+        assert!(
+            new.expire_holds(10_000).is_empty(),
+            "the live session here stays"
+        );
+    }
 }

@@ -117,6 +117,7 @@ impl Shard {
                     now_ms(),
                 );
                 self.hand_to_bridge();
+                self.forward_to_new(&session.user);
                 match change {
                     Ok(change) => {
                         session.status.set(status);

@@ -38,6 +38,7 @@ pub async fn run(shard: Rc<Shard>) {
         glommio::timer::sleep(Duration::from_millis(tick_ms)).await;
         let now = now_ms();
         expire(&shard, now / 1000);
+        shard.expire_holds(now);
         beat(&shard, now, slot, slots);
         slot = (slot + 1) % slots;
         shard.mesh.settle(now);

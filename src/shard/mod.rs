@@ -24,6 +24,7 @@ pub mod budget;
 pub mod clock;
 #[cfg(feature = "fault-injection")]
 pub mod faults;
+pub mod handover;
 pub mod invoke;
 pub mod mesh;
 pub mod outbox;
@@ -113,6 +114,11 @@ pub struct Shard {
     locals: RefCell<HashMap<std::any::TypeId, Rc<dyn Any>>>,
     /// In a cluster: changes the bridge could not take yet ([`replica`]).
     cluster_backlog: replica::BacklogCell,
+    /// Set in the old process of an upgrade, from the hand-over on ([`handover`]).
+    handover: RefCell<Option<handover::Handover>>,
+    /// How to stop what `init` started (the accept loops): at shutdown, or when an upgrade's
+    /// new process has taken over.
+    stops: RefCell<Vec<runtime::Stop>>,
     /// Tests only: the next publish panics after its first send ([`faults`]).
     #[cfg(feature = "fault-injection")]
     panic_in_publish: Cell<bool>,
@@ -164,6 +170,8 @@ impl Shard {
             latency: RefCell::new(Latency::default()),
             handshake_latency: RefCell::new(Latency::default()),
             taps: RefCell::new(Vec::new()),
+            handover: RefCell::new(None),
+            stops: RefCell::new(Vec::new()),
             locals: RefCell::new(HashMap::new()),
             cluster_backlog: Default::default(),
             #[cfg(feature = "fault-injection")]

@@ -1,20 +1,29 @@
 //! Starting and stopping the shards: one glommio executor per shard, each with its mesh inbox.
 //! What else runs on a shard (listeners, the admin port, taps) is the caller's: [`spawn`] calls
 //! its `init` on every shard before that shard starts taking mesh messages.
+//!
+//! Every executor reports its stalls (`ops::stall`): a queue run that keeps the loop from turning
+//! for `stall_threshold_ms` is reported with the name of its task queue ([`QUEUE_NAMES`]). While
+//! the systemd watchdog is on, each shard also stamps [`Shared::progress_us`] every so often
+//! ([`Shards::track_progress`]).
 
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use glommio::{LocalExecutorBuilder, Placement as GPlacement, PoolPlacement};
+use glommio::{
+    Latency, LocalExecutorBuilder, Placement as GPlacement, PoolPlacement, Shares, TaskQueueHandle,
+};
 
 use super::mesh::{Mesh, MeshMsg};
 use super::{now_ms, CloseRequest, Shard};
 use crate::auth::Verifier;
 use crate::config::{parse_cpu_list, Config, Placement, ValidConfig};
 use crate::metrics::{MetricsSnapshot, PeerCounters, ShardMetrics};
+use crate::ops::stall;
 use crate::presence::watchers::ShardIx;
 
 /// Memory glommio registers with io_uring per shard. We do no file DMA, so the minimum will do
@@ -22,6 +31,57 @@ use crate::presence::watchers::ShardIx;
 const IO_MEMORY: usize = 64 * 1024;
 /// Mesh messages handled per wake-up before yielding to sessions.
 const INBOX_BATCH: usize = 256;
+
+/// A shard's task queues by glommio index: the names stall reports give. glommio numbers a new
+/// executor's queues from 1 in creation order; 0 is its own `default` ([`TaskQueues::create`]).
+pub const QUEUE_NAMES: &[&str] = &["default", "serve", "clock"];
+
+/// A shard's task queues, with equal shares:
+/// - `serve`: what `init` starts (the listeners, and the connections and admin requests they
+///   start) and the mesh loop (with the jobs it runs and what they start);
+/// - `clock`: the clock's sweeps (token expiry, heartbeats) and the watchdog's progress stamps;
+/// - glommio's `default`: the shard's start and its shutdown drain.
+#[derive(Debug, Clone, Copy)]
+struct TaskQueues {
+    serve: TaskQueueHandle,
+    clock: TaskQueueHandle,
+}
+
+impl TaskQueues {
+    /// Creates them on the current executor (first thing, so the indexes match the names).
+    fn create() -> TaskQueues {
+        let ex = glommio::executor();
+        let make = |name| ex.create_task_queue(Shares::default(), Latency::NotImportant, name);
+        let queues = TaskQueues {
+            serve: make("serve"),
+            clock: make("clock"),
+        };
+        assert_eq!(
+            (
+                QUEUE_NAMES[queues.serve.index()],
+                QUEUE_NAMES[queues.clock.index()]
+            ),
+            ("serve", "clock"),
+            "QUEUE_NAMES lists the queues in creation order"
+        );
+        queues
+    }
+}
+
+/// Runs `task` in `queue` (so what it spawns runs there too) and waits for it.
+async fn run_in<T: 'static>(queue: TaskQueueHandle, task: impl Future<Output = T> + 'static) -> T {
+    glommio::spawn_local_into(task, queue)
+        .expect("a shard's task queues live as long as the shard")
+        .await
+}
+
+/// Stamps `shared.progress_us[ix]` every `every`, for as long as the shard runs.
+async fn stamp_progress(shared: Arc<Shared>, ix: usize, every: Duration) {
+    loop {
+        shared.progress_us[ix].store(shared.since_start_us(), Ordering::Relaxed);
+        glommio::timer::sleep(every).await;
+    }
+}
 
 /// What every shard (and any other thread) may read about the whole process: the counters of
 /// every shard (atomics, each written only by its own shard) and start-up facts. Nothing here is
@@ -40,6 +100,12 @@ pub struct Shared {
     pub stopping: AtomicBool,
     /// Set when the node runs in a cluster.
     pub cluster: Option<super::replica::ClusterLink>,
+    /// Per shard: when its loop last turned as far as the systemd watchdog knows (µs since
+    /// `started`). Stamped by a task on the shard only while the watchdog is on
+    /// ([`Shards::track_progress`]); read by the watchdog thread.
+    pub progress_us: Box<[AtomicU64]>,
+    /// The listening sockets: served, and inherited from an upgrade's old process.
+    pub sockets: crate::net::Sockets,
 }
 
 impl Shared {
@@ -56,11 +122,18 @@ impl Shared {
             accepting: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
             cluster: None,
+            progress_us: (0..shards).map(|_| AtomicU64::new(0)).collect(),
+            sockets: crate::net::Sockets::default(),
         }
     }
 
     pub fn shards(&self) -> usize {
         self.metrics.len()
+    }
+
+    /// Microseconds since `started`: the clock of `progress_us`.
+    pub fn since_start_us(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX)
     }
 
     pub fn ready(&self) -> bool {
@@ -129,10 +202,34 @@ impl Shards {
         self.inboxes.clone()
     }
 
-    /// Sends a job to one shard from outside the shards (tests).
-    #[cfg(feature = "fault-injection")]
-    pub fn send_job(&self, shard: usize, job: super::mesh::Job) {
-        let _ = self.inboxes[shard].send(MeshMsg::Invoke(job));
+    /// Sends a job to one shard from outside the shards (tests, upgrades). False when the
+    /// shard has stopped.
+    pub fn send_job(&self, shard: usize, job: super::mesh::Job) -> bool {
+        self.inboxes[shard].send(MeshMsg::Invoke(job)).is_ok()
+    }
+
+    /// Starts every shard stamping `shared.progress_us` every `every`, for the systemd watchdog
+    /// (a stale stamp: that shard's loop stopped turning). One wake-up per shard per `every`, so
+    /// only while the watchdog is on.
+    pub fn track_progress(&self, every: Duration) {
+        let now = self.shared.since_start_us();
+        for stamp in &*self.shared.progress_us {
+            stamp.store(now, Ordering::Relaxed);
+        }
+        for inbox in &self.inboxes {
+            let _ = inbox.send(MeshMsg::Invoke(Box::new(move |shard: &Rc<Shard>| {
+                let queues = shard
+                    .local::<TaskQueues>()
+                    .expect("every shard stores its task queues before taking mesh messages");
+                let ix = usize::from(shard.ix());
+                glommio::spawn_local_into(
+                    stamp_progress(shard.shared().clone(), ix, every),
+                    queues.clock,
+                )
+                .expect("a shard's task queues live as long as the shard")
+                .detach();
+            })));
+        }
     }
 
     /// Waits for every shard thread to finish.
@@ -171,10 +268,16 @@ pub fn spawn(
             ready_tx.clone(),
             init.clone(),
         );
+        let threshold = Duration::from_millis(cfg.stall_threshold_ms);
+        let stalls =
+            stall::StallReporter::new(ix, threshold, QUEUE_NAMES, shared.metrics[ix].clone());
         let handle = LocalExecutorBuilder::new(placement)
             .name(&format!("shard-{ix}"))
             .io_memory(IO_MEMORY)
+            .preempt_timer(stall::time_slice(threshold))
+            .detect_stalls(Some(Box::new(stalls)))
             .spawn(move || async move {
+                let queues = TaskQueues::create();
                 let ix16 = ShardIx::try_from(ix).expect("validate() caps shards at u16::MAX");
                 let mesh = Mesh::new(
                     ix16,
@@ -190,20 +293,37 @@ pub fn spawn(
                     mesh,
                     shared.clone(),
                 ));
-                let stops = match init(&shard) {
+                shard.insert_local(Rc::new(queues));
+                let started = {
+                    let shard = shard.clone();
+                    run_in(queues.serve, async move { init(&shard) }).await
+                };
+                let stops = match started {
                     Ok(stops) => stops,
                     Err(why) => {
                         let _ = ready.send(Err((ix, why)));
                         return;
                     }
                 };
-                glommio::spawn_local(super::clock::run(shard.clone())).detach();
+                glommio::spawn_local_into(super::clock::run(shard.clone()), queues.clock)
+                    .expect("the clock queue was just created")
+                    .detach();
+                #[cfg(feature = "fault-injection")]
+                if let (0, Some((after, len))) = (ix, stall::injected_stall()) {
+                    glommio::spawn_local_into(stall::inject_stall(after, len), queues.serve)
+                        .expect("the serve queue was just created")
+                        .detach();
+                }
                 shared.accepting.fetch_add(1, Ordering::AcqRel);
                 let _ = ready.send(Ok(ix));
-                run_inbox(&shard, inbox).await;
-                for stop in stops {
-                    stop();
-                }
+                shard.keep_stops(stops);
+                let mesh_loop = shard.clone();
+                run_in(
+                    queues.serve,
+                    async move { run_inbox(&mesh_loop, inbox).await },
+                )
+                .await;
+                shard.stop_accepting();
                 drain_sessions(&shard).await;
             });
         match handle {

@@ -402,14 +402,29 @@ impl Shard {
             info: &info,
             now,
         }));
+        let held = self.registry.borrow().held_count();
         let change = self
             .registry
             .borrow_mut()
             .connect(&a.user, id, Status::Online, info, now);
+        if self.registry.borrow().held_count() < held {
+            ShardMetrics::inc(&self.metrics.reattached);
+        }
+        // Re-attached to a held session: it goes on with that session's status.
+        if let Some(s) = self
+            .registry
+            .borrow()
+            .sessions(&a.user)
+            .iter()
+            .find(|s| s.id == id)
+        {
+            session.status.set(s.status);
+        }
         if let Some(change) = change {
             self.publish(change);
         }
         self.hand_to_bridge();
+        self.forward_to_new(&a.user);
         tracing::debug!(session = %id, user = %a.user, peer = %a.ip, "session open");
     }
 
@@ -487,14 +502,16 @@ impl Shard {
                 now,
             }));
         }
+        let hold = self.hold_for(session.close_request().map(|c| c.code), now);
         let change = self
             .registry
             .borrow_mut()
-            .disconnect(&session.user, id, now);
+            .disconnect(&session.user, id, hold, now);
         if let Some(change) = change {
             self.publish(change);
         }
         self.hand_to_bridge();
+        self.forward_to_new(&session.user);
         if self.registry.borrow().sessions(&session.user).is_empty() {
             self.subscriptions.borrow_mut().release(&session.user, now);
         }
@@ -534,5 +551,6 @@ impl Shard {
             self.publish(change);
         }
         self.hand_to_bridge();
+        self.forward_to_new(&session.user);
     }
 }

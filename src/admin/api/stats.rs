@@ -25,6 +25,12 @@ pub struct Totals {
     pub mesh_received: u64,
     pub mesh_dropped: u64,
     pub kicks: u64,
+    /// Ended sessions still counted for their users (`offline_grace_ms`, an upgrade).
+    pub held_sessions: u64,
+    pub reattached: u64,
+    pub grace_expired: u64,
+    /// Times a shard's event loop stalled past `stall_threshold_ms`.
+    pub stalls: u64,
 }
 
 #[derive(Serialize, Default)]
@@ -45,6 +51,7 @@ pub struct ShardRow {
     pub mesh_out: u64,
     pub deliveries: u64,
     pub deliveries_per_s: f64,
+    pub stalls: u64,
 }
 
 #[derive(Serialize)]
@@ -155,6 +162,7 @@ pub async fn stats(shard: &Shard) -> Result<StatsBody, Response> {
             mesh_out: m.mesh_sent,
             deliveries: m.deliveries,
             deliveries_per_s: shard_rates.get(i).copied().unwrap_or(0.0),
+            stalls: m.shard_stalls,
         })
         .collect();
     Ok(StatsBody {
@@ -175,6 +183,10 @@ pub async fn stats(shard: &Shard) -> Result<StatsBody, Response> {
             mesh_received: sum.mesh_received,
             mesh_dropped: sum.mesh_dropped,
             kicks: sum.kicks,
+            held_sessions: answers.iter().map(|s| s.held as u64).sum(),
+            reattached: sum.reattached,
+            grace_expired: sum.grace_expired,
+            stalls: sum.shard_stalls,
         },
         rates: Rates {
             handshakes_per_s: sample.handshakes_per_s,

@@ -1,0 +1,106 @@
+//! What one process hands the next in an upgrade (SPEC §11, docs/OPERATIONS.md): per user, the
+//! sessions that make up its presence, with `seq`, `last_seen` and when it last changed. Plain
+//! values; the byte format around them is `ops::handover`.
+//!
+//! Statuses and device types travel by name, so a record never depends on the order of an
+//! enum's variants, and an unknown name is refused rather than read as something else.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::registry::Held;
+use super::state::{DeviceType, GroupId, Status};
+
+/// One user's presence, as the old process held it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserRecord {
+    pub user: String,
+    pub seq: u64,
+    pub last_seen: Option<u64>,
+    /// When the visible state last changed (ms since the epoch).
+    pub changed_at_ms: u64,
+    pub sessions: Vec<SessionRecord>,
+}
+
+/// One session behind a user's presence: live in the old process (`until` = `None`) or held
+/// there until a deadline.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    /// The session's id in the old process.
+    pub origin: u64,
+    pub status: String,
+    pub text: Option<String>,
+    pub device: Option<String>,
+    pub device_type: String,
+    pub groups: Vec<String>,
+    pub connected_at_ms: u64,
+    /// When it ended in the old process (0 while live there).
+    pub ended_at_ms: u64,
+    pub stamp: u64,
+    pub until: Option<u64>,
+}
+
+/// Why a record was refused.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    #[error("a record with an empty user id")]
+    EmptyUser,
+    #[error("user {user}: unknown status `{status}`")]
+    Status { user: String, status: String },
+    #[error("user {user}: unknown device type `{device_type}`")]
+    DeviceType { user: String, device_type: String },
+}
+
+pub fn status_name(s: Status) -> &'static str {
+    match s {
+        Status::Online => "online",
+        Status::Away => "away",
+        Status::Busy => "busy",
+        Status::Invisible => "invisible",
+    }
+}
+
+impl SessionRecord {
+    /// The held session this record becomes in the new process.
+    pub fn to_held(&self, user: &str) -> Result<Held, RecordError> {
+        let status = Status::parse(&self.status).ok_or_else(|| RecordError::Status {
+            user: user.to_owned(),
+            status: self.status.clone(),
+        })?;
+        let device_type =
+            DeviceType::parse(&self.device_type).ok_or_else(|| RecordError::DeviceType {
+                user: user.to_owned(),
+                device_type: self.device_type.clone(),
+            })?;
+        let mut groups: Vec<GroupId> = self.groups.iter().map(GroupId::from).collect();
+        groups.sort_unstable();
+        groups.dedup();
+        Ok(Held {
+            origin: self.origin,
+            from_old: true,
+            status,
+            text: self.text.as_deref().map(Arc::from),
+            device: self.device.as_deref().map(Arc::from),
+            device_type,
+            groups: groups.into(),
+            connected_at_ms: self.connected_at_ms,
+            ended_at_ms: self.ended_at_ms,
+            stamp: self.stamp,
+            until: self.until,
+        })
+    }
+}
+
+impl UserRecord {
+    /// Checks every field that has a closed set of values.
+    pub fn check(&self) -> Result<(), RecordError> {
+        if self.user.is_empty() {
+            return Err(RecordError::EmptyUser);
+        }
+        for s in &self.sessions {
+            s.to_held(&self.user)?;
+        }
+        Ok(())
+    }
+}

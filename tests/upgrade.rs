@@ -1,0 +1,498 @@
+//! Zero-downtime upgrades (issue 13, docs/OPERATIONS.md), end to end with the real binary:
+//! `presenced upgrade` against a running `presenced serve`, real WebSocket clients on loopback.
+//!
+//! - Under load: 2,000 device sessions and watchers of all of them, with status churn; after the
+//!   upgrade no reconnect was refused, no watcher saw a user go offline, no `seq` went back,
+//!   `last_seen` was kept, and the old process is gone (every session is on the new one).
+//! - Failures (the new binary exits, refuses its configuration, or hangs) leave the old process
+//!   serving, say why, and a second upgrade during one is refused.
+//! - The control socket refuses a peer of another uid.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+use tungstenite::Message;
+
+const PRESENCED: &str = env!("CARGO_BIN_EXE_presenced");
+
+/// A `presenced serve` child with its own data directory and config file.
+struct Node {
+    served: Served,
+    addr: SocketAddr,
+    admin: SocketAddr,
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Node {
+    fn start(extra_toml: &str) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let (port, admin) = (free_port(), free_port());
+        let config = dir.path().join("presenced.toml");
+        std::fs::write(&config, extra_toml).unwrap();
+        let socket = dir.path().join("ctl.sock");
+        let mut cmd = serve_cmd(port, admin);
+        cmd.arg("--config")
+            .arg(&config)
+            .env("PRESENCED_JWT_SECRET", SECRET)
+            .stdout(log_file("upgrade-node"))
+            .stderr(log_file("upgrade-node-err"));
+        // The control socket path goes in through the config: rewrite it with the path.
+        let toml = format!("{extra_toml}\n[limits]\nhandshake_rate_per_ip = 0\n[upgrade]\nsocket = \"{}\"\ntimeout_ms = 10000\n", socket.display());
+        std::fs::write(&config, toml).unwrap();
+        let served = spawn_serve(&mut cmd);
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+        eventually("the server listens", || TcpStream::connect(addr).ok());
+        eventually("the control socket", || socket.exists().then_some(()));
+        Node {
+            served,
+            addr,
+            admin,
+            socket,
+            _dir: dir,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.served.child.id()
+    }
+
+    /// `presenced upgrade`, with `args`: (exit success, stdout + stderr).
+    fn upgrade(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new(PRESENCED)
+            .arg("upgrade")
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+}
+
+/// Whether process `pid` still runs (a zombie counts as gone).
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// A nonblocking client: reads what is there, never waits.
+struct Peer {
+    user: String,
+    ws: tungstenite::WebSocket<TcpStream>,
+    closed: Option<u16>,
+}
+
+fn open(addr: SocketAddr, user: &str) -> Result<Peer, String> {
+    let stream = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let mut req =
+        tungstenite::client::IntoClientRequest::into_client_request(format!("ws://{addr}/ws"))
+            .unwrap();
+    req.headers_mut().insert(
+        "Authorization",
+        format!("Bearer {}", token(user)).parse().unwrap(),
+    );
+    let (mut ws, _) =
+        tungstenite::client::client(req, stream).map_err(|e| format!("upgrade: {e}"))?;
+    match ws.read() {
+        Ok(Message::Text(t)) if t.contains("\"welcome\"") => {}
+        other => return Err(format!("no welcome: {other:?}")),
+    }
+    ws.get_ref().set_nonblocking(true).unwrap();
+    Ok(Peer {
+        user: user.to_owned(),
+        ws,
+        closed: None,
+    })
+}
+
+impl Peer {
+    /// Frames waiting now (JSON), noting a close.
+    fn drain(&mut self) -> Vec<Value> {
+        let mut out = Vec::new();
+        loop {
+            match self.ws.read() {
+                Ok(Message::Text(t)) => out.push(serde_json::from_str(&t).unwrap()),
+                Ok(Message::Close(f)) => {
+                    self.closed = Some(f.map_or(1005, |f| f.code.into()));
+                    return out;
+                }
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    let _ = self.ws.flush();
+                    return out;
+                }
+                Err(_) => {
+                    self.closed.get_or_insert(1006);
+                    return out;
+                }
+            }
+        }
+    }
+
+    fn send(&mut self, v: Value) {
+        let _ = self.ws.send(Message::text(v.to_string()));
+    }
+}
+
+/// What one watcher has seen of each user: the last seq, and whether it ever saw offline.
+#[derive(Default)]
+struct Seen {
+    seq: HashMap<String, u64>,
+    last_seen: HashMap<String, Option<u64>>,
+    offline: Vec<String>,
+    backwards: Vec<String>,
+}
+
+impl Seen {
+    fn note(&mut self, v: &Value) {
+        if v["type"] != "presence" {
+            return;
+        }
+        let user = v["user"].as_str().unwrap().to_owned();
+        let seq = v["seq"].as_u64().unwrap();
+        if v["status"] == "offline" {
+            self.offline.push(format!("{user} at seq {seq}"));
+        }
+        let prev = self.seq.insert(user.clone(), seq).unwrap_or(0);
+        if seq < prev {
+            self.backwards.push(format!("{user}: {prev} then {seq}"));
+        }
+        self.last_seen.insert(user, v["last_seen"].as_u64());
+    }
+}
+
+#[test]
+fn an_upgrade_under_load_hands_over_presence_without_a_flap() {
+    const DEVICES: usize = 2_000;
+    const WATCHERS: usize = 20;
+    let node = Node::start("drain_ms = 2000\n");
+    let old_pid = node.pid();
+    // A user that went offline once before the upgrade: its last_seen must survive it.
+    let returning = open(node.addr, "returning").unwrap();
+    drop(returning);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut devices: Vec<Peer> = Vec::with_capacity(DEVICES + 1);
+    for i in 0..DEVICES {
+        devices.push(open(node.addr, &format!("u{i}")).expect("a device connects"));
+    }
+    devices.push(open(node.addr, "returning").unwrap());
+    // Some set a status and text first.
+    for (i, d) in devices.iter_mut().enumerate().filter(|(i, _)| i % 10 == 0) {
+        d.send(json!({"op":"set_status","status":"away","text":format!("t{i}")}));
+    }
+    let users: Vec<String> = devices.iter().map(|d| d.user.clone()).collect();
+    let per = users.len().div_ceil(WATCHERS);
+    let subscribe = |w: &mut Peer, part: &[String]| {
+        for chunk in part.chunks(100) {
+            w.send(json!({"op":"subscribe","users":chunk}));
+        }
+    };
+    let mut watchers: Vec<(Peer, Vec<String>, Seen)> = (0..WATCHERS)
+        .map(|i| {
+            let part = users[i * per..((i + 1) * per).min(users.len())].to_vec();
+            let mut w = open(node.addr, &format!("watcher{i}")).unwrap();
+            subscribe(&mut w, &part);
+            (w, part, Seen::default())
+        })
+        .collect();
+    // Every watcher has every snapshot before the upgrade.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for (w, part, seen) in &mut watchers {
+        while seen.seq.len() < part.len() {
+            assert!(Instant::now() < deadline, "snapshots before the upgrade");
+            for v in w.drain() {
+                seen.note(&v);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    let last_seen_before = watchers
+        .iter()
+        .find_map(|(_, _, s)| s.last_seen.get("returning").copied().flatten())
+        .expect("returning has a last_seen");
+
+    // The upgrade, with churn going on and every client reconnecting when closed.
+    let upgrader = {
+        let socket = node.socket.clone();
+        std::thread::spawn(move || {
+            let out = Command::new(PRESENCED)
+                .args(["upgrade", "--socket"])
+                .arg(&socket)
+                .output()
+                .unwrap();
+            (
+                out.status.success(),
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+            )
+        })
+    };
+    let mut refused = Vec::new();
+    let mut reconnects = 0;
+    let mut churn = 0u64;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(20) {
+        for d in devices.iter_mut() {
+            d.drain();
+            if d.closed.is_some() {
+                match open(node.addr, &d.user) {
+                    Ok(p) => {
+                        *d = p;
+                        reconnects += 1;
+                    }
+                    Err(e) => refused.push(format!("{}: {e}", d.user)),
+                }
+            }
+        }
+        // Churn: a few status changes per round, bounded.
+        if churn < 400 {
+            let d = &mut devices[(churn as usize * 7) % DEVICES];
+            let status = if churn.is_multiple_of(2) {
+                "busy"
+            } else {
+                "online"
+            };
+            d.send(json!({"op":"set_status","status":status}));
+            churn += 1;
+        }
+        for (w, part, seen) in watchers.iter_mut() {
+            for v in w.drain() {
+                seen.note(&v);
+            }
+            if w.closed.is_some() {
+                match open(node.addr, &w.user) {
+                    Ok(p) => {
+                        *w = p;
+                        reconnects += 1;
+                        subscribe(w, part);
+                    }
+                    Err(e) => refused.push(format!("{}: {e}", w.user)),
+                }
+            }
+        }
+        if upgrader.is_finished() && !alive(old_pid) && started.elapsed() > Duration::from_secs(4) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let (ok, said) = upgrader.join().unwrap();
+    assert!(ok, "presenced upgrade: {said}");
+    assert!(said.contains("ready in"), "{said}");
+    assert!(!alive(old_pid), "the old process exited after its drain");
+    assert!(
+        refused.is_empty(),
+        "connection attempts refused: {:?}",
+        &refused[..refused.len().min(5)]
+    );
+    assert!(
+        reconnects >= DEVICES + WATCHERS,
+        "every client was drained and came back ({reconnects})"
+    );
+    // Settle: the watchers' fresh snapshots are in.
+    std::thread::sleep(Duration::from_millis(500));
+    for (w, _, seen) in watchers.iter_mut() {
+        for v in w.drain() {
+            seen.note(&v);
+        }
+    }
+    for (w, _, seen) in &watchers {
+        assert!(
+            seen.offline.is_empty(),
+            "{} saw offline: {:?}",
+            w.user,
+            &seen.offline[..seen.offline.len().min(5)]
+        );
+        assert!(
+            seen.backwards.is_empty(),
+            "{} saw seq go back: {:?}",
+            w.user,
+            &seen.backwards[..seen.backwards.len().min(5)]
+        );
+    }
+    let kept = watchers
+        .iter()
+        .find_map(|(_, _, s)| s.last_seen.get("returning").copied().flatten());
+    assert_eq!(
+        kept,
+        Some(last_seen_before),
+        "last_seen survives the upgrade"
+    );
+    // Every session is on the new process: it serves them all and the old one is gone.
+    let stats: Value = {
+        let (status, body) = raw_request(
+            node.admin,
+            &format!(
+                "GET /api/stats HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+                admin_token_for(SECRET)
+            ),
+        );
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(body.split("\r\n\r\n").nth(1).unwrap_or(&body)).unwrap_or(Value::Null)
+    };
+    let text = stats.to_string();
+    assert!(
+        text.contains(&format!("\"connections\":{}", DEVICES + 1 + WATCHERS)),
+        "new process serves all: {text:.400}"
+    );
+    // The new process goes on: a change reaches a watcher.
+    devices[0].send(json!({"op":"set_status","status":"busy","text":"after"}));
+    let deadline = Instant::now() + WAIT;
+    let (w, _, seen) = &mut watchers[0];
+    loop {
+        assert!(Instant::now() < deadline, "a change after the upgrade");
+        let got = w.drain();
+        for v in &got {
+            seen.note(v);
+        }
+        if got
+            .iter()
+            .any(|v| v["user"] == "u0" && v["text"] == "after")
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The new process is the one to kill at the end.
+    stop_new(&node);
+}
+
+/// An admin token signed with the test secret.
+fn admin_token_for(secret: &str) -> String {
+    let mut spec = presenced::auth::TokenSpec::new("admin", Duration::from_secs(600));
+    spec.roles = vec!["admin".into()];
+    presenced::auth::mint_hs256(secret, &spec)
+}
+
+/// Stops whatever process now serves `node` (the new one after an upgrade, which has the old
+/// one's command line).
+fn stop_new(node: &Node) {
+    let _ = Command::new("pkill")
+        .args([
+            "-f",
+            "--",
+            &format!("--listen 127.0.0.1:{} ", node.addr.port()),
+        ])
+        .status();
+}
+
+fn write_script(dir: &Path, name: &str, body: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join(name);
+    std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
+#[test]
+fn a_failed_upgrade_leaves_the_old_process_serving_and_says_why() {
+    let node = Node::start("drain_ms = 500\n");
+    let scripts = tempfile::tempdir().unwrap();
+    let mut watcher = Client::connect(node.addr, &token("w"));
+    let mut alice = Client::connect(node.addr, &token("alice"));
+    assert_eq!(watcher.subscribe(&["alice"])[0]["status"], "online");
+
+    // 1. The new binary exits at once.
+    let (ok, said) = node.upgrade(&["--binary", "/bin/false"]);
+    assert!(!ok && said.contains("exited"), "{said}");
+    // 2. It refuses its configuration (a flag out of range), and says so to the old one.
+    let bad = write_script(
+        scripts.path(),
+        "bad-config",
+        &format!("exec {PRESENCED} \"$@\" --heartbeat-ms 1"),
+    );
+    let (ok, said) = node.upgrade(&["--binary", bad.to_str().unwrap()]);
+    assert!(!ok && said.contains("heartbeat_ms"), "{said}");
+    // 3. It never connects: killed at upgrade.timeout_ms; and a second upgrade meanwhile is
+    //    refused.
+    let hang = write_script(scripts.path(), "hang", "sleep 60");
+    let first = {
+        let (socket, hang) = (node.socket.clone(), hang.clone());
+        std::thread::spawn(move || {
+            presenced::ops::upgrade::request(&socket, Some(&hang), Duration::from_secs(30))
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let (ok, said) = node.upgrade(&[]);
+    assert!(!ok && said.contains("already in progress"), "{said}");
+    let why = first
+        .join()
+        .unwrap()
+        .expect_err("a hung new process fails the upgrade");
+    assert!(why.contains("timeout_ms"), "{why}");
+
+    // Through all of it the old process served on: same pid, same sessions, live changes.
+    assert!(alive(node.pid()));
+    alice.set_status("busy", Some("still here"));
+    let p = watcher.presence_of("alice");
+    assert_eq!(p["status"], "busy");
+    assert_eq!(p["text"], "still here");
+    let _ = Client::connect(node.addr, &token("bob"));
+    // And after the failures, an upgrade that works still can.
+    let (ok, said) = node.upgrade(&[]);
+    assert!(ok, "{said}");
+    assert_eq!(watcher.close_code(), 1001, "drained by the old process");
+    stop_new(&node);
+}
+
+#[test]
+fn the_control_socket_is_private_and_refuses_other_uids() {
+    use std::os::unix::fs::PermissionsExt;
+    let node = Node::start("");
+    let mode = std::fs::metadata(&node.socket)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "control socket mode");
+    // As another uid (nobody), with the file opened up: the server itself refuses the peer.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("not root: the other-uid half needs setpriv as root; skipped");
+        return;
+    }
+    std::fs::set_permissions(&node.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let dir = node.socket.parent().unwrap();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            PRESENCED,
+            "upgrade",
+            "--socket",
+        ])
+        .arg(&node.socket)
+        .output()
+        .expect("setpriv (util-linux) runs");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("peer uid 65534"), "{said}");
+    assert!(alive(node.pid()));
+}
