@@ -489,6 +489,14 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         None => tracing::warn!("could not read or raise the open-file limit"),
     }
     use presenced::ops::{notify, upgrade};
+    // First of all: SIGUSR2's default action kills, and one may come at any time (a second
+    // `kill -USR2` during start-up must not take the server down).
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGUSR2,
+    ])
+    .map_err(|e| format!("installing signal handlers: {e}"))?;
     // Started by an upgrade: the old process waits for this one's word, whatever it is.
     let successor = match upgrade::successor() {
         None => None,
@@ -530,17 +538,24 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         ),
         None => None,
     };
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGUSR2,
-    ])
-    .map_err(|e| refuse(format!("installing signal handlers: {e}")))?;
     match successor {
         // The old process tells systemd (MAINPID, READY=1) once it has this word.
-        Some(s) => s
-            .ready(server.doors(), upgrader.clone())
-            .map_err(|e| format!("upgrade: telling the old process: {e}"))?,
+        Some(s) => {
+            s.ready(server.doors(), upgrader.clone())
+                .map_err(|e| format!("upgrade: telling the old process: {e}"))?;
+            // Tests only: the new process dies after taking over (the old one must serve again).
+            #[cfg(feature = "fault-injection")]
+            if let Some(ms) = std::env::var("PRESENCED_FAULT_ABORT_AFTER_READY_MS")
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+            {
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(ms));
+                    tracing::error!("fault injection: the new process aborts");
+                    std::process::abort();
+                });
+            }
+        }
         None => {
             if let Some(u) = &upgrader {
                 u.listen().map_err(|e| format!("upgrade.socket: {e}"))?;

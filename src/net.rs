@@ -115,6 +115,14 @@ impl Sockets {
             .map(|l| l.1)
     }
 
+    /// Every socket served goes back to be taken again by the shards (after an upgrade failed
+    /// late, with this process's accept loops already stopped): the same sockets, so the
+    /// connections queued in them are not lost.
+    pub fn reclaim(&self) {
+        let served = std::mem::take(&mut *self.serving.lock().unwrap_or_else(|e| e.into_inner()));
+        self.inherit(served);
+    }
+
     /// Inherited sockets no shard took (their address left the configuration).
     pub fn take_unclaimed(&self) -> Vec<Listening> {
         std::mem::take(&mut *self.inherited.lock().unwrap_or_else(|e| e.into_inner()))

@@ -174,6 +174,11 @@ impl Doors {
         self.send(usize::from(ix), Box::new(f));
     }
 
+    /// The listening sockets served go back to the shards to take again (`Shard::relisten`).
+    pub fn reclaim_sockets(&self) {
+        self.shared.sockets.reclaim();
+    }
+
     /// Duplicates of the listening sockets (for an upgrade's new process).
     pub fn listening(&self) -> std::io::Result<Vec<crate::net::Listening>> {
         self.shared.sockets.serving()
@@ -283,7 +288,8 @@ pub fn start_with(
         shard
             .adopt(&records)
             .map_err(|e| format!("the old process's state: {e}"))?;
-        let mut stops: Vec<Stop> = crate::edge::Edge::new(shard.clone()).listen(&listeners)?;
+        let edge = crate::edge::Edge::new(shard.clone());
+        let mut stops: Vec<Stop> = edge.listen(&listeners)?;
         if let Some(admin) = admin_addr {
             stops.push(crate::admin::install(
                 shard,
@@ -293,6 +299,15 @@ pub fn start_with(
                 status.clone(),
             )?);
         }
+        // How to accept again, should an upgrade's new process die after this one stopped.
+        let (listeners, admin_tls) = (listeners.clone(), admin_tls.clone());
+        shard.keep_relisten(Box::new(move |shard: &Rc<Shard>| {
+            let mut stops = edge.listen(&listeners)?;
+            if let Some(admin) = admin_addr {
+                stops.push(crate::admin::listen(shard, admin, admin_tls.clone())?);
+            }
+            Ok(stops)
+        }));
         if sink.enabled() {
             install_history(shard, sink.clone());
         }

@@ -30,7 +30,12 @@ fn a_drop_and_reconnect_within_the_grace_is_not_seen() {
     // The connection drops (no close frame), and comes back at once.
     drop(alice);
     std::thread::sleep(Duration::from_millis(200));
-    let _alice = s.connect("alice");
+    let alice = s.connect("alice");
+    assert_eq!(
+        alice.welcome["resumed"],
+        serde_json::json!({"status": "away", "text": "lunch"}),
+        "the welcome says what the session goes on with"
+    );
     // Nothing at all for the watcher: same status, text, devices; not even a seq.
     watcher.expect_silence(Duration::from_millis(GRACE_MS + 500));
     let now = s.admin_get("/api/users/alice");

@@ -242,10 +242,12 @@ fn ready_reloading_mainpid_and_stopping_follow_the_service_through_an_upgrade() 
     let mut served = spawn_serve(&mut cmd);
     let old = served.child.id();
     let log = Log::follow(served.child.stdout.take().unwrap());
-    let (accepting, _) = log.wait(&["accepting WebSocket connections"]);
-    notify.wait_for("READY=1", 1, accepting - Duration::from_secs(1));
+    // READY=1 comes once the shards accept (`start` returns after they do; the datagram and
+    // the log line travel different pipes, so their arrival order here proves nothing).
+    log.wait(&["accepting WebSocket connections"]);
+    notify.wait_for("READY=1", 1, Instant::now() - Duration::from_secs(60));
     let ready = notify.times_of("READY=1")[0];
-    assert!(ready >= accepting, "READY=1 once serving, not before");
+    assert_eq!(notify.times_of("READY=1").len(), 1, "one READY=1 at start");
 
     // A failed upgrade: RELOADING=1, then READY=1 again (and a STATUS saying why).
     let failed = std::process::Command::new(env!("CARGO_BIN_EXE_presenced"))

@@ -33,6 +33,10 @@ struct Node {
 
 impl Node {
     fn start(extra_toml: &str) -> Node {
+        Node::start_env(extra_toml, &[])
+    }
+
+    fn start_env(extra_toml: &str, env: &[(&str, &str)]) -> Node {
         let dir = tempfile::tempdir().unwrap();
         let (port, admin) = (free_port(), free_port());
         let config = dir.path().join("presenced.toml");
@@ -42,6 +46,7 @@ impl Node {
         cmd.arg("--config")
             .arg(&config)
             .env("PRESENCED_JWT_SECRET", SECRET)
+            .envs(env.iter().copied())
             .stdout(log_file("upgrade-node"))
             .stderr(log_file("upgrade-node-err"));
         // The control socket path goes in through the config: rewrite it with the path.
@@ -495,4 +500,49 @@ fn the_control_socket_is_private_and_refuses_other_uids() {
     assert!(!out.status.success(), "{said}");
     assert!(said.contains("peer uid 65534"), "{said}");
     assert!(alive(node.pid()));
+}
+
+/// The new process dies after it took over, in the middle of the drain: the old one calls the
+/// drain off, accepts again on the same sockets, and serves (and can be upgraded again).
+#[cfg(feature = "fault-injection")]
+#[test]
+fn a_new_process_that_dies_during_the_drain_leaves_the_old_one_serving_again() {
+    // Only a process started by an upgrade reads this: the new one aborts 300 ms after READY.
+    let node = Node::start_env(
+        "drain_ms = 4000\n",
+        &[("PRESENCED_FAULT_ABORT_AFTER_READY_MS", "300")],
+    );
+    // Sessions are drained oldest first: the watcher, connected last, is among the last.
+    let mut clients: Vec<Client> = (0..20)
+        .map(|i| Client::connect(node.addr, &token(&format!("d{i}"))))
+        .collect();
+    let mut watcher = Client::connect(node.addr, &token("w"));
+    let users: Vec<String> = (0..20).map(|i| format!("d{i}")).collect();
+    let names: Vec<&str> = users.iter().map(String::as_str).collect();
+    watcher.subscribe(&names);
+    let (ok, said) = node.upgrade(&[]);
+    assert!(ok, "{said}");
+    // The old process serves again: still alive after the new one died, accepting.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(alive(node.pid()), "the old process goes on");
+    let mut fresh = Client::connect(node.addr, &token("late"));
+    fresh.set_status("busy", Some("after"));
+    // Sessions not yet drained are still there and still heard.
+    let last = clients.last_mut().unwrap();
+    last.set_status("away", Some("still here"));
+    let p = watcher.presence_of("d19");
+    assert_eq!(p["text"], "still here");
+    // The control socket is back and not busy: another upgrade runs (and its new process,
+    // with the same fault, dies too; the old one serves on again).
+    let (ok, said) = node.upgrade(&[]);
+    assert!(ok, "a second upgrade after the failed one: {said}");
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(alive(node.pid()));
+    let _ = Client::connect(node.addr, &token("later"));
+    let (status, body) = raw_request(
+        node.admin,
+        "GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status, 200, "{body}");
+    stop_new(&node);
 }

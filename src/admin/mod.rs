@@ -71,6 +71,18 @@ impl AdminLocal {
     }
 }
 
+/// Accepts admin connections on this shard's share of `addr` (again, after an upgrade that
+/// failed late: `Shard::relisten`). Returns how to stop.
+pub fn listen(
+    shard: &Rc<Shard>,
+    addr: SocketAddr,
+    tls: Option<Arc<ServerConfig>>,
+) -> Result<Stop, String> {
+    crate::net::serve(shard, "admin", addr, |listener, stop| {
+        server::accept_loop(shard.clone(), listener, tls.clone(), stop)
+    })
+}
+
 /// Sets the admin port up on one shard: its state, the change-log tap, the listener and (on
 /// shard 0) the dashboard's sampler. Returns how to stop the listener.
 pub fn install(
@@ -96,9 +108,7 @@ pub fn install(
             log.changes.borrow_mut().record((*state).clone());
         }
     }));
-    let stop = crate::net::serve(shard, "admin", addr, |listener, stop| {
-        server::accept_loop(shard.clone(), listener, tls.clone(), stop)
-    })?;
+    let stop = listen(shard, addr, tls)?;
     if shard.ix() == 0 {
         glommio::spawn_local(sample_series(shard.clone())).detach();
     }

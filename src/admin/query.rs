@@ -477,8 +477,15 @@ pub fn kick_user(shard: &Shard, user: &UserId, by: &str) -> Kicked {
         tracing::info!(target: "presenced::audit", admin = %by, user = %user,
             session = %s.id(), "kick");
     }
+    // Held sessions (reconnect grace, an upgrade) are kicked too: the user goes offline now,
+    // and a reconnect cannot re-attach to them.
+    let held = shard.drop_holds(user);
+    if held > 0 {
+        tracing::info!(target: "presenced::audit", admin = %by, user = %user, held,
+            "kick: held sessions let go");
+    }
     Kicked {
-        user: (kicked > 0).then(|| user.clone()),
+        user: (kicked > 0 || held > 0).then(|| user.clone()),
         kicked,
     }
 }

@@ -211,20 +211,24 @@ impl History {
                         Some(o) => o,
                         None => {
                             let deadline = std::time::Instant::now() + wait;
+                            let mut said = false;
                             loop {
-                                // Stopped before the store came free (the upgrade failed).
-                                if stopped
-                                    .recv_timeout(std::time::Duration::from_millis(100))
-                                    .is_ok()
+                                // Stopped before the store came free (the upgrade failed),
+                                // or the handle is gone.
+                                match stopped.recv_timeout(std::time::Duration::from_millis(100))
                                 {
-                                    return;
+                                    Err(flume::RecvTimeoutError::Timeout) => {}
+                                    _ => return,
                                 }
                                 match store::open(&cfg) {
                                     Ok(o) => break o,
-                                    Err(e) if std::time::Instant::now() >= deadline => {
+                                    // Past the old process's drain and flush: say so once, and
+                                    // keep trying (events queue, bounded, and the queue's
+                                    // drops are counted as always).
+                                    Err(e) if !said && std::time::Instant::now() >= deadline => {
+                                        said = true;
                                         tracing::error!(error = %e,
-                                            "history: could not open the store after the upgrade; events are not recorded");
-                                        return;
+                                            "history: the store is still not free after the upgrade; retrying");
                                     }
                                     Err(_) => {}
                                 }

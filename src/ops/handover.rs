@@ -229,7 +229,7 @@ pub fn read_frame(r: &mut impl Read) -> Result<Option<Frame>, FormatError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::presence::handover::SessionRecord;
+    use crate::presence::handover::{SessionRecord, MAX_COUNTER};
     use proptest::prelude::*;
 
     fn session() -> impl Strategy<Value = SessionRecord> {
@@ -241,7 +241,7 @@ mod tests {
             prop::sample::select(vec!["web", "ios", "android", "desktop", "other"]),
             prop::collection::vec("[a-z]{1,6}", 0..3),
             any::<u64>(),
-            any::<u64>(),
+            0..=MAX_COUNTER,
             prop::option::of(any::<u64>()),
         )
             .prop_map(
@@ -263,7 +263,7 @@ mod tests {
     fn record() -> impl Strategy<Value = UserRecord> {
         (
             "[a-z0-9]{1,12}",
-            any::<u64>(),
+            0..=MAX_COUNTER,
             prop::option::of(any::<u64>()),
             any::<u64>(),
             prop::collection::vec(session(), 0..4),

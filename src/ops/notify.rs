@@ -17,6 +17,12 @@ pub fn silence() {
     SILENCED.store(true, Ordering::Release);
 }
 
+/// Speaks for the service again: the process it handed over to died (an upgrade that failed
+/// late), so this one is the service once more.
+pub fn unsilence() {
+    SILENCED.store(false, Ordering::Release);
+}
+
 /// Sends `state` (e.g. `"READY=1"`, or several lines) to the service manager. `Ok(false)`
 /// when there is none to tell, or this process was [`silence`]d.
 pub fn send(state: &str) -> io::Result<bool> {

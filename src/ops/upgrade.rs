@@ -73,6 +73,9 @@ pub struct Upgrader {
     env: Vec<(String, String)>,
     /// An upgrade is running (or this process has handed over: then for good).
     busy: AtomicBool,
+    /// This process took over from an old one that is still draining: the next upgrade waits
+    /// until that one is done (its sessions' records still come here).
+    finishing: AtomicBool,
     /// The nonce of the new process being waited for, and where its connection goes.
     pending: Mutex<Option<(String, mpsc::SyncSender<UnixStream>)>>,
     connections: AtomicUsize,
@@ -93,6 +96,7 @@ impl Upgrader {
             args: std::env::args_os().skip(1).collect(),
             env,
             busy: AtomicBool::new(false),
+            finishing: AtomicBool::new(false),
             pending: Mutex::new(None),
             connections: AtomicUsize::new(0),
         }))
@@ -101,7 +105,18 @@ impl Upgrader {
     /// Binds the control socket (mode 0600) and serves it on a thread. A path left behind by
     /// a dead process is replaced; one a live process answers on is refused.
     pub fn listen(self: &Arc<Self>) -> io::Result<()> {
-        if self.path.exists() {
+        if let Ok(meta) = std::fs::symlink_metadata(&self.path) {
+            use std::os::unix::fs::FileTypeExt;
+            if !meta.file_type().is_socket() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!(
+                        "upgrade.socket {}: something other than a socket is there; \
+                         point upgrade.socket at a free path",
+                        self.path.display()
+                    ),
+                ));
+            }
             if UnixStream::connect(&self.path).is_ok() {
                 return Err(io::Error::new(
                     io::ErrorKind::AddrInUse,
@@ -150,13 +165,15 @@ impl Upgrader {
         }
     }
 
-    fn connection(&self, conn: UnixStream) {
+    fn connection(self: &Arc<Self>, conn: UnixStream) {
         if let Err(why) = same_uid(&conn) {
             tracing::warn!(why, "upgrade control socket: connection refused");
             let _ = (&conn).write_all(format!("ERR {why}\n").as_bytes());
             return;
         }
-        let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+        // A request line comes at once; an idle peer must not hold a slot the new process of
+        // an upgrade may need.
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
         let Ok(line) = read_line(&conn) else {
             return;
         };
@@ -193,7 +210,14 @@ impl Upgrader {
     /// Runs an upgrade to `binary` (default: the one this process was started from). `Ok`
     /// once the new process serves (this one then drains and exits); `Err` says why it did
     /// not, and this process goes on serving.
-    pub fn upgrade(&self, binary: Option<PathBuf>) -> Result<String, String> {
+    pub fn upgrade(self: &Arc<Self>, binary: Option<PathBuf>) -> Result<String, String> {
+        if self.finishing.load(Ordering::Acquire) {
+            return Err(
+                "the previous upgrade is still finishing (its old process drains); \
+                        try again after drain_ms"
+                    .into(),
+            );
+        }
         if self.busy.swap(true, Ordering::AcqRel) {
             return Err(
                 "an upgrade is already in progress (or this process has handed over)".into(),
@@ -216,7 +240,7 @@ impl Upgrader {
         }
     }
 
-    fn try_upgrade(&self, binary: PathBuf, started: Instant) -> Result<String, String> {
+    fn try_upgrade(self: &Arc<Self>, binary: PathBuf, started: Instant) -> Result<String, String> {
         let deadline = started + Duration::from_millis(self.cfg.upgrade.timeout_ms);
         let nonce = format!("{:032x}", rand::random::<u128>());
         let (tx, rx) = mpsc::sync_channel(1);
@@ -265,6 +289,12 @@ impl Upgrader {
             }
             _ => format!("{what}: {e}"),
         };
+        // No write may outlast the deadline (a new process that stops reading must not hang
+        // this thread, and with it every later upgrade).
+        let left = deadline.saturating_duration_since(Instant::now());
+        stream
+            .set_write_timeout(Some(left.max(Duration::from_millis(1))))
+            .map_err(|e| e.to_string())?;
         // 2. The sockets, then the state, then the changes.
         let sockets = self
             .doors
@@ -313,11 +343,14 @@ impl Upgrader {
         // Ready: the service is the new process's from here on, and nothing below undoes
         // that. The new process outlives this one (systemd follows MAINPID), so it is neither
         // killed nor waited for.
-        std::mem::forget(child);
+        let child = child.0.take().expect("held until here");
         let ready_ms = started.elapsed().as_millis();
         notify::hand_over_to(pid);
         notify::silence();
         let _ = std::fs::remove_file(&self.path);
+        // From here a write may take a while (the new process is busy with reconnects), but
+        // not for ever: a stuck link ends the forwarding (see `drain`).
+        let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
         if let Err(e) = handover::write_released(&mut out).and_then(|()| out.flush()) {
             tracing::warn!(error = %e, "upgrade: could not tell the new process the control socket is free");
         }
@@ -329,10 +362,10 @@ impl Upgrader {
             drain_ms = self.cfg.drain_ms,
             "upgrade: the new process serves; draining this one"
         );
-        let (doors, drain_ms) = (self.doors.clone(), self.cfg.drain_ms);
+        let me = self.clone();
         std::thread::Builder::new()
             .name("upgrade-drain".into())
-            .spawn(move || drain(doors, drain_ms, drx, out))
+            .spawn(move || me.drain(drx, out, child))
             .map_err(|e| {
                 format!("starting the drain (the new process serves; stop this one by hand): {e}")
             })?;
@@ -413,41 +446,76 @@ fn forward(deltas: &flume::Receiver<UserRecord>, out: &mut impl Write) -> io::Re
     Ok(())
 }
 
-/// The old process after the hand-over: sessions closed over `drain_ms`, changes forwarded
-/// until the last is closed, then `Drained`, then this process stops (SIGTERM to itself).
-fn drain(doors: Doors, drain_ms: u64, deltas: flume::Receiver<UserRecord>, mut out: impl Write) {
-    let (done_tx, done_rx) = mpsc::channel::<()>();
-    let shards = doors
-        .on_each(move |s| {
-            let (s, done) = (s.clone(), done_tx.clone());
-            glommio::spawn_local(async move {
-                s.drain_for_upgrade(drain_ms).await;
-                let _ = done.send(());
+impl Upgrader {
+    /// The old process after the hand-over: sessions closed over `drain_ms`, changes forwarded
+    /// until the last is closed, then `Drained`, then this process stops (SIGTERM to itself).
+    /// Should the new process die first, the drain is called off and this process serves
+    /// again ([`Upgrader::resume`]).
+    fn drain(
+        self: Arc<Self>,
+        deltas: flume::Receiver<UserRecord>,
+        mut out: impl Write,
+        mut child: Child,
+    ) {
+        let drain_ms = self.cfg.drain_ms;
+        let (done_tx, done_rx) = mpsc::channel::<()>();
+        let shards = self
+            .doors
+            .on_each(move |s| {
+                let (s, done) = (s.clone(), done_tx.clone());
+                glommio::spawn_local(async move {
+                    s.drain_for_upgrade(drain_ms).await;
+                    let _ = done.send(());
+                })
+                .detach();
             })
-            .detach();
-        })
-        .into_iter()
-        .flatten()
-        .count();
-    let mut drained = 0;
-    let mut link = true;
-    while drained < shards {
-        if link && forward(&deltas, &mut out).is_err() {
-            tracing::warn!("upgrade: the new process's link broke during the drain");
-            link = false;
+            .into_iter()
+            .flatten()
+            .count();
+        let mut drained = 0;
+        let mut link = true;
+        while drained < shards {
+            if let Ok(Some(status)) = child.try_wait() {
+                tracing::error!(%status, "upgrade: the new process died during the drain; this one serves again");
+                self.resume(&format!("the new process died during the drain ({status})"));
+                return;
+            }
+            if link && forward(&deltas, &mut out).is_err() {
+                tracing::warn!("upgrade: the new process's link broke during the drain");
+                link = false;
+            }
+            match done_rx.recv_timeout(Duration::from_millis(5)) {
+                Ok(()) => drained += 1,
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
         }
-        match done_rx.recv_timeout(Duration::from_millis(5)) {
-            Ok(()) => drained += 1,
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        if link {
+            let _ = forward(&deltas, &mut out);
+            let _ = handover::write_drained(&mut out).and_then(|()| out.flush());
         }
+        // The new process outlives this one (systemd follows MAINPID): neither killed nor
+        // waited for.
+        drop(child);
+        tracing::info!("upgrade: drained; stopping");
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGTERM);
     }
-    if link {
-        let _ = forward(&deltas, &mut out);
-        let _ = handover::write_drained(&mut out).and_then(|()| out.flush());
+
+    /// The new process died after it took over: this process calls its drain off, accepts
+    /// again on the same listening sockets (so what queued in them meanwhile is served), takes
+    /// the control socket back and is the service again for systemd.
+    fn resume(self: &Arc<Self>, why: &str) {
+        self.doors.reclaim_sockets();
+        self.doors.on_each(|s| s.relisten());
+        notify::unsilence();
+        notify::tell(&format!("MAINPID={}\nREADY=1", std::process::id()));
+        notify::status(&format!("serving (the last upgrade failed late: {why})"));
+        if let Err(e) = self.listen() {
+            tracing::error!(error = %e, socket = %self.path.display(),
+                "upgrade: cannot serve the control socket again; no further upgrades until restart");
+        }
+        self.busy.store(false, Ordering::Release);
     }
-    tracing::info!("upgrade: drained; stopping");
-    let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGTERM);
 }
 
 /// Refuses a peer whose uid is not this process's.
@@ -567,6 +635,9 @@ fn recv_sockets(stream: &UnixStream) -> io::Result<Vec<Listening>> {
 /// The new process's link to the old one.
 pub struct Successor {
     stream: UnixStream,
+    /// Everything after the sockets is read through this one buffer, from the state to the
+    /// last frame: a second reader would lose what the first had buffered.
+    reader: std::sync::Mutex<Option<BufReader<UnixStream>>>,
     socket: PathBuf,
 }
 
@@ -588,7 +659,11 @@ pub fn successor() -> Option<Result<Successor, String>> {
         (&stream)
             .write_all(format!("TAKEOVER {nonce}\n").as_bytes())
             .map_err(|e| format!("upgrade: {e}"))?;
-        Ok(Successor { stream, socket })
+        Ok(Successor {
+            stream,
+            reader: std::sync::Mutex::new(None),
+            socket,
+        })
     })())
 }
 
@@ -597,9 +672,14 @@ impl Successor {
     pub fn receive(&self, max_state_bytes: u64) -> Result<crate::server::Takeover, String> {
         let sockets = recv_sockets(&self.stream)
             .map_err(|e| format!("upgrade: receiving the listening sockets: {e}"))?;
-        let mut r = BufReader::with_capacity(1 << 16, &self.stream);
+        let clone = self
+            .stream
+            .try_clone()
+            .map_err(|e| format!("upgrade: {e}"))?;
+        let mut r = BufReader::with_capacity(1 << 16, clone);
         let records = handover::read_state(&mut r, max_state_bytes)
             .map_err(|e| format!("upgrade: the old process's state was refused: {e}"))?;
+        *self.reader.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
         Ok(crate::server::Takeover { sockets, records })
     }
 
@@ -618,6 +698,9 @@ impl Successor {
     /// `upgrader`). When it has drained (or is gone), what it still served is held for the
     /// reattach window.
     pub fn ready(self, doors: Doors, upgrader: Option<Arc<Upgrader>>) -> io::Result<()> {
+        if let Some(u) = &upgrader {
+            u.finishing.store(true, Ordering::Release);
+        }
         (&self.stream).write_all(b"READY\n")?;
         std::thread::Builder::new()
             .name("upgrade-old".into())
@@ -627,7 +710,12 @@ impl Successor {
 }
 
 fn follow(s: Successor, doors: Doors, upgrader: Option<Arc<Upgrader>>) {
-    let mut r = BufReader::with_capacity(1 << 16, &s.stream);
+    let taken = s.reader.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let Some(mut r) = taken else {
+        tracing::error!("upgrade: following the old process before its state was read");
+        doors.on_each(|shard| shard.end_old());
+        return;
+    };
     let mut listening = false;
     let take_socket = |listening: &mut bool| {
         if *listening {
@@ -657,6 +745,9 @@ fn follow(s: Successor, doors: Doors, upgrader: Option<Arc<Upgrader>>) {
     };
     doors.on_each(|shard| shard.end_old());
     take_socket(&mut listening);
+    if let Some(u) = &upgrader {
+        u.finishing.store(false, Ordering::Release);
+    }
     tracing::info!(updates, why, "upgrade: the old process is done");
 }
 

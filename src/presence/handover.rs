@@ -50,7 +50,13 @@ pub enum RecordError {
     Status { user: String, status: String },
     #[error("user {user}: unknown device type `{device_type}`")]
     DeviceType { user: String, device_type: String },
+    #[error("user {user}: `{field}` out of range")]
+    Range { user: String, field: &'static str },
 }
+
+/// Largest `seq` or stamp a record may carry: far above any real one (a cluster's `seq` is a
+/// clock below 2^53), far enough below `u64::MAX` that counting on from it cannot overflow.
+pub const MAX_COUNTER: u64 = 1 << 62;
 
 pub fn status_name(s: Status) -> &'static str {
     match s {
@@ -64,6 +70,12 @@ pub fn status_name(s: Status) -> &'static str {
 impl SessionRecord {
     /// The held session this record becomes in the new process.
     pub fn to_held(&self, user: &str) -> Result<Held, RecordError> {
+        if self.stamp > MAX_COUNTER {
+            return Err(RecordError::Range {
+                user: user.to_owned(),
+                field: "stamp",
+            });
+        }
         let status = Status::parse(&self.status).ok_or_else(|| RecordError::Status {
             user: user.to_owned(),
             status: self.status.clone(),
@@ -97,6 +109,12 @@ impl UserRecord {
     pub fn check(&self) -> Result<(), RecordError> {
         if self.user.is_empty() {
             return Err(RecordError::EmptyUser);
+        }
+        if self.seq > MAX_COUNTER {
+            return Err(RecordError::Range {
+                user: self.user.clone(),
+                field: "seq",
+            });
         }
         for s in &self.sessions {
             s.to_held(&self.user)?;

@@ -258,12 +258,28 @@ impl UserEntry {
 
     /// Takes the held session a new session with these facts re-attaches to: the same device
     /// id first, then the same device type, then the oldest.
+    ///
+    /// Never across two different device ids, and a session the old process of an upgrade
+    /// still serves (no deadline yet) only by its own device id: another device of the user
+    /// connecting meanwhile is a device of its own, not that one coming back.
     fn claim(&mut self, device: Option<&Arc<str>>, device_type: DeviceType) -> Option<Held> {
         let holds = self.holds.as_mut()?;
-        let pos = device
-            .and_then(|d| holds.held.iter().position(|h| h.device.as_ref() == Some(d)))
-            .or_else(|| holds.held.iter().position(|h| h.device_type == device_type))
-            .or(if holds.held.is_empty() { None } else { Some(0) })?;
+        let same_device = |h: &Held| device.is_some() && h.device.as_ref() == device;
+        let may = |h: &Held| {
+            let compatible = h.device.is_none() || device.is_none() || same_device(h);
+            compatible && (h.until.is_some() || same_device(h))
+        };
+        let pos = holds
+            .held
+            .iter()
+            .position(|h| may(h) && same_device(h))
+            .or_else(|| {
+                holds
+                    .held
+                    .iter()
+                    .position(|h| may(h) && h.device_type == device_type)
+            })
+            .or_else(|| holds.held.iter().position(may))?;
         let held = holds.held.remove(pos);
         if held.from_old {
             holds.claimed.push(held.origin);
@@ -419,7 +435,7 @@ impl Registry {
         // A held session of the user: this one re-attaches to it and goes on with its status.
         let (status, text, stamp) = match entry.claim(info.device.as_ref(), info.device_type) {
             Some(h) => {
-                self.held -= 1;
+                self.held = self.held.saturating_sub(1);
                 (h.status, h.text, h.stamp)
             }
             None => (status, None, entry.stamps),
@@ -464,7 +480,9 @@ impl Registry {
                 (!others).then_some(until)
             }
         };
-        if let (Some(until), true) = (until, gone.status.visible().is_some()) {
+        // Invisible sessions are held too: they add nothing to what watchers see, but the
+        // session that re-attaches must come back invisible, not online.
+        if let Some(until) = until {
             if until > now_ms {
                 entry
                     .holds
@@ -649,7 +667,7 @@ impl Registry {
             if expired == 0 {
                 continue;
             }
-            self.held -= expired;
+            self.held = self.held.saturating_sub(expired);
             entry.tidy_holds();
             let change = settle(
                 &user,
@@ -668,6 +686,37 @@ impl Registry {
     /// Held sessions, all users.
     pub fn held_count(&self) -> usize {
         self.held
+    }
+
+    /// Lets go of every held session of `user` at once (a kick: it is never held). Sessions
+    /// the old process of an upgrade still serves are let go for good: a later record naming
+    /// them does not bring them back. Returns how many went, and the change to publish.
+    pub fn drop_holds(&mut self, user: &str, now_ms: u64) -> (usize, Option<Change>) {
+        let Some((id, entry)) = self.users.get_key_value_mut(user) else {
+            return (0, None);
+        };
+        let Some(holds) = entry.holds.as_mut() else {
+            return (0, None);
+        };
+        let gone = holds.held.len();
+        for h in std::mem::take(&mut holds.held) {
+            if h.from_old {
+                holds.claimed.push(h.origin);
+            }
+        }
+        self.held = self.held.saturating_sub(gone);
+        entry.tidy_holds();
+        let id = id.clone();
+        let change = settle(
+            &id,
+            entry,
+            self.replication.as_mut(),
+            &mut self.online,
+            now_ms,
+            Cause::Local,
+        );
+        self.forget_if_empty(&id);
+        (gone, change)
     }
 
     // --- Upgrades (SPEC §11): the presence one process hands the next. ---
@@ -724,6 +773,7 @@ impl Registry {
     /// A user handed over by the old process (at start, before any session here): its sessions
     /// held, its `seq`, `last_seen` and change time kept as they were, so nothing is published.
     pub fn adopt(&mut self, rec: &UserRecord, now_ms: u64) -> Result<(), RecordError> {
+        rec.check()?;
         let held = rec
             .sessions
             .iter()
@@ -773,6 +823,7 @@ impl Registry {
         rec: &UserRecord,
         now_ms: u64,
     ) -> Result<Option<Change>, RecordError> {
+        rec.check()?;
         let incoming = rec
             .sessions
             .iter()
@@ -783,9 +834,10 @@ impl Registry {
         let holds = entry.holds.get_or_insert_with(Box::default);
         let before = holds.held.len();
         holds.held.retain(|h| !h.from_old);
-        let kept = holds.held.len();
         for h in incoming {
-            if holds.claimed.contains(&h.origin) {
+            // Re-attached here already, or expired here already (each process expires on its
+            // own tick: a late record must not bring one back).
+            if holds.claimed.contains(&h.origin) || h.until.is_some_and(|u| u <= now_ms) {
                 continue;
             }
             if let Some(until) = h.until {
@@ -794,7 +846,7 @@ impl Registry {
             entry.stamps = entry.stamps.max(h.stamp);
             holds.held.push(h);
         }
-        self.held = self.held + holds.held.len() - kept - (before - kept);
+        self.held = (self.held + holds.held.len()).saturating_sub(before);
         entry.tidy_holds();
         if rec.seq > entry.seq + 1 {
             entry.seq = rec.seq - 1;
@@ -805,7 +857,10 @@ impl Registry {
             self.replication.as_mut(),
             &mut self.online,
             now_ms,
-            Cause::Local,
+            // The old process recorded this change in its history: not again here.
+            Cause::Remote {
+                at: rec.last_seen.unwrap_or(now_ms),
+            },
         );
         entry.seq = entry.seq.max(rec.seq);
         if entry.last_seen < rec.last_seen {
@@ -882,6 +937,7 @@ impl Registry {
             }
         };
         self.sessions = self.users.values().map(|e| e.sessions.len()).sum();
+        self.held = self.users.values().map(|e| e.held().len()).sum();
         self.online = self
             .users
             .iter()
@@ -1135,7 +1191,10 @@ fn refresh(
                 let went_offline = replica.local.visible() && !share.visible();
                 replica.local = Contribution {
                     last_seen: if went_offline {
-                        Some(now_ms)
+                        Some(match cause {
+                            Cause::Local => now_ms,
+                            Cause::Remote { at } | Cause::Ended { at } => at,
+                        })
                     } else {
                         share.last_seen
                     },

@@ -700,18 +700,297 @@ mod holds {
         let c = new.update_from_old(&rec, 60).unwrap().unwrap();
         assert_eq!(c.state.status, Aggregate::Away);
         assert!(c.state.seq >= old.snapshot(&alice(), 60).seq);
-        // The session re-attaches here; a late record naming it does not bring it back.
-        new.connect(&alice(), sid(1), Status::Online, info(&[]), 70);
-        let s = new.snapshot(&alice(), 71);
-        assert_eq!((s.status, s.devices), (Aggregate::Away, 1));
+        // While the old process serves it, a session here without that device id is another
+        // device, not it coming back.
+        new.connect(&alice(), sid(7), Status::Online, info(&[]), 65);
+        assert_eq!(new.snapshot(&alice(), 66).devices, 2);
+        new.disconnect("alice", sid(7), Hold::None, 67);
+        // The old process drains it (held there, and so here); the client re-attaches here;
+        // a late record naming it does not bring it back.
         old.disconnect("alice", sid(1), Hold::Always(5_000), 80);
         let rec = old.handover_record("alice").unwrap();
-        assert_eq!(new.update_from_old(&rec, 90).unwrap(), None);
-        assert_eq!(new.snapshot(&alice(), 91).devices, 1);
+        assert_eq!(new.update_from_old(&rec, 85).unwrap(), None);
+        new.connect(&alice(), sid(1), Status::Online, info(&[]), 90);
+        let s = new.snapshot(&alice(), 91);
+        assert_eq!((s.status, s.devices), (Aggregate::Away, 1));
+        assert_eq!(new.update_from_old(&rec, 92).unwrap(), None);
+        assert_eq!(new.snapshot(&alice(), 93).devices, 1);
         new.end_old(100, 200);
         assert!(
             new.expire_holds(10_000).is_empty(),
             "the live session here stays"
         );
+    }
+
+    fn on(device: &str, device_type: DeviceType) -> SessionInfo {
+        SessionInfo {
+            device: Some(device.into()),
+            device_type,
+            ..info(&[])
+        }
+    }
+
+    #[test]
+    fn a_held_session_is_claimed_by_its_own_device_never_another_id() {
+        let mut r = Registry::new();
+        r.connect(
+            &alice(),
+            sid(1),
+            Status::Online,
+            on("phone", DeviceType::Ios),
+            10,
+        );
+        r.set_status("alice", sid(1), Status::Busy, Some("driving".into()), 11)
+            .unwrap();
+        r.disconnect("alice", sid(1), Hold::IfLast(1_000), 20);
+        // The laptop is not the phone coming back: a device of its own, online.
+        r.connect(
+            &alice(),
+            sid(2),
+            Status::Online,
+            on("laptop", DeviceType::Desktop),
+            30,
+        );
+        assert_eq!(r.held_count(), 1);
+        let s = r.snapshot(&alice(), 31);
+        assert_eq!((s.status, s.devices), (Aggregate::Online, 2));
+        // The phone re-attaches, busy again.
+        r.connect(
+            &alice(),
+            sid(3),
+            Status::Online,
+            on("phone", DeviceType::Ios),
+            40,
+        );
+        assert_eq!(r.held_count(), 0);
+        let phone = r
+            .sessions("alice")
+            .iter()
+            .find(|s| s.id == sid(3))
+            .unwrap()
+            .clone();
+        assert_eq!(
+            (phone.status, phone.text.as_deref()),
+            (Status::Busy, Some("driving"))
+        );
+    }
+
+    #[test]
+    fn an_invisible_session_is_held_and_comes_back_invisible() {
+        let mut r = Registry::new();
+        r.watch(&alice(), 0, 1);
+        r.connect(&alice(), sid(1), Status::Online, info(&[]), 10);
+        r.set_status("alice", sid(1), Status::Invisible, None, 11)
+            .unwrap();
+        assert_eq!(r.disconnect("alice", sid(1), Hold::Always(1_000), 20), None);
+        assert_eq!(r.held_count(), 1);
+        // Re-attached: still invisible, so watchers see nothing at all.
+        assert_eq!(
+            r.connect(&alice(), sid(2), Status::Online, info(&[]), 30),
+            None
+        );
+        assert_eq!(r.sessions("alice")[0].status, Status::Invisible);
+    }
+
+    #[test]
+    fn a_late_record_does_not_bring_back_a_hold_that_expired_here() {
+        let mut old = Registry::new();
+        old.connect(&alice(), sid(1), Status::Online, info(&[]), 10);
+        old.disconnect("alice", sid(1), Hold::Always(1_000), 20);
+        let rec = old.handover_record("alice").unwrap();
+        let mut new = Registry::new();
+        new.watch(&alice(), 0, 1);
+        new.adopt(&rec, 30).unwrap();
+        let gone = new.expire_holds(1_000);
+        assert_eq!(gone[0].state.status, Aggregate::Offline);
+        // The old process still sends the user's record with the hold in it.
+        assert_eq!(new.update_from_old(&rec, 1_001).unwrap(), None);
+        assert_eq!(new.snapshot(&alice(), 1_002).status, Aggregate::Offline);
+    }
+
+    #[test]
+    fn a_kick_lets_go_of_held_sessions_for_good() {
+        let mut old = Registry::new();
+        old.connect(&alice(), sid(1), Status::Online, info(&[]), 10);
+        let mut new = Registry::new();
+        new.adopt(&old.handover_record("alice").unwrap(), 20)
+            .unwrap();
+        let (gone, change) = new.drop_holds("alice", 30);
+        assert_eq!(gone, 1);
+        assert_eq!(change.unwrap().state.status, Aggregate::Offline);
+        // The old process drains the kicked session later: it stays gone here.
+        old.disconnect("alice", sid(1), Hold::Always(5_000), 40);
+        let rec = old.handover_record("alice").unwrap();
+        assert_eq!(new.update_from_old(&rec, 50).unwrap(), None);
+        assert_eq!(new.held_count(), 0);
+    }
+
+    #[test]
+    fn records_with_counters_near_overflow_are_refused() {
+        let mut old = Registry::new();
+        old.connect(&alice(), sid(1), Status::Online, info(&[]), 10);
+        let mut rec = old.handover_record("alice").unwrap();
+        rec.seq = u64::MAX;
+        assert!(Registry::new().adopt(&rec, 20).is_err());
+        rec.seq = 1;
+        rec.sessions[0].stamp = u64::MAX;
+        assert!(Registry::new().adopt(&rec, 20).is_err());
+    }
+}
+
+/// A model of holds (issue 13): random connects (with or without a device id), status changes,
+/// closes with and without a hold, and clock ticks, for a few users. After every step:
+/// - what watchers see is the aggregate of live and held sessions, as a plain recomputation
+///   from the model says;
+/// - a change is published exactly when that aggregate moved, with the next `seq`;
+/// - the held counter, the session counter and the online index agree with the entries;
+/// - a re-attached session carries the status its held session had.
+mod hold_model {
+    use super::*;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Connect { user: u8, device: Option<u8> },
+        SetStatus { pick: usize, status: u8 },
+        Close { pick: usize, hold: u8 },
+        Tick { ms: u64 },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0u8..3, prop::option::of(0u8..3))
+                .prop_map(|(user, device)| Op::Connect { user, device }),
+            (any::<usize>(), 0u8..4).prop_map(|(pick, status)| Op::SetStatus { pick, status }),
+            (any::<usize>(), 0u8..3).prop_map(|(pick, hold)| Op::Close { pick, hold }),
+            (1u64..400).prop_map(|ms| Op::Tick { ms }),
+        ]
+    }
+
+    #[derive(Clone, Debug)]
+    struct M {
+        status: Status,
+        device: Option<u8>,
+        until: Option<u64>,
+    }
+
+    fn status_of(n: u8) -> Status {
+        [
+            Status::Online,
+            Status::Away,
+            Status::Busy,
+            Status::Invisible,
+        ][usize::from(n) % 4]
+    }
+
+    fn expected(sessions: &[M]) -> (Aggregate, u32) {
+        let visible = sessions.iter().filter_map(|m| m.status.visible());
+        let devices = visible.clone().count() as u32;
+        (visible.max().unwrap_or(Aggregate::Offline), devices)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        #[test]
+        fn holds_keep_the_aggregate_and_the_counters_right(ops in prop::collection::vec(op(), 1..80)) {
+            let mut r = Registry::new();
+            let users: Vec<UserId> = (0..3).map(|u| uid(&format!("u{u}"))).collect();
+            for u in &users {
+                r.watch(u, 0, 0);
+            }
+            // Per user: the model's sessions (live: until None; held: until Some) with ids.
+            let mut model: Vec<Vec<(Option<u64>, M)>> = vec![Vec::new(); 3];
+            let mut seq = [0u64; 3];
+            let mut seen = [(Aggregate::Offline, 0u32); 3];
+            let (mut now, mut next_id) = (1_000u64, 1u64);
+            for op in ops {
+                let mut changes: Vec<Change> = Vec::new();
+                match op {
+                    Op::Connect { user, device } => {
+                        let u = usize::from(user);
+                        let info = SessionInfo {
+                            device: device.map(|d| Arc::from(format!("d{d}").as_str())),
+                            ..info(&[])
+                        };
+                        let id = next_id;
+                        next_id += 1;
+                        let before_held = r.held_count();
+                        changes.extend(r.connect(&users[u], sid(id), Status::Online, info, now));
+                        let status = r.sessions(&users[u]).iter().find(|s| s.id == sid(id)).unwrap().status;
+                        if r.held_count() < before_held {
+                            // Re-attached: to its own device's held session if there is one,
+                            // else to the first of a compatible device (one device type here).
+                            let may = |m: &M| m.device.is_none() || device.is_none() || m.device == device;
+                            let held = |i: &Option<u64>| i.is_none();
+                            let pos = model[u]
+                                .iter()
+                                .position(|(i, m)| held(i) && device.is_some() && m.device == device)
+                                .or_else(|| model[u].iter().position(|(i, m)| held(i) && may(m)));
+                            prop_assert_eq!(pos.map(|p| model[u][p].1.status), Some(status), "the held status goes on");
+                            prop_assert!(pos.is_some(), "re-attached to a held session it may claim");
+                            model[u].remove(pos.unwrap());
+                        } else {
+                            prop_assert_eq!(status, Status::Online);
+                        }
+                        model[u].push((Some(id), M { status, device, until: None }));
+                    }
+                    Op::SetStatus { pick, status } => {
+                        let live: Vec<(usize, u64)> = (0..3).flat_map(|u| model[u].iter().filter_map(move |(i, _)| i.map(|i| (u, i)))).collect();
+                        if live.is_empty() { continue; }
+                        let (u, id) = live[pick % live.len()];
+                        let s = status_of(status);
+                        changes.extend(r.set_status(&users[u], sid(id), s, None, now).unwrap());
+                        model[u].iter_mut().find(|(i, _)| *i == Some(id)).unwrap().1.status = s;
+                    }
+                    Op::Close { pick, hold } => {
+                        let live: Vec<(usize, u64)> = (0..3).flat_map(|u| model[u].iter().filter_map(move |(i, _)| i.map(|i| (u, i)))).collect();
+                        if live.is_empty() { continue; }
+                        let (u, id) = live[pick % live.len()];
+                        let until = now + 500;
+                        let h = [Hold::None, Hold::IfLast(until), Hold::Always(until)][usize::from(hold)];
+                        changes.extend(r.disconnect(&users[u], sid(id), h, now));
+                        let pos = model[u].iter().position(|(i, _)| *i == Some(id)).unwrap();
+                        let (_, mut m) = model[u].remove(pos);
+                        let others = model[u].iter().any(|(i, m)| i.is_some() && m.status.visible().is_some());
+                        let held = match h {
+                            Hold::None => false,
+                            Hold::Always(_) => true,
+                            Hold::IfLast(_) => !others,
+                        };
+                        if held {
+                            m.until = Some(until);
+                            model[u].push((None, m));
+                        }
+                    }
+                    Op::Tick { ms } => {
+                        now += ms;
+                        changes.extend(r.expire_holds(now));
+                        for m in model.iter_mut() {
+                            m.retain(|(i, m)| i.is_some() || m.until.is_some_and(|t| t > now));
+                        }
+                    }
+                }
+                for c in &changes {
+                    let u = users.iter().position(|u| *u == c.state.user).unwrap();
+                    seq[u] += 1;
+                    prop_assert_eq!(c.state.seq, seq[u], "one seq per change");
+                }
+                for u in 0..3 {
+                    let ms: Vec<M> = model[u].iter().map(|(_, m)| m.clone()).collect();
+                    let want = expected(&ms);
+                    let s = r.snapshot(&users[u], now);
+                    prop_assert_eq!((s.status, s.devices), want, "user {}", u);
+                    let moved = want != seen[u];
+                    let published = changes.iter().any(|c| c.state.user == users[u]);
+                    prop_assert_eq!(moved, published, "a change exactly when the aggregate moved (user {})", u);
+                    seen[u] = want;
+                }
+                let held: usize = model.iter().map(|m| m.iter().filter(|(i, _)| i.is_none()).count()).sum();
+                let live: usize = model.iter().map(|m| m.iter().filter(|(i, _)| i.is_some()).count()).sum();
+                prop_assert_eq!(r.held_count(), held);
+                prop_assert_eq!(r.session_count(), live);
+                let online = seen.iter().filter(|(a, _)| *a != Aggregate::Offline).count();
+                prop_assert_eq!(r.online_users(), online);
+            }
+        }
     }
 }

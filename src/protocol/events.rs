@@ -121,7 +121,13 @@ pub fn welcome(
     cpu: Option<usize>,
     heartbeat_ms: u64,
     admin: Option<&str>,
+    resumed: Option<(&str, Option<&str>)>,
 ) -> Bytes {
+    #[derive(Serialize)]
+    struct Resumed<'a> {
+        status: &'a str,
+        text: Option<&'a str>,
+    }
     #[derive(Serialize)]
     struct Welcome<'a> {
         r#type: &'static str,
@@ -134,6 +140,8 @@ pub fn welcome(
         read_only: bool,
         #[serde(skip_serializing_if = "Option::is_none")]
         admin: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        resumed: Option<Resumed<'a>>,
     }
     frame(&Welcome {
         r#type: "welcome",
@@ -144,6 +152,7 @@ pub fn welcome(
         heartbeat_ms,
         read_only: admin.is_some(),
         admin,
+        resumed: resumed.map(|(status, text)| Resumed { status, text }),
     })
 }
 

@@ -23,6 +23,10 @@ use crate::presence::Hold;
 pub const DRAIN_CODE: u16 = 1001;
 pub const DRAIN_REASON: &str = "server restarting: reconnect";
 
+/// How a shard starts accepting again: its listeners (edge, admin) on its share of the
+/// sockets.
+pub type Relisten = Box<dyn Fn(&Rc<Shard>) -> Result<Vec<super::runtime::Stop>, String>>;
+
 /// The old process's side of a hand-over on one shard.
 pub struct Handover {
     /// Where changed users' records go (to the new process, through the upgrade thread).
@@ -35,6 +39,26 @@ impl Shard {
     /// Keeps what to call to stop accepting.
     pub(super) fn keep_stops(&self, stops: Vec<super::runtime::Stop>) {
         self.stops.borrow_mut().extend(stops);
+    }
+
+    /// Keeps how to accept again ([`Shard::relisten`]).
+    pub fn keep_relisten(&self, f: Relisten) {
+        *self.relisten.borrow_mut() = Some(f);
+    }
+
+    /// Accepts again, on the sockets handed back to the shards (the new process of an upgrade
+    /// died after this process stopped accepting), and stops draining.
+    pub fn relisten(self: &Rc<Self>) {
+        self.cancel_handover();
+        let relisten = self.relisten.borrow();
+        let Some(f) = relisten.as_ref() else { return };
+        match f(self) {
+            Ok(stops) => {
+                drop(relisten);
+                self.keep_stops(stops);
+            }
+            Err(why) => tracing::error!(shard = self.ix(), why, "cannot accept again"),
+        }
     }
 
     /// Stops every accept loop of this shard (idempotent). The listening sockets stay open in
@@ -90,12 +114,15 @@ impl Shard {
     /// How a closing session's end is held ([`Hold`]): kicks, token expiry, evictions, abuse
     /// closes and panics are never held; a drain for an upgrade always is; otherwise the
     /// reconnect grace applies to a user's last visible session.
-    pub(super) fn hold_for(&self, code: Option<u16>, now: u64) -> Hold {
+    pub(super) fn hold_for(&self, close: Option<CloseRequest>, now: u64) -> Hold {
+        let code = close.map(|c| c.code);
         if matches!(code, Some(4001 | 4003 | 4008 | 4009 | 1011)) {
             return Hold::None;
         }
         let grace = self.cfg.offline_grace_ms;
-        if self.handover.borrow().as_ref().is_some_and(|h| h.draining) {
+        // Only the drain's own closes: a client that logs out meanwhile is not held for it.
+        let drained = close.is_some_and(|c| c.code == DRAIN_CODE && c.reason == DRAIN_REASON);
+        if drained && self.handover.borrow().as_ref().is_some_and(|h| h.draining) {
             return Hold::Always(now + grace.max(self.cfg.upgrade.reattach_ms));
         }
         if grace == 0 || self.stopping.get() {
@@ -114,11 +141,15 @@ impl Shard {
         sessions.sort_unstable_by_key(|s| s.id());
         let n = sessions.len() as u64;
         let start = std::time::Instant::now();
+        let draining = || self.handover.borrow().as_ref().is_some_and(|h| h.draining);
         for (i, s) in sessions.into_iter().enumerate() {
             // The i-th of n closes at i/n of the window.
             let at = Duration::from_millis(drain_ms * i as u64 / n.max(1));
             if let Some(wait) = at.checked_sub(start.elapsed()) {
                 glommio::timer::sleep(wait).await;
+            }
+            if !draining() {
+                return; // called off: the new process died (see `ops::upgrade`)
             }
             if !s.closing() {
                 ShardMetrics::inc(&self.metrics.upgrade_drained);
@@ -130,8 +161,19 @@ impl Shard {
             }
         }
         let deadline = start + Duration::from_millis(drain_ms + self.cfg.shutdown_deadline_ms);
-        while self.session_count() > 0 && std::time::Instant::now() < deadline {
-            glommio::timer::sleep(Duration::from_millis(5)).await;
+        while self.session_count() > 0 && std::time::Instant::now() < deadline && draining() {
+            // Sessions that were still in their handshake when the drain began.
+            for s in self.all_sessions() {
+                if !s.closing() {
+                    ShardMetrics::inc(&self.metrics.upgrade_drained);
+                    s.request_close(CloseRequest {
+                        code: DRAIN_CODE,
+                        reason: DRAIN_REASON,
+                        flush_ms: self.cfg.limits.close_flush_ms,
+                    });
+                }
+            }
+            glommio::timer::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -168,6 +210,18 @@ impl Shard {
         let wait = self.cfg.offline_grace_ms.max(self.cfg.upgrade.reattach_ms);
         let now = now_ms();
         self.registry.borrow_mut().end_old(now, now + wait);
+    }
+
+    /// A kick: the user's held sessions go at once (published), as its live ones are closed.
+    /// Returns how many there were.
+    pub fn drop_holds(&self, user: &str) -> usize {
+        let (gone, change) = self.registry.borrow_mut().drop_holds(user, now_ms());
+        if let Some(change) = change {
+            self.publish(change);
+        }
+        self.hand_to_bridge();
+        self.forward_to_new(user);
+        gone
     }
 
     /// Held sessions past their deadline stop counting (the clock's tick).

@@ -119,6 +119,8 @@ pub struct Shard {
     /// How to stop what `init` started (the accept loops): at shutdown, or when an upgrade's
     /// new process has taken over.
     stops: RefCell<Vec<runtime::Stop>>,
+    /// How to start accepting again (set by the server's `init`).
+    relisten: RefCell<Option<handover::Relisten>>,
     /// Tests only: the next publish panics after its first send ([`faults`]).
     #[cfg(feature = "fault-injection")]
     panic_in_publish: Cell<bool>,
@@ -172,6 +174,7 @@ impl Shard {
             taps: RefCell::new(Vec::new()),
             handover: RefCell::new(None),
             stops: RefCell::new(Vec::new()),
+            relisten: RefCell::new(None),
             locals: RefCell::new(HashMap::new()),
             cluster_backlog: Default::default(),
             #[cfg(feature = "fault-injection")]

@@ -324,6 +324,8 @@ pub fn spawn(
                 )
                 .await;
                 shard.stop_accepting();
+                // It holds the shard's edge, which holds the shard: let go of the cycle.
+                shard.relisten.borrow_mut().take();
                 drain_sessions(&shard).await;
             });
         match handle {

@@ -343,14 +343,7 @@ impl Shard {
             metrics: self.metrics.clone(),
         });
         let hex = id.to_string();
-        session.push_reply(events::welcome(
-            &hex,
-            &a.user,
-            usize::from(self.ix),
-            self.shared.cpus[usize::from(self.ix)],
-            self.cfg.heartbeat_ms,
-            a.observer.as_deref(),
-        ));
+        let (user, observer) = (a.user.clone(), a.observer.clone());
         self.sessions.borrow_mut().insert(id, session.clone());
         self.expiries.borrow_mut().insert((a.expires_at, id));
         ShardMetrics::inc(&self.metrics.connections);
@@ -359,17 +352,41 @@ impl Shard {
         // left half-registered.
         let registered =
             std::panic::catch_unwind(AssertUnwindSafe(|| self.register(&session, a, now)));
-        if registered.is_err() {
+        let Ok(resumed) = registered else {
             self.repair_after_panic(&session);
             return Err(Refusal::Http(503, "internal error"));
-        }
+        };
+        // After registering (nothing reaches a session that watches nothing yet, so it is
+        // still the first frame): a session that re-attached to a held one is told the status
+        // it goes on with.
+        let resumed = resumed.as_ref().map(|(status, text)| {
+            (
+                crate::presence::handover::status_name(*status),
+                text.as_deref(),
+            )
+        });
+        session.push_reply(events::welcome(
+            &hex,
+            &user,
+            usize::from(self.ix),
+            self.shared.cpus[usize::from(self.ix)],
+            self.cfg.heartbeat_ms,
+            observer.as_deref(),
+            resumed,
+        ));
         ShardMetrics::inc(&self.metrics.handshakes_ok);
         Ok(session)
     }
 
     /// The second half of [`Shard::open_session`]: the observer list, or the registry (and the
-    /// taps, and the user's watchers).
-    fn register(&self, session: &Session, a: Admission, now: u64) {
+    /// taps, and the user's watchers). Returns the status and text a session that re-attached
+    /// to a held one goes on with.
+    fn register(
+        &self,
+        session: &Session,
+        a: Admission,
+        now: u64,
+    ) -> Option<(Status, Option<Arc<str>>)> {
         let id = session.id;
         #[cfg(feature = "fault-injection")]
         assert!(
@@ -385,7 +402,7 @@ impl Shard {
             ShardMetrics::inc(&self.metrics.impersonations);
             tracing::info!(target: "presenced::audit", admin = %admin, user = %a.user,
                 session = %id, peer = %a.ip, "impersonation started");
-            return;
+            return None;
         }
         let info = SessionInfo {
             device: a.device,
@@ -407,10 +424,9 @@ impl Shard {
             .registry
             .borrow_mut()
             .connect(&a.user, id, Status::Online, info, now);
-        if self.registry.borrow().held_count() < held {
-            ShardMetrics::inc(&self.metrics.reattached);
-        }
+        let reattached = self.registry.borrow().held_count() < held;
         // Re-attached to a held session: it goes on with that session's status.
+        let mut resumed = None;
         if let Some(s) = self
             .registry
             .borrow()
@@ -419,6 +435,10 @@ impl Shard {
             .find(|s| s.id == id)
         {
             session.status.set(s.status);
+            if reattached {
+                ShardMetrics::inc(&self.metrics.reattached);
+                resumed = Some((s.status, s.text.clone()));
+            }
         }
         if let Some(change) = change {
             self.publish(change);
@@ -426,6 +446,7 @@ impl Shard {
         self.hand_to_bridge();
         self.forward_to_new(&a.user);
         tracing::debug!(session = %id, user = %a.user, peer = %a.ip, "session open");
+        resumed
     }
 
     /// `max_sessions_per_user` for a new session of `user`: false to refuse it (reject_new);
@@ -502,7 +523,7 @@ impl Shard {
                 now,
             }));
         }
-        let hold = self.hold_for(session.close_request().map(|c| c.code), now);
+        let hold = self.hold_for(session.close_request(), now);
         let change = self
             .registry
             .borrow_mut()
