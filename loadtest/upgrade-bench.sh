@@ -43,11 +43,9 @@ printf '%-9s %-9s %-12s %-11s %-8s %-10s %-11s %-10s %-10s\n' \
 for drain in $DRAINS; do
   stop_any
   write_server_toml
-  cat >> "$OUT/server.toml" <<TOML
-drain_ms = $drain
-[upgrade]
-socket = "$OUT/ctl.sock"
-TOML
+  # Top-level keys before the tables lib.sh wrote.
+  { echo "drain_ms = $drain"; cat "$OUT/server.toml"; printf '[upgrade]\nsocket = "%s"\n' "$OUT/ctl.sock"; } \
+    > "$OUT/server.tmp" && mv "$OUT/server.tmp" "$OUT/server.toml"
   rm -rf "$OUT/data"
   "$BIN" serve --config "$OUT/server.toml" --listen "127.0.0.1:$PORT" \
     --admin-listen "127.0.0.1:$ADMIN" > "$OUT/server-$drain.log" 2>&1 &

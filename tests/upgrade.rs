@@ -50,7 +50,7 @@ impl Node {
             .stdout(log_file("upgrade-node"))
             .stderr(log_file("upgrade-node-err"));
         // The control socket path goes in through the config: rewrite it with the path.
-        let toml = format!("{extra_toml}\n[limits]\nhandshake_rate_per_ip = 0\n[upgrade]\nsocket = \"{}\"\ntimeout_ms = 10000\n", socket.display());
+        let toml = format!("{extra_toml}\n[limits]\nhandshake_rate_per_ip = 0\n[upgrade]\nsocket = \"{}\"\ntimeout_ms = 10000\n# Shorter than the load test's drain: the old process must hold its drained sessions\n# until its drain is over, not only this long (else its watchers see them go offline).\nreattach_ms = 1000\n", socket.display());
         std::fs::write(&config, toml).unwrap();
         let served = spawn_serve(&mut cmd);
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();

@@ -322,6 +322,33 @@ mod tests {
         }
     }
 
+    /// The size docs/ARCHITECTURE.md and docs/CONFIG.md quote for `upgrade.max_state_bytes`.
+    #[test]
+    fn a_user_with_one_plain_session_takes_about_fifty_bytes() {
+        let users: Vec<UserRecord> = (0..1000u64)
+            .map(|i| UserRecord {
+                user: format!("user-{i:06}"),
+                seq: 3,
+                last_seen: None,
+                changed_at_ms: 1_796_000_000_000 + i,
+                sessions: vec![SessionRecord {
+                    origin: (1 << 48) + i,
+                    status: "online".into(),
+                    text: None,
+                    device: None,
+                    device_type: "web".into(),
+                    groups: Vec::new(),
+                    connected_at_ms: 1_796_000_000_000 + i,
+                    ended_at_ms: 0,
+                    stamp: 1,
+                    until: None,
+                }],
+            })
+            .collect();
+        let per_user = bytes_of(&users).len() / users.len();
+        assert!((40..=70).contains(&per_user), "{per_user} bytes per user");
+    }
+
     #[test]
     fn oversized_state_is_refused_before_it_is_read() {
         let records: Vec<UserRecord> = (0..3000)

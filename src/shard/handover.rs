@@ -33,6 +33,8 @@ pub struct Handover {
     deltas: flume::Sender<UserRecord>,
     /// Sessions are being drained: each close is held for the new process.
     draining: bool,
+    /// When the drain's window ends (ms since the epoch).
+    drain_ends_ms: u64,
 }
 
 impl Shard {
@@ -76,6 +78,7 @@ impl Shard {
         *self.handover.borrow_mut() = Some(Handover {
             deltas,
             draining: false,
+            drain_ends_ms: 0,
         });
         self.registry.borrow().handover_records()
     }
@@ -122,8 +125,15 @@ impl Shard {
         let grace = self.cfg.offline_grace_ms;
         // Only the drain's own closes: a client that logs out meanwhile is not held for it.
         let drained = close.is_some_and(|c| c.code == DRAIN_CODE && c.reason == DRAIN_REASON);
-        if drained && self.handover.borrow().as_ref().is_some_and(|h| h.draining) {
-            return Hold::Always(now + grace.max(self.cfg.upgrade.reattach_ms));
+        if let (true, Some(h)) = (
+            drained,
+            self.handover.borrow().as_ref().filter(|h| h.draining),
+        ) {
+            // Held here until the drain is over: the client is back on the new process by
+            // then, and this process's watchers not yet drained must not see its user go
+            // offline meanwhile.
+            let wait = grace.max(self.cfg.upgrade.reattach_ms);
+            return Hold::Always(now.max(h.drain_ends_ms) + wait);
         }
         if grace == 0 || self.stopping.get() {
             return Hold::None;
@@ -136,6 +146,7 @@ impl Shard {
     pub async fn drain_for_upgrade(self: &Rc<Self>, drain_ms: u64) {
         if let Some(h) = self.handover.borrow_mut().as_mut() {
             h.draining = true;
+            h.drain_ends_ms = now_ms() + drain_ms;
         }
         let mut sessions = self.all_sessions();
         sessions.sort_unstable_by_key(|s| s.id());
