@@ -541,8 +541,19 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     match successor {
         // The old process tells systemd (MAINPID, READY=1) once it has this word.
         Some(s) => {
+            // Tests only: the new process is slow to say READY (past upgrade.timeout_ms).
+            #[cfg(feature = "fault-injection")]
+            if let Some(ms) = std::env::var("PRESENCED_FAULT_DELAY_READY_MS")
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+            {
+                std::thread::sleep(Duration::from_millis(ms));
+            }
             s.ready(server.doors(), upgrader.clone())
                 .map_err(|e| format!("upgrade: telling the old process: {e}"))?;
+            // The old process stops accepting as it reads READY; connections meanwhile wait in
+            // the sockets' queues.
+            server.start_accepting();
             // Tests only: the new process dies after taking over (the old one must serve again).
             #[cfg(feature = "fault-injection")]
             if let Some(ms) = std::env::var("PRESENCED_FAULT_ABORT_AFTER_READY_MS")

@@ -106,6 +106,18 @@ impl ServerHandle {
         rx.recv().expect("the shard ran the job");
     }
 
+    /// An upgrade's new process, once it has said READY: every shard starts accepting on its
+    /// share of the old process's sockets (a server started by [`start`] accepts from the
+    /// start). Sockets no shard takes (an address the new configuration dropped) are let go.
+    pub fn start_accepting(&self) {
+        self.doors().on_each(|s| s.relisten());
+        for left in self.shards.shared.sockets.take_unclaimed() {
+            tracing::warn!(role = left.role, addr = %left.addr,
+                "upgrade: the old process listened here and this configuration does not; \
+                 connections waiting there are refused when it exits");
+        }
+    }
+
     /// A handle for drivers outside the shards (the upgrade) to reach them.
     pub fn doors(&self) -> Doors {
         Doors {
@@ -289,25 +301,27 @@ pub fn start_with(
             .adopt(&records)
             .map_err(|e| format!("the old process's state: {e}"))?;
         let edge = crate::edge::Edge::new(shard.clone());
-        let mut stops: Vec<Stop> = edge.listen(&listeners)?;
-        if let Some(admin) = admin_addr {
-            stops.push(crate::admin::install(
-                shard,
-                admin,
-                admin_tls.clone(),
-                sink.clone(),
-                status.clone(),
-            )?);
+        if admin_addr.is_some() {
+            crate::admin::prepare(shard, sink.clone(), status.clone());
         }
-        // How to accept again, should an upgrade's new process die after this one stopped.
+        // The listeners: at once, or, in an upgrade's new process, once it has taken over
+        // ([`ServerHandle::start_accepting`]): until then the old process accepts, and a
+        // takeover that fails cuts nobody. Kept, to accept again should an upgrade's new
+        // process die after this one stopped.
         let (listeners, admin_tls) = (listeners.clone(), admin_tls.clone());
-        shard.keep_relisten(Box::new(move |shard: &Rc<Shard>| {
+        let listen: crate::shard::handover::Relisten = Box::new(move |shard: &Rc<Shard>| {
             let mut stops = edge.listen(&listeners)?;
             if let Some(admin) = admin_addr {
                 stops.push(crate::admin::listen(shard, admin, admin_tls.clone())?);
             }
             Ok(stops)
-        }));
+        });
+        let stops: Vec<Stop> = if takeover_mode {
+            Vec::new()
+        } else {
+            listen(shard)?
+        };
+        shard.keep_relisten(listen);
         if sink.enabled() {
             install_history(shard, sink.clone());
         }
@@ -321,11 +335,6 @@ pub fn start_with(
         }
     };
     drop(reserved);
-    for left in running.shared.sockets.take_unclaimed() {
-        tracing::warn!(role = left.role, addr = %left.addr,
-            "upgrade: the old process listened here and this configuration does not; connections \
-             waiting there are refused when it exits");
-    }
     if let Some(c) = &mut cluster {
         c.attach(running.doors(), running.shared.clone());
     }

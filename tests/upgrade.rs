@@ -37,6 +37,11 @@ impl Node {
     }
 
     fn start_env(extra_toml: &str, env: &[(&str, &str)]) -> Node {
+        Node::start_full(extra_toml, "timeout_ms = 10000", env)
+    }
+
+    /// `extra_toml` at the top level, `upgrade_toml` in `[upgrade]`.
+    fn start_full(extra_toml: &str, upgrade_toml: &str, env: &[(&str, &str)]) -> Node {
         let dir = tempfile::tempdir().unwrap();
         let (port, admin) = (free_port(), free_port());
         let config = dir.path().join("presenced.toml");
@@ -50,7 +55,7 @@ impl Node {
             .stdout(log_file("upgrade-node"))
             .stderr(log_file("upgrade-node-err"));
         // The control socket path goes in through the config: rewrite it with the path.
-        let toml = format!("{extra_toml}\n[limits]\nhandshake_rate_per_ip = 0\n[upgrade]\nsocket = \"{}\"\ntimeout_ms = 10000\n# Shorter than the load test's drain: the old process must hold its drained sessions\n# until its drain is over, not only this long (else its watchers see them go offline).\nreattach_ms = 1000\n", socket.display());
+        let toml = format!("{extra_toml}\n[limits]\nhandshake_rate_per_ip = 0\n[upgrade]\nsocket = \"{}\"\n{upgrade_toml}\n# Shorter than the load test's drain: the old process must hold its drained sessions\n# until its drain is over, not only this long (else its watchers see them go offline).\nreattach_ms = 1000\n", socket.display());
         std::fs::write(&config, toml).unwrap();
         let served = spawn_serve(&mut cmd);
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
@@ -545,4 +550,44 @@ fn a_new_process_that_dies_during_the_drain_leaves_the_old_one_serving_again() {
     );
     assert_eq!(status, 200, "{body}");
     stop_new(&node);
+}
+
+/// The new process starts its shards but is too slow to say READY: it is killed at
+/// `upgrade.timeout_ms`. It never accepted (it listens only once it has taken over), so every
+/// client that connected meanwhile was the old process's, and is still connected.
+#[cfg(feature = "fault-injection")]
+#[test]
+fn a_new_process_killed_before_ready_had_accepted_nobody() {
+    let node = Node::start_full(
+        "",
+        "timeout_ms = 1500",
+        &[("PRESENCED_FAULT_DELAY_READY_MS", "4000")],
+    );
+    let upgrade = {
+        let socket = node.socket.clone();
+        std::thread::spawn(move || {
+            presenced::ops::upgrade::request(&socket, None, Duration::from_secs(30))
+        })
+    };
+    // Connect throughout the attempt: the new process is up (its shards started) for most of it.
+    let mut clients = Vec::new();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(1400) {
+        clients.push(Client::connect(
+            node.addr,
+            &token(&format!("c{}", clients.len())),
+        ));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let why = upgrade
+        .join()
+        .unwrap()
+        .expect_err("the new process was too slow");
+    assert!(why.contains("timeout_ms"), "{why}");
+    assert!(clients.len() >= 30, "{} clients", clients.len());
+    for (i, c) in clients.iter_mut().enumerate() {
+        let pong = c.request(json!({"op": "ping"}));
+        assert_eq!(pong["type"], "pong", "client {i} is still served: {pong}");
+    }
+    assert!(alive(node.pid()));
 }

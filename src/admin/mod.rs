@@ -67,7 +67,7 @@ impl AdminLocal {
     pub fn of(shard: &Shard) -> Rc<AdminLocal> {
         shard
             .local::<AdminLocal>()
-            .expect("admin::install runs on every shard before it serves the admin port")
+            .expect("admin::prepare runs on every shard before it serves the admin port")
     }
 }
 
@@ -83,15 +83,10 @@ pub fn listen(
     })
 }
 
-/// Sets the admin port up on one shard: its state, the change-log tap, the listener and (on
-/// shard 0) the dashboard's sampler. Returns how to stop the listener.
-pub fn install(
-    shard: &Rc<Shard>,
-    addr: SocketAddr,
-    tls: Option<Arc<ServerConfig>>,
-    history: Sink,
-    cluster: Option<Arc<crate::cluster::Status>>,
-) -> Result<Stop, String> {
+/// Sets the admin port up on one shard: its state, the change-log tap and (on shard 0) the
+/// dashboard's sampler. The listener is [`listen`]'s (an upgrade's new process starts it only
+/// once it has taken over).
+pub fn prepare(shard: &Rc<Shard>, history: Sink, cluster: Option<Arc<crate::cluster::Status>>) {
     let cfg = &shard.cfg().admin;
     let local = Rc::new(AdminLocal {
         changes: RefCell::new(ChangeLog::new(cfg.change_log)),
@@ -108,11 +103,9 @@ pub fn install(
             log.changes.borrow_mut().record((*state).clone());
         }
     }));
-    let stop = listen(shard, addr, tls)?;
     if shard.ix() == 0 {
         glommio::spawn_local(sample_series(shard.clone())).detach();
     }
-    Ok(stop)
 }
 
 /// Shard 0 samples the dashboard's series every second: every shard's counters (atomics, read
