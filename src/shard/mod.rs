@@ -66,6 +66,15 @@ pub fn owner_of(id: &str, shards: usize) -> ShardIx {
     (xxhash_rust::xxh3::xxh3_64(id.as_bytes()) % shards as u64) as ShardIx
 }
 
+/// Where a shard's session counter starts: the start time in seconds × 2^15. An upgrade's new
+/// process (or a restarted one) starts above every id the old one handed out unless that one
+/// averaged more than 32,768 sessions a second per shard over its whole life, so an id read
+/// from the admin API before an upgrade does not name another session after it. Below 2^47
+/// until the year 2106 (test-only fake sessions use ids from 2^47 up).
+pub fn session_seed(now_ms: u64) -> u64 {
+    (now_ms / 1000) << 15
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -163,7 +172,7 @@ impl Shard {
             user_subs: RefCell::new(HashMap::new()),
             group_subs: RefCell::new(HashMap::new()),
             observers: RefCell::new(HashMap::new()),
-            next_session: Cell::new(0),
+            next_session: Cell::new(session_seed(now_ms())),
             subscriptions: RefCell::new(subscriptions),
             expiries: RefCell::new(BTreeSet::new()),
             stopping: Cell::new(false),
@@ -316,8 +325,8 @@ impl Shard {
 
     // --- Internals. ---
 
-    /// A new session id: unique per process, and naming the shard that serves it
-    /// ([`SessionId::shard`]).
+    /// A new session id: unique per process (and across a node's restarts and upgrades, see
+    /// [`session_seed`]), and naming the shard that serves it ([`SessionId::shard`]).
     fn next_session_id(&self) -> SessionId {
         let n = self.next_session.get() + 1;
         self.next_session.set(n);
@@ -628,5 +637,21 @@ mod tests {
             (0..200).map(|i| owner_of(&format!("u{i}"), 4)).collect();
         assert_eq!(spread.len(), 4);
         assert_eq!(owner_of("anything", 1), 0);
+    }
+}
+
+#[cfg(test)]
+mod seed_tests {
+    use super::session_seed;
+
+    #[test]
+    fn session_ids_of_a_later_process_start_above_the_earlier_ones() {
+        let t = 1_796_000_000_000;
+        // A process that ran an hour at 30,000 sessions a second per shard, then a new one.
+        let old_last = session_seed(t) + 3600 * 30_000;
+        assert!(session_seed(t + 3_600_000) > old_last);
+        // Fake sessions of the fault-injection tests start at 2^47: real ids stay below until
+        // 2106 (u32 seconds).
+        assert!(session_seed(u64::from(u32::MAX) * 1000) < 1 << 47);
     }
 }
