@@ -591,3 +591,33 @@ fn a_new_process_killed_before_ready_had_accepted_nobody() {
     }
     assert!(alive(node.pid()));
 }
+
+/// In a cluster the upgrade does not compose yet (docs/OPERATIONS.md, "Not done yet"): the new
+/// process meets its own node id live on the bus and refuses to take over. What must hold is
+/// that this fails safely: said plainly, quickly, and with the old process serving as before.
+#[test]
+fn in_a_cluster_an_upgrade_is_refused_and_the_node_serves_on() {
+    let nats = common::nats::Nats::start();
+    let node = Node::start_full(
+        &format!(
+            "[cluster]\nnats_url = [\"{}\"]\nnode_id = \"up-1\"\n",
+            nats.url()
+        ),
+        "timeout_ms = 10000",
+        &[],
+    );
+    let mut watcher = Client::connect(node.addr, &token("w"));
+    let mut alice = Client::connect(node.addr, &token("alice"));
+    watcher.subscribe(&["alice"]);
+    let started = Instant::now();
+    let (ok, said) = node.upgrade(&[]);
+    assert!(!ok, "{said}");
+    assert!(said.contains("is already used by a live node"), "{said}");
+    assert!(
+        started.elapsed() < Duration::from_secs(9),
+        "refused, not timed out: {said}"
+    );
+    assert!(alive(node.pid()));
+    alice.set_status("busy", Some("still one node"));
+    assert_eq!(watcher.presence_of("alice")["text"], "still one node");
+}
