@@ -386,8 +386,8 @@ fn an_upgrade_under_load_hands_over_presence_without_a_flap() {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    // The new process is the one to kill at the end.
-    stop_new(&node);
+    // The new process is the one to stop at the end.
+    stop_new(&said);
 }
 
 /// An admin token signed with the test secret.
@@ -397,16 +397,21 @@ fn admin_token_for(secret: &str) -> String {
     presenced::auth::mint_hs256(secret, &spec)
 }
 
-/// Stops whatever process now serves `node` (the new one after an upgrade, which has the old
-/// one's command line).
-fn stop_new(node: &Node) {
-    let _ = Command::new("pkill")
-        .args([
-            "-f",
-            "--",
-            &format!("--listen 127.0.0.1:{} ", node.addr.port()),
-        ])
-        .status();
+/// Stops the new process an upgrade started, by the pid `presenced upgrade` reported
+/// (`new process PID ready in …`), and waits for it to exit.
+fn stop_new(said: &str) {
+    let pid: i32 = said
+        .split("new process ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("a pid in {said}"));
+    // SAFETY: kill(2) with a pid and a signal number touches no memory.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let deadline = Instant::now() + WAIT;
+    while alive(pid as u32) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn write_script(dir: &Path, name: &str, body: &str) -> PathBuf {
@@ -465,7 +470,7 @@ fn a_failed_upgrade_leaves_the_old_process_serving_and_says_why() {
     let (ok, said) = node.upgrade(&[]);
     assert!(ok, "{said}");
     assert_eq!(watcher.close_code(), 1001, "drained by the old process");
-    stop_new(&node);
+    stop_new(&said);
 }
 
 #[test]
@@ -549,7 +554,8 @@ fn a_new_process_that_dies_during_the_drain_leaves_the_old_one_serving_again() {
         "GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     );
     assert_eq!(status, 200, "{body}");
-    stop_new(&node);
+    // The new processes of both upgrades aborted (the fault); the old one is stopped with
+    // `node`.
 }
 
 /// The new process starts its shards but is too slow to say READY: it is killed at
