@@ -262,6 +262,17 @@ impl Upgrader {
             })?));
         let pid = child.pid();
         tracing::info!(pid, binary = %binary.display(), "upgrade: new process started");
+        let timeout_ms = self.cfg.upgrade.timeout_ms;
+        // Between waits: the new process still runs, and the deadline has not passed.
+        let still_on = |child: &mut Guard, what: &str| {
+            child.check_alive()?;
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "the new process {what} within upgrade.timeout_ms ({timeout_ms} ms)"
+                ));
+            }
+            Ok(())
+        };
         // 1. Its connection.
         let stream = loop {
             match rx.recv_timeout(Duration::from_millis(20)) {
@@ -271,22 +282,13 @@ impl Upgrader {
                     return Err("the control socket went away".into())
                 }
             }
-            child.check_alive()?;
-            if Instant::now() >= deadline {
-                return Err(format!(
-                    "the new process did not connect within upgrade.timeout_ms ({} ms)",
-                    self.cfg.upgrade.timeout_ms
-                ));
-            }
+            still_on(&mut child, "did not connect")?;
         };
         *self.pending.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let answers = answers(stream.try_clone().map_err(|e| e.to_string())?);
         // A failed send most often means the new process gave up: its own word says why.
         let said = |what: &str, e: io::Error| match answers.recv_timeout(Duration::from_secs(2)) {
-            Ok(Ok(line)) => {
-                let why = line.strip_prefix("ERR ").unwrap_or(&line).to_owned();
-                format!("the new process refused to take over: {why}")
-            }
+            Ok(Ok(line)) => refused(&line),
             _ => format!("{what}: {e}"),
         };
         // No write may outlast the deadline (a new process that stops reading must not hang
@@ -322,23 +324,14 @@ impl Upgrader {
             forward(&drx, &mut out).map_err(|e| format!("sending changes: {e}"))?;
             match answers.recv_timeout(Duration::from_millis(10)) {
                 Ok(Ok(line)) if line == "READY" => break,
-                Ok(Ok(line)) => {
-                    let why = line.strip_prefix("ERR ").unwrap_or(&line);
-                    return Err(format!("the new process refused to take over: {why}"));
-                }
+                Ok(Ok(line)) => return Err(refused(&line)),
                 Ok(Err(e)) => return Err(format!("the new process's connection: {e}")),
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     return Err("the new process hung up".into())
                 }
             }
-            child.check_alive()?;
-            if Instant::now() >= deadline {
-                return Err(format!(
-                    "the new process was not ready within upgrade.timeout_ms ({} ms)",
-                    self.cfg.upgrade.timeout_ms
-                ));
-            }
+            still_on(&mut child, "was not ready")?;
         }
         // Ready: the service is the new process's from here on, and nothing below undoes
         // that. The new process outlives this one (systemd follows MAINPID), so it is neither
@@ -371,6 +364,12 @@ impl Upgrader {
             })?;
         Ok(format!("new process {pid} ready in {ready_ms} ms with {users} users; this one drains over {} ms", self.cfg.drain_ms))
     }
+}
+
+/// What the new process's `ERR why` line says, for `presenced upgrade`.
+fn refused(line: &str) -> String {
+    let why = line.strip_prefix("ERR ").unwrap_or(line);
+    format!("the new process refused to take over: {why}")
 }
 
 /// The new process, killed unless the upgrade succeeds.

@@ -68,6 +68,23 @@ pub fn status_name(s: Status) -> &'static str {
 }
 
 impl SessionRecord {
+    /// What the next process is told of a held session (a live one as a hold with no
+    /// deadline: [`Held::of`]).
+    pub fn of(h: &Held) -> SessionRecord {
+        SessionRecord {
+            origin: h.origin,
+            status: status_name(h.status).to_owned(),
+            text: h.text.as_deref().map(str::to_owned),
+            device: h.device.as_deref().map(str::to_owned),
+            device_type: h.device_type.as_str().to_owned(),
+            groups: h.groups.iter().map(|g| g.to_string()).collect(),
+            connected_at_ms: h.connected_at_ms,
+            ended_at_ms: h.ended_at_ms,
+            stamp: h.stamp,
+            until: h.until,
+        }
+    }
+
     /// The held session this record becomes in the new process.
     pub fn to_held(&self, user: &str) -> Result<Held, RecordError> {
         if self.stamp > MAX_COUNTER {

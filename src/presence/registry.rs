@@ -17,7 +17,7 @@ use std::sync::Arc;
 use hashbrown::HashMap;
 
 use super::contrib::{self, bucket_of, Contribution, Hlc, NodeIx};
-use super::handover::{status_name, RecordError, SessionRecord, UserRecord};
+use super::handover::{RecordError, SessionRecord, UserRecord};
 use super::state::{Aggregate, DeviceType, GroupId, PresenceState, SessionId, Status, UserId};
 use super::watchers::{ShardIx, Watchers};
 
@@ -70,6 +70,25 @@ pub struct Held {
     /// When it stops counting (ms since the epoch). `None`: the old process of an upgrade still
     /// serves it.
     pub until: Option<u64>,
+}
+
+impl Held {
+    /// `s`, held: ended at `ended_at_ms` (0 while it still runs), counted until `until`.
+    pub fn of(s: &Session, ended_at_ms: u64, until: Option<u64>) -> Held {
+        Held {
+            origin: s.id.get(),
+            from_old: false,
+            status: s.status,
+            text: s.text.clone(),
+            device: s.info.device.clone(),
+            device_type: s.info.device_type,
+            groups: s.info.groups.clone(),
+            connected_at_ms: s.info.connected_at_ms,
+            ended_at_ms,
+            stamp: s.stamp,
+            until,
+        }
+    }
 }
 
 /// A user's held sessions, and which of the old process's sessions were re-attached here (so a
@@ -488,19 +507,7 @@ impl Registry {
                     .holds
                     .get_or_insert_with(Box::default)
                     .held
-                    .push(Held {
-                        origin: id.get(),
-                        from_old: false,
-                        status: gone.status,
-                        text: gone.text,
-                        device: gone.info.device,
-                        device_type: gone.info.device_type,
-                        groups: gone.info.groups,
-                        connected_at_ms: gone.info.connected_at_ms,
-                        ended_at_ms: now_ms,
-                        stamp: gone.stamp,
-                        until: Some(until),
-                    });
+                    .push(Held::of(&gone, now_ms, Some(until)));
                 self.held += 1;
                 self.hold_deadlines.push(Reverse((until, user.clone())));
             }
@@ -509,16 +516,7 @@ impl Registry {
             r.session_interest.push((bucket_of(user, r.buckets), -1));
         }
         let user = user.clone();
-        let change = settle(
-            &user,
-            entry,
-            self.replication.as_mut(),
-            &mut self.online,
-            now_ms,
-            Cause::Local,
-        );
-        self.forget_if_empty(&user);
-        change
+        self.resettle(&user, now_ms, Cause::Local)
     }
 
     /// `set_status` from one session.
@@ -669,16 +667,7 @@ impl Registry {
             }
             self.held = self.held.saturating_sub(expired);
             entry.tidy_holds();
-            let change = settle(
-                &user,
-                entry,
-                self.replication.as_mut(),
-                &mut self.online,
-                now_ms,
-                Cause::Ended { at: ended },
-            );
-            changes.extend(change);
-            self.forget_if_empty(&user);
+            changes.extend(self.resettle(&user, now_ms, Cause::Ended { at: ended }));
         }
         changes
     }
@@ -707,16 +696,23 @@ impl Registry {
         self.held = self.held.saturating_sub(gone);
         entry.tidy_holds();
         let id = id.clone();
+        (gone, self.resettle(&id, now_ms, Cause::Local))
+    }
+
+    /// After an operation changed `user`'s entry: the view recomputed (the online index kept),
+    /// and the entry forgotten if nothing in it is worth keeping.
+    fn resettle(&mut self, user: &UserId, now_ms: u64, cause: Cause) -> Option<Change> {
+        let entry = self.users.get_mut(user)?;
         let change = settle(
-            &id,
+            user,
             entry,
             self.replication.as_mut(),
             &mut self.online,
             now_ms,
-            Cause::Local,
+            cause,
         );
-        self.forget_if_empty(&id);
-        (gone, change)
+        self.forget_if_empty(user);
+        change
     }
 
     // --- Upgrades (SPEC §11): the presence one process hands the next. ---
@@ -729,30 +725,12 @@ impl Registry {
         if e.seq == 0 && e.sessions.is_empty() && e.held().is_empty() {
             return None;
         }
-        let live = e.sessions.iter().map(|s| SessionRecord {
-            origin: s.id.get(),
-            status: status_name(s.status).to_owned(),
-            text: s.text.as_deref().map(str::to_owned),
-            device: s.info.device.as_deref().map(str::to_owned),
-            device_type: s.info.device_type.as_str().to_owned(),
-            groups: s.info.groups.iter().map(|g| g.to_string()).collect(),
-            connected_at_ms: s.info.connected_at_ms,
-            ended_at_ms: 0,
-            stamp: s.stamp,
-            until: None,
-        });
-        let held = e.held().iter().map(|h| SessionRecord {
-            origin: h.origin,
-            status: status_name(h.status).to_owned(),
-            text: h.text.as_deref().map(str::to_owned),
-            device: h.device.as_deref().map(str::to_owned),
-            device_type: h.device_type.as_str().to_owned(),
-            groups: h.groups.iter().map(|g| g.to_string()).collect(),
-            connected_at_ms: h.connected_at_ms,
-            ended_at_ms: h.ended_at_ms,
-            stamp: h.stamp,
-            until: h.until,
-        });
+        // A live session travels as a hold with no deadline yet.
+        let live = e
+            .sessions
+            .iter()
+            .map(|s| SessionRecord::of(&Held::of(s, 0, None)));
+        let held = e.held().iter().map(SessionRecord::of);
         Some(UserRecord {
             user: id.to_string(),
             seq: e.seq,

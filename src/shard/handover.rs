@@ -162,29 +162,27 @@ impl Shard {
             if !draining() {
                 return; // called off: the new process died (see `ops::upgrade`)
             }
-            if !s.closing() {
-                ShardMetrics::inc(&self.metrics.upgrade_drained);
-                s.request_close(CloseRequest {
-                    code: DRAIN_CODE,
-                    reason: DRAIN_REASON,
-                    flush_ms: self.cfg.limits.close_flush_ms,
-                });
-            }
+            self.drain_close(&s);
         }
         let deadline = start + Duration::from_millis(drain_ms + self.cfg.shutdown_deadline_ms);
         while self.session_count() > 0 && std::time::Instant::now() < deadline && draining() {
             // Sessions that were still in their handshake when the drain began.
             for s in self.all_sessions() {
-                if !s.closing() {
-                    ShardMetrics::inc(&self.metrics.upgrade_drained);
-                    s.request_close(CloseRequest {
-                        code: DRAIN_CODE,
-                        reason: DRAIN_REASON,
-                        flush_ms: self.cfg.limits.close_flush_ms,
-                    });
-                }
+                self.drain_close(&s);
             }
             glommio::timer::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Closes `s` for the drain (1001, held for the new process), unless it is closing anyway.
+    fn drain_close(&self, s: &super::Session) {
+        if !s.closing() {
+            ShardMetrics::inc(&self.metrics.upgrade_drained);
+            s.request_close(CloseRequest {
+                code: DRAIN_CODE,
+                reason: DRAIN_REASON,
+                flush_ms: self.cfg.limits.close_flush_ms,
+            });
         }
     }
 
