@@ -549,8 +549,18 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             {
                 std::thread::sleep(Duration::from_millis(ms));
             }
-            s.ready(server.doors(), upgrader.clone())
-                .map_err(|e| format!("upgrade: telling the old process: {e}"))?;
+            // The old process hands the bus over within its bridge's budget (plus a second
+            // for its answer); past twice that it is taken to be stuck.
+            let bus_wait = cfg
+                .cluster
+                .as_ref()
+                .map_or(0, |c| 2 * c.request_timeout_ms + 5_000);
+            s.ready(
+                server.doors(),
+                upgrader.clone(),
+                Duration::from_millis(bus_wait),
+            )
+            .map_err(|e| format!("upgrade: telling the old process: {e}"))?;
             // The old process stops accepting as it reads READY; connections meanwhile wait in
             // the sockets' queues.
             server.start_accepting();

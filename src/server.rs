@@ -123,6 +123,7 @@ impl ServerHandle {
         Doors {
             inboxes: self.shards.doors(),
             shared: self.shards.shared.clone(),
+            cluster: self.cluster.as_ref().map(crate::cluster::Cluster::handle),
         }
     }
 }
@@ -133,6 +134,8 @@ impl ServerHandle {
 pub struct Takeover {
     pub sockets: Vec<crate::net::Listening>,
     pub records: Vec<UserRecord>,
+    /// In a cluster: the old process's bus identity.
+    pub bus: Option<crate::cluster::handoff::Hello>,
 }
 
 /// The shards' doors, for a driver on another thread (the upgrade): cheap to clone, `Send`.
@@ -140,6 +143,7 @@ pub struct Takeover {
 pub struct Doors {
     inboxes: Vec<flume::Sender<crate::shard::mesh::MeshMsg>>,
     shared: Arc<Shared>,
+    cluster: Option<crate::cluster::Handle>,
 }
 
 impl Doors {
@@ -147,6 +151,11 @@ impl Doors {
         self.inboxes[shard]
             .send(crate::shard::mesh::MeshMsg::Invoke(job))
             .is_ok()
+    }
+
+    /// The cluster bridge, when the node is in a cluster.
+    pub fn cluster(&self) -> Option<&crate::cluster::Handle> {
+        self.cluster.as_ref()
     }
 
     /// Shards running.
@@ -208,7 +217,7 @@ pub fn start(cfg: ValidConfig, verifier: Verifier) -> Result<ServerHandle, Start
 pub fn start_with(
     cfg: ValidConfig,
     verifier: Verifier,
-    takeover: Takeover,
+    mut takeover: Takeover,
 ) -> Result<ServerHandle, StartError> {
     let shards = cfg.shard_count();
     let cpus = plan_cpus(&cfg, shards).map_err(StartError::Placement)?;
@@ -264,8 +273,27 @@ pub fn start_with(
     if let Some(cc) = &cfg.cluster {
         let scheme = if admin_tls.is_some() { "https" } else { "http" };
         let admin_url = admin_addr.map(|a| format!("{scheme}://{a}"));
-        let id = crate::cluster::Identity::new(cc, admin_url);
-        match crate::cluster::Cluster::start(cc, id, shards) {
+        // An upgrade's new process speaks for the old one's node (docs/OPERATIONS.md).
+        let inherited = takeover.bus.and_then(|hello| {
+            let id = crate::cluster::Identity::inherit(cc, admin_url.clone(), &hello);
+            if id.is_none() {
+                tracing::warn!(old = %hello.node_id, "upgrade: cluster.node_id changed; \
+                    joining as a new node (the old one leaves the cluster when it exits)");
+            }
+            id.map(|id| (id, hello))
+        });
+        let (id, inherit) = match inherited {
+            Some((id, hello)) => (id, Some(hello)),
+            None => {
+                // A node of its own: its shares are its own too, stamped and published anew
+                // (the old process's clocks belong to the old node id).
+                for rec in &mut takeover.records {
+                    rec.share = None;
+                }
+                (crate::cluster::Identity::new(cc, admin_url), None)
+            }
+        };
+        match crate::cluster::Cluster::start(cc, id, shards, inherit) {
             Ok((c, link)) => {
                 shared.cluster = Some(link);
                 cluster = Some(c);
@@ -337,6 +365,12 @@ pub fn start_with(
     drop(reserved);
     if let Some(c) = &mut cluster {
         c.attach(running.doors(), running.shared.clone());
+        // An upgrade's new process: its watchers' state from the other nodes before anyone
+        // is accepted (a no-op otherwise).
+        let wait = cfg.cluster.as_ref().map_or(0, |cc| cc.request_timeout_ms) + 500;
+        if takeover_mode && !c.wait_warm(Duration::from_millis(wait)) {
+            tracing::warn!("upgrade: the other nodes' state did not all arrive in time");
+        }
     }
     let cpus = &running.shared.cpus;
     tracing::info!(%addr, ?tls_addr, shards, ?cpus, "accepting WebSocket connections");

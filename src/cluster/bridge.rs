@@ -17,12 +17,13 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
 use super::gaps::{Gaps, Seen};
+use super::handoff::{Handoff, HandoffUser, Hello};
 use super::interest::{Follow, Interest};
 use super::members::{Heard, Members, NodeInfo};
 use super::wire::{
     ActivityMsg, Delta, Heartbeat, SnapChunk, SnapRequest, Subjects, SHARES_PER_MESSAGE,
 };
-use super::{BusState, Counters, Identity, Status};
+use super::{BusState, Control, Counters, Identity, Status};
 use crate::config::ClusterConfig;
 use crate::presence::contrib::{bucket_of, Activity, Contribution, Hlc, NodeIx};
 use crate::presence::{GroupId, Outgoing, UserId};
@@ -45,6 +46,24 @@ pub fn clock_believable(clock: u64, now_ms: u64) -> bool {
 /// `activity` events waiting for one batch; more are dropped and counted (they are ephemeral).
 pub const PENDING_ACTIVITY: usize = 10_000;
 
+/// How far an old process of an upgrade moves its stream numbers on when it publishes again
+/// after its new process died: past anything the new one can have published, so the others
+/// see a gap (and ask for a snapshot) rather than old numbers they would drop.
+pub const TAKE_BACK_JUMP: u64 = 1 << 32;
+
+/// Who speaks for the node on the bus (docs/OPERATIONS.md, "In a cluster").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    /// Publishes shares and heartbeats, and answers snapshot, id and admin requests.
+    Publishing,
+    /// An upgrade's new process before the old one hands the bus over: shares wait (newest
+    /// per user), nothing is said for the node.
+    Waiting,
+    /// An upgrade's old process after it handed the bus over: its shares are the new
+    /// process's to publish (they reach it as records), and are dropped here.
+    HandedOff,
+}
+
 type Door = flume::Sender<MeshMsg>;
 
 /// What the bridge gets once the shards run: their inboxes, and their counters.
@@ -62,6 +81,9 @@ pub struct Setup {
     pub stop: tokio::sync::oneshot::Receiver<()>,
     pub verdict: std::sync::mpsc::Sender<Result<(), String>>,
     pub asks: flume::Receiver<super::AdminAsk>,
+    pub ctl: flume::Receiver<Control>,
+    /// An upgrade's new process: the old one's bus identity.
+    pub inherit: Option<Hello>,
 }
 
 /// The thread's body.
@@ -156,6 +178,12 @@ struct Bridge {
     shared: Option<Arc<Shared>>,
     stop: tokio::sync::oneshot::Receiver<()>,
     asks: flume::Receiver<super::AdminAsk>,
+    ctl: flume::Receiver<Control>,
+    role: Role,
+    /// What an upgrade's old process knew, until the shards are attached.
+    inherit: Option<Hello>,
+    /// When to stop waiting for the snapshots the inherited nodes were asked for.
+    warm_by: Option<tokio::time::Instant>,
     tx: mpsc::Sender<Incoming>,
     rx: mpsc::Receiver<Incoming>,
     /// Shares waiting for the next batch, newest per user.
@@ -163,8 +191,10 @@ struct Bridge {
     /// The groups last published per user with groups: a user who leaves a group is published
     /// on that group's bucket once more, so its watchers hear it leave.
     published_groups: HashMap<UserId, Vec<GroupId>>,
-    /// Messages published per stream (the next one is this + 1).
+    /// Messages published per stream (the next one is this + 1); a stream not in it starts
+    /// after `numbers_base` ([`TAKE_BACK_JUMP`]).
     numbers: HashMap<Stream, u64>,
+    numbers_base: u64,
     members: Members,
     gaps: Gaps,
     /// Watched users (groups) here per user (group) bucket.
@@ -185,16 +215,21 @@ struct Bridge {
     /// Per node: a snapshot request in flight, and streams to ask for when it ends.
     asking: HashMap<String, BTreeSet<Stream>>,
     again: HashMap<String, BTreeSet<Stream>>,
-    /// Whether this node's id was checked against the live nodes (on the first connection).
+    /// Whether this node's id was checked against the live nodes (on the first connection;
+    /// an upgrade's new process inherits the id and skips it).
     id_checked: bool,
+    /// Whether the bus was ever reached (a later connection is a reconnection).
+    ever_connected: bool,
     /// A probe of the bus is in flight ([`Bridge::probe`]).
     probing: bool,
     /// The client dropped messages for us: ask for every followed stream again at the next
     /// beat.
     resync_due: bool,
     connected: bool,
-    /// Background subscriptions for the node's own subjects (heartbeats, snapshot requests,
-    /// id checks), started on the first connection.
+    /// Heartbeats, subscribed on the first connection.
+    heartbeats: Option<tokio::task::JoinHandle<()>>,
+    /// The node's own subjects (snapshot requests, id checks, admin questions), subscribed
+    /// while it publishes.
     own_subs: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -214,8 +249,13 @@ impl Bridge {
             // the client gives up after two unanswered pings.
             .ping_interval(Duration::from_millis((s.cfg.lease_ms / 2).max(100)))
             .reconnect_delay_callback(|attempt| {
-                // 100 ms doubling to 5 s: quick after a blip, gentle on a dead bus.
-                Duration::from_millis((100u64 << attempt.min(6)).min(5_000))
+                // The client counts from 1 and waits this long before every attempt, the first
+                // connection's too: at once, then 100 ms doubling to 5 s (quick after a blip,
+                // gentle on a dead bus).
+                Duration::from_millis(match attempt {
+                    0 | 1 => 0,
+                    n => (100u64 << (n - 2).min(6)).min(5_000),
+                })
             })
             .event_callback(move |e| {
                 // Never wait here: the client runs its callbacks in line. An event lost to a full
@@ -264,11 +304,21 @@ impl Bridge {
             shared: None,
             stop: s.stop,
             asks: s.asks,
+            ctl: s.ctl,
+            role: if s.inherit.is_some() {
+                Role::Waiting
+            } else {
+                Role::Publishing
+            },
+            id_checked: s.inherit.is_some(),
+            inherit: s.inherit,
+            warm_by: None,
             tx,
             rx,
             pending: HashMap::new(),
             published_groups: HashMap::new(),
             numbers: HashMap::new(),
+            numbers_base: 0,
             members: Members::new(),
             gaps: Gaps::new(),
             subs: HashMap::new(),
@@ -278,10 +328,11 @@ impl Bridge {
             fresh: BTreeSet::new(),
             asking: HashMap::new(),
             again: HashMap::new(),
-            id_checked: false,
+            ever_connected: false,
             probing: false,
             resync_due: false,
             connected: false,
+            heartbeats: None,
             own_subs: Vec::new(),
         };
         // Wait a little for the first connection, so a duplicate id is refused at start.
@@ -309,10 +360,12 @@ impl Bridge {
         Some(bridge)
     }
 
-    /// The first connection (or the first after a refusal was lifted): check the id, then
-    /// subscribe to the node's own subjects. Err: another live node holds this id.
+    /// A connection: the first checks the id, then subscribes to heartbeats and (while this
+    /// process speaks for the node) to the node's own subjects; the client renews them on
+    /// later ones. Err: another live node holds this id.
     async fn on_connected(&mut self) -> Result<(), String> {
         self.connected = true;
+        self.ever_connected = true;
         if !self.id_checked {
             let ask = self.client.request(
                 self.subjects.whois(&self.id.node_id),
@@ -337,6 +390,17 @@ impl Bridge {
                 Err(_) => tracing::warn!("cluster: node id check timed out; assuming it is free"),
             }
             self.id_checked = true;
+        }
+        if self.heartbeats.is_none() {
+            let subject = self.subjects.heartbeat();
+            let sub = self
+                .client
+                .subscribe(subject.clone())
+                .await
+                .map_err(|e| format!("cluster: cannot subscribe to {subject}: {e}"))?;
+            self.heartbeats = Some(forward(sub, self.tx.clone()));
+        }
+        if self.role == Role::Publishing && self.own_subs.is_empty() {
             self.subscribe_own().await?;
         }
         self.status
@@ -345,10 +409,9 @@ impl Bridge {
         Ok(())
     }
 
-    /// Heartbeats, snapshot requests to this node, and id checks of this node's id.
+    /// Snapshot requests to this node, id checks of this node's id, and admin questions.
     async fn subscribe_own(&mut self) -> Result<(), String> {
         for subject in [
-            self.subjects.heartbeat(),
             self.subjects.snapshot(&self.id.node_id),
             self.subjects.whois(&self.id.node_id),
             self.subjects.admin(&self.id.node_id),
@@ -361,6 +424,315 @@ impl Bridge {
             self.own_subs.push(forward(sub, self.tx.clone()));
         }
         Ok(())
+    }
+
+    // --- Upgrades (docs/OPERATIONS.md, "In a cluster"). ---
+
+    /// An upgrade's new process, once its shards run: follow what the old process followed
+    /// (kept for `hold_ms` without a watcher, for its watchers to come back), and ask the nodes
+    /// it knew for their state now rather than at their next heartbeat.
+    fn seed(&mut self, hello: Hello) {
+        let now = now_ms();
+        let until = now.saturating_add(hello.hold_ms);
+        let buckets = self.cfg.buckets;
+        for b in hello.follows.into_iter().filter(|b| *b < buckets) {
+            if let Follow::Start(b) = self.users.add(b, 1, now) {
+                self.follow(Stream::User(b));
+            }
+            self.users.add(b, -1, until);
+        }
+        for b in hello.follows_groups.into_iter().filter(|b| *b < buckets) {
+            if let Follow::Start(b) = self.groups.add(b, 1, now) {
+                self.follow(Stream::Group(b));
+            }
+            self.groups.add(b, -1, until);
+        }
+        for (node, inc) in hello.members {
+            if node != self.id.node_id {
+                self.heard(&node, inc, None);
+            }
+        }
+        // `heard` asked each of them for every followed stream.
+        self.fresh.clear();
+        self.status.set_nodes(self.members.live());
+        let wait = Duration::from_millis(self.cfg.request_timeout_ms);
+        self.warm_by = Some(tokio::time::Instant::now() + wait);
+    }
+
+    /// Warm once the snapshots asked for at [`Bridge::seed`] are in (or their time is up).
+    fn check_warm(&mut self) {
+        let Some(by) = self.warm_by else { return };
+        let answered = self.asking.is_empty() && self.again.is_empty();
+        if answered || tokio::time::Instant::now() >= by {
+            self.warm_by = None;
+            self.status.set_warm();
+        }
+    }
+
+    async fn control(&mut self, c: Control) {
+        match c {
+            Control::Hello(reply) => {
+                let _ = reply.send(self.hello());
+            }
+            Control::HandOff {
+                unpublished,
+                budget,
+                reply,
+            } => {
+                let handoff = self.hand_off(unpublished, budget).await;
+                let _ = reply.send(handoff);
+            }
+            Control::TakeOver(handoff) => self.take_over(handoff).await,
+            Control::TakeBack { fresh } => self.take_back(fresh).await,
+        }
+    }
+
+    fn hello(&self) -> Hello {
+        Hello {
+            node_id: self.id.node_id.clone(),
+            incarnation: self.id.incarnation,
+            clock: self.hlc.tick(now_ms()),
+            follows: self.users.followed(),
+            follows_groups: self.groups.followed(),
+            members: (self.members.live().into_iter())
+                .map(|p| (p.id, p.incarnation))
+                .collect(),
+            hold_ms: 0,
+        }
+    }
+
+    /// The old process: publishes what waits (within `budget`), stops speaking for the node,
+    /// and says what the new process needs to speak after it.
+    async fn hand_off(&mut self, mut unpublished: Vec<String>, budget: Duration) -> Handoff {
+        let deadline = tokio::time::Instant::now() + budget;
+        while let Ok(out) = self.from_shards.try_recv() {
+            self.take(out);
+        }
+        let waiting: Vec<String> = self.pending.keys().map(|u| u.to_string()).collect();
+        let published = tokio::time::timeout_at(deadline, self.flush())
+            .await
+            .is_ok()
+            && self.connected
+            && tokio::time::timeout_at(deadline, self.round_trip())
+                .await
+                .is_ok_and(|ok| ok);
+        if !published {
+            // Cut short, or not known to have reached the server: the new process publishes
+            // them again (with the same clocks: a node that has them ignores them).
+            unpublished.extend(waiting);
+        }
+        self.role = Role::HandedOff;
+        for t in self.own_subs.drain(..) {
+            t.abort();
+        }
+        let mut users: HashMap<String, HandoffUser> = HashMap::new();
+        for (user, groups) in &self.published_groups {
+            users.insert(
+                user.to_string(),
+                HandoffUser {
+                    user: user.to_string(),
+                    groups: groups.iter().map(|g| g.to_string()).collect(),
+                    unpublished: false,
+                },
+            );
+        }
+        // Still waiting for the bus (it is down), or held back in a shard's backlog.
+        let held: Vec<String> = self.pending.drain().map(|(u, _)| u.to_string()).collect();
+        for user in held.into_iter().chain(unpublished) {
+            users
+                .entry(user.clone())
+                .or_insert_with(|| HandoffUser {
+                    user,
+                    ..HandoffUser::default()
+                })
+                .unpublished = true;
+        }
+        let numbers = |user: bool| -> Vec<(u32, u64)> {
+            (self.numbers.iter())
+                .filter(|(s, _)| matches!(s, Stream::User(_)) == user)
+                .map(|(s, n)| (s.bucket(), *n))
+                .collect()
+        };
+        let handoff = Handoff {
+            clock: self.hlc.tick(now_ms()),
+            numbers: numbers(true),
+            group_numbers: numbers(false),
+            numbers_base: self.numbers_base,
+            users: users.into_values().collect(),
+        };
+        tracing::info!(
+            streams = handoff.numbers.len() + handoff.group_numbers.len(),
+            "cluster: handed the bus over to the new process"
+        );
+        handoff
+    }
+
+    /// Everything this connection published has reached the NATS server: it answers a request
+    /// only after it has read what came before it on the connection (`Client::flush` only
+    /// writes the socket). The request is one nobody serves, as [`Bridge::probe`]'s.
+    async fn round_trip(&self) -> bool {
+        if self.client.flush().await.is_err() {
+            return false;
+        }
+        let ask = self
+            .client
+            .request(self.subjects.probe(&self.id.node_id), Bytes::new());
+        match ask.await {
+            Ok(_) => true,
+            Err(e) => e.kind() == async_nats::RequestErrorKind::NoResponders,
+        }
+    }
+
+    /// The new process: speaks for the node from here on, numbering on from the old one.
+    /// `None` (the old one could not hand over): a new incarnation, as after a restart.
+    async fn take_over(&mut self, handoff: Option<Handoff>) {
+        if self.role != Role::Waiting {
+            return;
+        }
+        match handoff {
+            Some(h) => {
+                self.hlc.observe(h.clock);
+                let streams = (h.numbers.into_iter().map(|(b, n)| (Stream::User(b), n))).chain(
+                    h.group_numbers
+                        .into_iter()
+                        .map(|(b, n)| (Stream::Group(b), n)),
+                );
+                self.numbers_base = self.numbers_base.max(h.numbers_base);
+                let base = self.numbers_base;
+                for (stream, n) in streams.filter(|(s, _)| s.bucket() < self.cfg.buckets) {
+                    let mine = self.numbers.entry(stream).or_insert(base);
+                    *mine = (*mine).max(n);
+                }
+                // Shares this process stamped before it heard the old one's clock may sort
+                // before one the old process published since: stamped anew, after it.
+                let stale: Vec<UserId> = (self.pending.iter())
+                    .filter(|(_, c)| c.clock <= h.clock)
+                    .map(|(u, _)| u.clone())
+                    .collect();
+                for u in &stale {
+                    self.pending.remove(u);
+                }
+                if !stale.is_empty() {
+                    self.on_owners(stale, |s, users| s.restamp_shares(Some(users)));
+                }
+                let mut unpublished: Vec<UserId> = Vec::new();
+                for u in h.users {
+                    let user = UserId::from(u.user.as_str());
+                    if !u.groups.is_empty() {
+                        let mut groups: Vec<GroupId> =
+                            u.groups.iter().map(|g| GroupId::from(g.as_str())).collect();
+                        groups.sort_unstable();
+                        self.published_groups.entry(user.clone()).or_insert(groups);
+                    }
+                    if u.unpublished {
+                        unpublished.push(user);
+                    }
+                }
+                if !unpublished.is_empty() {
+                    self.on_owners(unpublished, |s, users| s.republish_shares(&users));
+                }
+                tracing::info!("cluster: took the bus over from the old process");
+            }
+            None => {
+                // No id check: the old process may still answer for the id (its bridge is
+                // stuck), and a refusal would keep this node off the bus for good.
+                self.new_incarnation();
+                tracing::warn!(
+                    node = %self.id.node_id,
+                    "cluster: the old process could not hand the bus over; joining as a new \
+                     incarnation (the other nodes resync this node's presence)"
+                );
+            }
+        }
+        self.role = Role::Publishing;
+        if self.connected {
+            if let Err(why) = self.on_connected().await {
+                tracing::error!("{why}");
+                self.connected = false;
+                return;
+            }
+            self.heartbeat().await;
+        }
+    }
+
+    /// A new incarnation of this node: the others drop what they held of the old one and
+    /// resync from this one (as after a restart).
+    fn new_incarnation(&mut self) {
+        let inc = super::fresh_incarnation().max(self.id.incarnation + 1);
+        self.id.incarnation = inc;
+        self.status.set_incarnation(inc);
+    }
+
+    /// The old process again (its new process died after taking over): speaks for the node
+    /// once more.
+    /// - `fresh` (the new process joined as a new incarnation): so does this one.
+    /// - Otherwise the new process may have published past this one's numbers and clocks, and
+    ///   for users only it had. Every share here is stamped anew, every stream jumps
+    ///   [`TAKE_BACK_JUMP`] ahead, and every bucket gets an empty delta at its new number: each
+    ///   node following it sees a gap and asks for a snapshot, which puts out the users only
+    ///   the dead process had.
+    async fn take_back(&mut self, fresh: bool) {
+        if self.role != Role::HandedOff {
+            return;
+        }
+        self.role = Role::Publishing;
+        if fresh {
+            self.new_incarnation();
+        } else {
+            on_every_shard(&self.doors, |s: &std::rc::Rc<Shard>| s.restamp_shares(None));
+            for n in self.numbers.values_mut() {
+                *n += TAKE_BACK_JUMP;
+            }
+            self.numbers_base += TAKE_BACK_JUMP;
+            if self.connected {
+                for b in 0..self.cfg.buckets {
+                    for stream in [Stream::User(b), Stream::Group(b)] {
+                        let n = self.numbers.entry(stream).or_insert(self.numbers_base);
+                        *n += 1;
+                        let delta = Delta {
+                            node: self.id.node_id.clone(),
+                            inc: self.id.incarnation,
+                            bucket: b,
+                            n: *n,
+                            shares: Vec::new(),
+                        };
+                        let body = serde_json::to_vec(&delta).unwrap_or_default();
+                        Counters::add(&self.status.counters.messages_out, 1);
+                        Counters::add(&self.status.counters.bytes_out, body.len() as u64);
+                        self.send(stream.subject(&self.subjects), body).await;
+                    }
+                }
+            }
+        }
+        if self.connected {
+            if let Err(why) = self.subscribe_own().await {
+                tracing::error!("{why}");
+            }
+            self.heartbeat().await;
+        }
+        tracing::warn!(
+            fresh,
+            "cluster: speaking for this node again (the upgrade's new process died)"
+        );
+    }
+
+    /// Runs `f` on the owner shard of each of `users`, with its share of them.
+    fn on_owners(
+        &self,
+        users: Vec<UserId>,
+        f: impl Fn(&std::rc::Rc<Shard>, Vec<UserId>) + Send + Clone + 'static,
+    ) {
+        let mut per_shard: Vec<Vec<UserId>> = vec![Vec::new(); self.shards];
+        for user in users {
+            per_shard[usize::from(owner_of(&user, self.shards))].push(user);
+        }
+        for (shard, users) in per_shard.into_iter().enumerate() {
+            if !users.is_empty() {
+                let f = f.clone();
+                let job = move |s: &std::rc::Rc<Shard>| f(s, users);
+                let _ = self.doors[shard].send(MeshMsg::Invoke(Box::new(job)));
+            }
+        }
     }
 
     fn heartbeat_body(&self) -> Vec<u8> {
@@ -399,6 +771,10 @@ impl Bridge {
                 _ => return, // the server stopped before its shards started
             }
         }
+        match self.inherit.take() {
+            Some(hello) => self.seed(hello),
+            None => self.status.set_warm(),
+        }
         let beat_every = Duration::from_millis((self.cfg.lease_ms / 3).max(1));
         let mut beat = tokio::time::interval(beat_every);
         beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -410,6 +786,7 @@ impl Bridge {
         let mut due: Option<tokio::time::Instant> = None;
         let mut last_batch = tokio::time::Instant::now() - batch_wait;
         loop {
+            self.check_warm();
             if due.is_none() && self.waiting() {
                 due = Some((last_batch + batch_wait).max(tokio::time::Instant::now()));
             }
@@ -429,6 +806,8 @@ impl Bridge {
                 },
                                 Some(msg) = self.rx.recv() => self.on_incoming(msg).await,
                 Ok(ask) = self.asks.recv_async() => self.scatter(ask),
+                Ok(c) = self.ctl.recv_async() => self.control(c).await,
+                _ = sleep_until_some(self.warm_by), if self.warm_by.is_some() => self.check_warm(),
                                                 _ = batch, if due.is_some() => {
                     due = None;
                     last_batch = tokio::time::Instant::now();
@@ -448,7 +827,8 @@ impl Bridge {
         let tasks = (self.subs.drain().map(|(_, t)| t))
             .chain(self.activity_subs.drain().map(|(_, t)| t))
             .chain(self.directed_subs.drain().map(|(_, t)| t))
-            .chain(self.own_subs.drain(..));
+            .chain(self.own_subs.drain(..))
+            .chain(self.heartbeats.take());
         for t in tasks {
             t.abort();
         }
@@ -481,6 +861,9 @@ impl Bridge {
             } else {
                 Counters::add(&self.status.counters.activity_dropped, 1);
             }
+        }
+        if self.role == Role::HandedOff {
+            return; // the new process publishes them (they reach it as records)
         }
         for (user, share) in out.shares {
             match self.pending.get_mut(&user) {
@@ -516,10 +899,8 @@ impl Bridge {
     /// streams waiting, and a bus to send them on (while it is down, shares wait for the
     /// reconnection, which arms the next batch).
     fn waiting(&self) -> bool {
-        self.connected
-            && !(self.pending.is_empty()
-                && self.pending_activity.is_empty()
-                && self.fresh.is_empty())
+        let shares = self.role == Role::Publishing && !self.pending.is_empty();
+        self.connected && (shares || !self.pending_activity.is_empty() || !self.fresh.is_empty())
     }
 
     /// A task forwarding `subject`'s messages to the loop (aborting it unsubscribes).
@@ -585,7 +966,7 @@ impl Bridge {
                 self.ask_snapshot(&peer.id, peer.ix, fresh.iter().copied());
             }
         }
-        if self.pending.is_empty() {
+        if self.pending.is_empty() || self.role != Role::Publishing {
             return;
         }
         let buckets = self.cfg.buckets;
@@ -613,7 +994,7 @@ impl Bridge {
         }
         for (stream, shares) in streams {
             for chunk in shares.chunks(SHARES_PER_MESSAGE) {
-                let n = self.numbers.entry(stream).or_default();
+                let n = self.numbers.entry(stream).or_insert(self.numbers_base);
                 *n += 1;
                 let delta = Delta {
                     node: self.id.node_id.clone(),
@@ -652,10 +1033,7 @@ impl Bridge {
             }
         }
         if self.connected {
-            let body = self.heartbeat_body();
-            Counters::add(&self.status.counters.messages_out, 1);
-            Counters::add(&self.status.counters.bytes_out, body.len() as u64);
-            self.send(self.subjects.heartbeat(), body).await;
+            self.heartbeat().await;
             self.probe();
         }
         for peer in self.members.expire(now, self.cfg.lease_ms) {
@@ -702,6 +1080,17 @@ impl Bridge {
             }
         }
         self.status.set_nodes(self.members.live());
+    }
+
+    /// Says this node is alive (while this process speaks for it).
+    async fn heartbeat(&mut self) {
+        if self.role != Role::Publishing {
+            return;
+        }
+        let body = self.heartbeat_body();
+        Counters::add(&self.status.counters.messages_out, 1);
+        Counters::add(&self.status.counters.bytes_out, body.len() as u64);
+        self.send(self.subjects.heartbeat(), body).await;
     }
 
     /// Publishes, waiting at most `request_timeout_ms` for the client to take the message: a
@@ -783,6 +1172,8 @@ impl Bridge {
                     self.on_activity(&m.payload);
                 } else if m.subject.as_str() == self.subjects.heartbeat() {
                     self.on_heartbeat(&m.payload);
+                } else if self.role != Role::Publishing {
+                    // Late requests to the node's own subjects: the other process answers.
                 } else if m.subject.as_str() == self.subjects.snapshot(&self.id.node_id) {
                     self.serve_snapshot(m);
                 } else if m.subject.as_str() == self.subjects.admin(&self.id.node_id) {
@@ -816,7 +1207,7 @@ impl Bridge {
                 if self.connected {
                     return; // the first connection, already handled in `connect`
                 }
-                let again = self.id_checked;
+                let again = self.ever_connected;
                 if let Err(why) = self.on_connected().await {
                     tracing::error!("{why}");
                     self.connected = false;
@@ -896,6 +1287,7 @@ impl Bridge {
     /// Another process speaks with this node's id (both started while the bus was split, so
     /// neither was refused): said loudly, counted; the operator must rename one.
     fn duplicate(&self, inc: u64) {
+        // The same incarnation is this node's other process in an upgrade.
         if inc != self.id.incarnation {
             Counters::add(&self.status.counters.duplicate_ids, 1);
             tracing::error!(node = %self.id.node_id, "cluster: another live process uses this \
@@ -1239,7 +1631,10 @@ impl Bridge {
             asked
                 .iter()
                 .filter(|b| **b < buckets)
-                .map(|b| (*b, self.numbers.get(&stream(*b)).copied().unwrap_or(0)))
+                .map(|b| {
+                    let n = self.numbers.get(&stream(*b)).copied();
+                    (*b, n.unwrap_or(self.numbers_base))
+                })
                 .collect()
         };
         let covered = covered_of(Stream::User, &req.buckets);
@@ -1302,6 +1697,14 @@ impl Bridge {
                 }
             }
         });
+    }
+}
+
+/// Sleeps until `at` (for ever when `None`; the branch is off then anyway).
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -14,6 +14,7 @@
 
 pub mod bridge;
 pub mod gaps;
+pub mod handoff;
 pub mod interest;
 pub mod members;
 pub mod wire;
@@ -156,7 +157,11 @@ pub struct AdminAsk {
 #[derive(Debug)]
 pub struct Status {
     pub node_id: String,
-    pub incarnation: u64,
+    /// Changes only when an upgrade's new process cannot take the old one's over.
+    incarnation: AtomicU64,
+    /// In an upgrade's new process: it has heard from the nodes the old one knew (or gave up
+    /// waiting), so its watchers' state is here before it accepts anyone.
+    warm: std::sync::atomic::AtomicBool,
     bus: AtomicU8,
     why: Mutex<String>,
     nodes: Mutex<Vec<Peer>>,
@@ -177,7 +182,8 @@ impl Status {
             asks,
             local_admin: std::sync::OnceLock::new(),
             node_id,
-            incarnation,
+            incarnation: AtomicU64::new(incarnation),
+            warm: std::sync::atomic::AtomicBool::new(false),
             bus: AtomicU8::new(BusState::Connecting as u8),
             why: Mutex::new("connecting to NATS".into()),
             nodes: Mutex::new(Vec::new()),
@@ -188,6 +194,22 @@ impl Status {
                     .expect("constant bounds are valid"),
             ),
         }
+    }
+
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation.load(Ordering::Acquire)
+    }
+
+    fn set_incarnation(&self, inc: u64) {
+        self.incarnation.store(inc, Ordering::Release);
+    }
+
+    pub fn warm(&self) -> bool {
+        self.warm.load(Ordering::Acquire)
+    }
+
+    fn set_warm(&self) {
+        self.warm.store(true, Ordering::Release);
     }
 
     pub fn bus(&self) -> BusState {
@@ -285,15 +307,36 @@ impl Identity {
     /// start time in microseconds, so a restarted node's is larger.
     pub fn new(cfg: &ClusterConfig, admin_url: Option<String>) -> Identity {
         let node_id = cfg.node_id.clone().unwrap_or_else(default_node_id);
-        let incarnation = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_micros() as u64);
         Identity {
             node_id,
-            incarnation,
+            incarnation: fresh_incarnation(),
             admin_url,
         }
     }
+
+    /// An upgrade's new process: the old process's id and incarnation (`hello`), unless this
+    /// configuration names the node otherwise (then it joins as a node of its own).
+    pub fn inherit(
+        cfg: &ClusterConfig,
+        admin_url: Option<String>,
+        hello: &handoff::Hello,
+    ) -> Option<Identity> {
+        if cfg.node_id.as_ref().is_some_and(|id| *id != hello.node_id) {
+            return None;
+        }
+        Some(Identity {
+            node_id: hello.node_id.clone(),
+            incarnation: hello.incarnation,
+            admin_url,
+        })
+    }
+}
+
+/// Now in microseconds since the epoch.
+fn fresh_incarnation() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_micros() as u64)
 }
 
 /// The host name (only the characters a subject token allows) and 6 random hex digits.
@@ -317,9 +360,69 @@ fn default_node_id() -> String {
     format!("{host}-{:06x}", rand::random::<u32>() & 0xff_ffff)
 }
 
+/// What the upgrade asks of the bridge ([`Handle`]).
+pub enum Control {
+    /// The old process, before it sends its state: the node's bus identity.
+    Hello(flume::Sender<handoff::Hello>),
+    /// The old process, once the new one is ready: publish what waits, stop publishing, and
+    /// answer with the clock and stream numbers. `unpublished`: users whose last share the
+    /// shards still held back (their backlog).
+    HandOff {
+        unpublished: Vec<String>,
+        budget: Duration,
+        reply: flume::Sender<handoff::Handoff>,
+    },
+    /// The new process: publish from here on, after the old one (`None`: it could not hand
+    /// over; join as a new incarnation).
+    TakeOver(Option<handoff::Handoff>),
+    /// The old process again: the new one died after it took over. `fresh`: the new one was
+    /// not handed the bus (it joined as a new incarnation), so neither is this one's any more.
+    TakeBack { fresh: bool },
+}
+
+/// The bridge as the upgrade reaches it, from any thread.
+#[derive(Clone)]
+pub struct Handle {
+    ctl: flume::Sender<Control>,
+    pub status: Arc<Status>,
+}
+
+impl Handle {
+    /// The node's bus identity, within `wait`.
+    pub fn hello(&self, wait: Duration) -> Option<handoff::Hello> {
+        let (tx, rx) = flume::bounded(1);
+        self.ctl.send(Control::Hello(tx)).ok()?;
+        rx.recv_timeout(wait).ok()
+    }
+
+    /// Stops this process publishing and returns what the new one needs to go on. The bridge
+    /// takes at most `wait` (what it could not publish by then is the new process's to); `None`:
+    /// it did not answer in `wait` and a second (the new process joins as a new incarnation).
+    pub fn hand_off(&self, unpublished: Vec<String>, wait: Duration) -> Option<handoff::Handoff> {
+        let (tx, rx) = flume::bounded(1);
+        self.ctl
+            .send(Control::HandOff {
+                unpublished,
+                budget: wait,
+                reply: tx,
+            })
+            .ok()?;
+        rx.recv_timeout(wait + Duration::from_secs(1)).ok()
+    }
+
+    pub fn take_over(&self, handoff: Option<handoff::Handoff>) {
+        let _ = self.ctl.send(Control::TakeOver(handoff));
+    }
+
+    pub fn take_back(&self, fresh: bool) {
+        let _ = self.ctl.send(Control::TakeBack { fresh });
+    }
+}
+
 /// A running bridge.
 pub struct Cluster {
     pub status: Arc<Status>,
+    ctl: flume::Sender<Control>,
     doors: Option<std::sync::mpsc::Sender<bridge::Attach>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
@@ -330,12 +433,20 @@ impl Cluster {
     /// the bus. Reachable: this node's id is checked first, and a live holder of it is an
     /// error. Unreachable: it returns anyway, serving locally, and the client keeps trying
     /// (the check runs on the first connection). Returns the link the shards are built with.
+    ///
+    /// `inherit`: an upgrade's new process, taking over the old one's identity (`id` is
+    /// then the old one's): no id check, and nothing published until [`Handle::take_over`].
     pub fn start(
         cfg: &ClusterConfig,
         id: Identity,
         shards: usize,
+        inherit: Option<handoff::Hello>,
     ) -> Result<(Cluster, ClusterLink), String> {
         let hlc = Arc::new(Hlc::new());
+        if let Some(h) = &inherit {
+            hlc.observe(h.clock);
+        }
+        let (ctl_tx, ctl_rx) = flume::unbounded();
         let (tx, rx) = flume::bounded(cfg.queue_capacity);
         let (asks_tx, asks_rx) = flume::bounded(64);
         let status = Arc::new(Status::new(id.node_id.clone(), id.incarnation, asks_tx));
@@ -353,6 +464,8 @@ impl Cluster {
             stop: stop_rx,
             verdict: verdict_tx,
             asks: asks_rx,
+            ctl: ctl_rx,
+            inherit,
         };
         let thread = std::thread::Builder::new()
             .name("cluster-bridge".into())
@@ -364,6 +477,7 @@ impl Cluster {
             .unwrap_or_else(|_| Err("the cluster bridge did not start".into()));
         let mut cluster = Cluster {
             status,
+            ctl: ctl_tx,
             doors: Some(doors_tx),
             stop: Some(stop_tx),
             thread: Some(thread),
@@ -378,6 +492,27 @@ impl Cluster {
             tx,
         };
         Ok((cluster, link))
+    }
+
+    /// How the upgrade reaches the bridge.
+    pub fn handle(&self) -> Handle {
+        Handle {
+            ctl: self.ctl.clone(),
+            status: self.status.clone(),
+        }
+    }
+
+    /// Waits (at most `wait`) until the bridge has heard from the nodes an upgrade's old
+    /// process knew ([`Status::warm`]).
+    pub fn wait_warm(&self, wait: Duration) -> bool {
+        let deadline = std::time::Instant::now() + wait;
+        while !self.status.warm() {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
     }
 
     /// Hands the bridge the shards' inboxes (and counters) once they run; it starts feeding

@@ -4,13 +4,21 @@
 //! ```text
 //! header  = magic "PRSNCHO\0" (8 bytes) | version u16 LE | reserved u16 (0)
 //! frame   = kind u8 | length u32 LE | payload (length bytes, postcard)
-//! stream  = header, Records*, End, then Delta* and at most one Released, then Drained or EOF
+//! stream  = header, Hello?, Records*, End,
+//!           then Delta*, at most one (BusUsers* Bus), at most one Released, then Drained or EOF
 //! ```
 //!
+//! - `Hello` (6), in a cluster: the node's bus identity ([`Hello`]): id, incarnation, clock,
+//!   followed buckets, known nodes.
 //! - `Records` (1): a batch of [`UserRecord`]s, the state at the hand-over.
-//! - `End` (2): how many users the batches held, and the CRC-32 of their payloads. The new
-//!   process refuses the state unless both match.
+//! - `End` (2): how many users the batches held, and the CRC-32 of the `Hello` and `Records`
+//!   payloads. The new process refuses the state unless both match.
 //! - `Delta` (3): one user's record, changed after the hand-over.
+//! - `BusUsers` (8) and `Bus` (7), in a cluster, after `READY`: the old process stopped
+//!   publishing; per user the groups it was last published in and whether its last share is
+//!   still unpublished, in batches, then the clock and stream numbers ([`Handoff`]); or nothing
+//!   (`Bus` with no value: the old process's bus link did not answer, and the new process
+//!   joins as a new incarnation).
 //! - `Released` (4): the old process let go of the control socket's path.
 //! - `Drained` (5): the old process closed its last session.
 //!
@@ -19,12 +27,17 @@
 
 use std::io::{self, Read, Write};
 
+use crate::cluster::handoff::{Handoff, HandoffUser, Hello};
 use crate::presence::handover::{RecordError, UserRecord};
 
 pub const MAGIC: [u8; 8] = *b"PRSNCHO\0";
 /// Bumped whenever a record's fields change: a new process refuses a version it does not
-/// know, and the old one goes on serving.
-pub const VERSION: u16 = 1;
+/// know, and the old one goes on serving. Written: this one; read: this one and
+/// [`OLDEST_READ`] on (an upgrade from the release before).
+pub const VERSION: u16 = 2;
+/// Format 1: records without the node's share (the release before upgrades kept a cluster
+/// node's bus identity).
+pub const OLDEST_READ: u16 = 1;
 /// Largest single frame.
 pub const MAX_FRAME: u32 = 16 << 20;
 /// Users per `Records` frame the writer aims for.
@@ -35,13 +48,18 @@ const END: u8 = 2;
 const DELTA: u8 = 3;
 const RELEASED: u8 = 4;
 const DRAINED: u8 = 5;
+const HELLO: u8 = 6;
+const BUS: u8 = 7;
+const BUS_USERS: u8 = 8;
+/// Users per `BusUsers` frame.
+const USERS_BATCH: usize = 4096;
 
 /// Why a hand-over stream was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum FormatError {
     #[error("not a presenced hand-over (bad magic)")]
     Magic,
-    #[error("hand-over format version {0}, this build reads {VERSION}: upgrade through a release that reads both")]
+    #[error("hand-over format version {0}, this build reads {OLDEST_READ} to {VERSION}: upgrade through a release that reads both")]
     Version(u16),
     #[error("the state exceeds upgrade.max_state_bytes ({limit} bytes)")]
     TooLarge { limit: u64 },
@@ -65,8 +83,62 @@ pub enum FormatError {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Frame {
     Delta(UserRecord),
+    /// Users the bus hand-over names (part of the coming `Bus`).
+    BusUsers(Vec<HandoffUser>),
+    /// The old process's bus identity after it stopped publishing (`users` empty: they came
+    /// in `BusUsers`); `None`: it could not hand it over.
+    Bus(Option<Handoff>),
     Released,
     Drained,
+}
+
+/// The state at the hand-over: the users, and in a cluster the node's bus identity.
+#[derive(Debug, Default)]
+pub struct State {
+    pub records: Vec<UserRecord>,
+    pub hello: Option<Hello>,
+    /// The stream's format version (the frames after the state are read by it).
+    pub version: u16,
+}
+
+/// A record of format 1: no `share`.
+#[derive(serde::Deserialize)]
+struct UserRecordV1 {
+    user: String,
+    seq: u64,
+    last_seen: Option<u64>,
+    changed_at_ms: u64,
+    sessions: Vec<crate::presence::handover::SessionRecord>,
+}
+
+impl From<UserRecordV1> for UserRecord {
+    fn from(r: UserRecordV1) -> UserRecord {
+        UserRecord {
+            user: r.user,
+            seq: r.seq,
+            last_seen: r.last_seen,
+            changed_at_ms: r.changed_at_ms,
+            sessions: r.sessions,
+            share: None,
+        }
+    }
+}
+
+fn decode_records(payload: &[u8], version: u16) -> Result<Vec<UserRecord>, FormatError> {
+    match version {
+        1 => Ok(decode::<Vec<UserRecordV1>>(payload)?
+            .into_iter()
+            .map(UserRecord::from)
+            .collect()),
+        _ => decode(payload),
+    }
+}
+
+fn decode_record(payload: &[u8], version: u16) -> Result<UserRecord, FormatError> {
+    match version {
+        1 => Ok(decode::<UserRecordV1>(payload)?.into()),
+        _ => decode(payload),
+    }
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -91,13 +163,23 @@ fn write_frame(w: &mut impl Write, kind: u8, payload: &[u8]) -> io::Result<()> {
     w.write_all(payload)
 }
 
-/// Writes the header and the whole state (in batches of [`BATCH`] users), then `End`.
-pub fn write_state(w: &mut impl Write, records: &[UserRecord]) -> io::Result<()> {
+/// Writes the header, the bus identity (in a cluster) and the whole state (in batches of
+/// [`BATCH`] users), then `End`.
+pub fn write_state(
+    w: &mut impl Write,
+    records: &[UserRecord],
+    hello: Option<&Hello>,
+) -> io::Result<()> {
     let mut head = [0u8; 12];
     head[..8].copy_from_slice(&MAGIC);
     head[8..10].copy_from_slice(&VERSION.to_le_bytes());
     w.write_all(&head)?;
     let mut crc = crc32fast::Hasher::new();
+    if let Some(hello) = hello {
+        let payload = encode(hello)?;
+        crc.update(&payload);
+        write_frame(w, HELLO, &payload)?;
+    }
     for batch in records.chunks(BATCH) {
         let payload = encode(&batch)?;
         crc.update(&payload);
@@ -112,6 +194,33 @@ pub fn write_state(w: &mut impl Write, records: &[UserRecord]) -> io::Result<()>
 
 pub fn write_delta(w: &mut impl Write, rec: &UserRecord) -> io::Result<()> {
     write_frame(w, DELTA, &encode(rec)?)
+}
+
+/// Writes the bus identity handed over after `READY` (`None`: none could be).
+pub fn write_handoff(w: &mut impl Write, handoff: Option<&Handoff>) -> io::Result<()> {
+    let Some(h) = handoff else {
+        return write_frame(w, BUS, &encode(&None::<Handoff>)?);
+    };
+    for batch in h.users.chunks(USERS_BATCH) {
+        write_users(w, batch)?;
+    }
+    let head = Handoff {
+        users: Vec::new(),
+        ..h.clone()
+    };
+    write_frame(w, BUS, &encode(&Some(head))?)
+}
+
+/// One `BusUsers` frame, or halves of it until each fits [`MAX_FRAME`] (a user's groups come
+/// from its token: a batch has no fixed size). Nothing is written for a batch that cannot fit.
+fn write_users(w: &mut impl Write, batch: &[HandoffUser]) -> io::Result<()> {
+    let payload = encode(&batch)?;
+    if payload.len() <= MAX_FRAME as usize || batch.len() < 2 {
+        return write_frame(w, BUS_USERS, &payload);
+    }
+    let (a, b) = batch.split_at(batch.len() / 2);
+    write_users(w, a)?;
+    write_users(w, b)
 }
 
 pub fn write_released(w: &mut impl Write) -> io::Result<()> {
@@ -156,26 +265,30 @@ fn decode<'a, T: serde::Deserialize<'a>>(payload: &'a [u8]) -> Result<T, FormatE
 
 /// Reads the header and the state up to its `End`, refusing anything malformed, over `limit`
 /// bytes in all, or not matching its checksum and count. Every record is checked.
-pub fn read_state(r: &mut impl Read, limit: u64) -> Result<Vec<UserRecord>, FormatError> {
+pub fn read_state(r: &mut impl Read, limit: u64) -> Result<State, FormatError> {
     let mut head = [0u8; 12];
     r.read_exact(&mut head).map_err(FormatError::Truncated)?;
     if head[..8] != MAGIC {
         return Err(FormatError::Magic);
     }
     let version = u16::from_le_bytes([head[8], head[9]]);
-    if version != VERSION || head[10..] != [0, 0] {
+    if !(OLDEST_READ..=VERSION).contains(&version) || head[10..] != [0, 0] {
         return Err(FormatError::Version(version));
     }
     let mut budget = limit.saturating_sub(12);
     let mut crc = crc32fast::Hasher::new();
     let mut out: Vec<UserRecord> = Vec::new();
+    let mut hello = None;
     loop {
         let (kind, payload) = read_frame_raw(r, &mut budget, limit)?;
         match kind {
+            HELLO if version >= 2 && hello.is_none() && out.is_empty() => {
+                crc.update(&payload);
+                hello = Some(decode::<Hello>(&payload)?);
+            }
             RECORDS => {
                 crc.update(&payload);
-                let batch: Vec<UserRecord> = decode(&payload)?;
-                out.extend(batch);
+                out.extend(decode_records(&payload, version)?);
             }
             END => {
                 let end: EndFrame = decode(&payload)?;
@@ -191,15 +304,20 @@ pub fn read_state(r: &mut impl Read, limit: u64) -> Result<Vec<UserRecord>, Form
                 for rec in &out {
                     rec.check()?;
                 }
-                return Ok(out);
+                return Ok(State {
+                    records: out,
+                    hello,
+                    version,
+                });
             }
             other => return Err(FormatError::Unexpected(other)),
         }
     }
 }
 
-/// Reads one frame after the state; `Ok(None)` at a clean end of the stream.
-pub fn read_frame(r: &mut impl Read) -> Result<Option<Frame>, FormatError> {
+/// Reads one frame after the state (of format `version`, [`State::version`]); `Ok(None)` at a
+/// clean end of the stream.
+pub fn read_frame(r: &mut impl Read, version: u16) -> Result<Option<Frame>, FormatError> {
     let mut first = [0u8; 1];
     match r.read(&mut first) {
         Ok(0) => return Ok(None),
@@ -216,10 +334,12 @@ pub fn read_frame(r: &mut impl Read) -> Result<Option<Frame>, FormatError> {
     r.read_exact(&mut payload).map_err(FormatError::Truncated)?;
     match first[0] {
         DELTA => {
-            let rec: UserRecord = decode(&payload)?;
+            let rec = decode_record(&payload, version)?;
             rec.check()?;
             Ok(Some(Frame::Delta(rec)))
         }
+        BUS_USERS if version >= 2 => Ok(Some(Frame::BusUsers(decode(&payload)?))),
+        BUS if version >= 2 => Ok(Some(Frame::Bus(decode(&payload)?))),
         RELEASED => Ok(Some(Frame::Released)),
         DRAINED => Ok(Some(Frame::Drained)),
         other => Err(FormatError::Unexpected(other)),
@@ -229,7 +349,7 @@ pub fn read_frame(r: &mut impl Read) -> Result<Option<Frame>, FormatError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::presence::handover::{SessionRecord, MAX_COUNTER};
+    use crate::presence::handover::{SessionRecord, ShareRecord, MAX_COUNTER};
     use proptest::prelude::*;
 
     fn session() -> impl Strategy<Value = SessionRecord> {
@@ -267,42 +387,102 @@ mod tests {
             prop::option::of(any::<u64>()),
             any::<u64>(),
             prop::collection::vec(session(), 0..4),
+            prop::option::of((0..=MAX_COUNTER, prop::option::of(any::<u64>()))),
         )
-            .prop_map(
-                |(user, seq, last_seen, changed_at_ms, sessions)| UserRecord {
+            .prop_map(|(user, seq, last_seen, changed_at_ms, sessions, share)| {
+                UserRecord {
                     user,
                     seq,
                     last_seen,
                     changed_at_ms,
                     sessions,
+                    share: share.map(|(clock, last_seen)| ShareRecord { clock, last_seen }),
+                }
+            })
+    }
+
+    fn hello() -> impl Strategy<Value = Hello> {
+        (
+            "[a-z0-9-]{1,20}",
+            any::<u64>(),
+            any::<u64>(),
+            prop::collection::vec(0u32..4096, 0..8),
+            prop::collection::vec(0u32..4096, 0..8),
+            prop::collection::vec(("[a-z0-9-]{1,12}", any::<u64>()), 0..4),
+            any::<u64>(),
+        )
+            .prop_map(
+                |(node_id, incarnation, clock, follows, follows_groups, members, hold_ms)| Hello {
+                    node_id,
+                    incarnation,
+                    clock,
+                    follows,
+                    follows_groups,
+                    members,
+                    hold_ms,
                 },
             )
     }
 
+    fn handoff() -> impl Strategy<Value = Handoff> {
+        (
+            any::<u64>(),
+            prop::collection::vec((0u32..4096, any::<u64>()), 0..8),
+            prop::collection::vec((0u32..4096, any::<u64>()), 0..8),
+            prop::collection::vec(
+                (
+                    "[a-z0-9]{1,8}",
+                    prop::collection::vec("[a-z]{1,6}", 0..3),
+                    any::<bool>(),
+                ),
+                0..(USERS_BATCH * 2 + 3),
+            ),
+        )
+            .prop_map(|(clock, numbers, group_numbers, users)| Handoff {
+                clock,
+                numbers,
+                group_numbers,
+                numbers_base: clock / 3,
+                users: users
+                    .into_iter()
+                    .map(|(user, groups, unpublished)| HandoffUser {
+                        user,
+                        groups,
+                        unpublished,
+                    })
+                    .collect(),
+            })
+    }
+
     fn bytes_of(records: &[UserRecord]) -> Vec<u8> {
+        bytes_with(records, None)
+    }
+
+    fn bytes_with(records: &[UserRecord], hello: Option<&Hello>) -> Vec<u8> {
         let mut buf = Vec::new();
-        write_state(&mut buf, records).unwrap();
+        write_state(&mut buf, records, hello).unwrap();
         buf
     }
 
     proptest! {
         #[test]
-        fn the_state_round_trips(records in prop::collection::vec(record(), 0..40)) {
-            let buf = bytes_of(&records);
+        fn the_state_round_trips(records in prop::collection::vec(record(), 0..40), hello in prop::option::of(hello())) {
+            let buf = bytes_with(&records, hello.as_ref());
             let back = read_state(&mut buf.as_slice(), u64::MAX).unwrap();
-            prop_assert_eq!(back, records);
+            prop_assert_eq!(back.records, records);
+            prop_assert_eq!(back.hello, hello);
         }
 
         #[test]
-        fn every_truncation_is_refused(records in prop::collection::vec(record(), 1..10), cut in any::<prop::sample::Index>()) {
-            let buf = bytes_of(&records);
+        fn every_truncation_is_refused(records in prop::collection::vec(record(), 1..10), hello in prop::option::of(hello()), cut in any::<prop::sample::Index>()) {
+            let buf = bytes_with(&records, hello.as_ref());
             let cut = cut.index(buf.len());
             prop_assert!(read_state(&mut &buf[..cut], u64::MAX).is_err());
         }
 
         #[test]
-        fn every_flipped_byte_is_refused(records in prop::collection::vec(record(), 1..10), at in any::<prop::sample::Index>(), bit in 0u8..8) {
-            let mut buf = bytes_of(&records);
+        fn every_flipped_byte_is_refused(records in prop::collection::vec(record(), 1..10), hello in prop::option::of(hello()), at in any::<prop::sample::Index>(), bit in 0u8..8) {
+            let mut buf = bytes_with(&records, hello.as_ref());
             let at = at.index(buf.len());
             buf[at] ^= 1 << bit;
             prop_assert!(read_state(&mut buf.as_slice(), u64::MAX).is_err(), "flip at {at} bit {bit} accepted");
@@ -315,10 +495,35 @@ mod tests {
             write_released(&mut buf).unwrap();
             write_drained(&mut buf).unwrap();
             let mut r = buf.as_slice();
-            prop_assert_eq!(read_frame(&mut r).unwrap(), Some(Frame::Delta(rec)));
-            prop_assert_eq!(read_frame(&mut r).unwrap(), Some(Frame::Released));
-            prop_assert_eq!(read_frame(&mut r).unwrap(), Some(Frame::Drained));
-            prop_assert_eq!(read_frame(&mut r).unwrap(), None);
+            prop_assert_eq!(read_frame(&mut r, VERSION).unwrap(), Some(Frame::Delta(rec)));
+            prop_assert_eq!(read_frame(&mut r, VERSION).unwrap(), Some(Frame::Released));
+            prop_assert_eq!(read_frame(&mut r, VERSION).unwrap(), Some(Frame::Drained));
+            prop_assert_eq!(read_frame(&mut r, VERSION).unwrap(), None);
+        }
+
+        #[test]
+        fn the_bus_identity_round_trips_in_batches(h in prop::option::of(handoff())) {
+            let mut buf = Vec::new();
+            write_handoff(&mut buf, h.as_ref()).unwrap();
+            let mut r = buf.as_slice();
+            let mut groups = Vec::new();
+            let mut batches = 0;
+            let got = loop {
+                match read_frame(&mut r, VERSION).unwrap() {
+                    Some(Frame::BusUsers(g)) => {
+                        prop_assert!(g.len() <= USERS_BATCH);
+                        batches += 1;
+                        groups.extend(g);
+                    }
+                    Some(Frame::Bus(h)) => break h,
+                    other => prop_assert!(false, "unexpected {other:?}"),
+                }
+            };
+            prop_assert_eq!(read_frame(&mut r, VERSION).unwrap(), None);
+            let want_batches = h.as_ref().map_or(0, |h| h.users.len().div_ceil(USERS_BATCH));
+            prop_assert_eq!(batches, want_batches);
+            let back = got.map(|g| Handoff { users: std::mem::take(&mut groups), ..g });
+            prop_assert_eq!(back, h);
         }
     }
 
@@ -343,10 +548,95 @@ mod tests {
                     stamp: 1,
                     until: None,
                 }],
+                share: None,
             })
             .collect();
         let per_user = bytes_of(&users).len() / users.len();
         assert!((40..=70).contains(&per_user), "{per_user} bytes per user");
+    }
+
+    /// A batch of users whose groups make it larger than a frame goes in halves.
+    #[test]
+    fn a_bus_batch_over_the_frame_limit_is_split() {
+        let groups: Vec<String> = (0..3_000).map(|i| format!("{i:01000}")).collect();
+        let users: Vec<HandoffUser> = (0..8)
+            .map(|i| HandoffUser {
+                user: format!("u{i}"),
+                groups: groups.clone(),
+                unpublished: false,
+            })
+            .collect();
+        let h = Handoff {
+            users,
+            ..Handoff::default()
+        };
+        let mut buf = Vec::new();
+        write_handoff(&mut buf, Some(&h)).unwrap();
+        let mut r = buf.as_slice();
+        let (mut frames, mut got) = (0, Vec::new());
+        let back = loop {
+            match read_frame(&mut r, VERSION).unwrap() {
+                Some(Frame::BusUsers(u)) => {
+                    frames += 1;
+                    got.extend(u);
+                }
+                Some(Frame::Bus(b)) => break b.unwrap(),
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(frames, 2, "24 MB in two frames under 16 MiB");
+        assert_eq!(Handoff { users: got, ..back }, h);
+    }
+
+    /// The release before wrote format 1 (records without `share`): this one reads it, so an
+    /// upgrade from it hands over as before.
+    #[test]
+    fn format_one_is_still_read() {
+        #[derive(serde::Serialize)]
+        struct V1<'a> {
+            user: &'a str,
+            seq: u64,
+            last_seen: Option<u64>,
+            changed_at_ms: u64,
+            sessions: Vec<SessionRecord>,
+        }
+        let rec = V1 {
+            user: "alice",
+            seq: 7,
+            last_seen: Some(3),
+            changed_at_ms: 5,
+            sessions: Vec::new(),
+        };
+        let mut buf = MAGIC.to_vec();
+        buf.extend_from_slice(&1u16.to_le_bytes());
+        buf.extend_from_slice(&[0, 0]);
+        let payload = encode(&vec![&rec]).unwrap();
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&payload);
+        write_frame(&mut buf, RECORDS, &payload).unwrap();
+        let end = EndFrame {
+            users: 1,
+            crc: crc.finalize(),
+        };
+        write_frame(&mut buf, END, &encode(&end).unwrap()).unwrap();
+        write_frame(&mut buf, DELTA, &encode(&rec).unwrap()).unwrap();
+        let mut r = buf.as_slice();
+        let state = read_state(&mut r, u64::MAX).unwrap();
+        assert_eq!(state.version, 1);
+        let want = UserRecord {
+            user: "alice".into(),
+            seq: 7,
+            last_seen: Some(3),
+            changed_at_ms: 5,
+            sessions: Vec::new(),
+            share: None,
+        };
+        assert_eq!(state.records, vec![want.clone()]);
+        assert_eq!(read_frame(&mut r, 1).unwrap(), Some(Frame::Delta(want)));
+        // Format 1 has no bus frames.
+        let mut bus = Vec::new();
+        write_handoff(&mut bus, None).unwrap();
+        assert!(read_frame(&mut bus.as_slice(), 1).is_err());
     }
 
     #[test]
@@ -358,6 +648,7 @@ mod tests {
                 last_seen: None,
                 changed_at_ms: 1,
                 sessions: Vec::new(),
+                share: None,
             })
             .collect();
         let buf = bytes_of(&records);
@@ -381,6 +672,7 @@ mod tests {
             last_seen: Some(5),
             changed_at_ms: 4,
             sessions: Vec::new(),
+            share: None,
         }];
         let mut buf = bytes_of(&good);
         buf[0] = b'X';

@@ -79,6 +79,8 @@ pub struct Upgrader {
     /// The nonce of the new process being waited for, and where its connection goes.
     pending: Mutex<Option<(String, mpsc::SyncSender<UnixStream>)>>,
     connections: AtomicUsize,
+    /// In a cluster: the last upgrade handed the bus identity over to its new process.
+    bus_handed: AtomicBool,
 }
 
 impl Upgrader {
@@ -99,6 +101,7 @@ impl Upgrader {
             finishing: AtomicBool::new(false),
             pending: Mutex::new(None),
             connections: AtomicUsize::new(0),
+            bus_handed: AtomicBool::new(false),
         }))
     }
 
@@ -304,6 +307,24 @@ impl Upgrader {
             .map_err(|e| format!("duplicating the listening sockets: {e}"))?;
         send_sockets(&stream, &sockets).map_err(|e| said("sending the listening sockets", e))?;
         drop(sockets);
+        // In a cluster: the node's bus identity, for the new process to speak as this node.
+        let bridge_wait = Duration::from_millis(
+            self.cfg
+                .cluster
+                .as_ref()
+                .map_or(0, |c| c.request_timeout_ms)
+                + 1_000,
+        );
+        let hello = match self.doors.cluster() {
+            None => None,
+            Some(c) => {
+                let mut hello = c
+                    .hello(bridge_wait)
+                    .ok_or("the cluster bridge did not answer; try again")?;
+                hello.hold_ms = self.cfg.drain_ms + self.cfg.upgrade.reattach_ms;
+                Some(hello)
+            }
+        };
         let (dtx, drx) = flume::bounded::<UserRecord>(DELTA_QUEUE);
         let records: Vec<UserRecord> = self
             .doors
@@ -315,7 +336,7 @@ impl Upgrader {
         let users = records.len();
         let mut out =
             io::BufWriter::with_capacity(1 << 16, stream.try_clone().map_err(|e| e.to_string())?);
-        handover::write_state(&mut out, &records)
+        handover::write_state(&mut out, &records, hello.as_ref())
             .and_then(|()| out.flush())
             .map_err(|e| said("sending the presence state", e))?;
         drop(records);
@@ -344,10 +365,43 @@ impl Upgrader {
         // From here a write may take a while (the new process is busy with reconnects), but
         // not for ever: a stuck link ends the forwarding (see `drain`).
         let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
+        self.doors.on_each(|s| s.stop_accepting());
+        // In a cluster: this process stops speaking for the node, and the new one takes over
+        // from where it stopped (or, should the bridge not answer, as a new incarnation).
+        self.bus_handed.store(false, Ordering::Release);
+        if let Some(c) = self.doors.cluster() {
+            let unpublished: Vec<String> = (self.doors.on_each(|s| s.take_backlog_users()))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .collect();
+            let budget = Duration::from_millis(
+                self.cfg
+                    .cluster
+                    .as_ref()
+                    .map_or(0, |c| c.request_timeout_ms),
+            );
+            let handoff = c.hand_off(unpublished, budget);
+            if handoff.is_none() {
+                tracing::error!("upgrade: the cluster bridge did not hand the bus over; the new process joins as a new incarnation");
+            }
+            // The changes this process published are the new one's before it speaks: their
+            // records go first.
+            let written = forward(&drx, &mut out)
+                .and_then(|()| handover::write_handoff(&mut out, handoff.as_ref()))
+                .and_then(|()| out.flush());
+            match written {
+                Ok(()) => self.bus_handed.store(handoff.is_some(), Ordering::Release),
+                Err(e) => {
+                    tracing::warn!(error = %e, "upgrade: could not hand the bus over to the new process");
+                    // It joins as a new incarnation (if the link still carries this).
+                    let _ = handover::write_handoff(&mut out, None).and_then(|()| out.flush());
+                }
+            }
+        }
         if let Err(e) = handover::write_released(&mut out).and_then(|()| out.flush()) {
             tracing::warn!(error = %e, "upgrade: could not tell the new process the control socket is free");
         }
-        self.doors.on_each(|s| s.stop_accepting());
         tracing::info!(
             pid,
             ready_ms,
@@ -504,6 +558,10 @@ impl Upgrader {
     /// again on the same listening sockets (so what queued in them meanwhile is served), takes
     /// the control socket back and is the service again for systemd.
     fn resume(self: &Arc<Self>, why: &str) {
+        if let Some(c) = self.doors.cluster() {
+            // Not handed over: the new process spoke as a new incarnation, so must this one.
+            c.take_back(!self.bus_handed.load(Ordering::Acquire));
+        }
         self.doors.reclaim_sockets();
         self.doors.on_each(|s| s.relisten());
         notify::unsilence();
@@ -637,6 +695,8 @@ pub struct Successor {
     /// Everything after the sockets is read through this one buffer, from the state to the
     /// last frame: a second reader would lose what the first had buffered.
     reader: std::sync::Mutex<Option<BufReader<UnixStream>>>,
+    /// The old process's format version ([`handover::State::version`]).
+    version: std::sync::atomic::AtomicU16,
     socket: PathBuf,
 }
 
@@ -661,6 +721,7 @@ pub fn successor() -> Option<Result<Successor, String>> {
         Ok(Successor {
             stream,
             reader: std::sync::Mutex::new(None),
+            version: std::sync::atomic::AtomicU16::new(handover::VERSION),
             socket,
         })
     })())
@@ -676,10 +737,15 @@ impl Successor {
             .try_clone()
             .map_err(|e| format!("upgrade: {e}"))?;
         let mut r = BufReader::with_capacity(1 << 16, clone);
-        let records = handover::read_state(&mut r, max_state_bytes)
+        let state = handover::read_state(&mut r, max_state_bytes)
             .map_err(|e| format!("upgrade: the old process's state was refused: {e}"))?;
         *self.reader.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
-        Ok(crate::server::Takeover { sockets, records })
+        self.version.store(state.version, Ordering::Release);
+        Ok(crate::server::Takeover {
+            sockets,
+            records: state.records,
+            bus: state.hello,
+        })
     }
 
     /// Tells the old process why this one gives up (it goes on serving). Then waits (a
@@ -696,11 +762,28 @@ impl Successor {
     /// shards, and when it lets go of the control socket's path this process takes it (with
     /// `upgrader`). When it has drained (or is gone), what it still served is held for the
     /// reattach window.
-    pub fn ready(self, doors: Doors, upgrader: Option<Arc<Upgrader>>) -> io::Result<()> {
+    ///
+    /// In a cluster, the old process hands the bus over right after `READY`; should nothing
+    /// come within `bus_wait` (it hangs), this process speaks as a new incarnation.
+    pub fn ready(
+        self,
+        doors: Doors,
+        upgrader: Option<Arc<Upgrader>>,
+        bus_wait: Duration,
+    ) -> io::Result<()> {
         if let Some(u) = &upgrader {
             u.finishing.store(true, Ordering::Release);
         }
         (&self.stream).write_all(b"READY\n")?;
+        if let Some(c) = doors.cluster().cloned() {
+            // A no-op once the bus was handed over.
+            std::thread::Builder::new()
+                .name("upgrade-bus-wait".into())
+                .spawn(move || {
+                    std::thread::sleep(bus_wait);
+                    c.take_over(None);
+                })?;
+        }
         std::thread::Builder::new()
             .name("upgrade-old".into())
             .spawn(move || follow(self, doors, upgrader))?;
@@ -712,6 +795,9 @@ fn follow(s: Successor, doors: Doors, upgrader: Option<Arc<Upgrader>>) {
     let taken = s.reader.lock().unwrap_or_else(|e| e.into_inner()).take();
     let Some(mut r) = taken else {
         tracing::error!("upgrade: following the old process before its state was read");
+        if let Some(c) = doors.cluster() {
+            c.take_over(None);
+        }
         doors.on_each(|shard| shard.end_old());
         return;
     };
@@ -729,19 +815,50 @@ fn follow(s: Successor, doors: Doors, upgrader: Option<Arc<Upgrader>>) {
         }
     };
     let mut updates = 0u64;
+    let version = s.version.load(Ordering::Acquire);
+    // The bus hand-over, in a cluster: its users, then the rest.
+    let mut bus_users = Vec::new();
+    let mut bus_taken = false;
     let why = loop {
-        match handover::read_frame(&mut r) {
+        match handover::read_frame(&mut r, version) {
             Ok(Some(Frame::Delta(rec))) => {
                 updates += 1;
                 let user = rec.user.clone();
                 doors.on_owner(&user, move |shard| shard.update_from_old(&rec));
             }
-            Ok(Some(Frame::Released)) => take_socket(&mut listening),
+            Ok(Some(Frame::BusUsers(users))) => bus_users.extend(users),
+            Ok(Some(Frame::Bus(handoff))) => {
+                let handoff = handoff.map(|h| crate::cluster::handoff::Handoff {
+                    users: std::mem::take(&mut bus_users),
+                    ..h
+                });
+                if let Some(c) = doors.cluster() {
+                    c.take_over(handoff);
+                }
+                bus_taken = true;
+            }
+            Ok(Some(Frame::Released)) => {
+                // An old process in a cluster hands the bus over before this: none came, so
+                // this one speaks as a new incarnation (a no-op when it took no identity).
+                if !std::mem::replace(&mut bus_taken, true) {
+                    if let Some(c) = doors.cluster() {
+                        c.take_over(None);
+                    }
+                }
+                take_socket(&mut listening)
+            }
             Ok(Some(Frame::Drained)) => break "drained".to_owned(),
             Ok(None) => break "the old process closed the link".to_owned(),
             Err(e) => break format!("the old process's link broke: {e}"),
         }
     };
+    if !bus_taken {
+        // The old process went without handing the bus over: this one speaks for the node
+        // as a new incarnation (a no-op when it took no identity over).
+        if let Some(c) = doors.cluster() {
+            c.take_over(None);
+        }
+    }
     doors.on_each(|shard| shard.end_old());
     take_socket(&mut listening);
     if let Some(u) = &upgrader {

@@ -21,6 +21,18 @@ pub struct UserRecord {
     /// When the visible state last changed (ms since the epoch).
     pub changed_at_ms: u64,
     pub sessions: Vec<SessionRecord>,
+    /// In a cluster: this node's share of the user as the old process last stamped it (and
+    /// published it, or was about to). The new process keeps its clock, so the other nodes
+    /// hear nothing new of a user the upgrade did not change. `None` on a single node.
+    pub share: Option<ShareRecord>,
+}
+
+/// The old process's own share of a user on the bus: its clock and its `last_seen` (the
+/// status, text, devices and groups follow from the sessions).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShareRecord {
+    pub clock: u64,
+    pub last_seen: Option<u64>,
 }
 
 /// One session behind a user's presence: live in the old process (`until` = `None`) or held
@@ -131,6 +143,12 @@ impl UserRecord {
             return Err(RecordError::Range {
                 user: self.user.clone(),
                 field: "seq",
+            });
+        }
+        if self.share.is_some_and(|s| s.clock > MAX_COUNTER) {
+            return Err(RecordError::Range {
+                user: self.user.clone(),
+                field: "share.clock",
             });
         }
         for s in &self.sessions {

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use hashbrown::HashMap;
 
 use super::contrib::{self, bucket_of, Contribution, Hlc, NodeIx};
-use super::handover::{RecordError, SessionRecord, UserRecord};
+use super::handover::{RecordError, SessionRecord, ShareRecord, UserRecord};
 use super::state::{Aggregate, DeviceType, GroupId, PresenceState, SessionId, Status, UserId};
 use super::watchers::{ShardIx, Watchers};
 
@@ -433,6 +433,53 @@ impl Registry {
         }
     }
 
+    /// Queues this node's share of each of `users` for the bridge again, as it stands (an
+    /// upgrade's new process: shares the old process stamped and could not publish).
+    pub fn republish(&mut self, users: &[UserId]) {
+        let Some(r) = self.replication.as_mut() else {
+            return;
+        };
+        for user in users {
+            let share = self.users.get(user).and_then(|e| e.replica.as_ref());
+            if let Some(replica) = share.filter(|rp| rp.local.clock > 0) {
+                r.outgoing.push((user.clone(), replica.local.clone()));
+            }
+        }
+    }
+
+    /// Stamps this node's share of `users` (`None`: of every user) anew and queues it for the
+    /// bridge: upgrades, where the other process may have published a later clock for the
+    /// same node. Returns how many.
+    pub fn restamp_shares(&mut self, users: Option<&[UserId]>, now_ms: u64) -> usize {
+        let Some(r) = self.replication.as_mut() else {
+            return 0;
+        };
+        let mut restamp = |user: &UserId, entry: &mut UserEntry| {
+            let Some(replica) = entry.replica.as_mut().filter(|rp| rp.local.clock > 0) else {
+                return false;
+            };
+            replica.local.clock = r.hlc.tick(now_ms);
+            r.outgoing.push((user.clone(), replica.local.clone()));
+            true
+        };
+        match users {
+            Some(users) => users
+                .iter()
+                .filter(|u| {
+                    self.users
+                        .get_mut(*u)
+                        .is_some_and(|entry| restamp(u, entry))
+                })
+                .count(),
+            None => self
+                .users
+                .iter_mut()
+                .map(|(u, entry)| restamp(u, entry))
+                .filter(|done| *done)
+                .count(),
+        }
+    }
+
     /// A new session of `user`, starting with `status`.
     pub fn connect(
         &mut self,
@@ -737,6 +784,14 @@ impl Registry {
             last_seen: e.last_seen,
             changed_at_ms: e.changed_at_ms,
             sessions: live.chain(held).collect(),
+            share: e
+                .replica
+                .as_ref()
+                .filter(|r| r.local.clock > 0)
+                .map(|r| ShareRecord {
+                    clock: r.local.clock,
+                    last_seen: r.local.last_seen,
+                }),
         })
     }
 
@@ -774,6 +829,11 @@ impl Registry {
             .held
             .extend(held);
         entry.tidy_holds();
+        // Nothing here but what the record holds: this node's share is the old process's,
+        // clock and all, so the other nodes hear nothing new (and nothing is queued for them).
+        if entry.sessions.is_empty() && entry.held().iter().all(|h| h.from_old) {
+            inherit_share(entry, self.replication.as_ref(), rec.share);
+        }
         let change = settle(
             &user,
             entry,
@@ -812,10 +872,12 @@ impl Registry {
         let holds = entry.holds.get_or_insert_with(Box::default);
         let before = holds.held.len();
         holds.held.retain(|h| !h.from_old);
+        let mut all_taken = true;
         for h in incoming {
             // Re-attached here already, or expired here already (each process expires on its
             // own tick: a late record must not bring one back).
             if holds.claimed.contains(&h.origin) || h.until.is_some_and(|u| u <= now_ms) {
+                all_taken = false;
                 continue;
             }
             if let Some(until) = h.until {
@@ -828,6 +890,18 @@ impl Registry {
         entry.tidy_holds();
         if rec.seq > entry.seq + 1 {
             entry.seq = rec.seq - 1;
+        }
+        // The same sessions as the old process: its share, with its clock (published from
+        // here too, in case the old process handed the bus over before it could). Otherwise
+        // the share is this process's own, stamped after the old one's.
+        if all_taken && entry.sessions.is_empty() && entry.held().iter().all(|h| h.from_old) {
+            if let Some(share) = inherit_share(entry, self.replication.as_ref(), rec.share) {
+                if let Some(r) = self.replication.as_mut() {
+                    r.outgoing.push((user.clone(), share));
+                }
+            }
+        } else if let (Some(r), Some(share)) = (self.replication.as_ref(), rec.share) {
+            r.hlc.observe(share.clock);
         }
         let change = settle(
             &user,
@@ -1136,6 +1210,34 @@ fn recompute(
     cause: Cause,
 ) -> Option<Change> {
     refresh(user, entry, repl, now_ms, cause, false)
+}
+
+/// Takes the old process's share of a user (an upgrade, in a cluster) as this node's: what
+/// its sessions make, with the old share's clock and `last_seen`, when that clock is newer than
+/// the share held. The clock is observed either way, so this process's own stamps come after
+/// it. Returns the share when it was taken.
+fn inherit_share(
+    entry: &mut UserEntry,
+    repl: Option<&Replication>,
+    share: Option<ShareRecord>,
+) -> Option<Contribution> {
+    let (r, share) = (repl?, share?);
+    r.hlc.observe(share.clock);
+    let replica = entry.replica.get_or_insert_with(Box::default);
+    if share.clock <= replica.local.clock {
+        return None;
+    }
+    let view = entry.compute_view();
+    let replica = entry.replica.get_or_insert_with(Box::default);
+    replica.local = Contribution {
+        status: view.status,
+        text: view.text,
+        devices: view.devices,
+        groups: view.groups,
+        last_seen: share.last_seen,
+        clock: share.clock,
+    };
+    Some(replica.local.clone())
 }
 
 /// [`recompute`], or with `force` a change (and a new `seq`) even when the view is the same.

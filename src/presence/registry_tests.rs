@@ -722,6 +722,87 @@ mod holds {
         );
     }
 
+    /// In a cluster the new process takes the old one's share of a user with its clock: the
+    /// other nodes hear nothing of a user the upgrade did not change, and whatever this node
+    /// stamps later sorts after it.
+    #[test]
+    fn a_handed_over_share_keeps_its_clock_and_is_not_published_again() {
+        let hlc = Arc::new(crate::presence::contrib::Hlc::new());
+        let mut old = Registry::replicated(hlc.clone(), 64);
+        old.connect(&alice(), sid(1), Status::Busy, info(&["g"]), 1_000)
+            .unwrap();
+        let published = old.take_outgoing().shares;
+        assert_eq!(published.len(), 1);
+        let clock = published[0].1.clock;
+        let rec = old.handover_record("alice").unwrap();
+        assert_eq!(rec.share.map(|s| s.clock), Some(clock));
+
+        let fresh = Arc::new(crate::presence::contrib::Hlc::new());
+        let mut new = Registry::replicated(fresh.clone(), 64);
+        new.adopt(&rec, 1_001).unwrap();
+        assert!(
+            new.take_outgoing().shares.is_empty(),
+            "the old process published it"
+        );
+        let mine = new.local_shares(&|_, _| true);
+        assert_eq!(mine.len(), 1);
+        assert_eq!(mine[0].1.clock, clock, "the old process's clock");
+        assert!(mine[0].1.same_share(&published[0].1));
+        assert!(fresh.tick(0) > clock, "this process stamps after it");
+
+        // A change on the old process after the hand-over: its share, its clock, published
+        // from here too (the old process may have handed the bus over before it could).
+        old.set_status("alice", sid(1), Status::Away, None, 1_002)
+            .unwrap();
+        let changed = old.take_outgoing().shares[0].1.clone();
+        let rec = old.handover_record("alice").unwrap();
+        new.update_from_old(&rec, 1_003).unwrap();
+        let out = new.take_outgoing().shares;
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].1, changed, "the very share the old process stamped");
+        // The same record again: nothing new.
+        new.update_from_old(&rec, 1_004).unwrap();
+        assert!(new.take_outgoing().shares.is_empty());
+
+        // Re-attached here: the share is this process's own, stamped after the old one's.
+        new.connect(&alice(), sid(7), Status::Online, info(&["g"]), 1_005);
+        old.set_status("alice", sid(1), Status::Busy, Some("x".into()), 1_006)
+            .unwrap();
+        let rec = old.handover_record("alice").unwrap();
+        let old_clock = rec.share.unwrap().clock;
+        new.take_outgoing();
+        new.update_from_old(&rec, 1_007).unwrap();
+        for (_, share) in new.take_outgoing().shares {
+            assert!(
+                share.clock > old_clock,
+                "stamped after the old process's share"
+            );
+        }
+        assert!(fresh.tick(0) > old_clock);
+    }
+
+    #[test]
+    fn republish_and_restamp_queue_the_shares_held() {
+        let hlc = Arc::new(crate::presence::contrib::Hlc::new());
+        let mut r = Registry::replicated(hlc, 64);
+        r.connect(&alice(), sid(1), Status::Online, info(&[]), 1_000)
+            .unwrap();
+        let first = r.take_outgoing().shares[0].1.clone();
+        r.republish(&[alice(), UserId::from("nobody")]);
+        assert_eq!(r.take_outgoing().shares, vec![(alice(), first.clone())]);
+        assert_eq!(r.restamp_shares(Some(&[UserId::from("nobody")]), 2_000), 0);
+        assert_eq!(r.restamp_shares(None, 2_000), 1);
+        let again = r.take_outgoing().shares;
+        assert!(again[0].1.clock > first.clock);
+        assert!(again[0].1.same_share(&first));
+        // A single node has no shares.
+        let mut single = Registry::new();
+        single.connect(&alice(), sid(1), Status::Online, info(&[]), 1);
+        single.republish(&[alice()]);
+        assert_eq!(single.restamp_shares(None, 2), 0);
+        assert!(single.take_outgoing().is_empty());
+    }
+
     fn on(device: &str, device_type: DeviceType) -> SessionInfo {
         SessionInfo {
             device: Some(device.into()),

@@ -104,6 +104,7 @@ impl Shard {
                 last_seen: None,
                 changed_at_ms: 0,
                 sessions: Vec::new(),
+                share: None,
             });
         if h.deltas.try_send(rec).is_err() {
             ShardMetrics::inc(&self.metrics.upgrade_records_dropped);

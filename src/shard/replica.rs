@@ -176,6 +176,35 @@ impl Shard {
         ShardMetrics::add(&self.metrics.cluster_coalesced, n);
     }
 
+    /// Upgrades: the users whose shares wait in the backlog, taken out of it (the old
+    /// process hands the bus over; the new one publishes them).
+    pub fn take_backlog_users(&self) -> Vec<String> {
+        let mut backlog = self.cluster_backlog.borrow_mut();
+        backlog.shares.drain().map(|(u, _)| u.to_string()).collect()
+    }
+
+    /// Upgrades: this node's shares of `users` published again ([`Registry::republish`]).
+    ///
+    /// [`Registry::republish`]: crate::presence::Registry::republish
+    pub fn republish_shares(&self, users: &[UserId]) {
+        self.registry.borrow_mut().republish(users);
+        self.hand_to_bridge();
+    }
+
+    /// Upgrades: this node's shares of `users` (`None`: all) stamped anew and published
+    /// ([`Registry::restamp_shares`]).
+    ///
+    /// [`Registry::restamp_shares`]: crate::presence::Registry::restamp_shares
+    pub fn restamp_shares(&self, users: Option<Vec<UserId>>) {
+        let n = (self.registry.borrow_mut()).restamp_shares(users.as_deref(), now_ms());
+        tracing::debug!(
+            shard = self.ix(),
+            shares = n,
+            "cluster: shares stamped anew"
+        );
+        self.hand_to_bridge();
+    }
+
     /// An `activity` event made here, for the other nodes (a no-op on a single node).
     pub(super) fn publish_activity(&self, activity: Activity) {
         if let Some(link) = &self.shared.cluster {

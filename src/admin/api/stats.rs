@@ -119,7 +119,7 @@ fn cluster_stats(c: &crate::cluster::Status, connections: u64) -> ClusterStats {
         .collect();
     ClusterStats {
         node: c.node_id.clone(),
-        incarnation: c.incarnation,
+        incarnation: c.incarnation(),
         bus: c.bus().as_str(),
         why: c.why(),
         totals: ClusterTotals {
