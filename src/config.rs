@@ -38,6 +38,11 @@ pub struct Config {
     /// A shard whose event loop has not turned for this long is reported stalled (log with the
     /// task queue it was running, `presenced_shard_stalls_total`).
     pub stall_threshold_ms: u64,
+    /// Entries of each shard's io_uring submission queues (glommio's ring depth). Each socket
+    /// waiting to be read holds a poll request in its shard's ring, and the kernel sizes the
+    /// table it searches them in from this depth: a deep ring keeps the executor's per-wake
+    /// timer cancellations cheap with thousands of connections per shard.
+    pub io_ring_depth: u64,
     /// Origins allowed to open WebSockets (exact match, e.g. "https://app.example.com"); empty
     /// allows all. Requests without an Origin header (non-browser clients) are allowed.
     pub allowed_origins: Vec<String>,
@@ -572,6 +577,7 @@ impl Default for Config {
             drain_ms: 10_000,
             offline_grace_ms: 0,
             stall_threshold_ms: 50,
+            io_ring_depth: 4096,
             allowed_origins: Vec::new(),
             tls: TlsConfig::default(),
             auth: AuthConfig::default(),
@@ -634,6 +640,7 @@ pub const RANGES: &[(&str, u64, u64)] = &[
     ("drain_ms", 0, 600_000),
     ("offline_grace_ms", 0, 3_600_000),
     ("stall_threshold_ms", 1, 60_000),
+    ("io_ring_depth", 128, 32_768),
     ("upgrade.timeout_ms", 1_000, 600_000),
     ("upgrade.max_state_bytes", 1 << 20, 64 << 30),
     ("upgrade.reattach_ms", 0, 3_600_000),

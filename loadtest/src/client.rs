@@ -19,13 +19,15 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
 use crate::plan;
 use crate::report::Stats;
 use crate::run::Shared;
 
-pub type Sink = SplitSink<WebSocketStream<TcpStream>, Message>;
+/// A fleet member's socket: plain, or TLS for a `wss://` target.
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+pub type Sink = SplitSink<Ws, Message>;
 
 /// Time-outs for one connection attempt.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -136,7 +138,7 @@ pub async fn connect(
     group: Option<&str>,
     n: usize,
     stats: Option<&RefCell<Stats>>,
-) -> Result<WebSocketStream<TcpStream>, String> {
+) -> Result<Ws, String> {
     let started = Instant::now();
     let src: Ipv4Addr = plan::source_ip(n, shared.sources);
     let target = shared.target(n);
@@ -168,13 +170,25 @@ pub async fn connect(
     let config = WebSocketConfig::default()
         .read_buffer_size(4096)
         .write_buffer_size(0);
-    let upgrade = tokio_tungstenite::client_async_with_config(req, tcp, Some(config));
+    let connector = match (&shared.tls, target.tls) {
+        (Some(cfg), true) => Connector::Rustls(cfg.clone()),
+        (None, true) => return Err("tls_not_configured".into()),
+        (_, false) => Connector::Plain,
+    };
+    let upgrade =
+        tokio_tungstenite::client_async_tls_with_config(req, tcp, Some(config), Some(connector));
     let (mut ws, _) = tokio::time::timeout(CONNECT_TIMEOUT, upgrade)
         .await
         .map_err(|_| "handshake_timeout".to_string())?
         .map_err(|e| match e {
             tokio_tungstenite::tungstenite::Error::Http(r) => {
                 format!("http_{}", r.status().as_u16())
+            }
+            tokio_tungstenite::tungstenite::Error::Tls(_) => "tls".to_string(),
+            tokio_tungstenite::tungstenite::Error::Io(e)
+                if e.kind() == std::io::ErrorKind::InvalidData =>
+            {
+                "tls".to_string()
             }
             _ => "handshake".to_string(),
         })?;
@@ -193,11 +207,7 @@ pub async fn connect(
 }
 
 /// Connects a fleet member and sends its subscriptions.
-async fn open(
-    shared: &Shared,
-    spec: &Spec,
-    stats: &RefCell<Stats>,
-) -> Result<WebSocketStream<TcpStream>, String> {
+async fn open(shared: &Shared, spec: &Spec, stats: &RefCell<Stats>) -> Result<Ws, String> {
     let me = plan::user(spec.user);
     let mut ws = connect(shared, &me, spec.group.as_deref(), spec.n, Some(stats)).await?;
     let users: Vec<String> = spec.watch.iter().map(|u| plan::user(*u)).collect();

@@ -3,13 +3,16 @@
 
 mod barrier;
 mod client;
+mod compare;
 mod plan;
+mod procstat;
 mod report;
 mod run;
 mod scenario;
 mod scrape;
 mod subchurn;
 mod target;
+mod tls;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -131,6 +134,10 @@ struct RunArgs {
     /// Allow a non-loopback target.
     #[arg(long)]
     allow_remote: bool,
+    /// PEM certificates to trust for `wss://` URLs (the server's CA, or its self-signed
+    /// certificate); required with any `wss://` URL, and nothing else is trusted.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
     /// No progress lines on stderr.
     #[arg(long)]
     quiet: bool,
@@ -148,6 +155,29 @@ struct RunArgs {
     /// can sample the server exactly over the run phase.
     #[arg(long)]
     phase_file: Option<PathBuf>,
+    /// The server's process id (several comma-separated: the nodes of a cluster, summed): its
+    /// CPU time (user and kernel, all threads) over the run phase per delivery, its share of a
+    /// core, and its resident memory growth per connection over the ramp, from `/proc`.
+    #[arg(long, value_delimiter = ',')]
+    server_pid: Vec<u32>,
+    /// Compare two server builds: start this binary (with --server-args), run the scenario
+    /// against it with --server-pid, stop it, then the same with --compare-bin; print each
+    /// figure's median over --rounds and the ratio compare / server (loadtest/README.md).
+    #[arg(long, requires = "compare_bin")]
+    server_bin: Option<PathBuf>,
+    /// The second build of a comparison (b; --server-bin is a).
+    #[arg(long, requires = "server_bin")]
+    compare_bin: Option<PathBuf>,
+    /// The compared servers' arguments, whitespace-separated (no quoting); `{dir}` is an empty
+    /// scratch directory of each start, e.g. `serve --config bench.toml --data-dir {dir}`.
+    #[arg(long, default_value = "serve", allow_hyphen_values = true)]
+    server_args: String,
+    /// Rounds of a comparison; they alternate the order (a b, b a, …).
+    #[arg(long, default_value_t = 1)]
+    rounds: u32,
+    /// Where a comparison keeps its scratch directories, server logs and per-run reports.
+    #[arg(long, default_value = "target/compare")]
+    compare_dir: PathBuf,
 }
 
 fn parse_worker(s: &str) -> Result<(usize, usize), String> {
@@ -167,6 +197,7 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Some(Cmd::Merge { reports, json }) => merge(reports, json),
         Some(Cmd::Get { report, path }) => get(&report, &path),
+        None if cli.run.server_bin.is_some() => run_compare(cli.run),
         None => run_load(cli.run),
     };
     match result {
@@ -202,6 +233,33 @@ fn get(report: &PathBuf, path: &str) -> Result<ExitCode, String> {
         None => return Err(format!("no `{path}` in {}", report.display())),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--server-bin A --compare-bin B`: see [`compare`].
+fn run_compare(args: RunArgs) -> Result<ExitCode, String> {
+    if !args.server_pid.is_empty() {
+        return Err("--server-pid: a comparison starts its own servers".into());
+    }
+    if args.worker.1 > 1 {
+        return Err("--server-bin: a comparison runs as one process (no --worker)".into());
+    }
+    let first = target::split(&args.url)?.remove(0);
+    let listen = target::resolve(&first, args.allow_remote)?.addr;
+    let plan = compare::Plan {
+        a: args.server_bin.clone().expect("checked by the caller"),
+        b: args
+            .compare_bin
+            .clone()
+            .ok_or("--compare-bin is required")?,
+        server_args: args.server_args.clone(),
+        rounds: args.rounds,
+        dir: args.compare_dir.clone(),
+        listen,
+        json: args.json.clone(),
+        quiet: args.quiet,
+    };
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    compare::run(&plan, &argv)
 }
 
 fn write_json(report: &Report, path: Option<PathBuf>) -> Result<(), String> {
@@ -245,6 +303,18 @@ fn resolve(args: &RunArgs) -> Result<Scenario, String> {
     Ok(s)
 }
 
+/// The server exited (or its `/proc` could not be read) during the run: said, and counted in
+/// the report's errors.
+fn stats_error_server(report: &mut Report, quiet: bool) {
+    if !quiet {
+        eprintln!("warning: --server-pid: the server could not be read during the run");
+    }
+    *report
+        .errors
+        .entry("server_pid_unreadable".into())
+        .or_default() += 1;
+}
+
 fn cpu_seconds() -> f64 {
     // SAFETY: getrusage fills the struct we pass; RUSAGE_SELF covers every thread.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
@@ -257,6 +327,16 @@ fn run_load(args: RunArgs) -> Result<ExitCode, String> {
     presenced::raise_nofile();
     let scn = resolve(&args)?;
     let targets = target::resolve_all(&args.url, args.allow_remote)?;
+    let tls = match (&args.ca_file, targets.iter().find(|t| t.tls)) {
+        (Some(ca), Some(_)) => Some(tls::client_config(ca)?),
+        (None, Some(t)) => {
+            return Err(format!(
+                "--url {}: a wss:// URL needs --ca-file (the certificates to trust)",
+                t.url
+            ))
+        }
+        (_, None) => None,
+    };
     if args.secret.is_empty() {
         return Err("--secret (or PRESENCED_JWT_SECRET) is required".into());
     }
@@ -288,6 +368,7 @@ fn run_load(args: RunArgs) -> Result<ExitCode, String> {
         .max(1);
     let shared = Arc::new(Shared {
         targets,
+        tls,
         secret: args.secret.clone(),
         scn: scn.clone(),
         seed: args.seed,
@@ -319,6 +400,16 @@ fn run_load(args: RunArgs) -> Result<ExitCode, String> {
     if churn.is_some() && workers > 1 {
         return Err("--scenario subchurn runs as one process (no --worker)".into());
     }
+    // The server before the first connection (a pid that cannot be read is a usage error).
+    // Its cost is per delivery of the whole fleet, which one worker of several does not see.
+    if !args.server_pid.is_empty() && workers > 1 {
+        return Err("--server-pid: run the fleet as one process (no --worker)".into());
+    }
+    let server_before = if args.server_pid.is_empty() {
+        None
+    } else {
+        Some(procstat::sample_all(&args.server_pid)?)
+    };
     let spawn = |ix: usize, f: Box<dyn FnOnce() -> Stats + Send>| {
         std::thread::Builder::new()
             .name(format!("load-{ix}"))
@@ -396,6 +487,12 @@ fn run_load(args: RunArgs) -> Result<ExitCode, String> {
         }
     };
     // Run.
+    let server_sample = || {
+        (!args.server_pid.is_empty())
+            .then(|| procstat::sample_all(&args.server_pid).ok())
+            .flatten()
+    };
+    let server_start = server_sample();
     let run_started = Instant::now();
     phase("run");
     shared.run.store(true, Relaxed);
@@ -409,6 +506,7 @@ fn run_load(args: RunArgs) -> Result<ExitCode, String> {
     }
     shared.stop_flapping.store(true, Relaxed);
     let run_phase_s = run_started.elapsed().as_secs_f64();
+    let (server_end, run_deliveries) = (server_sample(), shared.deliveries.load(Relaxed));
     phase("drain");
     if let Some(plan) = &churn {
         // After the storm: every watcher re-subscribes and checks its snapshots (each within
@@ -544,6 +642,22 @@ fn run_load(args: RunArgs) -> Result<ExitCode, String> {
     report.flaps_per_sec = stats.flaps_sent as f64 / run_phase_s.max(1e-9);
     report.ramp_s = ramp_s;
     report.handshakes_per_sec = stats.connections as f64 / ramp_s.max(1e-9);
+    match (server_before, server_start, server_end) {
+        (Some(before), Some(start), Some(end)) => {
+            report.server = Some(procstat::ServerCost::of(
+                &args.server_pid,
+                before,
+                start,
+                end,
+                run_deliveries,
+                run_phase_s,
+                stats.connections,
+                procstat::ticks_per_second(),
+            ));
+        }
+        (Some(_), _, _) => stats_error_server(&mut report, args.quiet),
+        _ => {}
+    }
     print!("{}", report.table());
     write_json(&report, args.json)?;
     Ok(verdict(&report))

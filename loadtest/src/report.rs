@@ -392,6 +392,9 @@ pub struct Report {
     /// The `subchurn` scenario's counts (absent for the others).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subchurn: Option<Subchurn>,
+    /// The server's own cost (`--server-pid`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<crate::procstat::ServerCost>,
     /// The raw histograms (hdrhistogram V2, base64), so worker reports can be merged exactly.
     pub histograms: BTreeMap<String, String>,
 }
@@ -465,6 +468,7 @@ impl Report {
                 v.judge();
                 v
             }),
+            server: None,
             histograms,
         }
     }
@@ -511,6 +515,9 @@ impl Report {
             for (k, v) in r.errors {
                 *out.errors.entry(k).or_default() += v;
             }
+            // Workers of one fleet read the same server: its cost is over the fleet's
+            // deliveries, which only the merged report knows.
+            out.server = None;
             out.subchurn = match (out.subchurn.take(), r.subchurn) {
                 (Some(mut a), Some(b)) => {
                     a.add(&b);
@@ -603,6 +610,9 @@ impl Report {
         if let Some(sc) = &self.subchurn {
             t += "\n";
             t += &sc.table(self.run_phase_s);
+        }
+        if let Some(s) = &self.server {
+            t += &s.table();
         }
         if self.errors.is_empty() {
             t += "\n  errors                  none\n";

@@ -22,6 +22,8 @@ use crate::target::{self, Target};
 pub struct Shared {
     /// The servers (`--url`, one or more); connection `n` goes to [`Shared::target`]`(n)`.
     pub targets: Vec<Target>,
+    /// The TLS client configuration, when any target is `wss://` (`--ca-file`).
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     pub secret: String,
     pub scn: Scenario,
     pub seed: u64,

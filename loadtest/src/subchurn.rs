@@ -328,9 +328,7 @@ fn on_text(plan: &Plan, conn: &RefCell<Conn>, text: &str) {
 async fn read(
     plan: Arc<Plan>,
     conn: Rc<RefCell<Conn>>,
-    mut rx: futures_util::stream::SplitStream<
-        tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
-    >,
+    mut rx: futures_util::stream::SplitStream<client::Ws>,
 ) {
     let why = loop {
         match rx.next().await {

@@ -20,10 +20,13 @@ pub struct Target {
     pub url: String,
     /// Where the TCP connection goes.
     pub addr: SocketAddr,
+    /// `wss://`: TLS to the server, checked against `--ca-file`.
+    pub tls: bool,
 }
 
-/// The URLs of a `--url` list, checked for form: each `ws://host:port[/path]`, none empty, at
-/// most [`MAX_URLS`]. The same URL may appear more than once (it then gets its share twice).
+/// The URLs of a `--url` list, checked for form: each `ws://host:port[/path]` or
+/// `wss://host:port[/path]`, none empty, at most [`MAX_URLS`]. The same URL may appear more
+/// than once (it then gets its share twice).
 pub fn split(list: &str) -> Result<Vec<String>, String> {
     let urls: Vec<String> = list.split(',').map(|u| u.trim().to_owned()).collect();
     if urls.len() > MAX_URLS {
@@ -44,11 +47,17 @@ pub fn split(list: &str) -> Result<Vec<String>, String> {
     Ok(urls)
 }
 
-/// The `host:port` of a `ws://` URL.
+/// Whether a (checked) URL is `wss://`.
+pub fn is_tls(url: &str) -> bool {
+    url.starts_with("wss://")
+}
+
+/// The `host:port` of a `ws://` or `wss://` URL.
 fn host_port(url: &str) -> Result<&str, String> {
     let rest = url
         .strip_prefix("ws://")
-        .ok_or_else(|| format!("--url {url}: only ws:// URLs are supported"))?;
+        .or_else(|| url.strip_prefix("wss://"))
+        .ok_or_else(|| format!("--url {url}: only ws:// and wss:// URLs are supported"))?;
     let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let hostport = &rest[..end];
     if hostport.is_empty() {
@@ -75,6 +84,7 @@ pub fn resolve(url: &str, allow_remote: bool) -> Result<Target, String> {
     Ok(Target {
         url: url.to_owned(),
         addr,
+        tls: is_tls(url),
     })
 }
 
@@ -111,13 +121,20 @@ mod tests {
             "spaces around commas are dropped; a repeated URL stays"
         );
         assert_eq!(split("ws://h:1").unwrap(), vec!["ws://h:1"], "no path");
+        assert_eq!(
+            split("wss://localhost:8443/ws,ws://127.0.0.1:1/ws").unwrap(),
+            vec!["wss://localhost:8443/ws", "ws://127.0.0.1:1/ws"],
+            "TLS and plain URLs mix"
+        );
+        assert!(is_tls("wss://localhost:8443/ws") && !is_tls("ws://localhost:1/ws"));
         for bad in [
             "",
             ",",
             "ws://127.0.0.1:1/ws,",
             "ws://127.0.0.1:1/ws,,ws://127.0.0.1:2/ws",
             "http://127.0.0.1:1/ws",
-            "wss://127.0.0.1:1/ws",
+            "wss://",
+            "https://127.0.0.1:1/ws",
             "ws://127.0.0.1:1/ws,127.0.0.1:2",
             "ws:///ws",
             "ws://",

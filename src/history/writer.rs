@@ -31,6 +31,11 @@ const RETENTION_TURN: Duration = Duration::from_millis(100);
 /// it. The first such check may come at start: a start that finds nothing to delete does not
 /// walk the store, however large it is.
 const COMPACT_CHECK_EVERY: Duration = Duration::from_secs(600);
+/// While a batch is open, the writer looks at its queue this many times per
+/// `batch_interval_ms` instead of waking for every record: one wake-up per record cost the
+/// server more CPU than writing it (docs/BENCHMARKS.md, "CPU per delivery"). The queue
+/// (`queue_capacity`) holds what arrives between two looks.
+const CHECKS_PER_BATCH: u32 = 4;
 
 /// How a retention turn ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,6 +128,7 @@ impl Writer {
 
     async fn run_with<S: Store>(mut self, mut store: S) {
         let batch_wait = Duration::from_millis(self.cfg.batch_interval_ms);
+        let batch_check = (batch_wait / CHECKS_PER_BATCH).max(Duration::from_millis(1));
         let mut batch_due: Option<tokio::time::Instant> = None;
         // The first retention turn at once.
         let mut retention_due = tokio::time::Instant::now();
@@ -136,8 +142,12 @@ impl Writer {
                 self.shutdown(&mut store, deadline).await;
                 return;
             }
+            // While a batch is open the writer does not wake for each record: it looks at the
+            // queue every `batch_wait / CHECKS_PER_BATCH` (and at the batch's due time), so a
+            // steady trickle of records costs a few wake-ups per batch, not one per record.
             let due = batch_due
                 .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            let check = batch_due.map(|d| d.min(tokio::time::Instant::now() + batch_check));
             // Not biased: under a flood of records, questions still get their turn, and the
             // other way round.
             tokio::select! {
@@ -168,7 +178,7 @@ impl Writer {
                         Err(_) => queries_open = false,
                     }
                 }
-                r = self.records.recv_async() => {
+                r = self.records.recv_async(), if batch_due.is_none() => {
                     let Ok(r) = r else {
                         // Every sink is gone without a stop: flush what is here, within the deadline.
                         let grace = Duration::from_millis(self.cfg.flush_deadline_ms);
@@ -190,9 +200,26 @@ impl Writer {
                         batch_due = Some(tokio::time::Instant::now() + batch_wait);
                     }
                 }
-                _ = tokio::time::sleep_until(due), if batch_due.is_some() => {
-                    self.flush(&mut store, None).await;
-                    batch_due = None;
+                _ = tokio::time::sleep_until(check.unwrap_or(due)), if batch_due.is_some() => {
+                    // What is queued now (not what keeps arriving: questions and the stop
+                    // signal get their turn), written in batches of `batch_max`.
+                    let mut queued = self.records.len();
+                    while queued > 0 {
+                        match self.records.try_recv() {
+                            Ok(r) => self.take(r),
+                            Err(_) => break,
+                        }
+                        queued -= 1;
+                        if self.pending() >= self.cfg.batch_max {
+                            self.flush(&mut store, None).await;
+                        }
+                    }
+                    if tokio::time::Instant::now() >= due || self.pending() == 0 {
+                        if self.pending() > 0 {
+                            self.flush(&mut store, None).await;
+                        }
+                        batch_due = None;
+                    }
                 }
                 _ = tokio::time::sleep_until(retention_due) => {
                     let (expired, turn) = self.expire(&mut store).await;

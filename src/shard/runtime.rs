@@ -274,6 +274,7 @@ pub fn spawn(
         let handle = LocalExecutorBuilder::new(placement)
             .name(&format!("shard-{ix}"))
             .io_memory(IO_MEMORY)
+            .ring_depth(usize::try_from(cfg.io_ring_depth).expect("validate() caps io_ring_depth"))
             .preempt_timer(stall::time_slice(threshold))
             .detect_stalls(Some(Box::new(stalls)))
             .spawn(move || async move {

@@ -74,3 +74,20 @@ pub fn harness_at(urls: &str, secret: &str, sources: usize, json: &Path) -> Comm
         .arg(json);
     c
 }
+
+/// A harness run's exit status and output, for an assertion's message.
+pub fn explain(out: &std::process::Output) -> String {
+    format!(
+        "harness exited with {}\n--- stdout\n{}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The JSON report at `path` (panics, naming it, when the harness wrote none).
+pub fn read_report(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("the harness wrote no report {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
