@@ -5,8 +5,10 @@
 use std::future::Future;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::os::fd::OwnedFd;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::Mutex;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use glommio::channels::local_channel::LocalReceiver;
@@ -225,17 +227,38 @@ pub async fn next_connection(
 /// detached glommio task would otherwise take the whole shard's executor down. Whatever the
 /// task owned is dropped (a WebSocket connection's drop guard closes its session). Counted in
 /// `conn_panics`.
-pub async fn guarded(metrics: Arc<ShardMetrics>, task: impl Future<Output = ()>) {
-    use futures_lite::FutureExt;
-    if std::panic::AssertUnwindSafe(task)
-        .catch_unwind()
-        .await
-        .is_err()
-    {
-        ShardMetrics::inc(&metrics.conn_panics);
-        tracing::error!(
-            "a connection task panicked; that connection was dropped, the shard goes on"
-        );
+pub fn guarded<F: Future<Output = ()>>(metrics: Arc<ShardMetrics>, task: F) -> Guarded<F> {
+    Guarded { metrics, task }
+}
+
+pin_project_lite::pin_project! {
+    /// [`guarded`]'s future. A struct rather than an `async fn`: an `async fn` keeps its
+    /// argument and the future it awaits side by side, so every live connection's task held its
+    /// state twice (docs/BENCHMARKS.md, "Issue 14").
+    pub struct Guarded<F> {
+        metrics: Arc<ShardMetrics>,
+        #[pin]
+        task: F,
+    }
+}
+
+impl<F: Future<Output = ()>> Future for Guarded<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        let task = this.task;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| task.poll(cx))) {
+            Ok(p) => p,
+            // The executor drops this future (and with it the task) once it is ready.
+            Err(_) => {
+                ShardMetrics::inc(&this.metrics.conn_panics);
+                tracing::error!(
+                    "a connection task panicked; that connection was dropped, the shard goes on"
+                );
+                Poll::Ready(())
+            }
+        }
     }
 }
 

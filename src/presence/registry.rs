@@ -506,6 +506,11 @@ impl Registry {
             }
             None => (status, None, entry.stamps),
         };
+        // Most users have one device: room for one session, not the four a first `push` makes
+        // (a `Session` is over 100 bytes; docs/BENCHMARKS.md, "Issue 14").
+        if entry.sessions.capacity() == 0 {
+            entry.sessions.reserve_exact(1);
+        }
         entry.sessions.push(Session {
             id,
             status,

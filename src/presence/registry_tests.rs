@@ -49,6 +49,19 @@ fn two_devices_then_offline_with_last_seen() {
 }
 
 #[test]
+fn a_users_first_session_takes_room_for_one() {
+    // Memory per connection (docs/BENCHMARKS.md, "Issue 14"): a first `push` would make room
+    // for four sessions, and most users have one device.
+    let mut r = Registry::new();
+    let alice = uid("alice");
+    r.connect(&alice, sid(1), Status::Online, info(&[]), 10);
+    assert_eq!(r.users.get("alice").unwrap().sessions.capacity(), 1);
+    // A second device still fits (the vector grows as usual).
+    r.connect(&alice, sid(2), Status::Online, info(&[]), 20);
+    assert_eq!(r.users.get("alice").unwrap().sessions.len(), 2);
+}
+
+#[test]
 fn invisible_hides_and_ranking_is_online_busy_away() {
     let mut r = Registry::new();
     let bob = uid("bob");
