@@ -186,7 +186,7 @@ pub async fn connect(
             }
             tokio_tungstenite::tungstenite::Error::Tls(_) => "tls".to_string(),
             tokio_tungstenite::tungstenite::Error::Io(e)
-                if e.kind() == std::io::ErrorKind::InvalidData =>
+                if target.tls && e.kind() == std::io::ErrorKind::InvalidData =>
             {
                 "tls".to_string()
             }

@@ -273,10 +273,13 @@ pub fn run(plan: &Plan, argv: &[String]) -> Result<std::process::ExitCode, Strin
             let scratch = plan.dir.join(&tag);
             let _ = std::fs::remove_dir_all(&scratch);
             std::fs::create_dir_all(&scratch).map_err(|e| format!("{}: {e}", scratch.display()))?;
-            let mut server = start(bin, &server_argv(&plan.server_args, &scratch)?, plan, &tag)?;
             let report_path = plan.dir.join(format!("{tag}.json"));
             let _ = std::fs::remove_file(&report_path);
             let log = plan.dir.join(format!("{tag}-harness.log"));
+            // Everything that can fail before the server runs, so no error leaves one behind.
+            let (out, err) = (file(&log)?, file(&log.with_extension("err"))?);
+            let argv = server_argv(&plan.server_args, &scratch)?;
+            let mut server = start(bin, &argv, plan, &tag)?;
             if !plan.quiet {
                 eprintln!(
                     "compare: round {} of {}, {} ({}), pid {}",
@@ -293,11 +296,14 @@ pub fn run(plan: &Plan, argv: &[String]) -> Result<std::process::ExitCode, Strin
                 .arg(server.id().to_string())
                 .arg("--json")
                 .arg(&report_path)
-                .stdout(file(&log)?)
-                .stderr(file(&log.with_extension("err"))?)
+                .stdout(out)
+                .stderr(err)
                 .status();
+            // Reaped already when it exited by itself: only a running server is stopped.
             let exited = server.try_wait().ok().flatten();
-            stop(&mut server);
+            if exited.is_none() {
+                stop(&mut server);
+            }
             let status = status.map_err(|e| format!("{}: {e}", me.display()))?;
             if let Some(s) = exited {
                 return Err(format!(
@@ -319,6 +325,13 @@ pub fn run(plan: &Plan, argv: &[String]) -> Result<std::process::ExitCode, Strin
                 .map_err(|e| format!("{}: {e}", report_path.display()))?;
             let report: Report = serde_json::from_str(&text)
                 .map_err(|e| format!("{}: {e}", report_path.display()))?;
+            // A run whose server could not be read would drop out of the medians unseen.
+            if report.server.is_none() {
+                return Err(format!(
+                    "{tag}: the harness could not read the server's /proc; see {}",
+                    log.with_extension("err").display()
+                ));
+            }
             if build == Build::A {
                 ra.push(report);
             } else {
@@ -361,11 +374,16 @@ fn file(p: &Path) -> Result<std::fs::File, String> {
 /// Starts a server and waits until it listens.
 fn start(bin: &Path, argv: &[String], plan: &Plan, tag: &str) -> Result<Child, String> {
     let log = plan.dir.join(format!("{tag}-server.log"));
+    // One open file for both streams, so neither overwrites the other.
+    let out = file(&log)?;
+    let err = out
+        .try_clone()
+        .map_err(|e| format!("{}: {e}", log.display()))?;
     let mut child = Command::new(bin)
         .args(argv)
         .stdin(Stdio::null())
-        .stdout(file(&log)?)
-        .stderr(file(&log)?)
+        .stdout(out)
+        .stderr(err)
         .spawn()
         .map_err(|e| format!("{}: {e}", bin.display()))?;
     let deadline = Instant::now() + START_TIMEOUT;

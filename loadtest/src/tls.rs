@@ -10,7 +10,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 
 /// The client configuration for `wss://` URLs: TLS 1.2 and 1.3 with ring, the roots of
-/// `ca_file`.
+/// `ca_file`, no session resumption.
 pub fn client_config(ca_file: &Path) -> Result<Arc<rustls::ClientConfig>, String> {
     let what = |e: &dyn std::fmt::Display| format!("--ca-file {}: {e}", ca_file.display());
     let certs = CertificateDer::pem_file_iter(ca_file)
@@ -25,11 +25,14 @@ pub fn client_config(ca_file: &Path) -> Result<Arc<rustls::ClientConfig>, String
         roots.add(c).map_err(|e| what(&e))?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| what(&e))?
         .with_root_certificates(roots)
         .with_no_client_auth();
+    // Every connection a full handshake: the fleet shares this configuration, and resumed
+    // sessions would make a TLS handshake figure a mix of two things.
+    cfg.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(cfg))
 }
 

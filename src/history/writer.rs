@@ -33,8 +33,9 @@ const RETENTION_TURN: Duration = Duration::from_millis(100);
 const COMPACT_CHECK_EVERY: Duration = Duration::from_secs(600);
 /// While a batch is open, the writer looks at its queue this many times per
 /// `batch_interval_ms` instead of waking for every record: one wake-up per record cost the
-/// server more CPU than writing it (docs/BENCHMARKS.md, "CPU per delivery"). The queue
-/// (`queue_capacity`) holds what arrives between two looks.
+/// server more CPU than writing it (docs/BENCHMARKS.md, "Issue 14"). The queue
+/// (`queue_capacity`) holds what arrives between two looks; a look that finds a full batch
+/// writes it, and the writer then takes the rest one batch per turn, as before.
 const CHECKS_PER_BATCH: u32 = 4;
 
 /// How a retention turn ended.
@@ -130,6 +131,8 @@ impl Writer {
         let batch_wait = Duration::from_millis(self.cfg.batch_interval_ms);
         let batch_check = (batch_wait / CHECKS_PER_BATCH).max(Duration::from_millis(1));
         let mut batch_due: Option<tokio::time::Instant> = None;
+        // While a batch is open: when the writer next looks at its queue.
+        let mut next_check = tokio::time::Instant::now();
         // The first retention turn at once.
         let mut retention_due = tokio::time::Instant::now();
         let mut compact_checked: Option<Instant> = None;
@@ -147,7 +150,7 @@ impl Writer {
             // steady trickle of records costs a few wake-ups per batch, not one per record.
             let due = batch_due
                 .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
-            let check = batch_due.map(|d| d.min(tokio::time::Instant::now() + batch_check));
+            let look = next_check.min(due);
             // Not biased: under a flood of records, questions still get their turn, and the
             // other way round.
             tokio::select! {
@@ -195,30 +198,29 @@ impl Writer {
                     }
                     if self.pending() >= self.cfg.batch_max {
                         self.flush(&mut store, None).await;
-                        batch_due = None;
-                    } else if batch_due.is_none() {
-                        batch_due = Some(tokio::time::Instant::now() + batch_wait);
+                    } else {
+                        let now = tokio::time::Instant::now();
+                        batch_due = Some(now + batch_wait);
+                        next_check = now + batch_check;
                     }
                 }
-                _ = tokio::time::sleep_until(check.unwrap_or(due)), if batch_due.is_some() => {
-                    // What is queued now (not what keeps arriving: questions and the stop
-                    // signal get their turn), written in batches of `batch_max`.
-                    let mut queued = self.records.len();
-                    while queued > 0 {
+                _ = tokio::time::sleep_until(look), if batch_due.is_some() => {
+                    // At most one batch per look, like one per turn when records wake the
+                    // writer: questions and the stop signal get their turn between batches.
+                    while self.pending() < self.cfg.batch_max {
                         match self.records.try_recv() {
                             Ok(r) => self.take(r),
                             Err(_) => break,
                         }
-                        queued -= 1;
-                        if self.pending() >= self.cfg.batch_max {
-                            self.flush(&mut store, None).await;
-                        }
                     }
-                    if tokio::time::Instant::now() >= due || self.pending() == 0 {
-                        if self.pending() > 0 {
-                            self.flush(&mut store, None).await;
-                        }
+                    let now = tokio::time::Instant::now();
+                    if self.pending() >= self.cfg.batch_max || now >= due {
+                        self.flush(&mut store, None).await;
+                        // What is still queued opens the next batch at once (the branch
+                        // above), and a full one is written on the next turn.
                         batch_due = None;
+                    } else {
+                        next_check = now + batch_check;
                     }
                 }
                 _ = tokio::time::sleep_until(retention_due) => {
