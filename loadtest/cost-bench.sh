@@ -1,6 +1,5 @@
 #!/usr/bin/env bash
-# The server's cost, two builds side by side (docs/BENCHMARKS.md, "Server cost per delivery,
-# idle, memory and handshakes"). Every figure comes from `presenced-loadtest --server-bin A
+# The server's cost, two builds side by side (docs/BENCHMARKS.md, "Issue 14"). Every figure comes from `presenced-loadtest --server-bin A
 # --compare-bin B`, which reads each server's CPU time (user and kernel, all threads) and RSS
 # from /proc over the measured phase; each step runs ROUNDS rounds, alternating the order, and
 # prints medians and B / A.
@@ -27,6 +26,8 @@ IDLE_S=${IDLE_S:-10}
 PORT=${PORT:-18700}
 OUT=${OUT:-target/cost-bench}
 mkdir -p "$OUT"
+# shellcheck source=loadtest/lib.sh
+. loadtest/lib.sh # SECRET, the one loadtest/compare.toml holds
 cargo build --release -q -p presenced-loadtest
 ulimit -n "$(ulimit -Hn)"
 SERVE="serve --config loadtest/compare.toml --data-dir {dir} --listen 127.0.0.1:$PORT --shards 2 --placement unbound --no-admin"
@@ -36,7 +37,7 @@ cmp() {
   echo "== $name"
   target/release/presenced-loadtest --quiet --server-bin "$A" --compare-bin "$B" --rounds "$ROUNDS" \
     --server-args "$SERVE $extra" --url "${URL:-ws://127.0.0.1:$PORT/ws}" \
-    --secret bench-secret-0123456789abcdef --compare-dir "$OUT/$name" --json "$OUT/$name.json" "$@"
+    --secret "$SECRET" --compare-dir "$OUT/$name" --json "$OUT/$name.json" "$@"
 }
 for f in $STEPS; do
   cmp "churn-$f" "" --scenario churn --connections 4000 --watch 10 --flap-fraction 0.25 \

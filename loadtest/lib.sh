@@ -9,6 +9,7 @@
 # heartbeat sweep has given back the buffers a connection's set-up burst used. History goes to
 # $OUT/data, emptied at every server start.
 
+# The same as loadtest/compare.toml's jwt_secret.
 SECRET=bench-secret-0123456789abcdef
 LOAD=target/release/presenced-loadtest
 TCK=$(getconf CLK_TCK)
@@ -90,3 +91,45 @@ run_phase_ticks() {
 
 # Microseconds of CPU per item: $1 ticks over $2 items (0 when there are none).
 us_per() { awk -v t="$1" -v n="$2" -v k="$TCK" 'BEGIN { printf "%.2f", (n > 0 ? t / k * 1e6 / n : 0) }'; }
+
+# Starts server $1 with the comparisons' settings (loadtest/compare.toml: limits lifted, the
+# default heartbeat), 2 unpinned shards and history in $OUT/data, and waits for its port; sets
+# SPID. The rest are more `serve` flags. With $LAUNCH (e.g. `heaptrack -o FILE`) the server runs
+# under it, and SPID is still the server's own pid.
+start_compare_server() {
+  local bin=$1
+  shift
+  stop_server
+  rm -rf "$OUT/data"
+  # shellcheck disable=SC2086 # LAUNCH is a command line
+  ${LAUNCH:-} "$bin" serve --config loadtest/compare.toml --data-dir "$OUT/data" \
+    --listen "127.0.0.1:$PORT" --shards 2 --placement unbound --no-admin "$@" \
+    > "$OUT/server.log" 2>&1 &
+  SPID=$!
+  wait_port "$PORT" 200 || { echo "server did not start: $OUT/server.log" >&2; exit 1; }
+  if [ -n "${LAUNCH:-}" ]; then SPID=$(pgrep -n -f "^$bin serve"); fi
+}
+
+# The harness in the background (HPID) with the flags given, its report in $OUT/report.json;
+# returns once its run phase has begun.
+load_until_run() {
+  rm -f "$OUT/phase"
+  harness --phase-file "$OUT/phase" --json "$OUT/report.json" "$@" > "$OUT/harness.log" 2>&1 &
+  HPID=$!
+  while [ "$(cat "$OUT/phase" 2>/dev/null)" != run ]; do
+    kill -0 "$HPID" 2>/dev/null || { echo "the harness ended before its run: $OUT/harness.log" >&2; exit 1; }
+    sleep 0.05
+  done
+}
+
+# The churn load of the cost scripts: 4,000 connections watching 10 users each, a quarter of
+# them flapping (add --flaps-per-sec and --duration).
+# shellcheck disable=SC2034 # used by the scripts that source this file
+CHURN=(--scenario churn --connections 4000 --watch 10 --flap-fraction 0.25 --rate 4000)
+
+# For the profile scripts: an empty $OUT, the harness built, the open-file limit raised.
+fresh_run() {
+  rm -rf "$OUT" && mkdir -p "$OUT"
+  cargo build --release -q -p presenced-loadtest
+  ulimit -n "$(ulimit -Hn)"
+}

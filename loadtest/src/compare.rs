@@ -220,9 +220,10 @@ pub fn rows(a: &[Report], b: &[Report]) -> Vec<Row> {
 }
 
 /// The human table.
-pub fn table(plan: &Plan, rows: &[Row], rounds: u32) -> String {
+pub fn table(plan: &Plan, rows: &[Row]) -> String {
     let mut t = format!(
-        "\ncomparison, median of {rounds} round(s) each\n  a = {}\n  b = {}\n\n  {:<30} {:>14} {:>14} {:>8}\n",
+        "\ncomparison, median of {} round(s) each\n  a = {}\n  b = {}\n\n  {:<30} {:>14} {:>14} {:>8}\n",
+        plan.rounds,
         plan.a.display(),
         plan.b.display(),
         "",
@@ -340,7 +341,7 @@ pub fn run(plan: &Plan, argv: &[String]) -> Result<std::process::ExitCode, Strin
         }
     }
     let rows = rows(&ra, &rb);
-    print!("{}", table(plan, &rows, plan.rounds));
+    print!("{}", table(plan, &rows));
     if failed_verify {
         println!(
             "\n  verify FAILED in at least one run: see the reports in {}",

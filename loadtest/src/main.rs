@@ -305,7 +305,7 @@ fn resolve(args: &RunArgs) -> Result<Scenario, String> {
 
 /// The server exited (or its `/proc` could not be read) during the run: said, and counted in
 /// the report's errors.
-fn stats_error_server(report: &mut Report, quiet: bool) {
+fn server_unreadable(report: &mut Report, quiet: bool) {
     if !quiet {
         eprintln!("warning: --server-pid: the server could not be read during the run");
     }
@@ -655,7 +655,7 @@ fn run_load(args: RunArgs) -> Result<ExitCode, String> {
                 procstat::ticks_per_second(),
             ));
         }
-        (Some(_), _, _) => stats_error_server(&mut report, args.quiet),
+        (Some(_), _, _) => server_unreadable(&mut report, args.quiet),
         _ => {}
     }
     print!("{}", report.table());

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::sync::Mutex;
 
 use common::cluster::{free_port, presenced_bin, TempDir};
-use common::{explain, harness, read_report, BIN, SECRET};
+use common::{assert_refused, explain, harness, read_report, BIN, SECRET};
 
 /// One fleet at a time: two cores.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -81,9 +81,7 @@ fn a_server_pid_that_cannot_be_read_is_refused() {
         .arg(dir.path().join("r.json"))
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2), "{}", explain(&out));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--server-pid 4000000000"), "{err}");
+    assert_refused(&out, &["--server-pid 4000000000"]);
 }
 
 /// The comparison's flags for `presenced serve` on `port`, with `config`.
@@ -223,12 +221,7 @@ fn compare_bin_says_which_server_would_not_start() {
     let out = compare(&config(dir.path()), free_port(), dir.path(), &bin, &missing)
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2), "{}", explain(&out));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("no such server binary"),
-        "{}",
-        explain(&out)
-    );
+    assert_refused(&out, &["no such server binary"]);
     // A server that exits at start (its config does not exist).
     let out = compare(
         &dir.path().join("nope.toml"),
@@ -239,10 +232,5 @@ fn compare_bin_says_which_server_would_not_start() {
     )
     .output()
     .unwrap();
-    assert_eq!(out.status.code(), Some(2), "{}", explain(&out));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("exited at start") && err.contains("a-1-server.log"),
-        "{err}"
-    );
+    assert_refused(&out, &["exited at start", "a-1-server.log"]);
 }

@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 
 use common::cluster::TempDir;
-use common::{explain, harness_at, read_report, ws_url, SECRET};
+use common::{assert_refused, explain, harness_at, read_report, ws_url, SECRET};
 
 /// A self-signed certificate for localhost and 127.0.0.1 in `dir`: cert.pem, key.pem.
 fn certificate(dir: &Path, name: &str) {
@@ -82,10 +82,5 @@ fn the_fleet_churns_and_verifies_over_tls_beside_plain() {
         .args(["--scenario", "idle", "--connections", "20"])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2), "{}", explain(&out));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("needs --ca-file"),
-        "{}",
-        explain(&out)
-    );
+    assert_refused(&out, &["needs --ca-file"]);
 }

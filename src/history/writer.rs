@@ -120,6 +120,16 @@ impl Writer {
         self.events.len() + self.samples.len()
     }
 
+    /// Takes what is already queued, without waiting, until the batch is full.
+    fn take_queued(&mut self) {
+        while self.pending() < self.cfg.batch_max {
+            match self.records.try_recv() {
+                Ok(r) => self.take(r),
+                Err(_) => break,
+            }
+        }
+    }
+
     fn take(&mut self, r: Record) {
         match r {
             Record::Event(e) => self.events.push(e),
@@ -189,13 +199,7 @@ impl Writer {
                         return;
                     };
                     self.take(r);
-                    // Take what else is already queued, up to a batch, without waiting.
-                    while self.pending() < self.cfg.batch_max {
-                        match self.records.try_recv() {
-                            Ok(r) => self.take(r),
-                            Err(_) => break,
-                        }
-                    }
+                    self.take_queued();
                     if self.pending() >= self.cfg.batch_max {
                         self.flush(&mut store, None).await;
                     } else {
@@ -207,12 +211,7 @@ impl Writer {
                 _ = tokio::time::sleep_until(look), if batch_due.is_some() => {
                     // At most one batch per look, like one per turn when records wake the
                     // writer: questions and the stop signal get their turn between batches.
-                    while self.pending() < self.cfg.batch_max {
-                        match self.records.try_recv() {
-                            Ok(r) => self.take(r),
-                            Err(_) => break,
-                        }
-                    }
+                    self.take_queued();
                     let now = tokio::time::Instant::now();
                     if self.pending() >= self.cfg.batch_max || now >= due {
                         self.flush(&mut store, None).await;
@@ -380,12 +379,7 @@ impl Writer {
     /// Drains the queue and writes it, until `deadline`; logs what it could not write.
     async fn shutdown<S: Store>(&mut self, store: &mut S, deadline: Instant) {
         loop {
-            while self.pending() < self.cfg.batch_max {
-                match self.records.try_recv() {
-                    Ok(r) => self.take(r),
-                    Err(_) => break,
-                }
-            }
+            self.take_queued();
             if self.pending() == 0 {
                 break;
             }

@@ -91,3 +91,12 @@ pub fn read_report(path: &Path) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("the harness wrote no report {}: {e}", path.display()));
     serde_json::from_str(&text).unwrap()
 }
+
+/// A harness run refused as a usage error (exit 2), saying each of `says` on stderr.
+pub fn assert_refused(out: &std::process::Output, says: &[&str]) {
+    assert_eq!(out.status.code(), Some(2), "{}", explain(out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for s in says {
+        assert!(err.contains(s), "no {s:?} in: {}", explain(out));
+    }
+}
