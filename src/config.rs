@@ -442,7 +442,8 @@ pub struct ScyllaConfig {
     /// Write requests in flight at once.
     pub max_in_flight: usize,
     pub request_timeout_ms: u64,
-    /// Retries of a failed batch before its events are dropped (and counted).
+    /// Retries of a failed batch in a row without progress before its events are dropped (and
+    /// counted); an attempt that writes part of the batch starts the count again.
     pub max_retries: u32,
     /// Backoff: base, doubled per retry with full jitter, capped.
     pub retry_base_ms: u64,

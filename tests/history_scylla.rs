@@ -619,6 +619,40 @@ fn under_overload_timeouts_and_dropped_connections_the_writer_retries_until_all_
 }
 
 #[test]
+fn a_flaky_cluster_that_takes_part_of_every_attempt_loses_nothing() {
+    // Three writes in ten are refused, and an attempt starts no new write after 4 refusals
+    // (`max_in_flight`), so every attempt stores about 9 partitions and then gives up. Counted
+    // per batch, 12 retries run out long before a batch's hundreds of partitions are in;
+    // counted from the last attempt that stored something, they run out only after 13
+    // attempts in a row store nothing (at most 0.3^13, about 2e-7, each time).
+    let target = Target::Kassandra(Cluster::start());
+    let cluster = target.kassandra().unwrap();
+    let mut cfg = target.history();
+    cfg.scylla.max_in_flight = 4;
+    cfg.scylla.max_retries = 12;
+    let sent = events("flaky", 400, 200);
+    cluster.set_faults(&[Fault::Overloaded(When::Randomly(0.3))]);
+    let history = History::start(&cfg).expect("history starts");
+    let m = history.sink.metrics.clone();
+    sent.iter().for_each(|e| history.sink.event(e.clone()));
+    wait_for("every event written or dropped", || {
+        get(&m.written) + get(&m.dropped_write_failed) == sent.len() as u64
+    });
+    history.stop(Duration::from_millis(cfg.flush_deadline_ms));
+    cluster.set_faults(&[]);
+
+    assert_eq!(get(&m.dropped_write_failed), 0, "nothing dropped: {m:?}");
+    // 400 events make at most two batches (`batch_max` 256): past twice the budget, at least
+    // one batch met more refusals than a whole-batch count would have allowed.
+    assert!(
+        get(&m.write_errors) > 2 * u64::from(cfg.scylla.max_retries + 1),
+        "more refusals than the batches' budgets: {m:?}"
+    );
+    assert_eq!(get(&m.retries), get(&m.write_errors));
+    assert_stored_once(&target, &sent, &[]);
+}
+
+#[test]
 fn a_dead_cluster_costs_counted_drops_and_a_bounded_queue_until_it_comes_back() {
     let target = Target::Kassandra(Cluster::start());
     let cluster = target.kassandra().unwrap();

@@ -164,6 +164,8 @@ pub struct ScyllaStore {
     next_n: u64,
     /// The last batch, while it has not been written whole.
     unfinished: Option<Progress>,
+    /// The last write stored some of its batch's partitions ([`Store::write_progressed`]).
+    progressed: bool,
 }
 
 impl ScyllaStore {
@@ -179,6 +181,7 @@ impl ScyllaStore {
             // grows): two writers (servers) do not share keys within a millisecond.
             next_n: (rand::random::<u64>() >> 2) & !0xFFFF_FFFF,
             unfinished: None,
+            progressed: false,
         }
     }
 
@@ -240,6 +243,10 @@ impl Store for ScyllaStore {
         samples: &[Sample],
     ) -> Result<(), StoreError> {
         self.write_batch(events, samples).await
+    }
+
+    fn write_progressed(&self) -> bool {
+        self.progressed
     }
 
     async fn history(

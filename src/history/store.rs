@@ -40,6 +40,14 @@ pub trait Store {
         events: &[HistoryEvent],
         samples: &[Sample],
     ) -> Result<(), StoreError>;
+    /// Whether the last `write`, though it failed, stored part of its batch, so that trying the
+    /// same batch again sends less. The writer then counts `max_retries` from zero again: a
+    /// flaky cluster that keeps taking part of every attempt loses nothing, and only attempts
+    /// that store nothing at all use up the budget. A store that writes a batch whole (or not
+    /// at all) never makes partial progress.
+    fn write_progressed(&self) -> bool {
+        false
+    }
     /// A user's events in `[from, to]`, newest first, at most `limit`.
     async fn history(
         &mut self,

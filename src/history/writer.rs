@@ -277,6 +277,11 @@ impl Writer {
                 }
                 Err(e) => {
                     HistoryMetrics::add(&self.metrics.write_errors, 1);
+                    if store.write_progressed() {
+                        // Part of the batch went in: the cluster is alive, and the retry sends
+                        // only what is left. The budget (and the backoff) start again.
+                        attempt = 0;
+                    }
                     let out_of_time = deadline.is_some_and(|d| Instant::now() >= d);
                     if !e.retryable || attempt >= sc.max_retries || out_of_time {
                         HistoryMetrics::add(&self.metrics.dropped_write_failed, n);

@@ -168,6 +168,7 @@ impl ScyllaStore {
                 }
             }
         };
+        self.progressed = false;
         let base = progress.base_n;
         let max_in_flight = self.max_in_flight();
         let (session, st) = match self.ready().await {
@@ -198,7 +199,9 @@ impl ScyllaStore {
             .collect();
         // The same records group into the same jobs, in the same order.
         progress.done.resize(jobs.len(), false);
+        let done_before = progress.done.iter().filter(|&&d| d).count();
         let result = run_all(session, st, &jobs, &mut progress.done, max_in_flight).await;
+        self.progressed = progress.done.iter().filter(|&&d| d).count() > done_before;
         if result.is_err() {
             self.unfinished = Some(progress);
         }
