@@ -46,6 +46,13 @@ pub struct Config {
     /// Origins allowed to open WebSockets (exact match, e.g. "https://app.example.com"); empty
     /// allows all. Requests without an Origin header (non-browser clients) are allowed.
     pub allowed_origins: Vec<String>,
+    /// Peers (CIDR blocks or addresses) whose PROXY protocol header and `X-Forwarded-For` name
+    /// the client (docs/CONFIG.md, "Behind a proxy"); from anyone else both are ignored. Empty:
+    /// every connection's address is its peer's.
+    pub trusted_proxies: Vec<String>,
+    /// The client listeners (`listen`, `tls.listen`) expect a PROXY protocol header (v1 or v2)
+    /// before anything else on every connection; one without a valid header is closed.
+    pub proxy_protocol: bool,
     pub tls: TlsConfig,
     pub auth: AuthConfig,
     pub limits: Limits,
@@ -580,6 +587,8 @@ impl Default for Config {
             stall_threshold_ms: 50,
             io_ring_depth: 4096,
             allowed_origins: Vec::new(),
+            trusted_proxies: Vec::new(),
+            proxy_protocol: false,
             tls: TlsConfig::default(),
             auth: AuthConfig::default(),
             limits: Limits::default(),
@@ -818,6 +827,8 @@ impl Config {
                 "must exceed 2 × limits.ops_per_second (the replies of a rate-limited burst)",
             );
         }
+        crate::edge::proxy::TrustedProxies::parse(&self.trusted_proxies)
+            .map_err(|why| ConfigError(format!("trusted_proxies: {why}")))?;
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return bad("tls", "`cert` and `key` go together");
         }

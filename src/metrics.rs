@@ -65,6 +65,14 @@ counters! {
     handshakes_forbidden,
     /// Upgrades refused because the shard was full or stopping (503).
     handshakes_unavailable,
+    /// Connections closed for a missing or malformed PROXY protocol header.
+    handshakes_bad_proxy_header,
+    /// Client addresses taken from a trusted proxy's PROXY protocol header.
+    client_addr_proxy_protocol,
+    /// Client addresses taken from a trusted proxy's `X-Forwarded-For`.
+    client_addr_forwarded_for,
+    /// PROXY headers and `X-Forwarded-For` from peers not trusted for them, ignored.
+    proxy_headers_ignored,
     /// Accepted sockets handed to their owner shard.
     handoffs_out,
     /// Sockets received from another shard.

@@ -344,7 +344,25 @@ pub fn render(s: &Scrape<'_>) -> String {
             ("rate_limited", |m| m.handshakes_rate_limited),
             ("forbidden", |m| m.handshakes_forbidden),
             ("unavailable", |m| m.handshakes_unavailable),
+            ("bad_proxy_header", |m| m.handshakes_bad_proxy_header),
         ],
+    );
+    o.labelled(
+        "presenced_client_addresses_total",
+        "Client addresses learnt from a trusted proxy (docs/CONFIG.md, \"Behind a proxy\"), by how.",
+        "source",
+        sh,
+        &[
+            ("proxy_protocol", |m| m.client_addr_proxy_protocol),
+            ("forwarded_for", |m| m.client_addr_forwarded_for),
+        ],
+    );
+    o.per_shard(
+        "presenced_proxy_headers_ignored_total",
+        "counter",
+        "PROXY protocol addresses and X-Forwarded-For headers from untrusted peers, ignored.",
+        sh,
+        |m| m.proxy_headers_ignored,
     );
     o.labelled(
         "presenced_handoffs_total",

@@ -6,7 +6,7 @@
 //! to that owner as a job over the mesh. The owner answers the upgrade and serves the
 //! connection, so all of a user's devices live on one shard.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -19,6 +19,7 @@ use rustls::ServerConfig;
 
 use super::conn::{self, Accepted, Setup};
 use super::http::{self, Reject};
+use super::proxy::{self, AddrSource};
 use super::tls::Tls;
 use super::Edge;
 use crate::auth::Claims;
@@ -51,8 +52,11 @@ pub async fn accept_loop(
         };
         let metrics = edge.shard.metrics().clone();
         // The per-IP rate first, before a slot, a TLS handshake or a read is spent on the
-        // socket: one address cannot hold the slots everyone else needs.
-        if !edge.ip_limiter.borrow_mut().allow(peer.ip(), now_ms()) {
+        // socket: one address cannot hold the slots everyone else needs. A trusted proxy
+        // speaks for many clients: theirs are limited once the handshake has named them.
+        if !edge.trusted.contains(peer.ip())
+            && !edge.ip_limiter.borrow_mut().allow(peer.ip(), now_ms())
+        {
             ShardMetrics::inc(&metrics.handshakes_rate_limited);
             let why = "too many connection attempts from this address";
             edge.refuse(stream, secure.is_some(), 429, why);
@@ -138,20 +142,56 @@ async fn handshake(
     let shard = &edge.shard;
     let limits = &shard.cfg().limits;
     let deadline = Duration::from_millis(limits.handshake_timeout_ms);
-    let reading = read_head(&mut stream, &mut tls, limits.max_header_bytes);
+    let max = limits.max_header_bytes;
+    let reading = async {
+        // The PROXY header comes first, before TLS: the proxy writes it, not the client.
+        let (proxied, early) = if shard.cfg().proxy_protocol {
+            read_proxy_header(&mut stream, max)
+                .await
+                .map_err(Refusal::Proxy)?
+        } else {
+            (None, Vec::new())
+        };
+        let (buf, req) = read_head(&mut stream, &mut tls, max, early)
+            .await
+            .map_err(Refusal::Http)?;
+        Ok((proxied, buf, req))
+    };
     let head = futures_lite::future::or(reading, async {
         glommio::timer::sleep(deadline).await;
-        Err(Reject::new(408, "upgrade request not received in time"))
+        Err(Refusal::Http(Reject::new(
+            408,
+            "upgrade request not received in time",
+        )))
     })
     .await;
+    let head = match head {
+        Ok(head) => Ok(head),
+        Err(Refusal::Http(reject)) => Err(reject),
+        Err(Refusal::Proxy(why)) => {
+            ShardMetrics::inc(&shard.metrics().handshakes_bad_proxy_header);
+            if edge.trusted.contains(peer.ip()) {
+                tracing::warn!(peer = %peer, why, "connection closed: bad PROXY protocol header from a trusted proxy (is the proxy sending it? `proxy_protocol` must match)");
+            } else {
+                tracing::info!(peer = %peer, why, "connection closed: bad PROXY protocol header");
+            }
+            // No answer: the peer speaks neither our HTTP nor, maybe, plaintext.
+            conn::reject(&mut stream, None, 0, why).await;
+            return;
+        }
+    };
     let result = head
-        .and_then(|(buf, req)| edge.check_origin(&req).map(|()| (buf, req)))
-        .and_then(|(buf, req)| {
+        .and_then(|(proxied, buf, req)| {
+            let ip = edge.client_ip(peer, proxied, req.forwarded_for.as_deref())?;
+            Ok((ip, buf, req))
+        })
+        .and_then(|(ip, buf, req)| edge.check_origin(&req).map(|()| (ip, buf, req)))
+        .and_then(|(ip, buf, req)| {
             // Shedding load costs less than a signature check.
             if shard.congested() {
                 Err(Reject::new(503, "server overloaded: retry later"))
             } else {
-                authenticate(shard, peer, accepted, buf, req)
+                authenticate(shard, ip, accepted, buf, req)
             }
         });
     let a = match result {
@@ -249,28 +289,77 @@ fn dup(stream: &TcpStream) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Reads until the request head is complete, within `max` bytes; over TLS, runs the TLS
-/// handshake on the way (what rustls wants to send is written as it comes).
-async fn read_head(
+/// Why a handshake ended before its request was read.
+enum Refusal {
+    /// Answered with an HTTP status (or closed, for status 0).
+    Http(Reject),
+    /// No valid PROXY protocol header where one was required: closed unanswered.
+    Proxy(&'static str),
+}
+
+/// Reads the PROXY protocol header that starts the connection, within `max` bytes. Returns the
+/// client address it names (`None` for the proxy's own connections) and the bytes read past it,
+/// which belong to the client's stream.
+async fn read_proxy_header(
     stream: &mut TcpStream,
-    tls: &mut Option<Box<Tls>>,
     max: usize,
-) -> Result<(Vec<u8>, http::UpgradeRequest), Reject> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 2048];
-    let mut out = Vec::new();
+) -> Result<(Option<SocketAddr>, Vec<u8>), &'static str> {
+    let mut buf = Vec::with_capacity(256);
+    let mut chunk = [0u8; 512];
     loop {
         let n = stream
             .read(&mut chunk)
             .await
-            .map_err(|_| Reject::new(400, "read error"))?;
+            .map_err(|_| "read error before the PROXY protocol header")?;
         if n == 0 {
-            return Err(Reject::new(400, "connection closed during upgrade"));
+            return Err("connection closed before its PROXY protocol header");
         }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(h) = proxy::parse_proxy_header(&buf)? {
+            let rest = buf.split_off(h.len);
+            return Ok((h.source, rest));
+        }
+        if buf.len() >= max {
+            return Err("PROXY protocol header longer than limits.max_header_bytes");
+        }
+    }
+}
+
+/// Reads until the request head is complete, within `max` bytes; over TLS, runs the TLS
+/// handshake on the way (what rustls wants to send is written as it comes). `early`: bytes
+/// already read from the socket (after a PROXY header), taken first.
+async fn read_head(
+    stream: &mut TcpStream,
+    tls: &mut Option<Box<Tls>>,
+    max: usize,
+    early: Vec<u8>,
+) -> Result<(Vec<u8>, http::UpgradeRequest), Reject> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 2048];
+    let mut out = Vec::new();
+    let mut early = Some(early).filter(|e| !e.is_empty());
+    loop {
+        let taken;
+        let data: &[u8] = match early.take() {
+            Some(e) => {
+                taken = e;
+                &taken
+            }
+            None => {
+                let n = stream
+                    .read(&mut chunk)
+                    .await
+                    .map_err(|_| Reject::new(400, "read error"))?;
+                if n == 0 {
+                    return Err(Reject::new(400, "connection closed during upgrade"));
+                }
+                &chunk[..n]
+            }
+        };
         match tls {
-            None => buf.extend_from_slice(&chunk[..n]),
+            None => buf.extend_from_slice(data),
             Some(t) => {
-                let read = t.read(&chunk[..n], &mut |p| buf.extend_from_slice(p));
+                let read = t.read(data, &mut |p| buf.extend_from_slice(p));
                 t.drain(&mut out);
                 if !out.is_empty() {
                     let _ = stream.write_all(&out).await;
@@ -293,6 +382,39 @@ async fn read_head(
 }
 
 impl Edge {
+    /// The client's address ([`proxy::resolve`]), counted by where it came from; a client named
+    /// by a proxy meets the per-IP handshake limit here, as a direct one does at accept.
+    fn client_ip(
+        &self,
+        peer: SocketAddr,
+        proxied: Option<SocketAddr>,
+        forwarded_for: Option<&str>,
+    ) -> Result<IpAddr, Reject> {
+        let client = proxy::resolve(
+            peer.ip(),
+            proxied.map(|a| a.ip()),
+            forwarded_for,
+            &self.trusted,
+        );
+        let m = self.shard.metrics();
+        if client.ignored {
+            ShardMetrics::inc(&m.proxy_headers_ignored);
+            tracing::debug!(peer = %peer, "PROXY header or X-Forwarded-For from an untrusted peer ignored");
+        }
+        match client.source {
+            AddrSource::Peer => return Ok(client.ip),
+            AddrSource::ProxyProtocol => ShardMetrics::inc(&m.client_addr_proxy_protocol),
+            AddrSource::ForwardedFor => ShardMetrics::inc(&m.client_addr_forwarded_for),
+        }
+        if !self.ip_limiter.borrow_mut().allow(client.ip, now_ms()) {
+            return Err(Reject::new(
+                429,
+                "too many connection attempts from this address",
+            ));
+        }
+        Ok(client.ip)
+    }
+
     /// The Origin allowlist (a request without `Origin`, not a browser's, passes).
     fn check_origin(&self, req: &http::UpgradeRequest) -> Result<(), Reject> {
         let allowed = &self.shard.cfg().allowed_origins;
@@ -308,7 +430,7 @@ impl Edge {
 /// Token, device and impersonation checks on a parsed request.
 fn authenticate(
     shard: &Shard,
-    peer: SocketAddr,
+    peer: IpAddr,
     at: Instant,
     mut buf: Vec<u8>,
     req: http::UpgradeRequest,
@@ -350,7 +472,7 @@ fn admission(
     claims: Claims,
     device: Option<String>,
     device_type: DeviceType,
-    peer: SocketAddr,
+    peer: IpAddr,
     observe: Option<String>,
 ) -> Admission {
     let (user, observer) = match observe {
@@ -365,7 +487,7 @@ fn admission(
         region: claims.region.map(Into::into),
         groups: claims.groups,
         roles: claims.roles,
-        ip: peer.ip(),
+        ip: peer,
         observer,
     }
 }
@@ -374,7 +496,7 @@ fn admission(
 /// a read-only view of `target`. The session keeps the admin's identity and token expiry.
 fn observer_admission(
     shard: &Shard,
-    peer: SocketAddr,
+    peer: IpAddr,
     token: &str,
     target: String,
 ) -> Result<Admission, Reject> {

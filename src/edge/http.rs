@@ -18,6 +18,9 @@ pub struct UpgradeRequest {
     pub origin: Option<String>,
     /// `?as=<user>`: admin impersonation (see the admin API).
     pub as_user: Option<String>,
+    /// Every `X-Forwarded-For` header's value, joined with commas in order (believed only from
+    /// a trusted proxy: [`super::proxy`]).
+    pub forwarded_for: Option<String>,
     /// Length of the request head; bytes after it already belong to the WebSocket stream.
     pub head_len: usize,
 }
@@ -89,6 +92,16 @@ pub fn parse_upgrade(buf: &[u8]) -> Result<Option<UpgradeRequest>, Reject> {
         } else if name.eq_ignore_ascii_case("origin") {
             seen.once(Singleton::Origin)?;
             out.origin = Some(value.to_owned());
+        } else if name.eq_ignore_ascii_case("x-forwarded-for") {
+            // Repeats are one list (RFC 9110 §5.3), as proxies that add a line rather than
+            // extend the last one mean it.
+            match &mut out.forwarded_for {
+                Some(chain) => {
+                    chain.push(',');
+                    chain.push_str(value);
+                }
+                None => out.forwarded_for = Some(value.to_owned()),
+            }
         }
     }
     if !upgrade || !connection {
@@ -250,6 +263,22 @@ mod tests {
             text.len(),
             "bytes after the head are left for the socket"
         );
+    }
+
+    #[test]
+    fn forwarded_for_lines_are_one_list_in_order() {
+        let r = parse_upgrade(
+            req(
+                "X-Forwarded-For: 1.1.1.1, 2.2.2.2\r\nx-forwarded-for: 3.3.3.3\r\n",
+                "/ws",
+            )
+            .as_bytes(),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(r.forwarded_for.as_deref(), Some("1.1.1.1, 2.2.2.2,3.3.3.3"));
+        let none = parse_upgrade(req("", "/ws").as_bytes()).unwrap().unwrap();
+        assert_eq!(none.forwarded_for, None);
     }
 
     #[test]

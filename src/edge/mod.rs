@@ -6,12 +6,15 @@
 //! - [`accept`]: per-shard accept loop; reads the upgrade, authenticates, and hands the socket
 //!   to the owner shard of its user.
 //! - [`conn`]: the socket driver of one connection on its owner shard, for its whole life.
+//! - [`proxy`]: the client's address behind trusted proxies: PROXY protocol, `X-Forwarded-For`
+//!   (pure).
 //! - [`ratelimit`]: the per-IP handshake limiter (pure).
 //! - [`tls`]: rustls driven from the connection's poll loop.
 
 pub mod accept;
 pub mod conn;
 pub mod http;
+pub mod proxy;
 pub mod ratelimit;
 pub mod tls;
 
@@ -25,6 +28,7 @@ use rustls::ServerConfig;
 
 use crate::shard::runtime::Stop;
 use crate::shard::Shard;
+use proxy::TrustedProxies;
 use ratelimit::IpLimiter;
 
 /// The edge's per-shard state, shared by the shard's listeners (plain and TLS).
@@ -36,6 +40,8 @@ pub struct Edge {
     handshakes: Rc<Semaphore>,
     /// Sockets refused at accept that are still being answered (as many as handshakes).
     refusals: Rc<Semaphore>,
+    /// `trusted_proxies`, parsed.
+    trusted: TrustedProxies,
 }
 
 impl Edge {
@@ -49,6 +55,8 @@ impl Edge {
             )),
             handshakes: Rc::new(Semaphore::new(l.max_handshakes_in_flight as u64)),
             refusals: Rc::new(Semaphore::new(l.max_handshakes_in_flight as u64)),
+            // Validated with the configuration: an entry that does not parse never gets here.
+            trusted: TrustedProxies::parse(&shard.cfg().trusted_proxies).unwrap_or_default(),
             shard,
         })
     }
