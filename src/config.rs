@@ -61,10 +61,24 @@ pub struct Config {
     pub history: HistoryConfig,
     /// Zero-downtime upgrades (`[upgrade]`, docs/OPERATIONS.md).
     pub upgrade: UpgradeConfig,
+    /// The client's region from its address (`[geo]`, docs/CONFIG.md).
+    pub geo: GeoConfig,
     /// Many nodes as one service over NATS (`[cluster]`, docs/CLUSTER.md). Absent: a single
     /// node, with no bus code running.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterConfig>,
+}
+
+/// The region of a session whose token has no `region` claim (`[geo]`, docs/CONFIG.md).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GeoConfig {
+    /// A MaxMind DB file (GeoLite2/GeoIP2 Country or City): loaded at start (a missing or
+    /// corrupt file stops it), reloaded on SIGHUP.
+    pub database: Option<std::path::PathBuf>,
+    /// A header a trusted proxy or CDN sets to the client's country (e.g. `CF-IPCountry`);
+    /// believed only from `trusted_proxies`, and before the database.
+    pub header: Option<String>,
 }
 
 /// Zero-downtime upgrades (`[upgrade]`, SPEC §11, docs/OPERATIONS.md): the control socket that
@@ -596,6 +610,7 @@ impl Default for Config {
             admin: AdminConfig::default(),
             history: HistoryConfig::default(),
             upgrade: UpgradeConfig::default(),
+            geo: GeoConfig::default(),
             cluster: None,
         }
     }
@@ -829,6 +844,21 @@ impl Config {
         }
         crate::edge::proxy::TrustedProxies::parse(&self.trusted_proxies)
             .map_err(|why| ConfigError(format!("trusted_proxies: {why}")))?;
+        if let Some(h) = &self.geo.header {
+            let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+            if h.is_empty() || h.len() > 64 || !h.chars().all(token) {
+                return bad(
+                    "geo.header",
+                    "an HTTP header name (letters, digits, `-`; at most 64)",
+                );
+            }
+            if self.trusted_proxies.is_empty() {
+                return bad(
+                    "geo.header",
+                    "is believed only from `trusted_proxies`: list the proxy that sets it",
+                );
+            }
+        }
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return bad("tls", "`cert` and `key` go together");
         }

@@ -8,7 +8,8 @@
 //!
 //! 1. Pure cores, no I/O: [`protocol`] (WebSocket codec, client ops, pre-framed events),
 //!    [`presence`] (registry, groups, watcher counts — proptest-checked), [`auth`] (JWT),
-//!    [`config`] (parsed once, validated into a [`config::ValidConfig`]), [`metrics`].
+//!    [`config`] (parsed once, validated into a [`config::ValidConfig`]), [`metrics`], [`geo`]
+//!    (regions from a MaxMind DB, loaded once and shared read-only).
 //! 2. [`shard`]: the per-core runtime — the session layer ([`shard::session`]: open, apply an
 //!    op, close), the [`shard::mesh`] between shards, and the one generic door into any shard
 //!    ([`shard::invoke`]: `invoke_on`/`map_reduce`). It imports no driver.
@@ -30,6 +31,7 @@ pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod edge;
+pub mod geo;
 pub mod history;
 pub mod metrics;
 pub mod net;

@@ -333,6 +333,9 @@ fn check_config(args: ServeArgs) -> Result<(), String> {
         Verifier::new(cfg.jwt_secret.as_deref(), &cfg.auth).map_err(|e| e.to_string())?;
     }
     presenced::edge::tls::load(&cfg.tls).map_err(|e| e.to_string())?;
+    if let Some(path) = &cfg.geo.database {
+        presenced::geo::GeoDb::open(path)?;
+    }
     let mut shown = cfg.clone();
     if shown.jwt_secret.is_some() {
         shown.jwt_secret = Some("<redacted>".into());
@@ -495,6 +498,8 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGUSR2,
+        // Reloads `geo.database`; its default action would kill the server.
+        signal_hook::consts::SIGHUP,
     ])
     .map_err(|e| format!("installing signal handlers: {e}"))?;
     // Started by an upgrade: the old process waits for this one's word, whatever it is.
@@ -585,6 +590,13 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         }
     }
     for sig in signals.forever() {
+        if sig == signal_hook::consts::SIGHUP {
+            // The outcome is logged by the reload itself (and counted in /metrics).
+            if server.reload_geo().is_none() {
+                tracing::info!("SIGHUP: nothing to reload (no geo.database)");
+            }
+            continue;
+        }
         if sig == signal_hook::consts::SIGUSR2 {
             match &upgrader {
                 Some(u) => {

@@ -73,6 +73,12 @@ counters! {
     client_addr_forwarded_for,
     /// PROXY headers and `X-Forwarded-For` from peers not trusted for them, ignored.
     proxy_headers_ignored,
+    /// Sessions given a region by `geo.header` from a trusted proxy.
+    geo_from_header,
+    /// Sessions given a region by the `geo.database` lookup of their address.
+    geo_found,
+    /// Lookups of `geo.database` that found no region for the address.
+    geo_not_found,
     /// Accepted sockets handed to their owner shard.
     handoffs_out,
     /// Sockets received from another shard.

@@ -31,6 +31,8 @@ pub enum StartError {
     History(String),
     #[error("{0}")]
     Cluster(String),
+    #[error("{0}")]
+    Geo(String),
     #[error("shard {shard} failed to start: {why}")]
     Shard { shard: usize, why: String },
 }
@@ -64,6 +66,12 @@ impl ServerHandle {
     /// History's counters (queue depth through the admin port).
     pub fn history_metrics(&self) -> Option<&crate::history::HistoryMetrics> {
         self.history.as_ref().map(|h| &*h.sink.metrics)
+    }
+
+    /// Reads `geo.database` again (SIGHUP): `None` when there is none configured; an error
+    /// leaves the database loaded before in service.
+    pub fn reload_geo(&self) -> Option<Result<(), String>> {
+        self.shards.shared.geo.as_ref().map(|g| g.reload())
     }
 
     /// Asks every shard to stop: no new connections, sessions closed with 1001.
@@ -234,7 +242,15 @@ pub fn start_with(
         }
     }
     let takeover_mode = !takeover.sockets.is_empty();
+    // Before anything that would need undoing: a missing or corrupt database stops start-up.
+    let geo = match &cfg.geo.database {
+        Some(path) => Some(Arc::new(
+            crate::geo::Geo::open(path).map_err(StartError::Geo)?,
+        )),
+        None => None,
+    };
     let mut shared = Shared::new(cpus);
+    shared.geo = geo;
     shared.sockets.inherit(takeover.sockets);
     // A socket inherited from the old process serves its address; any other is reserved here.
     let mut reserved = Vec::new();

@@ -5,7 +5,8 @@
 //! every ES module of `assets/dashboard/` as JavaScript, with no CSP violation, no uncaught
 //! exception and no console or browser-log error (a broken import is one of those). It shows a user's recorded history (analytics, timeline,
 //! refreshed live) and replays who was online from history, and says so when history is off.
-//! And it refuses bad and non-admin tokens.
+//! It shows regions looked up from a client's address (`[geo]`, behind a trusted proxy). And it
+//! refuses bad and non-admin tokens.
 //!
 //! Needs Chromium (`tests/common/tools.rs` finds or installs it); fails when it cannot.
 
@@ -22,6 +23,7 @@ use common::{tools, Client, TestServer, SECRET};
 use presenced::auth::{mint_hs256, TokenSpec};
 use presenced::config::HistoryBackend;
 use serde_json::{json, Value};
+use tungstenite::client::IntoClientRequest;
 
 /// Viewport of the browser, CSS pixels: a laptop-sized window.
 const VIEWPORT: (u32, u32) = (1440, 1000);
@@ -637,5 +639,67 @@ fn dashboard_lists_the_cluster_nodes() {
         v.as_str() == Some("bus connected")
     });
     screenshot(&mut b, "dashboard-cluster-nodes.png");
+    assert_page_clean(&mut b);
+}
+
+#[test]
+fn dashboard_shows_regions_looked_up_from_the_client_address() {
+    // A client behind the trusted proxy 127.0.0.2, named in X-Forwarded-For, with no region
+    // claim: its region comes from a small MaxMind database written here (tests/common/geo.rs).
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("geo.mmdb");
+    common::geo::write_db(&db, &["203.0.113.0/24=ZZ/Testville", "198.51.100.0/24=YY"]);
+    let server = TestServer::with(2, |c| {
+        c.trusted_proxies = vec!["127.0.0.2".into()];
+        c.geo.database = Some(db.clone());
+    });
+    let via_proxy = |user: &str, client: &str| {
+        let tcp = common::tcp_from("127.0.0.2".parse().unwrap(), server.addr, None);
+        let mut req = format!("ws://{}/ws", server.addr)
+            .into_client_request()
+            .unwrap();
+        let h = req.headers_mut();
+        h.insert(
+            "Authorization",
+            format!("Bearer {}", client_token(user, &[], None))
+                .parse()
+                .unwrap(),
+        );
+        h.insert("X-Forwarded-For", client.parse().unwrap());
+        tungstenite::client::client(req, tcp)
+            .expect("upgrade through the proxy")
+            .0
+    };
+    let _berlin = via_proxy("zoe", "203.0.113.8");
+    let _yy = via_proxy("yan", "198.51.100.8");
+    let mut b = Browser::launch(&tools::chromium(), VIEWPORT.0, VIEWPORT.1);
+    open_page(
+        &mut b,
+        &format!("http://{}/#token={}", server.admin, server.admin_token()),
+    );
+    b.wait_for("rows for yan and zoe", USER_ROWS, rows_are(&["yan", "zoe"]));
+    assert_eq!(
+        b.text("#users tr[data-user='zoe'] td:nth-child(5)"),
+        "ZZ/Testville",
+        "zoe's regions"
+    );
+    assert_eq!(b.text("#users tr[data-user='yan'] td:nth-child(5)"), "YY");
+    // The region filter takes a country and keeps its cities.
+    b.type_into("#filter-region", "ZZ");
+    b.wait_for(
+        "the region filter to keep zoe",
+        USER_ROWS,
+        rows_are(&["zoe"]),
+    );
+    b.click("#users tr[data-user='zoe']");
+    b.wait_text("#detail-user", "zoe");
+    b.wait_for(
+        "zoe's session with its region and the client's address",
+        "[...document.querySelectorAll('#sessions tbody tr[data-session] td')].map(t => t.textContent)",
+        |v| {
+            let cells: Vec<&str> = v.as_array().map_or(vec![], |a| a.iter().filter_map(Value::as_str).collect());
+            cells.contains(&"ZZ/Testville") && cells.contains(&"203.0.113.8")
+        },
+    );
     assert_page_clean(&mut b);
 }

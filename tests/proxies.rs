@@ -360,8 +360,14 @@ fn a_bad_proxy_header_is_logged_with_the_peer_and_why() {
             .to_owned()
     };
     let trusted = line("from a trusted proxy");
-    assert!(trusted.contains("WARN") && trusted.contains("127.0.0.2"), "{trusted}");
-    assert!(trusted.contains("no valid PROXY protocol header"), "{trusted}");
+    assert!(
+        trusted.contains("WARN") && trusted.contains("127.0.0.2"),
+        "{trusted}"
+    );
+    assert!(
+        trusted.contains("no valid PROXY protocol header"),
+        "{trusted}"
+    );
     let stranger = line("127.0.0.3");
     assert!(stranger.contains("bad PROXY protocol header"), "{stranger}");
 }

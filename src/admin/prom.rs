@@ -23,6 +23,27 @@ pub struct Scrape<'a> {
     pub history: Option<HistoryScrape>,
     /// The cluster bridge, when the node runs in a cluster.
     pub cluster: Option<ClusterScrape>,
+    /// `geo.database`, when one is configured: its reloads and build date.
+    pub geo: Option<GeoScrape>,
+}
+
+/// What `/metrics` shows of `geo.database`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GeoScrape {
+    pub reloads_ok: u64,
+    pub reloads_failed: u64,
+    pub build_epoch: u64,
+}
+
+impl GeoScrape {
+    pub fn of(g: &crate::geo::Geo) -> GeoScrape {
+        let (reloads_ok, reloads_failed) = g.reloads();
+        GeoScrape {
+            reloads_ok,
+            reloads_failed,
+            build_epoch: g.build_epoch(),
+        }
+    }
 }
 
 /// Quantiles of the cross-node propagation latency that `/metrics` shows.
@@ -348,6 +369,17 @@ pub fn render(s: &Scrape<'_>) -> String {
         ],
     );
     o.labelled(
+        "presenced_geo_regions_total",
+        "Sessions without a region claim, by where their region came from (docs/CONFIG.md, [geo]).",
+        "source",
+        sh,
+        &[
+            ("header", |m| m.geo_from_header),
+            ("database", |m| m.geo_found),
+            ("none", |m| m.geo_not_found),
+        ],
+    );
+    o.labelled(
         "presenced_client_addresses_total",
         "Client addresses learnt from a trusted proxy (docs/CONFIG.md, \"Behind a proxy\"), by how.",
         "source",
@@ -656,6 +688,29 @@ pub fn render(s: &Scrape<'_>) -> String {
             c.propagation_count
         );
     }
+    if let Some(g) = &s.geo {
+        o.family(
+            "presenced_geo_reloads_total",
+            "counter",
+            "Reloads of geo.database (SIGHUP) by result; a failed one leaves the old database in service.",
+        );
+        let _ = writeln!(
+            o.0,
+            "presenced_geo_reloads_total{{result=\"ok\"}} {}",
+            g.reloads_ok
+        );
+        let _ = writeln!(
+            o.0,
+            "presenced_geo_reloads_total{{result=\"failed\"}} {}",
+            g.reloads_failed
+        );
+        o.single(
+            "presenced_geo_database_build_epoch_seconds",
+            "gauge",
+            "When the geo database in service was built (its metadata), seconds since the epoch.",
+            g.build_epoch,
+        );
+    }
     if let Some(h) = &s.history {
         o.single(
             "presenced_history_queue_depth",
@@ -790,6 +845,11 @@ mod tests {
                 counters: vec![("gaps_total", "Gaps.", 4)],
                 propagation_us: vec![500, 900, 1500, 2000],
                 propagation_count: 9,
+            }),
+            geo: Some(GeoScrape {
+                reloads_ok: 1,
+                reloads_failed: 2,
+                build_epoch: 1_530_653_216,
             }),
         });
         let mut families = std::collections::HashSet::new();

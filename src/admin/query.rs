@@ -133,10 +133,12 @@ impl OnlineFilter {
             }
         }
         if let Some(r) = &self.region {
-            if !s
-                .iter()
-                .any(|s| s.info.region.as_deref() == Some(r.as_str()))
-            {
+            if !s.iter().any(|s| {
+                s.info
+                    .region
+                    .as_deref()
+                    .is_some_and(|have| region_matches(have, r))
+            }) {
                 return false;
             }
         }
@@ -538,6 +540,15 @@ pub fn changes_since(shard: &Shard, mark: u64) -> ChangeBatch {
     } else {
         log.since(mark)
     }
+}
+
+/// A region filter matches the region itself and the regions below it: `DE` matches `DE` and
+/// `DE/Berlin` (what `geo.database` gives with a city database), not `DEN`.
+pub fn region_matches(have: &str, want: &str) -> bool {
+    have == want
+        || have
+            .strip_prefix(want)
+            .is_some_and(|rest| rest.starts_with('/'))
 }
 
 #[cfg(test)]

@@ -254,3 +254,13 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_region_filter_matches_the_region_and_its_cities() {
+    assert!(region_matches("DE", "DE"));
+    assert!(region_matches("DE/Berlin", "DE"));
+    assert!(region_matches("DE/Berlin", "DE/Berlin"));
+    assert!(!region_matches("DEN", "DE"));
+    assert!(!region_matches("DE", "DE/Berlin"));
+    assert!(!region_matches("eu-west", "eu"));
+}

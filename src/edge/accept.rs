@@ -152,7 +152,8 @@ async fn handshake(
         } else {
             (None, Vec::new())
         };
-        let (buf, req) = read_head(&mut stream, &mut tls, max, early)
+        let geo_header = shard.cfg().geo.header.as_deref();
+        let (buf, req) = read_head(&mut stream, &mut tls, max, early, geo_header)
             .await
             .map_err(Refusal::Http)?;
         Ok((proxied, buf, req))
@@ -186,13 +187,19 @@ async fn handshake(
             Ok((ip, buf, req))
         })
         .and_then(|(ip, buf, req)| edge.check_origin(&req).map(|()| (ip, buf, req)))
-        .and_then(|(ip, buf, req)| {
+        .and_then(|(ip, buf, mut req)| {
             // Shedding load costs less than a signature check.
             if shard.congested() {
-                Err(Reject::new(503, "server overloaded: retry later"))
-            } else {
-                authenticate(shard, ip, accepted, buf, req)
+                return Err(Reject::new(503, "server overloaded: retry later"));
             }
+            let geo = req.geo.take();
+            let mut a = authenticate(shard, ip, accepted, buf, req)?;
+            // The token's `region` claim wins; else a trusted proxy's geo header; else the
+            // database.
+            if a.admission.region.is_none() {
+                a.admission.region = edge.region(peer, ip, geo).map(Into::into);
+            }
+            Ok(a)
         });
     let a = match result {
         Ok(a) => a,
@@ -333,6 +340,7 @@ async fn read_head(
     tls: &mut Option<Box<Tls>>,
     max: usize,
     early: Vec<u8>,
+    geo_header: Option<&str>,
 ) -> Result<(Vec<u8>, http::UpgradeRequest), Reject> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 2048];
@@ -372,7 +380,7 @@ async fn read_head(
                 }
             }
         }
-        if let Some(req) = http::parse_upgrade(&buf)? {
+        if let Some(req) = http::parse_upgrade(&buf, geo_header)? {
             return Ok((buf, req));
         }
         if buf.len() >= max {
@@ -413,6 +421,31 @@ impl Edge {
             ));
         }
         Ok(client.ip)
+    }
+
+    /// The region of a client at `ip` whose token has none: `geo.header`'s value when the peer
+    /// is a trusted proxy, else `geo.database`'s answer for the address.
+    fn region(&self, peer: SocketAddr, ip: IpAddr, header: Option<String>) -> Option<String> {
+        let m = self.shard.metrics();
+        // A CDN's country code: short and printable; `XX` is Cloudflare's "unknown".
+        let usable = |v: &String| {
+            (1..=64).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_graphic()) && v != "XX"
+        };
+        if let Some(v) = header.filter(usable) {
+            if self.trusted.contains(peer.ip()) {
+                ShardMetrics::inc(&m.geo_from_header);
+                return Some(v);
+            }
+            ShardMetrics::inc(&m.proxy_headers_ignored);
+        }
+        let geo = self.shard.shared().geo.as_ref()?;
+        let region = geo.region(ip);
+        ShardMetrics::inc(if region.is_some() {
+            &m.geo_found
+        } else {
+            &m.geo_not_found
+        });
+        region
     }
 
     /// The Origin allowlist (a request without `Origin`, not a browser's, passes).

@@ -21,6 +21,9 @@ pub struct UpgradeRequest {
     /// Every `X-Forwarded-For` header's value, joined with commas in order (believed only from
     /// a trusted proxy: [`super::proxy`]).
     pub forwarded_for: Option<String>,
+    /// The `geo.header` value (a CDN's country, e.g. `CF-IPCountry`), the last one if repeated;
+    /// believed only from a trusted proxy.
+    pub geo: Option<String>,
     /// Length of the request head; bytes after it already belong to the WebSocket stream.
     pub head_len: usize,
 }
@@ -38,8 +41,12 @@ impl Reject {
     }
 }
 
-/// Parses the request head in `buf`. `Ok(None)`: incomplete, read more.
-pub fn parse_upgrade(buf: &[u8]) -> Result<Option<UpgradeRequest>, Reject> {
+/// Parses the request head in `buf`. `Ok(None)`: incomplete, read more. `geo_header`: the
+/// header (`geo.header`) whose value is kept as [`UpgradeRequest::geo`].
+pub fn parse_upgrade(
+    buf: &[u8],
+    geo_header: Option<&str>,
+) -> Result<Option<UpgradeRequest>, Reject> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let head_len = match req.parse(buf) {
@@ -92,6 +99,8 @@ pub fn parse_upgrade(buf: &[u8]) -> Result<Option<UpgradeRequest>, Reject> {
         } else if name.eq_ignore_ascii_case("origin") {
             seen.once(Singleton::Origin)?;
             out.origin = Some(value.to_owned());
+        } else if geo_header.is_some_and(|g| name.eq_ignore_ascii_case(g)) {
+            out.geo = Some(value.trim().to_owned());
         } else if name.eq_ignore_ascii_case("x-forwarded-for") {
             // Repeats are one list (RFC 9110 §5.3), as proxies that add a line rather than
             // extend the last one mean it.
@@ -253,7 +262,7 @@ mod tests {
         );
         let mut bytes = text.clone().into_bytes();
         bytes.extend_from_slice(b"\x81\x80early");
-        let r = parse_upgrade(&bytes).unwrap().unwrap();
+        let r = parse_upgrade(&bytes, None).unwrap().unwrap();
         assert_eq!(r.token.as_deref(), Some("a.b"));
         assert_eq!(r.device.as_deref(), Some("d1"));
         assert_eq!(r.device_type.as_deref(), Some("ios"));
@@ -273,26 +282,43 @@ mod tests {
                 "/ws",
             )
             .as_bytes(),
+            None,
         )
         .unwrap()
         .unwrap();
         assert_eq!(r.forwarded_for.as_deref(), Some("1.1.1.1, 2.2.2.2,3.3.3.3"));
-        let none = parse_upgrade(req("", "/ws").as_bytes()).unwrap().unwrap();
+        let none = parse_upgrade(req("", "/ws").as_bytes(), None)
+            .unwrap()
+            .unwrap();
         assert_eq!(none.forwarded_for, None);
     }
 
     #[test]
-    fn bearer_header_wins_over_query() {
-        let r = parse_upgrade(req("Authorization: Bearer hdr\r\n", "/ws?token=q").as_bytes())
+    fn the_geo_header_is_kept_only_when_configured() {
+        let text = req("CF-IPCountry:  DE \r\n", "/ws");
+        let r = parse_upgrade(text.as_bytes(), Some("cf-ipcountry"))
             .unwrap()
             .unwrap();
+        assert_eq!(r.geo.as_deref(), Some("DE"));
+        let r = parse_upgrade(text.as_bytes(), None).unwrap().unwrap();
+        assert_eq!(r.geo, None);
+    }
+
+    #[test]
+    fn bearer_header_wins_over_query() {
+        let r = parse_upgrade(
+            req("Authorization: Bearer hdr\r\n", "/ws?token=q").as_bytes(),
+            None,
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(r.token.as_deref(), Some("hdr"));
     }
 
     #[test]
     fn partial_then_rejections() {
-        assert_eq!(parse_upgrade(b"GET /ws HTTP/1.1\r\nHost"), Ok(None));
-        let status = |s: &str| parse_upgrade(s.as_bytes()).unwrap_err().status;
+        assert_eq!(parse_upgrade(b"GET /ws HTTP/1.1\r\nHost", None), Ok(None));
+        let status = |s: &str| parse_upgrade(s.as_bytes(), None).unwrap_err().status;
         assert_eq!(status(&req("", "/other")), 404);
         assert_eq!(status(&req("", "/ws").replacen("GET", "POST", 1)), 405);
         assert_eq!(
@@ -324,13 +350,13 @@ mod tests {
             ("Sec-WebSocket-Version: 13\r\n", "Sec-WebSocket-Version"),
         ] {
             let text = req(&format!("{token}{extra}"), "/ws");
-            let e = parse_upgrade(text.as_bytes()).unwrap_err();
+            let e = parse_upgrade(text.as_bytes(), None).unwrap_err();
             assert_eq!(e.status, 400, "{extra:?}");
             assert!(e.reason.contains(why), "{extra:?}: {}", e.reason);
         }
         // Each once is fine, whatever the case of the name.
         let once = req(&format!("{token}ORIGIN: https://app\r\n"), "/ws");
-        let r = parse_upgrade(once.as_bytes()).unwrap().unwrap();
+        let r = parse_upgrade(once.as_bytes(), None).unwrap().unwrap();
         assert_eq!(r.origin.as_deref(), Some("https://app"));
     }
 

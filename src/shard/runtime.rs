@@ -106,6 +106,8 @@ pub struct Shared {
     pub progress_us: Box<[AtomicU64]>,
     /// The listening sockets: served, and inherited from an upgrade's old process.
     pub sockets: crate::net::Sockets,
+    /// `geo.database`, shared read-only by every shard and swapped whole on reload.
+    pub geo: Option<Arc<crate::geo::Geo>>,
 }
 
 impl Shared {
@@ -124,6 +126,7 @@ impl Shared {
             cluster: None,
             progress_us: (0..shards).map(|_| AtomicU64::new(0)).collect(),
             sockets: crate::net::Sockets::default(),
+            geo: None,
         }
     }
 

@@ -2,6 +2,7 @@
 //! real WebSocket client (tungstenite) or raw HTTP.
 #![allow(dead_code)]
 
+pub mod geo;
 pub mod history;
 pub mod nats;
 pub mod tools;

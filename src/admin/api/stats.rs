@@ -240,6 +240,7 @@ pub async fn metrics(shard: &Shard) -> Result<Response, Response> {
             .cluster
             .as_deref()
             .map(crate::admin::prom::ClusterScrape::of),
+        geo: shared.geo.as_deref().map(crate::admin::prom::GeoScrape::of),
     });
     Ok(Response::text(
         200,
