@@ -844,12 +844,35 @@ impl Config {
         }
         crate::edge::proxy::TrustedProxies::parse(&self.trusted_proxies)
             .map_err(|why| ConfigError(format!("trusted_proxies: {why}")))?;
+        if self.proxy_protocol && self.trusted_proxies.is_empty() {
+            return bad(
+                "proxy_protocol",
+                "needs `trusted_proxies`: list the proxies that send the header (from anyone else \
+                 its address is ignored)",
+            );
+        }
         if let Some(h) = &self.geo.header {
             let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
             if h.is_empty() || h.len() > 64 || !h.chars().all(token) {
                 return bad(
                     "geo.header",
                     "an HTTP header name (letters, digits, `-`; at most 64)",
+                );
+            }
+            // Headers the upgrade request reads for something else would never reach it.
+            let lower = h.to_ascii_lowercase();
+            let taken = [
+                "host",
+                "origin",
+                "authorization",
+                "upgrade",
+                "connection",
+                "x-forwarded-for",
+            ];
+            if taken.contains(&lower.as_str()) || lower.starts_with("sec-websocket-") {
+                return bad(
+                    "geo.header",
+                    "names a header the upgrade request reads for something else",
                 );
             }
             if self.trusted_proxies.is_empty() {

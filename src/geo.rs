@@ -61,18 +61,13 @@ impl GeoDb {
     pub fn open(path: &Path) -> Result<GeoDb, String> {
         let reader = maxminddb::Reader::open_readfile(path)
             .map_err(|e| format!("geo.database {}: {e}", path.display()))?;
-        let db = GeoDb { reader };
-        // A file that opens but whose records do not decode (another format, a truncated
-        // data section) fails here, not at the first client's lookup.
-        let mut probe = db.lookup(IpAddr::from([1, 1, 1, 1])).map(drop);
-        if db.reader.metadata().ip_version == 6 {
-            probe = probe.and(
-                db.lookup(IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, 0, 1]))
-                    .map(drop),
-            );
-        }
-        probe.map_err(|e| format!("geo.database {}: {e}", path.display()))?;
-        Ok(db)
+        // The whole file is checked (search tree, data section, metadata), so one that opens but
+        // is damaged fails here, at start or on reload, not as "no region" for every client.
+        // It reads every record (timed in docs/BENCHMARKS.md, "Issue 15"), off the shards.
+        reader
+            .verify()
+            .map_err(|e| format!("geo.database {}: damaged: {e}", path.display()))?;
+        Ok(GeoDb { reader })
     }
 
     fn lookup(&self, ip: IpAddr) -> Result<Option<String>, maxminddb::MaxMindDbError> {

@@ -204,6 +204,63 @@ fn exact_regions_the_claim_and_a_cdn_header_come_first_and_filters_match_countri
     assert_eq!(m.proxy_headers_ignored, 1, "the stranger's header");
 }
 
+#[test]
+fn behind_an_l4_proxy_the_geo_header_is_the_clients_own_word() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("small.mmdb");
+    write_db(&db, &["203.0.113.0/24=ZZ/Testville"]);
+    let server = TestServer::with(2, |c| {
+        c.trusted_proxies = vec!["127.0.0.2".into(), "10.0.0.0/8".into()];
+        c.proxy_protocol = true;
+        c.geo.database = Some(db.clone());
+        c.geo.header = Some("CF-IPCountry".into());
+    });
+    let open_proxied = |user: &str, header: &str, extra: &str| {
+        let mut s = tcp_from(ip(PROXY), server.addr, None);
+        s.write_all(header.as_bytes()).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        write!(
+            s,
+            "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             Authorization: Bearer {}\r\n{extra}\r\n",
+            server.token(user)
+        )
+        .unwrap();
+        let mut buf = [0u8; 12];
+        s.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"HTTP/1.1 101", "{user}");
+        s
+    };
+    // The L4 proxy names the client and passes its headers through: its CF-IPCountry is its
+    // own word, and the database answers.
+    let _a = open_proxied(
+        "l4",
+        "PROXY TCP4 203.0.113.5 127.0.0.1 1 2\r\n",
+        "CF-IPCountry: FR\r\n",
+    );
+    // An L7 proxy of the chain (10.0.0.0/8, named by the L4 one) set it: believed, and
+    // upper-cased like the database's codes.
+    let _b = open_proxied(
+        "l7",
+        "PROXY TCP4 10.0.0.7 127.0.0.1 1 2\r\n",
+        "CF-IPCountry: de\r\nX-Forwarded-For: 203.0.113.6\r\n",
+    );
+    // Cloudflare's Tor marker is no country: the database answers.
+    let _c = open_proxied(
+        "tor",
+        "PROXY TCP4 10.0.0.7 127.0.0.1 1 2\r\n",
+        "CF-IPCountry: T1\r\nX-Forwarded-For: 203.0.113.7\r\n",
+    );
+    let get = |p: &str| server.admin_get(p);
+    assert_eq!(region_of(get, "l4"), "ZZ/Testville");
+    assert_eq!(region_of(get, "l7"), "DE");
+    assert_eq!(region_of(get, "tor"), "ZZ/Testville");
+    let m = server.handle().metrics_total();
+    assert_eq!((m.geo_from_header, m.geo_found), (1, 2));
+    assert_eq!(m.proxy_headers_ignored, 1, "the L4 client's header");
+}
+
 /// `GET path` on a spawned server's admin port with the static admin token.
 fn admin_get(admin: SocketAddr, path: &str) -> Value {
     let (code, body) = common::raw_request(
@@ -303,7 +360,21 @@ fn run(cmd: &str, config: &Path, data: &Path) -> (bool, String) {
         c.args(["--listen", "127.0.0.1:0", "--no-admin", "--data-dir"])
             .arg(data);
     }
-    let out = c.output().unwrap();
+    // A server that starts after all would never exit: stopped after a while, and failed.
+    let mut child = c
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("`presenced {cmd}` did not exit: it started with a bad config");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -321,9 +392,19 @@ fn a_missing_or_corrupt_database_stops_start_up_and_fails_the_config_check() {
     bytes.extend_from_slice(b"\xAB\xCD\xEFMaxMind.com");
     bytes.extend_from_slice(&[0xFF; 64]);
     std::fs::write(&corrupt, bytes).unwrap();
+    // A valid database whose search tree is then damaged: its metadata reads fine, and only a
+    // check of the whole file finds it.
+    let damaged = dir.path().join("damaged.mmdb");
+    write_db(&damaged, &["203.0.113.0/24=ZZ", "198.51.100.0/24=YY"]);
+    let mut bytes = std::fs::read(&damaged).unwrap();
+    for b in &mut bytes[..64] {
+        *b = 0xFF;
+    }
+    std::fs::write(&damaged, bytes).unwrap();
     for (db, says) in [
         (dir.path().join("missing.mmdb"), "missing.mmdb"),
         (corrupt.clone(), "corrupt.mmdb"),
+        (damaged.clone(), "damaged"),
     ] {
         let config = dir.path().join("presenced.toml");
         std::fs::write(
@@ -340,6 +421,15 @@ fn a_missing_or_corrupt_database_stops_start_up_and_fails_the_config_check() {
             );
         }
     }
+    // A header the request reads for something else cannot be the geo header.
+    let config = dir.path().join("taken.toml");
+    std::fs::write(
+        &config,
+        "trusted_proxies = [\"10.0.0.0/8\"]\n[geo]\nheader = \"X-Forwarded-For\"\n",
+    )
+    .unwrap();
+    let (ok, text) = run("check-config", &config, dir.path());
+    assert!(!ok && text.contains("geo.header"), "{text}");
     // geo.header is believed only from trusted proxies: without any, the config is refused.
     let config = dir.path().join("header.toml");
     std::fs::write(&config, "[geo]\nheader = \"CF-IPCountry\"\n").unwrap();

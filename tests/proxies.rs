@@ -242,6 +242,61 @@ fn a_bad_proxy_header_closes_the_connection_and_nothing_else() {
 }
 
 #[test]
+fn behind_a_proxy_header_the_request_headers_are_the_clients_own() {
+    let server = behind_proxy(2, true, |_| {});
+    // An L4 proxy names the client and passes its stream through: the client's own
+    // X-Forwarded-For is not believed.
+    let _l4 = open(
+        &server,
+        PROXY,
+        b"PROXY TCP4 203.0.113.9 127.0.0.1 40000 443\r\n",
+        "l4-client",
+        "X-Forwarded-For: 6.6.6.6\r\n",
+    );
+    assert_eq!(session_ip(&server, "l4-client"), "203.0.113.9");
+    // A header that names nobody (v1 UNKNOWN): whoever is behind it gets no say either.
+    let _unknown = open(
+        &server,
+        PROXY,
+        b"PROXY UNKNOWN\r\n",
+        "unnamed",
+        "X-Forwarded-For: 6.6.6.6\r\n",
+    );
+    assert_eq!(session_ip(&server, "unnamed"), "127.0.0.2");
+    // A chain: the PROXY header names another trusted proxy (an L7 one), whose
+    // X-Forwarded-For is believed.
+    let _chain = open(
+        &server,
+        PROXY,
+        b"PROXY TCP4 10.1.1.1 127.0.0.1 40000 443\r\n",
+        "chained",
+        "X-Forwarded-For: 6.6.6.6, 198.51.100.44\r\n",
+    );
+    assert_eq!(session_ip(&server, "chained"), "198.51.100.44");
+    assert_eq!(server.handle().metrics_total().proxy_headers_ignored, 2);
+}
+
+#[test]
+fn a_client_named_by_a_proxy_header_is_limited_before_tls_or_the_request() {
+    let server = behind_proxy(2, true, |c| c.limits.handshake_rate_per_ip = 5);
+    let token = server.token("flood");
+    let status = |client: &str| {
+        let mut s = tcp_from(ip(PROXY), server.addr, None);
+        s.write_all(format!("PROXY TCP4 {client} 127.0.0.1 40000 443\r\n").as_bytes())
+            .unwrap();
+        raw_request_from(s, &upgrade(&token, "")).0
+    };
+    let flood: Vec<u16> = (0..30).map(|_| status("198.51.100.1")).collect();
+    assert!(flood.contains(&429), "{flood:?}");
+    assert!(flood.iter().all(|s| *s == 101 || *s == 429), "{flood:?}");
+    assert_eq!(
+        status("198.51.100.2"),
+        101,
+        "its neighbour has its own budget"
+    );
+}
+
+#[test]
 fn the_per_ip_limit_counts_clients_behind_the_proxy() {
     let server = behind_proxy(2, false, |c| c.limits.handshake_rate_per_ip = 5);
     let token = server.token("many");
@@ -320,6 +375,18 @@ fn a_bad_trusted_proxies_entry_fails_the_config_check() {
     );
     c.trusted_proxies = vec!["10.0.0.0/8".into(), "192.0.2.1".into(), "fd00::/8".into()];
     c.validate().expect("blocks and single addresses");
+    c.trusted_proxies = vec!["0.0.0.0/0".into()];
+    let err = c.validate().unwrap_err().to_string();
+    assert!(err.contains("every address"), "{err}");
+    let c = Config {
+        proxy_protocol: true,
+        ..Config::default()
+    };
+    let err = c.validate().unwrap_err().to_string();
+    assert!(
+        err.contains("proxy_protocol") && err.contains("trusted_proxies"),
+        "{err}"
+    );
 }
 
 #[test]

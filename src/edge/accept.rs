@@ -19,7 +19,7 @@ use rustls::ServerConfig;
 
 use super::conn::{self, Accepted, Setup};
 use super::http::{self, Reject};
-use super::proxy::{self, AddrSource};
+use super::proxy::{self, AddrSource, ClientAddr, Proxied};
 use super::tls::Tls;
 use super::Edge;
 use crate::auth::Claims;
@@ -146,11 +146,23 @@ async fn handshake(
     let reading = async {
         // The PROXY header comes first, before TLS: the proxy writes it, not the client.
         let (proxied, early) = if shard.cfg().proxy_protocol {
-            read_proxy_header(&mut stream, max)
+            let (source, early) = read_proxy_header(&mut stream, max)
                 .await
-                .map_err(Refusal::Proxy)?
+                .map_err(Refusal::Proxy)?;
+            let proxied = source.map_or(Proxied::Unnamed, |a| Proxied::Named(a.ip()));
+            // A client the proxy names meets the per-IP limit now, before a TLS handshake or
+            // a read is spent on it, as a direct client does at accept.
+            if let Some(client) = proxy::client_named_early(peer.ip(), proxied, &edge.trusted) {
+                if !edge.ip_limiter.borrow_mut().allow(client, now_ms()) {
+                    return Err(Refusal::Http(Reject::new(
+                        429,
+                        "too many connection attempts from this address",
+                    )));
+                }
+            }
+            (proxied, early)
         } else {
-            (None, Vec::new())
+            (Proxied::Off, Vec::new())
         };
         let geo_header = shard.cfg().geo.header.as_deref();
         let (buf, req) = read_head(&mut stream, &mut tls, max, early, geo_header)
@@ -183,21 +195,21 @@ async fn handshake(
     };
     let result = head
         .and_then(|(proxied, buf, req)| {
-            let ip = edge.client_ip(peer, proxied, req.forwarded_for.as_deref())?;
-            Ok((ip, buf, req))
+            let client = edge.client_ip(peer, proxied, req.forwarded_for.as_deref())?;
+            Ok((client, buf, req))
         })
-        .and_then(|(ip, buf, req)| edge.check_origin(&req).map(|()| (ip, buf, req)))
-        .and_then(|(ip, buf, mut req)| {
+        .and_then(|(client, buf, req)| edge.check_origin(&req).map(|()| (client, buf, req)))
+        .and_then(|(client, buf, mut req)| {
             // Shedding load costs less than a signature check.
             if shard.congested() {
                 return Err(Reject::new(503, "server overloaded: retry later"));
             }
             let geo = req.geo.take();
-            let mut a = authenticate(shard, ip, accepted, buf, req)?;
+            let mut a = authenticate(shard, client.ip, accepted, buf, req)?;
             // The token's `region` claim wins; else a trusted proxy's geo header; else the
             // database.
             if a.admission.region.is_none() {
-                a.admission.region = edge.region(peer, ip, geo).map(Into::into);
+                a.admission.region = edge.region(&client, geo).map(Into::into);
             }
             Ok(a)
         });
@@ -390,56 +402,57 @@ async fn read_head(
 }
 
 impl Edge {
-    /// The client's address ([`proxy::resolve`]), counted by where it came from; a client named
-    /// by a proxy meets the per-IP handshake limit here, as a direct one does at accept.
+    /// The client's address ([`proxy::resolve`]), counted by where it came from. It meets the
+    /// per-IP handshake limit here unless it already did: a direct client at accept, a client a
+    /// PROXY header named as that was read. So does a trusted proxy's own connection that names
+    /// no client: it shares the proxy's budget rather than escaping the limit.
     fn client_ip(
         &self,
         peer: SocketAddr,
-        proxied: Option<SocketAddr>,
+        proxied: Proxied,
         forwarded_for: Option<&str>,
-    ) -> Result<IpAddr, Reject> {
-        let client = proxy::resolve(
-            peer.ip(),
-            proxied.map(|a| a.ip()),
-            forwarded_for,
-            &self.trusted,
-        );
+    ) -> Result<ClientAddr, Reject> {
+        let client = proxy::resolve(peer.ip(), proxied, forwarded_for, &self.trusted);
         let m = self.shard.metrics();
         if client.ignored {
             ShardMetrics::inc(&m.proxy_headers_ignored);
-            tracing::debug!(peer = %peer, "PROXY header or X-Forwarded-For from an untrusted peer ignored");
+            tracing::debug!(peer = %peer, "PROXY header or X-Forwarded-For not believed: ignored");
         }
         match client.source {
-            AddrSource::Peer => return Ok(client.ip),
+            AddrSource::Peer => {}
             AddrSource::ProxyProtocol => ShardMetrics::inc(&m.client_addr_proxy_protocol),
             AddrSource::ForwardedFor => ShardMetrics::inc(&m.client_addr_forwarded_for),
         }
-        if !self.ip_limiter.borrow_mut().allow(client.ip, now_ms()) {
+        let limited = !self.trusted.contains(peer.ip())
+            || proxy::client_named_early(peer.ip(), proxied, &self.trusted).is_some();
+        if !limited && !self.ip_limiter.borrow_mut().allow(client.ip, now_ms()) {
             return Err(Reject::new(
                 429,
                 "too many connection attempts from this address",
             ));
         }
-        Ok(client.ip)
+        Ok(client)
     }
 
-    /// The region of a client at `ip` whose token has none: `geo.header`'s value when the peer
-    /// is a trusted proxy, else `geo.database`'s answer for the address.
-    fn region(&self, peer: SocketAddr, ip: IpAddr, header: Option<String>) -> Option<String> {
+    /// The region of `client` whose token has none: `geo.header`'s value when a trusted proxy
+    /// wrote the request's headers, else `geo.database`'s answer for the address.
+    fn region(&self, client: &ClientAddr, header: Option<String>) -> Option<String> {
         let m = self.shard.metrics();
-        // A CDN's country code: short and printable; `XX` is Cloudflare's "unknown".
-        let usable = |v: &String| {
-            (1..=64).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_graphic()) && v != "XX"
-        };
-        if let Some(v) = header.filter(usable) {
-            if self.trusted.contains(peer.ip()) {
+        // A CDN's country code: short and printable, compared upper-cased (as the database's
+        // are); `XX` (unknown) and `T1` (Tor) are Cloudflare's "no country".
+        let header = header
+            .map(|v| v.to_ascii_uppercase())
+            .filter(|v| (1..=64).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_graphic()))
+            .filter(|v| v != "XX" && v != "T1");
+        if let Some(v) = header {
+            if client.headers_trusted {
                 ShardMetrics::inc(&m.geo_from_header);
                 return Some(v);
             }
             ShardMetrics::inc(&m.proxy_headers_ignored);
         }
         let geo = self.shard.shared().geo.as_ref()?;
-        let region = geo.region(ip);
+        let region = geo.region(client.ip);
         ShardMetrics::inc(if region.is_some() {
             &m.geo_found
         } else {

@@ -75,6 +75,7 @@ pub fn parse_upgrade(
     // parser (here the last, in a proxy maybe the first), so an allowlist check could pass on one
     // value while another is used. RFC 9112 §3.2 requires a 400 for a repeated Host.
     let mut seen = Singletons::default();
+    let mut geo_seen = 0u32;
     for h in req.headers.iter() {
         let value =
             std::str::from_utf8(h.value).map_err(|_| Reject::new(400, "non-UTF-8 header"))?;
@@ -100,7 +101,9 @@ pub fn parse_upgrade(
             seen.once(Singleton::Origin)?;
             out.origin = Some(value.to_owned());
         } else if geo_header.is_some_and(|g| name.eq_ignore_ascii_case(g)) {
-            out.geo = Some(value.trim().to_owned());
+            // Repeated: which one a proxy meant is unknown, so neither counts.
+            geo_seen += 1;
+            out.geo = (geo_seen == 1).then(|| value.trim().to_owned());
         } else if name.eq_ignore_ascii_case("x-forwarded-for") {
             // Repeats are one list (RFC 9110 §5.3), as proxies that add a line rather than
             // extend the last one mean it.
@@ -302,6 +305,11 @@ mod tests {
         assert_eq!(r.geo.as_deref(), Some("DE"));
         let r = parse_upgrade(text.as_bytes(), None).unwrap().unwrap();
         assert_eq!(r.geo, None);
+        let twice = req("CF-IPCountry: DE\r\ncf-ipcountry: FR\r\n", "/ws");
+        let r = parse_upgrade(twice.as_bytes(), Some("CF-IPCountry"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.geo, None, "repeated: neither counts");
     }
 
     #[test]

@@ -21,16 +21,33 @@ use ppp::{v1, v2, HeaderResult, PartialResult};
 pub struct TrustedProxies(Vec<IpNet>);
 
 impl TrustedProxies {
-    /// From `trusted_proxies`: CIDR blocks (`10.0.0.0/8`, `fd00::/8`) or single addresses.
+    /// From `trusted_proxies`: CIDR blocks (`10.0.0.0/8`, `fd00::/8`) or single addresses. An
+    /// IPv4-mapped IPv6 entry (`::ffff:10.0.0.0/104`) means its IPv4 block, as addresses are
+    /// compared in their IPv4 form. A block of every address (`0.0.0.0/0`, `::/0`) is refused:
+    /// it would let anyone name any address and escape the per-IP limit.
     pub fn parse(entries: &[String]) -> Result<TrustedProxies, String> {
         entries
             .iter()
             .map(|e| {
                 let e = e.trim();
-                e.parse::<IpNet>()
+                let net = e
+                    .parse::<IpNet>()
                     .or_else(|_| e.parse::<IpAddr>().map(IpNet::from))
-                    .map(|n| n.trunc())
-                    .map_err(|_| format!("`{e}` is neither an address nor a CIDR block"))
+                    .map_err(|_| format!("`{e}` is neither an address nor a CIDR block"))?;
+                let net = match net {
+                    IpNet::V6(n) if n.prefix_len() >= 96 => match n.addr().to_ipv4_mapped() {
+                        Some(v4) => IpNet::new(IpAddr::V4(v4), n.prefix_len() - 96)
+                            .map_err(|_| format!("`{e}`: a bad prefix"))?,
+                        None => IpNet::V6(n),
+                    },
+                    n => n,
+                };
+                if net.prefix_len() == 0 {
+                    return Err(format!(
+                        "`{e}` trusts every address: anyone could name any client address"
+                    ));
+                }
+                Ok(net.trunc())
             })
             .collect::<Result<Vec<_>, _>>()
             .map(TrustedProxies)
@@ -152,50 +169,87 @@ pub enum AddrSource {
     ForwardedFor,
 }
 
+/// What a connection's PROXY protocol header said, if the listener reads one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proxied {
+    /// No PROXY protocol on this listener.
+    Off,
+    /// A header with no address: v2 `LOCAL`, v1 `UNKNOWN`, or a family other than IP. Who
+    /// writes the stream behind it is not known (an L4 proxy may be passing a client through).
+    Unnamed,
+    /// A header naming this source address.
+    Named(IpAddr),
+}
+
 /// A connection's client address, and how it was learnt.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ClientAddr {
     pub ip: IpAddr,
     pub source: AddrSource,
-    /// A PROXY header's address or an `X-Forwarded-For` came from a peer not trusted for it,
-    /// and was ignored (a spoofing attempt, or a proxy missing from `trusted_proxies`).
+    /// A PROXY header's address, an `X-Forwarded-For` or a geo header came from a peer not
+    /// trusted for it, and was ignored (a spoofing attempt, or a proxy missing from
+    /// `trusted_proxies`).
     pub ignored: bool,
+    /// Whoever wrote the request's HTTP headers is a trusted proxy, so headers a proxy sets
+    /// (`X-Forwarded-For`, `geo.header`) may be believed. False behind a PROXY header that names
+    /// a client (an L4 proxy passes the client's own headers through) or names nobody.
+    pub headers_trusted: bool,
 }
 
-/// The client address of a connection from `peer`, given what a PROXY header said (its source,
-/// if it had one) and the request's `X-Forwarded-For` chain. Each is believed only from a
-/// trusted peer; a PROXY header's address from a trusted proxy is the peer the
-/// `X-Forwarded-For` is then judged by (a chain of proxies).
+/// The client address of a connection from `peer`, given what its PROXY header said and the
+/// request's `X-Forwarded-For` chain. A PROXY header's address is believed only from a trusted
+/// peer, and is then who wrote the HTTP request: its `X-Forwarded-For` counts only if that
+/// address is itself a trusted proxy (a chain of proxies). Headers behind a PROXY header that
+/// names nobody are nobody's word.
 pub fn resolve(
     peer: IpAddr,
-    proxied: Option<IpAddr>,
+    proxied: Proxied,
     forwarded_for: Option<&str>,
     trusted: &TrustedProxies,
 ) -> ClientAddr {
+    let peer = peer.to_canonical();
+    let peer_trusted = trusted.contains(peer);
     let mut out = ClientAddr {
-        ip: peer.to_canonical(),
+        ip: peer,
         source: AddrSource::Peer,
         ignored: false,
+        headers_trusted: peer_trusted,
     };
-    if let Some(p) = proxied {
-        if trusted.contains(out.ip) {
+    match proxied {
+        Proxied::Off => {}
+        Proxied::Unnamed => out.headers_trusted = false,
+        Proxied::Named(_) if !peer_trusted => out.ignored = true,
+        Proxied::Named(p) => {
             out.ip = p.to_canonical();
             out.source = AddrSource::ProxyProtocol;
-        } else {
-            out.ignored = true;
+            out.headers_trusted = trusted.contains(out.ip);
         }
     }
     if let Some(chain) = forwarded_for {
-        if trusted.contains(out.ip) {
-            if let Some(ip) = client_from_forwarded(chain, trusted) {
-                out.ip = ip;
-                out.source = AddrSource::ForwardedFor;
-            }
-        } else {
+        if !out.headers_trusted {
             out.ignored = true;
+        } else if let Some(ip) = client_from_forwarded(chain, trusted) {
+            out.ip = ip;
+            out.source = AddrSource::ForwardedFor;
         }
     }
     out
+}
+
+/// Whether a client named by a PROXY header (`proxied`, from `peer`) is to be limited per IP
+/// at once, before TLS and the request: it is a client (not a trusted proxy of a chain, whose
+/// `X-Forwarded-For` will name the client later) and its peer is trusted to name it.
+pub fn client_named_early(
+    peer: IpAddr,
+    proxied: Proxied,
+    trusted: &TrustedProxies,
+) -> Option<IpAddr> {
+    match proxied {
+        Proxied::Named(p) if trusted.contains(peer) && !trusted.contains(p) => {
+            Some(p.to_canonical())
+        }
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -223,6 +277,16 @@ mod tests {
         let err = TrustedProxies::parse(&["10.0.0.0/33".into()]).unwrap_err();
         assert!(err.contains("10.0.0.0/33"), "{err}");
         assert!(TrustedProxies::parse(&["proxy.example".into()]).is_err());
+        for everyone in ["0.0.0.0/0", "::/0", "::ffff:0.0.0.0/96"] {
+            let err = TrustedProxies::parse(&[everyone.into()]).unwrap_err();
+            assert!(err.contains("every address"), "{everyone}: {err}");
+        }
+        // Written IPv4-mapped, meant as IPv4: matches either form.
+        let mapped = trusted(&["::ffff:10.0.0.0/104", "::ffff:192.0.2.9"]);
+        assert!(mapped.contains(ip("10.1.2.3")));
+        assert!(mapped.contains(ip("::ffff:10.1.2.3")));
+        assert!(mapped.contains(ip("192.0.2.9")));
+        assert!(!mapped.contains(ip("11.0.0.1")));
     }
 
     #[test]
@@ -247,30 +311,46 @@ mod tests {
         let proxy = ip("10.0.0.2");
         let stranger = ip("198.51.100.4");
         let client = ip("203.0.113.9");
-        let r = resolve(stranger, Some(client), Some("203.0.113.9"), &t);
+        use Proxied::{Named, Off, Unnamed};
+        let r = resolve(stranger, Named(client), Some("203.0.113.9"), &t);
         assert_eq!(
             (r.ip, r.source, r.ignored),
             (stranger, AddrSource::Peer, true)
         );
-        let r = resolve(proxy, None, Some("1.2.3.4, 203.0.113.9"), &t);
+        assert!(!r.headers_trusted);
+        let r = resolve(proxy, Off, Some("1.2.3.4, 203.0.113.9"), &t);
         assert_eq!((r.ip, r.source), (client, AddrSource::ForwardedFor));
-        let r = resolve(proxy, Some(client), None, &t);
+        assert!(r.headers_trusted, "an L7 proxy wrote the headers");
+        let r = resolve(proxy, Named(client), None, &t);
         assert_eq!((r.ip, r.source), (client, AddrSource::ProxyProtocol));
+        assert!(
+            !r.headers_trusted,
+            "behind an L4 proxy the client wrote the headers"
+        );
         // The PROXY header names an untrusted client: its X-Forwarded-For is its own word.
-        let r = resolve(proxy, Some(client), Some("6.6.6.6"), &t);
+        let r = resolve(proxy, Named(client), Some("6.6.6.6"), &t);
         assert_eq!(
             (r.ip, r.source, r.ignored),
             (client, AddrSource::ProxyProtocol, true)
         );
         // A chain of proxies: the PROXY header names another trusted proxy, whose
         // X-Forwarded-For is believed.
-        let r = resolve(proxy, Some(ip("10.9.9.9")), Some("203.0.113.9"), &t);
+        let r = resolve(proxy, Named(ip("10.9.9.9")), Some("203.0.113.9"), &t);
         assert_eq!((r.ip, r.source), (client, AddrSource::ForwardedFor));
-        let r = resolve(proxy, None, None, &t);
+        // A header that names nobody: whoever is behind it may be a client passed through.
+        let r = resolve(proxy, Unnamed, Some("6.6.6.6"), &t);
+        assert_eq!((r.ip, r.source, r.ignored), (proxy, AddrSource::Peer, true));
+        assert!(!r.headers_trusted);
+        let r = resolve(proxy, Off, None, &t);
         assert_eq!(
             (r.ip, r.source, r.ignored),
             (proxy, AddrSource::Peer, false)
         );
+        // Limited at once: a client a trusted peer names, not a trusted proxy of a chain.
+        assert_eq!(client_named_early(proxy, Named(client), &t), Some(client));
+        assert_eq!(client_named_early(proxy, Named(ip("10.9.9.9")), &t), None);
+        assert_eq!(client_named_early(stranger, Named(client), &t), None);
+        assert_eq!(client_named_early(proxy, Unnamed, &t), None);
     }
 
     #[test]
@@ -357,7 +437,7 @@ mod tests {
             for i in 0..hops {
                 chain.push_str(&format!(", 10.0.0.{i}"));
             }
-            let r = resolve(ip("10.0.0.254"), None, Some(&chain), &t);
+            let r = resolve(ip("10.0.0.254"), Proxied::Off, Some(&chain), &t);
             prop_assert_eq!(r.ip, real);
             prop_assert_eq!(r.source, AddrSource::ForwardedFor);
         }
@@ -372,16 +452,24 @@ mod tests {
             let t = trusted(&["10.0.0.0/8"]);
             let peer = IpAddr::from(peer);
             prop_assume!(!t.contains(peer));
-            let r = resolve(peer, proxied.map(IpAddr::from), Some(&chain), &t);
+            let proxied = proxied.map_or(Proxied::Off, |p| Proxied::Named(IpAddr::from(p)));
+            let r = resolve(peer, proxied, Some(&chain), &t);
             prop_assert_eq!(r.ip, peer);
             prop_assert_eq!(r.source, AddrSource::Peer);
         }
 
-        /// The parser never panics, and a complete header never claims more bytes than given.
+        /// The parser never panics, and a complete header never claims more bytes than given;
+        /// the bytes start with either protocol's signature (or nothing), so both parsers and
+        /// v2's addresses and TLVs are reached.
         #[test]
-        fn any_bytes_parse_without_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
-            if let Ok(Some(h)) = parse_proxy_header(&bytes) {
-                prop_assert!(h.len <= bytes.len());
+        fn any_bytes_parse_without_panic(
+            start in 0..3usize,
+            bytes in proptest::collection::vec(any::<u8>(), 0..300),
+        ) {
+            let signature: &[u8] = [&b""[..], b"PROXY ", b"\r\n\r\n\0\r\nQUIT\n"][start];
+            let input = [signature, &bytes].concat();
+            if let Ok(Some(h)) = parse_proxy_header(&input) {
+                prop_assert!(h.len <= input.len());
             }
         }
     }
