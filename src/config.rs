@@ -63,10 +63,162 @@ pub struct Config {
     pub upgrade: UpgradeConfig,
     /// The client's region from its address (`[geo]`, docs/CONFIG.md).
     pub geo: GeoConfig,
+    /// `[[webhooks]]`: presence events POSTed to receivers (docs/WEBHOOKS.md).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub webhooks: Vec<WebhookConfig>,
     /// Many nodes as one service over NATS (`[cluster]`, docs/CLUSTER.md). Absent: a single
     /// node, with no bus code running.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterConfig>,
+}
+
+/// How a webhook's request body is written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WebhookFormat {
+    /// `{"events": [...]}`.
+    #[default]
+    Json,
+    /// A Slack-compatible incoming-webhook message, `{"text": "alice (admin) is online"}`.
+    Slack,
+}
+
+/// One `[[webhooks]]` block (docs/WEBHOOKS.md).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhookConfig {
+    /// Its name in metrics and the admin API; empty: `webhook-N` (N from 0, in file order).
+    pub name: String,
+    /// `http://` or `https://` (rustls, the Mozilla roots).
+    pub url: String,
+    /// Any of `user_online`, `user_offline`, `status_change`, `session_start`, `session_end`;
+    /// empty: all.
+    pub events: Vec<String>,
+    /// Filters: an event passes when it matches any of them (a listed user, or a user in a
+    /// listed group or with a listed role); none set: every event.
+    pub users: Vec<String>,
+    pub groups: Vec<String>,
+    pub roles: Vec<String>,
+    /// The HMAC-SHA256 key of `X-Presenced-Signature` (at least 16 bytes).
+    pub secret: Option<String>,
+    pub format: WebhookFormat,
+    /// Events per request.
+    pub batch_max: usize,
+    /// How long the first event of a batch waits for others.
+    pub batch_ms: u64,
+    /// A request not answered in this long counts as failed (and is retried).
+    pub timeout_ms: u64,
+    /// Events held for this webhook; past it, the oldest waiting one is dropped and counted.
+    pub max_queue: usize,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        WebhookConfig {
+            name: String::new(),
+            url: String::new(),
+            events: Vec::new(),
+            users: Vec::new(),
+            groups: Vec::new(),
+            roles: Vec::new(),
+            secret: None,
+            format: WebhookFormat::Json,
+            batch_max: 100,
+            batch_ms: 200,
+            timeout_ms: 5_000,
+            max_queue: 10_000,
+        }
+    }
+}
+
+/// Webhooks a server may have.
+pub const MAX_WEBHOOKS: usize = 32;
+
+/// The ranges of a webhook's numbers: (key, min, max).
+pub const WEBHOOK_RANGES: &[(&str, u64, u64)] = &[
+    ("batch_max", 1, 1_000),
+    ("batch_ms", 0, 60_000),
+    ("timeout_ms", 100, 120_000),
+    ("max_queue", 2, 10_000_000),
+];
+
+impl WebhookConfig {
+    /// The effective name of the `i`-th webhook.
+    pub fn name_of(&self, i: usize) -> String {
+        if self.name.is_empty() {
+            format!("webhook-{i}")
+        } else {
+            self.name.clone()
+        }
+    }
+
+    fn validate(&self, i: usize) -> Result<(), ConfigError> {
+        let key = |k: &str| format!("webhooks[{i}].{k}");
+        let bad = |k: &str, why: String| Err(ConfigError(format!("{}: {why}", key(k))));
+        match self.url.split_once("://") {
+            Some(("http" | "https", rest)) => {
+                let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+                let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
+                if host.is_empty() || host.starts_with(':') || host.contains(char::is_whitespace) {
+                    return bad("url", format!("`{}` has no host", self.url));
+                }
+            }
+            _ => {
+                return bad(
+                    "url",
+                    format!("`{}` is not an http:// or https:// URL", self.url),
+                )
+            }
+        }
+        for e in &self.events {
+            if ![
+                "user_online",
+                "user_offline",
+                "status_change",
+                "session_start",
+                "session_end",
+            ]
+            .contains(&e.as_str())
+            {
+                return bad(
+                    "events",
+                    format!("unknown event `{e}` (user_online, user_offline, status_change, session_start, session_end)"),
+                );
+            }
+        }
+        match &self.secret {
+            Some(s) if s.len() >= 16 => {}
+            _ => {
+                return bad(
+                    "secret",
+                    "at least 16 bytes: receivers check the signature with it".into(),
+                )
+            }
+        }
+        let values = [
+            self.batch_max as u64,
+            self.batch_ms,
+            self.timeout_ms,
+            self.max_queue as u64,
+        ];
+        for ((k, min, max), v) in WEBHOOK_RANGES.iter().zip(values) {
+            if !(*min..=*max).contains(&v) {
+                return bad(k, format!("must be between {min} and {max} (got {v})"));
+            }
+        }
+        if self.batch_max >= self.max_queue {
+            return bad("batch_max", "must be below max_queue".into());
+        }
+        if self.name.len() > 64
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return bad("name", "letters, digits, `-`, `_`, `.`; at most 64".into());
+        }
+        Ok(())
+    }
 }
 
 /// The region of a session whose token has no `region` claim (`[geo]`, docs/CONFIG.md).
@@ -611,6 +763,7 @@ impl Default for Config {
             history: HistoryConfig::default(),
             upgrade: UpgradeConfig::default(),
             geo: GeoConfig::default(),
+            webhooks: Vec::new(),
             cluster: None,
         }
     }
@@ -844,6 +997,22 @@ impl Config {
         }
         crate::edge::proxy::TrustedProxies::parse(&self.trusted_proxies)
             .map_err(|why| ConfigError(format!("trusted_proxies: {why}")))?;
+        if self.webhooks.len() > MAX_WEBHOOKS {
+            return bad("webhooks", &format!("at most {MAX_WEBHOOKS}"));
+        }
+        for (i, w) in self.webhooks.iter().enumerate() {
+            w.validate(i)?;
+        }
+        let mut names: Vec<String> = self
+            .webhooks
+            .iter()
+            .enumerate()
+            .map(|(i, w)| w.name_of(i))
+            .collect();
+        names.sort();
+        if names.windows(2).any(|w| w[0] == w[1]) {
+            return bad("webhooks", "two webhooks have the same name");
+        }
         if self.proxy_protocol && self.trusted_proxies.is_empty() {
             return bad(
                 "proxy_protocol",

@@ -41,6 +41,7 @@ pub mod protocol;
 pub mod server;
 pub mod shard;
 pub mod topology;
+pub mod webhooks;
 
 pub use config::{Config, ValidConfig};
 

@@ -343,6 +343,11 @@ fn check_config(args: ServeArgs) -> Result<(), String> {
     if shown.admin.token.is_some() {
         shown.admin.token = Some("<redacted>".into());
     }
+    for w in &mut shown.webhooks {
+        if w.secret.is_some() {
+            w.secret = Some("<redacted>".into());
+        }
+    }
     if shown.history.scylla.password.is_some() {
         shown.history.scylla.password = Some("<redacted>".into());
     }

@@ -46,6 +46,8 @@ pub struct ServerHandle {
     /// The admin port's address, when it is enabled.
     pub admin_addr: Option<SocketAddr>,
     shards: Shards,
+    /// `[[webhooks]]`, when configured: stopped after the shards (their taps hold it).
+    webhooks: Option<Arc<crate::webhooks::sender::Webhooks>>,
     history: Option<History>,
     cluster: Option<crate::cluster::Cluster>,
     flush_deadline: Duration,
@@ -61,6 +63,14 @@ impl ServerHandle {
 
     pub fn metrics_total(&self) -> MetricsSnapshot {
         MetricsSnapshot::sum(&self.metrics())
+    }
+
+    /// Every webhook's counters, in `[[webhooks]]` order.
+    pub fn webhook_stats(&self) -> Vec<Arc<crate::webhooks::sender::Stats>> {
+        self.webhooks
+            .as_ref()
+            .map(|w| w.stats())
+            .unwrap_or_default()
     }
 
     /// History's counters (queue depth through the admin port).
@@ -86,6 +96,10 @@ impl ServerHandle {
             w.stop();
         }
         self.shards.join();
+        if let Some(w) = self.webhooks.take() {
+            // After the shards: their last events (sessions closed at shutdown) are offered.
+            w.stop(self.flush_deadline);
+        }
         // After the shards: their last changes (sessions closed at shutdown) go out first.
         if let Some(mut c) = self.cluster.take() {
             c.stop();
@@ -327,6 +341,10 @@ pub fn start_with(
     }
     let shared = Arc::new(shared);
     let sink = history.sink.clone();
+    let webhooks = (!cfg.webhooks.is_empty())
+        .then(|| Arc::new(crate::webhooks::sender::Webhooks::start(&cfg.webhooks)));
+    let hooks = webhooks.clone();
+    let webhook_seed = crate::shard::now_ms();
     // The old process's users, each on its owner shard here.
     let mut adopt: Vec<Vec<UserRecord>> = (0..shards).map(|_| Vec::new()).collect();
     for rec in takeover.records {
@@ -366,6 +384,9 @@ pub fn start_with(
             listen(shard)?
         };
         shard.keep_relisten(listen);
+        if let Some(h) = &hooks {
+            crate::webhooks::install(shard, h.clone(), webhook_seed);
+        }
         if sink.enabled() {
             install_history(shard, sink.clone());
         }
@@ -399,6 +420,7 @@ pub fn start_with(
         tls_addr,
         admin_addr,
         shards: running,
+        webhooks,
         flush_deadline: Duration::from_millis(cfg.history.flush_deadline_ms),
         history: Some(history),
         cluster,

@@ -1,0 +1,351 @@
+//! Webhook events from a shard's taps (pure): which of `user_online`, `user_offline`,
+//! `status_change`, `session_start` and `session_end` a tap is, with the fields a receiver
+//! gets, and the user's groups and roles for the filters.
+//!
+//! A shard's [`Tracker`] follows its own users: their last aggregate status (so a change can be
+//! told apart: online from offline, a status change, or only a device count) and their
+//! sessions' groups and roles (a status change carries none, but filters need them; they are
+//! kept until the user's offline change, which comes after the last session's end).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::presence::{Aggregate, GroupId, PresenceState, SessionId, SessionInfo, UserId};
+
+/// What happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// The user's aggregate went from offline to visible.
+    UserOnline,
+    /// The user's aggregate went to offline.
+    UserOffline,
+    /// Visible before and after, with another status or text.
+    StatusChange,
+    /// A device session opened.
+    SessionStart,
+    /// A device session ended.
+    SessionEnd,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 5] = [
+        Kind::UserOnline,
+        Kind::UserOffline,
+        Kind::StatusChange,
+        Kind::SessionStart,
+        Kind::SessionEnd,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::UserOnline => "user_online",
+            Kind::UserOffline => "user_offline",
+            Kind::StatusChange => "status_change",
+            Kind::SessionStart => "session_start",
+            Kind::SessionEnd => "session_end",
+        }
+    }
+}
+
+/// One event as a receiver gets it (an element of the body's `events`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Event {
+    /// Unique per event (the process's seed, the shard, a counter): receivers deduplicate
+    /// retried deliveries by it.
+    pub id: String,
+    pub event: Kind,
+    pub user: UserId,
+    /// The user's `seq` at the event (for a session event, the last one the shard knew).
+    pub seq: u64,
+    /// When it happened, ms since the epoch.
+    pub ts: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text: Option<Arc<str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub devices: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device: Option<Arc<str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_type: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub region: Option<Arc<str>>,
+    /// The user's groups and roles (its sessions', or their last ones when it went offline).
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    pub groups: Arc<[GroupId]>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    pub roles: Arc<[Arc<str>]>,
+}
+
+/// One session's groups and roles.
+type Membership = (SessionId, Arc<[GroupId]>, Arc<[Arc<str>]>);
+
+/// What a shard keeps of one of its users.
+#[derive(Debug, Default)]
+struct Followed {
+    last: Aggregate,
+    text: Option<Arc<str>>,
+    seq: u64,
+    sessions: Vec<Membership>,
+    /// The union of the sessions' groups and roles, sorted (the last ones once none is left).
+    groups: Arc<[GroupId]>,
+    roles: Arc<[Arc<str>]>,
+}
+
+/// The sorted union of some lists.
+fn union<'a, T: Clone + Ord + 'a>(lists: impl Iterator<Item = &'a [T]>) -> Arc<[T]> {
+    let mut all: Vec<T> = lists.flat_map(|l| l.iter().cloned()).collect();
+    all.sort_unstable();
+    all.dedup();
+    Arc::from(all)
+}
+
+impl Followed {
+    fn remember_memberships(&mut self) {
+        if self.sessions.is_empty() {
+            return; // keep the last ones for the offline change
+        }
+        self.groups = union(self.sessions.iter().map(|s| &*s.1));
+        self.roles = union(self.sessions.iter().map(|s| &*s.2));
+    }
+}
+
+/// One shard's view of its users, turning taps into events.
+#[derive(Debug)]
+pub struct Tracker {
+    /// `{seed:x}-{shard}-`: the prefix of this shard's event ids.
+    id_prefix: String,
+    next: u64,
+    users: HashMap<UserId, Followed>,
+}
+
+impl Tracker {
+    pub fn new(seed: u64, shard: usize) -> Tracker {
+        Tracker {
+            id_prefix: format!("{seed:x}-{shard}-"),
+            next: 0,
+            users: HashMap::new(),
+        }
+    }
+
+    /// Users followed (for tests and the bound on memory: one entry per user with a session or
+    /// an offline change still to come).
+    pub fn followed(&self) -> usize {
+        self.users.len()
+    }
+
+    fn event(&mut self, kind: Kind, user: &UserId, ts: u64) -> Event {
+        self.next += 1;
+        let f = self.users.get(user);
+        Event {
+            id: format!("{}{}", self.id_prefix, self.next),
+            event: kind,
+            user: user.clone(),
+            seq: f.map_or(0, |f| f.seq),
+            ts,
+            status: None,
+            text: None,
+            devices: None,
+            session: None,
+            device: None,
+            device_type: None,
+            region: None,
+            groups: f.map_or_else(|| Arc::from([]), |f| f.groups.clone()),
+            roles: f.map_or_else(|| Arc::from([]), |f| f.roles.clone()),
+        }
+    }
+
+    /// A device session opened.
+    pub fn session_start(
+        &mut self,
+        user: &UserId,
+        session: SessionId,
+        info: &SessionInfo,
+        now: u64,
+    ) -> Event {
+        let f = self.users.entry(user.clone()).or_default();
+        f.sessions
+            .push((session, info.groups.clone(), info.roles.clone()));
+        f.remember_memberships();
+        let mut e = self.event(Kind::SessionStart, user, now);
+        e.session = Some(session.to_string());
+        e.device = info.device.clone();
+        e.device_type = Some(info.device_type.as_str());
+        e.region = info.region.clone();
+        e
+    }
+
+    /// A device session ended.
+    pub fn session_end(
+        &mut self,
+        user: &UserId,
+        session: SessionId,
+        info: &SessionInfo,
+        now: u64,
+    ) -> Event {
+        if let Some(f) = self.users.get_mut(user) {
+            f.sessions.retain(|s| s.0 != session);
+            f.remember_memberships();
+        }
+        let mut e = self.event(Kind::SessionEnd, user, now);
+        e.session = Some(session.to_string());
+        e.device = info.device.clone();
+        e.device_type = Some(info.device_type.as_str());
+        e.region = info.region.clone();
+        if self
+            .users
+            .get(user)
+            .is_some_and(|f| f.sessions.is_empty() && f.last == Aggregate::Offline)
+        {
+            // Never visible (an invisible session): no offline change will come.
+            self.users.remove(user);
+        }
+        e
+    }
+
+    /// A user's aggregate changed: `user_online`, `user_offline`, `status_change`, or nothing
+    /// (only the device count moved).
+    pub fn change(&mut self, state: &PresenceState) -> Option<Event> {
+        let f = self.users.entry(state.user.clone()).or_default();
+        let before = f.last;
+        let text_changed = f.text != state.text;
+        f.last = state.status;
+        f.text = state.text.clone();
+        f.seq = state.seq;
+        let kind = match (before, state.status) {
+            (Aggregate::Offline, Aggregate::Offline) => None,
+            (Aggregate::Offline, _) => Some(Kind::UserOnline),
+            (_, Aggregate::Offline) => Some(Kind::UserOffline),
+            (a, b) if a != b => Some(Kind::StatusChange),
+            // Same status: a text change is a status change; a device count alone is not.
+            _ => text_changed.then_some(Kind::StatusChange),
+        };
+        let out = kind.map(|k| {
+            let mut e = self.event(k, &state.user, state.ts);
+            e.status = Some(state.status.as_str());
+            e.text = state.text.clone();
+            e.devices = Some(state.devices);
+            e
+        });
+        if state.status == Aggregate::Offline
+            && self
+                .users
+                .get(&state.user)
+                .is_some_and(|f| f.sessions.is_empty())
+        {
+            self.users.remove(&state.user);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use super::*;
+    use crate::presence::DeviceType;
+
+    fn info(groups: &[&str], roles: &[&str]) -> SessionInfo {
+        SessionInfo {
+            device: Some("phone".into()),
+            device_type: DeviceType::Ios,
+            region: Some("DE".into()),
+            groups: groups.iter().map(|g| GroupId::from(*g)).collect(),
+            roles: roles.iter().map(|r| Arc::<str>::from(*r)).collect(),
+            ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            connected_at_ms: 1,
+        }
+    }
+
+    fn state(status: Aggregate, text: Option<&str>, devices: u32, seq: u64) -> PresenceState {
+        PresenceState {
+            user: "alice".into(),
+            status,
+            text: text.map(Into::into),
+            devices,
+            last_seen: None,
+            ts: 1_000 + seq,
+            seq,
+        }
+    }
+
+    fn kinds(events: &[Option<Event>]) -> Vec<Option<&'static str>> {
+        events
+            .iter()
+            .map(|e| e.as_ref().map(|e| e.event.as_str()))
+            .collect()
+    }
+
+    #[test]
+    fn a_users_day_in_events() {
+        let mut t = Tracker::new(0xabc, 1);
+        let alice = UserId::from("alice");
+        let (s1, s2) = (SessionId::new(1, 1), SessionId::new(1, 2));
+        let start = t.session_start(&alice, s1, &info(&["team"], &["admin"]), 1_000);
+        assert_eq!(start.event, Kind::SessionStart);
+        assert_eq!(start.id, "abc-1-1");
+        assert_eq!(start.device_type, Some("ios"));
+        let events = vec![
+            t.change(&state(Aggregate::Online, None, 1, 1)),
+            Some(t.session_start(&alice, s2, &info(&["ops"], &[]), 1_002)),
+            t.change(&state(Aggregate::Online, None, 2, 2)), // a device more: nothing
+            t.change(&state(Aggregate::Busy, Some("call"), 2, 3)),
+            t.change(&state(Aggregate::Busy, Some("meeting"), 2, 4)), // text only
+            Some(t.session_end(&alice, s2, &info(&["ops"], &[]), 1_005)),
+            Some(t.session_end(&alice, s1, &info(&["team"], &["admin"]), 1_006)),
+            t.change(&state(Aggregate::Offline, None, 0, 5)),
+        ];
+        assert_eq!(
+            kinds(&events),
+            [
+                Some("user_online"),
+                Some("session_start"),
+                None,
+                Some("status_change"),
+                Some("status_change"),
+                Some("session_end"),
+                Some("session_end"),
+                Some("user_offline"),
+            ]
+        );
+        let busy = events[3].as_ref().unwrap();
+        assert_eq!(
+            (busy.status, busy.text.as_deref(), busy.devices),
+            (Some("busy"), Some("call"), Some(2))
+        );
+        let groups = |e: &Event| e.groups.iter().map(|g| g.to_string()).collect::<Vec<_>>();
+        assert_eq!(groups(busy), ["ops", "team"], "both sessions' groups");
+        assert_eq!(&*busy.roles, [Arc::<str>::from("admin")]);
+        // The offline change comes after the last session's end: it keeps the groups and roles
+        // the filters need, and then the user is forgotten.
+        let offline = events[7].as_ref().unwrap();
+        assert_eq!(groups(offline), ["team"]);
+        assert_eq!(offline.seq, 5);
+        assert_eq!(t.followed(), 0);
+        let ids: std::collections::HashSet<&str> =
+            events.iter().flatten().map(|e| e.id.as_str()).collect();
+        assert_eq!(ids.len(), 7, "unique ids");
+    }
+
+    #[test]
+    fn an_invisible_session_is_forgotten_at_its_end() {
+        let mut t = Tracker::new(1, 0);
+        let bob = UserId::from("bob");
+        let s = SessionId::new(0, 9);
+        t.session_start(&bob, s, &info(&[], &[]), 1);
+        assert_eq!(t.followed(), 1);
+        t.session_end(&bob, s, &info(&[], &[]), 2);
+        assert_eq!(
+            t.followed(),
+            0,
+            "never visible: no offline change will come"
+        );
+    }
+}

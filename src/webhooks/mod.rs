@@ -1,0 +1,39 @@
+//! Webhooks and alerts (`[[webhooks]]`, docs/WEBHOOKS.md).
+//!
+//! - [`event`] (pure): shard taps to webhook events (`user_online`, `user_offline`,
+//!   `status_change`, `session_start`, `session_end`), with the user's groups and roles.
+//! - [`delivery`] (pure): the filter, the bounded in-order queue with its in-flight batch, the
+//!   request body (`json`, `slack`) and its HMAC-SHA256 signature.
+//! - [`sender`]: per webhook, a collector and a sender thread off the shards (`ureq`, rustls).
+//! - [`install`]: the tap on every shard.
+//!
+//! Not built yet: the webhook figures in `/metrics`, `GET /api/webhooks`, the dashboard card.
+
+pub mod delivery;
+pub mod event;
+pub mod sender;
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use crate::shard::tap::Tap;
+use crate::shard::Shard;
+
+/// Webhooks on one shard: a tap that turns its sessions and changes into events and offers
+/// them to every webhook (queued, never waited for).
+pub fn install(shard: &Rc<Shard>, hooks: Arc<sender::Webhooks>, seed: u64) {
+    let tracker = RefCell::new(event::Tracker::new(seed, usize::from(shard.ix())));
+    shard.add_tap(Box::new(move |t: &Tap<'_>| {
+        let mut tr = tracker.borrow_mut();
+        let e = match t {
+            Tap::SessionStart(s) => Some(tr.session_start(s.user, s.session, s.info, s.now)),
+            Tap::SessionEnd(s) => Some(tr.session_end(s.user, s.session, s.info, s.now)),
+            Tap::Change(state) => tr.change(state),
+        };
+        drop(tr);
+        if let Some(e) = e {
+            hooks.offer(&e);
+        }
+    }));
+}

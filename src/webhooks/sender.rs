@@ -1,0 +1,325 @@
+//! Delivering webhook events, off the shards: per webhook a bounded channel the shards'
+//! taps `try_send` into (never waiting), a collector thread that moves events into the
+//! webhook's [`Queue`] (dropping the oldest waiting one past `max_queue`), and a sender thread
+//! that POSTs batches with `ureq` (rustls) and retries a failed one, the same batch, with
+//! exponential backoff and full jitter until a 2xx takes it off.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::delivery::{body, signature, Filter, Format, Queue};
+use super::event::{Event, Kind};
+use crate::config::{WebhookConfig, WebhookFormat};
+
+/// The channel between the shards and a webhook's collector: events beyond it while the
+/// collector is behind are dropped (and counted) by the shard.
+const CHANNEL: usize = 4_096;
+/// The first retry's backoff; doubled per failure, up to [`BACKOFF_MAX`], fully jittered.
+const BACKOFF_BASE: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// One webhook's counters (for `/metrics` and `GET /api/webhooks`).
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub name: String,
+    /// The URL without credentials, query or fragment.
+    pub target: String,
+    /// Requests sent (first tries and retries).
+    pub requests: AtomicU64,
+    /// Events acknowledged by a 2xx.
+    pub acked: AtomicU64,
+    /// Requests that failed (each is retried).
+    pub failed: AtomicU64,
+    /// Events dropped: past `max_queue` (the oldest waiting), or while the collector was behind.
+    pub dropped: AtomicU64,
+    /// Events held (waiting and in flight).
+    pub queued: AtomicU64,
+    /// Round trips of acknowledged requests: their sum (µs) and count.
+    pub latency_us_sum: AtomicU64,
+    pub latency_count: AtomicU64,
+    /// When the last 2xx came (ms since the epoch; 0: never).
+    pub last_ok_ms: AtomicU64,
+    /// The last failure, for the admin API (cleared by a success).
+    pub last_error: Mutex<Option<String>>,
+}
+
+/// What the collector and the sender share.
+struct Shared {
+    queue: Mutex<Queue>,
+    ready: Condvar,
+    /// Shutdown asked the collector to stop after what the channel holds.
+    stopping: AtomicBool,
+    /// The collector has stopped: deliver what is left, then stop.
+    closed: AtomicBool,
+}
+
+struct Hook {
+    tx: flume::Sender<Event>,
+    filter: Filter,
+    stats: Arc<Stats>,
+    shared: Arc<Shared>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// Every configured webhook.
+pub struct Webhooks {
+    hooks: Vec<Hook>,
+    /// Until when a stopping sender keeps retrying (ms since the epoch; 0: not stopping).
+    deadline_ms: Arc<AtomicU64>,
+}
+
+fn target_of(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let rest = rest.split(['?', '#']).next().unwrap_or("");
+    let (host, path) = rest.split_once('/').map_or((rest, ""), |(h, p)| (h, p));
+    let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
+    format!("{scheme}://{host}/{path}")
+}
+
+impl Webhooks {
+    /// Starts the threads of every webhook in `cfgs` (validated).
+    pub fn start(cfgs: &[WebhookConfig]) -> Webhooks {
+        let deadline_ms = Arc::new(AtomicU64::new(0));
+        let hooks = cfgs
+            .iter()
+            .enumerate()
+            .map(|(i, c)| Hook::start(i, c, deadline_ms.clone()))
+            .collect();
+        Webhooks { hooks, deadline_ms }
+    }
+
+    /// Offers an event to every webhook that wants it; never waits.
+    pub fn offer(&self, e: &Event) {
+        for h in &self.hooks {
+            if !h.filter.wants(e) {
+                continue;
+            }
+            if h.tx.try_send(e.clone()).is_err() {
+                h.stats.dropped.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    pub fn stats(&self) -> Vec<Arc<Stats>> {
+        self.hooks.iter().map(|h| h.stats.clone()).collect()
+    }
+
+    /// Delivers what is held until `grace` has passed, then stops (after the shards: nothing
+    /// is offered any more); logs what it could not deliver. Idempotent.
+    pub fn stop(&self, grace: Duration) {
+        let deadline = crate::shard::now_ms() + grace.as_millis() as u64;
+        self.deadline_ms.store(deadline.max(1), Relaxed);
+        for h in &self.hooks {
+            h.shared.stopping.store(true, Relaxed);
+            h.shared.ready.notify_all();
+        }
+        for h in &self.hooks {
+            let threads = std::mem::take(&mut *h.threads.lock().unwrap_or_else(|e| e.into_inner()));
+            for t in threads {
+                let _ = t.join();
+            }
+            let left = h
+                .shared
+                .queue
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .len();
+            if left > 0 {
+                tracing::warn!(
+                    webhook = h.stats.name,
+                    undelivered = left,
+                    "webhook: stopped with events not delivered"
+                );
+            }
+        }
+    }
+}
+
+impl Hook {
+    fn start(i: usize, c: &WebhookConfig, deadline_ms: Arc<AtomicU64>) -> Hook {
+        let stats = Arc::new(Stats {
+            name: c.name_of(i),
+            target: target_of(&c.url),
+            ..Stats::default()
+        });
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue::new(c.max_queue)),
+            ready: Condvar::new(),
+            stopping: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+        });
+        let (tx, rx) = flume::bounded::<Event>(CHANNEL.min(c.max_queue));
+        let collector = {
+            let (shared, stats) = (shared.clone(), stats.clone());
+            std::thread::Builder::new()
+                .name(format!("webhook-in-{i}"))
+                .spawn(move || {
+                    let take = |e: Event| {
+                        let mut q = shared.queue.lock().unwrap_or_else(|e| e.into_inner());
+                        if q.push(e) {
+                            stats.dropped.fetch_add(1, Relaxed);
+                        }
+                        stats.queued.store(q.len() as u64, Relaxed);
+                        drop(q);
+                        shared.ready.notify_one();
+                    };
+                    loop {
+                        match rx.recv_timeout(Duration::from_millis(100)) {
+                            Ok(e) => take(e),
+                            Err(flume::RecvTimeoutError::Timeout) => {
+                                if shared.stopping.load(Relaxed) {
+                                    // The shards have stopped: what the channel holds is all.
+                                    rx.try_iter().for_each(take);
+                                    break;
+                                }
+                            }
+                            Err(flume::RecvTimeoutError::Disconnected) => break,
+                        }
+                    }
+                    shared.closed.store(true, Relaxed);
+                    shared.ready.notify_all();
+                })
+                .expect("the webhook collector thread starts")
+        };
+        let sender = {
+            let (shared, stats) = (shared.clone(), stats.clone());
+            let c = c.clone();
+            std::thread::Builder::new()
+                .name(format!("webhook-out-{i}"))
+                .spawn(move || send_loop(&c, &shared, &stats, &deadline_ms))
+                .expect("the webhook sender thread starts")
+        };
+        let filter = Filter {
+            kinds: c
+                .events
+                .iter()
+                .filter_map(|e| Kind::ALL.into_iter().find(|k| k.as_str() == e))
+                .collect(),
+            users: c.users.iter().cloned().collect(),
+            groups: c.groups.iter().cloned().collect(),
+            roles: c.roles.iter().cloned().collect(),
+        };
+        Hook {
+            tx,
+            filter,
+            stats,
+            shared,
+            threads: Mutex::new(vec![collector, sender]),
+        }
+    }
+}
+
+/// Full jitter: a random wait up to `min(max, base · 2^attempt)`.
+fn backoff(attempt: u32) -> Duration {
+    let cap = BACKOFF_BASE
+        .saturating_mul(1u32.checked_shl(attempt.min(16)).unwrap_or(u32::MAX))
+        .min(BACKOFF_MAX);
+    cap.mul_f64(rand::random::<f64>())
+}
+
+fn send_loop(c: &WebhookConfig, shared: &Shared, stats: &Stats, deadline_ms: &AtomicU64) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_millis(c.timeout_ms)))
+        .http_status_as_error(false)
+        .user_agent(concat!("presenced/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .into();
+    let format = match c.format {
+        WebhookFormat::Json => Format::Json,
+        WebhookFormat::Slack => Format::Slack,
+    };
+    let secret = c.secret.clone().unwrap_or_default();
+    let mut attempt = 0u32;
+    loop {
+        let out_of_time = || {
+            let d = deadline_ms.load(Relaxed);
+            d != 0 && crate::shard::now_ms() >= d
+        };
+        // Wait for events (and, for a batch not yet full, up to `batch_ms` for more).
+        let batch = {
+            let mut q = shared.queue.lock().unwrap_or_else(|e| e.into_inner());
+            while q.is_empty() && !shared.closed.load(Relaxed) {
+                q = shared.ready.wait(q).unwrap_or_else(|e| e.into_inner());
+            }
+            if q.is_empty() || out_of_time() {
+                return;
+            }
+            let until = Instant::now() + Duration::from_millis(c.batch_ms);
+            while q.len() < c.batch_max && !shared.closed.load(Relaxed) {
+                let left = until.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                q = shared
+                    .ready
+                    .wait_timeout(q, left)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+            q.batch(c.batch_max).to_vec()
+        };
+        let body = body(format, &batch);
+        let ts = crate::shard::now_ms() / 1000;
+        let started = Instant::now();
+        stats.requests.fetch_add(1, Relaxed);
+        let result = agent
+            .post(&c.url)
+            .header("Content-Type", "application/json")
+            .header("X-Presenced-Timestamp", ts.to_string())
+            .header(
+                "X-Presenced-Signature",
+                signature(secret.as_bytes(), ts, &body),
+            )
+            .send(&body[..]);
+        let failure = match result {
+            Ok(r) if r.status().is_success() => None,
+            Ok(r) => Some(format!("HTTP {}", r.status().as_u16())),
+            Err(e) => Some(e.to_string()),
+        };
+        match failure {
+            None => {
+                let mut q = shared.queue.lock().unwrap_or_else(|e| e.into_inner());
+                let n = q.acked();
+                stats.queued.store(q.len() as u64, Relaxed);
+                drop(q);
+                stats.acked.fetch_add(n as u64, Relaxed);
+                stats
+                    .latency_us_sum
+                    .fetch_add(started.elapsed().as_micros() as u64, Relaxed);
+                stats.latency_count.fetch_add(1, Relaxed);
+                stats.last_ok_ms.store(crate::shard::now_ms(), Relaxed);
+                *stats.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                attempt = 0;
+            }
+            Some(why) => {
+                stats.failed.fetch_add(1, Relaxed);
+                tracing::debug!(
+                    webhook = stats.name,
+                    why,
+                    attempt,
+                    "webhook: delivery failed; retrying"
+                );
+                *stats.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+                if out_of_time() {
+                    return;
+                }
+                let wait = backoff(attempt);
+                attempt = attempt.saturating_add(1);
+                // Waits out the backoff, unless shutdown's deadline comes first.
+                let q = shared.queue.lock().unwrap_or_else(|e| e.into_inner());
+                let until = Instant::now() + wait;
+                let mut q = q;
+                while Instant::now() < until && !out_of_time() {
+                    let left = until.saturating_duration_since(Instant::now());
+                    q = shared
+                        .ready
+                        .wait_timeout(q, left.min(Duration::from_millis(100)))
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+            }
+        }
+    }
+}
