@@ -131,6 +131,15 @@ impl Default for WebhookConfig {
     }
 }
 
+/// `scheme://host[:port]` of a URL, for logs and errors: no credentials, path or query (a
+/// Slack webhook URL's path is its secret).
+pub fn redacted_url(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("?", url));
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    format!("{scheme}://{host}")
+}
+
 /// Webhooks a server may have.
 pub const MAX_WEBHOOKS: usize = 32;
 
@@ -155,20 +164,28 @@ impl WebhookConfig {
     fn validate(&self, i: usize) -> Result<(), ConfigError> {
         let key = |k: &str| format!("webhooks[{i}].{k}");
         let bad = |k: &str, why: String| Err(ConfigError(format!("{}: {why}", key(k))));
-        match self.url.split_once("://") {
-            Some(("http" | "https", rest)) => {
-                let host = rest.split(['/', '?', '#']).next().unwrap_or("");
-                let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
-                if host.is_empty() || host.starts_with(':') || host.contains(char::is_whitespace) {
-                    return bad("url", format!("`{}` has no host", self.url));
+        let shown = redacted_url(&self.url);
+        match self.url.parse::<ureq::http::Uri>() {
+            Ok(u) if matches!(u.scheme_str(), Some("http" | "https")) => {
+                if u.host().is_none_or(str::is_empty) {
+                    return bad("url", format!("`{shown}` has no host"));
+                }
+                // `host:port` with a port that is no number: a valid URL to the parser, a
+                // request that fails every time.
+                let authority = u.authority().map_or("", |a| a.as_str());
+                let authority = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+                let after_host = authority.rsplit_once(']').map_or(authority, |(_, p)| p);
+                if after_host.contains(':') && u.port_u16().is_none() {
+                    return bad("url", format!("`{shown}` is not a valid URL (a bad port)"));
                 }
             }
-            _ => {
+            Ok(_) => {
                 return bad(
                     "url",
-                    format!("`{}` is not an http:// or https:// URL", self.url),
+                    format!("`{shown}` is not an http:// or https:// URL"),
                 )
             }
+            Err(e) => return bad("url", format!("`{shown}` is not a valid URL ({e})")),
         }
         for e in &self.events {
             if ![

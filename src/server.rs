@@ -443,7 +443,7 @@ fn history_event(t: &Tap<'_>) -> HistoryEvent {
     match t {
         Tap::SessionStart(s) => session_event(EventKind::SessionStart, s),
         Tap::SessionEnd(s) => session_event(EventKind::SessionEnd, s),
-        Tap::Change(state) => {
+        Tap::Change(state, _) => {
             let mut e = HistoryEvent::new(state.ts, state.user.clone(), EventKind::Status);
             e.status = Some(state.status);
             e.text = state.text.clone();

@@ -99,7 +99,7 @@ pub fn prepare(shard: &Rc<Shard>, history: Sink, cluster: Option<Arc<crate::clus
     shard.insert_local(local.clone());
     let log = local.clone();
     shard.add_tap(Box::new(move |t: &Tap<'_>| {
-        if let Tap::Change(state) = t {
+        if let Tap::Change(state, _) = t {
             log.changes.borrow_mut().record((*state).clone());
         }
     }));

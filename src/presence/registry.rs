@@ -372,6 +372,8 @@ pub struct Change {
     pub groups: Vec<(GroupId, bool)>,
     /// Whether the user was visible before this change.
     pub was_online: bool,
+    /// Whether its status or text changed (not only its device count or groups).
+    pub status_changed: bool,
 }
 
 /// Why an operation on the registry was refused.
@@ -1316,6 +1318,7 @@ fn refresh(
         watchers: entry.watchers.shards().collect(),
         groups: group_changes(old.groups, &entry.view.groups),
         was_online: old.status != Aggregate::Offline,
+        status_changed: old.status != entry.view.status || old.text != entry.view.text,
     })
 }
 

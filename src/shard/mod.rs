@@ -347,7 +347,11 @@ impl Shard {
         let state = Arc::new(change.state);
         let origin = Instant::now();
         if change.local {
-            self.tap(&Tap::Change(&state));
+            let before = tap::Before {
+                was_online: change.was_online,
+                status_changed: change.status_changed,
+            };
+            self.tap(&Tap::Change(&state, before));
         }
         for shard in change.watchers {
             self.send(

@@ -15,8 +15,18 @@ pub enum Tap<'a> {
     SessionStart(SessionTap<'a>),
     /// A device session ended, for whatever reason.
     SessionEnd(SessionTap<'a>),
-    /// A local user's aggregate changed (a new `seq`).
-    Change(&'a Arc<PresenceState>),
+    /// A local user's aggregate changed (a new `seq`), and what it was before.
+    Change(&'a Arc<PresenceState>, Before),
+}
+
+/// What a [`Tap::Change`]'s user was before it (the registry's own view, so a driver needs no
+/// memory of its own to tell an online from a status change).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Before {
+    /// Visible (not offline) before.
+    pub was_online: bool,
+    /// The status or the text changed (not only the device count or the groups).
+    pub status_changed: bool,
 }
 
 /// The device session a [`Tap::SessionStart`] or [`Tap::SessionEnd`] is about.

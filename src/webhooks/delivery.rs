@@ -97,6 +97,11 @@ impl Queue {
         self.waiting.len() + self.in_flight.len()
     }
 
+    /// A batch is out, not yet acknowledged.
+    pub fn has_in_flight(&self) -> bool {
+        !self.in_flight.is_empty()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -2,17 +2,20 @@
 //! `status_change`, `session_start` and `session_end` a tap is, with the fields a receiver
 //! gets, and the user's groups and roles for the filters.
 //!
-//! A shard's [`Tracker`] follows its own users: their last aggregate status (so a change can be
-//! told apart: online from offline, a status change, or only a device count) and their
+//! A change is told apart (online, offline, a status change, or only a device count) from what
+//! the registry says the user was before ([`Before`]: the node's merged view, so in a cluster a
+//! second node's session is no second `user_online`). A shard's [`Tracker`] keeps its users'
 //! sessions' groups and roles (a status change carries none, but filters need them; they are
-//! kept until the user's offline change, which comes after the last session's end).
+//! kept until the user's offline change, which comes after the last session's end) and their
+//! last `seq`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use serde::Serialize;
 
 use crate::presence::{Aggregate, GroupId, PresenceState, SessionId, SessionInfo, UserId};
+use crate::shard::tap::Before;
 
 /// What happened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
@@ -89,8 +92,6 @@ type Membership = (SessionId, Arc<[GroupId]>, Arc<[Arc<str>]>);
 /// What a shard keeps of one of its users.
 #[derive(Debug, Default)]
 struct Followed {
-    last: Aggregate,
-    text: Option<Arc<str>>,
     seq: u64,
     sessions: Vec<Membership>,
     /// The union of the sessions' groups and roles, sorted (the last ones once none is left).
@@ -123,21 +124,42 @@ pub struct Tracker {
     id_prefix: String,
     next: u64,
     users: HashMap<UserId, Followed>,
+    /// Users whose last session here ended, oldest first: their memberships are kept for the
+    /// offline change that may follow (after `offline_grace_ms`), then forgotten.
+    ended: VecDeque<(u64, UserId)>,
+    keep_ended_ms: u64,
 }
 
 impl Tracker {
-    pub fn new(seed: u64, shard: usize) -> Tracker {
+    /// `keep_ended_ms`: how long a user's memberships outlive its last session here (the
+    /// offline grace and then some), so that the offline change can be filtered by them.
+    pub fn new(seed: u64, shard: usize, keep_ended_ms: u64) -> Tracker {
         Tracker {
             id_prefix: format!("{seed:x}-{shard}-"),
             next: 0,
             users: HashMap::new(),
+            ended: VecDeque::new(),
+            keep_ended_ms,
         }
     }
 
-    /// Users followed (for tests and the bound on memory: one entry per user with a session or
-    /// an offline change still to come).
+    /// Users followed: those with a session here, or whose last one ended within
+    /// `keep_ended_ms` (the bound on this map's memory).
     pub fn followed(&self) -> usize {
         self.users.len()
+    }
+
+    /// Forgets users whose last session ended more than `keep_ended_ms` before `now`.
+    fn prune(&mut self, now: u64) {
+        while let Some((at, user)) = self.ended.front() {
+            if now.saturating_sub(*at) < self.keep_ended_ms {
+                break;
+            }
+            if self.users.get(user).is_some_and(|f| f.sessions.is_empty()) {
+                self.users.remove(user);
+            }
+            self.ended.pop_front();
+        }
     }
 
     fn event(&mut self, kind: Kind, user: &UserId, ts: u64) -> Event {
@@ -161,6 +183,22 @@ impl Tracker {
         }
     }
 
+    fn session_event(
+        &mut self,
+        kind: Kind,
+        user: &UserId,
+        session: SessionId,
+        info: &SessionInfo,
+        now: u64,
+    ) -> Event {
+        let mut e = self.event(kind, user, now);
+        e.session = Some(session.to_string());
+        e.device = info.device.clone();
+        e.device_type = Some(info.device_type.as_str());
+        e.region = info.region.clone();
+        e
+    }
+
     /// A device session opened.
     pub fn session_start(
         &mut self,
@@ -169,16 +207,12 @@ impl Tracker {
         info: &SessionInfo,
         now: u64,
     ) -> Event {
+        self.prune(now);
         let f = self.users.entry(user.clone()).or_default();
         f.sessions
             .push((session, info.groups.clone(), info.roles.clone()));
         f.remember_memberships();
-        let mut e = self.event(Kind::SessionStart, user, now);
-        e.session = Some(session.to_string());
-        e.device = info.device.clone();
-        e.device_type = Some(info.device_type.as_str());
-        e.region = info.region.clone();
-        e
+        self.session_event(Kind::SessionStart, user, session, info, now)
     }
 
     /// A device session ended.
@@ -189,51 +223,40 @@ impl Tracker {
         info: &SessionInfo,
         now: u64,
     ) -> Event {
+        self.prune(now);
         if let Some(f) = self.users.get_mut(user) {
             f.sessions.retain(|s| s.0 != session);
             f.remember_memberships();
+            if f.sessions.is_empty() {
+                self.ended.push_back((now, user.clone()));
+            }
         }
-        let mut e = self.event(Kind::SessionEnd, user, now);
-        e.session = Some(session.to_string());
-        e.device = info.device.clone();
-        e.device_type = Some(info.device_type.as_str());
-        e.region = info.region.clone();
-        if self
-            .users
-            .get(user)
-            .is_some_and(|f| f.sessions.is_empty() && f.last == Aggregate::Offline)
-        {
-            // Never visible (an invisible session): no offline change will come.
-            self.users.remove(user);
-        }
-        e
+        self.session_event(Kind::SessionEnd, user, session, info, now)
     }
 
     /// A user's aggregate changed: `user_online`, `user_offline`, `status_change`, or nothing
-    /// (only the device count moved).
-    pub fn change(&mut self, state: &PresenceState) -> Option<Event> {
-        let f = self.users.entry(state.user.clone()).or_default();
-        let before = f.last;
-        let text_changed = f.text != state.text;
-        f.last = state.status;
-        f.text = state.text.clone();
-        f.seq = state.seq;
-        let kind = match (before, state.status) {
-            (Aggregate::Offline, Aggregate::Offline) => None,
-            (Aggregate::Offline, _) => Some(Kind::UserOnline),
-            (_, Aggregate::Offline) => Some(Kind::UserOffline),
-            (a, b) if a != b => Some(Kind::StatusChange),
-            // Same status: a text change is a status change; a device count alone is not.
-            _ => text_changed.then_some(Kind::StatusChange),
+    /// (only the device count or the groups moved), from what the registry says it was.
+    pub fn change(&mut self, state: &PresenceState, before: Before) -> Option<Event> {
+        self.prune(state.ts);
+        if let Some(f) = self.users.get_mut(&state.user) {
+            f.seq = state.seq;
+        }
+        let visible = state.status != Aggregate::Offline;
+        let kind = match (before.was_online, visible) {
+            (false, true) => Some(Kind::UserOnline),
+            (true, false) => Some(Kind::UserOffline),
+            (true, true) if before.status_changed => Some(Kind::StatusChange),
+            _ => None,
         };
         let out = kind.map(|k| {
             let mut e = self.event(k, &state.user, state.ts);
+            e.seq = state.seq;
             e.status = Some(state.status.as_str());
             e.text = state.text.clone();
             e.devices = Some(state.devices);
             e
         });
-        if state.status == Aggregate::Offline
+        if !visible
             && self
                 .users
                 .get(&state.user)
@@ -276,6 +299,13 @@ mod tests {
         }
     }
 
+    fn before(was_online: bool, status_changed: bool) -> Before {
+        Before {
+            was_online,
+            status_changed,
+        }
+    }
+
     fn kinds(events: &[Option<Event>]) -> Vec<Option<&'static str>> {
         events
             .iter()
@@ -285,7 +315,7 @@ mod tests {
 
     #[test]
     fn a_users_day_in_events() {
-        let mut t = Tracker::new(0xabc, 1);
+        let mut t = Tracker::new(0xabc, 1, 60_000);
         let alice = UserId::from("alice");
         let (s1, s2) = (SessionId::new(1, 1), SessionId::new(1, 2));
         let start = t.session_start(&alice, s1, &info(&["team"], &["admin"]), 1_000);
@@ -293,14 +323,22 @@ mod tests {
         assert_eq!(start.id, "abc-1-1");
         assert_eq!(start.device_type, Some("ios"));
         let events = vec![
-            t.change(&state(Aggregate::Online, None, 1, 1)),
+            t.change(&state(Aggregate::Online, None, 1, 1), before(false, true)),
             Some(t.session_start(&alice, s2, &info(&["ops"], &[]), 1_002)),
-            t.change(&state(Aggregate::Online, None, 2, 2)), // a device more: nothing
-            t.change(&state(Aggregate::Busy, Some("call"), 2, 3)),
-            t.change(&state(Aggregate::Busy, Some("meeting"), 2, 4)), // text only
+            // A device more: nothing.
+            t.change(&state(Aggregate::Online, None, 2, 2), before(true, false)),
+            t.change(
+                &state(Aggregate::Busy, Some("call"), 2, 3),
+                before(true, true),
+            ),
+            // Text only.
+            t.change(
+                &state(Aggregate::Busy, Some("meeting"), 2, 4),
+                before(true, true),
+            ),
             Some(t.session_end(&alice, s2, &info(&["ops"], &[]), 1_005)),
             Some(t.session_end(&alice, s1, &info(&["team"], &["admin"]), 1_006)),
-            t.change(&state(Aggregate::Offline, None, 0, 5)),
+            t.change(&state(Aggregate::Offline, None, 0, 5), before(true, true)),
         ];
         assert_eq!(
             kinds(&events),
@@ -335,8 +373,19 @@ mod tests {
     }
 
     #[test]
-    fn an_invisible_session_is_forgotten_at_its_end() {
-        let mut t = Tracker::new(1, 0);
+    fn in_a_cluster_a_second_nodes_session_is_no_second_online() {
+        // The registry's merged view says the user was already visible elsewhere.
+        let mut t = Tracker::new(1, 0, 60_000);
+        let e = t.change(&state(Aggregate::Online, None, 2, 7), before(true, false));
+        assert!(e.is_none());
+        let e = t.change(&state(Aggregate::Away, None, 1, 8), before(true, true));
+        assert_eq!(e.unwrap().event, Kind::StatusChange);
+        assert_eq!(t.followed(), 0, "no session here: nothing kept");
+    }
+
+    #[test]
+    fn an_unseen_session_is_forgotten_in_time() {
+        let mut t = Tracker::new(1, 0, 60_000);
         let bob = UserId::from("bob");
         let s = SessionId::new(0, 9);
         t.session_start(&bob, s, &info(&[], &[]), 1);
@@ -344,7 +393,20 @@ mod tests {
         t.session_end(&bob, s, &info(&[], &[]), 2);
         assert_eq!(
             t.followed(),
-            0,
+            1,
+            "kept for an offline change that may follow"
+        );
+        // No offline change comes (an invisible session, or the user visible on another
+        // node): forgotten once `keep_ended_ms` has passed.
+        t.session_start(
+            &UserId::from("cy"),
+            SessionId::new(0, 10),
+            &info(&[], &[]),
+            60_003,
+        );
+        assert_eq!(
+            t.followed(),
+            1,
             "never visible: no offline change will come"
         );
     }

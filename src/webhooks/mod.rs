@@ -23,13 +23,15 @@ use crate::shard::Shard;
 /// Webhooks on one shard: a tap that turns its sessions and changes into events and offers
 /// them to every webhook (queued, never waited for).
 pub fn install(shard: &Rc<Shard>, hooks: Arc<sender::Webhooks>, seed: u64) {
-    let tracker = RefCell::new(event::Tracker::new(seed, usize::from(shard.ix())));
+    // Memberships outlive a user's last session for the offline grace and a minute more.
+    let keep = shard.cfg().offline_grace_ms.saturating_add(60_000);
+    let tracker = RefCell::new(event::Tracker::new(seed, usize::from(shard.ix()), keep));
     shard.add_tap(Box::new(move |t: &Tap<'_>| {
         let mut tr = tracker.borrow_mut();
         let e = match t {
             Tap::SessionStart(s) => Some(tr.session_start(s.user, s.session, s.info, s.now)),
             Tap::SessionEnd(s) => Some(tr.session_end(s.user, s.session, s.info, s.now)),
-            Tap::Change(state) => tr.change(state),
+            Tap::Change(state, before) => tr.change(state, *before),
         };
         drop(tr);
         if let Some(e) = e {

@@ -14,7 +14,8 @@ use super::event::{Event, Kind};
 use crate::config::{WebhookConfig, WebhookFormat};
 
 /// The channel between the shards and a webhook's collector: events beyond it while the
-/// collector is behind are dropped (and counted) by the shard.
+/// collector is that far behind are dropped (and counted) by the shard, the newest first; the
+/// queue behind it (`max_queue`) drops the oldest.
 const CHANNEL: usize = 4_096;
 /// The first retry's backoff; doubled per failure, up to [`BACKOFF_MAX`], fully jittered.
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
@@ -70,12 +71,10 @@ pub struct Webhooks {
     deadline_ms: Arc<AtomicU64>,
 }
 
-fn target_of(url: &str) -> String {
-    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
-    let rest = rest.split(['?', '#']).next().unwrap_or("");
-    let (host, path) = rest.split_once('/').map_or((rest, ""), |(h, p)| (h, p));
-    let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
-    format!("{scheme}://{host}/{path}")
+/// `scheme://host[:port]` of a webhook URL: what may be shown. The path, the query and any
+/// credentials stay out of logs and answers (a Slack webhook URL's path is its secret).
+pub fn target_of(url: &str) -> String {
+    crate::config::redacted_url(url)
 }
 
 impl Webhooks {
@@ -150,7 +149,7 @@ impl Hook {
             stopping: AtomicBool::new(false),
             closed: AtomicBool::new(false),
         });
-        let (tx, rx) = flume::bounded::<Event>(CHANNEL.min(c.max_queue));
+        let (tx, rx) = flume::bounded::<Event>(CHANNEL);
         let collector = {
             let (shared, stats) = (shared.clone(), stats.clone());
             std::thread::Builder::new()
@@ -178,7 +177,12 @@ impl Hook {
                             Err(flume::RecvTimeoutError::Disconnected) => break,
                         }
                     }
-                    shared.closed.store(true, Relaxed);
+                    {
+                        // Under the lock: the sender checks `closed` under it before it waits,
+                        // so this wake-up cannot fall between its check and its wait.
+                        let _q = shared.queue.lock().unwrap_or_else(|e| e.into_inner());
+                        shared.closed.store(true, Relaxed);
+                    }
                     shared.ready.notify_all();
                 })
                 .expect("the webhook collector thread starts")
@@ -223,6 +227,9 @@ fn send_loop(c: &WebhookConfig, shared: &Shared, stats: &Stats, deadline_ms: &At
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_millis(c.timeout_ms)))
         .http_status_as_error(false)
+        // A redirect is a failure, retried: following a 301/302/303 would turn the POST into a
+        // GET without the body, and its 200 would acknowledge a batch nobody received.
+        .max_redirects(0)
         .user_agent(concat!("presenced/", env!("CARGO_PKG_VERSION")))
         .build()
         .into();
@@ -247,7 +254,8 @@ fn send_loop(c: &WebhookConfig, shared: &Shared, stats: &Stats, deadline_ms: &At
                 return;
             }
             let until = Instant::now() + Duration::from_millis(c.batch_ms);
-            while q.len() < c.batch_max && !shared.closed.load(Relaxed) {
+            // A batch in flight (a retry) goes as it is, at once.
+            while !q.has_in_flight() && q.len() < c.batch_max && !shared.closed.load(Relaxed) {
                 let left = until.saturating_duration_since(Instant::now());
                 if left.is_zero() {
                     break;
@@ -264,8 +272,19 @@ fn send_loop(c: &WebhookConfig, shared: &Shared, stats: &Stats, deadline_ms: &At
         let ts = crate::shard::now_ms() / 1000;
         let started = Instant::now();
         stats.requests.fetch_add(1, Relaxed);
+        // While stopping, no request outlives the deadline.
+        let mut timeout = Duration::from_millis(c.timeout_ms);
+        let d = deadline_ms.load(Relaxed);
+        if d != 0 {
+            timeout = timeout.min(Duration::from_millis(
+                d.saturating_sub(crate::shard::now_ms()).max(1),
+            ));
+        }
         let result = agent
             .post(&c.url)
+            .config()
+            .timeout_global(Some(timeout))
+            .build()
             .header("Content-Type", "application/json")
             .header("X-Presenced-Timestamp", ts.to_string())
             .header(
