@@ -8,16 +8,8 @@ mod common;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
-use common::{raw_request_from, tcp_from, Client, TestServer};
+use common::{raw_request_from, tcp_from, upgrade_request_with, Client, TestServer};
 use serde_json::json;
-
-fn upgrade_request(token: &str, extra: &str) -> String {
-    format!(
-        "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-         Authorization: Bearer {token}\r\n{extra}\r\n"
-    )
-}
 
 fn ip(last: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
@@ -31,7 +23,7 @@ fn handshake_flood_from_one_ip_gets_429_while_another_ip_is_admitted() {
         .map(|_| {
             raw_request_from(
                 tcp_from(ip(1), server.addr, None),
-                &upgrade_request(&token, ""),
+                &upgrade_request_with(&token, ""),
             )
             .0
         })
@@ -47,7 +39,7 @@ fn handshake_flood_from_one_ip_gets_429_while_another_ip_is_admitted() {
     assert!(statuses.iter().all(|s| *s == 101 || *s == 429));
     let (status, _) = raw_request_from(
         tcp_from(ip(2), server.addr, None),
-        &upgrade_request(&token, ""),
+        &upgrade_request_with(&token, ""),
     );
     assert_eq!(status, 101, "127.0.0.2 has its own budget");
     assert!(server.handle().metrics_total().handshakes_rate_limited > 0);
@@ -62,7 +54,7 @@ fn origin_allowlist() {
     let status = |extra: &str| {
         raw_request_from(
             std::net::TcpStream::connect(server.addr).unwrap(),
-            &upgrade_request(&token, extra),
+            &upgrade_request_with(&token, extra),
         )
     };
     assert_eq!(status("Origin: https://app.example\r\n").0, 101);
@@ -182,7 +174,7 @@ fn silent_sockets_from_one_address_leave_the_slots_to_others() {
         .collect();
     let (status, body) = raw_request_from(
         tcp_from(ip(6), server.addr, None),
-        &upgrade_request(&server.token("other"), ""),
+        &upgrade_request_with(&server.token("other"), ""),
     );
     assert_eq!(status, 101, "{body}");
     let refused = server.handle().metrics_total().handshakes_rate_limited;
@@ -211,7 +203,7 @@ fn a_socket_arriving_after_a_full_spell_is_served() {
     });
     let (status, body) = raw_request_from(
         std::net::TcpStream::connect(server.addr).unwrap(),
-        &upgrade_request(&server.token("late"), ""),
+        &upgrade_request_with(&server.token("late"), ""),
     );
     assert_eq!(status, 101, "{body}");
     assert_eq!(server.handle().metrics_total().handshakes_unavailable, 0);

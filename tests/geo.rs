@@ -33,13 +33,8 @@ fn ip(last: u8) -> IpAddr {
 fn open(addr: SocketAddr, from: u8, token: &str, extra: &str) -> TcpStream {
     let mut s = tcp_from(ip(from), addr, None);
     s.set_read_timeout(Some(WAIT)).unwrap();
-    write!(
-        s,
-        "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-         Authorization: Bearer {token}\r\n{extra}\r\n"
-    )
-    .unwrap();
+    s.write_all(common::upgrade_request_with(token, extra).as_bytes())
+        .unwrap();
     let mut head = Vec::new();
     let mut b = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -219,14 +214,8 @@ fn behind_an_l4_proxy_the_geo_header_is_the_clients_own_word() {
         let mut s = tcp_from(ip(PROXY), server.addr, None);
         s.write_all(header.as_bytes()).unwrap();
         s.set_read_timeout(Some(WAIT)).unwrap();
-        write!(
-            s,
-            "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-             Authorization: Bearer {}\r\n{extra}\r\n",
-            server.token(user)
-        )
-        .unwrap();
+        s.write_all(common::upgrade_request_with(&server.token(user), extra).as_bytes())
+            .unwrap();
         let mut buf = [0u8; 12];
         s.read_exact(&mut buf).unwrap();
         assert_eq!(&buf, b"HTTP/1.1 101", "{user}");

@@ -15,7 +15,7 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, TcpStream};
 use std::sync::Arc;
 
-use common::{raw_request_from, tcp_from, TestServer, WAIT};
+use common::{raw_request_from, tcp_from, upgrade_request_with, TestServer, WAIT};
 use presenced::config::Config;
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
@@ -40,21 +40,13 @@ fn behind_proxy(
     })
 }
 
-fn upgrade(token: &str, extra: &str) -> String {
-    format!(
-        "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-         Authorization: Bearer {token}\r\n{extra}\r\n"
-    )
-}
-
 /// Opens `user`'s session from loopback address `from`, writing `preamble` (a PROXY header)
 /// first; returns the socket (kept open) once upgraded.
 fn open(server: &TestServer, from: u8, preamble: &[u8], user: &str, extra: &str) -> TcpStream {
     let mut s = tcp_from(ip(from), server.addr, None);
     s.set_read_timeout(Some(WAIT)).unwrap();
     let mut bytes = preamble.to_vec();
-    bytes.extend_from_slice(upgrade(&server.token(user), extra).as_bytes());
+    bytes.extend_from_slice(upgrade_request_with(&server.token(user), extra).as_bytes());
     s.write_all(&bytes).unwrap();
     let mut head = Vec::new();
     let mut b = [0u8; 1];
@@ -199,7 +191,7 @@ fn a_bad_proxy_header_closes_the_connection_and_nothing_else() {
     );
     watcher.subscribe(&["target"]);
     // No header at all: a client that went around the proxy.
-    let bare = upgrade("x", "");
+    let bare = upgrade_request_with("x", "");
     let bad: [&[u8]; 4] = [
         bare.as_bytes(),
         b"PROXY TCP4 999.1.1.1 127.0.0.1 1 2\r\n",
@@ -284,7 +276,7 @@ fn a_client_named_by_a_proxy_header_is_limited_before_tls_or_the_request() {
         let mut s = tcp_from(ip(PROXY), server.addr, None);
         s.write_all(format!("PROXY TCP4 {client} 127.0.0.1 40000 443\r\n").as_bytes())
             .unwrap();
-        raw_request_from(s, &upgrade(&token, "")).0
+        raw_request_from(s, &upgrade_request_with(&token, "")).0
     };
     let flood: Vec<u16> = (0..30).map(|_| status("198.51.100.1")).collect();
     assert!(flood.contains(&429), "{flood:?}");
@@ -303,7 +295,7 @@ fn the_per_ip_limit_counts_clients_behind_the_proxy() {
     let status = |from: u8, xff: &str| {
         raw_request_from(
             tcp_from(ip(from), server.addr, None),
-            &upgrade(&token, &format!("X-Forwarded-For: {xff}\r\n")),
+            &upgrade_request_with(&token, &format!("X-Forwarded-For: {xff}\r\n")),
         )
         .0
     };

@@ -71,12 +71,6 @@ pub struct Webhooks {
     deadline_ms: Arc<AtomicU64>,
 }
 
-/// `scheme://host[:port]` of a webhook URL: what may be shown. The path, the query and any
-/// credentials stay out of logs and answers (a Slack webhook URL's path is its secret).
-pub fn target_of(url: &str) -> String {
-    crate::config::redacted_url(url)
-}
-
 impl Webhooks {
     /// Starts the threads of every webhook in `cfgs` (validated).
     pub fn start(cfgs: &[WebhookConfig]) -> Webhooks {
@@ -140,7 +134,8 @@ impl Hook {
     fn start(i: usize, c: &WebhookConfig, deadline_ms: Arc<AtomicU64>) -> Hook {
         let stats = Arc::new(Stats {
             name: c.name_of(i),
-            target: target_of(&c.url),
+            // Scheme and host only: a Slack webhook URL's path is its secret.
+            target: crate::config::redacted_url(&c.url),
             ..Stats::default()
         });
         let shared = Arc::new(Shared {
@@ -213,14 +208,6 @@ impl Hook {
             threads: Mutex::new(vec![collector, sender]),
         }
     }
-}
-
-/// Full jitter: a random wait up to `min(max, base · 2^attempt)`.
-fn backoff(attempt: u32) -> Duration {
-    let cap = BACKOFF_BASE
-        .saturating_mul(1u32.checked_shl(attempt.min(16)).unwrap_or(u32::MAX))
-        .min(BACKOFF_MAX);
-    cap.mul_f64(rand::random::<f64>())
 }
 
 fn send_loop(c: &WebhookConfig, shared: &Shared, stats: &Stats, deadline_ms: &AtomicU64) {
@@ -324,7 +311,12 @@ fn send_loop(c: &WebhookConfig, shared: &Shared, stats: &Stats, deadline_ms: &At
                 if out_of_time() {
                     return;
                 }
-                let wait = backoff(attempt);
+                // The history writer's retry schedule: exponential, full jitter, capped.
+                let wait = crate::history::writer::backoff(
+                    BACKOFF_BASE.as_millis() as u64,
+                    BACKOFF_MAX.as_millis() as u64,
+                    attempt,
+                );
                 attempt = attempt.saturating_add(1);
                 // Waits out the backoff, unless shutdown's deadline comes first.
                 let q = shared.queue.lock().unwrap_or_else(|e| e.into_inner());

@@ -350,10 +350,15 @@ pub fn masked_text(payload: &str) -> Vec<u8> {
 
 /// A complete upgrade request for `/ws` with a bearer token.
 pub fn upgrade_request(token: &str) -> String {
+    upgrade_request_with(token, "")
+}
+
+/// [`upgrade_request`] with `extra` header lines (each ending in `\r\n`) after the token.
+pub fn upgrade_request_with(token: &str, extra: &str) -> String {
     format!(
         "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-         Authorization: Bearer {token}\r\n\r\n"
+         Authorization: Bearer {token}\r\n{extra}\r\n"
     )
 }
 
