@@ -110,6 +110,10 @@ pub struct WebhookConfig {
     pub timeout_ms: u64,
     /// Events held for this webhook; past it, the oldest waiting one is dropped and counted.
     pub max_queue: usize,
+    /// A failed batch's first retry waits up to this long (full jitter); each failure doubles
+    /// it, up to `retry_max_ms`.
+    pub retry_base_ms: u64,
+    pub retry_max_ms: u64,
 }
 
 impl Default for WebhookConfig {
@@ -127,6 +131,8 @@ impl Default for WebhookConfig {
             batch_ms: 200,
             timeout_ms: 5_000,
             max_queue: 10_000,
+            retry_base_ms: 100,
+            retry_max_ms: 30_000,
         }
     }
 }
@@ -149,6 +155,8 @@ pub const WEBHOOK_RANGES: &[(&str, u64, u64)] = &[
     ("batch_ms", 0, 60_000),
     ("timeout_ms", 100, 120_000),
     ("max_queue", 2, 10_000_000),
+    ("retry_base_ms", 10, 60_000),
+    ("retry_max_ms", 100, 3_600_000),
 ];
 
 impl WebhookConfig {
@@ -217,11 +225,16 @@ impl WebhookConfig {
             self.batch_ms,
             self.timeout_ms,
             self.max_queue as u64,
+            self.retry_base_ms,
+            self.retry_max_ms,
         ];
         for ((k, min, max), v) in WEBHOOK_RANGES.iter().zip(values) {
             if !(*min..=*max).contains(&v) {
                 return bad(k, format!("must be between {min} and {max} (got {v})"));
             }
+        }
+        if self.retry_base_ms > self.retry_max_ms {
+            return bad("retry_base_ms", "must not be above retry_max_ms".into());
         }
         if self.batch_max >= self.max_queue {
             return bad("batch_max", "must be below max_queue".into());

@@ -323,7 +323,7 @@ pub fn start_with(
                 (crate::cluster::Identity::new(cc, admin_url), None)
             }
         };
-        match crate::cluster::Cluster::start(cc, id, shards, inherit) {
+        match crate::cluster::Cluster::start(cc, id, shards, inherit, !cfg.webhooks.is_empty()) {
             Ok((c, link)) => {
                 shared.cluster = Some(link);
                 cluster = Some(c);
@@ -344,7 +344,9 @@ pub fn start_with(
     let webhooks = (!cfg.webhooks.is_empty())
         .then(|| Arc::new(crate::webhooks::sender::Webhooks::start(&cfg.webhooks)));
     let hooks = webhooks.clone();
+    let hook_stats = webhooks.as_ref().map(|w| w.stats()).unwrap_or_default();
     let webhook_seed = crate::shard::now_ms();
+    let webhook_node: Option<Arc<str>> = status.as_ref().map(|s| Arc::from(s.node_id.as_str()));
     // The old process's users, each on its owner shard here.
     let mut adopt: Vec<Vec<UserRecord>> = (0..shards).map(|_| Vec::new()).collect();
     for rec in takeover.records {
@@ -364,7 +366,7 @@ pub fn start_with(
             .map_err(|e| format!("the old process's state: {e}"))?;
         let edge = crate::edge::Edge::new(shard.clone());
         if admin_addr.is_some() {
-            crate::admin::prepare(shard, sink.clone(), status.clone());
+            crate::admin::prepare(shard, sink.clone(), status.clone(), hook_stats.clone());
         }
         // The listeners: at once, or, in an upgrade's new process, once it has taken over
         // ([`ServerHandle::start_accepting`]): until then the old process accepts, and a
@@ -385,7 +387,7 @@ pub fn start_with(
         };
         shard.keep_relisten(listen);
         if let Some(h) = &hooks {
-            crate::webhooks::install(shard, h.clone(), webhook_seed);
+            crate::webhooks::install(shard, h.clone(), webhook_node.clone(), webhook_seed);
         }
         if sink.enabled() {
             install_history(shard, sink.clone());

@@ -203,6 +203,7 @@ fn every_metric_family_and_route_is_documented() {
         "GET /api/analytics/{user}",
         "GET /api/replay",
         "GET /api/replay/at",
+        "GET /api/webhooks",
     ] {
         assert!(
             doc.contains(&format!("`{route}`")),

@@ -6,7 +6,8 @@
 //! exception and no console or browser-log error (a broken import is one of those). It shows a user's recorded history (analytics, timeline,
 //! refreshed live) and replays who was online from history, and says so when history is off.
 //! It shows regions looked up from a client's address (`[geo]`, behind a trusted proxy). And it
-//! refuses bad and non-admin tokens.
+//! refuses bad and non-admin tokens. Its webhook card shows a failing webhook (its error) beside a
+//! healthy one, and the failing one recovering.
 //!
 //! Needs Chromium (`tests/common/tools.rs` finds or installs it); fails when it cannot.
 
@@ -700,6 +701,67 @@ fn dashboard_shows_regions_looked_up_from_the_client_address() {
             let cells: Vec<&str> = v.as_array().map_or(vec![], |a| a.iter().filter_map(Value::as_str).collect());
             cells.contains(&"ZZ/Testville") && cells.contains(&"203.0.113.8")
         },
+    );
+    assert_page_clean(&mut b);
+}
+
+#[test]
+fn dashboard_shows_webhook_health() {
+    // One receiver answers; the other is down (connection refused), then comes back.
+    let good = common::webhooks::Receiver::start();
+    let dead = common::webhooks::Receiver::start();
+    dead.down();
+    let server = TestServer::with(1, |c| {
+        c.webhooks = vec![
+            common::webhooks::hook(good.url(), |w| w.name = "audit".into()),
+            common::webhooks::hook(dead.url(), |w| {
+                w.name = "alerts".into();
+                // Retries at most 500 ms apart: recovery shows within the page's poll.
+                w.retry_max_ms = 500;
+            }),
+        ];
+    });
+    let _ann = server.connect("ann");
+    let mut b = Browser::launch(&tools::chromium(), VIEWPORT.0, VIEWPORT.1);
+    open_page(
+        &mut b,
+        &format!("http://{}/#token={}", server.admin, server.admin_token()),
+    );
+    b.wait_text("#conn-state", "live");
+    let states = "Object.fromEntries([...document.querySelectorAll('#webhooks tbody tr')].map(r => [r.dataset.webhook, r.querySelector('[data-state]').dataset.state]))";
+    b.wait_for("audit healthy, alerts failing", states, |v| {
+        v == &json!({"audit": "ok", "alerts": "failing"})
+    });
+    assert_eq!(
+        b.eval("document.querySelector('#webhooks-card').hidden"),
+        false
+    );
+    assert_eq!(b.text("#webhooks-summary"), "1 failing");
+    let error = b.text("#webhooks tr[data-webhook='alerts'] .hook-error");
+    let error = error.as_str().unwrap_or_default().to_lowercase();
+    assert!(
+        error.contains("refused") || error.contains("connect"),
+        "the refusal is shown: {error:?}"
+    );
+    // ann's session_start and user_online, acknowledged.
+    let acked = |hook: &str| {
+        shown_text(&format!(
+            "#webhooks tr[data-webhook='{hook}'] td:nth-child(4)"
+        ))
+    };
+    b.wait_for("audit's two events acknowledged", &acked("audit"), |v| {
+        v == "2"
+    });
+    screenshot(&mut b, "dashboard-webhooks.png");
+    dead.up();
+    b.wait_for("alerts recovered", states, |v| {
+        v == &json!({"audit": "ok", "alerts": "ok"})
+    });
+    assert_eq!(b.text("#webhooks-summary"), "all healthy");
+    b.wait_for(
+        "alerts' two events delivered after all",
+        &acked("alerts"),
+        |v| v == "2",
     );
     assert_page_clean(&mut b);
 }

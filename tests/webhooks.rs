@@ -7,176 +7,13 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicU8, Ordering::SeqCst};
-use std::sync::{Arc, Mutex};
+use std::io::Write;
 use std::time::{Duration, Instant};
 
+use common::webhooks::{events, hook, Got, Receiver, FAIL, HANG, OK, SECRET};
 use common::TestServer;
-use presenced::config::{WebhookConfig, WebhookFormat};
+use presenced::config::WebhookFormat;
 use serde_json::Value;
-
-const SECRET: &str = "webhook-secret-0123456789";
-
-/// How the receiver answers.
-const OK: u8 = 0;
-const FAIL: u8 = 1;
-const HANG: u8 = 2;
-
-/// One request the receiver got.
-#[derive(Clone, Debug)]
-struct Got {
-    headers: HashMap<String, String>,
-    body: Vec<u8>,
-    /// What the receiver answered (OK, FAIL or HANG).
-    answered: u8,
-}
-
-/// A webhook receiver on a loopback port: records every request, answers as `mode` says.
-/// `down()` closes its socket (connection refused), `up()` listens on the same port again.
-struct Receiver {
-    addr: SocketAddr,
-    mode: Arc<AtomicU8>,
-    got: Arc<Mutex<Vec<Got>>>,
-    stop: Arc<Mutex<Option<std::sync::mpsc::Sender<()>>>>,
-}
-
-impl Receiver {
-    fn start() -> Receiver {
-        // Below the ephemeral range: while the receiver is down, no outgoing connection takes
-        // its port, so `up()` can listen there again.
-        let listener = TcpListener::bind(("127.0.0.1", common::free_port())).unwrap();
-        let r = Receiver {
-            addr: listener.local_addr().unwrap(),
-            mode: Arc::new(AtomicU8::new(OK)),
-            got: Arc::default(),
-            stop: Arc::default(),
-        };
-        r.serve(listener);
-        r
-    }
-
-    fn serve(&self, listener: TcpListener) {
-        listener.set_nonblocking(true).unwrap();
-        let (tx, rx) = std::sync::mpsc::channel::<()>();
-        *self.stop.lock().unwrap() = Some(tx);
-        let (mode, got) = (self.mode.clone(), self.got.clone());
-        std::thread::spawn(move || loop {
-            if rx.try_recv().is_ok() {
-                return; // the listener closes here
-            }
-            match listener.accept() {
-                Ok((s, _)) => {
-                    let (mode, got) = (mode.clone(), got.clone());
-                    std::thread::spawn(move || handle(s, &mode, &got));
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(5)),
-            }
-        });
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}/hook", self.addr)
-    }
-
-    fn set(&self, mode: u8) {
-        self.mode.store(mode, SeqCst);
-    }
-
-    fn down(&self) {
-        if let Some(tx) = self.stop.lock().unwrap().take() {
-            let _ = tx.send(());
-        }
-        // The accept loop notices within a few ms; then connecting is refused.
-        common::eventually("the receiver refuses", || {
-            TcpStream::connect(self.addr).err().map(|_| ())
-        });
-    }
-
-    fn up(&self) {
-        let listener = TcpListener::bind(self.addr).expect("the receiver's port again");
-        self.serve(listener);
-    }
-
-    fn got(&self) -> Vec<Got> {
-        self.got.lock().unwrap().clone()
-    }
-}
-
-fn handle(s: TcpStream, mode: &AtomicU8, got: &Mutex<Vec<Got>>) {
-    let mut r = BufReader::new(s.try_clone().unwrap());
-    let mut headers = HashMap::new();
-    let mut line = String::new();
-    if r.read_line(&mut line).unwrap_or(0) == 0 {
-        return;
-    }
-    loop {
-        line.clear();
-        if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-            break;
-        }
-        if let Some((k, v)) = line.trim_end().split_once(':') {
-            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
-        }
-    }
-    let n: usize = headers
-        .get("content-length")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let mut body = vec![0; n];
-    if r.read_exact(&mut body).is_err() {
-        return;
-    }
-    let answered = mode.load(SeqCst);
-    got.lock().unwrap().push(Got {
-        headers,
-        body,
-        answered,
-    });
-    let mut s = s;
-    match answered {
-        OK => {
-            let _ =
-                s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-        }
-        FAIL => {
-            let _ = s.write_all(
-                b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-            );
-        }
-        // Past every timeout the tests set (the connection is then dropped unanswered).
-        _ => std::thread::sleep(Duration::from_secs(10)),
-    }
-}
-
-fn hook(url: String, tweak: impl FnOnce(&mut WebhookConfig)) -> WebhookConfig {
-    let mut w = WebhookConfig {
-        url,
-        secret: Some(SECRET.into()),
-        batch_ms: 20,
-        timeout_ms: 400,
-        ..WebhookConfig::default()
-    };
-    tweak(&mut w);
-    w
-}
-
-/// Every event the receiver acknowledged or not, deduplicated by id, in first-arrival order.
-fn events(got: &[Got]) -> Vec<Value> {
-    let mut seen = std::collections::HashSet::new();
-    let mut out = Vec::new();
-    for g in got {
-        let v: Value = serde_json::from_slice(&g.body).unwrap();
-        for e in v["events"].as_array().unwrap() {
-            if seen.insert(e["id"].as_str().unwrap().to_owned()) {
-                out.push(e.clone());
-            }
-        }
-    }
-    out
-}
 
 fn kinds_of(events: &[Value], user: &str) -> Vec<String> {
     events
@@ -279,15 +116,65 @@ fn through_500s_timeouts_and_refusals_every_event_arrives_in_order_per_user() {
         assert!(seqs.windows(2).all(|w| w[0] <= w[1]), "{u}: {seqs:?}");
     }
     verify_in_python(&rx.got());
-    let s = &server.handle().webhook_stats()[0];
-    let get = |a: &std::sync::atomic::AtomicU64| a.load(SeqCst);
-    assert_eq!(get(&s.acked), (users.len() * want.len()) as u64);
-    assert_eq!(get(&s.dropped), 0);
-    assert!(get(&s.failed) >= 3, "500s, a timeout and refusals were met");
+    // The admin API and /metrics tell the same story: all acknowledged, nothing dropped, the
+    // failures met on the way counted and the last one kept, healthy again.
+    let acked = (users.len() * want.len()) as u64;
+    let h = common::eventually("the webhook healthy, all acknowledged", || {
+        let h = server.admin_get("/api/webhooks")["webhooks"][0].clone();
+        (h["acked"] == acked && h["state"] == "ok").then_some(h)
+    });
+    assert_eq!(h["name"], "webhook-0");
+    assert_eq!(h["target"], format!("http://{}", rx.addr));
+    assert_eq!(
+        (h["dropped"].as_u64(), h["queued"].as_u64()),
+        (Some(0), Some(0))
+    );
+    assert_eq!(h["consecutive_failures"], 0);
+    let retries = h["retries"].as_u64().unwrap();
+    let requests = h["requests"].as_u64().unwrap();
+    assert!(retries >= 3, "500s, a timeout and refusals were met: {h}");
+    assert!(
+        h["last_error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{h}"
+    );
+    assert!(h["last_ok_ms"].as_u64().unwrap() >= h["last_error_ms"].as_u64().unwrap());
     // A 200 the sender had already timed out on counts as failed: hence at least.
     let oks = rx.got().iter().filter(|g| g.answered == OK).count() as u64;
-    assert!(get(&s.requests) > get(&s.failed), "{s:?}");
-    assert!(oks <= get(&s.requests) && oks >= 1, "{s:?}");
+    assert!(requests > retries, "{h}");
+    assert!(oks <= requests && oks >= 1, "{h}");
+    assert!(h["events_sent"].as_u64().unwrap() >= acked, "{h}");
+    assert_eq!(
+        h["delay_ms"]["count"], acked,
+        "one delay per acknowledged event"
+    );
+    let m = common::metrics_text(server.admin, None);
+    for (family, v) in [
+        ("presenced_webhook_events_acked_total", acked),
+        ("presenced_webhook_retries_total", retries),
+        ("presenced_webhook_requests_total", requests),
+        ("presenced_webhook_events_dropped_total", 0),
+        ("presenced_webhook_queue_depth", 0),
+        ("presenced_webhook_consecutive_failures", 0),
+        ("presenced_webhook_event_delay_seconds_count", acked),
+    ] {
+        let line = format!("{family}{{webhook=\"webhook-0\"}} {v}\n");
+        assert!(m.contains(&line), "/metrics lacks {line:?}");
+    }
+    assert!(m.contains("presenced_webhook_state{webhook=\"webhook-0\",state=\"ok\"} 1\n"));
+    let admin_md =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/ADMIN.md")).unwrap();
+    let families: Vec<&str> = m
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE presenced_webhook_"))
+        .collect();
+    assert!(families.len() >= 12, "{families:?}");
+    for f in families {
+        let f = format!("presenced_webhook_{}", f.split(' ').next().unwrap());
+        assert!(
+            admin_md.contains(&format!("`{f}`")),
+            "{f} is not in docs/ADMIN.md"
+        );
+    }
 }
 
 #[test]
@@ -310,15 +197,32 @@ fn past_max_queue_the_oldest_waiting_events_are_dropped_and_counted() {
         ann.set_status("busy", Some(t));
         ann.request(serde_json::json!({"op": "ping"}));
     }
-    let stats = server.handle().webhook_stats()[0].clone();
-    common::eventually("all 20 queued or dropped", || {
-        (stats.dropped.load(SeqCst) + stats.queued.load(SeqCst) >= 20).then_some(())
+    let hook = || server.admin_get("/api/webhooks")["webhooks"][0].clone();
+    let held = common::eventually("all 20 queued or dropped", || {
+        let h = hook();
+        (h["dropped"].as_u64()? + h["queued"].as_u64()? >= 20).then_some(h)
     });
-    assert_eq!(stats.dropped.load(SeqCst), 15, "20 events, 5 held");
+    assert_eq!(held["dropped"], 15, "20 events, 5 held: {held}");
+    assert_eq!(held["queued"], 5, "{held}");
+    assert_eq!(held["max_queue"], 5);
+    assert_eq!(held["state"], "failing");
+    assert_eq!(held["last_error"], "HTTP 500");
+    assert!(
+        held["consecutive_failures"].as_u64().unwrap() >= 1,
+        "{held}"
+    );
+    assert!(
+        held["retry_at_ms"].as_u64().is_some(),
+        "a retry is waiting: {held}"
+    );
+    let m = common::metrics_text(server.admin, None);
+    assert!(m.contains("presenced_webhook_events_dropped_total{webhook=\"webhook-0\"} 15\n"));
+    assert!(m.contains("presenced_webhook_queue_capacity{webhook=\"webhook-0\"} 5\n"));
+    assert!(m.contains("presenced_webhook_state{webhook=\"webhook-0\",state=\"failing\"} 1\n"));
     rx.set(OK);
     let got = common::eventually_within("the held five", Duration::from_secs(30), || {
         let ev = events(&rx.got());
-        (ev.len() >= 5 && stats.queued.load(SeqCst) == 0).then_some(ev)
+        (ev.len() >= 5 && hook()["queued"] == 0).then_some(ev)
     });
     let delivered: Vec<&str> = got.iter().map(|e| e["text"].as_str().unwrap()).collect();
     // The first batch (t0 alone) was in flight and kept; of the rest, the newest four stayed.
@@ -370,7 +274,15 @@ fn filters_pick_users_groups_and_kinds_and_slack_gets_sentences() {
         (!all.is_empty()).then(|| all.join("\n"))
     });
     assert_eq!(text, "eve (admin) is online");
-    assert_eq!(server.handle().webhook_stats()[1].name, "alerts");
+    let hooks = server.admin_get("/api/webhooks")["webhooks"].clone();
+    assert_eq!(hooks[0]["name"], "ops");
+    assert_eq!(hooks[0]["filters"]["groups"], serde_json::json!(["ops"]));
+    assert_eq!(hooks[1]["name"], "alerts");
+    assert_eq!(hooks[1]["format"], "slack");
+    assert_eq!(
+        hooks[1]["events"],
+        serde_json::json!(["user_online", "user_offline"])
+    );
 }
 
 #[test]
@@ -471,4 +383,121 @@ fn at_shutdown_the_last_sessions_ends_are_delivered() {
             "user_offline"
         ]
     );
+}
+
+#[test]
+fn in_a_cluster_each_event_is_sent_once_by_the_node_where_it_happened() {
+    let nats = common::nats::Nats::start();
+    let rx = Receiver::start();
+    let node = |id: &'static str| {
+        let (url, hook) = (nats.url(), hook(rx.url(), |_| {}));
+        TestServer::with(1, move |c| {
+            c.cluster = Some(presenced::config::ClusterConfig {
+                nats_url: vec![url],
+                node_id: Some(id.into()),
+                lease_ms: 1_500,
+                ..Default::default()
+            });
+            c.webhooks = vec![hook];
+        })
+    };
+    let (a, b) = (node("hook-a"), node("hook-b"));
+    for n in [&a, &b] {
+        common::eventually("both nodes on the bus", || {
+            (n.admin_get("/readyz")["cluster"]["nodes"] == 2).then_some(())
+        });
+    }
+    // Shares heard from the other node: a step's share has reached it once this grows.
+    let heard = |n: &TestServer| -> u64 {
+        let m = common::metrics_text(n.admin, None);
+        let line = m
+            .lines()
+            .find(|l| l.starts_with("presenced_cluster_deltas_in_total "))
+            .expect("the cluster's families");
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let step = |what: &str, other: &TestServer, act: &mut dyn FnMut()| {
+        let before = heard(other);
+        act();
+        common::eventually(what, || (heard(other) > before).then_some(()));
+    };
+    // (user, event, node) of every event received, in arrival order.
+    let seen = || -> Vec<(String, String, String)> {
+        events(&rx.got())
+            .iter()
+            .map(|e| {
+                let s = |k: &str| e[k].as_str().unwrap_or_default().to_owned();
+                (s("user"), s("event"), s("node"))
+            })
+            .collect()
+    };
+    let until = |n: usize| {
+        common::eventually(&format!("{n} events"), || {
+            let s = seen();
+            (s.len() >= n).then_some(s)
+        })
+    };
+    let mut on_a = None;
+    step("ann's share on a reaches b", &b, &mut || {
+        on_a = Some(a.connect("ann"));
+    });
+    until(2);
+    // A second device on b: the user was online already (b's view merges a's share).
+    let mut on_b = None;
+    step("ann's share on b reaches a", &a, &mut || {
+        on_b = Some(b.connect("ann"));
+    });
+    until(3);
+    // The first device leaves: ann is still online on b, so a sends no user_offline.
+    step("ann's end on a reaches b", &b, &mut || {
+        on_a.take().unwrap().close();
+    });
+    until(4);
+    // The last device leaves: b sends the user_offline.
+    on_b.take().unwrap().close();
+    until(6);
+    // A last session on each node: anything either had still queued came before it.
+    let _carl = a.connect("carl");
+    let _dora = b.connect("dora");
+    let all = until(10);
+    let ev = |u: &str, e: &str, n: &str| (u.to_owned(), e.to_owned(), n.to_owned());
+    let ann: Vec<_> = all.iter().filter(|e| e.0 == "ann").cloned().collect();
+    assert_eq!(
+        ann,
+        [
+            ev("ann", "session_start", "hook-a"),
+            ev("ann", "user_online", "hook-a"),
+            ev("ann", "session_start", "hook-b"),
+            ev("ann", "session_end", "hook-a"),
+            ev("ann", "session_end", "hook-b"),
+            ev("ann", "user_offline", "hook-b"),
+        ],
+        "every event once, from the node where it happened"
+    );
+    let carl: Vec<_> = all.iter().filter(|e| e.0 == "carl").collect();
+    assert!(
+        carl.iter().all(|e| e.2 == "hook-a") && carl.len() == 2,
+        "{carl:?}"
+    );
+    let dora: Vec<_> = all.iter().filter(|e| e.0 == "dora").collect();
+    assert!(
+        dora.iter().all(|e| e.2 == "hook-b") && dora.len() == 2,
+        "{dora:?}"
+    );
+    assert_eq!(all.len(), 10, "nothing else: {all:?}");
+    // Ids name their node, so two nodes never send the same id.
+    for e in events(&rx.got()) {
+        let (id, node) = (e["id"].as_str().unwrap(), e["node"].as_str().unwrap());
+        assert!(id.starts_with(&format!("{node}-")), "{e}");
+    }
+    // The admin API lists both nodes' webhooks, each with its node.
+    let hooks = a.admin_get("/api/webhooks");
+    let nodes: Vec<&str> = hooks["webhooks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["node"].as_str().unwrap())
+        .collect();
+    assert_eq!(nodes, ["hook-a", "hook-b"], "{hooks}");
+    assert_eq!(hooks["nodes_missing"], serde_json::json!([]));
 }

@@ -4,7 +4,7 @@
 import { appendSample, ensureCharts, redrawCharts, seedSeries } from "./charts.js";
 import { loadDetail, scheduleDetailRefresh } from "./detail.js";
 import { $, el, setText } from "./dom.js";
-import { fmtCompact, fmtDuration, fmtInt, fmtMs, fmtRate } from "./format.js";
+import { fmtAgo, fmtCompact, fmtDuration, fmtInt, fmtMs, fmtRate } from "./format.js";
 import { loadHistory, scheduleHistoryRefresh } from "./history.js";
 import { loadReplay } from "./replay.js";
 import { armStaleTimer, resetBackoff, setConnState } from "./socket.js";
@@ -79,6 +79,7 @@ function onStats(msg) {
   if (typeof msg.shards === "number") setText("#meta-shards", fmtInt(msg.shards));
     renderShards(Array.isArray(msg.per_shard) ? msg.per_shard : []);
   renderNodes(msg.cluster, totals.connections);
+  renderWebhooks(msg.webhooks);
   const sample = msg.sample || {
     t: Date.now(), online: totals.online_users, connections: totals.connections,
     handshakes_per_s: rates.handshakes_per_s, deliveries_per_s: rates.deliveries_per_s,
@@ -157,6 +158,53 @@ function renderNodes(cluster, connections) {
   $("#nodes tbody").replaceChildren(...rows);
 }
 
+const HOOK_STATES = new Set(["idle", "ok", "failing", "stopping"]);
+
+/** This node's webhooks and their health, when any is configured; hidden otherwise. */
+function renderWebhooks(hooks) {
+  const card = $("#webhooks-card");
+  if (!Array.isArray(hooks) || hooks.length === 0) {
+    card.hidden = true;
+    return;
+  }
+  card.hidden = false;
+  setText("#webhooks-total", fmtInt(hooks.length));
+  const failing = hooks.filter((h) => h.state === "failing").length;
+  setText("#webhooks-summary", failing ? `${failing} failing` : "all healthy");
+  const rows = hooks.map((h) => {
+    const st = HOOK_STATES.has(h.state) ? h.state : "idle";
+    const tr = el("tr", st === "failing" ? "hook-row-failing" : "");
+    tr.dataset.webhook = String(h.name);
+    const name = el("td", "mono", h.name);
+    name.title = `${h.target || ""} · ${h.format || ""} · ${(h.events || []).join(", ")}`;
+    const state = el("td", "hook-state hook-" + st);
+    state.dataset.state = st;
+    state.append(el("span", "dot"), el("span", "", st));
+    if (st === "failing") {
+      state.title = `${fmtInt(h.consecutive_failures)} failed in a row` +
+        (typeof h.retry_at_ms === "number" ? `; next try ${new Date(h.retry_at_ms).toLocaleTimeString()}` : "");
+    }
+    const queued = el("td", "num", fmtInt(h.queued));
+    queued.title = `of ${fmtInt(h.max_queue)}`;
+    const delay = h.delay_ms || {};
+    const err = el("td", "hook-error", h.last_error || "—");
+    if (h.last_error) err.title = `${h.last_error} (${fmtAgo(h.last_error_ms)})`;
+    tr.append(
+      name,
+      state,
+      queued,
+      el("td", "num", fmtInt(h.acked)),
+      el("td", "num", fmtInt(h.retries)),
+      el("td", "num", fmtInt(h.dropped)),
+      el("td", "num", delay.count ? fmtMs(delay.mean * 1000) : "—"),
+      el("td", "num", typeof h.last_ok_ms === "number" ? fmtAgo(h.last_ok_ms) : "never"),
+      err,
+    );
+    return tr;
+  });
+  $("#webhooks tbody").replaceChildren(...rows);
+}
+
 function onChanges(msg) {
   const users = Array.isArray(msg.users) ? msg.users : [];
   applyChanges(users, msg.missed);
@@ -173,4 +221,6 @@ export function clearFeed() {
     $("#shards tbody").replaceChildren();
   $("#nodes tbody").replaceChildren();
   $("#nodes-card").hidden = true;
+  $("#webhooks tbody").replaceChildren();
+  $("#webhooks-card").hidden = true;
 }

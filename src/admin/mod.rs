@@ -60,6 +60,8 @@ pub struct AdminLocal {
     pub history: Sink,
     /// The cluster's state, when the node runs in one.
     pub cluster: Option<Arc<crate::cluster::Status>>,
+    /// Every webhook's counters and health, in `[[webhooks]]` order.
+    pub webhooks: Vec<Arc<crate::webhooks::sender::Stats>>,
 }
 
 impl AdminLocal {
@@ -86,7 +88,12 @@ pub fn listen(
 /// Sets the admin port up on one shard: its state, the change-log tap and (on shard 0) the
 /// dashboard's sampler. The listener is [`listen`]'s (an upgrade's new process starts it only
 /// once it has taken over).
-pub fn prepare(shard: &Rc<Shard>, history: Sink, cluster: Option<Arc<crate::cluster::Status>>) {
+pub fn prepare(
+    shard: &Rc<Shard>,
+    history: Sink,
+    cluster: Option<Arc<crate::cluster::Status>>,
+    webhooks: Vec<Arc<crate::webhooks::sender::Stats>>,
+) {
     let cfg = &shard.cfg().admin;
     let local = Rc::new(AdminLocal {
         changes: RefCell::new(ChangeLog::new(cfg.change_log)),
@@ -95,6 +102,7 @@ pub fn prepare(shard: &Rc<Shard>, history: Sink, cluster: Option<Arc<crate::clus
         probes: std::cell::Cell::new(0),
         history,
         cluster,
+        webhooks,
     });
     shard.insert_local(local.clone());
     let log = local.clone();

@@ -25,6 +25,47 @@ pub struct Scrape<'a> {
     pub cluster: Option<ClusterScrape>,
     /// `geo.database`, when one is configured: its reloads and build date.
     pub geo: Option<GeoScrape>,
+    /// Every `[[webhooks]]` block, in file order.
+    pub webhooks: Vec<WebhookScrape>,
+}
+
+/// What `/metrics` shows of one webhook.
+#[derive(Clone, Debug, Default)]
+pub struct WebhookScrape {
+    pub name: String,
+    pub state: &'static str,
+    pub requests: u64,
+    pub events_sent: u64,
+    pub acked: u64,
+    pub failed: u64,
+    pub dropped: u64,
+    pub queued: u64,
+    pub max_queue: u64,
+    pub failing: u64,
+    pub last_ok_ms: u64,
+    pub latency: Buckets,
+    pub delay: Buckets,
+}
+
+impl WebhookScrape {
+    pub fn of(s: &crate::webhooks::sender::Stats) -> WebhookScrape {
+        use std::sync::atomic::Ordering::Relaxed;
+        WebhookScrape {
+            name: s.name.clone(),
+            state: s.state().as_str(),
+            requests: s.requests.load(Relaxed),
+            events_sent: s.events_sent.load(Relaxed),
+            acked: s.acked.load(Relaxed),
+            failed: s.failed.load(Relaxed),
+            dropped: s.dropped.load(Relaxed),
+            queued: s.queued.load(Relaxed),
+            max_queue: s.max_queue,
+            failing: s.failing.load(Relaxed),
+            last_ok_ms: s.last_ok_ms.load(Relaxed),
+            latency: s.latency.snapshot(),
+            delay: s.delay.snapshot(),
+        }
+    }
 }
 
 /// What `/metrics` shows of `geo.database`.
@@ -288,12 +329,76 @@ impl Out {
     /// A Prometheus histogram in seconds.
     fn histogram(&mut self, name: &str, help: &str, b: &Buckets) {
         self.family(name, "histogram", help);
+        self.histogram_samples(name, "", b);
+    }
+
+    /// A histogram's samples; `labels`: `key="value",` pairs that go first in each.
+    fn histogram_samples(&mut self, name: &str, labels: &str, b: &Buckets) {
         for (le, n) in LATENCY_BUCKETS_US.iter().zip(b.cumulative) {
-            let _ = writeln!(self.0, "{name}_bucket{{le=\"{}\"}} {n}", secs(*le));
+            let _ = writeln!(self.0, "{name}_bucket{{{labels}le=\"{}\"}} {n}", secs(*le));
         }
-        let _ = writeln!(self.0, "{name}_bucket{{le=\"+Inf\"}} {}", b.count);
-        let _ = writeln!(self.0, "{name}_sum {:.6}", b.sum_s);
-        let _ = writeln!(self.0, "{name}_count {}", b.count);
+        let _ = writeln!(self.0, "{name}_bucket{{{labels}le=\"+Inf\"}} {}", b.count);
+        let braces = |l: &str| {
+            let l = l.trim_end_matches(',');
+            if l.is_empty() {
+                String::new()
+            } else {
+                format!("{{{l}}}")
+            }
+        };
+        let _ = writeln!(self.0, "{name}_sum{} {:.6}", braces(labels), b.sum_s);
+        let _ = writeln!(self.0, "{name}_count{} {}", braces(labels), b.count);
+    }
+
+    /// The webhooks' families, one sample (or histogram) per webhook.
+    fn webhooks(&mut self, hooks: &[WebhookScrape]) {
+        if hooks.is_empty() {
+            return;
+        }
+        type Field = fn(&WebhookScrape) -> u64;
+        let plain: [(&str, &str, &str, Field); 9] = [
+            ("presenced_webhook_requests_total", "counter", "Requests sent (first tries and retries).", |w| w.requests),
+            ("presenced_webhook_events_sent_total", "counter", "Events in the requests sent (an event retried twice counts three times).", |w| w.events_sent),
+            ("presenced_webhook_events_acked_total", "counter", "Events acknowledged by a 2xx.", |w| w.acked),
+            ("presenced_webhook_retries_total", "counter", "Requests that failed (non-2xx, timeout, refused); each batch is sent again after a backoff.", |w| w.failed),
+            ("presenced_webhook_events_dropped_total", "counter", "Events dropped: past max_queue (the oldest waiting), or while the webhook's collector was behind.", |w| w.dropped),
+            ("presenced_webhook_queue_depth", "gauge", "Events held: waiting, and the batch in flight.", |w| w.queued),
+            ("presenced_webhook_queue_capacity", "gauge", "max_queue.", |w| w.max_queue),
+            ("presenced_webhook_consecutive_failures", "gauge", "Requests failed since the last 2xx (0: healthy).", |w| w.failing),
+            ("presenced_webhook_last_success_timestamp_seconds", "gauge", "When the last 2xx came (0: never).", |w| w.last_ok_ms / 1000),
+        ];
+        for (name, kind, help, f) in plain {
+            self.family(name, kind, help);
+            for w in hooks {
+                let _ = writeln!(self.0, "{name}{{webhook=\"{}\"}} {}", w.name, f(w));
+            }
+        }
+        self.family(
+            "presenced_webhook_state",
+            "gauge",
+            "1 for the webhook's current state (idle: nothing sent yet; failing: retrying a batch).",
+        );
+        for w in hooks {
+            for state in crate::webhooks::sender::State::ALL.map(|s| s.as_str()) {
+                let v = u8::from(state == w.state);
+                let _ = writeln!(
+                    self.0,
+                    "presenced_webhook_state{{webhook=\"{}\",state=\"{state}\"}} {v}",
+                    w.name
+                );
+            }
+        }
+        type Histogram = fn(&WebhookScrape) -> &Buckets;
+        let histograms: [(&str, &str, Histogram); 2] = [
+            ("presenced_webhook_request_seconds", "Round trip of each acknowledged request.", |w| &w.latency),
+            ("presenced_webhook_event_delay_seconds", "From each event to the 2xx that acknowledged it (queueing, batching and retries included).", |w| &w.delay),
+        ];
+        for (name, help, f) in histograms {
+            self.family(name, "histogram", help);
+            for w in hooks {
+                self.histogram_samples(name, &format!("webhook=\"{}\",", w.name), f(w));
+            }
+        }
     }
 }
 
@@ -711,6 +816,7 @@ pub fn render(s: &Scrape<'_>) -> String {
             g.build_epoch,
         );
     }
+    o.webhooks(&s.webhooks);
     if let Some(h) = &s.history {
         o.single(
             "presenced_history_queue_depth",
@@ -821,6 +927,9 @@ mod tests {
             };
             2
         ];
+        let hook_latency = crate::metrics::AtomicBuckets::default();
+        hook_latency.record(3_000);
+        let hook_latency = hook_latency.snapshot();
         let stalled = crate::metrics::ShardMetrics::default();
         stalled.stall_duration_us.record(300_000);
         shards[1].shard_stalls = 1;
@@ -851,6 +960,14 @@ mod tests {
                 reloads_failed: 2,
                 build_epoch: 1_530_653_216,
             }),
+            webhooks: vec![WebhookScrape {
+                name: "alerts".into(),
+                state: "failing",
+                requests: 5,
+                failed: 2,
+                latency: hook_latency,
+                ..Default::default()
+            }],
         });
         let mut families = std::collections::HashSet::new();
         for line in text.lines() {
@@ -885,5 +1002,21 @@ mod tests {
         assert!(text.contains("presenced_cluster_bus_state{state=\"connected\"} 1\n"));
         assert!(text.contains("presenced_cluster_gaps_total 4\n"));
         assert!(text.contains("presenced_cluster_propagation_seconds{quantile=\"0.99\"} 0.0015\n"));
+        assert!(text.contains("presenced_webhook_retries_total{webhook=\"alerts\"} 2\n"));
+        assert!(text.contains("presenced_webhook_requests_total{webhook=\"alerts\"} 5\n"));
+        assert!(text.contains("presenced_webhook_state{webhook=\"alerts\",state=\"failing\"} 1\n"));
+        assert!(text.contains("presenced_webhook_state{webhook=\"alerts\",state=\"ok\"} 0\n"));
+        assert!(text.contains(
+            "presenced_webhook_request_seconds_bucket{webhook=\"alerts\",le=\"0.0025\"} 0\n"
+        ));
+        assert!(text.contains(
+            "presenced_webhook_request_seconds_bucket{webhook=\"alerts\",le=\"0.005\"} 1\n"
+        ));
+        assert!(
+            text.contains("presenced_webhook_request_seconds_sum{webhook=\"alerts\"} 0.003000\n")
+        );
+        assert!(
+            text.contains("presenced_webhook_event_delay_seconds_count{webhook=\"alerts\"} 0\n")
+        );
     }
 }

@@ -84,6 +84,10 @@ pub struct Setup {
     pub ctl: flume::Receiver<Control>,
     /// An upgrade's new process: the old one's bus identity.
     pub inherit: Option<Hello>,
+    /// Follow every user bucket, not only the watched ones, so that this node's view of each
+    /// of its own users merges the other nodes' shares (webhooks judge online and offline by
+    /// it: docs/WEBHOOKS.md, "In a cluster").
+    pub follow_all: bool,
 }
 
 /// The thread's body.
@@ -202,6 +206,10 @@ struct Bridge {
     groups: Interest,
     /// Subscription tasks of followed streams.
     subs: HashMap<Stream, tokio::task::JoinHandle<()>>,
+    /// [`Setup::follow_all`]: every user bucket's deltas, on one wildcard subscription (user
+    /// buckets then get no subscription of their own; `users` drives their `activity` only).
+    follow_all: bool,
+    all_users_sub: Option<tokio::task::JoinHandle<()>>,
     /// Users with sessions here per user bucket: directed `activity` must reach them.
     sessions: Interest,
     /// Subscriptions to `activity` of followed user buckets (`a.`), and to directed `activity`
@@ -322,6 +330,8 @@ impl Bridge {
             members: Members::new(),
             gaps: Gaps::new(),
             subs: HashMap::new(),
+            follow_all: s.follow_all,
+            all_users_sub: None,
             activity_subs: HashMap::new(),
             directed_subs: HashMap::new(),
             pending_activity: Vec::new(),
@@ -335,6 +345,13 @@ impl Bridge {
             heartbeats: None,
             own_subs: Vec::new(),
         };
+        if bridge.follow_all {
+            bridge.all_users_sub = Some(bridge.subscribe(bridge.subjects.all_deltas()));
+            for b in 0..bridge.cfg.buckets {
+                bridge.fresh.insert(Stream::User(b));
+            }
+            bridge.note_followed();
+        }
         // Wait a little for the first connection, so a duplicate id is refused at start.
         let wait = Duration::from_millis(self_wait(&bridge.cfg));
         let deadline = tokio::time::Instant::now() + wait;
@@ -437,7 +454,7 @@ impl Bridge {
         let buckets = self.cfg.buckets;
         for b in hello.follows.into_iter().filter(|b| *b < buckets) {
             if let Follow::Start(b) = self.users.add(b, 1, now) {
-                self.follow(Stream::User(b));
+                self.watch_users(b);
             }
             self.users.add(b, -1, until);
         }
@@ -828,7 +845,8 @@ impl Bridge {
             .chain(self.activity_subs.drain().map(|(_, t)| t))
             .chain(self.directed_subs.drain().map(|(_, t)| t))
             .chain(self.own_subs.drain(..))
-            .chain(self.heartbeats.take());
+            .chain(self.heartbeats.take())
+            .chain(self.all_users_sub.take());
         for t in tasks {
             t.abort();
         }
@@ -840,7 +858,7 @@ impl Bridge {
         let now = now_ms();
         for (bucket, delta) in out.interest {
             if let Follow::Start(b) = self.users.add(bucket, delta, now) {
-                self.follow(Stream::User(b));
+                self.watch_users(b);
             }
         }
         for (bucket, delta) in out.group_interest {
@@ -880,6 +898,38 @@ impl Bridge {
         }
     }
 
+    /// A user bucket has a watcher here now: follow it, or, when every user bucket is followed
+    /// already, only its `activity`.
+    fn watch_users(&mut self, b: u32) {
+        if self.follow_all {
+            let task = self.subscribe(self.subjects.activity(b));
+            self.activity_subs.insert(b, task);
+        } else {
+            self.follow(Stream::User(b));
+        }
+    }
+
+    /// The user buckets followed: all of them, or the watched ones.
+    fn users_followed(&self) -> Vec<u32> {
+        if self.follow_all {
+            (0..self.cfg.buckets).collect()
+        } else {
+            self.users.followed()
+        }
+    }
+
+    fn note_followed(&self) {
+        let n = self.subs.len() as u64
+            + if self.follow_all {
+                u64::from(self.cfg.buckets)
+            } else {
+                0
+            };
+        self.status
+            .followed
+            .store(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Starts following `stream`: subscribe, and ask the live nodes for its snapshot.
     fn follow(&mut self, stream: Stream) {
         tracing::trace!(?stream, "cluster: following");
@@ -890,9 +940,7 @@ impl Bridge {
             self.activity_subs.insert(b, task);
         }
         self.fresh.insert(stream);
-        self.status
-            .followed
-            .store(self.subs.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        self.note_followed();
     }
 
     /// Whether a batch has something to do: shares, `activity` or snapshots of newly followed
@@ -1042,7 +1090,16 @@ impl Bridge {
                 "cluster: node lease expired; dropping its presence");
             self.forget_node(peer.ix, peer.last_heard, &peer.id);
         }
-        let unfollow: Vec<Stream> = (self.users.due(now).into_iter().map(Stream::User))
+        let mut unwatched = self.users.due(now);
+        if self.follow_all {
+            // Still followed (the wildcard); only their `activity` goes.
+            for b in unwatched.drain(..) {
+                if let Some(t) = self.activity_subs.remove(&b) {
+                    t.abort();
+                }
+            }
+        }
+        let unfollow: Vec<Stream> = (unwatched.into_iter().map(Stream::User))
             .chain(self.groups.due(now).into_iter().map(Stream::Group))
             .collect();
         if !unfollow.is_empty() {
@@ -1058,14 +1115,12 @@ impl Bridge {
                 self.gaps.forget_bucket(stream.gaps_key(self.cfg.buckets));
                 self.fresh.remove(stream);
             }
-            let users = Arc::new(BucketSet::of(self.cfg.buckets, self.users.followed()));
+            let users = Arc::new(BucketSet::of(self.cfg.buckets, self.users_followed()));
             let groups = Arc::new(BucketSet::of(self.cfg.buckets, self.groups.followed()));
             on_every_shard(&self.doors, move |s: &std::rc::Rc<Shard>| {
                 s.retain_remote(&users, &groups)
             });
-            self.status
-                .followed
-                .store(self.subs.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            self.note_followed();
         }
         for b in self.sessions.due(now) {
             if let Some(t) = self.directed_subs.remove(&b) {
@@ -1323,14 +1378,14 @@ impl Bridge {
 
     /// Every followed stream.
     fn followed(&self) -> Vec<Stream> {
-        (self.users.followed().into_iter().map(Stream::User))
+        (self.users_followed().into_iter().map(Stream::User))
             .chain(self.groups.followed().into_iter().map(Stream::Group))
             .collect()
     }
 
     fn follows(&self, stream: Stream) -> bool {
         match stream {
-            Stream::User(b) => self.users.follows(b),
+            Stream::User(b) => (self.follow_all && b < self.cfg.buckets) || self.users.follows(b),
             Stream::Group(b) => self.groups.follows(b),
         }
     }
@@ -1577,7 +1632,7 @@ impl Bridge {
                 let scope = Arc::new(Scope {
                     users: of_kind(true),
                     groups: of_kind(false),
-                    followed: BucketSet::of(buckets, self.users.followed()),
+                    followed: BucketSet::of(buckets, self.users_followed()),
                     followed_groups: BucketSet::of(buckets, self.groups.followed()),
                 });
                 let mut per_shard: Vec<Vec<(UserId, Contribution)>> = vec![Vec::new(); self.shards];

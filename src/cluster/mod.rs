@@ -436,11 +436,13 @@ impl Cluster {
     ///
     /// `inherit`: an upgrade's new process, taking over the old one's identity (`id` is
     /// then the old one's): no id check, and nothing published until [`Handle::take_over`].
+    /// `follow_all`: follow every user bucket (webhooks need each own user's merged view).
     pub fn start(
         cfg: &ClusterConfig,
         id: Identity,
         shards: usize,
         inherit: Option<handoff::Hello>,
+        follow_all: bool,
     ) -> Result<(Cluster, ClusterLink), String> {
         let hlc = Arc::new(Hlc::new());
         if let Some(h) = &inherit {
@@ -466,6 +468,7 @@ impl Cluster {
             asks: asks_rx,
             ctl: ctl_rx,
             inherit,
+            follow_all,
         };
         let thread = std::thread::Builder::new()
             .name("cluster-bridge".into())

@@ -38,6 +38,11 @@ impl Subjects {
         format!("{}.d.{bucket}", self.prefix)
     }
 
+    /// Every user bucket's deltas (a wildcard).
+    pub fn all_deltas(&self) -> String {
+        format!("{}.d.*", self.prefix)
+    }
+
     pub fn group(&self, bucket: u32) -> String {
         format!("{}.g.{bucket}", self.prefix)
     }

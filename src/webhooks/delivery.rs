@@ -184,6 +184,7 @@ mod tests {
     fn ev(n: u64, user: &str, kind: Kind) -> Event {
         Event {
             id: format!("x-0-{n}"),
+            node: None,
             event: kind,
             user: user.into(),
             seq: n,

@@ -56,10 +56,13 @@ impl Kind {
 /// One event as a receiver gets it (an element of the body's `events`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Event {
-    /// Unique per event (the process's seed, the shard, a counter): receivers deduplicate
-    /// retried deliveries by it.
+    /// Unique per event (in a cluster the node, then the process's seed, the shard, a
+    /// counter): receivers deduplicate retried deliveries by it.
     pub id: String,
     pub event: Kind,
+    /// The node that sent it (in a cluster): where the session or the change happened.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<Arc<str>>,
     pub user: UserId,
     /// The user's `seq` at the event (for a session event, the last one the shard knew).
     pub seq: u64,
@@ -120,8 +123,9 @@ impl Followed {
 /// One shard's view of its users, turning taps into events.
 #[derive(Debug)]
 pub struct Tracker {
-    /// `{seed:x}-{shard}-`: the prefix of this shard's event ids.
+    /// `[{node}-]{seed:x}-{shard}-`: the prefix of this shard's event ids.
     id_prefix: String,
+    node: Option<Arc<str>>,
     next: u64,
     users: HashMap<UserId, Followed>,
     /// Users whose last session here ended, oldest first: their memberships are kept for the
@@ -133,9 +137,14 @@ pub struct Tracker {
 impl Tracker {
     /// `keep_ended_ms`: how long a user's memberships outlive its last session here (the
     /// offline grace and then some), so that the offline change can be filtered by them.
-    pub fn new(seed: u64, shard: usize, keep_ended_ms: u64) -> Tracker {
+    /// `node`: this node's id, in a cluster.
+    pub fn new(node: Option<Arc<str>>, seed: u64, shard: usize, keep_ended_ms: u64) -> Tracker {
         Tracker {
-            id_prefix: format!("{seed:x}-{shard}-"),
+            id_prefix: match &node {
+                Some(n) => format!("{n}-{seed:x}-{shard}-"),
+                None => format!("{seed:x}-{shard}-"),
+            },
+            node,
             next: 0,
             users: HashMap::new(),
             ended: VecDeque::new(),
@@ -168,6 +177,7 @@ impl Tracker {
         Event {
             id: format!("{}{}", self.id_prefix, self.next),
             event: kind,
+            node: self.node.clone(),
             user: user.clone(),
             seq: f.map_or(0, |f| f.seq),
             ts,
@@ -315,7 +325,7 @@ mod tests {
 
     #[test]
     fn a_users_day_in_events() {
-        let mut t = Tracker::new(0xabc, 1, 60_000);
+        let mut t = Tracker::new(None, 0xabc, 1, 60_000);
         let alice = UserId::from("alice");
         let (s1, s2) = (SessionId::new(1, 1), SessionId::new(1, 2));
         let start = t.session_start(&alice, s1, &info(&["team"], &["admin"]), 1_000);
@@ -375,7 +385,7 @@ mod tests {
     #[test]
     fn in_a_cluster_a_second_nodes_session_is_no_second_online() {
         // The registry's merged view says the user was already visible elsewhere.
-        let mut t = Tracker::new(1, 0, 60_000);
+        let mut t = Tracker::new(None, 1, 0, 60_000);
         let e = t.change(&state(Aggregate::Online, None, 2, 7), before(true, false));
         assert!(e.is_none());
         let e = t.change(&state(Aggregate::Away, None, 1, 8), before(true, true));
@@ -385,7 +395,7 @@ mod tests {
 
     #[test]
     fn an_unseen_session_is_forgotten_in_time() {
-        let mut t = Tracker::new(1, 0, 60_000);
+        let mut t = Tracker::new(None, 1, 0, 60_000);
         let bob = UserId::from("bob");
         let s = SessionId::new(0, 9);
         t.session_start(&bob, s, &info(&[], &[]), 1);

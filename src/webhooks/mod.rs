@@ -7,7 +7,8 @@
 //! - [`sender`]: per webhook, a collector and a sender thread off the shards (`ureq`, rustls).
 //! - [`install`]: the tap on every shard.
 //!
-//! Not built yet: the webhook figures in `/metrics`, `GET /api/webhooks`, the dashboard card.
+//! Their figures and health: `/metrics`, `GET /api/webhooks` and the dashboard
+//! (`crate::admin::api::webhooks`).
 
 pub mod delivery;
 pub mod event;
@@ -22,10 +23,16 @@ use crate::shard::Shard;
 
 /// Webhooks on one shard: a tap that turns its sessions and changes into events and offers
 /// them to every webhook (queued, never waited for).
-pub fn install(shard: &Rc<Shard>, hooks: Arc<sender::Webhooks>, seed: u64) {
+/// `node`: this node's id, in a cluster (in every event, and in its id).
+pub fn install(shard: &Rc<Shard>, hooks: Arc<sender::Webhooks>, node: Option<Arc<str>>, seed: u64) {
     // Memberships outlive a user's last session for the offline grace and a minute more.
     let keep = shard.cfg().offline_grace_ms.saturating_add(60_000);
-    let tracker = RefCell::new(event::Tracker::new(seed, usize::from(shard.ix()), keep));
+    let tracker = RefCell::new(event::Tracker::new(
+        node,
+        seed,
+        usize::from(shard.ix()),
+        keep,
+    ));
     shard.add_tap(Box::new(move |t: &Tap<'_>| {
         let mut tr = tracker.borrow_mut();
         let e = match t {

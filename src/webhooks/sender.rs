@@ -2,7 +2,8 @@
 //! taps `try_send` into (never waiting), a collector thread that moves events into the
 //! webhook's [`Queue`] (dropping the oldest waiting one past `max_queue`), and a sender thread
 //! that POSTs batches with `ureq` (rustls) and retries a failed one, the same batch, with
-//! exponential backoff and full jitter until a 2xx takes it off.
+//! exponential backoff and full jitter (`retry_base_ms` doubling to `retry_max_ms`) until a
+//! 2xx takes it off.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Condvar, Mutex};
@@ -12,38 +13,109 @@ use std::time::{Duration, Instant};
 use super::delivery::{body, signature, Filter, Format, Queue};
 use super::event::{Event, Kind};
 use crate::config::{WebhookConfig, WebhookFormat};
+use crate::metrics::AtomicBuckets;
 
 /// The channel between the shards and a webhook's collector: events beyond it while the
 /// collector is that far behind are dropped (and counted) by the shard, the newest first; the
 /// queue behind it (`max_queue`) drops the oldest.
 const CHANNEL: usize = 4_096;
-/// The first retry's backoff; doubled per failure, up to [`BACKOFF_MAX`], fully jittered.
-const BACKOFF_BASE: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
-/// One webhook's counters (for `/metrics` and `GET /api/webhooks`).
+/// One webhook's counters and health (for `/metrics`, `GET /api/webhooks` and the dashboard).
 #[derive(Debug, Default)]
 pub struct Stats {
     pub name: String,
-    /// The URL without credentials, query or fragment.
+    /// The URL's scheme and host only (a Slack webhook URL's path is its secret).
     pub target: String,
+    /// `max_queue`.
+    pub max_queue: u64,
+    /// What it is sent: `json` or `slack`, the event kinds, the filters.
+    pub format: &'static str,
+    pub events: Vec<&'static str>,
+    pub filters: Filters,
     /// Requests sent (first tries and retries).
     pub requests: AtomicU64,
+    /// Events in the requests sent (retries included: an event retried twice counts three).
+    pub events_sent: AtomicU64,
     /// Events acknowledged by a 2xx.
     pub acked: AtomicU64,
-    /// Requests that failed (each is retried).
+    /// Requests that failed: a non-2xx, a timeout, a refused connection. Each batch is retried.
     pub failed: AtomicU64,
     /// Events dropped: past `max_queue` (the oldest waiting), or while the collector was behind.
     pub dropped: AtomicU64,
     /// Events held (waiting and in flight).
     pub queued: AtomicU64,
-    /// Round trips of acknowledged requests: their sum (µs) and count.
-    pub latency_us_sum: AtomicU64,
-    pub latency_count: AtomicU64,
+    /// Round trips of acknowledged requests.
+    pub latency: AtomicBuckets,
+    /// Each acknowledged event's delay: from the event to the 2xx that took it.
+    pub delay: AtomicBuckets,
     /// When the last 2xx came (ms since the epoch; 0: never).
     pub last_ok_ms: AtomicU64,
-    /// The last failure, for the admin API (cleared by a success).
+    /// Requests failed since the last 2xx (0: healthy).
+    pub failing: AtomicU64,
+    /// When the batch that failed is tried again (ms since the epoch; 0: no retry waiting).
+    pub retry_at_ms: AtomicU64,
+    /// When the last failure was (ms since the epoch; 0: never).
+    pub last_error_ms: AtomicU64,
+    /// The last failure, kept after a recovery (the state says whether it still fails).
     pub last_error: Mutex<Option<String>>,
+    /// Shutdown has begun: delivering what is held until the deadline.
+    pub stopping: AtomicBool,
+}
+
+/// A webhook's filters as configured (empty: every event passes).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Filters {
+    pub users: Vec<String>,
+    pub groups: Vec<String>,
+    pub roles: Vec<String>,
+}
+
+/// A webhook's health, as `/metrics`, the admin API and the dashboard show it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// Nothing sent yet.
+    Idle,
+    /// The last request was acknowledged.
+    Ok,
+    /// The last request failed; its batch is being retried.
+    Failing,
+    /// Shutting down, delivering what is held.
+    Stopping,
+}
+
+impl State {
+    pub const ALL: [State; 4] = [State::Idle, State::Ok, State::Failing, State::Stopping];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Idle => "idle",
+            State::Ok => "ok",
+            State::Failing => "failing",
+            State::Stopping => "stopping",
+        }
+    }
+}
+
+impl Stats {
+    pub fn state(&self) -> State {
+        if self.stopping.load(Relaxed) {
+            State::Stopping
+        } else if self.failing.load(Relaxed) > 0 {
+            State::Failing
+        } else if self.last_ok_ms.load(Relaxed) > 0 {
+            State::Ok
+        } else {
+            State::Idle
+        }
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
 }
 
 /// What the collector and the sender share.
@@ -105,6 +177,7 @@ impl Webhooks {
         let deadline = crate::shard::now_ms() + grace.as_millis() as u64;
         self.deadline_ms.store(deadline.max(1), Relaxed);
         for h in &self.hooks {
+            h.stats.stopping.store(true, Relaxed);
             h.shared.stopping.store(true, Relaxed);
             h.shared.ready.notify_all();
         }
@@ -136,6 +209,21 @@ impl Hook {
             name: c.name_of(i),
             // Scheme and host only: a Slack webhook URL's path is its secret.
             target: crate::config::redacted_url(&c.url),
+            max_queue: c.max_queue as u64,
+            format: match c.format {
+                WebhookFormat::Json => "json",
+                WebhookFormat::Slack => "slack",
+            },
+            events: Kind::ALL
+                .into_iter()
+                .map(Kind::as_str)
+                .filter(|k| c.events.is_empty() || c.events.iter().any(|e| e == k))
+                .collect(),
+            filters: Filters {
+                users: c.users.clone(),
+                groups: c.groups.clone(),
+                roles: c.roles.clone(),
+            },
             ..Stats::default()
         });
         let shared = Arc::new(Shared {
@@ -259,6 +347,7 @@ fn send_loop(c: &WebhookConfig, shared: &Shared, stats: &Stats, deadline_ms: &At
         let ts = crate::shard::now_ms() / 1000;
         let started = Instant::now();
         stats.requests.fetch_add(1, Relaxed);
+        stats.events_sent.fetch_add(batch.len() as u64, Relaxed);
         // While stopping, no request outlives the deadline.
         let mut timeout = Duration::from_millis(c.timeout_ms);
         let d = deadline_ms.load(Relaxed);
@@ -291,16 +380,22 @@ fn send_loop(c: &WebhookConfig, shared: &Shared, stats: &Stats, deadline_ms: &At
                 stats.queued.store(q.len() as u64, Relaxed);
                 drop(q);
                 stats.acked.fetch_add(n as u64, Relaxed);
-                stats
-                    .latency_us_sum
-                    .fetch_add(started.elapsed().as_micros() as u64, Relaxed);
-                stats.latency_count.fetch_add(1, Relaxed);
-                stats.last_ok_ms.store(crate::shard::now_ms(), Relaxed);
-                *stats.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                let now = crate::shard::now_ms();
+                stats.latency.record(started.elapsed().as_micros() as u64);
+                for e in &batch {
+                    stats
+                        .delay
+                        .record(now.saturating_sub(e.ts).saturating_mul(1_000));
+                }
+                stats.last_ok_ms.store(now, Relaxed);
+                stats.failing.store(0, Relaxed);
+                stats.retry_at_ms.store(0, Relaxed);
                 attempt = 0;
             }
             Some(why) => {
                 stats.failed.fetch_add(1, Relaxed);
+                stats.failing.fetch_add(1, Relaxed);
+                stats.last_error_ms.store(crate::shard::now_ms(), Relaxed);
                 tracing::debug!(
                     webhook = stats.name,
                     why,
@@ -312,12 +407,12 @@ fn send_loop(c: &WebhookConfig, shared: &Shared, stats: &Stats, deadline_ms: &At
                     return;
                 }
                 // The history writer's retry schedule: exponential, full jitter, capped.
-                let wait = crate::history::writer::backoff(
-                    BACKOFF_BASE.as_millis() as u64,
-                    BACKOFF_MAX.as_millis() as u64,
-                    attempt,
-                );
+                let wait =
+                    crate::history::writer::backoff(c.retry_base_ms, c.retry_max_ms, attempt);
                 attempt = attempt.saturating_add(1);
+                stats
+                    .retry_at_ms
+                    .store(crate::shard::now_ms() + wait.as_millis() as u64, Relaxed);
                 // Waits out the backoff, unless shutdown's deadline comes first.
                 let q = shared.queue.lock().unwrap_or_else(|e| e.into_inner());
                 let until = Instant::now() + wait;

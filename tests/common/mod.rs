@@ -6,6 +6,7 @@ pub mod geo;
 pub mod history;
 pub mod nats;
 pub mod tools;
+pub mod webhooks;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};

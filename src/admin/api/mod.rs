@@ -6,6 +6,7 @@
 //! - [`params`]: query parameters and path segments → typed values, or 400.
 //! - [`stats`]: `/api/stats` and `/metrics`.
 //! - [`history`]: the history routes.
+//! - [`webhooks`]: `/api/webhooks`, each webhook's health.
 
 pub mod ask;
 pub mod auth;
@@ -13,6 +14,7 @@ pub mod cluster;
 pub mod history;
 pub mod params;
 pub mod stats;
+pub mod webhooks;
 
 use std::rc::Rc;
 
@@ -322,6 +324,11 @@ async fn api(
                     }
                 }
             }
+        }
+        ["webhooks"] => {
+            need(read, "GET")?;
+            params(query, &[])?;
+            webhooks::list(shard, scope, query, &admin).await
         }
         ["history", id] => {
             need(read, "GET")?;

@@ -72,6 +72,9 @@ pub struct StatsBody {
     /// In a cluster: this node, the others, the bus.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterStats>,
+    /// This node's webhooks, with their health (`GET /api/webhooks` has more).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub webhooks: Vec<super::webhooks::WebhookRow>,
 }
 
 /// `/api/stats`'s `cluster`: this node and every live node with its counts, as of its last
@@ -201,6 +204,7 @@ pub async fn stats(shard: &Shard) -> Result<StatsBody, Response> {
             .cluster
             .as_deref()
             .map(|c| cluster_stats(c, sum.connections)),
+        webhooks: super::webhooks::rows(shard),
     })
 }
 
@@ -241,6 +245,11 @@ pub async fn metrics(shard: &Shard) -> Result<Response, Response> {
             .as_deref()
             .map(crate::admin::prom::ClusterScrape::of),
         geo: shared.geo.as_deref().map(crate::admin::prom::GeoScrape::of),
+        webhooks: AdminLocal::of(shard)
+            .webhooks
+            .iter()
+            .map(|w| crate::admin::prom::WebhookScrape::of(w))
+            .collect(),
     });
     Ok(Response::text(
         200,
