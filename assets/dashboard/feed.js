@@ -177,11 +177,13 @@ function renderWebhooks(hooks) {
     tr.dataset.webhook = String(h.name);
     const name = el("td", "mono", h.name);
     name.title = `${h.target || ""} · ${h.format || ""} · ${(h.events || []).join(", ")}`;
-    const state = el("td", "hook-state hook-" + st);
-    state.dataset.state = st;
-    state.append(el("span", "dot"), el("span", "", st));
+    const state = el("td");
+    const badge = el("span", "hook-state hook-" + st);
+    badge.dataset.state = st;
+    badge.append(el("span", "dot"), el("span", "", st));
+    state.append(badge);
     if (st === "failing") {
-      state.title = `${fmtInt(h.consecutive_failures)} failed in a row` +
+      badge.title = `${fmtInt(h.consecutive_failures)} failed in a row` +
         (typeof h.retry_at_ms === "number" ? `; next try ${new Date(h.retry_at_ms).toLocaleTimeString()}` : "");
     }
     const queued = el("td", "num", fmtInt(h.queued));

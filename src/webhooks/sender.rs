@@ -394,7 +394,6 @@ fn send_loop(c: &WebhookConfig, shared: &Shared, stats: &Stats, deadline_ms: &At
             }
             Some(why) => {
                 stats.failed.fetch_add(1, Relaxed);
-                stats.failing.fetch_add(1, Relaxed);
                 stats.last_error_ms.store(crate::shard::now_ms(), Relaxed);
                 tracing::debug!(
                     webhook = stats.name,
@@ -409,10 +408,13 @@ fn send_loop(c: &WebhookConfig, shared: &Shared, stats: &Stats, deadline_ms: &At
                 // The history writer's retry schedule: exponential, full jitter, capped.
                 let wait =
                     crate::history::writer::backoff(c.retry_base_ms, c.retry_max_ms, attempt);
-                attempt = attempt.saturating_add(1);
+
                 stats
                     .retry_at_ms
                     .store(crate::shard::now_ms() + wait.as_millis() as u64, Relaxed);
+                attempt = attempt.saturating_add(1);
+                // Last, so that a reader seeing it failing finds its error and retry time.
+                stats.failing.fetch_add(1, Relaxed);
                 // Waits out the backoff, unless shutdown's deadline comes first.
                 let q = shared.queue.lock().unwrap_or_else(|e| e.into_inner());
                 let until = Instant::now() + wait;
