@@ -408,13 +408,9 @@ fn in_a_cluster_each_event_is_sent_once_by_the_node_where_it_happened() {
         });
     }
     // Shares heard from the other node: a step's share has reached it once this grows.
-    let heard = |n: &TestServer| -> u64 {
+    let heard = |n: &TestServer| -> f64 {
         let m = common::metrics_text(n.admin, None);
-        let line = m
-            .lines()
-            .find(|l| l.starts_with("presenced_cluster_deltas_in_total "))
-            .expect("the cluster's families");
-        line.rsplit(' ').next().unwrap().parse().unwrap()
+        common::metric_sum(&m, "presenced_cluster_deltas_in_total").expect("the cluster's families")
     };
     let step = |what: &str, other: &TestServer, act: &mut dyn FnMut()| {
         let before = heard(other);

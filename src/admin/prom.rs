@@ -29,11 +29,12 @@ pub struct Scrape<'a> {
     pub webhooks: Vec<WebhookScrape>,
 }
 
-/// What `/metrics` shows of one webhook.
+/// One webhook's figures, read once from its counters: what `/metrics` shows, and the numbers
+/// of `GET /api/webhooks` (`crate::admin::api::webhooks`).
 #[derive(Clone, Debug, Default)]
 pub struct WebhookScrape {
     pub name: String,
-    pub state: &'static str,
+    pub state: crate::webhooks::sender::State,
     pub requests: u64,
     pub events_sent: u64,
     pub acked: u64,
@@ -43,6 +44,8 @@ pub struct WebhookScrape {
     pub max_queue: u64,
     pub failing: u64,
     pub last_ok_ms: u64,
+    pub last_error_ms: u64,
+    pub retry_at_ms: u64,
     pub latency: Buckets,
     pub delay: Buckets,
 }
@@ -52,7 +55,7 @@ impl WebhookScrape {
         use std::sync::atomic::Ordering::Relaxed;
         WebhookScrape {
             name: s.name.clone(),
-            state: s.state().as_str(),
+            state: s.state(),
             requests: s.requests.load(Relaxed),
             events_sent: s.events_sent.load(Relaxed),
             acked: s.acked.load(Relaxed),
@@ -62,6 +65,8 @@ impl WebhookScrape {
             max_queue: s.max_queue,
             failing: s.failing.load(Relaxed),
             last_ok_ms: s.last_ok_ms.load(Relaxed),
+            last_error_ms: s.last_error_ms.load(Relaxed),
+            retry_at_ms: s.retry_at_ms.load(Relaxed),
             latency: s.latency.snapshot(),
             delay: s.delay.snapshot(),
         }
@@ -380,7 +385,7 @@ impl Out {
         );
         for w in hooks {
             for state in crate::webhooks::sender::State::ALL.map(|s| s.as_str()) {
-                let v = u8::from(state == w.state);
+                let v = u8::from(state == w.state.as_str());
                 let _ = writeln!(
                     self.0,
                     "presenced_webhook_state{{webhook=\"{}\",state=\"{state}\"}} {v}",
@@ -962,7 +967,7 @@ mod tests {
             }),
             webhooks: vec![WebhookScrape {
                 name: "alerts".into(),
-                state: "failing",
+                state: crate::webhooks::sender::State::Failing,
                 requests: 5,
                 failed: 2,
                 latency: hook_latency,

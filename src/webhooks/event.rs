@@ -132,6 +132,8 @@ pub struct Tracker {
     /// offline change that may follow (after `offline_grace_ms`), then forgotten.
     ended: VecDeque<(u64, UserId)>,
     keep_ended_ms: u64,
+    /// Kinds some webhook takes (by [`Kind::ALL`]'s order): no event is built for the others.
+    wanted: [bool; 5],
 }
 
 impl Tracker {
@@ -149,7 +151,22 @@ impl Tracker {
             users: HashMap::new(),
             ended: VecDeque::new(),
             keep_ended_ms,
+            wanted: [true; 5],
         }
+    }
+
+    /// Builds events of the kinds `wanted` accepts only (the tracker still follows every
+    /// session, for the filters of the kinds it builds).
+    pub fn only(mut self, wanted: impl Fn(Kind) -> bool) -> Tracker {
+        self.wanted = Kind::ALL.map(wanted);
+        self
+    }
+
+    fn wants(&self, kind: Kind) -> bool {
+        Kind::ALL
+            .iter()
+            .position(|k| *k == kind)
+            .is_some_and(|i| self.wanted[i])
     }
 
     /// Users followed: those with a session here, or whose last one ended within
@@ -209,30 +226,31 @@ impl Tracker {
         e
     }
 
-    /// A device session opened.
+    /// A device session opened: its event, if wanted.
     pub fn session_start(
         &mut self,
         user: &UserId,
         session: SessionId,
         info: &SessionInfo,
         now: u64,
-    ) -> Event {
+    ) -> Option<Event> {
         self.prune(now);
         let f = self.users.entry(user.clone()).or_default();
         f.sessions
             .push((session, info.groups.clone(), info.roles.clone()));
         f.remember_memberships();
-        self.session_event(Kind::SessionStart, user, session, info, now)
+        self.wants(Kind::SessionStart)
+            .then(|| self.session_event(Kind::SessionStart, user, session, info, now))
     }
 
-    /// A device session ended.
+    /// A device session ended: its event, if wanted.
     pub fn session_end(
         &mut self,
         user: &UserId,
         session: SessionId,
         info: &SessionInfo,
         now: u64,
-    ) -> Event {
+    ) -> Option<Event> {
         self.prune(now);
         if let Some(f) = self.users.get_mut(user) {
             f.sessions.retain(|s| s.0 != session);
@@ -241,7 +259,8 @@ impl Tracker {
                 self.ended.push_back((now, user.clone()));
             }
         }
-        self.session_event(Kind::SessionEnd, user, session, info, now)
+        self.wants(Kind::SessionEnd)
+            .then(|| self.session_event(Kind::SessionEnd, user, session, info, now))
     }
 
     /// A user's aggregate changed: `user_online`, `user_offline`, `status_change`, or nothing
@@ -257,7 +276,8 @@ impl Tracker {
             (true, false) => Some(Kind::UserOffline),
             (true, true) if before.status_changed => Some(Kind::StatusChange),
             _ => None,
-        };
+        }
+        .filter(|k| self.wants(*k));
         let out = kind.map(|k| {
             let mut e = self.event(k, &state.user, state.ts);
             e.seq = state.seq;
@@ -328,13 +348,15 @@ mod tests {
         let mut t = Tracker::new(None, 0xabc, 1, 60_000);
         let alice = UserId::from("alice");
         let (s1, s2) = (SessionId::new(1, 1), SessionId::new(1, 2));
-        let start = t.session_start(&alice, s1, &info(&["team"], &["admin"]), 1_000);
+        let start = t
+            .session_start(&alice, s1, &info(&["team"], &["admin"]), 1_000)
+            .unwrap();
         assert_eq!(start.event, Kind::SessionStart);
         assert_eq!(start.id, "abc-1-1");
         assert_eq!(start.device_type, Some("ios"));
         let events = vec![
             t.change(&state(Aggregate::Online, None, 1, 1), before(false, true)),
-            Some(t.session_start(&alice, s2, &info(&["ops"], &[]), 1_002)),
+            t.session_start(&alice, s2, &info(&["ops"], &[]), 1_002),
             // A device more: nothing.
             t.change(&state(Aggregate::Online, None, 2, 2), before(true, false)),
             t.change(
@@ -346,8 +368,8 @@ mod tests {
                 &state(Aggregate::Busy, Some("meeting"), 2, 4),
                 before(true, true),
             ),
-            Some(t.session_end(&alice, s2, &info(&["ops"], &[]), 1_005)),
-            Some(t.session_end(&alice, s1, &info(&["team"], &["admin"]), 1_006)),
+            t.session_end(&alice, s2, &info(&["ops"], &[]), 1_005),
+            t.session_end(&alice, s1, &info(&["team"], &["admin"]), 1_006),
             t.change(&state(Aggregate::Offline, None, 0, 5), before(true, true)),
         ];
         assert_eq!(
@@ -391,6 +413,25 @@ mod tests {
         let e = t.change(&state(Aggregate::Away, None, 1, 8), before(true, true));
         assert_eq!(e.unwrap().event, Kind::StatusChange);
         assert_eq!(t.followed(), 0, "no session here: nothing kept");
+    }
+
+    #[test]
+    fn kinds_no_webhook_takes_are_not_built_but_sessions_are_still_followed() {
+        let mut t = Tracker::new(None, 1, 0, 60_000).only(|k| k == Kind::UserOnline);
+        let alice = UserId::from("alice");
+        let s = SessionId::new(0, 1);
+        assert_eq!(
+            t.session_start(&alice, s, &info(&["team"], &[]), 1_000),
+            None
+        );
+        let online = t.change(&state(Aggregate::Online, None, 1, 1), before(false, true));
+        assert_eq!(
+            online.map(|e| e.groups),
+            Some(Arc::from([GroupId::from("team")]))
+        );
+        let busy = t.change(&state(Aggregate::Busy, None, 1, 2), before(true, true));
+        assert_eq!(busy, None, "status_change is not wanted");
+        assert_eq!(t.session_end(&alice, s, &info(&["team"], &[]), 1_003), None);
     }
 
     #[test]

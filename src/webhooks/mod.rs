@@ -27,22 +27,19 @@ use crate::shard::Shard;
 pub fn install(shard: &Rc<Shard>, hooks: Arc<sender::Webhooks>, node: Option<Arc<str>>, seed: u64) {
     // Memberships outlive a user's last session for the offline grace and a minute more.
     let keep = shard.cfg().offline_grace_ms.saturating_add(60_000);
-    let tracker = RefCell::new(event::Tracker::new(
-        node,
-        seed,
-        usize::from(shard.ix()),
-        keep,
-    ));
+    let tracker = event::Tracker::new(node, seed, usize::from(shard.ix()), keep)
+        .only(|k| hooks.wants_kind(k));
+    let tracker = RefCell::new(tracker);
     shard.add_tap(Box::new(move |t: &Tap<'_>| {
         let mut tr = tracker.borrow_mut();
         let e = match t {
-            Tap::SessionStart(s) => Some(tr.session_start(s.user, s.session, s.info, s.now)),
-            Tap::SessionEnd(s) => Some(tr.session_end(s.user, s.session, s.info, s.now)),
+            Tap::SessionStart(s) => tr.session_start(s.user, s.session, s.info, s.now),
+            Tap::SessionEnd(s) => tr.session_end(s.user, s.session, s.info, s.now),
             Tap::Change(state, before) => tr.change(state, *before),
         };
         drop(tr);
         if let Some(e) = e {
-            hooks.offer(&e);
+            hooks.offer(e);
         }
     }));
 }

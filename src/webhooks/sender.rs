@@ -71,10 +71,11 @@ pub struct Filters {
 }
 
 /// A webhook's health, as `/metrics`, the admin API and the dashboard show it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum State {
     /// Nothing sent yet.
+    #[default]
     Idle,
     /// The last request was acknowledged.
     Ok,
@@ -155,16 +156,32 @@ impl Webhooks {
         Webhooks { hooks, deadline_ms }
     }
 
-    /// Offers an event to every webhook that wants it; never waits.
-    pub fn offer(&self, e: &Event) {
-        for h in &self.hooks {
-            if !h.filter.wants(e) {
-                continue;
-            }
-            if h.tx.try_send(e.clone()).is_err() {
-                h.stats.dropped.fetch_add(1, Relaxed);
-            }
+    /// Offers an event to every webhook that wants it (a copy for each but the last); never
+    /// waits.
+    pub fn offer(&self, e: Event) {
+        let mut takers = self.hooks.iter().filter(|h| h.filter.wants(&e)).peekable();
+        while let Some(h) = takers.next() {
+            let copy = if takers.peek().is_some() {
+                e.clone()
+            } else {
+                // The last taker gets the event itself.
+                return Self::send(h, e);
+            };
+            Self::send(h, copy);
         }
+    }
+
+    fn send(h: &Hook, e: Event) {
+        if h.tx.try_send(e).is_err() {
+            h.stats.dropped.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Whether some webhook takes events of `kind` (whatever their user).
+    pub fn wants_kind(&self, kind: Kind) -> bool {
+        self.hooks
+            .iter()
+            .any(|h| h.filter.kinds.is_empty() || h.filter.kinds.contains(&kind))
     }
 
     pub fn stats(&self) -> Vec<Arc<Stats>> {

@@ -3,13 +3,12 @@
 //! cluster every node sends its own events, so the route asks every node and lists each
 //! node's webhooks with the node's id.
 
-use std::sync::atomic::Ordering::Relaxed;
-
 use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::cluster::{self, Scope};
 use crate::admin::http::Response;
+use crate::admin::prom::WebhookScrape;
 use crate::admin::AdminLocal;
 use crate::auth::Identity;
 use crate::metrics::Buckets;
@@ -80,33 +79,29 @@ fn nonzero(v: u64) -> Option<u64> {
 
 impl WebhookRow {
     pub fn of(s: &Stats, node: Option<String>) -> WebhookRow {
-        let state = s.state();
+        let n = WebhookScrape::of(s);
         WebhookRow {
             node,
-            name: s.name.clone(),
+            name: n.name,
             target: s.target.clone(),
             format: s.format,
             events: s.events.clone(),
             filters: s.filters.clone(),
-            state,
-            queued: s.queued.load(Relaxed),
-            max_queue: s.max_queue,
-            requests: s.requests.load(Relaxed),
-            events_sent: s.events_sent.load(Relaxed),
-            acked: s.acked.load(Relaxed),
-            retries: s.failed.load(Relaxed),
-            dropped: s.dropped.load(Relaxed),
-            consecutive_failures: s.failing.load(Relaxed),
-            last_ok_ms: nonzero(s.last_ok_ms.load(Relaxed)),
+            state: n.state,
+            queued: n.queued,
+            max_queue: n.max_queue,
+            requests: n.requests,
+            events_sent: n.events_sent,
+            acked: n.acked,
+            retries: n.failed,
+            dropped: n.dropped,
+            consecutive_failures: n.failing,
+            last_ok_ms: nonzero(n.last_ok_ms),
             last_error: s.last_error(),
-            last_error_ms: nonzero(s.last_error_ms.load(Relaxed)),
-            retry_at_ms: if state == State::Failing {
-                nonzero(s.retry_at_ms.load(Relaxed))
-            } else {
-                None
-            },
-            request_ms: Millis::of(&s.latency.snapshot()),
-            delay_ms: Millis::of(&s.delay.snapshot()),
+            last_error_ms: nonzero(n.last_error_ms),
+            retry_at_ms: nonzero(n.retry_at_ms).filter(|_| n.state == State::Failing),
+            request_ms: Millis::of(&n.latency),
+            delay_ms: Millis::of(&n.delay),
         }
     }
 }
@@ -154,6 +149,8 @@ pub async fn list(shard: &Shard, scope: Scope, query: &str, admin: &Identity) ->
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::Ordering::Relaxed;
+
     use super::*;
 
     #[test]
