@@ -347,6 +347,11 @@ fn check_config(args: ServeArgs) -> Result<(), String> {
         if w.secret.is_some() {
             w.secret = Some("<redacted>".into());
         }
+        // A URL's path or query can be its secret (Slack's is): scheme and host only.
+        let host = presenced::config::redacted_url(&w.url);
+        if host != w.url {
+            w.url = format!("{host}/<redacted>");
+        }
     }
     if shown.history.scylla.password.is_some() {
         shown.history.scylla.password = Some("<redacted>".into());

@@ -501,7 +501,7 @@ fn config_md_lists_every_command_line_flag() {
 }
 
 #[test]
-fn check_config_redacts_bus_and_database_credentials() {
+fn check_config_redacts_bus_database_and_webhook_credentials() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("presenced.toml");
     std::fs::write(
@@ -509,14 +509,28 @@ fn check_config_redacts_bus_and_database_credentials() {
         "jwt_secret = \"0123456789abcdef\"\n\
          [history.scylla]\nusername = \"db\"\npassword = \"db-secret\"\n\
          [cluster]\nnats_url = [\"nats://bususer:url-secret@127.0.0.1:4222\"]\n\
-         user = \"u\"\npassword = \"bus-secret\"\n",
+         user = \"u\"\npassword = \"bus-secret\"\n\
+         [[webhooks]]\nurl = \"https://hookuser:hook-pass@hooks.slack.example/services/T0/B0/slack-secret\"\n\
+         secret = \"webhook-signing-secret\"\n",
     )
     .unwrap();
     let out = run(&["check-config", "--config", config.to_str().unwrap()], &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     let text = String::from_utf8(out.stdout).unwrap();
-    for secret in ["db-secret", "url-secret", "bus-secret", "bususer"] {
+    for secret in [
+        "db-secret",
+        "url-secret",
+        "bus-secret",
+        "bususer",
+        "slack-secret",
+        "hook-pass",
+        "webhook-signing-secret",
+    ] {
         assert!(!text.contains(secret), "{secret} shown: {text}");
     }
     assert!(text.contains("nats://<redacted>@127.0.0.1:4222"), "{text}");
+    assert!(
+        text.contains("url = \"https://hooks.slack.example/<redacted>\""),
+        "{text}"
+    );
 }
