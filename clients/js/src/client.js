@@ -38,6 +38,9 @@ function chunks(list, n) {
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
+/** One user id or an array of them, as a list without repeats. */
+const idList = (users) => [...new Set(Array.isArray(users) ? users : [users])];
+
 export class PresenceClient {
   /**
    * @param {import("./index.js").ClientOptions} options
@@ -161,46 +164,54 @@ export class PresenceClient {
 
   /** Watches users (a snapshot of each, then live changes). */
   watch(users) {
-    const list = [...new Set(Array.isArray(users) ? users : [users])];
+    const list = idList(users);
     for (const u of list) this.watched.add(u);
-    return Promise.all(chunks(list, this.options.maxUsersPerOp)
-      .map((c) => this.request({ op: "subscribe", users: c }))).then(() => undefined);
+    return this.inChunks("subscribe", list);
   }
 
   unwatch(users) {
-    const list = [...new Set(Array.isArray(users) ? users : [users])];
+    const list = idList(users);
     for (const u of list) {
       this.watched.delete(u);
       this.cache.forgetUser(u);
     }
-    return Promise.all(chunks(list, this.options.maxUsersPerOp)
-      .map((c) => this.request({ op: "unsubscribe", users: c }))).then(() => undefined);
+    return this.inChunks("unsubscribe", list);
   }
 
   watchGroup(group) {
     this.watchedGroups.add(group);
-    return this.request({ op: "subscribe_group", group }).then(() => undefined);
+    return this.acked({ op: "subscribe_group", group });
   }
 
   unwatchGroup(group) {
     this.watchedGroups.delete(group);
     this.cache.forgetGroup(group);
-    return this.request({ op: "unsubscribe_group", group }).then(() => undefined);
+    return this.acked({ op: "unsubscribe_group", group });
   }
 
   /** Sets this device's status (restored after every reconnect). */
   setStatus(status, text) {
     this.status = text === undefined ? { status } : { status, text };
-    return this.request({ op: "set_status", ...this.status }).then(() => undefined);
+    return this.acked({ op: "set_status", ...this.status });
   }
 
   /** An ephemeral activity (`typing`, …), to this user's watchers or to the user `to`. */
   activity(kind, to) {
-    return this.request(to === undefined ? { op: "activity", kind } : { op: "activity", kind, to })
-      .then(() => undefined);
+    return this.acked(to === undefined ? { op: "activity", kind } : { op: "activity", kind, to });
   }
 
   // --- Internals. ---
+
+  /** `request`, settled with nothing once acknowledged. */
+  acked(op) {
+    return this.request(op).then(() => undefined);
+  }
+
+  /** `op` (`subscribe` or `unsubscribe`) for `users`, at most `maxUsersPerOp` per message. */
+  inChunks(op, users) {
+    return Promise.all(chunks(users, this.options.maxUsersPerOp).map((c) => this.acked({ op, users: c })))
+      .then(() => undefined);
+  }
 
   /**
    * Sends `op` with a fresh id; settles on its `ack` (or `error`), or rejects after
